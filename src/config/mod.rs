@@ -1,0 +1,734 @@
+//! Configuration: TOML in, checked types out.
+//!
+//! Owns parsing, defaults, path resolution (relative paths are relative to the config file)
+//! and validation. Every error names the key at fault. It never opens the token, the network
+//! or the evidence log; other modules read the checked types.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::{DigestAlgorithm, PolicyId, TenantId};
+
+/// A configuration problem, naming the key (`section.key`, or `policies[2].tenant`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration key `{key}`: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { key: key.into(), problem: problem.into() }
+    }
+}
+
+/// Roles a client certificate may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Request signatures for the client's tenants.
+    Sign,
+    /// Create keys, import certificates, rotate, roll back, reload.
+    Admin,
+    /// Read-only: keys, evidence log, rotation status.
+    Audit,
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Sign => "sign",
+            Role::Admin => "admin",
+            Role::Audit => "audit",
+        }
+    }
+}
+
+/// Who issues tenant certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Issuer {
+    /// An internal CA whose key lives in the same token.
+    #[serde(rename = "hsm-ca")]
+    HsmCa,
+    /// CSR out, certificate in (`signet certs csr` / `signet certs import`).
+    #[serde(rename = "manual")]
+    Manual,
+}
+
+/// Evidence log durability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Default: an entry is on disk (fdatasync, group commit) before a signature is returned.
+    Always,
+    /// Insecure: acknowledged entries can be lost on power failure. For throwaway dev setups.
+    Never,
+}
+
+/// The whole, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from; `None` for configurations built in code.
+    pub path: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub hsm: HsmConfig,
+    pub audit: AuditConfig,
+    pub state_dir: PathBuf,
+    /// The part that SIGHUP reloads.
+    pub dynamic: DynamicConfig,
+    pub cli: Option<CliConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Vec<PathBuf>,
+    pub metrics_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_batch_items: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HsmConfig {
+    pub module: PathBuf,
+    pub token_label: String,
+    pub pin: PinSource,
+    pub sessions: usize,
+    pub queue_depth: usize,
+    pub call_timeout: Duration,
+    pub health_interval: Duration,
+    /// Environment variables the PKCS#11 module reads (e.g. `SOFTHSM2_CONF`).
+    pub environment: BTreeMap<String, String>,
+}
+
+/// Where the token user PIN comes from. The PIN itself is never in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    pub origin: String,
+    pub checkpoint_interval: Duration,
+    pub fsync: FsyncPolicy,
+    pub idempotency_retention: Duration,
+    pub max_group_entries: usize,
+}
+
+/// Clients, policies and rotation settings: reloaded on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct DynamicConfig {
+    pub clients: Vec<ClientConfig>,
+    pub policies: Vec<PolicyConfig>,
+    pub rotation: RotationConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    pub identity: String,
+    pub tenants: BTreeSet<TenantId>,
+    pub roles: BTreeSet<Role>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub id: PolicyId,
+    pub tenant: TenantId,
+    pub digest_algorithms: Vec<DigestAlgorithm>,
+    pub legal_standard: String,
+    pub require_idempotency_key: bool,
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained signatures per second for this tenant under this policy.
+    pub per_second: u32,
+    /// Short bursts above the sustained rate; defaults to `per_second`.
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationConfig {
+    pub validity: Duration,
+    pub renew_before: Duration,
+    pub grace: Duration,
+    pub issuer: Issuer,
+    pub check_interval: Duration,
+    pub min_remaining_validity: Duration,
+    pub overdue_after: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// CA certificate that tenant certificates must chain to. For `hsm-ca` Signet writes
+    /// its internal CA certificate here at start.
+    pub ca_certificate: PathBuf,
+    pub subject_organization: String,
+}
+
+/// How the CLI reaches a running service's admin API.
+#[derive(Debug, Clone)]
+pub struct CliConfig {
+    pub url: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl Config {
+    /// Read and check a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("(file)", format!("cannot read {}: {e}", path.display())))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut config = Self::parse(&text, &base)?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parse TOML text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: raw::File = toml::from_str(text).map_err(|e| toml_error(&e))?;
+        raw.check(base)
+    }
+
+    /// Re-read the reloadable part of the file this configuration came from.
+    pub fn reload_dynamic(&self) -> Result<Config, ConfigError> {
+        let path = self.path.as_ref().ok_or_else(|| {
+            ConfigError::new("(file)", "this configuration was not loaded from a file")
+        })?;
+        Self::load(path)
+    }
+}
+
+impl DynamicConfig {
+    pub fn policy(&self, id: &PolicyId) -> Option<&PolicyConfig> {
+        self.policies.iter().find(|p| &p.id == id)
+    }
+
+    /// Every tenant named by a policy or a client.
+    pub fn tenants(&self) -> BTreeSet<TenantId> {
+        let mut out: BTreeSet<TenantId> = self.policies.iter().map(|p| p.tenant.clone()).collect();
+        for c in &self.clients {
+            out.extend(c.tenants.iter().cloned());
+        }
+        out
+    }
+}
+
+impl PolicyConfig {
+    /// SHA-256 over the canonical JSON of the policy as configured: recorded in every entry so
+    /// an auditor can tell which version of a policy a signature was made under.
+    pub fn hash_hex(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let value = serde_json::json!({
+            "id": self.id.as_str(),
+            "tenant": self.tenant.as_str(),
+            "digest_algorithms": self.digest_algorithms.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+            "legal_standard": self.legal_standard,
+            "require_idempotency_key": self.require_idempotency_key,
+            "rate_limit": self.rate_limit.map(|r| serde_json::json!({
+                "per_second": r.per_second, "burst": r.burst.unwrap_or(r.per_second)
+            })),
+        });
+        // Serialising a json! value of strings, bools and integers cannot fail.
+        let bytes = serde_json_canonicalizer::to_vec(&value).unwrap_or_default();
+        hex::encode(Sha256::digest(bytes))
+    }
+}
+
+impl fmt::Display for PinSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PinSource::Env(v) => write!(f, "environment variable {v}"),
+            PinSource::File(p) => write!(f, "file {}", p.display()),
+        }
+    }
+}
+
+fn toml_error(e: &toml::de::Error) -> ConfigError {
+    // toml's message already names the field ("unknown field `x`", "missing field `y`") and
+    // the line; keep the first line plus the location.
+    let msg = e.message().to_owned();
+    let key = extract_backticked(&msg).unwrap_or_else(|| "(syntax)".to_owned());
+    let location = e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default();
+    ConfigError::new(key, format!("{msg}{location}"))
+}
+
+fn extract_backticked(msg: &str) -> Option<String> {
+    let start = msg.find('`')? + 1;
+    let end = start + msg[start..].find('`')?;
+    Some(msg[start..end].to_owned())
+}
+
+/// Parse "90d", "12h", "30s" (humantime syntax).
+pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s)
+        .map_err(|e| ConfigError::new(key, format!("`{s}` is not a duration like \"30s\", \"12h\" or \"90d\": {e}")))
+}
+
+mod raw {
+    //! The file as written; `check` turns it into `Config`.
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        server: Server,
+        hsm: Hsm,
+        audit: Audit,
+        #[serde(default)]
+        state: State,
+        #[serde(default)]
+        clients: Vec<Client>,
+        #[serde(default)]
+        policies: Vec<Policy>,
+        #[serde(default)]
+        rotation: Rotation,
+        cli: Option<Cli>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Server {
+        listen: String,
+        cert: PathBuf,
+        key: PathBuf,
+        client_ca: OneOrMany,
+        metrics_listen: String,
+        max_body_bytes: Option<usize>,
+        max_header_bytes: Option<usize>,
+        max_batch_items: Option<usize>,
+        max_connections: Option<usize>,
+        handshake_timeout: Option<String>,
+        idle_timeout: Option<String>,
+        shutdown_timeout: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Hsm {
+        module: PathBuf,
+        token_label: String,
+        pin_env: Option<String>,
+        pin_file: Option<PathBuf>,
+        pin: Option<toml::Value>,
+        sessions: Option<usize>,
+        queue_depth: Option<usize>,
+        call_timeout: Option<String>,
+        health_interval: Option<String>,
+        #[serde(default)]
+        environment: BTreeMap<String, String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Audit {
+        dir: PathBuf,
+        origin: Option<String>,
+        checkpoint_interval: Option<String>,
+        fsync: Option<FsyncPolicy>,
+        idempotency_retention: Option<String>,
+        max_group_entries: Option<usize>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct State {
+        dir: Option<PathBuf>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Client {
+        identity: String,
+        #[serde(default)]
+        tenants: Vec<String>,
+        roles: Vec<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Policy {
+        id: String,
+        tenant: String,
+        #[serde(default = "default_digest_algorithms")]
+        digest_algorithms: Vec<String>,
+        legal_standard: String,
+        #[serde(default)]
+        require_idempotency_key: bool,
+        rate_limit: Option<RateLimit>,
+    }
+
+    fn default_digest_algorithms() -> Vec<String> {
+        vec!["sha256".to_owned()]
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Rotation {
+        validity: Option<String>,
+        renew_before: Option<String>,
+        grace: Option<String>,
+        issuer: Option<Issuer>,
+        check_interval: Option<String>,
+        min_remaining_validity: Option<String>,
+        overdue_after: Option<String>,
+        retry_initial: Option<String>,
+        retry_max: Option<String>,
+        ca_certificate: Option<PathBuf>,
+        subject_organization: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Cli {
+        url: String,
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+    }
+
+    fn dur(key: &str, v: &Option<String>, default: &str) -> Result<Duration, ConfigError> {
+        parse_duration(key, v.as_deref().unwrap_or(default))
+    }
+
+    fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+        v.parse().map_err(|_| {
+            ConfigError::new(key, format!("`{v}` is not an IP address and port like 127.0.0.1:8443"))
+        })
+    }
+
+    fn in_range(key: &str, v: usize, lo: usize, hi: usize) -> Result<usize, ConfigError> {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(ConfigError::new(key, format!("{v} is out of range {lo}..={hi}")))
+        }
+    }
+
+    impl File {
+        pub fn check(self, base: &Path) -> Result<Config, ConfigError> {
+            let path = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+
+            // [server]
+            let s = &self.server;
+            let client_ca = match &s.client_ca {
+                OneOrMany::One(p) => vec![path(p)],
+                OneOrMany::Many(v) => v.iter().map(|p| path(p)).collect(),
+            };
+            if client_ca.is_empty() {
+                return Err(ConfigError::new("server.client_ca", "at least one CA file is required"));
+            }
+            let server = ServerConfig {
+                listen: addr("server.listen", &s.listen)?,
+                cert: path(&s.cert),
+                key: path(&s.key),
+                client_ca,
+                metrics_listen: addr("server.metrics_listen", &s.metrics_listen)?,
+                max_body_bytes: in_range("server.max_body_bytes", s.max_body_bytes.unwrap_or(1 << 20), 1024, 64 << 20)?,
+                max_header_bytes: in_range("server.max_header_bytes", s.max_header_bytes.unwrap_or(16 << 10), 8192, 1 << 20)?,
+                max_batch_items: in_range("server.max_batch_items", s.max_batch_items.unwrap_or(256), 1, 10_000)?,
+                max_connections: in_range("server.max_connections", s.max_connections.unwrap_or(4096), 1, 1 << 20)?,
+                handshake_timeout: dur("server.handshake_timeout", &s.handshake_timeout, "10s")?,
+                idle_timeout: dur("server.idle_timeout", &s.idle_timeout, "120s")?,
+                shutdown_timeout: dur("server.shutdown_timeout", &s.shutdown_timeout, "30s")?,
+            };
+            if server.listen == server.metrics_listen && server.listen.port() != 0 {
+                return Err(ConfigError::new("server.metrics_listen", "must differ from server.listen"));
+            }
+
+            // [hsm]
+            let h = &self.hsm;
+            if h.pin.is_some() {
+                return Err(ConfigError::new(
+                    "hsm.pin",
+                    "PINs are never written in the configuration; use hsm.pin_env or hsm.pin_file",
+                ));
+            }
+            let pin = match (&h.pin_env, &h.pin_file) {
+                (Some(v), None) if !v.is_empty() => PinSource::Env(v.clone()),
+                (None, Some(p)) => PinSource::File(path(p)),
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new("hsm.pin_env", "set either hsm.pin_env or hsm.pin_file, not both"));
+                }
+                _ => return Err(ConfigError::new("hsm.pin_file", "one of hsm.pin_env or hsm.pin_file is required")),
+            };
+            let token_label = h.token_label.trim().to_owned();
+            if token_label.is_empty() || token_label.len() > 32 {
+                return Err(ConfigError::new("hsm.token_label", "must be 1-32 characters"));
+            }
+            let environment = h
+                .environment
+                .iter()
+                .map(|(k, v)| {
+                    // Paths for the module (SOFTHSM2_CONF...) are relative to the config file too.
+                    let v = if v.starts_with("./") || v.starts_with("../") { path(Path::new(v)).display().to_string() } else { v.clone() };
+                    (k.clone(), v)
+                })
+                .collect();
+            let hsm = HsmConfig {
+                module: path(&h.module),
+                token_label,
+                pin,
+                sessions: in_range("hsm.sessions", h.sessions.unwrap_or(2), 1, 64)?,
+                queue_depth: in_range("hsm.queue_depth", h.queue_depth.unwrap_or(1024), 1, 1 << 20)?,
+                call_timeout: dur("hsm.call_timeout", &h.call_timeout, "5s")?,
+                health_interval: dur("hsm.health_interval", &h.health_interval, "2s")?,
+                environment,
+            };
+            if hsm.call_timeout.is_zero() {
+                return Err(ConfigError::new("hsm.call_timeout", "must be greater than zero"));
+            }
+
+            // [audit]
+            let a = &self.audit;
+            let origin = a.origin.clone().unwrap_or_else(|| "signet.local/evidence".to_owned());
+            if origin.is_empty() || origin.chars().any(|c| c.is_whitespace() || c == '+' || c.is_control()) {
+                return Err(ConfigError::new("audit.origin", "must be non-empty, without spaces or '+' (e.g. signet.example.com/evidence)"));
+            }
+            let audit = AuditConfig {
+                dir: path(&a.dir),
+                origin,
+                checkpoint_interval: dur("audit.checkpoint_interval", &a.checkpoint_interval, "10s")?,
+                fsync: a.fsync.unwrap_or(FsyncPolicy::Always),
+                idempotency_retention: dur("audit.idempotency_retention", &a.idempotency_retention, "24h")?,
+                max_group_entries: in_range("audit.max_group_entries", a.max_group_entries.unwrap_or(4096), 1, 1 << 20)?,
+            };
+            if audit.checkpoint_interval < Duration::from_millis(100) {
+                return Err(ConfigError::new("audit.checkpoint_interval", "must be at least 100ms"));
+            }
+
+            let state_dir = path(self.state.dir.as_deref().unwrap_or(Path::new("state")));
+
+            // [[clients]]
+            let mut clients = Vec::new();
+            let mut seen = BTreeSet::new();
+            for (i, c) in self.clients.iter().enumerate() {
+                let key = |k: &str| format!("clients[{i}].{k}");
+                if c.identity.trim().is_empty() {
+                    return Err(ConfigError::new(key("identity"), "must not be empty"));
+                }
+                if !seen.insert(c.identity.clone()) {
+                    return Err(ConfigError::new(key("identity"), format!("`{}` is listed twice", c.identity)));
+                }
+                let tenants = c
+                    .tenants
+                    .iter()
+                    .map(|t| t.parse::<TenantId>().map_err(|e| ConfigError::new(key("tenants"), format!("`{t}`: {e}"))))
+                    .collect::<Result<BTreeSet<_>, _>>()?;
+                let mut roles = BTreeSet::new();
+                for r in &c.roles {
+                    let role = match r.as_str() {
+                        "sign" => Role::Sign,
+                        "admin" => Role::Admin,
+                        "audit" => Role::Audit,
+                        other => {
+                            return Err(ConfigError::new(key("roles"), format!("unknown role `{other}` (expected sign, admin or audit)")));
+                        }
+                    };
+                    roles.insert(role);
+                }
+                if roles.is_empty() {
+                    return Err(ConfigError::new(key("roles"), "at least one role is required"));
+                }
+                if roles.contains(&Role::Sign) && tenants.is_empty() {
+                    return Err(ConfigError::new(key("tenants"), "a client with the sign role needs at least one tenant"));
+                }
+                clients.push(ClientConfig { identity: c.identity.clone(), tenants, roles });
+            }
+
+            // [[policies]]
+            let mut policies = Vec::new();
+            let mut ids = BTreeSet::new();
+            for (i, p) in self.policies.iter().enumerate() {
+                let key = |k: &str| format!("policies[{i}].{k}");
+                let id: PolicyId = p.id.parse().map_err(|e| ConfigError::new(key("id"), format!("`{}`: {e}", p.id)))?;
+                if !ids.insert(id.clone()) {
+                    return Err(ConfigError::new(key("id"), format!("`{id}` is defined twice")));
+                }
+                let tenant: TenantId =
+                    p.tenant.parse().map_err(|e| ConfigError::new(key("tenant"), format!("`{}`: {e}", p.tenant)))?;
+                let mut algs = Vec::new();
+                for a in &p.digest_algorithms {
+                    let alg = a.parse::<DigestAlgorithm>().map_err(|_| {
+                        ConfigError::new(key("digest_algorithms"), format!("unknown digest algorithm `{a}` (supported: sha256)"))
+                    })?;
+                    if !algs.contains(&alg) {
+                        algs.push(alg);
+                    }
+                }
+                if algs.is_empty() {
+                    return Err(ConfigError::new(key("digest_algorithms"), "at least one algorithm is required"));
+                }
+                if p.legal_standard.trim().is_empty() {
+                    return Err(ConfigError::new(key("legal_standard"), "must describe the legal standard (free text)"));
+                }
+                if let Some(r) = p.rate_limit {
+                    if r.per_second == 0 || r.burst == Some(0) {
+                        return Err(ConfigError::new(key("rate_limit"), "per_second and burst must be at least 1"));
+                    }
+                }
+                policies.push(PolicyConfig {
+                    id,
+                    tenant,
+                    digest_algorithms: algs,
+                    legal_standard: p.legal_standard.clone(),
+                    require_idempotency_key: p.require_idempotency_key,
+                    rate_limit: p.rate_limit,
+                });
+            }
+
+            // [rotation]
+            let r = &self.rotation;
+            let rotation = RotationConfig {
+                validity: dur("rotation.validity", &r.validity, "90d")?,
+                renew_before: dur("rotation.renew_before", &r.renew_before, "30d")?,
+                grace: dur("rotation.grace", &r.grace, "7d")?,
+                issuer: r.issuer.unwrap_or(Issuer::HsmCa),
+                check_interval: dur("rotation.check_interval", &r.check_interval, "1h")?,
+                min_remaining_validity: dur("rotation.min_remaining_validity", &r.min_remaining_validity, "1d")?,
+                overdue_after: dur("rotation.overdue_after", &r.overdue_after, "3d")?,
+                retry_initial: dur("rotation.retry_initial", &r.retry_initial, "30s")?,
+                retry_max: dur("rotation.retry_max", &r.retry_max, "1h")?,
+                ca_certificate: path(r.ca_certificate.as_deref().unwrap_or(Path::new("hsm-ca.pem"))),
+                subject_organization: r.subject_organization.clone().unwrap_or_else(|| "Signet".to_owned()),
+            };
+            if rotation.renew_before >= rotation.validity {
+                return Err(ConfigError::new("rotation.renew_before", "must be shorter than rotation.validity"));
+            }
+            if rotation.min_remaining_validity >= rotation.renew_before {
+                return Err(ConfigError::new("rotation.min_remaining_validity", "must be shorter than rotation.renew_before, or keys stop signing before they are renewed"));
+            }
+            if rotation.check_interval < Duration::from_secs(1) {
+                return Err(ConfigError::new("rotation.check_interval", "must be at least 1s"));
+            }
+            if rotation.retry_initial.is_zero() || rotation.retry_max < rotation.retry_initial {
+                return Err(ConfigError::new("rotation.retry_max", "must be at least rotation.retry_initial, which must be above zero"));
+            }
+            if rotation.subject_organization.trim().is_empty() {
+                return Err(ConfigError::new("rotation.subject_organization", "must not be empty"));
+            }
+
+            let cli = self.cli.map(|c| CliConfig { url: c.url, cert: path(&c.cert), key: path(&c.key), ca: path(&c.ca) });
+
+            Ok(Config { path: None, server, hsm, audit, state_dir, dynamic: DynamicConfig { clients, policies, rotation }, cli })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+cert = "tls/server.pem"
+key = "tls/server.key"
+client_ca = "tls/ca.pem"
+metrics_listen = "127.0.0.1:0"
+
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "signet"
+pin_file = "secrets/user.pin"
+
+[audit]
+dir = "audit"
+
+[[clients]]
+identity = "spiffe://signet.dev/payroll-app"
+tenants = ["payroll"]
+roles = ["sign"]
+
+[[policies]]
+id = "payroll-esign"
+tenant = "payroll"
+legal_standard = "ESIGN/UETA simple electronic signature"
+"#;
+
+    #[test]
+    fn minimal_file_gets_defaults_and_resolved_paths() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/signet")).unwrap();
+        assert_eq!(c.server.cert, PathBuf::from("/etc/signet/tls/server.pem"));
+        assert_eq!(c.hsm.pin, PinSource::File("/etc/signet/secrets/user.pin".into()));
+        assert_eq!(c.hsm.sessions, 2);
+        assert_eq!(c.audit.fsync, FsyncPolicy::Always);
+        assert_eq!(c.dynamic.rotation.issuer, Issuer::HsmCa);
+        assert_eq!(c.dynamic.policies[0].digest_algorithms, vec![DigestAlgorithm::Sha256]);
+        assert_eq!(c.state_dir, PathBuf::from("/etc/signet/state"));
+    }
+
+    fn err(text: &str) -> ConfigError {
+        Config::parse(text, Path::new("/x")).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("sessions = 0", "[hsm]\n", "hsm.sessions"),
+            ("pin = \"1234\"", "[hsm]\n", "hsm.pin"),
+            ("bogus = 1", "[hsm]\n", "bogus"),
+            ("fsync = \"sometimes\"", "[audit]\n", "sometimes"),
+            ("checkpoint_interval = \"soon\"", "[audit]\n", "audit.checkpoint_interval"),
+            ("origin = \"has space\"", "[audit]\n", "audit.origin"),
+        ];
+        for (line, section, key) in cases {
+            let text = MINIMAL.replacen(section, &format!("{section}{line}\n"), 1);
+            let e = err(&text);
+            assert!(e.to_string().contains(key), "{line}: {e}");
+        }
+        let e = err(&MINIMAL.replace("tenant = \"payroll\"\nlegal", "tenant = \"Pay Roll\"\nlegal"));
+        assert_eq!(e.key, "policies[0].tenant");
+        let e = err(&MINIMAL.replace("roles = [\"sign\"]", "roles = [\"root\"]"));
+        assert_eq!(e.key, "clients[0].roles");
+        let e = err(&format!("{MINIMAL}\n[rotation]\nvalidity = \"10d\"\nrenew_before = \"20d\"\n"));
+        assert_eq!(e.key, "rotation.renew_before");
+        let e = err(&MINIMAL.replace("pin_file = \"secrets/user.pin\"", ""));
+        assert_eq!(e.key, "hsm.pin_file");
+        let e = err(&MINIMAL.replace("listen = \"127.0.0.1:0\"\ncert", "listen = \"localhost\"\ncert"));
+        assert_eq!(e.key, "server.listen");
+    }
+
+    #[test]
+    fn duplicate_policy_is_rejected() {
+        let text = format!(
+            "{MINIMAL}\n[[policies]]\nid = \"payroll-esign\"\ntenant = \"payroll\"\nlegal_standard = \"x\"\n"
+        );
+        assert_eq!(err(&text).key, "policies[1].id");
+    }
+
+    #[test]
+    fn policy_hash_changes_with_content() {
+        let c = Config::parse(MINIMAL, Path::new("/x")).unwrap();
+        let mut p = c.dynamic.policies[0].clone();
+        let h1 = p.hash_hex();
+        p.legal_standard.push('!');
+        assert_ne!(h1, p.hash_hex());
+        assert_eq!(h1.len(), 64);
+    }
+}

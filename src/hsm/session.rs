@@ -1,0 +1,279 @@
+//! Operations on one logged-in session, lent to a closure by a pool worker.
+//!
+//! Objects are addressed by `CKA_ID` (a UTF-8 string such as `payroll/v3`). Private-key handles
+//! are cached by the pool; the cache is emptied whenever a session or the library is replaced.
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, CertificateType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use moka::sync::Cache;
+use p256::ecdsa::VerifyingKey;
+
+use super::{Error, P256_EC_PARAMS, ec_point_to_key, raw_to_der};
+
+/// A session plus the handle cache; what a closure passed to `Hsm::call` works with.
+pub struct TokenSession<'a> {
+    pub(super) session: &'a Session,
+    pub(super) handles: &'a Cache<String, ObjectHandle>,
+}
+
+/// One object as listed by [`TokenSession::list_objects`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectSummary {
+    pub class: ObjectKind,
+    pub id: String,
+    pub label: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    PrivateKey,
+    PublicKey,
+    Certificate,
+    Other,
+}
+
+/// The protection attributes of a private key, as the token reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateKeyAttributes {
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub token: bool,
+    pub always_sensitive: bool,
+    pub never_extractable: bool,
+    /// Whether the token revealed the private value (it must not).
+    pub value_readable: bool,
+}
+
+impl TokenSession<'_> {
+    /// Sign a 32-byte digest with `CKM_ECDSA` and return the DER `ECDSA-Sig-Value`.
+    pub fn sign_prehashed(&self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, Error> {
+        let key = self.private_key(id)?;
+        let raw = self.session.sign(&Mechanism::Ecdsa, key, digest).map_err(Error::pkcs11("C_Sign"))?;
+        raw_to_der(&raw)
+    }
+
+    /// The handle of the private key with this `CKA_ID`, from the cache or one search.
+    pub fn private_key(&self, id: &str) -> Result<ObjectHandle, Error> {
+        if let Some(h) = self.handles.get(id) {
+            return Ok(h);
+        }
+        let h = self
+            .find_one(ObjectClass::PRIVATE_KEY, id)?
+            .ok_or_else(|| Error::NotFound(format!("private key {id}")))?;
+        self.handles.insert(id.to_owned(), h);
+        Ok(h)
+    }
+
+    /// Whether a private key with this `CKA_ID` exists (no caching: used by rotation).
+    pub fn has_private_key(&self, id: &str) -> Result<bool, Error> {
+        Ok(self.find_one(ObjectClass::PRIVATE_KEY, id)?.is_some())
+    }
+
+    /// Generate a P-256 key pair in the token: sensitive, never extractable, a token object.
+    /// Idempotent: if a key pair with this `CKA_ID` exists, its public key is returned.
+    pub fn ensure_p256_key_pair(&self, id: &str, label: &str) -> Result<VerifyingKey, Error> {
+        if self.find_one(ObjectClass::PRIVATE_KEY, id)?.is_some() {
+            if let Some(pk) = self.public_key(id)? {
+                return Ok(pk);
+            }
+            // A private key without its public half cannot be used safely: refuse.
+            return Err(Error::Malformed("key pair (private key without public key)"));
+        }
+        // A public key without a private key (left by a failed generation) is removed first,
+        // so there is never more than one object per class and ID.
+        if let Some(h) = self.find_one(ObjectClass::PUBLIC_KEY, id)? {
+            self.session.destroy_object(h).map_err(Error::pkcs11("C_DestroyObject"))?;
+        }
+        let id_bytes = id.as_bytes().to_vec();
+        let label = label.as_bytes().to_vec();
+        let public = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+            Attribute::Id(id_bytes.clone()),
+            Attribute::Label(label.clone()),
+        ];
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Id(id_bytes),
+            Attribute::Label(label),
+        ];
+        let (pub_h, _priv_h) = self
+            .session
+            .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+            .map_err(Error::pkcs11("C_GenerateKeyPair"))?;
+        self.read_public_key(pub_h)
+    }
+
+    /// The public key with this `CKA_ID`, if any.
+    pub fn public_key(&self, id: &str) -> Result<Option<VerifyingKey>, Error> {
+        match self.find_one(ObjectClass::PUBLIC_KEY, id)? {
+            Some(h) => self.read_public_key(h).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Store `der` as the certificate object for `id`, replacing any previous one.
+    pub fn store_certificate(&self, id: &str, label: &str, der: &[u8], subject_der: &[u8]) -> Result<(), Error> {
+        for h in self.find_all(ObjectClass::CERTIFICATE, id)? {
+            self.session.destroy_object(h).map_err(Error::pkcs11("C_DestroyObject"))?;
+        }
+        let template = [
+            Attribute::Class(ObjectClass::CERTIFICATE),
+            Attribute::CertificateType(CertificateType::X_509),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Id(id.as_bytes().to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Subject(subject_der.to_vec()),
+            Attribute::Value(der.to_vec()),
+        ];
+        self.session.create_object(&template).map_err(Error::pkcs11("C_CreateObject"))?;
+        Ok(())
+    }
+
+    /// The DER certificate stored for `id`, if any.
+    pub fn certificate(&self, id: &str) -> Result<Option<Vec<u8>>, Error> {
+        let Some(h) = self.find_one(ObjectClass::CERTIFICATE, id)? else {
+            return Ok(None);
+        };
+        let attrs = self.session.get_attributes(h, &[AttributeType::Value]).map_err(Error::pkcs11("C_GetAttributeValue"))?;
+        for a in attrs {
+            if let Attribute::Value(v) = a {
+                return Ok(Some(v));
+            }
+        }
+        Err(Error::Malformed("certificate object without CKA_VALUE"))
+    }
+
+    /// Destroy the private key for `id` (retirement). Idempotent. The public key and
+    /// certificate stay for verification.
+    pub fn destroy_private_key(&self, id: &str) -> Result<bool, Error> {
+        self.handles.invalidate(id);
+        let mut destroyed = false;
+        for h in self.find_all(ObjectClass::PRIVATE_KEY, id)? {
+            self.session.destroy_object(h).map_err(Error::pkcs11("C_DestroyObject"))?;
+            destroyed = true;
+        }
+        Ok(destroyed)
+    }
+
+    /// Every key and certificate object in the token, with its `CKA_ID` and `CKA_LABEL`.
+    pub fn list_objects(&self) -> Result<Vec<ObjectSummary>, Error> {
+        let mut out = Vec::new();
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY, ObjectClass::CERTIFICATE] {
+            let handles = self.session.find_objects(&[Attribute::Class(class)]).map_err(Error::pkcs11("C_FindObjects"))?;
+            for h in handles {
+                let attrs = self
+                    .session
+                    .get_attributes(h, &[AttributeType::Id, AttributeType::Label])
+                    .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+                let (mut id, mut label) = (String::new(), String::new());
+                for a in attrs {
+                    match a {
+                        Attribute::Id(v) => id = String::from_utf8_lossy(&v).into_owned(),
+                        Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+                        _ => {}
+                    }
+                }
+                let kind = if class == ObjectClass::PRIVATE_KEY {
+                    ObjectKind::PrivateKey
+                } else if class == ObjectClass::PUBLIC_KEY {
+                    ObjectKind::PublicKey
+                } else if class == ObjectClass::CERTIFICATE {
+                    ObjectKind::Certificate
+                } else {
+                    ObjectKind::Other
+                };
+                out.push(ObjectSummary { class: kind, id, label });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The protection attributes of the private key `id`, for checks and tests.
+    pub fn private_key_attributes(&self, id: &str) -> Result<PrivateKeyAttributes, Error> {
+        let h = self.find_one(ObjectClass::PRIVATE_KEY, id)?.ok_or_else(|| Error::NotFound(format!("private key {id}")))?;
+        let attrs = self
+            .session
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Token,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                ],
+            )
+            .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+        let mut out = PrivateKeyAttributes {
+            sensitive: false,
+            extractable: true,
+            token: false,
+            always_sensitive: false,
+            never_extractable: false,
+            value_readable: false,
+        };
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(v) => out.sensitive = v,
+                Attribute::Extractable(v) => out.extractable = v,
+                Attribute::Token(v) => out.token = v,
+                Attribute::AlwaysSensitive(v) => out.always_sensitive = v,
+                Attribute::NeverExtractable(v) => out.never_extractable = v,
+                _ => {}
+            }
+        }
+        // A sensitive attribute is answered with "no attribute" rather than an error.
+        out.value_readable = matches!(
+            self.session.get_attributes(h, &[AttributeType::Value]),
+            Ok(v) if v.iter().any(|a| matches!(a, Attribute::Value(_)))
+        );
+        Ok(out)
+    }
+
+    /// A cheap call that fails if the session or login is gone.
+    pub fn ping(&self) -> Result<(), Error> {
+        let info = self.session.get_session_info().map_err(Error::pkcs11("C_GetSessionInfo"))?;
+        use cryptoki::session::SessionState as S;
+        match info.session_state() {
+            S::RoUser | S::RwUser => Ok(()),
+            _ => Err(Error::Pkcs11 {
+                op: "C_GetSessionInfo",
+                source: cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::UserNotLoggedIn,
+                    cryptoki::context::Function::GetSessionInfo,
+                ),
+            }),
+        }
+    }
+
+    fn read_public_key(&self, h: ObjectHandle) -> Result<VerifyingKey, Error> {
+        let attrs = self.session.get_attributes(h, &[AttributeType::EcPoint]).map_err(Error::pkcs11("C_GetAttributeValue"))?;
+        for a in attrs {
+            if let Attribute::EcPoint(p) = a {
+                return ec_point_to_key(&p);
+            }
+        }
+        Err(Error::Malformed("public key without CKA_EC_POINT"))
+    }
+
+    fn find_all(&self, class: ObjectClass, id: &str) -> Result<Vec<ObjectHandle>, Error> {
+        self.session
+            .find_objects(&[Attribute::Class(class), Attribute::Id(id.as_bytes().to_vec())])
+            .map_err(Error::pkcs11("C_FindObjects"))
+    }
+
+    fn find_one(&self, class: ObjectClass, id: &str) -> Result<Option<ObjectHandle>, Error> {
+        Ok(self.find_all(class, id)?.into_iter().next())
+    }
+}

@@ -1,0 +1,49 @@
+//! A `signature::Signer` backed by a token key, so x509-cert's builders (certificates, CSRs)
+//! sign inside the token. Synchronous: use it from blocking code only.
+
+use p256::ecdsa::{DerSignature, VerifyingKey};
+use sha2::{Digest, Sha256};
+use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier};
+
+use super::Hsm;
+
+pub struct TokenSigner {
+    hsm: Hsm,
+    id: String,
+    public: VerifyingKey,
+}
+
+impl TokenSigner {
+    /// `public` must be the public half of the token key `id` (read it from the token).
+    pub fn new(hsm: Hsm, id: impl Into<String>, public: VerifyingKey) -> Self {
+        Self { hsm, id: id.into(), public }
+    }
+}
+
+impl signature::Keypair for TokenSigner {
+    type VerifyingKey = VerifyingKey;
+    fn verifying_key(&self) -> VerifyingKey {
+        self.public
+    }
+}
+
+impl signature::Signer<DerSignature> for TokenSigner {
+    fn try_sign(&self, msg: &[u8]) -> Result<DerSignature, signature::Error> {
+        let digest: [u8; 32] = Sha256::digest(msg).into();
+        let id = self.id.clone();
+        let der = self
+            .hsm
+            .call_blocking(move |s| s.sign_prehashed(&id, &digest))
+            .map_err(signature::Error::from_source)?;
+        DerSignature::from_bytes(&der).map_err(|_| signature::Error::new())
+    }
+}
+
+impl DynSignatureAlgorithmIdentifier for TokenSigner {
+    fn signature_algorithm_identifier(&self) -> spki::Result<AlgorithmIdentifierOwned> {
+        // ecdsa-with-SHA256 (1.2.840.10045.4.3.2), no parameters.
+        Ok(AlgorithmIdentifierOwned { oid: ECDSA_WITH_SHA256, parameters: None })
+    }
+}
+
+pub const ECDSA_WITH_SHA256: spki::ObjectIdentifier = spki::ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");

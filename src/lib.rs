@@ -1,0 +1,10 @@
+//! Signet: HSM-backed document digest signing with a tamper-evident evidence log.
+//!
+//! Module map (see STYLE): `config` → checked types; `hsm` is the only user of PKCS#11;
+//! `pki` and `audit::verify` are pure; `service` holds the use cases; `http` is the API.
+
+pub mod config;
+pub mod domain;
+pub mod hsm;
+pub mod metrics;
+pub mod pki;
