@@ -3,8 +3,13 @@
 //! Module map (see STYLE): `config` → checked types; `hsm` is the only user of PKCS#11;
 //! `pki` and `audit::verify` are pure; `service` holds the use cases; `http` is the API.
 
+pub mod audit;
 pub mod config;
 pub mod domain;
+pub mod fsutil;
 pub mod hsm;
+pub mod keys;
 pub mod metrics;
 pub mod pki;
+pub mod policy;
+pub mod tls;

@@ -1,0 +1,210 @@
+//! The evidence entry: one canonical-JSON (RFC 8785) line per event.
+//!
+//! Canonical form means an independent verifier can parse an entry, re-serialise it with any
+//! JCS implementation and get the same bytes, hence the same leaf hash.
+
+use serde::{Deserialize, Serialize};
+
+/// Event types.
+pub mod event {
+    pub const SIGNATURE: &str = "signature";
+    pub const KEY_CREATED: &str = "key_created";
+    pub const CSR_CREATED: &str = "csr_created";
+    pub const CERTIFICATE_ISSUED: &str = "certificate_issued";
+    pub const CERTIFICATE_IMPORTED: &str = "certificate_imported";
+    pub const ROTATION_STARTED: &str = "rotation_started";
+    pub const KEY_ACTIVATED: &str = "key_activated";
+    pub const KEY_RETIRED: &str = "key_retired";
+    pub const ROTATION_ROLLED_BACK: &str = "rotation_rolled_back";
+    pub const ROTATION_FAILED: &str = "rotation_step_failed";
+    pub const LOG_STARTED: &str = "log_started";
+}
+
+/// Who acted: the client certificate (or the local operator for offline CLI use).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Actor {
+    pub identity: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub san: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fingerprint_sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyEvidence {
+    pub id: String,
+    /// SHA-256 (hex) of the policy's canonical JSON at signing time.
+    pub hash: String,
+    pub legal_standard: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigestEvidence {
+    pub algorithm: String,
+    /// Lowercase hex.
+    pub value: String,
+}
+
+/// One evidence entry. Optional fields are omitted (not `null`) when absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Position in the log, assigned by the writer.
+    pub index: u64,
+    /// Base64 leaf hash of the entry before this one (absent for entry 0), assigned by the
+    /// writer: a hash chain that lets a verifier name exactly which entry was altered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_leaf_hash: Option<String>,
+    /// RFC 3339 UTC with microseconds.
+    pub time: String,
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub actor: Actor,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyEvidence>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<DigestEvidence>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Hex serial of the certificate of `key_id` at the time of the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
+    /// Base64 DER `ECDSA-Sig-Value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_algorithm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
+    /// Signer evidence as sent by the client: recorded, never interpreted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<serde_json::Value>,
+    /// SHA-256 (hex) of the `Idempotency-Key` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key_sha256: Option<String>,
+    /// SHA-256 (hex) of the canonical request, to tell a replay from a conflicting reuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_sha256: Option<String>,
+    /// Why an operator acted (admin events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Event-specific details (admin events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl Entry {
+    /// A new entry of `event` by `actor`; the writer sets `index`.
+    pub fn new(event: &str, time: String, actor: Actor) -> Self {
+        Self {
+            index: 0,
+            previous_leaf_hash: None,
+            time,
+            event: event.to_owned(),
+            request_id: None,
+            actor,
+            tenant: None,
+            policy: None,
+            digest: None,
+            key_id: None,
+            certificate_serial: None,
+            signature: None,
+            signature_algorithm: None,
+            transaction_id: None,
+            signer: None,
+            idempotency_key_sha256: None,
+            request_sha256: None,
+            reason: None,
+            details: None,
+        }
+    }
+
+    /// RFC 8785 canonical bytes (no trailing newline).
+    pub fn canonical(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json_canonicalizer::to_vec(self)
+    }
+}
+
+/// Why a stored line is not a valid entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("not valid JSON for an entry: {0}")]
+    Json(String),
+    #[error("not in canonical (RFC 8785) form")]
+    NotCanonical,
+    #[error("holds index {found} at position {expected}")]
+    WrongIndex { expected: u64, found: u64 },
+    #[error("its previous_leaf_hash does not match the entry before it")]
+    BrokenChain,
+}
+
+/// Parse a stored line (without its newline) and check it is canonical and at `expected`.
+pub fn parse_stored(bytes: &[u8], expected: u64) -> Result<Entry, EntryError> {
+    let entry: Entry = serde_json::from_slice(bytes).map_err(|e| EntryError::Json(e.to_string()))?;
+    let again = entry.canonical().map_err(|e| EntryError::Json(e.to_string()))?;
+    if again != bytes {
+        return Err(EntryError::NotCanonical);
+    }
+    if entry.index != expected {
+        return Err(EntryError::WrongIndex { expected, found: entry.index });
+    }
+    Ok(entry)
+}
+
+/// Is `value` representable canonically (a JCS round trip gives the same bytes)? Used to
+/// refuse signer evidence with numbers JCS cannot reproduce (e.g. integers beyond 2^53).
+pub fn is_jcs_stable(value: &serde_json::Value) -> bool {
+    let Ok(once) = serde_json_canonicalizer::to_vec(value) else {
+        return false;
+    };
+    let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(&once) else {
+        return false;
+    };
+    serde_json_canonicalizer::to_vec(&parsed).is_ok_and(|twice| twice == once) && parsed == *value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        let mut e = Entry::new(
+            event::SIGNATURE,
+            "2026-11-22T10:00:00.000000Z".into(),
+            Actor { identity: "spiffe://x/app".into(), subject: "CN=app".into(), san: vec!["uri:spiffe://x/app".into()], fingerprint_sha256: "ab".into() },
+        );
+        e.index = 3;
+        e.signer = Some(serde_json::json!({"name": "Zoë", "email": "z@example.com", "ip": "192.0.2.1"}));
+        e.transaction_id = Some("tx-1".into());
+        e
+    }
+
+    #[test]
+    fn canonical_form_is_sorted_and_stable() {
+        let e = sample();
+        let bytes = e.canonical().unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.starts_with("{\"actor\":{\"fingerprint_sha256\":\"ab\""), "{text}");
+        assert!(!text.contains("null"), "absent fields are omitted");
+        assert_eq!(parse_stored(&bytes, 3).unwrap(), e);
+        assert_eq!(parse_stored(&bytes, 4), Err(EntryError::WrongIndex { expected: 4, found: 3 }));
+        let pretty = serde_json::to_vec_pretty(&e).unwrap();
+        assert_eq!(parse_stored(&pretty, 3), Err(EntryError::NotCanonical));
+        assert!(matches!(parse_stored(b"{", 0), Err(EntryError::Json(_))));
+        assert!(matches!(parse_stored(b"{\"index\":0,\"extra\":1}", 0), Err(EntryError::Json(_))));
+    }
+
+    #[test]
+    fn jcs_stability_check() {
+        assert!(is_jcs_stable(&serde_json::json!({"a": 1, "b": [1.5, "x", null, true]})));
+        assert!(!is_jcs_stable(&serde_json::json!({"big": 12345678901234567890u64})));
+    }
+}

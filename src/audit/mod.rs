@@ -1,0 +1,761 @@
+//! The evidence log: append-only, durable, tamper-evident.
+//!
+//! Files under `[audit].dir`:
+//! - `entries.jsonl`: one canonical-JSON entry per line; the only source of truth.
+//! - `checkpoints.jsonl`: every signed checkpoint (C2SP signed note), one JSON line each.
+//! - `log-key.pem`: the checkpoint key's public half, for convenience (verify with a copy
+//!   you trust).
+//! - `LOCK`: held by the one process that may write.
+//!
+//! One writer thread owns the append handle and does group commit: it takes every request
+//! waiting, writes them in one `write`, makes them durable with one `fdatasync`, then adds
+//! their leaves to the in-memory tree and answers. A signature is only returned after this.
+//!
+//! Must not name axum or cryptoki: the token signs checkpoints through [`CheckpointSigner`].
+
+pub mod entry;
+pub mod merkle;
+pub mod note;
+pub mod verify;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use p256::ecdsa::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+pub use entry::{Actor, Entry};
+use merkle::{Hash, Tree};
+use note::{Checkpoint, TlogProof};
+
+use crate::config::FsyncPolicy;
+use crate::metrics::Metrics;
+
+pub const ENTRIES_FILE: &str = "entries.jsonl";
+pub const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
+pub const LOG_KEY_FILE: &str = "log-key.pem";
+const LOCK_FILE: &str = "LOCK";
+
+/// Signs checkpoint notes with the log key. Blocking; called from a blocking thread.
+pub trait CheckpointSigner: Send + Sync {
+    fn public_key(&self) -> VerifyingKey;
+    /// DER ECDSA P-256 signature over SHA-256(`message`).
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the evidence log in {0} is in use by another Signet process")]
+    Locked(String),
+    #[error("evidence log I/O on {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("the evidence log is not writable: {0}")]
+    Unwritable(String),
+    #[error("the evidence log does not match its last signed checkpoint: {0}; run `signet audit verify` on it")]
+    Inconsistent(String),
+    #[error("entry {0} does not exist")]
+    NoSuchEntry(u64),
+    #[error("entry {index} is not covered by a signed checkpoint yet (latest covers {size} entries)")]
+    NotYetCheckpointed { index: u64, size: u64 },
+    #[error(transparent)]
+    Proof(#[from] merkle::ProofError),
+    #[error("checkpoint signing failed: {0}")]
+    Sign(String),
+    #[error("the evidence log is closed")]
+    Closed,
+    #[error("cannot serialise an entry: {0}")]
+    Serialize(String),
+}
+
+impl Error {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Locked(_) => "locked",
+            Error::Io { .. } => "io",
+            Error::Unwritable(_) => "unwritable",
+            Error::Inconsistent(_) => "inconsistent",
+            Error::NoSuchEntry(_) => "no_such_entry",
+            Error::NotYetCheckpointed { .. } => "not_yet_checkpointed",
+            Error::Proof(_) => "proof",
+            Error::Sign(_) => "sign",
+            Error::Closed => "closed",
+            Error::Serialize(_) => "serialize",
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+/// What a client gets back with a signature: where its evidence is in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub log_origin: String,
+    pub index: u64,
+    /// Base64 RFC 6962 leaf hash of the canonical entry.
+    pub leaf_hash: String,
+}
+
+/// A checkpoint as stored in `checkpoints.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCheckpoint {
+    pub tree_size: u64,
+    /// Unix seconds when it was signed.
+    pub signed_at: u64,
+    /// The C2SP signed note.
+    pub note: String,
+}
+
+/// Everything needed to prove one entry.
+#[derive(Debug, Clone)]
+pub struct EntryProof {
+    pub index: u64,
+    pub entry: Vec<u8>,
+    pub leaf_hash: Hash,
+    pub checkpoint: Arc<StoredCheckpoint>,
+    pub proof: TlogProof,
+}
+
+/// Options for opening the log.
+pub struct Options {
+    pub dir: PathBuf,
+    pub origin: String,
+    pub fsync: FsyncPolicy,
+    pub max_group_entries: usize,
+}
+
+pub struct EvidenceLog {
+    inner: Arc<Inner>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    queue: crossbeam_channel::Sender<Request>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    origin: String,
+    signer: Arc<dyn CheckpointSigner>,
+    metrics: Arc<Metrics>,
+    /// Shared by the writer (appends after fsync) and readers (proofs).
+    state: RwLock<State>,
+    /// A read-only handle for `read_at`.
+    reader: File,
+    writable: AtomicBool,
+    latest: RwLock<Option<Arc<StoredCheckpoint>>>,
+    /// Serialises checkpoint signing.
+    checkpointing: Mutex<()>,
+    _lock: File,
+}
+
+/// The durable part of the log as of the last commit.
+struct State {
+    tree: Tree,
+    offsets: Vec<u64>,
+    file_len: u64,
+}
+
+enum Request {
+    Append { entries: Vec<Entry>, reply: tokio::sync::oneshot::Sender<Result<Vec<Receipt>, Error>> },
+    Stop,
+}
+
+impl EvidenceLog {
+    /// Open (or create) the log, recover from a crash, and check it against the last signed
+    /// checkpoint. Fails if another process holds it or it does not match its checkpoint.
+    pub fn open(opts: Options, signer: Arc<dyn CheckpointSigner>, metrics: Arc<Metrics>) -> Result<Self, Error> {
+        let dir = opts.dir.clone();
+        crate::fsutil::create_private_dir(&dir).map_err(io_err(&dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::Locked(dir.display().to_string()));
+        }
+        let key_path = dir.join(LOG_KEY_FILE);
+        let key_pem = crate::pki::public_key_pem(&signer.public_key());
+        if std::fs::read_to_string(&key_path).ok().as_deref() != Some(key_pem.as_str()) {
+            crate::fsutil::write_atomic_mode(&key_path, key_pem.as_bytes(), 0o644).map_err(io_err(&key_path))?;
+        }
+
+        let started = Instant::now();
+        let log_path = dir.join(ENTRIES_FILE);
+        let mut log = OpenOptions::new().create(true).read(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
+        let checkpoints = read_checkpoints(&dir.join(CHECKPOINTS_FILE))?;
+        let latest = checkpoints.last().cloned().map(Arc::new);
+        let signed_size = latest.as_ref().map_or(0, |c| c.tree_size);
+        let recovered = recover_entries(&log_path, &mut log, signed_size)?;
+        let mut tree = Tree::new();
+        for h in &recovered.leaves {
+            tree.push(*h);
+        }
+        if let Some(cp) = &latest {
+            check_against_checkpoint(&tree, cp, &opts.origin, &signer.public_key())?;
+        }
+        let offsets = recovered.offsets;
+        let file_len = log.metadata().map_err(io_err(&log_path))?.len();
+        tracing::info!(
+            entries = tree.len(),
+            checkpoint = signed_size,
+            millis = started.elapsed().as_millis() as u64,
+            "evidence log opened"
+        );
+        let reader = File::open(&log_path).map_err(io_err(&log_path))?;
+
+        metrics.audit_tree_size.set(tree.len() as i64);
+        metrics.audit_writable.set(1);
+        if let Some(cp) = &latest {
+            metrics.audit_checkpoint_size.set(cp.tree_size as i64);
+            metrics.audit_last_checkpoint.set(cp.signed_at as i64);
+        }
+        let inner = Arc::new(Inner {
+            dir,
+            origin: opts.origin,
+            signer,
+            metrics,
+            state: RwLock::new(State { tree, offsets, file_len }),
+            reader,
+            writable: AtomicBool::new(true),
+            latest: RwLock::new(latest),
+            checkpointing: Mutex::new(()),
+            _lock: lock,
+        });
+        let (queue, rx) = crossbeam_channel::unbounded();
+        let w = Arc::clone(&inner);
+        let max_group = opts.max_group_entries;
+        let fsync = opts.fsync;
+        let writer = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer_main(w, log, rx, fsync, max_group))
+            .map_err(io_err(&log_path))?;
+        Ok(Self { inner, writer: Mutex::new(Some(writer)), queue })
+    }
+
+    /// Append entries (indexes are assigned here) and return once they are durable.
+    pub async fn append(&self, entries: Vec<Entry>) -> Result<Vec<Receipt>, Error> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.queue.send(Request::Append { entries, reply }).map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Blocking variant for synchronous callers (never from an async task).
+    pub fn append_blocking(&self, entries: Vec<Entry>) -> Result<Vec<Receipt>, Error> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.queue.send(Request::Append { entries, reply }).map_err(|_| Error::Closed)?;
+        rx.blocking_recv().map_err(|_| Error::Closed)?
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.inner.origin
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.inner.writable.load(Ordering::Acquire)
+    }
+
+    pub fn tree_size(&self) -> u64 {
+        read(&self.inner.state).tree.len()
+    }
+
+    pub fn public_key(&self) -> VerifyingKey {
+        self.inner.signer.public_key()
+    }
+
+    pub fn latest_checkpoint(&self) -> Option<Arc<StoredCheckpoint>> {
+        read(&self.inner.latest).clone()
+    }
+
+    /// The canonical bytes of entry `index`.
+    pub fn entry(&self, index: u64) -> Result<Vec<u8>, Error> {
+        let (start, end) = {
+            let st = read(&self.inner.state);
+            let i = usize::try_from(index).map_err(|_| Error::NoSuchEntry(index))?;
+            let start = *st.offsets.get(i).ok_or(Error::NoSuchEntry(index))?;
+            let end = st.offsets.get(i + 1).copied().unwrap_or(st.file_len);
+            (start, end)
+        };
+        let mut buf = vec![0u8; (end - start).saturating_sub(1) as usize];
+        self.inner.reader.read_exact_at(&mut buf, start).map_err(io_err(&self.inner.dir))?;
+        Ok(buf)
+    }
+
+    /// Entry `index` with its inclusion proof against the latest signed checkpoint.
+    pub fn prove(&self, index: u64) -> Result<EntryProof, Error> {
+        let checkpoint = self.latest_checkpoint().ok_or(Error::NotYetCheckpointed { index, size: 0 })?;
+        if index >= self.tree_size() {
+            return Err(Error::NoSuchEntry(index));
+        }
+        if index >= checkpoint.tree_size {
+            return Err(Error::NotYetCheckpointed { index, size: checkpoint.tree_size });
+        }
+        let (hashes, leaf_hash) = {
+            let st = read(&self.inner.state);
+            (st.tree.inclusion_proof(index, checkpoint.tree_size)?, st.tree.leaf(index).ok_or(Error::NoSuchEntry(index))?)
+        };
+        let entry = self.entry(index)?;
+        let proof = TlogProof { extra: Some(entry.clone()), index, hashes, checkpoint: checkpoint.note.clone() };
+        Ok(EntryProof { index, entry, leaf_hash, checkpoint, proof })
+    }
+
+    /// RFC 6962 consistency proof between tree sizes `from` and `to`, both at most the latest
+    /// signed checkpoint's size.
+    pub fn consistency(&self, from: u64, to: u64) -> Result<Vec<Hash>, Error> {
+        let signed = self.latest_checkpoint().map(|c| c.tree_size).unwrap_or(0);
+        if to > signed {
+            return Err(Error::NotYetCheckpointed { index: to.saturating_sub(1), size: signed });
+        }
+        Ok(read(&self.inner.state).tree.consistency_proof(from, to)?)
+    }
+
+    /// Root hash at `size` (for the API's convenience).
+    pub fn root(&self, size: u64) -> Result<Hash, Error> {
+        Ok(read(&self.inner.state).tree.root(size)?)
+    }
+
+    /// Sign a checkpoint for the current tree if it grew since the last one (or none exists).
+    /// Blocking: it signs in the token. Returns the new checkpoint, if one was made.
+    pub fn checkpoint_blocking(&self, now_unix: u64) -> Result<Option<Arc<StoredCheckpoint>>, Error> {
+        let _guard = self.inner.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+        let (size, root) = {
+            let st = read(&self.inner.state);
+            let size = st.tree.len();
+            (size, st.tree.root(size)?)
+        };
+        if let Some(latest) = self.latest_checkpoint() {
+            if latest.tree_size == size {
+                return Ok(None);
+            }
+        }
+        let cp = Checkpoint { origin: self.inner.origin.clone(), size, root };
+        let sig = self.inner.signer.sign(cp.body().as_bytes()).map_err(Error::Sign)?;
+        let note = note::signed_checkpoint(&cp, &self.inner.signer.public_key(), sig);
+        let stored = StoredCheckpoint { tree_size: size, signed_at: now_unix, note };
+        let line = serde_json::to_string(&stored).map_err(|e| Error::Serialize(e.to_string()))?;
+        let path = self.inner.dir.join(CHECKPOINTS_FILE);
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        f.write_all(format!("{line}\n").as_bytes()).map_err(io_err(&path))?;
+        f.sync_data().map_err(io_err(&path))?;
+        let stored = Arc::new(stored);
+        *write(&self.inner.latest) = Some(Arc::clone(&stored));
+        self.inner.metrics.audit_checkpoint_size.set(size as i64);
+        self.inner.metrics.audit_last_checkpoint.set(now_unix as i64);
+        Ok(Some(stored))
+    }
+
+    /// Visit entries from the newest backwards until `visit` returns false.
+    pub fn scan_backwards(&self, mut visit: impl FnMut(u64, &Entry) -> bool) -> Result<(), Error> {
+        let n = self.tree_size();
+        for index in (0..n).rev() {
+            let bytes = self.entry(index)?;
+            let Ok(entry) = serde_json::from_slice::<Entry>(&bytes) else {
+                continue;
+            };
+            if !visit(index, &entry) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the writer after the queued appends are durable. Idempotent.
+    pub fn close(&self) {
+        let _ = self.queue.send(Request::Stop);
+        if let Some(t) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for EvidenceLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The writer thread: group commit.
+fn writer_main(
+    inner: Arc<Inner>,
+    mut log: File,
+    rx: crossbeam_channel::Receiver<Request>,
+    fsync: FsyncPolicy,
+    max_group: usize,
+) {
+    let mut buf = Vec::with_capacity(1 << 16);
+    let mut stopping = false;
+    while !stopping {
+        let first = match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(r) => r,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if !inner.writable.load(Ordering::Acquire) {
+                    probe_writable(&inner, &mut log);
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
+        // Take everything waiting right now: one write, one fsync for all of it.
+        let mut group = Vec::new();
+        let mut count = 0;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Stop => stopping = true,
+                Request::Append { entries, reply } => {
+                    count += entries.len();
+                    group.push((entries, reply));
+                }
+            }
+            if count < max_group && !stopping {
+                next = rx.try_recv().ok();
+            }
+        }
+        if group.is_empty() {
+            continue;
+        }
+        commit(&inner, &mut log, group, fsync, &mut buf);
+    }
+    // Answer anything still queued after a stop.
+    while let Ok(Request::Append { reply, .. }) = rx.try_recv() {
+        let _ = reply.send(Err(Error::Closed));
+    }
+}
+
+type Group = Vec<(Vec<Entry>, tokio::sync::oneshot::Sender<Result<Vec<Receipt>, Error>>)>;
+
+fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: &mut Vec<u8>) {
+    buf.clear();
+    let (base_index, base_len, mut previous) = {
+        let st = read(&inner.state);
+        let n = st.tree.len();
+        (n, st.file_len, n.checked_sub(1).and_then(|i| st.tree.leaf(i)))
+    };
+    let mut next = base_index;
+    let mut leaves = Vec::new();
+    let mut offsets = Vec::new();
+    let mut receipts: Vec<Result<Vec<Receipt>, Error>> = Vec::with_capacity(group.len());
+    let mut events: Vec<String> = Vec::new();
+    for (entries, _) in &group {
+        let mut out = Vec::with_capacity(entries.len());
+        let mark = (buf.len(), next, leaves.len(), previous);
+        let mut failed = None;
+        for e in entries {
+            let mut e = e.clone();
+            e.index = next;
+            e.previous_leaf_hash = previous.map(|h| B64.encode(h));
+            match e.canonical() {
+                Ok(bytes) => {
+                    let leaf = merkle::leaf_hash(&bytes);
+                    previous = Some(leaf);
+                    offsets.push(base_len + buf.len() as u64);
+                    buf.extend_from_slice(&bytes);
+                    buf.push(b'\n');
+                    leaves.push(leaf);
+                    out.push(Receipt { log_origin: inner.origin.clone(), index: next, leaf_hash: B64.encode(leaf) });
+                    events.push(e.event.clone());
+                    next += 1;
+                }
+                Err(err) => {
+                    failed = Some(Error::Serialize(err.to_string()));
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => receipts.push(Ok(out)),
+            Some(err) => {
+                // Drop this request's entries only; the others in the group go ahead.
+                buf.truncate(mark.0);
+                offsets.truncate(mark.2);
+                leaves.truncate(mark.2);
+                events.truncate(events.len() - (next - mark.1) as usize);
+                next = mark.1;
+                previous = mark.3;
+                receipts.push(Err(err));
+            }
+        }
+    }
+
+    // Commit point: after write_all + fdatasync succeed, every entry in `buf` is durable.
+    // On failure the file is cut back to `base_len`, so the log holds exactly the entries that
+    // were acknowledged; recovery at start-up cuts any torn tail the same way.
+    let result = (|| -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        log.write_all(buf)?;
+        if fsync == FsyncPolicy::Always {
+            let t = Instant::now();
+            log.sync_data()?;
+            inner.metrics.audit_fsync_duration.observe(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })();
+
+    if let Err(e) = result {
+        inner.metrics.audit_write_errors.inc();
+        inner.writable.store(false, Ordering::Release);
+        inner.metrics.audit_writable.set(0);
+        tracing::error!(error = %e, "evidence log append failed; signing is refused until it is writable again");
+        if let Err(t) = log.set_len(base_len) {
+            tracing::error!(error = %t, "cannot cut the failed append back off the evidence log");
+        }
+        let msg = e.to_string();
+        for (_, reply) in group {
+            let _ = reply.send(Err(Error::Unwritable(msg.clone())));
+        }
+        return;
+    }
+
+    {
+        let mut st = write(&inner.state);
+        for l in &leaves {
+            st.tree.push(*l);
+        }
+        st.offsets.extend_from_slice(&offsets);
+        st.file_len = base_len + buf.len() as u64;
+        inner.metrics.audit_tree_size.set(st.tree.len() as i64);
+    }
+    if !inner.writable.swap(true, Ordering::AcqRel) {
+        tracing::info!("evidence log writable again");
+    }
+    inner.metrics.audit_writable.set(1);
+    inner.metrics.audit_group_size.observe(leaves.len() as f64);
+    for ev in &events {
+        inner.metrics.audit_entries.with_label_values(&[ev.as_str()]).inc();
+    }
+    for ((_, reply), r) in group.into_iter().zip(receipts) {
+        let _ = reply.send(r);
+    }
+}
+
+/// While unwritable, try to append (and remove) 4 KiB at the end of the log: succeeds only
+/// when the log itself can grow again (disk space, quota, file size limit).
+fn probe_writable(inner: &Inner, log: &mut File) {
+    let len = read(&inner.state).file_len;
+    let ok = (|| -> io::Result<()> {
+        log.write_all(&[b' '; 4096])?;
+        log.sync_data()?;
+        Ok(())
+    })();
+    let _ = log.set_len(len);
+    if ok.is_ok() {
+        inner.writable.store(true, Ordering::Release);
+        inner.metrics.audit_writable.set(1);
+        tracing::info!("evidence log writable again");
+    }
+}
+
+/// Leaves and offsets recovered at start-up.
+struct Recovered {
+    leaves: Vec<Hash>,
+    offsets: Vec<u64>,
+}
+
+/// Read every entry, hash it, and bring the file back to the last complete entry.
+///
+/// Entries below `signed_size` are only hashed: the caller compares the root with the signed
+/// checkpoint, which proves them unchanged. Entries after it are parsed and checked (canonical,
+/// dense indexes). A bad tail (a torn final write, a crash during a probe) is cut; a bad
+/// entry followed by good ones is corruption, and start-up stops instead of guessing.
+fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Recovered, Error> {
+    let data_len = log.metadata().map_err(io_err(path))?.len();
+    let f = File::open(path).map_err(io_err(path))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let (mut leaves, mut offsets) = (Vec::new(), Vec::new());
+    let mut pos = 0u64;
+    let mut line = Vec::new();
+    let mut bad_at: Option<(u64, String)> = None;
+    loop {
+        line.clear();
+        let n = r.read_until(b'\n', &mut line).map_err(io_err(path))?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        line.pop();
+        let index = offsets.len() as u64;
+        if index >= signed_size {
+            let parsed = entry::parse_stored(&line, index).and_then(|e| {
+                let want = leaves.last().map(|h: &Hash| B64.encode(h));
+                if e.previous_leaf_hash == want { Ok(e) } else { Err(entry::EntryError::BrokenChain) }
+            });
+            if let Err(e) = parsed {
+                if bad_at.is_none() {
+                    bad_at = Some((pos, format!("entry {index}: {e}")));
+                }
+                pos += n as u64;
+                continue;
+            }
+            if let Some((_, why)) = &bad_at {
+                return Err(Error::Inconsistent(format!("{why}, followed by valid entries")));
+            }
+        }
+        offsets.push(pos);
+        leaves.push(merkle::leaf_hash(&line));
+        pos += n as u64;
+    }
+    let good = bad_at.map_or(pos, |(p, _)| p);
+    if good < data_len {
+        tracing::warn!(bytes = data_len - good, entries = offsets.len(), "cutting an incomplete tail off the evidence log");
+        log.set_len(good).map_err(io_err(path))?;
+        log.sync_all().map_err(io_err(path))?;
+    }
+    Ok(Recovered { leaves, offsets })
+}
+
+/// Read `checkpoints.jsonl`, cutting a torn final line.
+pub fn read_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Error> {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Io { path: path.display().to_string(), source: e }),
+    };
+    let mut out = Vec::new();
+    let mut good = 0usize;
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        if line.last() != Some(&b'\n') {
+            break;
+        }
+        match serde_json::from_slice::<StoredCheckpoint>(&line[..line.len() - 1]) {
+            Ok(c) => out.push(c),
+            Err(_) => break,
+        }
+        good += line.len();
+    }
+    if good < data.len() {
+        tracing::warn!(bytes = data.len() - good, "cutting an incomplete tail off the checkpoint file");
+        let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+        f.set_len(good as u64).map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
+    }
+    Ok(out)
+}
+
+fn check_against_checkpoint(tree: &Tree, cp: &StoredCheckpoint, origin: &str, key: &VerifyingKey) -> Result<(), Error> {
+    let parsed = note::verify_checkpoint(&cp.note, origin, key)
+        .map_err(|e| Error::Inconsistent(format!("checkpoint at size {}: {e}", cp.tree_size)))?;
+    if parsed.size > tree.len() {
+        return Err(Error::Inconsistent(format!(
+            "the signed checkpoint covers {} entries but only {} are on disk",
+            parsed.size,
+            tree.len()
+        )));
+    }
+    let root = tree.root(parsed.size)?;
+    if root != parsed.root {
+        return Err(Error::Inconsistent(format!("root hash at size {} differs from the signed one", parsed.size)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::ecdsa::SigningKey;
+    use p256::elliptic_curve::Generate;
+
+    /// A software log key: these tests are about the log's files, not the token.
+    pub(crate) struct SoftSigner(pub SigningKey);
+    impl CheckpointSigner for SoftSigner {
+        fn public_key(&self) -> VerifyingKey {
+            *self.0.verifying_key()
+        }
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+            let s: p256::ecdsa::Signature = signature::Signer::sign(&self.0, message);
+            Ok(s.to_der().as_bytes().to_vec())
+        }
+    }
+
+    fn entry(i: usize) -> Entry {
+        let mut e = Entry::new(entry::event::SIGNATURE, format!("2026-01-01T00:00:{:02}.000000Z", i % 60), Actor {
+            identity: "test".into(),
+            subject: String::new(),
+            san: vec![],
+            fingerprint_sha256: String::new(),
+        });
+        e.transaction_id = Some(format!("tx-{i}"));
+        e
+    }
+
+    fn open(dir: &Path, key: &Arc<SoftSigner>) -> Result<EvidenceLog, Error> {
+        EvidenceLog::open(
+            Options { dir: dir.to_path_buf(), origin: "test.example/log".into(), fsync: FsyncPolicy::Always, max_group_entries: 64 },
+            Arc::clone(key) as Arc<dyn CheckpointSigner>,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn append_prove_reopen_and_recover_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Arc::new(SoftSigner(SigningKey::generate()));
+        let log = open(dir.path(), &key).unwrap();
+        assert!(matches!(open(dir.path(), &key), Err(Error::Locked(_))), "second writer is refused");
+        // Concurrent appends share commits and get distinct, dense indexes.
+        let log = Arc::new(log);
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let l = Arc::clone(&log);
+            tasks.push(tokio::spawn(async move { l.append(vec![entry(i)]).await.unwrap() }));
+        }
+        let mut indexes: Vec<u64> = Vec::new();
+        for t in tasks {
+            indexes.push(t.await.unwrap()[0].index);
+        }
+        indexes.sort();
+        assert_eq!(indexes, (0..50).collect::<Vec<_>>());
+        assert!(matches!(log.prove(0), Err(Error::NotYetCheckpointed { .. })));
+        let l2 = Arc::clone(&log);
+        let cp = tokio::task::spawn_blocking(move || l2.checkpoint_blocking(1)).await.unwrap().unwrap().unwrap();
+        assert_eq!(cp.tree_size, 50);
+        let p = log.prove(17).unwrap();
+        let parsed = note::verify_checkpoint(&p.checkpoint.note, "test.example/log", &key.public_key()).unwrap();
+        merkle::verify_inclusion(&merkle::leaf_hash(&p.entry), 17, parsed.size, &p.proof.hashes, &parsed.root).unwrap();
+        assert_eq!(entry::parse_stored(&p.entry, 17).unwrap().transaction_id.as_deref(), Some("tx-17"));
+        log.close();
+        drop(log);
+
+        // A torn write after the last commit is cut at the next start.
+        let path = dir.path().join(ENTRIES_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"actor\":{\"identity\":\"x\"},\"ev").unwrap();
+        drop(f);
+        let log = open(dir.path(), &key).unwrap();
+        assert_eq!(log.tree_size(), 50);
+        let r = log.append(vec![entry(50)]).await.unwrap();
+        assert_eq!(r[0].index, 50);
+        assert_eq!(entry::parse_stored(&log.entry(50).unwrap(), 50).unwrap().transaction_id.as_deref(), Some("tx-50"));
+        log.close();
+        drop(log);
+
+        // Reopening gives the same entries.
+        let log = open(dir.path(), &key).unwrap();
+        assert_eq!(log.tree_size(), 51);
+        let e3 = entry::parse_stored(&log.entry(3).unwrap(), 3).unwrap();
+        assert_eq!(e3.transaction_id.as_deref(), Some("tx-3"));
+        assert!(e3.previous_leaf_hash.is_some());
+        log.close();
+        drop(log);
+        let report = verify::verify_dir(dir.path(), &key.public_key()).unwrap();
+        assert_eq!((report.entries, report.latest_checkpoint_size, report.unsigned_tail), (51, 50, 1));
+
+        // An entry altered under the signed checkpoint stops the start, and verify names it.
+        let data = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, data.replacen("tx-5\"", "tx-6\"", 1)).unwrap();
+        assert!(matches!(open(dir.path(), &key), Err(Error::Inconsistent(_))));
+        let failure = verify::verify_dir(dir.path(), &key.public_key()).unwrap_err();
+        assert_eq!(failure.first_bad_entry, Some(5), "{failure}");
+    }
+}

@@ -1,0 +1,235 @@
+//! Offline verification, for auditors: a whole log directory, or one receipt.
+//!
+//! Pure apart from reading the files it is given: no token, no network, no service state.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use p256::ecdsa::{DerSignature, VerifyingKey};
+use serde::Serialize;
+use signature::hazmat::PrehashVerifier;
+
+use super::entry::{self, Entry, EntryError};
+use super::merkle::{self, Tree};
+use super::note::{self, TlogProof};
+use super::{CHECKPOINTS_FILE, ENTRIES_FILE, Receipt, StoredCheckpoint};
+use crate::pki::CertInfo;
+
+/// A log that verified.
+#[derive(Debug, Clone, Serialize)]
+pub struct DirReport {
+    pub entries: u64,
+    pub checkpoints: usize,
+    pub latest_checkpoint_size: u64,
+    /// Entries after the latest checkpoint: structurally valid, not yet covered by a signature.
+    pub unsigned_tail: u64,
+    pub origin: Option<String>,
+    pub events: BTreeMap<String, u64>,
+}
+
+/// Why a log did not verify, naming the first bad entry where one can be named.
+#[derive(Debug, Clone, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct DirFailure {
+    pub first_bad_entry: Option<u64>,
+    pub message: String,
+}
+
+impl DirFailure {
+    fn entry(index: u64, message: String) -> Self {
+        Self { first_bad_entry: Some(index), message }
+    }
+    fn other(message: String) -> Self {
+        Self { first_bad_entry: None, message }
+    }
+}
+
+/// Recompute every entry's hash, the hash chain, the tree, and every checkpoint signature.
+pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailure> {
+    let entries_path = dir.join(ENTRIES_FILE);
+    let data = std::fs::read(&entries_path).map_err(|e| DirFailure::other(format!("cannot read {}: {e}", entries_path.display())))?;
+    let mut tree = Tree::new();
+    let mut events: BTreeMap<String, u64> = BTreeMap::new();
+    let mut rest: &[u8] = &data;
+    while !rest.is_empty() {
+        let index = tree.len();
+        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+            return Err(DirFailure::entry(index, format!("entry {index} is truncated (the file ends mid-entry)")));
+        };
+        let line = &rest[..nl];
+        rest = &rest[nl + 1..];
+        let e: Entry = entry::parse_stored(line, index).map_err(|err| match err {
+            EntryError::WrongIndex { found, .. } => DirFailure::entry(
+                index,
+                format!("entry {index} holds index {found}: an entry was removed, inserted or reordered here"),
+            ),
+            other => DirFailure::entry(index, format!("entry {index} {other}")),
+        })?;
+        let want = index.checked_sub(1).and_then(|i| tree.leaf(i)).map(|h| B64.encode(h));
+        if e.previous_leaf_hash != want {
+            let bad = index.saturating_sub(1);
+            return Err(DirFailure::entry(
+                bad,
+                format!("entry {bad} was altered: its hash no longer matches the link stored in entry {index}"),
+            ));
+        }
+        *events.entry(e.event.clone()).or_default() += 1;
+        tree.push(merkle::leaf_hash(line));
+    }
+
+    let cp_path = dir.join(CHECKPOINTS_FILE);
+    let cp_data = match std::fs::read(&cp_path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(DirFailure::other(format!("cannot read {}: {e}", cp_path.display()))),
+    };
+    let mut origin: Option<String> = None;
+    let mut last_good = 0u64;
+    let mut count = 0usize;
+    for (n, line) in cp_data.split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let stored: StoredCheckpoint = serde_json::from_slice(line)
+            .map_err(|e| DirFailure::other(format!("checkpoint line {} is not valid JSON: {e}", n + 1)))?;
+        let body = note::SignedNote::parse(&stored.note)
+            .and_then(|sn| note::Checkpoint::parse_body(&sn.text))
+            .map_err(|e| DirFailure::other(format!("checkpoint line {}: {e}", n + 1)))?;
+        let o = origin.get_or_insert_with(|| body.origin.clone());
+        if body.origin != *o {
+            return Err(DirFailure::other(format!("checkpoint line {} has origin `{}`, expected `{o}`", n + 1, body.origin)));
+        }
+        note::verify_checkpoint(&stored.note, o, key)
+            .map_err(|e| DirFailure::other(format!("checkpoint at size {}: {e}", body.size)))?;
+        if body.size != stored.tree_size {
+            return Err(DirFailure::other(format!("checkpoint line {}: stored size differs from the signed size", n + 1)));
+        }
+        if body.size < last_good {
+            return Err(DirFailure::other(format!("checkpoint at size {} follows one at size {last_good}: the log shrank", body.size)));
+        }
+        if body.size > tree.len() {
+            return Err(DirFailure::entry(
+                tree.len(),
+                format!(
+                    "the signed checkpoint covers {} entries but the log holds {}: entry {} onwards is missing (truncated)",
+                    body.size,
+                    tree.len(),
+                    tree.len()
+                ),
+            ));
+        }
+        let root = tree.root(body.size).map_err(|e| DirFailure::other(e.to_string()))?;
+        if root != body.root {
+            return Err(DirFailure::entry(
+                last_good,
+                format!(
+                    "entries {last_good}..{} do not match the signed checkpoint at size {} (altered, with the hash chain rewritten)",
+                    body.size - 1,
+                    body.size
+                ),
+            ));
+        }
+        last_good = body.size;
+        count += 1;
+    }
+    Ok(DirReport {
+        entries: tree.len(),
+        checkpoints: count,
+        latest_checkpoint_size: last_good,
+        unsigned_tail: tree.len() - last_good,
+        origin,
+        events,
+    })
+}
+
+/// What `signet receipt verify` is given.
+pub struct ReceiptInputs {
+    pub receipt: Receipt,
+    /// The `tlog-proof@v1` from `GET /v1/audit/entries/{index}`.
+    pub proof: TlogProof,
+    /// The entry, if the proof carries none in its `extra` line.
+    pub entry: Option<Vec<u8>>,
+    pub log_key: VerifyingKey,
+    /// The signing certificate, to check the signature inside the entry.
+    pub certificate: Option<CertInfo>,
+    /// The base64 signature the client received, to bind it to the entry.
+    pub signature: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiptReport {
+    pub index: u64,
+    pub log_origin: String,
+    pub checkpoint_size: u64,
+    pub event: String,
+    pub time: String,
+    pub key_id: Option<String>,
+    pub policy_id: Option<String>,
+    pub transaction_id: Option<String>,
+    pub signature_checked: bool,
+}
+
+/// Verify a receipt offline: the entry matches the receipt, the proof includes it in a
+/// checkpoint signed by the log key, and (with a certificate) its signature verifies.
+pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
+    let r = &input.receipt;
+    let entry_bytes = match (&input.proof.extra, &input.entry) {
+        (_, Some(e)) => e.clone(),
+        (Some(e), None) => e.clone(),
+        (None, None) => return Err("no entry: the proof has no extra line and no entry was given".into()),
+    };
+    let entry: Entry = entry::parse_stored(&entry_bytes, r.index).map_err(|e| format!("the entry {e}"))?;
+    if let (Some(a), Some(b)) = (&input.proof.extra, &input.entry) {
+        if a != b {
+            return Err("the entry given differs from the entry in the proof".into());
+        }
+    }
+    let leaf = merkle::leaf_hash(&entry_bytes);
+    if B64.encode(leaf) != r.leaf_hash {
+        return Err("the entry's leaf hash differs from the receipt's".into());
+    }
+    if input.proof.index != r.index {
+        return Err(format!("the proof is for index {}, the receipt for {}", input.proof.index, r.index));
+    }
+    let cp = note::verify_checkpoint(&input.proof.checkpoint, &r.log_origin, &input.log_key)
+        .map_err(|e| format!("checkpoint: {e}"))?;
+    if cp.origin != r.log_origin {
+        return Err(format!("the checkpoint is from log `{}`, the receipt from `{}`", cp.origin, r.log_origin));
+    }
+    merkle::verify_inclusion(&leaf, r.index, cp.size, &input.proof.hashes, &cp.root)
+        .map_err(|e| format!("inclusion proof: {e}"))?;
+
+    let mut signature_checked = false;
+    if let Some(sig) = &input.signature {
+        if entry.signature.as_deref() != Some(sig.as_str()) {
+            return Err("the signature received differs from the one in the evidence entry".into());
+        }
+    }
+    if let Some(cert) = &input.certificate {
+        let (Some(sig_b64), Some(digest)) = (&entry.signature, &entry.digest) else {
+            return Err("the entry is not a signature entry".into());
+        };
+        if entry.certificate_serial.as_deref() != Some(cert.serial_hex.as_str()) {
+            return Err("the entry names a different certificate serial".into());
+        }
+        let key = cert.public_key.ok_or("the certificate's key is not P-256")?;
+        let der = B64.decode(sig_b64).map_err(|_| "the entry's signature is not base64")?;
+        let sig = DerSignature::from_bytes(&der).map_err(|_| "the entry's signature is not DER ECDSA")?;
+        let digest = hex::decode(&digest.value).map_err(|_| "the entry's digest is not hex")?;
+        key.verify_prehash(&digest, &sig).map_err(|_| "the signature does not verify with the certificate's key")?;
+        signature_checked = true;
+    }
+    Ok(ReceiptReport {
+        index: r.index,
+        log_origin: r.log_origin.clone(),
+        checkpoint_size: cp.size,
+        event: entry.event.clone(),
+        time: entry.time.clone(),
+        key_id: entry.key_id.clone(),
+        policy_id: entry.policy.as_ref().map(|p| p.id.clone()),
+        transaction_id: entry.transaction_id.clone(),
+        signature_checked,
+    })
+}

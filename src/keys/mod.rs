@@ -1,0 +1,434 @@
+//! The key registry: every tenant key version, its state and certificate.
+//!
+//! The token holds the keys and certificates (`CKA_ID` = `TENANT/vN`); the state of each
+//! version (staged, active, retiring, retired) lives in `state_dir/keys.json`, written
+//! atomically (temp file, fsync, rename, fsync dir). If that file is lost, the token alone
+//! rebuilds the registry with a conservative rule (see [`derive_states`]).
+//!
+//! Readers take a lock-free snapshot (`ArcSwap`); writers serialise on a mutex, persist, then
+//! publish a new snapshot. Must not touch HTTP or the evidence log.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use p256::ecdsa::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{KeyId, TenantId};
+use crate::hsm::{self, Hsm};
+use crate::pki::{self, CertInfo};
+
+/// Lifecycle of a key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    /// Generated, certificate pending or verified, not yet signing.
+    Staged,
+    /// The one version that signs for its tenant.
+    Active,
+    /// Grace period after a rotation: still verifies, never signs.
+    Retiring,
+    /// Private key destroyed; certificate kept for verification.
+    Retired,
+}
+
+impl KeyState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyState::Staged => "staged",
+            KeyState::Active => "active",
+            KeyState::Retiring => "retiring",
+            KeyState::Retired => "retired",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tenant {0} has no active key")]
+    NoActiveKey(TenantId),
+    #[error("key {key_id} may not sign: {reason}")]
+    CertificateNotUsable { key_id: KeyId, reason: pki::Error },
+    #[error("key {0} not found")]
+    UnknownKey(KeyId),
+    #[error("cannot persist key states to {path}: {source}")]
+    Persist { path: String, source: std::io::Error },
+    #[error("cannot read key states from {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error(transparent)]
+    Hsm(#[from] hsm::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NoActiveKey(_) => "no_active_key",
+            Error::CertificateNotUsable { .. } => "certificate_not_usable",
+            Error::UnknownKey(_) => "unknown_key",
+            Error::Persist { .. } => "persist",
+            Error::Load { .. } => "load",
+            Error::Hsm(e) => e.kind(),
+        }
+    }
+}
+
+/// One key version as the service sees it.
+#[derive(Debug, Clone)]
+pub struct KeyVersion {
+    pub key_id: KeyId,
+    pub state: KeyState,
+    pub public_key: VerifyingKey,
+    pub certificate: Option<Arc<CertInfo>>,
+    pub has_private_key: bool,
+    /// Unix time when a retiring version becomes retired.
+    pub retiring_until: Option<u64>,
+    pub certificate_pem: Option<Arc<str>>,
+}
+
+impl KeyVersion {
+    /// The `CKA_ID` / `CKA_LABEL` of this version in the token.
+    pub fn token_id(&self) -> String {
+        self.key_id.to_string()
+    }
+}
+
+/// An immutable view of every tenant's versions, sorted by version number.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    tenants: BTreeMap<TenantId, Vec<Arc<KeyVersion>>>,
+}
+
+impl Snapshot {
+    pub fn tenant(&self, tenant: &TenantId) -> &[Arc<KeyVersion>] {
+        self.tenants.get(tenant).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn active(&self, tenant: &TenantId) -> Option<&Arc<KeyVersion>> {
+        self.tenant(tenant).iter().find(|v| v.state == KeyState::Active)
+    }
+
+    pub fn version(&self, key_id: &KeyId) -> Option<&Arc<KeyVersion>> {
+        self.tenant(key_id.tenant()).iter().find(|v| v.key_id == *key_id)
+    }
+
+    pub fn tenants(&self) -> impl Iterator<Item = (&TenantId, &Vec<Arc<KeyVersion>>)> {
+        self.tenants.iter()
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<KeyVersion>> {
+        self.tenants.values().flatten()
+    }
+
+    /// The next unused version number for `tenant`.
+    pub fn next_version(&self, tenant: &TenantId) -> u32 {
+        self.tenant(tenant).iter().map(|v| v.key_id.version()).max().unwrap_or(0) + 1
+    }
+}
+
+/// What `keys.json` holds per version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct VersionRecord {
+    state: KeyState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retiring_until: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    versions: BTreeMap<String, VersionRecord>,
+}
+
+pub struct Registry {
+    snapshot: ArcSwap<Snapshot>,
+    path: PathBuf,
+    /// Serialises mutations (persist + publish).
+    write: Mutex<()>,
+}
+
+impl Registry {
+    /// Rebuild the registry from the token and `state_dir/keys.json`.
+    pub async fn load(hsm: &Hsm, state_dir: &Path, grace: Duration, now: u64) -> Result<Self, Error> {
+        let path = state_dir.join("keys.json");
+        let file = read_state(&path)?;
+        let found = hsm.call(scan_token).await?;
+        let (snapshot, records) = reconcile(found, &file.versions, grace, now);
+        let registry = Self { snapshot: ArcSwap::from_pointee(snapshot), path, write: Mutex::new(()) };
+        if records != file.versions {
+            registry.persist(&records)?;
+        }
+        Ok(registry)
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The version that signs for `tenant` now, if its certificate allows it.
+    pub fn signing_key(&self, tenant: &TenantId, now: u64, min_remaining: Duration) -> Result<Arc<KeyVersion>, Error> {
+        let snap = self.snapshot.load();
+        let v = snap.active(tenant).ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
+        let cert = v.certificate.as_ref().ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
+        if !v.has_private_key {
+            return Err(Error::NoActiveKey(tenant.clone()));
+        }
+        cert.check_usable(now, min_remaining)
+            .map_err(|reason| Error::CertificateNotUsable { key_id: v.key_id.clone(), reason })?;
+        Ok(Arc::clone(v))
+    }
+
+    /// Insert or replace a version. Persists before publishing.
+    pub fn upsert(&self, version: KeyVersion) -> Result<(), Error> {
+        self.mutate(|tenants| {
+            let list = tenants.entry(version.key_id.tenant().clone()).or_default();
+            list.retain(|v| v.key_id != version.key_id);
+            list.push(Arc::new(version));
+            list.sort_by_key(|v| v.key_id.version());
+        })
+    }
+
+    /// Change states of several versions at once (one atomic write): e.g. activate the new
+    /// version and make the old one retiring in the same step.
+    pub fn set_states(&self, changes: &[(KeyId, KeyState, Option<u64>)]) -> Result<(), Error> {
+        for (id, _, _) in changes {
+            if self.snapshot.load().version(id).is_none() {
+                return Err(Error::UnknownKey(id.clone()));
+            }
+        }
+        self.mutate(|tenants| {
+            for (id, state, until) in changes {
+                if let Some(list) = tenants.get_mut(id.tenant()) {
+                    for v in list.iter_mut() {
+                        if v.key_id == *id {
+                            let mut nv = (**v).clone();
+                            nv.state = *state;
+                            nv.retiring_until = *until;
+                            if *state == KeyState::Retired {
+                                nv.has_private_key = false;
+                            }
+                            *v = Arc::new(nv);
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn mutate(&self, f: impl FnOnce(&mut BTreeMap<TenantId, Vec<Arc<KeyVersion>>>)) -> Result<(), Error> {
+        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tenants = self.snapshot.load().tenants.clone();
+        f(&mut tenants);
+        let records = tenants
+            .values()
+            .flatten()
+            .map(|v| (v.key_id.to_string(), VersionRecord { state: v.state, retiring_until: v.retiring_until }))
+            .collect();
+        self.persist(&records)?;
+        self.snapshot.store(Arc::new(Snapshot { tenants }));
+        Ok(())
+    }
+
+    fn persist(&self, records: &BTreeMap<String, VersionRecord>) -> Result<(), Error> {
+        let file = StateFile { format: 1, versions: records.clone() };
+        let bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
+        crate::fsutil::write_atomic(&self.path, &bytes)
+            .map_err(|source| Error::Persist { path: self.path.display().to_string(), source })
+    }
+}
+
+/// What the token holds for one tenant key version.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub key_id: KeyId,
+    pub public_key: VerifyingKey,
+    pub has_private_key: bool,
+    pub certificate: Option<Vec<u8>>,
+}
+
+/// List every tenant key version in the token (skips Signet's internal keys).
+pub fn scan_token(s: &hsm::TokenSession<'_>) -> Result<Vec<Found>, hsm::Error> {
+    use std::collections::BTreeSet;
+    let objects = s.list_objects()?;
+    let ids: BTreeSet<KeyId> = objects.iter().filter_map(|o| o.id.parse::<KeyId>().ok()).collect();
+    let mut out = Vec::new();
+    for key_id in ids {
+        let id = key_id.to_string();
+        let Some(public_key) = s.public_key(&id)? else {
+            tracing::warn!(%key_id, "token object without a public key; ignored");
+            continue;
+        };
+        out.push(Found {
+            has_private_key: s.has_private_key(&id)?,
+            certificate: s.certificate(&id)?,
+            public_key,
+            key_id,
+        });
+    }
+    Ok(out)
+}
+
+fn read_state(path: &Path) -> Result<StateFile, Error> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Load { path: path.display().to_string(), reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile { format: 1, ..Default::default() }),
+        Err(e) => Err(Error::Load { path: path.display().to_string(), reason: e.to_string() }),
+    }
+}
+
+/// Combine what the token holds with the recorded states.
+fn reconcile(
+    found: Vec<Found>,
+    records: &BTreeMap<String, VersionRecord>,
+    grace: Duration,
+    now: u64,
+) -> (Snapshot, BTreeMap<String, VersionRecord>) {
+    let mut by_tenant: BTreeMap<TenantId, Vec<Found>> = BTreeMap::new();
+    for f in found {
+        by_tenant.entry(f.key_id.tenant().clone()).or_default().push(f);
+    }
+    let mut tenants = BTreeMap::new();
+    let mut out_records = BTreeMap::new();
+    for (tenant, mut versions) in by_tenant {
+        versions.sort_by_key(|f| f.key_id.version());
+        let certs: Vec<Option<CertInfo>> = versions
+            .iter()
+            .map(|f| f.certificate.as_deref().and_then(|d| CertInfo::parse(d).ok()))
+            .collect();
+        let derived = derive_states(&versions, &certs, records, grace, now);
+        let mut list = Vec::new();
+        for ((f, cert), rec) in versions.into_iter().zip(certs).zip(derived) {
+            let mut rec = rec;
+            if !f.has_private_key && rec.state != KeyState::Retired {
+                tracing::warn!(key_id = %f.key_id, state = rec.state.as_str(), "private key missing from token; marking retired");
+                rec = VersionRecord { state: KeyState::Retired, retiring_until: None };
+            }
+            out_records.insert(f.key_id.to_string(), rec.clone());
+            let certificate_pem = cert.as_ref().map(|c| Arc::from(c.to_pem()));
+            list.push(Arc::new(KeyVersion {
+                key_id: f.key_id,
+                state: rec.state,
+                public_key: f.public_key,
+                certificate: cert.map(Arc::new),
+                has_private_key: f.has_private_key,
+                retiring_until: rec.retiring_until,
+                certificate_pem,
+            }));
+        }
+        tenants.insert(tenant, list);
+    }
+    for id in records.keys() {
+        if !out_records.contains_key(id) {
+            tracing::error!(key_id = %id, "key version recorded in keys.json is missing from the token");
+        }
+    }
+    (Snapshot { tenants }, out_records)
+}
+
+/// States for one tenant's versions (sorted by version). Recorded states win. Versions with
+/// no record are derived: the highest version with a private key and a certificate becomes
+/// active if no recorded version is active; other versions with a private key and a
+/// certificate become retiring for one grace period; versions without a certificate are
+/// staged; versions without a private key are retired. At most one version is active.
+fn derive_states(
+    versions: &[Found],
+    certs: &[Option<CertInfo>],
+    records: &BTreeMap<String, VersionRecord>,
+    grace: Duration,
+    now: u64,
+) -> Vec<VersionRecord> {
+    let recorded: Vec<Option<&VersionRecord>> = versions.iter().map(|f| records.get(&f.key_id.to_string())).collect();
+    let mut has_active = recorded.iter().any(|r| matches!(r, Some(r) if r.state == KeyState::Active));
+    let mut out: Vec<VersionRecord> = vec![VersionRecord { state: KeyState::Staged, retiring_until: None }; versions.len()];
+    for i in (0..versions.len()).rev() {
+        out[i] = match recorded[i] {
+            Some(r) => r.clone(),
+            None if !versions[i].has_private_key => VersionRecord { state: KeyState::Retired, retiring_until: None },
+            None if certs[i].is_none() => VersionRecord { state: KeyState::Staged, retiring_until: None },
+            None if !has_active => {
+                has_active = true;
+                VersionRecord { state: KeyState::Active, retiring_until: None }
+            }
+            None => VersionRecord { state: KeyState::Retiring, retiring_until: Some(now + grace.as_secs()) },
+        };
+    }
+    // Two recorded actives (a corrupted file): keep the highest, make the others retiring.
+    let mut seen_active = false;
+    for r in out.iter_mut().rev() {
+        if r.state == KeyState::Active {
+            if seen_active {
+                tracing::error!("more than one active version recorded; demoting the older to retiring");
+                *r = VersionRecord { state: KeyState::Retiring, retiring_until: Some(now + grace.as_secs()) };
+            }
+            seen_active = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::elliptic_curve::Generate;
+
+    fn found(v: u32, private: bool, cert: bool) -> (Found, Option<CertInfo>) {
+        let key = *p256::ecdsa::SigningKey::generate().verifying_key();
+        let f = Found {
+            key_id: KeyId::new("payroll".parse().unwrap(), v),
+            public_key: key,
+            has_private_key: private,
+            certificate: None,
+        };
+        // derive_states only looks at presence of a parsed certificate.
+        let c = cert.then(|| CertInfo {
+            der: vec![],
+            serial_hex: String::new(),
+            subject: String::new(),
+            issuer: String::new(),
+            not_before: 0,
+            not_after: u64::MAX,
+            public_key: Some(key),
+            is_ca: false,
+            fingerprint_sha256: String::new(),
+            san: vec![],
+            common_name: None,
+        });
+        (f, c)
+    }
+
+    fn states(spec: &[(u32, bool, bool)], recorded: &[(u32, KeyState)]) -> Vec<KeyState> {
+        let (fs, cs): (Vec<_>, Vec<_>) = spec.iter().map(|(v, p, c)| found(*v, *p, *c)).unzip();
+        let records = recorded
+            .iter()
+            .map(|(v, s)| (format!("payroll/v{v}"), VersionRecord { state: *s, retiring_until: None }))
+            .collect();
+        derive_states(&fs, &cs, &records, Duration::from_secs(60), 1000).into_iter().map(|r| r.state).collect()
+    }
+
+    #[test]
+    fn state_derivation_table() {
+        use KeyState::*;
+        let cases: &[(&[(u32, bool, bool)], &[(u32, KeyState)], &[KeyState])] = &[
+            // Token only, one complete version: it is active.
+            (&[(1, true, true)], &[], &[Active]),
+            // Two complete versions: highest active, older retiring.
+            (&[(1, true, true), (2, true, true)], &[], &[Retiring, Active]),
+            // Newest has no certificate yet: staged; the older signs.
+            (&[(1, true, true), (2, true, false)], &[], &[Active, Staged]),
+            // Private key destroyed: retired.
+            (&[(1, false, true), (2, true, true)], &[], &[Retired, Active]),
+            // Recorded states win over derivation.
+            (&[(1, true, true), (2, true, true)], &[(1, Active), (2, Staged)], &[Active, Staged]),
+            // A recorded active elsewhere stops derivation from adding a second one.
+            (&[(1, true, true), (2, true, true)], &[(1, Active)], &[Active, Retiring]),
+            // Two recorded actives: the older is demoted.
+            (&[(1, true, true), (2, true, true)], &[(1, Active), (2, Active)], &[Retiring, Active]),
+        ];
+        for (spec, recorded, want) in cases {
+            assert_eq!(&states(spec, recorded), want, "{spec:?} {recorded:?}");
+        }
+    }
+}
