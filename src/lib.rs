@@ -4,12 +4,18 @@
 //! `pki` and `audit::verify` are pure; `service` holds the use cases; `http` is the API.
 
 pub mod audit;
+pub mod client;
 pub mod config;
+pub mod dev;
 pub mod domain;
 pub mod fsutil;
+pub mod http;
 pub mod hsm;
 pub mod keys;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod tls;
+pub mod clock;
+pub mod rotation;
+pub mod service;

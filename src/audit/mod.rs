@@ -20,7 +20,7 @@ pub mod verify;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -93,6 +93,20 @@ impl Error {
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+/// Is the log in `dir` held by a running Signet process?
+pub fn is_locked(dir: &Path) -> bool {
+    let Ok(f) = OpenOptions::new().write(true).open(dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    match f.try_lock() {
+        Ok(()) => {
+            let _ = f.unlock();
+            false
+        }
+        Err(_) => true,
+    }
 }
 
 /// What a client gets back with a signature: where its evidence is in the log.
@@ -185,7 +199,9 @@ impl EvidenceLog {
 
         let started = Instant::now();
         let log_path = dir.join(ENTRIES_FILE);
-        let mut log = OpenOptions::new().create(true).read(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
+        // Entries hold signer evidence (personal data): owner-only.
+        let mut log =
+            OpenOptions::new().create(true).read(true).append(true).mode(0o600).open(&log_path).map_err(io_err(&log_path))?;
         let checkpoints = read_checkpoints(&dir.join(CHECKPOINTS_FILE))?;
         let latest = checkpoints.last().cloned().map(Arc::new);
         let signed_size = latest.as_ref().map_or(0, |c| c.tree_size);
@@ -337,7 +353,7 @@ impl EvidenceLog {
         let stored = StoredCheckpoint { tree_size: size, signed_at: now_unix, note };
         let line = serde_json::to_string(&stored).map_err(|e| Error::Serialize(e.to_string()))?;
         let path = self.inner.dir.join(CHECKPOINTS_FILE);
-        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        let mut f = OpenOptions::new().create(true).append(true).mode(0o600).open(&path).map_err(io_err(&path))?;
         f.write_all(format!("{line}\n").as_bytes()).map_err(io_err(&path))?;
         f.sync_data().map_err(io_err(&path))?;
         let stored = Arc::new(stored);

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use pool::{Hsm, Library, provision_token, read_pin};
 pub use session::{ObjectSummary, PrivateKeyAttributes, TokenSession};
-pub use signer::TokenSigner;
+pub use signer::{ECDSA_WITH_SHA256, TokenSigner};
 
 pub use cryptoki::error::Error as Pkcs11Error;
 

@@ -1,0 +1,410 @@
+//! The HTTP API: routes, extractors, request IDs, and the metrics/health listener.
+//!
+//! Handlers turn requests into `service` calls and errors into problem documents. No PKCS#11
+//! and no evidence-log internals here: only `service` and `metrics`.
+
+pub mod problem;
+pub mod server;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use problem::Problem;
+
+use crate::audit::note;
+use crate::policy::Policies;
+use crate::service::{AdminRequest, App, BatchRequest, Caller, Error, ImportRequest, SignRequest, VerifyRequest};
+use crate::tls::ClientIdentity;
+
+/// The request ID, set by the first middleware and echoed in `X-Request-Id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The verified client certificate's identity, attached to every request of a connection.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Arc<ClientIdentity>);
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub app: Arc<App>,
+    /// Reload configuration and TLS material (SIGHUP does the same).
+    pub reload: Arc<dyn Fn() -> Result<String, String> + Send + Sync>,
+}
+
+/// The mTLS API router.
+pub fn router(state: ApiState) -> Router {
+    let max_body = state.app.config.server.max_body_bytes;
+    Router::new()
+        .route("/v1/sign", post(sign))
+        .route("/v1/sign/batch", post(sign_batch))
+        .route("/v1/keys/{tenant}", get(keys))
+        .route("/v1/verify", post(verify))
+        .route("/v1/audit/checkpoint", get(checkpoint))
+        .route("/v1/audit/entries/{index}", get(entry))
+        .route("/v1/audit/consistency", get(consistency))
+        .route("/v1/admin/keys", get(admin_keys).post(admin_create_key))
+        .route("/v1/admin/rotations", get(admin_status).post(admin_rotate))
+        .route("/v1/admin/rollback", post(admin_rollback))
+        .route("/v1/admin/csr", post(admin_csr))
+        .route("/v1/admin/certificates", post(admin_import))
+        .route("/v1/admin/reload", post(admin_reload))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Give every request an ID and echo it in `X-Request-Id`.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Count responses by matched route and status; refuse requests while shutting down.
+async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    state.app.metrics.http_requests.with_label_values(&[&route, resp.status().as_str()]).inc();
+    resp
+}
+
+fn rid(parts: &Parts) -> String {
+    parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
+}
+
+/// The authenticated caller: certificate identity, known to `[[clients]]`.
+pub struct Ctx(pub Caller);
+
+impl FromRequestParts<ApiState> for Ctx {
+    type Rejection = Problem;
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Problem> {
+        let request_id = rid(parts);
+        let Some(PeerIdentity(identity)) = parts.extensions.get::<PeerIdentity>().cloned() else {
+            return Err(Problem::new(StatusCode::UNAUTHORIZED, "client-certificate-required", "Client certificate required", "this API needs mutual TLS", &request_id));
+        };
+        let policies = state.app.policies.load();
+        let Some(client) = policies.client(&identity.identity).cloned() else {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "unknown-client",
+                "Unknown client",
+                format!("client `{}` is not configured (it may have been removed by a reload)", identity.identity),
+                &request_id,
+            ));
+        };
+        Ok(Ctx(Caller { identity, client, request_id }))
+    }
+}
+
+/// A JSON body with problem-document rejections (400, 413, 415).
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = Problem;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
+        let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(Problem::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported-media-type",
+                    "Unsupported media type",
+                    "send application/json",
+                    &request_id,
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large", "the body exceeds server.max_body_bytes", &request_id)
+            } else {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid-body", "Invalid body", e.body_text(), &request_id)
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON", json_error(&e), &request_id)
+        })
+    }
+}
+
+/// serde_json's message without echoing input values.
+fn json_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    // Messages name fields ("unknown field `document`", "missing field `digest`") and positions;
+    // they never quote string values, so they are safe to return.
+    msg.chars().take(300).collect()
+}
+
+fn ok<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let mut resp = (status, Json(body)).into_response();
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn fail(e: Error, request_id: &str) -> Response {
+    Problem::from_error(&e, request_id).into_response()
+}
+
+async fn sign(State(s): State<ApiState>, Ctx(caller): Ctx, headers: HeaderMap, JsonBody(req): JsonBody<SignRequest>) -> Response {
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) => Some(k.to_owned()),
+        Some(Err(_)) => return fail(Error::invalid("Idempotency-Key", "must be visible ASCII"), &caller.request_id),
+    };
+    match s.app.sign(&caller, req, key.as_deref()).await {
+        Ok(r) => ok(StatusCode::OK, &r),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+#[derive(Serialize)]
+struct BatchItemResult {
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<crate::service::SignResponse>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<Problem>,
+}
+
+async fn sign_batch(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<BatchRequest>) -> Response {
+    let max = s.app.config.server.max_batch_items;
+    if req.items.is_empty() || req.items.len() > max {
+        return fail(Error::invalid("items", format!("a batch holds 1 to {max} items (server.max_batch_items)")), &caller.request_id);
+    }
+    let results = s.app.sign_batch(&caller, req.items).await;
+    let items: Vec<BatchItemResult> = results
+        .into_iter()
+        .map(|r| match r {
+            Ok(r) => BatchItemResult { status: 200, result: Some(r), problem: None },
+            Err(e) => {
+                let p = Problem::from_error(&e, &caller.request_id);
+                BatchItemResult { status: p.status, result: None, problem: Some(p) }
+            }
+        })
+        .collect();
+    ok(StatusCode::OK, &serde_json::json!({ "results": items }))
+}
+
+async fn keys(State(s): State<ApiState>, Ctx(caller): Ctx, Path(tenant): Path<String>) -> Response {
+    match s.app.keys_of(&caller, &tenant) {
+        Ok(k) => ok(StatusCode::OK, &serde_json::json!({ "tenant": tenant, "keys": k })),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn verify(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<VerifyRequest>) -> Response {
+    match s.app.verify(&caller, req) {
+        Ok(valid) => ok(StatusCode::OK, &serde_json::json!({ "valid": valid })),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn checkpoint(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
+    let Some(cp) = s.app.log.latest_checkpoint() else {
+        return Problem::new(StatusCode::SERVICE_UNAVAILABLE, "no-checkpoint-yet", "No checkpoint yet", "the first checkpoint is being signed", &caller.request_id)
+            .retry_after(2)
+            .into_response();
+    };
+    let root = note::SignedNote::parse(&cp.note).ok().and_then(|n| note::Checkpoint::parse_body(&n.text).ok());
+    let public = s.app.log.public_key();
+    ok(
+        StatusCode::OK,
+        &serde_json::json!({
+            "origin": s.app.log.origin(),
+            "tree_size": cp.tree_size,
+            "root_hash": root.map(|c| B64.encode(c.root)),
+            "signed_at": crate::pki::rfc3339(cp.signed_at),
+            "checkpoint": cp.note,
+            "log_public_key": crate::pki::public_key_pem(&public),
+            "log_key_id": format!("{:08x}", note::key_id(&public)),
+        }),
+    )
+}
+
+async fn entry(State(s): State<ApiState>, Ctx(caller): Ctx, Path(index): Path<String>) -> Response {
+    let Ok(index) = index.parse::<u64>() else {
+        return fail(Error::invalid("index", "must be a non-negative integer"), &caller.request_id);
+    };
+    let proof = match s.app.log.prove(index) {
+        Ok(p) => p,
+        Err(e) => return fail(e.into(), &caller.request_id),
+    };
+    let entry: serde_json::Value = serde_json::from_slice(&proof.entry).unwrap_or(serde_json::Value::Null);
+    if !Policies::may_read_all_evidence(&caller.client) {
+        let tenant = entry.get("tenant").and_then(|t| t.as_str()).and_then(|t| t.parse().ok());
+        if !tenant.is_some_and(|t| caller.client.tenants.contains(&t)) {
+            return fail(Error::Forbidden(format!("entry {index} belongs to a tenant client `{}` may not read", caller.identity.identity)), &caller.request_id);
+        }
+    }
+    ok(
+        StatusCode::OK,
+        &serde_json::json!({
+            "index": index,
+            "entry": entry,
+            "leaf_hash": B64.encode(proof.leaf_hash),
+            "tree_size": proof.checkpoint.tree_size,
+            "inclusion_proof": proof.proof.hashes.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
+            "checkpoint": proof.checkpoint.note,
+            "proof": proof.proof.render(),
+        }),
+    )
+}
+
+#[derive(Deserialize)]
+struct ConsistencyQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn consistency(State(s): State<ApiState>, Ctx(caller): Ctx, Query(q): Query<ConsistencyQuery>) -> Response {
+    let parse = |v: &Option<String>, name: &'static str| {
+        v.as_deref().ok_or_else(|| Error::invalid(name, "is required")).and_then(|s| s.parse::<u64>().map_err(|_| Error::invalid(name, "must be a non-negative integer")))
+    };
+    let (from, to) = match (parse(&q.from, "from"), parse(&q.to, "to")) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return fail(e, &caller.request_id),
+    };
+    match s.app.log.consistency(from, to) {
+        Ok(proof) => ok(
+            StatusCode::OK,
+            &serde_json::json!({
+                "from": from,
+                "to": to,
+                "root_from": s.app.log.root(from).ok().map(|h| B64.encode(h)),
+                "root_to": s.app.log.root(to).ok().map(|h| B64.encode(h)),
+                "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
+                "checkpoint": s.app.log.latest_checkpoint().map(|c| c.note.clone()),
+            }),
+        ),
+        Err(e) => fail(e.into(), &caller.request_id),
+    }
+}
+
+async fn admin_keys(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
+    match s.app.all_keys(&caller) {
+        Ok(k) => ok(StatusCode::OK, &serde_json::json!({ "keys": k })),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn admin_create_key(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<AdminRequest>) -> Response {
+    match s.app.admin_create_key(&caller, req).await {
+        Ok(r) => ok(StatusCode::CREATED, &r),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn admin_status(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
+    match s.app.status(&caller) {
+        Ok(st) => ok(StatusCode::OK, &serde_json::json!({ "tenants": st })),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn admin_rotate(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<AdminRequest>) -> Response {
+    match s.app.admin_rotate(&caller, req).await {
+        Ok(r) => ok(StatusCode::ACCEPTED, &r),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn admin_rollback(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<AdminRequest>) -> Response {
+    match s.app.admin_rollback(&caller, req).await {
+        Ok(r) => ok(StatusCode::OK, &r),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn admin_csr(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<AdminRequest>) -> Response {
+    match s.app.admin_csr(&caller, req).await {
+        Ok(csr) => ok(StatusCode::OK, &serde_json::json!({ "csr": csr })),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn admin_import(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<ImportRequest>) -> Response {
+    match s.app.admin_import(&caller, req).await {
+        Ok(r) => ok(StatusCode::OK, &r),
+        Err(e) => fail(e, &caller.request_id),
+    }
+}
+
+async fn admin_reload(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
+    if let Err(e) = caller.require(crate::config::Role::Admin) {
+        return fail(e, &caller.request_id);
+    }
+    match (s.reload)() {
+        Ok(summary) => ok(StatusCode::OK, &serde_json::json!({ "reloaded": true, "summary": summary })),
+        Err(reason) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-configuration", "Configuration rejected; the previous one stays", reason, &caller.request_id)
+            .into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> Response {
+    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", "no such endpoint", &id).into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", format!("{} is not allowed here", req.method()), &id)
+        .into_response()
+}
+
+/// The plain-HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(app)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.is_ready();
+    let mut resp = app.metrics.render().into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    if app.hsm.is_healthy() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "token library wedged; restart needed\n").into_response()
+    }
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let ready = app.is_ready();
+    let body = serde_json::json!({
+        "ready": ready,
+        "token": app.hsm.is_ready(),
+        "evidence_log": app.log.is_writable(),
+        "shutting_down": app.is_shutting_down(),
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}

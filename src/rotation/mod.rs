@@ -1,0 +1,763 @@
+//! Certificate lifecycle: the expiry monitor and the journaled rotation workflow.
+//!
+//! A rotation moves one tenant from version N to N+1 (or creates version 1) through steps:
+//! `planned` → `key_generated` → (`awaiting_certificate` →) `certificate_received` →
+//! `staged` → done (new version active, old one retiring). Each step does an idempotent
+//! action (keyed by `CKA_ID` in the token, or a state the registry already has), appends its
+//! evidence entry, then persists the new step in `state_dir/rotations.json` (atomic write).
+//! A crash anywhere re-runs at most one step, so there are no duplicate keys and never a
+//! tenant without an active key. The monitor also retires versions whose grace has ended
+//! (destroys the private key, keeps the certificate) and exports the expiry metrics.
+//!
+//! Never touches HTTP; reached through `service`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use signature::hazmat::PrehashVerifier;
+
+use crate::audit::entry::{Actor, Entry, event};
+use crate::config::Issuer;
+use crate::domain::{KeyId, TenantId};
+use crate::hsm::{CA_KEY_ID, TokenSigner};
+use crate::keys::{KeyState, KeyVersion};
+use crate::metrics::ROTATION_STATES;
+use crate::pki::{self, CertInfo};
+use crate::service::App;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Conflict(String),
+    #[error("certificate refused: {0}")]
+    Rejected(pki::Error),
+    #[error("cannot persist the rotation journal to {path}: {source}")]
+    Persist { path: String, source: std::io::Error },
+    #[error("cannot read the rotation journal {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("rotation step `{step}` failed: {reason}")]
+    Step { step: &'static str, reason: String },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::Error),
+}
+
+/// Why a rotation started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// The tenant's first key (`signet keys create`).
+    Initial,
+    /// Started by an operator.
+    Manual,
+    /// Started by the monitor when the certificate entered `renew_before`.
+    Scheduled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Planned,
+    KeyGenerated,
+    AwaitingCertificate,
+    CertificateReceived,
+    Staged,
+    Completed,
+    RolledBack,
+    Aborted,
+}
+
+impl Step {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Step::Planned => "planned",
+            Step::KeyGenerated => "key_generated",
+            Step::AwaitingCertificate => "awaiting_certificate",
+            Step::CertificateReceived => "certificate_received",
+            Step::Staged => "staged",
+            Step::Completed => "completed",
+            Step::RolledBack => "rolled_back",
+            Step::Aborted => "aborted",
+        }
+    }
+}
+
+/// One rotation, as journaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rotation {
+    pub id: String,
+    pub tenant: TenantId,
+    pub from_version: Option<u32>,
+    pub to_version: u32,
+    pub trigger: Trigger,
+    pub reason: String,
+    pub actor: String,
+    pub step: Step,
+    pub started_at: u64,
+    pub updated_at: u64,
+    /// When the renewal became due; `overdue` is measured from here.
+    pub due_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_pem: Option<String>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<u64>,
+}
+
+impl Rotation {
+    pub fn new_key_id(&self) -> KeyId {
+        KeyId::new(self.tenant.clone(), self.to_version)
+    }
+
+    /// The `signet_rotation_state` value for an in-progress rotation.
+    pub fn state_label(&self, now: u64, overdue_after: Duration) -> &'static str {
+        if now > self.due_at + overdue_after.as_secs() {
+            "overdue"
+        } else if self.step == Step::AwaitingCertificate {
+            "awaiting_certificate"
+        } else if self.last_error.is_some() {
+            "retrying"
+        } else {
+            "in_progress"
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Journal {
+    format: u32,
+    /// In-progress rotations, by tenant.
+    active: BTreeMap<TenantId, Rotation>,
+    /// The last finished rotations (most recent last).
+    history: Vec<Rotation>,
+}
+
+const HISTORY: usize = 200;
+
+pub struct Engine {
+    path: PathBuf,
+    /// Guarded by `op` for writers; readers take a clone.
+    journal: Mutex<Journal>,
+    /// Serialises every workflow action (admin calls and the monitor).
+    op: tokio::sync::Mutex<()>,
+    wake: tokio::sync::Notify,
+}
+
+impl Engine {
+    pub fn load(state_dir: &Path) -> Result<Self, Error> {
+        let path = state_dir.join("rotations.json");
+        let journal = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Load { path: path.display().to_string(), reason: e.to_string() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal { format: 1, ..Default::default() },
+            Err(e) => return Err(Error::Load { path: path.display().to_string(), reason: e.to_string() }),
+        };
+        Ok(Self { path, journal: Mutex::new(journal), op: tokio::sync::Mutex::new(()), wake: tokio::sync::Notify::new() })
+    }
+
+    /// Ask the monitor to run now (after a change).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn in_progress(&self, tenant: &TenantId) -> Option<Rotation> {
+        self.journal().active.get(tenant).cloned()
+    }
+
+    pub fn all_in_progress(&self) -> Vec<Rotation> {
+        self.journal().active.values().cloned().collect()
+    }
+
+    pub fn history(&self, tenant: &TenantId) -> Vec<Rotation> {
+        self.journal().history.iter().filter(|r| &r.tenant == tenant).cloned().collect()
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Persist `rotation` as the tenant's in-progress record (or move it to history when
+    /// finished). Commit point: after this returns, a restart resumes from `rotation.step`.
+    fn save(&self, rotation: &Rotation) -> Result<(), Error> {
+        let mut j = self.journal();
+        match rotation.step {
+            Step::Completed | Step::RolledBack | Step::Aborted => {
+                j.active.remove(&rotation.tenant);
+                j.history.push(rotation.clone());
+                let excess = j.history.len().saturating_sub(HISTORY);
+                j.history.drain(..excess);
+            }
+            _ => {
+                j.active.insert(rotation.tenant.clone(), rotation.clone());
+            }
+        }
+        j.format = 1;
+        let bytes = serde_json::to_vec_pretty(&*j).unwrap_or_default();
+        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| Error::Persist { path: self.path.display().to_string(), source })?;
+        drop(j);
+        crash_point(rotation.step.as_str());
+        Ok(())
+    }
+}
+
+/// Test hook: abort the process right after a step is journaled.
+fn crash_point(step: &str) {
+    #[cfg(feature = "insecure-test-hooks")]
+    if std::env::var("SIGNET_INSECURE_CRASH_AFTER").ok().as_deref() == Some(step) {
+        eprintln!("insecure test hook: aborting after step {step}");
+        std::process::abort();
+    }
+    let _ = step;
+}
+
+/// The actor recorded for the monitor's own actions.
+pub fn scheduler_actor() -> Actor {
+    Actor { identity: "signet/scheduler".into(), subject: String::new(), san: vec![], fingerprint_sha256: String::new() }
+}
+
+/// Who starts a rotation and why.
+pub struct Start {
+    pub tenant: TenantId,
+    pub trigger: Trigger,
+    pub actor: Actor,
+    pub reason: String,
+    pub request_id: Option<String>,
+    pub due_at: Option<u64>,
+}
+
+impl App {
+    /// Start a rotation (or the first key of a tenant) and run it as far as it goes.
+    pub async fn rotation_start(&self, start: Start) -> Result<Rotation, Error> {
+        let _op = self.rotation.op.lock().await;
+        let snap = self.keys.snapshot();
+        let versions = snap.tenant(&start.tenant);
+        if let Some(r) = self.rotation.in_progress(&start.tenant) {
+            return Err(Error::Conflict(format!(
+                "a rotation of tenant {} is already in progress (to v{}, step {})",
+                start.tenant,
+                r.to_version,
+                r.step.as_str()
+            )));
+        }
+        let from = snap.active(&start.tenant).map(|v| v.key_id.version());
+        match start.trigger {
+            Trigger::Initial if !versions.is_empty() => {
+                return Err(Error::Conflict(format!(
+                    "tenant {} already has keys; rotate with `signet rotate start --tenant {}`",
+                    start.tenant, start.tenant
+                )));
+            }
+            Trigger::Manual | Trigger::Scheduled if from.is_none() => {
+                return Err(Error::Conflict(format!(
+                    "tenant {} has no active key; create one with `signet keys create --tenant {}`",
+                    start.tenant, start.tenant
+                )));
+            }
+            _ => {}
+        }
+        let now = self.clock.unix();
+        let rotation = Rotation {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant: start.tenant.clone(),
+            from_version: from,
+            to_version: snap.next_version(&start.tenant),
+            trigger: start.trigger,
+            reason: start.reason.clone(),
+            actor: start.actor.identity.clone(),
+            step: Step::Planned,
+            started_at: now,
+            updated_at: now,
+            due_at: start.due_at.unwrap_or(now),
+            csr_pem: None,
+            certificate_pem: None,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+        };
+        let mut e = self.rotation_entry(event::ROTATION_STARTED, &start.actor, &rotation, start.request_id.clone());
+        e.reason = Some(start.reason.clone());
+        self.record(e).await?;
+        self.rotation.save(&rotation)?;
+        self.metrics.rotations.with_label_values(&["started"]).inc();
+        tracing::info!(tenant = %rotation.tenant, to_version = rotation.to_version, trigger = ?rotation.trigger, "rotation started");
+        let result = self.advance(rotation, &start.actor).await;
+        self.refresh_metrics();
+        result
+    }
+
+    /// Run the steps of `rotation` until it waits (for a certificate), completes, or a step fails
+    /// (then it is scheduled for a retry with backoff).
+    async fn advance(&self, mut rotation: Rotation, actor: &Actor) -> Result<Rotation, Error> {
+        loop {
+            let step = rotation.step;
+            let outcome = match step {
+                Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => return Ok(rotation),
+                _ => self.run_step(&mut rotation, actor).await,
+            };
+            match outcome {
+                Ok(()) => {
+                    rotation.updated_at = self.clock.unix();
+                    rotation.attempts = 0;
+                    rotation.last_error = None;
+                    rotation.next_attempt_at = None;
+                    self.rotation.save(&rotation)?;
+                    if rotation.step == Step::Completed {
+                        self.metrics.rotations.with_label_values(&["completed"]).inc();
+                        tracing::info!(tenant = %rotation.tenant, key_id = %rotation.new_key_id(), "rotation completed");
+                        return Ok(rotation);
+                    }
+                }
+                Err(reason) => {
+                    let now = self.clock.unix();
+                    let cfg = &self.dynamic.load().rotation;
+                    rotation.attempts += 1;
+                    let backoff = cfg.retry_initial.saturating_mul(1u32 << rotation.attempts.min(16).saturating_sub(1)).min(cfg.retry_max);
+                    rotation.last_error = Some(reason.clone());
+                    rotation.next_attempt_at = Some(now + backoff.as_secs().max(1));
+                    rotation.updated_at = now;
+                    self.rotation.save(&rotation)?;
+                    self.metrics.rotations.with_label_values(&["failed_attempt"]).inc();
+                    tracing::error!(tenant = %rotation.tenant, step = step.as_str(), attempts = rotation.attempts,
+                        retry_in_secs = backoff.as_secs(), error = %reason, "rotation step failed; will retry");
+                    return Ok(rotation);
+                }
+            }
+        }
+    }
+
+    /// Do one step's action and its evidence; set the next step (the caller persists it).
+    async fn run_step(&self, r: &mut Rotation, actor: &Actor) -> Result<(), String> {
+        let key_id = r.new_key_id();
+        let id = key_id.to_string();
+        let cfg = self.dynamic.load().rotation.clone();
+        match r.step {
+            Step::Planned => {
+                let label = id.clone();
+                let idc = id.clone();
+                let public = self.hsm.call(move |s| s.ensure_p256_key_pair(&idc, &label)).await.map_err(|e| e.to_string())?;
+                let mut e = self.rotation_entry(event::KEY_CREATED, actor, r, None);
+                e.key_id = Some(id.clone());
+                e.details = Some(serde_json::json!({
+                    "rotation_id": r.id,
+                    "public_key_sha256": hex::encode(Sha256::digest(pki::public_key_pem(&public))),
+                }));
+                self.record(e).await.map_err(|e| e.to_string())?;
+                r.step = Step::KeyGenerated;
+            }
+            Step::KeyGenerated => {
+                let public = self.token_public_key(&id).await?;
+                let subject = pki::name(&format!("{} v{}", r.tenant, r.to_version), &cfg.subject_organization).map_err(|e| e.to_string())?;
+                let signer = TokenSigner::new(self.hsm.clone(), id.clone(), public);
+                let subj = subject.clone();
+                let csr = tokio::task::spawn_blocking(move || pki::csr(subj, &signer))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                r.csr_pem = Some(pki::csr_pem(&csr));
+                match cfg.issuer {
+                    Issuer::Manual => {
+                        let mut e = self.rotation_entry(event::CSR_CREATED, actor, r, None);
+                        e.key_id = Some(id.clone());
+                        self.record(e).await.map_err(|e| e.to_string())?;
+                        r.step = Step::AwaitingCertificate;
+                    }
+                    Issuer::HsmCa => {
+                        let ca = self.ca.load_full();
+                        let ca = ca.as_ref().as_ref().ok_or("the internal CA is not available")?;
+                        let issuer = subject_of(&x509_cert::Certificate::from_der_bytes(&ca.der)?);
+                        let ca_public = ca.public_key.ok_or("the internal CA key is not P-256")?;
+                        let ca_signer = TokenSigner::new(self.hsm.clone(), CA_KEY_ID, ca_public);
+                        // Backdate a little for clock skew between Signet and relying parties.
+                        let not_before = self.clock.now() - Duration::from_secs(60);
+                        let validity = cfg.validity;
+                        let der = tokio::task::spawn_blocking(move || {
+                            pki::issue(pki::Profile::DocumentSigning { subject, issuer }, &public, not_before, validity, &ca_signer)
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                        let info = CertInfo::parse(&der).map_err(|e| e.to_string())?;
+                        let mut e = self.rotation_entry(event::CERTIFICATE_ISSUED, actor, r, None);
+                        e.key_id = Some(id.clone());
+                        e.certificate_serial = Some(info.serial_hex.clone());
+                        e.details = Some(serde_json::json!({
+                            "rotation_id": r.id, "issuer": "hsm-ca",
+                            "not_before": pki::rfc3339(info.not_before), "not_after": pki::rfc3339(info.not_after),
+                        }));
+                        self.record(e).await.map_err(|e| e.to_string())?;
+                        r.certificate_pem = Some(info.to_pem());
+                        r.step = Step::CertificateReceived;
+                    }
+                }
+            }
+            Step::CertificateReceived => {
+                let pem = r.certificate_pem.clone().ok_or("no certificate recorded for this rotation")?;
+                let der = pki::parse_pem_or_der(pem.as_bytes()).map_err(|e| e.to_string())?;
+                let public = self.token_public_key(&id).await?;
+                let info = self.check_certificate(&der, &public).map_err(|e| e.to_string())?;
+                // A test signature in the token, verified with the new certificate's key.
+                let probe: [u8; 32] = Sha256::digest(format!("signet rotation self-test {}", r.id)).into();
+                let idc = id.clone();
+                let der_sig = self.hsm.call(move |s| s.sign_prehashed(&idc, &probe)).await.map_err(|e| e.to_string())?;
+                let sig = p256::ecdsa::DerSignature::from_bytes(&der_sig).map_err(|e| e.to_string())?;
+                info.public_key
+                    .ok_or("certificate key is not P-256")?
+                    .verify_prehash(&probe, &sig)
+                    .map_err(|_| "the test signature does not verify with the new certificate")?;
+                let subject_der = pki::name_der(&subject_of(&x509_cert::Certificate::from_der_bytes(&der)?));
+                let (idc, d) = (id.clone(), der.clone());
+                self.hsm.call(move |s| s.store_certificate(&idc, &idc, &d, &subject_der)).await.map_err(|e| e.to_string())?;
+                self.keys
+                    .upsert(KeyVersion {
+                        key_id: key_id.clone(),
+                        state: KeyState::Staged,
+                        public_key: public,
+                        certificate_pem: Some(Arc::from(info.to_pem())),
+                        certificate: Some(Arc::new(info)),
+                        has_private_key: true,
+                        retiring_until: None,
+                    })
+                    .map_err(|e| e.to_string())?;
+                r.step = Step::Staged;
+            }
+            Step::Staged => {
+                let now = self.clock.unix();
+                let snap = self.keys.snapshot();
+                let mut changes = vec![(key_id.clone(), KeyState::Active, None)];
+                let old = snap.active(&r.tenant).filter(|v| v.key_id != key_id).map(|v| v.key_id.clone());
+                let until = now + cfg.grace.as_secs();
+                if let Some(old) = &old {
+                    changes.push((old.clone(), KeyState::Retiring, Some(until)));
+                }
+                let mut e = self.rotation_entry(event::KEY_ACTIVATED, actor, r, None);
+                e.key_id = Some(id.clone());
+                e.certificate_serial = snap.version(&key_id).and_then(|v| v.certificate.as_ref().map(|c| c.serial_hex.clone()));
+                e.details = Some(serde_json::json!({
+                    "rotation_id": r.id,
+                    "previous_key_id": old.as_ref().map(|k| k.to_string()),
+                    "previous_retiring_until": old.as_ref().map(|_| pki::rfc3339(until)),
+                }));
+                self.record(e).await.map_err(|e| e.to_string())?;
+                self.keys.set_states(&changes).map_err(|e| e.to_string())?;
+                r.step = Step::Completed;
+            }
+            Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => {}
+        }
+        Ok(())
+    }
+
+    /// Import a certificate for the rotation awaiting one. Refused with the reason, changing
+    /// nothing, if it does not fit the key, the CA or the validity rules.
+    pub async fn rotation_import(&self, tenant: &TenantId, pem: &[u8], actor: &Actor, reason: Option<String>, request_id: Option<String>) -> Result<Rotation, Error> {
+        let _op = self.rotation.op.lock().await;
+        if self.dynamic.load().rotation.issuer != Issuer::Manual {
+            return Err(Error::Conflict("rotation.issuer is \"hsm-ca\": certificates are issued by the internal CA, not imported".into()));
+        }
+        let mut r = self.rotation.in_progress(tenant).filter(|r| r.step == Step::AwaitingCertificate).ok_or_else(|| {
+            Error::Conflict(format!("no rotation of tenant {tenant} is awaiting a certificate; run `signet certs csr --tenant {tenant}` first"))
+        })?;
+        let der = pki::parse_pem_or_der(pem).map_err(Error::Rejected)?;
+        let id = r.new_key_id().to_string();
+        let public = self.token_public_key(&id).await.map_err(|e| Error::Step { step: "certificate_received", reason: e })?;
+        let info = self.check_certificate(&der, &public)?;
+        let mut e = self.rotation_entry(event::CERTIFICATE_IMPORTED, actor, &r, request_id);
+        e.key_id = Some(id);
+        e.certificate_serial = Some(info.serial_hex.clone());
+        e.reason = reason;
+        e.details = Some(serde_json::json!({
+            "rotation_id": r.id, "issuer": info.issuer,
+            "not_before": pki::rfc3339(info.not_before), "not_after": pki::rfc3339(info.not_after),
+        }));
+        self.record(e).await.map_err(|e| Error::Step { step: "certificate_received", reason: e.to_string() })?;
+        r.certificate_pem = Some(info.to_pem());
+        r.step = Step::CertificateReceived;
+        r.updated_at = self.clock.unix();
+        self.rotation.save(&r)?;
+        let result = self.advance(r, actor).await;
+        self.refresh_metrics();
+        result
+    }
+
+    /// The CSR of the rotation in progress; with the manual issuer and none in progress, start
+    /// one (the tenant's first key if it has none).
+    pub async fn rotation_csr(&self, tenant: &TenantId, actor: &Actor, reason: String, request_id: Option<String>) -> Result<String, Error> {
+        if let Some(r) = self.rotation.in_progress(tenant) {
+            return r.csr_pem.ok_or_else(|| Error::Conflict(format!("the rotation of tenant {tenant} has no CSR yet (step {})", r.step.as_str())));
+        }
+        if self.dynamic.load().rotation.issuer != Issuer::Manual {
+            return Err(Error::Conflict("rotation.issuer is \"hsm-ca\": no certificate request is needed".into()));
+        }
+        let trigger = if self.keys.snapshot().tenant(tenant).is_empty() { Trigger::Initial } else { Trigger::Manual };
+        let r = self.rotation_start(Start { tenant: tenant.clone(), trigger, actor: actor.clone(), reason, request_id, due_at: None }).await?;
+        r.csr_pem.ok_or_else(|| Error::Conflict(format!("the rotation of tenant {tenant} could not create a CSR: {}", r.last_error.unwrap_or_default())))
+    }
+
+    /// Roll back: during grace, make the previous (retiring) version active again and retire
+    /// the current one; or abort a rotation that has not activated yet.
+    pub async fn rotation_rollback(&self, tenant: &TenantId, actor: &Actor, reason: String, request_id: Option<String>) -> Result<Rotation, Error> {
+        let _op = self.rotation.op.lock().await;
+        let now = self.clock.unix();
+        if let Some(mut r) = self.rotation.in_progress(tenant) {
+            // Not active yet: abort, destroying the new private key.
+            let id = r.new_key_id().to_string();
+            let idc = id.clone();
+            self.hsm.call(move |s| s.destroy_private_key(&idc)).await.map_err(|e| Error::Step { step: "abort", reason: e.to_string() })?;
+            let mut e = self.rotation_entry(event::ROTATION_ROLLED_BACK, actor, &r, request_id);
+            e.key_id = Some(id);
+            e.reason = Some(reason);
+            e.details = Some(serde_json::json!({"rotation_id": r.id, "aborted_at_step": r.step.as_str()}));
+            self.record(e).await.map_err(|e| Error::Step { step: "abort", reason: e.to_string() })?;
+            if self.keys.snapshot().version(&r.new_key_id()).is_some() {
+                self.keys.set_states(&[(r.new_key_id(), KeyState::Retired, None)]).map_err(|e| Error::Step { step: "abort", reason: e.to_string() })?;
+            }
+            r.step = Step::Aborted;
+            r.updated_at = now;
+            self.rotation.save(&r)?;
+            self.metrics.rotations.with_label_values(&["aborted"]).inc();
+            self.refresh_metrics();
+            return Ok(r);
+        }
+        let snap = self.keys.snapshot();
+        let current = snap.active(tenant).ok_or_else(|| Error::Conflict(format!("tenant {tenant} has no active key")))?;
+        let previous = snap
+            .tenant(tenant)
+            .iter()
+            .filter(|v| v.state == KeyState::Retiring && v.has_private_key && v.key_id.version() < current.key_id.version())
+            .max_by_key(|v| v.key_id.version())
+            .ok_or_else(|| Error::Conflict(format!("tenant {tenant} has no retiring version to roll back to (its grace period is over)")))?;
+        let min = self.dynamic.load().rotation.min_remaining_validity;
+        if let Some(c) = &previous.certificate {
+            c.check_usable(now, min).map_err(|e| Error::Conflict(format!("cannot roll back to {}: {e}", previous.key_id)))?;
+        }
+        let r = Rotation {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant: tenant.clone(),
+            from_version: Some(current.key_id.version()),
+            to_version: previous.key_id.version(),
+            trigger: Trigger::Manual,
+            reason: reason.clone(),
+            actor: actor.identity.clone(),
+            step: Step::RolledBack,
+            started_at: now,
+            updated_at: now,
+            due_at: now,
+            csr_pem: None,
+            certificate_pem: None,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+        };
+        let mut e = self.rotation_entry(event::ROTATION_ROLLED_BACK, actor, &r, request_id);
+        e.key_id = Some(previous.key_id.to_string());
+        e.reason = Some(reason);
+        e.details = Some(serde_json::json!({"rolled_back_key_id": current.key_id.to_string(), "restored_key_id": previous.key_id.to_string()}));
+        self.record(e).await.map_err(|e| Error::Step { step: "rollback", reason: e.to_string() })?;
+        self.keys
+            .set_states(&[(previous.key_id.clone(), KeyState::Active, None), (current.key_id.clone(), KeyState::Retired, None)])
+            .map_err(|e| Error::Step { step: "rollback", reason: e.to_string() })?;
+        let id = current.key_id.to_string();
+        if let Err(e) = self.hsm.call(move |s| s.destroy_private_key(&id)).await {
+            tracing::error!(error = %e, "rolled-back key's private key not destroyed yet; the monitor retries");
+        }
+        self.rotation.save(&r)?;
+        self.metrics.rotations.with_label_values(&["rolled_back"]).inc();
+        tracing::warn!(tenant = %tenant, restored = %previous.key_id, retired = %current.key_id, "rotation rolled back");
+        self.refresh_metrics();
+        Ok(r)
+    }
+
+    /// One monitor pass: retire, schedule, resume, refresh metrics.
+    pub async fn rotation_tick(&self) {
+        self.retire_due().await;
+        for start in self.due_renewals() {
+            let tenant = start.tenant.clone();
+            if let Err(e) = self.rotation_start(start).await {
+                tracing::error!(tenant = %tenant, error = %e, "cannot start a scheduled rotation");
+            }
+        }
+        self.resume_rotations().await;
+        self.refresh_metrics();
+    }
+
+    /// Retire versions whose grace ended; make sure retired versions hold no private key.
+    async fn retire_due(&self) {
+        let _op = self.rotation.op.lock().await;
+        let now = self.clock.unix();
+        let actor = scheduler_actor();
+        for v in self.keys.snapshot().all() {
+            let due = v.state == KeyState::Retiring && v.retiring_until.is_some_and(|t| t <= now);
+            if !(due || (v.state == KeyState::Retired && v.has_private_key)) {
+                continue;
+            }
+            let id = v.token_id();
+            if let Err(err) = self.hsm.call(move |s| s.destroy_private_key(&id)).await {
+                tracing::error!(key_id = %v.key_id, error = %err, "cannot destroy a retired private key; will retry");
+                continue;
+            }
+            if due {
+                let mut e = Entry::new(event::KEY_RETIRED, crate::clock::rfc3339_micros(self.clock.now()), actor.clone());
+                e.tenant = Some(v.key_id.tenant().to_string());
+                e.key_id = Some(v.key_id.to_string());
+                e.certificate_serial = v.certificate.as_ref().map(|c| c.serial_hex.clone());
+                e.reason = Some("grace period ended".into());
+                if let Err(err) = self.record(e).await {
+                    tracing::error!(error = %err, "cannot record a retirement; will retry");
+                    continue;
+                }
+            }
+            match self.keys.set_states(&[(v.key_id.clone(), KeyState::Retired, None)]) {
+                Ok(()) if due => {
+                    self.metrics.rotations.with_label_values(&["retired"]).inc();
+                    tracing::info!(key_id = %v.key_id, "key version retired; private key destroyed");
+                }
+                Ok(()) => {}
+                Err(err) => tracing::error!(error = %err, "cannot persist a retirement"),
+            }
+        }
+    }
+
+    /// Tenants whose active certificate entered `renew_before` and have no rotation running.
+    fn due_renewals(&self) -> Vec<Start> {
+        let now = self.clock.unix();
+        let renew_before = self.dynamic.load().rotation.renew_before.as_secs();
+        let snap = self.keys.snapshot();
+        let mut out = Vec::new();
+        for (tenant, _) in snap.tenants() {
+            if self.rotation.in_progress(tenant).is_some() {
+                continue;
+            }
+            let Some(active) = snap.active(tenant) else { continue };
+            let Some(cert) = &active.certificate else { continue };
+            let due_at = cert.not_after.saturating_sub(renew_before);
+            if now >= due_at {
+                out.push(Start {
+                    tenant: tenant.clone(),
+                    trigger: Trigger::Scheduled,
+                    actor: scheduler_actor(),
+                    reason: format!("certificate of {} expires {}; renewal window reached", active.key_id, pki::rfc3339(cert.not_after)),
+                    request_id: None,
+                    due_at: Some(due_at),
+                });
+            }
+        }
+        out
+    }
+
+    /// Resume rotations interrupted by a crash, or whose failed step's backoff elapsed.
+    async fn resume_rotations(&self) {
+        let _op = self.rotation.op.lock().await;
+        let now = self.clock.unix();
+        for r in self.rotation.all_in_progress() {
+            if r.step == Step::AwaitingCertificate || r.next_attempt_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            if let Err(e) = self.advance(r, &scheduler_actor()).await {
+                tracing::error!(error = %e, "cannot advance a rotation");
+            }
+        }
+    }
+
+    /// Export expiry and rotation metrics from the registry and the journal.
+    pub fn refresh_metrics(&self) {
+        let now = self.clock.unix();
+        let cfg = self.dynamic.load().rotation.clone();
+        let m = &self.metrics;
+        m.certificate_not_after.reset();
+        m.certificate_not_before.reset();
+        m.certificate_renewal_due.reset();
+        m.certificate_unusable.reset();
+        let snap = self.keys.snapshot();
+        for v in snap.all() {
+            let Some(c) = &v.certificate else { continue };
+            let labels = [v.key_id.tenant().as_str(), &v.key_id.to_string(), v.state.as_str()];
+            m.certificate_not_after.with_label_values(&labels).set(c.not_after as i64);
+            m.certificate_not_before.with_label_values(&labels).set(c.not_before as i64);
+            if v.state == KeyState::Active {
+                let due = now + cfg.renew_before.as_secs() >= c.not_after;
+                m.certificate_renewal_due.with_label_values(&labels).set(i64::from(due));
+                let unusable = c.check_usable(now, cfg.min_remaining_validity).is_err();
+                m.certificate_unusable.with_label_values(&labels).set(i64::from(unusable));
+            }
+        }
+        m.rotation_state.reset();
+        let tenants: std::collections::BTreeSet<TenantId> = snap.tenants().map(|(t, _)| t.clone()).collect();
+        for t in tenants {
+            let current = self.rotation.in_progress(&t).map(|r| r.state_label(now, cfg.overdue_after)).unwrap_or("idle");
+            for s in ROTATION_STATES {
+                m.rotation_state.with_label_values(&[t.as_str(), s]).set(i64::from(*s == current));
+            }
+        }
+    }
+
+    /// Check a certificate for a new version: key match, CA chain, validity, remaining time.
+    fn check_certificate(&self, der: &[u8], public: &p256::ecdsa::VerifyingKey) -> Result<CertInfo, Error> {
+        let ca = self.ca.load_full();
+        let ca = ca.as_ref().as_ref().ok_or_else(|| {
+            Error::Conflict("no CA certificate to check against: set rotation.ca_certificate to a readable PEM file".into())
+        })?;
+        let now = self.clock.unix();
+        let info = pki::check_issued(der, public, ca, now).map_err(Error::Rejected)?;
+        info.check_usable(now, self.dynamic.load().rotation.min_remaining_validity).map_err(Error::Rejected)?;
+        Ok(info)
+    }
+
+    async fn token_public_key(&self, id: &str) -> Result<p256::ecdsa::VerifyingKey, String> {
+        let idc = id.to_owned();
+        self.hsm
+            .call(move |s| s.public_key(&idc))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("public key {id} is missing from the token"))
+    }
+
+    fn rotation_entry(&self, ev: &str, actor: &Actor, r: &Rotation, request_id: Option<String>) -> Entry {
+        let mut e = Entry::new(ev, crate::clock::rfc3339_micros(self.clock.now()), actor.clone());
+        e.tenant = Some(r.tenant.to_string());
+        e.request_id = request_id;
+        if e.details.is_none() {
+            e.details = Some(serde_json::json!({"rotation_id": r.id, "trigger": r.trigger, "to_version": r.to_version, "from_version": r.from_version}));
+        }
+        e
+    }
+
+    /// Append one admin evidence entry and wait until it is durable.
+    pub(crate) async fn record(&self, e: Entry) -> Result<(), crate::audit::Error> {
+        self.log.append(vec![e]).await.map(|_| ())
+    }
+}
+
+fn subject_of(cert: &x509_cert::Certificate) -> x509_cert::name::Name {
+    cert.tbs_certificate().subject().clone()
+}
+
+/// Helper: parse DER into a certificate, as a String error.
+trait FromDerBytes: Sized {
+    fn from_der_bytes(der: &[u8]) -> Result<Self, String>;
+}
+
+impl FromDerBytes for x509_cert::Certificate {
+    fn from_der_bytes(der: &[u8]) -> Result<Self, String> {
+        <x509_cert::Certificate as der::Decode>::from_der(der).map_err(|e| e.to_string())
+    }
+}
+
+/// The monitor task: a pass at start (resuming interrupted rotations), then every
+/// `rotation.check_interval` or when woken.
+pub async fn monitor(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        app.rotation_tick().await;
+        let interval = app.dynamic.load().rotation.check_interval;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = app.rotation.wake.notified() => {}
+            _ = stop.changed() => break,
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! Use cases: sign, verify, read keys and evidence, and the admin actions. Owns the
+//! application state (`App`: a bundle of `Arc`s) and its start-up and shutdown.
+//!
+//! Knows nothing of HTTP: the `http` module turns requests into calls here and errors into
+//! problem documents. Never names `cryptoki` (the token is reached through `hsm`).
+
+mod admin;
+pub mod idempotency;
+mod sign;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use p256::ecdsa::VerifyingKey;
+use sha2::{Digest, Sha256};
+
+pub use admin::{AdminRequest, ImportRequest, KeyView, TenantStatus, VersionView};
+pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};
+
+use crate::audit::{self, CheckpointSigner, EvidenceLog};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, DynamicConfig, Issuer, Role};
+use crate::domain::TenantId;
+use crate::hsm::{self, CA_KEY_ID, Hsm, LOG_KEY_ID, TokenSigner};
+use crate::keys::{self, Registry};
+use crate::metrics::Metrics;
+use crate::pki::{self, CertInfo};
+use crate::policy::{self, Policies};
+use crate::rotation::{self, Engine};
+use crate::tls::ClientIdentity;
+
+use idempotency::Idempotency;
+
+/// Everything a use case can fail with. `http::problem` maps these to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error(transparent)]
+    Policy(#[from] policy::Error),
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyConflict,
+    #[error(transparent)]
+    Keys(#[from] keys::Error),
+    #[error(transparent)]
+    Hsm(#[from] hsm::Error),
+    #[error(transparent)]
+    Audit(#[from] audit::Error),
+    #[error(transparent)]
+    Rotation(#[from] rotation::Error),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+    /// An error shared by concurrent callers (idempotent requests coalesced into one).
+    #[error(transparent)]
+    Shared(Arc<Error>),
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Error::Invalid { field, message: message.into() }
+    }
+
+    /// Bounded label for `signet_sign_requests_total{outcome}`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Error::Invalid { .. } => "invalid",
+            Error::Policy(policy::Error::UnknownPolicy(_)) => "unknown_policy",
+            Error::Policy(policy::Error::RateLimited { .. }) => "rate_limited",
+            Error::Policy(policy::Error::DigestAlgorithmNotAllowed { .. } | policy::Error::IdempotencyKeyRequired(_)) => "invalid",
+            Error::Policy(_) | Error::Forbidden(_) => "forbidden",
+            Error::IdempotencyConflict => "conflict",
+            Error::Keys(keys::Error::CertificateNotUsable { .. }) => "certificate_unusable",
+            Error::Keys(keys::Error::NoActiveKey(_)) => "no_active_key",
+            Error::Hsm(_) => "hsm_unavailable",
+            Error::Audit(_) => "audit_unavailable",
+            Error::Shared(e) => e.outcome(),
+            _ => "error",
+        }
+    }
+}
+
+/// The caller of a use case: the client certificate's identity and its configuration.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: Arc<ClientIdentity>,
+    pub client: Arc<crate::config::ClientConfig>,
+    pub request_id: String,
+}
+
+impl Caller {
+    pub fn actor(&self) -> audit::Actor {
+        audit::Actor {
+            identity: self.identity.identity.clone(),
+            subject: self.identity.subject.clone(),
+            san: self.identity.san.clone(),
+            fingerprint_sha256: self.identity.fingerprint_sha256.clone(),
+        }
+    }
+
+    pub fn require(&self, role: Role) -> Result<(), Error> {
+        Ok(Policies::require_role(&self.client, role)?)
+    }
+}
+
+/// Application state shared by every request and background task.
+pub struct App {
+    pub config: Config,
+    pub dynamic: ArcSwap<DynamicConfig>,
+    pub policies: Arc<ArcSwap<Policies>>,
+    pub hsm: Hsm,
+    pub keys: Arc<Registry>,
+    pub log: Arc<EvidenceLog>,
+    pub metrics: Arc<Metrics>,
+    pub idempotency: Idempotency,
+    pub clock: Arc<dyn Clock>,
+    pub rotation: Engine,
+    /// The CA tenant certificates must chain to (internal for hsm-ca, a file for manual).
+    pub ca: ArcSwap<Option<Arc<CertInfo>>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Signs checkpoints with the log key in the token.
+struct TokenCheckpointSigner {
+    hsm: Hsm,
+    public: VerifyingKey,
+}
+
+impl CheckpointSigner for TokenCheckpointSigner {
+    fn public_key(&self) -> VerifyingKey {
+        self.public
+    }
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        let digest: [u8; 32] = Sha256::digest(message).into();
+        self.hsm.call_blocking(move |s| s.sign_prehashed(LOG_KEY_ID, &digest)).map_err(|e| e.to_string())
+    }
+}
+
+/// Why the service could not start. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("token: {0}")]
+    Hsm(#[from] hsm::Error),
+    #[error("evidence log: {0}")]
+    Audit(#[from] audit::Error),
+    #[error("key registry: {0}")]
+    Keys(#[from] keys::Error),
+    #[error("internal CA: {0}")]
+    Ca(String),
+    #[error("rotation journal: {0}")]
+    Rotation(#[from] rotation::Error),
+}
+
+impl App {
+    /// Start everything except the network listeners: token, evidence log, CA, registry,
+    /// idempotency cache, rotation engine. Background tasks start with [`App::spawn_background`].
+    pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let hsm = Hsm::start(&config.hsm, Arc::clone(&metrics))?;
+
+        let log_public = hsm.call(|s| s.ensure_p256_key_pair(LOG_KEY_ID, "signet evidence log key")).await?;
+        let signer = Arc::new(TokenCheckpointSigner { hsm: hsm.clone(), public: log_public });
+        let opts = audit::Options {
+            dir: config.audit.dir.clone(),
+            origin: config.audit.origin.clone(),
+            fsync: config.audit.fsync,
+            max_group_entries: config.audit.max_group_entries,
+        };
+        let log_metrics = Arc::clone(&metrics);
+        let log = tokio::task::spawn_blocking(move || EvidenceLog::open(opts, signer, log_metrics))
+            .await
+            .map_err(|e| StartError::Ca(e.to_string()))??;
+        let log = Arc::new(log);
+
+        let ca = match config.dynamic.rotation.issuer {
+            Issuer::HsmCa => Some(Arc::new(ensure_internal_ca(&hsm, &config, clock.as_ref()).await?)),
+            Issuer::Manual => load_ca_file(&config.dynamic.rotation.ca_certificate),
+        };
+        let keys = Arc::new(Registry::load(&hsm, &config.state_dir, config.dynamic.rotation.grace, clock.unix()).await?);
+        let idempotency = Idempotency::new(config.audit.idempotency_retention);
+        let rotation = Engine::load(&config.state_dir)?;
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let app = Arc::new(Self {
+            dynamic: ArcSwap::from_pointee(config.dynamic.clone()),
+            policies: Arc::new(ArcSwap::from_pointee(Policies::new(&config.dynamic))),
+            config,
+            hsm,
+            keys,
+            log,
+            metrics,
+            idempotency,
+            clock,
+            rotation,
+            ca: ArcSwap::from_pointee(ca),
+            shutdown,
+            tasks: std::sync::Mutex::new(Vec::new()),
+        });
+        app.rebuild_idempotency().await?;
+        app.metrics.config_last_reload_success.set(1);
+        Ok(app)
+    }
+
+    /// Start the checkpoint signer and the rotation monitor.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let app = Arc::clone(self);
+        let mut stop = self.shutdown.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(app.config.audit.checkpoint_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                if let Err(e) = app.checkpoint().await {
+                    tracing::warn!(error = %e, "cannot sign a checkpoint; will retry");
+                }
+            }
+        }));
+        let app = Arc::clone(self);
+        let stop = self.shutdown.subscribe();
+        tasks.push(tokio::spawn(async move { rotation::monitor(app, stop).await }));
+    }
+
+    /// Sign a checkpoint now if the tree grew.
+    pub async fn checkpoint(&self) -> Result<Option<Arc<audit::StoredCheckpoint>>, Error> {
+        let log = Arc::clone(&self.log);
+        let now = self.clock.unix();
+        tokio::task::spawn_blocking(move || log.checkpoint_blocking(now))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(Error::from)
+    }
+
+    /// Readiness: token logged in and evidence log writable.
+    pub fn is_ready(&self) -> bool {
+        let ready = self.hsm.is_ready() && self.log.is_writable() && !*self.shutdown.borrow();
+        self.metrics.ready.set(i64::from(ready));
+        ready
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Stop background work, sign a final checkpoint, close the log and the token.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        let tasks: Vec<_> = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        match self.checkpoint().await {
+            Ok(Some(cp)) => tracing::info!(tree_size = cp.tree_size, "final checkpoint signed"),
+            Ok(None) => tracing::info!("final checkpoint already current"),
+            Err(e) => tracing::error!(error = %e, "cannot sign the final checkpoint"),
+        }
+        let log = Arc::clone(&self.log);
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        let hsm = self.hsm.clone();
+        let _ = tokio::task::spawn_blocking(move || hsm.shutdown()).await;
+    }
+
+    /// Swap in a new configuration's reloadable part (clients, policies, rotation).
+    pub fn apply_dynamic(&self, dynamic: DynamicConfig) {
+        if dynamic.rotation.issuer == Issuer::Manual {
+            if let Some(ca) = load_ca_file(&dynamic.rotation.ca_certificate) {
+                self.ca.store(Arc::new(Some(ca)));
+            }
+        }
+        self.policies.store(Arc::new(Policies::new(&dynamic)));
+        self.dynamic.store(Arc::new(dynamic));
+        self.rotation.wake();
+    }
+
+    /// Fill the idempotency cache from the log's entries inside the retention window.
+    async fn rebuild_idempotency(&self) -> Result<(), StartError> {
+        let log = Arc::clone(&self.log);
+        let now = self.clock.unix();
+        let retention = self.config.audit.idempotency_retention.as_secs();
+        let cutoff = now.saturating_sub(retention);
+        let found = tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            log.scan_backwards(|index, e| {
+                let t = crate::clock::parse_rfc3339(&e.time).unwrap_or(0);
+                if t < cutoff {
+                    return false;
+                }
+                if let (Some(k), Some(r)) = (&e.idempotency_key_sha256, &e.request_sha256) {
+                    if let Ok(kh) = hex::decode(k) {
+                        if let Ok(kh) = <[u8; 32]>::try_from(kh.as_slice()) {
+                            found.push(((e.actor.identity.clone(), kh), r.clone(), index, t));
+                        }
+                    }
+                }
+                true
+            })?;
+            Ok::<_, audit::Error>(found)
+        })
+        .await
+        .map_err(|e| StartError::Ca(e.to_string()))??;
+        let n = found.len();
+        for (key, request_sha256, index, t) in found.into_iter().rev() {
+            let ttl = Duration::from_secs((t + retention).saturating_sub(now));
+            self.idempotency.insert(key, idempotency::Record { request_sha256, index, ttl }).await;
+        }
+        if n > 0 {
+            tracing::info!(records = n, "idempotency records restored from the evidence log");
+        }
+        Ok(())
+    }
+
+    /// The tenant's configured existence: named by a policy or a client, or holding keys.
+    pub fn tenant_exists(&self, tenant: &TenantId) -> bool {
+        self.dynamic.load().tenants().contains(tenant) || !self.keys.snapshot().tenant(tenant).is_empty()
+    }
+}
+
+/// Make sure the internal CA key and certificate exist in the token; write the certificate to
+/// `rotation.ca_certificate` so clients and `certs import` can use it.
+async fn ensure_internal_ca(hsm: &Hsm, config: &Config, clock: &dyn Clock) -> Result<CertInfo, StartError> {
+    let public = hsm.call(|s| s.ensure_p256_key_pair(CA_KEY_ID, "signet internal CA")).await?;
+    let existing = hsm.call(|s| s.certificate(CA_KEY_ID)).await?;
+    let now = clock.unix();
+    let usable = existing
+        .as_deref()
+        .and_then(|d| CertInfo::parse(d).ok())
+        .filter(|c| c.public_key == Some(public) && c.check_usable(now, Duration::from_secs(30 * 86400)).is_ok());
+    let ca = match usable {
+        Some(c) => c,
+        None => {
+            let org = config.dynamic.rotation.subject_organization.clone();
+            let subject = pki::name("Signet internal signing CA", &org).map_err(|e| StartError::Ca(e.to_string()))?;
+            let subject_der = pki::name_der(&subject);
+            let signer = TokenSigner::new(hsm.clone(), CA_KEY_ID, public);
+            let not_before = clock.now() - Duration::from_secs(300);
+            let der = tokio::task::spawn_blocking(move || {
+                pki::issue(pki::Profile::Ca { subject }, &public, not_before, Duration::from_secs(10 * 365 * 86400), &signer)
+            })
+            .await
+            .map_err(|e| StartError::Ca(e.to_string()))?
+            .map_err(|e| StartError::Ca(e.to_string()))?;
+            let d = der.clone();
+            hsm.call(move |s| s.store_certificate(CA_KEY_ID, "signet internal CA", &d, &subject_der)).await?;
+            tracing::info!("internal CA certificate issued");
+            CertInfo::parse(&der).map_err(|e| StartError::Ca(e.to_string()))?
+        }
+    };
+    let path = &config.dynamic.rotation.ca_certificate;
+    if std::fs::read_to_string(path).ok().as_deref() != Some(ca.to_pem().as_str()) {
+        crate::fsutil::write_atomic_mode(path, ca.to_pem().as_bytes(), 0o644)
+            .map_err(|e| StartError::Ca(format!("configuration key `rotation.ca_certificate`: cannot write {}: {e}", path.display())))?;
+    }
+    Ok(ca)
+}
+
+fn load_ca_file(path: &std::path::Path) -> Option<Arc<CertInfo>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "rotation.ca_certificate is not readable; certificate imports will be refused");
+            return None;
+        }
+    };
+    match pki::parse_pem_or_der(&bytes).and_then(|d| CertInfo::parse(&d)) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "rotation.ca_certificate is not a certificate");
+            None
+        }
+    }
+}
