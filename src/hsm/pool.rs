@@ -72,6 +72,9 @@ struct Inner {
     epoch: Instant,
     workers: Mutex<Vec<WorkerSlot>>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
+    /// A private key that must always be present (`CKA_ID`); the health probe looks it up, so
+    /// a token that lost its objects (files gone, device swapped) is detected and recovered.
+    probe_key: Mutex<Option<String>>,
     #[cfg(feature = "insecure-test-hooks")]
     stall_next: Mutex<Option<Duration>>,
 }
@@ -93,17 +96,29 @@ impl Library {
     /// Load the module, `C_Initialize` it (OS locking), and find the token by label.
     pub fn open(module: &Path, token_label: &str) -> Result<Self, Error> {
         let ctx = load(module)?;
-        let slot = find_token(&ctx, token_label)?;
-        Ok(Self { ctx, slot })
+        match find_token(&ctx, token_label) {
+            Ok(slot) => Ok(Self { ctx, slot }),
+            Err(e) => {
+                // Leave nothing initialised behind: the next attempt must rescan the tokens.
+                let _ = ctx.finalize();
+                Err(e)
+            }
+        }
     }
 }
 
 fn load(module: &Path) -> Result<Pkcs11, Error> {
     let ctx = Pkcs11::new(module).map_err(|source| Error::Load { path: module.display().to_string(), source })?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+    let args = CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK);
+    match ctx.initialize(args) {
         Ok(()) => Ok(ctx),
-        // Another context of this process already initialised the module: share it.
-        Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+        // Left initialised by an earlier, failed attempt: start from scratch so the module
+        // rescans its tokens.
+        Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            let _ = ctx.clone().finalize();
+            ctx.initialize(args).map_err(Error::Initialize)?;
+            Ok(ctx)
+        }
         Err(e) => Err(Error::Initialize(e)),
     }
 }
@@ -218,6 +233,7 @@ impl Hsm {
             epoch: Instant::now(),
             workers: Mutex::new(Vec::new()),
             supervisor: Mutex::new(None),
+            probe_key: Mutex::new(None),
             #[cfg(feature = "insecure-test-hooks")]
             stall_next: Mutex::new(None),
         });
@@ -282,6 +298,12 @@ impl Hsm {
     /// Sign a SHA-256 digest with the private key `id`; DER signature out.
     pub async fn sign(&self, id: String, digest: [u8; 32]) -> Result<Vec<u8>, Error> {
         self.call(move |s| s.sign_prehashed(&id, &digest)).await
+    }
+
+    /// Make the health probe also check that private key `id` is present in the token.
+    pub fn set_probe_key(&self, id: &str) {
+        *lock(&self.inner.probe_key) = Some(id.to_owned());
+        self.inner.request_probe();
     }
 
     /// True when the token is logged in and the last probe succeeded.
@@ -423,6 +445,11 @@ impl WorkerState {
             self.inner.metrics.hsm_error(err.kind());
             let class = match &err {
                 Error::Pkcs11 { source, .. } => classify(source),
+                Error::NotFound(_) => {
+                    // A key we expect is missing: maybe the token lost its objects.
+                    self.inner.request_probe();
+                    return Err(err);
+                }
                 _ => return Err(err),
             };
             // Discard the session after any PKCS#11 failure: a half-done operation would make
@@ -502,10 +529,7 @@ fn supervisor_main(inner: Arc<Inner>, keeper: Session) {
         replace_stuck_workers(&inner);
 
         inner.supervisor_busy_since.store(inner.now_ms(), Ordering::Release);
-        let healthy = keeper.as_ref().is_some_and(|k| {
-            let t = TokenSession { session: k, handles: &inner.handles };
-            t.ping().is_ok()
-        });
+        let healthy = keeper.as_ref().is_some_and(|k| probe(&inner, k));
         if !healthy {
             // Close the dead keeper before opening a new one.
             drop(keeper.take());
@@ -522,10 +546,22 @@ fn supervisor_main(inner: Arc<Inner>, keeper: Session) {
             inner.metrics.hsm_ready.set(1);
             backoff = inner.health_interval;
         } else {
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            backoff = (backoff * 2).min((inner.health_interval * 16).min(Duration::from_secs(30)));
         }
     }
     drop(keeper);
+}
+
+/// Is the session logged in, and is the probe key (if any) still in the token?
+fn probe(inner: &Inner, session: &Session) -> bool {
+    let t = TokenSession { session, handles: &inner.handles };
+    if t.ping().is_err() {
+        return false;
+    }
+    match lock(&inner.probe_key).clone() {
+        Some(id) => matches!(t.has_private_key(&id), Ok(true)),
+        None => true,
+    }
 }
 
 /// Relogin, then re-initialise; returns the new keeper session on success.
@@ -535,10 +571,14 @@ fn recover(inner: &Inner) -> Option<Session> {
     inner.generation.fetch_add(1, Ordering::AcqRel);
 
     match inner.open_session() {
-        Ok(s) => {
+        Ok(s) if probe(inner, &s) => {
             inner.metrics.hsm_recoveries.with_label_values(&["relogin", "ok"]).inc();
             tracing::info!("token recovered by opening a new session and logging in");
             return Some(s);
+        }
+        Ok(_) => {
+            inner.metrics.hsm_recoveries.with_label_values(&["relogin", "failed"]).inc();
+            tracing::warn!("the token answers but lost its objects; re-initialising the PKCS#11 library");
         }
         Err(e) => {
             inner.metrics.hsm_recoveries.with_label_values(&["relogin", "failed"]).inc();
@@ -554,10 +594,15 @@ fn recover(inner: &Inner) -> Option<Session> {
         Ok(lib) => {
             *lock(&inner.library) = Some(lib);
             match inner.open_session() {
-                Ok(s) => {
+                Ok(s) if probe(inner, &s) => {
                     inner.metrics.hsm_recoveries.with_label_values(&["reinitialize", "ok"]).inc();
                     tracing::info!("token recovered by re-initialising the PKCS#11 library");
                     Some(s)
+                }
+                Ok(_) => {
+                    inner.metrics.hsm_recoveries.with_label_values(&["reinitialize", "failed"]).inc();
+                    tracing::error!("token objects still missing after re-initialisation");
+                    None
                 }
                 Err(e) => {
                     inner.metrics.hsm_recoveries.with_label_values(&["reinitialize", "failed"]).inc();

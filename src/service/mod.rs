@@ -167,6 +167,7 @@ impl App {
         let hsm = Hsm::start(&config.hsm, Arc::clone(&metrics))?;
 
         let log_public = hsm.call(|s| s.ensure_p256_key_pair(LOG_KEY_ID, "signet evidence log key")).await?;
+        hsm.set_probe_key(LOG_KEY_ID);
         let signer = Arc::new(TokenCheckpointSigner { hsm: hsm.clone(), public: log_public });
         let opts = audit::Options {
             dir: config.audit.dir.clone(),
