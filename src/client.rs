@@ -109,7 +109,7 @@ impl Connection {
     /// Send one request; returns status, headers and the whole body.
     pub async fn request(&mut self, method: Method, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Result<(StatusCode, HeaderMap, Bytes), Error> {
         let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
-        if body.is_some() {
+        if body.is_some() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
             req = req.header("content-type", "application/json");
         }
         for (k, v) in headers {

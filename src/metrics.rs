@@ -181,6 +181,26 @@ impl Metrics {
             ready: reg!(gauge("signet_ready", "1 when /readyz answers 200.")),
             registry,
         }
+        .initialise()
+    }
+
+    /// Create the series with known label values at 0, so dashboards and alerts see them
+    /// before the first event.
+    fn initialise(self) -> Self {
+        for kind in ["session", "device", "request", "timeout", "busy", "unavailable", "not_found", "stuck_worker"] {
+            self.hsm_errors.with_label_values(&[kind]);
+        }
+        for outcome in ["started", "completed", "failed_attempt", "rolled_back", "aborted", "retired"] {
+            self.rotations.with_label_values(&[outcome]);
+        }
+        for outcome in ["ok", "rejected"] {
+            self.config_reloads.with_label_values(&[outcome]);
+        }
+        for (method, outcome) in [("relogin", "ok"), ("relogin", "failed"), ("reinitialize", "ok"), ("reinitialize", "failed")] {
+            self.hsm_recoveries.with_label_values(&[method, outcome]);
+        }
+        self.config_last_reload_success.set(1);
+        self
     }
 
     /// Prometheus text exposition of every collector.

@@ -162,6 +162,9 @@ pub fn parse_stored(bytes: &[u8], expected: u64) -> Result<Entry, EntryError> {
 /// Is `value` representable canonically (a JCS round trip gives the same bytes)? Used to
 /// refuse signer evidence with numbers JCS cannot reproduce (e.g. integers beyond 2^53).
 pub fn is_jcs_stable(value: &serde_json::Value) -> bool {
+    if !numbers_exact(value) {
+        return false;
+    }
     let Ok(once) = serde_json_canonicalizer::to_vec(value) else {
         return false;
     };
@@ -169,6 +172,17 @@ pub fn is_jcs_stable(value: &serde_json::Value) -> bool {
         return false;
     };
     serde_json_canonicalizer::to_vec(&parsed).is_ok_and(|twice| twice == once) && parsed == *value
+}
+
+/// JSON numbers beyond ±2^53 lose digits in IEEE doubles (and in JCS): refuse them.
+fn numbers_exact(v: &serde_json::Value) -> bool {
+    const LIMIT: f64 = 9_007_199_254_740_992.0;
+    match v {
+        serde_json::Value::Number(n) => n.as_f64().is_some_and(|f| f.is_finite() && f.abs() <= LIMIT),
+        serde_json::Value::Array(a) => a.iter().all(numbers_exact),
+        serde_json::Value::Object(m) => m.values().all(numbers_exact),
+        _ => true,
+    }
 }
 
 #[cfg(test)]
@@ -206,5 +220,7 @@ mod tests {
     fn jcs_stability_check() {
         assert!(is_jcs_stable(&serde_json::json!({"a": 1, "b": [1.5, "x", null, true]})));
         assert!(!is_jcs_stable(&serde_json::json!({"big": 12345678901234567890u64})));
+        let parsed: serde_json::Value = serde_json::from_str(r#"{"n":123456789012345678901}"#).unwrap();
+        assert!(!is_jcs_stable(&parsed), "a 21-digit integer arrives as a rounded double");
     }
 }

@@ -47,7 +47,7 @@ pub struct ApiState {
 /// The mTLS API router.
 pub fn router(state: ApiState) -> Router {
     let max_body = state.app.config.server.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/v1/sign", post(sign))
         .route("/v1/sign/batch", post(sign_batch))
         .route("/v1/keys/{tenant}", get(keys))
@@ -60,7 +60,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/admin/rollback", post(admin_rollback))
         .route("/v1/admin/csr", post(admin_csr))
         .route("/v1/admin/certificates", post(admin_import))
-        .route("/v1/admin/reload", post(admin_reload))
+        .route("/v1/admin/reload", post(admin_reload));
+    #[cfg(feature = "insecure-test-hooks")]
+    let router = router.route("/v1/admin/insecure-test-fault", post(insecure_test_fault));
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -360,6 +363,24 @@ async fn admin_reload(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
         Err(reason) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-configuration", "Configuration rejected; the previous one stays", reason, &caller.request_id)
             .into_response(),
     }
+}
+
+/// Test hook (feature `insecure-test-hooks` only): inject a token fault into the running service.
+#[cfg(feature = "insecure-test-hooks")]
+async fn insecure_test_fault(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<serde_json::Value>) -> Response {
+    if let Err(e) = caller.require(crate::config::Role::Admin) {
+        return fail(e, &caller.request_id);
+    }
+    match req["fault"].as_str() {
+        Some("stall_next_call") => {
+            let ms = req["millis"].as_u64().unwrap_or(5000);
+            s.app.hsm.insecure_test_stall_next_call(std::time::Duration::from_millis(ms));
+        }
+        Some("finalize_library") => s.app.hsm.insecure_test_finalize_library(),
+        _ => return fail(Error::invalid("fault", "stall_next_call or finalize_library"), &caller.request_id),
+    }
+    tracing::warn!(fault = ?req["fault"], "insecure test hook: fault injected");
+    ok(StatusCode::OK, &serde_json::json!({"injected": req["fault"]}))
 }
 
 async fn not_found(req: Request) -> Response {

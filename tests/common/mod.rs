@@ -1,0 +1,430 @@
+//! Test harness: a fresh development setup (own SoftHSM token, PINs, TLS PKI) in a temp dir,
+//! the real `signet` binary serving on port 0, real mTLS clients, and helpers to check
+//! outcomes (signatures, evidence, metrics).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hyper::Method;
+use p256::ecdsa::{DerSignature, VerifyingKey};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use signature::hazmat::PrehashVerifier;
+
+use signet::client::{ClientTls, Connection};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_signet");
+
+/// One isolated Signet installation.
+pub struct Signet {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    pub api: SocketAddr,
+    pub metrics: SocketAddr,
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Init {
+    pub manual_issuer: bool,
+    pub keys: bool,
+    /// Lines appended to / replacing parts of signet.toml before the first start.
+    pub edit: Option<Box<dyn Fn(String) -> String>>,
+}
+
+impl Default for Init {
+    fn default() -> Self {
+        Self { manual_issuer: false, keys: true, edit: None }
+    }
+}
+
+impl Signet {
+    /// Create a development setup with listeners on port 0.
+    pub fn init(opts: Init) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("signet");
+        let mut args = vec![
+            "dev".to_owned(),
+            "init".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if opts.manual_issuer {
+            args.push("--manual-issuer".into());
+        }
+        if !opts.keys {
+            args.push("--no-keys".into());
+        }
+        let out = Command::new(BIN).args(&args).env("SIGNET_LOG", "warn").output().expect("run signet dev init");
+        assert!(out.status.success(), "dev init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let s = Self { tmp, dir, child: None, api: "127.0.0.1:0".parse().unwrap(), metrics: "127.0.0.1:0".parse().unwrap(), env: Vec::new() };
+        // Tests run faster with short intervals.
+        s.edit_config(|c| {
+            c.replace("checkpoint_interval = \"5s\"", "checkpoint_interval = \"300ms\"")
+                .replace("sessions = 2", "sessions = 2\nhealth_interval = \"200ms\"\ncall_timeout = \"2s\"")
+        });
+        if let Some(edit) = &opts.edit {
+            s.edit_config(|c| edit(c));
+        }
+        s
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("signet.toml")
+    }
+
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(self.config()).expect("read config");
+        std::fs::write(self.config(), f(text)).expect("write config");
+    }
+
+    /// Start `signet serve` and wait until it accepts requests.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let ready = self.dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("serve.log")).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--config", &self.config().display().to_string(), "serve", "--ready-file", &ready.display().to_string()])
+            .env("SIGNET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn signet serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    self.api = v["api"].as_str().unwrap().parse().unwrap();
+                    self.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
+                    break;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("signet serve exited early ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "signet did not become ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Point the CLI's [cli] section at the bound port.
+        let port = self.api.port();
+        self.edit_config(|c| {
+            let mut out = String::new();
+            for line in c.lines() {
+                if line.starts_with("url = \"https://localhost:") {
+                    out.push_str(&format!("url = \"https://localhost:{port}\"\n"));
+                } else {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            out
+        });
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "signet did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL (a crash).
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Wait for the process to exit on its own (e.g. an abort hook); returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "signet did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    /// Run the CLI against this installation.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config").arg(self.config()).args(args).env("SIGNET_LOG", "warn");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run signet")
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "signet {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// TLS settings for a development client (`payroll-app`, `admin`, ...).
+    pub fn tls(&self, client: &str) -> ClientTls {
+        let d = self.dir.join("tls");
+        ClientTls::new(&d.join("ca.pem"), Some(&d.join(format!("clients/{client}.pem"))), Some(&d.join(format!("clients/{client}.key")))).expect("client tls")
+    }
+
+    pub async fn connect(&self, client: &str) -> Connection {
+        Connection::connect(&self.tls(client), self.api, "localhost").await.expect("connect")
+    }
+
+    /// One request on a fresh connection; returns status, headers, JSON body.
+    pub async fn call(&self, client: &str, method: Method, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, hyper::HeaderMap, Value) {
+        let mut c = self.connect(client).await;
+        call_on(&mut c, method, path, body, headers).await
+    }
+
+    pub async fn sign(&self, client: &str, body: Value) -> (u16, Value) {
+        let (s, _, v) = self.call(client, Method::POST, "/v1/sign", Some(body), &[]).await;
+        (s, v)
+    }
+
+    /// GET /metrics as text.
+    pub async fn metrics_text(&self) -> String {
+        http_get(self.metrics, "/metrics").await.1
+    }
+
+    /// The value of one metric sample (exact name with labels as rendered), or 0.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics_text().await, sample)
+    }
+
+    pub async fn readyz(&self) -> u16 {
+        http_get(self.metrics, "/readyz").await.0
+    }
+
+    /// Wait until `cond` holds, polling.
+    pub async fn eventually<F, Fut>(&self, what: &str, timeout: Duration, mut cond: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while !cond().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n--- log ---\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.join("audit")
+    }
+
+    /// Every evidence entry on disk, parsed.
+    pub fn entries(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.audit_dir().join("entries.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("entry is JSON"))
+            .collect()
+    }
+}
+
+impl Drop for Signet {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn call_on(c: &mut Connection, method: Method, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, hyper::HeaderMap, Value) {
+    let (status, h, bytes) = c.request(method, path, headers, body.map(|b| b.to_string().into_bytes())).await.expect("request");
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status.as_u16(), h, v)
+}
+
+/// Plain HTTP GET (metrics listener).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, dechunk(&body))
+}
+
+fn dechunk(body: &str) -> String {
+    // Bodies from axum's plain listener may be chunked; strip chunk-size lines if present.
+    let lines: Vec<&str> = body.split("\r\n").collect();
+    if lines.len() > 1 && lines[0].chars().all(|c| c.is_ascii_hexdigit()) && !lines[0].is_empty() {
+        let mut out = String::new();
+        let mut i = 0;
+        while i + 1 < lines.len() {
+            let n = usize::from_str_radix(lines[i], 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(lines[i + 1]);
+            i += 2;
+        }
+        out
+    } else {
+        body.to_owned()
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+pub fn digest_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+pub fn sign_body(policy: &str, data: &[u8]) -> Value {
+    serde_json::json!({"policy_id": policy, "digest": digest_hex(data), "digest_algorithm": "sha256"})
+}
+
+/// The public key of a PEM certificate.
+pub fn cert_key(pem: &str) -> VerifyingKey {
+    let der = signet::pki::parse_pem_or_der(pem.as_bytes()).expect("certificate PEM");
+    signet::pki::CertInfo::parse(&der).expect("certificate").public_key.expect("P-256 key")
+}
+
+/// Does `sig_b64` (DER) verify over SHA-256(`data`) with the certificate's key?
+pub fn verifies(cert_pem: &str, data: &[u8], sig_b64: &str) -> bool {
+    let der = B64.decode(sig_b64).expect("base64 signature");
+    let sig = DerSignature::from_bytes(&der).expect("DER signature");
+    cert_key(cert_pem).verify_prehash(&Sha256::digest(data), &sig).is_ok()
+}
+
+/// Verify a signature with the openssl command line, as a relying party would.
+pub fn openssl_verifies(dir: &Path, cert_pem: &str, data: &[u8], sig_b64: &str) -> bool {
+    let work = dir.join(format!("openssl-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("cert.pem"), cert_pem).unwrap();
+    std::fs::write(work.join("data"), data).unwrap();
+    std::fs::write(work.join("sig.der"), B64.decode(sig_b64).unwrap()).unwrap();
+    let pubkey = Command::new("openssl").args(["x509", "-in"]).arg(work.join("cert.pem")).args(["-pubkey", "-noout"]).output().expect("openssl");
+    std::fs::write(work.join("pub.pem"), &pubkey.stdout).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(work.join("pub.pem"))
+        .arg("-signature")
+        .arg(work.join("sig.der"))
+        .arg(work.join("data"))
+        .output()
+        .expect("openssl dgst");
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Verified OK")
+}
+
+/// An independent RFC 6962 implementation (recursive, from the RFC text) for cross-checks.
+pub mod rfc6962 {
+    use sha2::{Digest, Sha256};
+
+    pub fn leaf(data: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update([0]);
+        h.update(data);
+        h.finalize().into()
+    }
+
+    fn node(l: &[u8; 32], r: &[u8; 32]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update([1]);
+        h.update(l);
+        h.update(r);
+        h.finalize().into()
+    }
+
+    fn k(n: usize) -> usize {
+        let mut k = 1;
+        while k * 2 < n {
+            k *= 2;
+        }
+        k
+    }
+
+    pub fn mth(leaves: &[[u8; 32]]) -> [u8; 32] {
+        match leaves.len() {
+            0 => Sha256::digest([]).into(),
+            1 => leaves[0],
+            n => node(&mth(&leaves[..k(n)]), &mth(&leaves[k(n)..])),
+        }
+    }
+
+    /// PATH(m, D[n]) from RFC 6962 §2.1.1.
+    pub fn path(m: usize, leaves: &[[u8; 32]]) -> Vec<[u8; 32]> {
+        let n = leaves.len();
+        if n <= 1 {
+            return vec![];
+        }
+        let k = k(n);
+        if m < k {
+            let mut p = path(m, &leaves[..k]);
+            p.push(mth(&leaves[k..]));
+            p
+        } else {
+            let mut p = path(m - k, &leaves[k..]);
+            p.push(mth(&leaves[..k]));
+            p
+        }
+    }
+
+    /// PROOF(m, D[n]) from RFC 6962 §2.1.2.
+    pub fn consistency(m: usize, leaves: &[[u8; 32]]) -> Vec<[u8; 32]> {
+        fn sub(m: usize, d: &[[u8; 32]], b: bool) -> Vec<[u8; 32]> {
+            let n = d.len();
+            if m == n {
+                return if b { vec![] } else { vec![mth(d)] };
+            }
+            let k = k(n);
+            if m <= k {
+                let mut p = sub(m, &d[..k], b);
+                p.push(mth(&d[k..]));
+                p
+            } else {
+                let mut p = sub(m - k, &d[k..], false);
+                p.push(mth(&d[..k]));
+                p
+            }
+        }
+        sub(m, leaves, true)
+    }
+}
