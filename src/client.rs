@@ -35,10 +35,15 @@ pub struct ClientTls {
 
 impl ClientTls {
     pub fn new(ca: &Path, cert: Option<&Path>, key: Option<&Path>) -> Result<Self, Error> {
-        let file_err = |p: &Path, e: &dyn std::fmt::Display| Error::File { path: p.display().to_string(), reason: e.to_string() };
+        let file_err = |p: &Path, e: &dyn std::fmt::Display| Error::File {
+            path: p.display().to_string(),
+            reason: e.to_string(),
+        };
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, &e))? {
-            roots.add(c.map_err(|e| file_err(ca, &e))?).map_err(|e| file_err(ca, &e))?;
+            roots
+                .add(c.map_err(|e| file_err(ca, &e))?)
+                .map_err(|e| file_err(ca, &e))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -52,11 +57,15 @@ impl ClientTls {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| file_err(c, &e))?;
                 let key = PrivateKeyDer::from_pem_file(k).map_err(|e| file_err(k, &e))?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| Error::Tls(e.to_string()))?
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| Error::Tls(e.to_string()))?
             }
             _ => builder.with_no_client_auth(),
         };
-        Ok(Self { config: Arc::new(config) })
+        Ok(Self {
+            config: Arc::new(config),
+        })
     }
 }
 
@@ -68,7 +77,9 @@ pub struct Connection {
 
 /// Split `https://host:port[/...]` into host and port.
 pub fn parse_url(url: &str) -> Result<(String, u16), Error> {
-    let rest = url.strip_prefix("https://").ok_or_else(|| Error::Url(url.to_owned()))?;
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| Error::Url(url.to_owned()))?;
     let hostport = rest.split('/').next().unwrap_or_default();
     let (host, port) = match hostport.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().map_err(|_| Error::Url(url.to_owned()))?),
@@ -77,22 +88,44 @@ pub fn parse_url(url: &str) -> Result<(String, u16), Error> {
     if host.is_empty() {
         return Err(Error::Url(url.to_owned()));
     }
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    ))
 }
 
 impl Connection {
     /// Connect to `addr`, presenting `server_name` for SNI and certificate checks.
-    pub async fn connect(tls: &ClientTls, addr: SocketAddr, server_name: &str) -> Result<Self, Error> {
-        let connect_err = |e: &dyn std::fmt::Display| Error::Connect { addr: addr.to_string(), reason: e.to_string() };
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| connect_err(&e))?;
+    pub async fn connect(
+        tls: &ClientTls,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Self, Error> {
+        let connect_err = |e: &dyn std::fmt::Display| Error::Connect {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        };
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| connect_err(&e))?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(server_name.to_owned()).map_err(|e| connect_err(&e))?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config)).connect(name, tcp).await.map_err(|e| connect_err(&e))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| connect_err(&e))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| connect_err(&e))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_err(&e))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Self { sender, host: server_name.to_owned() })
+        Ok(Self {
+            sender,
+            host: server_name.to_owned(),
+        })
     }
 
     /// Connect to `https://host:port`, resolving the host.
@@ -100,27 +133,60 @@ impl Connection {
         let (host, port) = parse_url(url)?;
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
-            .map_err(|e| Error::Connect { addr: url.to_owned(), reason: e.to_string() })?
+            .map_err(|e| Error::Connect {
+                addr: url.to_owned(),
+                reason: e.to_string(),
+            })?
             .next()
-            .ok_or_else(|| Error::Connect { addr: url.to_owned(), reason: "no address".into() })?;
+            .ok_or_else(|| Error::Connect {
+                addr: url.to_owned(),
+                reason: "no address".into(),
+            })?;
         Self::connect(tls, addr, &host).await
     }
 
     /// Send one request; returns status, headers and the whole body.
-    pub async fn request(&mut self, method: Method, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Result<(StatusCode, HeaderMap, Bytes), Error> {
-        let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
-        if body.is_some() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), Error> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        if body.is_some()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             req = req.header("content-type", "application/json");
         }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| Error::Request(e.to_string()))?;
-        self.sender.ready().await.map_err(|e| Error::Request(e.to_string()))?;
-        let resp = self.sender.send_request(req).await.map_err(|e| Error::Request(e.to_string()))?;
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| Error::Request(e.to_string()))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| Error::Request(e.to_string()))?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| Error::Request(e.to_string()))?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.map_err(|e| Error::Request(e.to_string()))?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Error::Request(e.to_string()))?
+            .to_bytes();
         Ok((status, headers, body))
     }
 }

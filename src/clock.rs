@@ -6,7 +6,10 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> SystemTime;
 
     fn unix(&self) -> u64 {
-        self.now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+        self.now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     }
 }
 
@@ -21,11 +24,16 @@ pub struct SystemClock {
 impl SystemClock {
     pub fn new() -> Self {
         #[cfg(feature = "insecure-test-hooks")]
-        if let Some(d) = std::env::var("SIGNET_INSECURE_CLOCK_OFFSET").ok().and_then(|v| humantime::parse_duration(&v).ok()) {
+        if let Some(d) = std::env::var("SIGNET_INSECURE_CLOCK_OFFSET")
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok())
+        {
             tracing::warn!(offset = ?d, "insecure test hook: clock moved forward");
             return Self { offset: d };
         }
-        Self { offset: Duration::ZERO }
+        Self {
+            offset: Duration::ZERO,
+        }
     }
 }
 
@@ -38,7 +46,8 @@ impl Clock for SystemClock {
 /// RFC 3339 UTC with microseconds: `2026-11-22T10:00:00.123456Z`.
 pub fn rfc3339_micros(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let dt = time::OffsetDateTime::from_unix_timestamp(d.as_secs() as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let dt = time::OffsetDateTime::from_unix_timestamp(d.as_secs() as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
         dt.year(),

@@ -45,8 +45,12 @@ impl Options {
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
-            listen: "127.0.0.1:8443".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8443))),
-            metrics_listen: "127.0.0.1:9464".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9464))),
+            listen: "127.0.0.1:8443"
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8443))),
+            metrics_listen: "127.0.0.1:9464"
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9464))),
             manual_issuer: false,
             module: PathBuf::from(SOFTHSM_MODULE),
         }
@@ -56,7 +60,10 @@ impl Options {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot build the development PKI: {0}")]
     Pki(String),
     #[error(
@@ -66,7 +73,10 @@ pub enum Error {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// The configuration file of a development directory.
@@ -84,7 +94,15 @@ pub fn prepare(opts: &Options) -> Result<bool, Error> {
         return Err(Error::NoModule(opts.module.display().to_string()));
     }
     let dir = &opts.dir;
-    for sub in ["", "tokens", "secrets", "tls", "tls/clients", "audit", "state"] {
+    for sub in [
+        "",
+        "tokens",
+        "secrets",
+        "tls",
+        "tls/clients",
+        "audit",
+        "state",
+    ] {
         let d = dir.join(sub);
         fsutil::create_private_dir(&d).map_err(io(&d))?;
     }
@@ -94,7 +112,11 @@ pub fn prepare(opts: &Options) -> Result<bool, Error> {
         abs.join("tokens").display()
     );
     write(&dir.join("softhsm2.conf"), softhsm_conf.as_bytes(), 0o600)?;
-    write(&dir.join("secrets/user.pin"), random_pin().as_bytes(), 0o600)?;
+    write(
+        &dir.join("secrets/user.pin"),
+        random_pin().as_bytes(),
+        0o600,
+    )?;
     write(&dir.join("secrets/so.pin"), random_pin().as_bytes(), 0o600)?;
     dev_pki(dir)?;
     write(&config_path(dir), config_text(opts).as_bytes(), 0o600)?;
@@ -105,7 +127,9 @@ pub fn prepare(opts: &Options) -> Result<bool, Error> {
 /// whose `SOFTHSM2_CONF` points at the directory's `softhsm2.conf`.
 pub fn provision(dir: &Path, module: &Path) -> Result<bool, crate::hsm::Error> {
     let read = |name: &str| -> Result<SecretString, crate::hsm::Error> {
-        crate::hsm::read_pin(&crate::config::PinSource::File(dir.join("secrets").join(name)))
+        crate::hsm::read_pin(&crate::config::PinSource::File(
+            dir.join("secrets").join(name),
+        ))
     };
     crate::hsm::provision_token(module, TOKEN_LABEL, &read("so.pin")?, &read("user.pin")?)
 }
@@ -118,7 +142,9 @@ fn random_pin() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
     let mut rng = rand::rng();
-    (0..20).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..20)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 /// A software signer for the development TLS PKI (never for tenant keys).
@@ -140,7 +166,10 @@ impl signature::Signer<p256::ecdsa::DerSignature> for DevSigner {
 
 impl spki::DynSignatureAlgorithmIdentifier for DevSigner {
     fn signature_algorithm_identifier(&self) -> spki::Result<spki::AlgorithmIdentifierOwned> {
-        Ok(spki::AlgorithmIdentifierOwned { oid: crate::hsm::ECDSA_WITH_SHA256, parameters: None })
+        Ok(spki::AlgorithmIdentifierOwned {
+            oid: crate::hsm::ECDSA_WITH_SHA256,
+            parameters: None,
+        })
     }
 }
 
@@ -150,8 +179,21 @@ fn dev_pki(dir: &Path) -> Result<(), Error> {
     let year = Duration::from_secs(365 * 86400);
     let ca_key = DevSigner(SigningKey::generate());
     let ca_name = pki::name("Signet development TLS CA", "Signet development").map_err(e)?;
-    let ca = pki::issue(Profile::Ca { subject: ca_name.clone() }, &ca_key.0.verifying_key().clone(), now, 5 * year, &ca_key).map_err(e)?;
-    write(&dir.join("tls/ca.pem"), pki::der_to_pem(&ca, "CERTIFICATE").as_bytes(), 0o644)?;
+    let ca = pki::issue(
+        Profile::Ca {
+            subject: ca_name.clone(),
+        },
+        &ca_key.0.verifying_key().clone(),
+        now,
+        5 * year,
+        &ca_key,
+    )
+    .map_err(e)?;
+    write(
+        &dir.join("tls/ca.pem"),
+        pki::der_to_pem(&ca, "CERTIFICATE").as_bytes(),
+        0o644,
+    )?;
     write_key(&dir.join("tls/ca.key"), &ca_key.0)?;
 
     let server_key = SigningKey::generate();
@@ -160,7 +202,10 @@ fn dev_pki(dir: &Path) -> Result<(), Error> {
             subject: pki::name("localhost", "Signet development").map_err(e)?,
             issuer: ca_name.clone(),
             dns: vec!["localhost".into()],
-            ips: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from(std::net::Ipv6Addr::LOCALHOST)],
+            ips: vec![
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ],
         },
         server_key.verifying_key(),
         now,
@@ -168,7 +213,11 @@ fn dev_pki(dir: &Path) -> Result<(), Error> {
         &ca_key,
     )
     .map_err(e)?;
-    write(&dir.join("tls/server.pem"), pki::der_to_pem(&server, "CERTIFICATE").as_bytes(), 0o644)?;
+    write(
+        &dir.join("tls/server.pem"),
+        pki::der_to_pem(&server, "CERTIFICATE").as_bytes(),
+        0o644,
+    )?;
     write_key(&dir.join("tls/server.key"), &server_key)?;
 
     for (name, _, _) in CLIENTS {
@@ -180,17 +229,33 @@ fn dev_pki(dir: &Path) -> Result<(), Error> {
 /// Issue a development client certificate `tls/clients/NAME.{pem,key}` with the URI SAN
 /// `spiffe://signet.dev/NAME`, signed by the development TLS CA of `dir`.
 pub fn issue_client_from_dir(dir: &Path, name: &str) -> Result<(), Error> {
-    let key_pem = std::fs::read_to_string(dir.join("tls/ca.key")).map_err(io(&dir.join("tls/ca.key")))?;
-    let ca_key = <SigningKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&key_pem).map_err(|e| Error::Pki(e.to_string()))?;
-    let ca_name = pki::name("Signet development TLS CA", "Signet development").map_err(|x| Error::Pki(x.to_string()))?;
-    issue_client(dir, &DevSigner(ca_key), &ca_name, name, Duration::from_secs(365 * 86400))
+    let key_pem =
+        std::fs::read_to_string(dir.join("tls/ca.key")).map_err(io(&dir.join("tls/ca.key")))?;
+    let ca_key = <SigningKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&key_pem)
+        .map_err(|e| Error::Pki(e.to_string()))?;
+    let ca_name = pki::name("Signet development TLS CA", "Signet development")
+        .map_err(|x| Error::Pki(x.to_string()))?;
+    issue_client(
+        dir,
+        &DevSigner(ca_key),
+        &ca_name,
+        name,
+        Duration::from_secs(365 * 86400),
+    )
 }
 
-fn issue_client(dir: &Path, ca_key: &DevSigner, ca_name: &x509_cert::name::Name, name: &str, validity: Duration) -> Result<(), Error> {
+fn issue_client(
+    dir: &Path,
+    ca_key: &DevSigner,
+    ca_name: &x509_cert::name::Name,
+    name: &str,
+    validity: Duration,
+) -> Result<(), Error> {
     let key = SigningKey::generate();
     let der = pki::issue(
         Profile::TlsClient {
-            subject: pki::name(name, "Signet development").map_err(|x| Error::Pki(x.to_string()))?,
+            subject: pki::name(name, "Signet development")
+                .map_err(|x| Error::Pki(x.to_string()))?,
             issuer: ca_name.clone(),
             uri: Some(format!("{IDENTITY_PREFIX}{name}")),
         },
@@ -200,26 +265,41 @@ fn issue_client(dir: &Path, ca_key: &DevSigner, ca_name: &x509_cert::name::Name,
         ca_key,
     )
     .map_err(|x| Error::Pki(x.to_string()))?;
-    write(&dir.join(format!("tls/clients/{name}.pem")), pki::der_to_pem(&der, "CERTIFICATE").as_bytes(), 0o644)?;
+    write(
+        &dir.join(format!("tls/clients/{name}.pem")),
+        pki::der_to_pem(&der, "CERTIFICATE").as_bytes(),
+        0o644,
+    )?;
     write_key(&dir.join(format!("tls/clients/{name}.key")), &key)
 }
 
 fn write_key(path: &Path, key: &SigningKey) -> Result<(), Error> {
-    let pem = key.to_pkcs8_pem(p256::pkcs8::LineEnding::LF).map_err(|e| Error::Pki(e.to_string()))?;
+    let pem = key
+        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .map_err(|e| Error::Pki(e.to_string()))?;
     write(path, pem.as_bytes(), 0o600)
 }
 
 fn config_text(opts: &Options) -> String {
     let mut clients = String::new();
     for (name, tenants, roles) in CLIENTS {
-        let list = |xs: &[&str]| xs.iter().map(|x| format!("\"{x}\"")).collect::<Vec<_>>().join(", ");
+        let list = |xs: &[&str]| {
+            xs.iter()
+                .map(|x| format!("\"{x}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         clients.push_str(&format!(
             "\n[[clients]]\nidentity = \"{IDENTITY_PREFIX}{name}\"\ntenants = [{}]\nroles = [{}]\n",
             list(tenants),
             list(roles)
         ));
     }
-    let issuer = if opts.manual_issuer { "manual" } else { "hsm-ca" };
+    let issuer = if opts.manual_issuer {
+        "manual"
+    } else {
+        "hsm-ca"
+    };
     format!(
         r#"# Signet development configuration, created by `signet dev init`.
 # Relative paths are relative to this file. Every key is documented in deploy/signet.example.toml.

@@ -39,10 +39,16 @@ impl FromStr for TenantId {
     fn from_str(s: &str) -> Result<Self, ParseError> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && s.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
             && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if ok { Ok(Self(s.to_owned())) } else { Err(ParseError::Tenant) }
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(ParseError::Tenant)
+        }
     }
 }
 
@@ -69,7 +75,11 @@ impl FromStr for PolicyId {
             && s.len() <= 128
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
-        if ok { Ok(Self(s.to_owned())) } else { Err(ParseError::Policy) }
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(ParseError::Policy)
+        }
     }
 }
 
@@ -104,7 +114,10 @@ impl FromStr for KeyId {
         let (tenant, version) = s.split_once("/v").ok_or(ParseError::KeyId)?;
         let tenant = tenant.parse().map_err(|_| ParseError::KeyId)?;
         // Reject leading zeros and signs so every key has exactly one spelling.
-        if version.is_empty() || version.starts_with('0') || !version.bytes().all(|b| b.is_ascii_digit()) {
+        if version.is_empty()
+            || version.starts_with('0')
+            || !version.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(ParseError::KeyId);
         }
         let version = version.parse::<u32>().map_err(|_| ParseError::KeyId)?;
@@ -139,9 +152,15 @@ impl FromStr for Sha256Digest {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, ParseError> {
         if s.len() != 64 {
-            return Err(ParseError::DigestLength { expected: 64, got: s.chars().count() });
+            return Err(ParseError::DigestLength {
+                expected: 64,
+                got: s.chars().count(),
+            });
         }
-        if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(ParseError::DigestHex);
         }
         let mut out = [0u8; 32];
@@ -207,7 +226,16 @@ mod tests {
         assert_eq!(k.tenant().as_str(), "payroll");
         assert_eq!(k.version(), 3);
         assert_eq!(k.to_string(), "payroll/v3");
-        for bad in ["payroll/v0", "payroll/v03", "payroll/v", "payroll", "/v1", "Pay/v1", "p/v+1", "p/v1x"] {
+        for bad in [
+            "payroll/v0",
+            "payroll/v03",
+            "payroll/v",
+            "payroll",
+            "/v1",
+            "Pay/v1",
+            "p/v+1",
+            "p/v1x",
+        ] {
             assert!(bad.parse::<KeyId>().is_err(), "{bad}");
         }
     }
@@ -218,10 +246,19 @@ mod tests {
         assert!(ok.parse::<Sha256Digest>().is_ok());
         assert_eq!(
             "ab".parse::<Sha256Digest>(),
-            Err(ParseError::DigestLength { expected: 64, got: 2 })
+            Err(ParseError::DigestLength {
+                expected: 64,
+                got: 2
+            })
         );
-        assert_eq!("AB".repeat(32).parse::<Sha256Digest>(), Err(ParseError::DigestHex));
-        assert_eq!("zz".repeat(32).parse::<Sha256Digest>(), Err(ParseError::DigestHex));
+        assert_eq!(
+            "AB".repeat(32).parse::<Sha256Digest>(),
+            Err(ParseError::DigestHex)
+        );
+        assert_eq!(
+            "zz".repeat(32).parse::<Sha256Digest>(),
+            Err(ParseError::DigestHex)
+        );
     }
 
     #[test]

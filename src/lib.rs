@@ -5,17 +5,17 @@
 
 pub mod audit;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod fsutil;
-pub mod http;
 pub mod hsm;
+pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
-pub mod tls;
-pub mod clock;
 pub mod rotation;
 pub mod service;
+pub mod tls;

@@ -39,8 +39,13 @@ pub struct Metrics {
 }
 
 /// Every value `signet_rotation_state{state}` can take; exactly one is 1 per tenant.
-pub const ROTATION_STATES: &[&str] =
-    &["idle", "in_progress", "awaiting_certificate", "retrying", "overdue"];
+pub const ROTATION_STATES: &[&str] = &[
+    "idle",
+    "in_progress",
+    "awaiting_certificate",
+    "retrying",
+    "overdue",
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -50,7 +55,9 @@ impl Metrics {
                 let c = $c;
                 // Registration fails only on duplicate names, which are fixed in this file.
                 #[allow(clippy::expect_used)]
-                registry.register(Box::new(c.clone())).expect("metric names are unique");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("metric names are unique");
                 c
             }};
         }
@@ -68,14 +75,22 @@ impl Metrics {
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         #[allow(clippy::expect_used)] // static, valid names and buckets
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric")
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric")
         };
         let latency = vec![
-            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0,
         ];
 
-        let build_info = reg!(gauge_vec("signet_build_info", "Build information; always 1.", &["version"]));
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let build_info = reg!(gauge_vec(
+            "signet_build_info",
+            "Build information; always 1.",
+            &["version"]
+        ));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
 
         Self {
             sign_requests: reg!(counter_vec(
@@ -187,16 +202,37 @@ impl Metrics {
     /// Create the series with known label values at 0, so dashboards and alerts see them
     /// before the first event.
     fn initialise(self) -> Self {
-        for kind in ["session", "device", "request", "timeout", "busy", "unavailable", "not_found", "stuck_worker"] {
+        for kind in [
+            "session",
+            "device",
+            "request",
+            "timeout",
+            "busy",
+            "unavailable",
+            "not_found",
+            "stuck_worker",
+        ] {
             self.hsm_errors.with_label_values(&[kind]);
         }
-        for outcome in ["started", "completed", "failed_attempt", "rolled_back", "aborted", "retired"] {
+        for outcome in [
+            "started",
+            "completed",
+            "failed_attempt",
+            "rolled_back",
+            "aborted",
+            "retired",
+        ] {
             self.rotations.with_label_values(&[outcome]);
         }
         for outcome in ["ok", "rejected"] {
             self.config_reloads.with_label_values(&[outcome]);
         }
-        for (method, outcome) in [("relogin", "ok"), ("relogin", "failed"), ("reinitialize", "ok"), ("reinitialize", "failed")] {
+        for (method, outcome) in [
+            ("relogin", "ok"),
+            ("relogin", "failed"),
+            ("reinitialize", "ok"),
+            ("reinitialize", "failed"),
+        ] {
             self.hsm_recoveries.with_label_values(&[method, outcome]);
         }
         self.config_last_reload_success.set(1);
@@ -230,7 +266,9 @@ mod tests {
     #[test]
     fn renders_spec_names() {
         let m = Metrics::new();
-        m.sign_requests.with_label_values(&["payroll", "p", "ok"]).inc();
+        m.sign_requests
+            .with_label_values(&["payroll", "p", "ok"])
+            .inc();
         m.sign_duration.observe(0.001);
         m.hsm_error("session");
         let text = m.render();

@@ -22,13 +22,22 @@ pub enum Error {
     #[error("client `{identity}` may not sign for tenant `{tenant}`")]
     TenantNotAllowed { identity: String, tenant: TenantId },
     #[error("client `{identity}` lacks the `{role}` role")]
-    MissingRole { identity: String, role: &'static str },
+    MissingRole {
+        identity: String,
+        role: &'static str,
+    },
     #[error("policy `{policy}` does not allow digest algorithm `{algorithm}`")]
-    DigestAlgorithmNotAllowed { policy: PolicyId, algorithm: &'static str },
+    DigestAlgorithmNotAllowed {
+        policy: PolicyId,
+        algorithm: &'static str,
+    },
     #[error("policy `{0}` requires an Idempotency-Key header")]
     IdempotencyKeyRequired(PolicyId),
     #[error("rate limit of policy `{policy}` exceeded")]
-    RateLimited { policy: PolicyId, retry_after: Duration },
+    RateLimited {
+        policy: PolicyId,
+        retry_after: Duration,
+    },
 }
 
 /// A policy with what is derived from it once per configuration.
@@ -46,17 +55,29 @@ pub struct Policies {
 
 impl Policies {
     pub fn new(config: &DynamicConfig) -> Self {
-        let clients = config.clients.iter().map(|c| (c.identity.clone(), Arc::new(c.clone()))).collect();
+        let clients = config
+            .clients
+            .iter()
+            .map(|c| (c.identity.clone(), Arc::new(c.clone())))
+            .collect();
         let policies = config
             .policies
             .iter()
             .map(|p| {
                 let limiter = p.rate_limit.map(|r| {
                     let per_second = NonZeroU32::new(r.per_second).unwrap_or(NonZeroU32::MIN);
-                    let burst = NonZeroU32::new(r.burst.unwrap_or(r.per_second)).unwrap_or(NonZeroU32::MIN);
+                    let burst =
+                        NonZeroU32::new(r.burst.unwrap_or(r.per_second)).unwrap_or(NonZeroU32::MIN);
                     RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
                 });
-                (p.id.clone(), Arc::new(Policy { hash: p.hash_hex(), config: p.clone(), limiter }))
+                (
+                    p.id.clone(),
+                    Arc::new(Policy {
+                        hash: p.hash_hex(),
+                        config: p.clone(),
+                        limiter,
+                    }),
+                )
             })
             .collect();
         Self { clients, policies }
@@ -78,22 +99,36 @@ impl Policies {
         policy_id: &PolicyId,
         algorithm: DigestAlgorithm,
     ) -> Result<&Arc<Policy>, Error> {
-        let policy = self.policies.get(policy_id).ok_or_else(|| Error::UnknownPolicy(policy_id.clone()))?;
+        let policy = self
+            .policies
+            .get(policy_id)
+            .ok_or_else(|| Error::UnknownPolicy(policy_id.clone()))?;
         if !client.roles.contains(&Role::Sign) {
-            return Err(Error::MissingRole { identity: client.identity.clone(), role: "sign" });
+            return Err(Error::MissingRole {
+                identity: client.identity.clone(),
+                role: "sign",
+            });
         }
         if !client.tenants.contains(&policy.config.tenant) {
-            return Err(Error::TenantNotAllowed { identity: client.identity.clone(), tenant: policy.config.tenant.clone() });
+            return Err(Error::TenantNotAllowed {
+                identity: client.identity.clone(),
+                tenant: policy.config.tenant.clone(),
+            });
         }
         if !policy.config.digest_algorithms.contains(&algorithm) {
-            return Err(Error::DigestAlgorithmNotAllowed { policy: policy_id.clone(), algorithm: algorithm.as_str() });
+            return Err(Error::DigestAlgorithmNotAllowed {
+                policy: policy_id.clone(),
+                algorithm: algorithm.as_str(),
+            });
         }
         Ok(policy)
     }
 
     /// May `client` read keys and its own evidence of `tenant`?
     pub fn may_read_tenant(client: &ClientConfig, tenant: &TenantId) -> bool {
-        client.roles.contains(&Role::Admin) || client.roles.contains(&Role::Audit) || client.tenants.contains(tenant)
+        client.roles.contains(&Role::Admin)
+            || client.roles.contains(&Role::Audit)
+            || client.tenants.contains(tenant)
     }
 
     /// Require `role` (admin actions, or audit reads across tenants).
@@ -101,7 +136,10 @@ impl Policies {
         if client.roles.contains(&role) {
             Ok(())
         } else {
-            Err(Error::MissingRole { identity: client.identity.clone(), role: role.as_str() })
+            Err(Error::MissingRole {
+                identity: client.identity.clone(),
+                role: role.as_str(),
+            })
         }
     }
 
@@ -131,7 +169,10 @@ impl Policy {
                 policy: self.config.id.clone(),
                 retry_after: not_until.wait_time_from(DefaultClock::default().now()),
             }),
-            Err(_) => Err(Error::RateLimited { policy: self.config.id.clone(), retry_after: Duration::from_secs(1) }),
+            Err(_) => Err(Error::RateLimited {
+                policy: self.config.id.clone(),
+                retry_after: Duration::from_secs(1),
+            }),
         }
     }
 }
@@ -187,9 +228,18 @@ legal_standard = "x"
         let sha = DigestAlgorithm::Sha256;
         let id = |s: &str| s.parse::<PolicyId>().unwrap();
         assert!(p.authorize_sign(&app, &id("payroll-esign"), sha).is_ok());
-        assert!(matches!(p.authorize_sign(&app, &id("hr-esign"), sha), Err(Error::TenantNotAllowed { .. })));
-        assert!(matches!(p.authorize_sign(&app, &id("nope"), sha), Err(Error::UnknownPolicy(_))));
-        assert!(matches!(p.authorize_sign(&auditor, &id("payroll-esign"), sha), Err(Error::MissingRole { .. })));
+        assert!(matches!(
+            p.authorize_sign(&app, &id("hr-esign"), sha),
+            Err(Error::TenantNotAllowed { .. })
+        ));
+        assert!(matches!(
+            p.authorize_sign(&app, &id("nope"), sha),
+            Err(Error::UnknownPolicy(_))
+        ));
+        assert!(matches!(
+            p.authorize_sign(&auditor, &id("payroll-esign"), sha),
+            Err(Error::MissingRole { .. })
+        ));
         assert!(Policies::may_read_tenant(&app, &"payroll".parse().unwrap()));
         assert!(!Policies::may_read_tenant(&app, &"hr".parse().unwrap()));
         assert!(Policies::may_read_tenant(&auditor, &"hr".parse().unwrap()));
@@ -201,20 +251,31 @@ legal_standard = "x"
     fn rate_limit_refuses_after_burst_with_retry_after() {
         let (p, d) = policies("");
         let mut cfg = d.policies[0].clone();
-        cfg.rate_limit = Some(RateLimit { per_second: 1, burst: Some(2) });
+        cfg.rate_limit = Some(RateLimit {
+            per_second: 1,
+            burst: Some(2),
+        });
         let mut dynamic = d.clone();
         dynamic.policies[0] = cfg;
         let p2 = Policies::new(&dynamic);
-        let pol = p2.policies.get(&"payroll-esign".parse::<PolicyId>().unwrap()).unwrap();
+        let pol = p2
+            .policies
+            .get(&"payroll-esign".parse::<PolicyId>().unwrap())
+            .unwrap();
         assert!(pol.check_rate().is_ok());
         assert!(pol.check_rate().is_ok());
         match pol.check_rate() {
-            Err(Error::RateLimited { retry_after, .. }) => assert!(retry_after <= Duration::from_secs(1)),
+            Err(Error::RateLimited { retry_after, .. }) => {
+                assert!(retry_after <= Duration::from_secs(1))
+            }
             other => panic!("expected rate limit, got {other:?}"),
         }
         assert!(pol.take(5).is_err(), "a batch above the burst is refused");
         // Policies without a limit never refuse.
-        let free = p.policies.get(&"payroll-esign".parse::<PolicyId>().unwrap()).unwrap();
+        let free = p
+            .policies
+            .get(&"payroll-esign".parse::<PolicyId>().unwrap())
+            .unwrap();
         for _ in 0..100 {
             assert!(free.check_rate().is_ok());
         }

@@ -13,8 +13,8 @@ use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::config::ServerConfig;
@@ -24,10 +24,16 @@ use crate::policy::Policies;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("configuration key `{key}`: cannot read {path}: {reason}")]
-    File { key: &'static str, path: String, reason: String },
+    File {
+        key: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("configuration key `server.client_ca`: {0}")]
     ClientCa(String),
-    #[error("configuration key `server.key`: the key does not match server.cert or is unsupported: {0}")]
+    #[error(
+        "configuration key `server.key`: the key does not match server.cert or is unsupported: {0}"
+    )]
     KeyPair(String),
 }
 
@@ -43,7 +49,9 @@ pub struct ClientIdentity {
 
 impl fmt::Debug for ClientIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientIdentity").field("identity", &self.identity).finish_non_exhaustive()
+        f.debug_struct("ClientIdentity")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -52,8 +60,16 @@ impl ClientIdentity {
     /// kind, the first one that `known` accepts is chosen (else the first).
     pub fn from_certificate(der: &[u8], known: impl Fn(&str) -> bool) -> Option<Self> {
         let info = CertInfo::parse(der).ok()?;
-        let uris: Vec<&str> = info.san.iter().filter_map(|s| s.strip_prefix("uri:")).collect();
-        let dns: Vec<&str> = info.san.iter().filter_map(|s| s.strip_prefix("dns:")).collect();
+        let uris: Vec<&str> = info
+            .san
+            .iter()
+            .filter_map(|s| s.strip_prefix("uri:"))
+            .collect();
+        let dns: Vec<&str> = info
+            .san
+            .iter()
+            .filter_map(|s| s.strip_prefix("dns:"))
+            .collect();
         let candidates: Vec<&str> = if !uris.is_empty() {
             uris
         } else if !dns.is_empty() {
@@ -63,8 +79,17 @@ impl ClientIdentity {
         } else {
             Vec::new()
         };
-        let identity = candidates.iter().find(|c| known(c)).or(candidates.first())?.to_string();
-        Some(Self { identity, subject: info.subject, san: info.san, fingerprint_sha256: info.fingerprint_sha256 })
+        let identity = candidates
+            .iter()
+            .find(|c| known(c))
+            .or(candidates.first())?
+            .to_string();
+        Some(Self {
+            identity,
+            subject: info.subject,
+            san: info.san,
+            fingerprint_sha256: info.fingerprint_sha256,
+        })
     }
 
     /// An identity for in-process callers (the CLI acting on the token directly).
@@ -79,7 +104,10 @@ impl ClientIdentity {
 }
 
 /// Build the server's TLS configuration from the files named in `[server]`.
-pub fn server_config(config: &ServerConfig, policies: Arc<ArcSwap<Policies>>) -> Result<Arc<rustls::ServerConfig>, Error> {
+pub fn server_config(
+    config: &ServerConfig,
+    policies: Arc<ArcSwap<Policies>>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs("server.cert", &config.cert)?;
     let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| Error::File {
@@ -90,7 +118,9 @@ pub fn server_config(config: &ServerConfig, policies: Arc<ArcSwap<Policies>>) ->
     let mut roots = RootCertStore::empty();
     for path in &config.client_ca {
         for cert in read_certs("server.client_ca", path)? {
-            roots.add(cert).map_err(|e| Error::ClientCa(format!("{}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::ClientCa(format!("{}: {e}", path.display())))?;
         }
     }
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
@@ -108,7 +138,11 @@ pub fn server_config(config: &ServerConfig, policies: Arc<ArcSwap<Policies>>) ->
 }
 
 fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let err = |reason: String| Error::File { key, path: path.display().to_string(), reason };
+    let err = |reason: String| Error::File {
+        key,
+        path: path.display().to_string(),
+        reason,
+    };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -143,17 +177,23 @@ impl ClientCertVerifier for KnownClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let policies = self.policies.load();
         match ClientIdentity::from_certificate(end_entity.as_ref(), |i| policies.is_known(i)) {
             Some(id) if policies.is_known(&id.identity) => Ok(verified),
             Some(id) => {
                 tracing::warn!(identity = %id.identity, "refused a client certificate whose identity is not in [[clients]]");
-                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
             }
             None => {
                 tracing::warn!("refused a client certificate without a usable identity");
-                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
             }
         }
     }

@@ -148,13 +148,19 @@ pub enum EntryError {
 
 /// Parse a stored line (without its newline) and check it is canonical and at `expected`.
 pub fn parse_stored(bytes: &[u8], expected: u64) -> Result<Entry, EntryError> {
-    let entry: Entry = serde_json::from_slice(bytes).map_err(|e| EntryError::Json(e.to_string()))?;
-    let again = entry.canonical().map_err(|e| EntryError::Json(e.to_string()))?;
+    let entry: Entry =
+        serde_json::from_slice(bytes).map_err(|e| EntryError::Json(e.to_string()))?;
+    let again = entry
+        .canonical()
+        .map_err(|e| EntryError::Json(e.to_string()))?;
     if again != bytes {
         return Err(EntryError::NotCanonical);
     }
     if entry.index != expected {
-        return Err(EntryError::WrongIndex { expected, found: entry.index });
+        return Err(EntryError::WrongIndex {
+            expected,
+            found: entry.index,
+        });
     }
     Ok(entry)
 }
@@ -178,7 +184,9 @@ pub fn is_jcs_stable(value: &serde_json::Value) -> bool {
 fn numbers_exact(v: &serde_json::Value) -> bool {
     const LIMIT: f64 = 9_007_199_254_740_992.0;
     match v {
-        serde_json::Value::Number(n) => n.as_f64().is_some_and(|f| f.is_finite() && f.abs() <= LIMIT),
+        serde_json::Value::Number(n) => n
+            .as_f64()
+            .is_some_and(|f| f.is_finite() && f.abs() <= LIMIT),
         serde_json::Value::Array(a) => a.iter().all(numbers_exact),
         serde_json::Value::Object(m) => m.values().all(numbers_exact),
         _ => true,
@@ -193,10 +201,16 @@ mod tests {
         let mut e = Entry::new(
             event::SIGNATURE,
             "2026-11-22T10:00:00.000000Z".into(),
-            Actor { identity: "spiffe://x/app".into(), subject: "CN=app".into(), san: vec!["uri:spiffe://x/app".into()], fingerprint_sha256: "ab".into() },
+            Actor {
+                identity: "spiffe://x/app".into(),
+                subject: "CN=app".into(),
+                san: vec!["uri:spiffe://x/app".into()],
+                fingerprint_sha256: "ab".into(),
+            },
         );
         e.index = 3;
-        e.signer = Some(serde_json::json!({"name": "Zoë", "email": "z@example.com", "ip": "192.0.2.1"}));
+        e.signer =
+            Some(serde_json::json!({"name": "Zoë", "email": "z@example.com", "ip": "192.0.2.1"}));
         e.transaction_id = Some("tx-1".into());
         e
     }
@@ -206,21 +220,41 @@ mod tests {
         let e = sample();
         let bytes = e.canonical().unwrap();
         let text = String::from_utf8(bytes.clone()).unwrap();
-        assert!(text.starts_with("{\"actor\":{\"fingerprint_sha256\":\"ab\""), "{text}");
+        assert!(
+            text.starts_with("{\"actor\":{\"fingerprint_sha256\":\"ab\""),
+            "{text}"
+        );
         assert!(!text.contains("null"), "absent fields are omitted");
         assert_eq!(parse_stored(&bytes, 3).unwrap(), e);
-        assert_eq!(parse_stored(&bytes, 4), Err(EntryError::WrongIndex { expected: 4, found: 3 }));
+        assert_eq!(
+            parse_stored(&bytes, 4),
+            Err(EntryError::WrongIndex {
+                expected: 4,
+                found: 3
+            })
+        );
         let pretty = serde_json::to_vec_pretty(&e).unwrap();
         assert_eq!(parse_stored(&pretty, 3), Err(EntryError::NotCanonical));
         assert!(matches!(parse_stored(b"{", 0), Err(EntryError::Json(_))));
-        assert!(matches!(parse_stored(b"{\"index\":0,\"extra\":1}", 0), Err(EntryError::Json(_))));
+        assert!(matches!(
+            parse_stored(b"{\"index\":0,\"extra\":1}", 0),
+            Err(EntryError::Json(_))
+        ));
     }
 
     #[test]
     fn jcs_stability_check() {
-        assert!(is_jcs_stable(&serde_json::json!({"a": 1, "b": [1.5, "x", null, true]})));
-        assert!(!is_jcs_stable(&serde_json::json!({"big": 12345678901234567890u64})));
-        let parsed: serde_json::Value = serde_json::from_str(r#"{"n":123456789012345678901}"#).unwrap();
-        assert!(!is_jcs_stable(&parsed), "a 21-digit integer arrives as a rounded double");
+        assert!(is_jcs_stable(
+            &serde_json::json!({"a": 1, "b": [1.5, "x", null, true]})
+        ));
+        assert!(!is_jcs_stable(
+            &serde_json::json!({"big": 12345678901234567890u64})
+        ));
+        let parsed: serde_json::Value =
+            serde_json::from_str(r#"{"n":123456789012345678901}"#).unwrap();
+        assert!(
+            !is_jcs_stable(&parsed),
+            "a 21-digit integer arrives as a rounded double"
+        );
     }
 }

@@ -54,7 +54,9 @@ pub struct Tree {
 
 impl Tree {
     pub fn new() -> Self {
-        Self { levels: vec![Vec::new()] }
+        Self {
+            levels: vec![Vec::new()],
+        }
     }
 
     /// Number of leaves.
@@ -76,7 +78,7 @@ impl Tree {
         }
         self.levels[0].push(leaf);
         let mut level = 0;
-        while self.levels[level].len() % 2 == 0 {
+        while self.levels[level].len().is_multiple_of(2) {
             let n = self.levels[level].len();
             let parent = node_hash(&self.levels[level][n - 2], &self.levels[level][n - 1]);
             if self.levels.len() == level + 1 {
@@ -90,7 +92,10 @@ impl Tree {
     /// Root hash of the first `size` leaves.
     pub fn root(&self, size: u64) -> Result<Hash, ProofError> {
         if size > self.len() {
-            return Err(ProofError::SizeOutOfRange { size, have: self.len() });
+            return Err(ProofError::SizeOutOfRange {
+                size,
+                have: self.len(),
+            });
         }
         if size == 0 {
             return Ok(empty_root());
@@ -101,7 +106,10 @@ impl Tree {
     /// Inclusion proof of leaf `index` in the tree of the first `size` leaves.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
         if size > self.len() {
-            return Err(ProofError::SizeOutOfRange { size, have: self.len() });
+            return Err(ProofError::SizeOutOfRange {
+                size,
+                have: self.len(),
+            });
         }
         if index >= size {
             return Err(ProofError::IndexOutOfRange { index, size });
@@ -114,7 +122,10 @@ impl Tree {
     /// Consistency proof between the trees of sizes `from` and `to`.
     pub fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, ProofError> {
         if to > self.len() {
-            return Err(ProofError::SizeOutOfRange { size: to, have: self.len() });
+            return Err(ProofError::SizeOutOfRange {
+                size: to,
+                have: self.len(),
+            });
         }
         if from == 0 || from > to {
             return Err(ProofError::BadRange { from, to });
@@ -127,14 +138,21 @@ impl Tree {
     /// MTH(D[start:end]).
     fn subtree(&self, start: u64, end: u64) -> Hash {
         let n = end - start;
-        if n.is_power_of_two() && start % n == 0 {
+        if n.is_power_of_two() && start.is_multiple_of(n) {
             let level = n.trailing_zeros() as usize;
-            if let Some(h) = self.levels.get(level).and_then(|l| l.get((start >> level) as usize)) {
+            if let Some(h) = self
+                .levels
+                .get(level)
+                .and_then(|l| l.get((start >> level) as usize))
+            {
                 return *h;
             }
         }
         let k = split_point(n);
-        node_hash(&self.subtree(start, start + k), &self.subtree(start + k, end))
+        node_hash(
+            &self.subtree(start, start + k),
+            &self.subtree(start + k, end),
+        )
     }
 
     /// RFC 6962 PATH(m, D[start:end]), appended bottom-up.
@@ -180,7 +198,13 @@ fn split_point(n: u64) -> u64 {
 }
 
 /// RFC 9162 §2.1.3.2: does `proof` show `leaf` at `index` in a tree of `size` with `root`?
-pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root: &Hash) -> Result<(), ProofError> {
+pub fn verify_inclusion(
+    leaf: &Hash,
+    index: u64,
+    size: u64,
+    proof: &[Hash],
+    root: &Hash,
+) -> Result<(), ProofError> {
     if index >= size {
         return Err(ProofError::IndexOutOfRange { index, size });
     }
@@ -215,12 +239,22 @@ pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root
 
 /// RFC 9162 §2.1.4.2: does `proof` show the tree (`from`, `root_from`) is a prefix of
 /// (`to`, `root_to`)?
-pub fn verify_consistency(from: u64, to: u64, root_from: &Hash, root_to: &Hash, proof: &[Hash]) -> Result<(), ProofError> {
+pub fn verify_consistency(
+    from: u64,
+    to: u64,
+    root_from: &Hash,
+    root_to: &Hash,
+    proof: &[Hash],
+) -> Result<(), ProofError> {
     if from == 0 || from > to {
         return Err(ProofError::BadRange { from, to });
     }
     if from == to {
-        return if proof.is_empty() && root_from == root_to { Ok(()) } else { Err(ProofError::RootMismatch) };
+        return if proof.is_empty() && root_from == root_to {
+            Ok(())
+        } else {
+            Err(ProofError::RootMismatch)
+        };
     }
     let mut path: Vec<Hash> = proof.to_vec();
     if from.is_power_of_two() {
@@ -279,7 +313,9 @@ mod tests {
     }
 
     fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| leaf_hash(format!("entry {i}").as_bytes())).collect()
+        (0..n)
+            .map(|i| leaf_hash(format!("entry {i}").as_bytes()))
+            .collect()
     }
 
     #[test]
@@ -291,12 +327,25 @@ mod tests {
         let mut t = Tree::new();
         for (i, leaf) in v["leaves"].as_array().unwrap().iter().enumerate() {
             t.push(leaf_hash(&h(leaf)));
-            assert_eq!(t.root(i as u64 + 1).unwrap().to_vec(), h(&v["roots"][i]), "root of size {}", i + 1);
+            assert_eq!(
+                t.root(i as u64 + 1).unwrap().to_vec(),
+                h(&v["roots"][i]),
+                "root of size {}",
+                i + 1
+            );
         }
         for case in v["inclusion"].as_array().unwrap() {
-            let (index, size) = (case["index"].as_u64().unwrap(), case["size"].as_u64().unwrap());
+            let (index, size) = (
+                case["index"].as_u64().unwrap(),
+                case["size"].as_u64().unwrap(),
+            );
             let want: Vec<Vec<u8>> = case["proof"].as_array().unwrap().iter().map(h).collect();
-            let got: Vec<Vec<u8>> = t.inclusion_proof(index, size).unwrap().iter().map(|x| x.to_vec()).collect();
+            let got: Vec<Vec<u8>> = t
+                .inclusion_proof(index, size)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_vec())
+                .collect();
             assert_eq!(got, want, "inclusion proof of {index} in {size}");
         }
     }
@@ -315,9 +364,21 @@ mod tests {
                 let proof = t.inclusion_proof(index, size).unwrap();
                 verify_inclusion(&all[index as usize], index, size, &proof, &root).unwrap();
                 // A wrong leaf, index or root fails.
-                assert!(verify_inclusion(&all[(index as usize + 1) % 40], index, size, &proof, &root).is_err());
+                assert!(
+                    verify_inclusion(&all[(index as usize + 1) % 40], index, size, &proof, &root)
+                        .is_err()
+                );
                 if size > 1 {
-                    assert!(verify_inclusion(&all[index as usize], (index + 1) % size, size, &proof, &root).is_err());
+                    assert!(
+                        verify_inclusion(
+                            &all[index as usize],
+                            (index + 1) % size,
+                            size,
+                            &proof,
+                            &root
+                        )
+                        .is_err()
+                    );
                 }
             }
             for from in 1..=size {
@@ -338,10 +399,22 @@ mod tests {
         for l in leaves(5) {
             t.push(l);
         }
-        assert!(matches!(t.inclusion_proof(5, 5), Err(ProofError::IndexOutOfRange { .. })));
-        assert!(matches!(t.inclusion_proof(0, 6), Err(ProofError::SizeOutOfRange { .. })));
-        assert!(matches!(t.consistency_proof(0, 5), Err(ProofError::BadRange { .. })));
-        assert!(matches!(t.consistency_proof(4, 3), Err(ProofError::BadRange { .. })));
+        assert!(matches!(
+            t.inclusion_proof(5, 5),
+            Err(ProofError::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            t.inclusion_proof(0, 6),
+            Err(ProofError::SizeOutOfRange { .. })
+        ));
+        assert!(matches!(
+            t.consistency_proof(0, 5),
+            Err(ProofError::BadRange { .. })
+        ));
+        assert!(matches!(
+            t.consistency_proof(4, 3),
+            Err(ProofError::BadRange { .. })
+        ));
         assert!(verify_inclusion(&[0; 32], 0, 0, &[], &[0; 32]).is_err());
     }
 }

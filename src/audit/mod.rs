@@ -58,11 +58,15 @@ pub enum Error {
     Io { path: String, source: io::Error },
     #[error("the evidence log is not writable: {0}")]
     Unwritable(String),
-    #[error("the evidence log does not match its last signed checkpoint: {0}; run `signet audit verify` on it")]
+    #[error(
+        "the evidence log does not match its last signed checkpoint: {0}; run `signet audit verify` on it"
+    )]
     Inconsistent(String),
     #[error("entry {0} does not exist")]
     NoSuchEntry(u64),
-    #[error("entry {index} is not covered by a signed checkpoint yet (latest covers {size} entries)")]
+    #[error(
+        "entry {index} is not covered by a signed checkpoint yet (latest covers {size} entries)"
+    )]
     NotYetCheckpointed { index: u64, size: u64 },
     #[error(transparent)]
     Proof(#[from] merkle::ProofError),
@@ -92,7 +96,10 @@ impl Error {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Is the log in `dir` held by a running Signet process?
@@ -176,32 +183,50 @@ struct State {
 }
 
 enum Request {
-    Append { entries: Vec<Entry>, reply: tokio::sync::oneshot::Sender<Result<Vec<Receipt>, Error>> },
+    Append {
+        entries: Vec<Entry>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<Receipt>, Error>>,
+    },
     Stop,
 }
 
 impl EvidenceLog {
     /// Open (or create) the log, recover from a crash, and check it against the last signed
     /// checkpoint. Fails if another process holds it or it does not match its checkpoint.
-    pub fn open(opts: Options, signer: Arc<dyn CheckpointSigner>, metrics: Arc<Metrics>) -> Result<Self, Error> {
+    pub fn open(
+        opts: Options,
+        signer: Arc<dyn CheckpointSigner>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
         let dir = opts.dir.clone();
         crate::fsutil::create_private_dir(&dir).map_err(io_err(&dir))?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
         if lock.try_lock().is_err() {
             return Err(Error::Locked(dir.display().to_string()));
         }
         let key_path = dir.join(LOG_KEY_FILE);
         let key_pem = crate::pki::public_key_pem(&signer.public_key());
         if std::fs::read_to_string(&key_path).ok().as_deref() != Some(key_pem.as_str()) {
-            crate::fsutil::write_atomic_mode(&key_path, key_pem.as_bytes(), 0o644).map_err(io_err(&key_path))?;
+            crate::fsutil::write_atomic_mode(&key_path, key_pem.as_bytes(), 0o644)
+                .map_err(io_err(&key_path))?;
         }
 
         let started = Instant::now();
         let log_path = dir.join(ENTRIES_FILE);
         // Entries hold signer evidence (personal data): owner-only.
-        let mut log =
-            OpenOptions::new().create(true).read(true).append(true).mode(0o600).open(&log_path).map_err(io_err(&log_path))?;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
         let checkpoints = read_checkpoints(&dir.join(CHECKPOINTS_FILE))?;
         let latest = checkpoints.last().cloned().map(Arc::new);
         let signed_size = latest.as_ref().map_or(0, |c| c.tree_size);
@@ -234,7 +259,11 @@ impl EvidenceLog {
             origin: opts.origin,
             signer,
             metrics,
-            state: RwLock::new(State { tree, offsets, file_len }),
+            state: RwLock::new(State {
+                tree,
+                offsets,
+                file_len,
+            }),
             reader,
             writable: AtomicBool::new(true),
             latest: RwLock::new(latest),
@@ -249,20 +278,28 @@ impl EvidenceLog {
             .name("audit-writer".into())
             .spawn(move || writer_main(w, log, rx, fsync, max_group))
             .map_err(io_err(&log_path))?;
-        Ok(Self { inner, writer: Mutex::new(Some(writer)), queue })
+        Ok(Self {
+            inner,
+            writer: Mutex::new(Some(writer)),
+            queue,
+        })
     }
 
     /// Append entries (indexes are assigned here) and return once they are durable.
     pub async fn append(&self, entries: Vec<Entry>) -> Result<Vec<Receipt>, Error> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.queue.send(Request::Append { entries, reply }).map_err(|_| Error::Closed)?;
+        self.queue
+            .send(Request::Append { entries, reply })
+            .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Blocking variant for synchronous callers (never from an async task).
     pub fn append_blocking(&self, entries: Vec<Entry>) -> Result<Vec<Receipt>, Error> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.queue.send(Request::Append { entries, reply }).map_err(|_| Error::Closed)?;
+        self.queue
+            .send(Request::Append { entries, reply })
+            .map_err(|_| Error::Closed)?;
         rx.blocking_recv().map_err(|_| Error::Closed)?
     }
 
@@ -296,26 +333,48 @@ impl EvidenceLog {
             (start, end)
         };
         let mut buf = vec![0u8; (end - start).saturating_sub(1) as usize];
-        self.inner.reader.read_exact_at(&mut buf, start).map_err(io_err(&self.inner.dir))?;
+        self.inner
+            .reader
+            .read_exact_at(&mut buf, start)
+            .map_err(io_err(&self.inner.dir))?;
         Ok(buf)
     }
 
     /// Entry `index` with its inclusion proof against the latest signed checkpoint.
     pub fn prove(&self, index: u64) -> Result<EntryProof, Error> {
-        let checkpoint = self.latest_checkpoint().ok_or(Error::NotYetCheckpointed { index, size: 0 })?;
+        let checkpoint = self
+            .latest_checkpoint()
+            .ok_or(Error::NotYetCheckpointed { index, size: 0 })?;
         if index >= self.tree_size() {
             return Err(Error::NoSuchEntry(index));
         }
         if index >= checkpoint.tree_size {
-            return Err(Error::NotYetCheckpointed { index, size: checkpoint.tree_size });
+            return Err(Error::NotYetCheckpointed {
+                index,
+                size: checkpoint.tree_size,
+            });
         }
         let (hashes, leaf_hash) = {
             let st = read(&self.inner.state);
-            (st.tree.inclusion_proof(index, checkpoint.tree_size)?, st.tree.leaf(index).ok_or(Error::NoSuchEntry(index))?)
+            (
+                st.tree.inclusion_proof(index, checkpoint.tree_size)?,
+                st.tree.leaf(index).ok_or(Error::NoSuchEntry(index))?,
+            )
         };
         let entry = self.entry(index)?;
-        let proof = TlogProof { extra: Some(entry.clone()), index, hashes, checkpoint: checkpoint.note.clone() };
-        Ok(EntryProof { index, entry, leaf_hash, checkpoint, proof })
+        let proof = TlogProof {
+            extra: Some(entry.clone()),
+            index,
+            hashes,
+            checkpoint: checkpoint.note.clone(),
+        };
+        Ok(EntryProof {
+            index,
+            entry,
+            leaf_hash,
+            checkpoint,
+            proof,
+        })
     }
 
     /// RFC 6962 consistency proof between tree sizes `from` and `to`, both at most the latest
@@ -323,7 +382,10 @@ impl EvidenceLog {
     pub fn consistency(&self, from: u64, to: u64) -> Result<Vec<Hash>, Error> {
         let signed = self.latest_checkpoint().map(|c| c.tree_size).unwrap_or(0);
         if to > signed {
-            return Err(Error::NotYetCheckpointed { index: to.saturating_sub(1), size: signed });
+            return Err(Error::NotYetCheckpointed {
+                index: to.saturating_sub(1),
+                size: signed,
+            });
         }
         Ok(read(&self.inner.state).tree.consistency_proof(from, to)?)
     }
@@ -335,31 +397,59 @@ impl EvidenceLog {
 
     /// Sign a checkpoint for the current tree if it grew since the last one (or none exists).
     /// Blocking: it signs in the token. Returns the new checkpoint, if one was made.
-    pub fn checkpoint_blocking(&self, now_unix: u64) -> Result<Option<Arc<StoredCheckpoint>>, Error> {
-        let _guard = self.inner.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn checkpoint_blocking(
+        &self,
+        now_unix: u64,
+    ) -> Result<Option<Arc<StoredCheckpoint>>, Error> {
+        let _guard = self
+            .inner
+            .checkpointing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let (size, root) = {
             let st = read(&self.inner.state);
             let size = st.tree.len();
             (size, st.tree.root(size)?)
         };
-        if let Some(latest) = self.latest_checkpoint() {
-            if latest.tree_size == size {
-                return Ok(None);
-            }
+        if let Some(latest) = self.latest_checkpoint()
+            && latest.tree_size == size
+        {
+            return Ok(None);
         }
-        let cp = Checkpoint { origin: self.inner.origin.clone(), size, root };
-        let sig = self.inner.signer.sign(cp.body().as_bytes()).map_err(Error::Sign)?;
+        let cp = Checkpoint {
+            origin: self.inner.origin.clone(),
+            size,
+            root,
+        };
+        let sig = self
+            .inner
+            .signer
+            .sign(cp.body().as_bytes())
+            .map_err(Error::Sign)?;
         let note = note::signed_checkpoint(&cp, &self.inner.signer.public_key(), sig);
-        let stored = StoredCheckpoint { tree_size: size, signed_at: now_unix, note };
+        let stored = StoredCheckpoint {
+            tree_size: size,
+            signed_at: now_unix,
+            note,
+        };
         let line = serde_json::to_string(&stored).map_err(|e| Error::Serialize(e.to_string()))?;
         let path = self.inner.dir.join(CHECKPOINTS_FILE);
-        let mut f = OpenOptions::new().create(true).append(true).mode(0o600).open(&path).map_err(io_err(&path))?;
-        f.write_all(format!("{line}\n").as_bytes()).map_err(io_err(&path))?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.write_all(format!("{line}\n").as_bytes())
+            .map_err(io_err(&path))?;
         f.sync_data().map_err(io_err(&path))?;
         let stored = Arc::new(stored);
         *write(&self.inner.latest) = Some(Arc::clone(&stored));
         self.inner.metrics.audit_checkpoint_size.set(size as i64);
-        self.inner.metrics.audit_last_checkpoint.set(now_unix as i64);
+        self.inner
+            .metrics
+            .audit_last_checkpoint
+            .set(now_unix as i64);
         Ok(Some(stored))
     }
 
@@ -449,14 +539,21 @@ fn writer_main(
     }
 }
 
-type Group = Vec<(Vec<Entry>, tokio::sync::oneshot::Sender<Result<Vec<Receipt>, Error>>)>;
+type Group = Vec<(
+    Vec<Entry>,
+    tokio::sync::oneshot::Sender<Result<Vec<Receipt>, Error>>,
+)>;
 
 fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: &mut Vec<u8>) {
     buf.clear();
     let (base_index, base_len, mut previous) = {
         let st = read(&inner.state);
         let n = st.tree.len();
-        (n, st.file_len, n.checked_sub(1).and_then(|i| st.tree.leaf(i)))
+        (
+            n,
+            st.file_len,
+            n.checked_sub(1).and_then(|i| st.tree.leaf(i)),
+        )
     };
     let mut next = base_index;
     let mut leaves = Vec::new();
@@ -479,7 +576,11 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
                     buf.extend_from_slice(&bytes);
                     buf.push(b'\n');
                     leaves.push(leaf);
-                    out.push(Receipt { log_origin: inner.origin.clone(), index: next, leaf_hash: B64.encode(leaf) });
+                    out.push(Receipt {
+                        log_origin: inner.origin.clone(),
+                        index: next,
+                        leaf_hash: B64.encode(leaf),
+                    });
                     events.push(e.event.clone());
                     next += 1;
                 }
@@ -515,7 +616,10 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
         if fsync == FsyncPolicy::Always {
             let t = Instant::now();
             log.sync_data()?;
-            inner.metrics.audit_fsync_duration.observe(t.elapsed().as_secs_f64());
+            inner
+                .metrics
+                .audit_fsync_duration
+                .observe(t.elapsed().as_secs_f64());
         }
         Ok(())
     })();
@@ -550,7 +654,11 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
     inner.metrics.audit_writable.set(1);
     inner.metrics.audit_group_size.observe(leaves.len() as f64);
     for ev in &events {
-        inner.metrics.audit_entries.with_label_values(&[ev.as_str()]).inc();
+        inner
+            .metrics
+            .audit_entries
+            .with_label_values(&[ev.as_str()])
+            .inc();
     }
     for ((_, reply), r) in group.into_iter().zip(receipts) {
         let _ = reply.send(r);
@@ -605,7 +713,11 @@ fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Reco
         if index >= signed_size {
             let parsed = entry::parse_stored(&line, index).and_then(|e| {
                 let want = leaves.last().map(|h: &Hash| B64.encode(h));
-                if e.previous_leaf_hash == want { Ok(e) } else { Err(entry::EntryError::BrokenChain) }
+                if e.previous_leaf_hash == want {
+                    Ok(e)
+                } else {
+                    Err(entry::EntryError::BrokenChain)
+                }
             });
             if let Err(e) = parsed {
                 if bad_at.is_none() {
@@ -615,7 +727,9 @@ fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Reco
                 continue;
             }
             if let Some((_, why)) = &bad_at {
-                return Err(Error::Inconsistent(format!("{why}, followed by valid entries")));
+                return Err(Error::Inconsistent(format!(
+                    "{why}, followed by valid entries"
+                )));
             }
         }
         offsets.push(pos);
@@ -624,7 +738,11 @@ fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Reco
     }
     let good = bad_at.map_or(pos, |(p, _)| p);
     if good < data_len {
-        tracing::warn!(bytes = data_len - good, entries = offsets.len(), "cutting an incomplete tail off the evidence log");
+        tracing::warn!(
+            bytes = data_len - good,
+            entries = offsets.len(),
+            "cutting an incomplete tail off the evidence log"
+        );
         log.set_len(good).map_err(io_err(path))?;
         log.sync_all().map_err(io_err(path))?;
     }
@@ -636,7 +754,12 @@ pub fn read_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Error> {
     let data = match std::fs::read(path) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::Io { path: path.display().to_string(), source: e }),
+        Err(e) => {
+            return Err(Error::Io {
+                path: path.display().to_string(),
+                source: e,
+            });
+        }
     };
     let mut out = Vec::new();
     let mut good = 0usize;
@@ -651,15 +774,26 @@ pub fn read_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Error> {
         good += line.len();
     }
     if good < data.len() {
-        tracing::warn!(bytes = data.len() - good, "cutting an incomplete tail off the checkpoint file");
-        let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+        tracing::warn!(
+            bytes = data.len() - good,
+            "cutting an incomplete tail off the checkpoint file"
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
         f.set_len(good as u64).map_err(io_err(path))?;
         f.sync_all().map_err(io_err(path))?;
     }
     Ok(out)
 }
 
-fn check_against_checkpoint(tree: &Tree, cp: &StoredCheckpoint, origin: &str, key: &VerifyingKey) -> Result<(), Error> {
+fn check_against_checkpoint(
+    tree: &Tree,
+    cp: &StoredCheckpoint,
+    origin: &str,
+    key: &VerifyingKey,
+) -> Result<(), Error> {
     let parsed = note::verify_checkpoint(&cp.note, origin, key)
         .map_err(|e| Error::Inconsistent(format!("checkpoint at size {}: {e}", cp.tree_size)))?;
     if parsed.size > tree.len() {
@@ -671,7 +805,10 @@ fn check_against_checkpoint(tree: &Tree, cp: &StoredCheckpoint, origin: &str, ke
     }
     let root = tree.root(parsed.size)?;
     if root != parsed.root {
-        return Err(Error::Inconsistent(format!("root hash at size {} differs from the signed one", parsed.size)));
+        return Err(Error::Inconsistent(format!(
+            "root hash at size {} differs from the signed one",
+            parsed.size
+        )));
     }
     Ok(())
 }
@@ -695,19 +832,28 @@ mod tests {
     }
 
     fn entry(i: usize) -> Entry {
-        let mut e = Entry::new(entry::event::SIGNATURE, format!("2026-01-01T00:00:{:02}.000000Z", i % 60), Actor {
-            identity: "test".into(),
-            subject: String::new(),
-            san: vec![],
-            fingerprint_sha256: String::new(),
-        });
+        let mut e = Entry::new(
+            entry::event::SIGNATURE,
+            format!("2026-01-01T00:00:{:02}.000000Z", i % 60),
+            Actor {
+                identity: "test".into(),
+                subject: String::new(),
+                san: vec![],
+                fingerprint_sha256: String::new(),
+            },
+        );
         e.transaction_id = Some(format!("tx-{i}"));
         e
     }
 
     fn open(dir: &Path, key: &Arc<SoftSigner>) -> Result<EvidenceLog, Error> {
         EvidenceLog::open(
-            Options { dir: dir.to_path_buf(), origin: "test.example/log".into(), fsync: FsyncPolicy::Always, max_group_entries: 64 },
+            Options {
+                dir: dir.to_path_buf(),
+                origin: "test.example/log".into(),
+                fsync: FsyncPolicy::Always,
+                max_group_entries: 64,
+            },
             Arc::clone(key) as Arc<dyn CheckpointSigner>,
             Arc::new(Metrics::new()),
         )
@@ -718,13 +864,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = Arc::new(SoftSigner(SigningKey::generate()));
         let log = open(dir.path(), &key).unwrap();
-        assert!(matches!(open(dir.path(), &key), Err(Error::Locked(_))), "second writer is refused");
+        assert!(
+            matches!(open(dir.path(), &key), Err(Error::Locked(_))),
+            "second writer is refused"
+        );
         // Concurrent appends share commits and get distinct, dense indexes.
         let log = Arc::new(log);
         let mut tasks = Vec::new();
         for i in 0..50 {
             let l = Arc::clone(&log);
-            tasks.push(tokio::spawn(async move { l.append(vec![entry(i)]).await.unwrap() }));
+            tasks.push(tokio::spawn(async move {
+                l.append(vec![entry(i)]).await.unwrap()
+            }));
         }
         let mut indexes: Vec<u64> = Vec::new();
         for t in tasks {
@@ -732,27 +883,56 @@ mod tests {
         }
         indexes.sort();
         assert_eq!(indexes, (0..50).collect::<Vec<_>>());
-        assert!(matches!(log.prove(0), Err(Error::NotYetCheckpointed { .. })));
+        assert!(matches!(
+            log.prove(0),
+            Err(Error::NotYetCheckpointed { .. })
+        ));
         let l2 = Arc::clone(&log);
-        let cp = tokio::task::spawn_blocking(move || l2.checkpoint_blocking(1)).await.unwrap().unwrap().unwrap();
+        let cp = tokio::task::spawn_blocking(move || l2.checkpoint_blocking(1))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(cp.tree_size, 50);
         let p = log.prove(17).unwrap();
-        let parsed = note::verify_checkpoint(&p.checkpoint.note, "test.example/log", &key.public_key()).unwrap();
-        merkle::verify_inclusion(&merkle::leaf_hash(&p.entry), 17, parsed.size, &p.proof.hashes, &parsed.root).unwrap();
-        assert_eq!(entry::parse_stored(&p.entry, 17).unwrap().transaction_id.as_deref(), Some("tx-17"));
+        let parsed =
+            note::verify_checkpoint(&p.checkpoint.note, "test.example/log", &key.public_key())
+                .unwrap();
+        merkle::verify_inclusion(
+            &merkle::leaf_hash(&p.entry),
+            17,
+            parsed.size,
+            &p.proof.hashes,
+            &parsed.root,
+        )
+        .unwrap();
+        assert_eq!(
+            entry::parse_stored(&p.entry, 17)
+                .unwrap()
+                .transaction_id
+                .as_deref(),
+            Some("tx-17")
+        );
         log.close();
         drop(log);
 
         // A torn write after the last commit is cut at the next start.
         let path = dir.path().join(ENTRIES_FILE);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"actor\":{\"identity\":\"x\"},\"ev").unwrap();
+        f.write_all(b"{\"actor\":{\"identity\":\"x\"},\"ev")
+            .unwrap();
         drop(f);
         let log = open(dir.path(), &key).unwrap();
         assert_eq!(log.tree_size(), 50);
         let r = log.append(vec![entry(50)]).await.unwrap();
         assert_eq!(r[0].index, 50);
-        assert_eq!(entry::parse_stored(&log.entry(50).unwrap(), 50).unwrap().transaction_id.as_deref(), Some("tx-50"));
+        assert_eq!(
+            entry::parse_stored(&log.entry(50).unwrap(), 50)
+                .unwrap()
+                .transaction_id
+                .as_deref(),
+            Some("tx-50")
+        );
         log.close();
         drop(log);
 
@@ -765,12 +945,22 @@ mod tests {
         log.close();
         drop(log);
         let report = verify::verify_dir(dir.path(), &key.public_key()).unwrap();
-        assert_eq!((report.entries, report.latest_checkpoint_size, report.unsigned_tail), (51, 50, 1));
+        assert_eq!(
+            (
+                report.entries,
+                report.latest_checkpoint_size,
+                report.unsigned_tail
+            ),
+            (51, 50, 1)
+        );
 
         // An entry altered under the signed checkpoint stops the start, and verify names it.
         let data = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, data.replacen("tx-5\"", "tx-6\"", 1)).unwrap();
-        assert!(matches!(open(dir.path(), &key), Err(Error::Inconsistent(_))));
+        assert!(matches!(
+            open(dir.path(), &key),
+            Err(Error::Inconsistent(_))
+        ));
         let failure = verify::verify_dir(dir.path(), &key.public_key()).unwrap_err();
         assert_eq!(failure.first_bad_entry, Some(5), "{failure}");
     }

@@ -42,24 +42,52 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The note text: origin, size, base64 root, each ending in a newline.
     pub fn body(&self) -> String {
-        format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root))
+        format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            B64.encode(self.root)
+        )
     }
 
     pub fn parse_body(text: &str) -> Result<Self, NoteError> {
-        let mut lines = text.strip_suffix('\n').ok_or(NoteError::Checkpoint("text must end in a newline"))?.split('\n');
-        let origin = lines.next().filter(|l| !l.is_empty()).ok_or(NoteError::Checkpoint("empty origin"))?;
-        let size_line = lines.next().ok_or(NoteError::Checkpoint("missing tree size"))?;
-        if size_line.is_empty() || (size_line.len() > 1 && size_line.starts_with('0')) || !size_line.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(NoteError::Checkpoint("tree size is not a decimal without leading zeros"));
+        let mut lines = text
+            .strip_suffix('\n')
+            .ok_or(NoteError::Checkpoint("text must end in a newline"))?
+            .split('\n');
+        let origin = lines
+            .next()
+            .filter(|l| !l.is_empty())
+            .ok_or(NoteError::Checkpoint("empty origin"))?;
+        let size_line = lines
+            .next()
+            .ok_or(NoteError::Checkpoint("missing tree size"))?;
+        if size_line.is_empty()
+            || (size_line.len() > 1 && size_line.starts_with('0'))
+            || !size_line.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(NoteError::Checkpoint(
+                "tree size is not a decimal without leading zeros",
+            ));
         }
-        let size = size_line.parse().map_err(|_| NoteError::Checkpoint("tree size out of range"))?;
-        let root = decode_hash(lines.next().ok_or(NoteError::Checkpoint("missing root hash"))?)
-            .ok_or(NoteError::Checkpoint("root hash is not 32 bytes of base64"))?;
+        let size = size_line
+            .parse()
+            .map_err(|_| NoteError::Checkpoint("tree size out of range"))?;
+        let root = decode_hash(
+            lines
+                .next()
+                .ok_or(NoteError::Checkpoint("missing root hash"))?,
+        )
+        .ok_or(NoteError::Checkpoint("root hash is not 32 bytes of base64"))?;
         // Extension lines are allowed but must be non-empty.
         if lines.any(str::is_empty) {
             return Err(NoteError::Checkpoint("empty extension line"));
         }
-        Ok(Self { origin: origin.to_owned(), size, root })
+        Ok(Self {
+            origin: origin.to_owned(),
+            size,
+            root,
+        })
     }
 }
 
@@ -86,28 +114,45 @@ impl SignedNote {
         if note.chars().any(|c| c.is_control() && c != '\n') {
             return Err(NoteError::Malformed("control character"));
         }
-        let split = note.rfind("\n\n").ok_or(NoteError::Malformed("no blank line before the signatures"))?;
+        let split = note
+            .rfind("\n\n")
+            .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
         let text = &note[..split + 1];
         let sigs = &note[split + 2..];
-        let sigs = sigs.strip_suffix('\n').ok_or(NoteError::Malformed("signatures must end in a newline"))?;
+        let sigs = sigs
+            .strip_suffix('\n')
+            .ok_or(NoteError::Malformed("signatures must end in a newline"))?;
         let mut signatures = Vec::new();
         for line in sigs.split('\n') {
-            let rest = line.strip_prefix("\u{2014} ").ok_or(NoteError::Malformed("signature line must start with an em dash"))?;
-            let (name, b64) = rest.split_once(' ').ok_or(NoteError::Malformed("signature line without a key name"))?;
+            let rest = line.strip_prefix("\u{2014} ").ok_or(NoteError::Malformed(
+                "signature line must start with an em dash",
+            ))?;
+            let (name, b64) = rest
+                .split_once(' ')
+                .ok_or(NoteError::Malformed("signature line without a key name"))?;
             if name.is_empty() || name.contains('+') {
                 return Err(NoteError::Malformed("bad key name"));
             }
-            let raw = B64.decode(b64).map_err(|_| NoteError::Malformed("signature is not base64"))?;
+            let raw = B64
+                .decode(b64)
+                .map_err(|_| NoteError::Malformed("signature is not base64"))?;
             if raw.len() < 5 {
                 return Err(NoteError::Malformed("signature too short"));
             }
             let key_id = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
-            signatures.push(NoteSignature { name: name.to_owned(), key_id, signature: raw[4..].to_vec() });
+            signatures.push(NoteSignature {
+                name: name.to_owned(),
+                key_id,
+                signature: raw[4..].to_vec(),
+            });
             if signatures.len() > MAX_SIGNATURES {
                 return Err(NoteError::Malformed("too many signatures"));
             }
         }
-        Ok(Self { text: text.to_owned(), signatures })
+        Ok(Self {
+            text: text.to_owned(),
+            signatures,
+        })
     }
 
     pub fn render(&self) -> String {
@@ -129,29 +174,45 @@ impl SignedNote {
             .find(|s| s.name == key_name && s.key_id == id)
             .ok_or_else(|| NoteError::NoKnownSignature(key_name.to_owned()))?;
         let der = DerSignature::from_bytes(&sig.signature).map_err(|_| NoteError::BadSignature)?;
-        key.verify(self.text.as_bytes(), &der).map_err(|_| NoteError::BadSignature)
+        key.verify(self.text.as_bytes(), &der)
+            .map_err(|_| NoteError::BadSignature)
     }
 }
 
 /// C2SP signed-note key ID for ECDSA (type 0x02): the first four bytes of SHA-256 of the
 /// DER SubjectPublicKeyInfo.
 pub fn key_id(key: &VerifyingKey) -> u32 {
-    let der = key.to_public_key_der().map(|d| d.as_bytes().to_vec()).unwrap_or_default();
+    let der = key
+        .to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default();
     let h = Sha256::digest(der);
     u32::from_be_bytes([h[0], h[1], h[2], h[3]])
 }
 
 /// Build the signed checkpoint note from a DER signature over `checkpoint.body()`.
-pub fn signed_checkpoint(checkpoint: &Checkpoint, key: &VerifyingKey, der_signature: Vec<u8>) -> String {
+pub fn signed_checkpoint(
+    checkpoint: &Checkpoint,
+    key: &VerifyingKey,
+    der_signature: Vec<u8>,
+) -> String {
     SignedNote {
         text: checkpoint.body(),
-        signatures: vec![NoteSignature { name: checkpoint.origin.clone(), key_id: key_id(key), signature: der_signature }],
+        signatures: vec![NoteSignature {
+            name: checkpoint.origin.clone(),
+            key_id: key_id(key),
+            signature: der_signature,
+        }],
     }
     .render()
 }
 
 /// Parse a signed checkpoint, verify the log key's signature, and return its contents.
-pub fn verify_checkpoint(note: &str, key_name: &str, key: &VerifyingKey) -> Result<Checkpoint, NoteError> {
+pub fn verify_checkpoint(
+    note: &str,
+    key_name: &str,
+    key: &VerifyingKey,
+) -> Result<Checkpoint, NoteError> {
     let parsed = SignedNote::parse(note)?;
     parsed.verify(key_name, key)?;
     Checkpoint::parse_body(&parsed.text)
@@ -187,30 +248,54 @@ impl TlogProof {
         if text.len() > MAX_NOTE_BYTES + 1024 * 1024 {
             return Err(NoteError::Proof("proof too large"));
         }
-        let (head, checkpoint) = text.split_once("\n\n").ok_or(NoteError::Proof("no blank line before the checkpoint"))?;
+        let (head, checkpoint) = text
+            .split_once("\n\n")
+            .ok_or(NoteError::Proof("no blank line before the checkpoint"))?;
         let mut lines = head.split('\n');
         if lines.next() != Some(PROOF_HEADER) {
-            return Err(NoteError::Proof("first line must be c2sp.org/tlog-proof@v1"));
+            return Err(NoteError::Proof(
+                "first line must be c2sp.org/tlog-proof@v1",
+            ));
         }
         let mut line = lines.next().ok_or(NoteError::Proof("missing index line"))?;
         let mut extra = None;
         if let Some(b64) = line.strip_prefix("extra ") {
-            extra = Some(B64.decode(b64).map_err(|_| NoteError::Proof("extra is not base64"))?);
+            extra = Some(
+                B64.decode(b64)
+                    .map_err(|_| NoteError::Proof("extra is not base64"))?,
+            );
             line = lines.next().ok_or(NoteError::Proof("missing index line"))?;
         }
-        let idx = line.strip_prefix("index ").ok_or(NoteError::Proof("missing index line"))?;
-        if idx.is_empty() || (idx.len() > 1 && idx.starts_with('0')) || !idx.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(NoteError::Proof("index is not a decimal without leading zeros"));
+        let idx = line
+            .strip_prefix("index ")
+            .ok_or(NoteError::Proof("missing index line"))?;
+        if idx.is_empty()
+            || (idx.len() > 1 && idx.starts_with('0'))
+            || !idx.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(NoteError::Proof(
+                "index is not a decimal without leading zeros",
+            ));
         }
-        let index = idx.parse().map_err(|_| NoteError::Proof("index out of range"))?;
+        let index = idx
+            .parse()
+            .map_err(|_| NoteError::Proof("index out of range"))?;
         let mut hashes = Vec::new();
         for l in lines {
-            hashes.push(decode_hash(l).ok_or(NoteError::Proof("proof line is not a 32-byte base64 hash"))?);
+            hashes.push(
+                decode_hash(l)
+                    .ok_or(NoteError::Proof("proof line is not a 32-byte base64 hash"))?,
+            );
             if hashes.len() > 64 {
                 return Err(NoteError::Proof("proof too long"));
             }
         }
-        Ok(Self { extra, index, hashes, checkpoint: checkpoint.to_owned() })
+        Ok(Self {
+            extra,
+            index,
+            hashes,
+            checkpoint: checkpoint.to_owned(),
+        })
     }
 }
 
@@ -232,22 +317,44 @@ mod tests {
     #[test]
     fn checkpoint_round_trip_and_tamper() {
         let sk = SigningKey::generate();
-        let cp = Checkpoint { origin: "signet.example/log".into(), size: 42, root: [7; 32] };
+        let cp = Checkpoint {
+            origin: "signet.example/log".into(),
+            size: 42,
+            root: [7; 32],
+        };
         let note = signed_checkpoint(&cp, sk.verifying_key(), sign(&sk, cp.body().as_bytes()));
         assert!(note.starts_with("signet.example/log\n42\nBwcH"));
         assert!(note.contains("\n\n\u{2014} signet.example/log "));
-        assert_eq!(verify_checkpoint(&note, "signet.example/log", sk.verifying_key()).unwrap(), cp);
+        assert_eq!(
+            verify_checkpoint(&note, "signet.example/log", sk.verifying_key()).unwrap(),
+            cp
+        );
         let tampered = note.replacen("\n42\n", "\n43\n", 1);
-        assert_eq!(verify_checkpoint(&tampered, "signet.example/log", sk.verifying_key()), Err(NoteError::BadSignature));
+        assert_eq!(
+            verify_checkpoint(&tampered, "signet.example/log", sk.verifying_key()),
+            Err(NoteError::BadSignature)
+        );
         let other = SigningKey::generate();
-        assert!(matches!(verify_checkpoint(&note, "signet.example/log", other.verifying_key()), Err(NoteError::NoKnownSignature(_))));
-        assert!(matches!(verify_checkpoint(&note, "other", sk.verifying_key()), Err(NoteError::NoKnownSignature(_))));
+        assert!(matches!(
+            verify_checkpoint(&note, "signet.example/log", other.verifying_key()),
+            Err(NoteError::NoKnownSignature(_))
+        ));
+        assert!(matches!(
+            verify_checkpoint(&note, "other", sk.verifying_key()),
+            Err(NoteError::NoKnownSignature(_))
+        ));
     }
 
     #[test]
     fn malformed_notes_are_errors_not_panics() {
         for bad in [
-            "", "\n", "a\n\n", "a\n\n\u{2014} k\n", "a\n\n\u{2014} k !!!\n", "a\n\n- k AAAAAAA=\n", "a\u{7}\n\n\u{2014} k AAAAAAA=\n",
+            "",
+            "\n",
+            "a\n\n",
+            "a\n\n\u{2014} k\n",
+            "a\n\n\u{2014} k !!!\n",
+            "a\n\n- k AAAAAAA=\n",
+            "a\u{7}\n\n\u{2014} k AAAAAAA=\n",
         ] {
             assert!(SignedNote::parse(bad).is_err(), "{bad:?}");
         }
@@ -258,13 +365,28 @@ mod tests {
 
     #[test]
     fn tlog_proof_round_trip() {
-        let p = TlogProof { extra: Some(b"{\"a\":1}".to_vec()), index: 7, hashes: vec![[1; 32], [2; 32]], checkpoint: "o\n9\nAQ==\n\n\u{2014} o AAAAAAE=\n".into() };
+        let p = TlogProof {
+            extra: Some(b"{\"a\":1}".to_vec()),
+            index: 7,
+            hashes: vec![[1; 32], [2; 32]],
+            checkpoint: "o\n9\nAQ==\n\n\u{2014} o AAAAAAE=\n".into(),
+        };
         let text = p.render();
         assert!(text.starts_with("c2sp.org/tlog-proof@v1\nextra "));
         assert_eq!(TlogProof::parse(&text).unwrap(), p);
-        let none = TlogProof { extra: None, index: 0, hashes: vec![], checkpoint: "x".into() };
+        let none = TlogProof {
+            extra: None,
+            index: 0,
+            hashes: vec![],
+            checkpoint: "x".into(),
+        };
         assert_eq!(TlogProof::parse(&none.render()).unwrap(), none);
-        for bad in ["", "c2sp.org/tlog-proof@v1\n\n", "c2sp.org/tlog-proof@v1\nindex 01\n\nx", "c2sp.org/tlog-proof@v1\nindex 1\nAA==\n\nx"] {
+        for bad in [
+            "",
+            "c2sp.org/tlog-proof@v1\n\n",
+            "c2sp.org/tlog-proof@v1\nindex 01\n\nx",
+            "c2sp.org/tlog-proof@v1\nindex 1\nAA==\n\nx",
+        ] {
             assert!(TlogProof::parse(bad).is_err(), "{bad:?}");
         }
     }

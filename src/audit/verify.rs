@@ -39,24 +39,34 @@ pub struct DirFailure {
 
 impl DirFailure {
     fn entry(index: u64, message: String) -> Self {
-        Self { first_bad_entry: Some(index), message }
+        Self {
+            first_bad_entry: Some(index),
+            message,
+        }
     }
     fn other(message: String) -> Self {
-        Self { first_bad_entry: None, message }
+        Self {
+            first_bad_entry: None,
+            message,
+        }
     }
 }
 
 /// Recompute every entry's hash, the hash chain, the tree, and every checkpoint signature.
 pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailure> {
     let entries_path = dir.join(ENTRIES_FILE);
-    let data = std::fs::read(&entries_path).map_err(|e| DirFailure::other(format!("cannot read {}: {e}", entries_path.display())))?;
+    let data = std::fs::read(&entries_path)
+        .map_err(|e| DirFailure::other(format!("cannot read {}: {e}", entries_path.display())))?;
     let mut tree = Tree::new();
     let mut events: BTreeMap<String, u64> = BTreeMap::new();
     let mut rest: &[u8] = &data;
     while !rest.is_empty() {
         let index = tree.len();
         let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-            return Err(DirFailure::entry(index, format!("entry {index} is truncated (the file ends mid-entry)")));
+            return Err(DirFailure::entry(
+                index,
+                format!("entry {index} is truncated (the file ends mid-entry)"),
+            ));
         };
         let line = &rest[..nl];
         rest = &rest[nl + 1..];
@@ -67,12 +77,17 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailur
             ),
             other => DirFailure::entry(index, format!("entry {index} {other}")),
         })?;
-        let want = index.checked_sub(1).and_then(|i| tree.leaf(i)).map(|h| B64.encode(h));
+        let want = index
+            .checked_sub(1)
+            .and_then(|i| tree.leaf(i))
+            .map(|h| B64.encode(h));
         if e.previous_leaf_hash != want {
             let bad = index.saturating_sub(1);
             return Err(DirFailure::entry(
                 bad,
-                format!("entry {bad} was altered: its hash no longer matches the link stored in entry {index}"),
+                format!(
+                    "entry {bad} was altered: its hash no longer matches the link stored in entry {index}"
+                ),
             ));
         }
         *events.entry(e.event.clone()).or_default() += 1;
@@ -83,7 +98,12 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailur
     let cp_data = match std::fs::read(&cp_path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(DirFailure::other(format!("cannot read {}: {e}", cp_path.display()))),
+        Err(e) => {
+            return Err(DirFailure::other(format!(
+                "cannot read {}: {e}",
+                cp_path.display()
+            )));
+        }
     };
     let mut origin: Option<String> = None;
     let mut last_good = 0u64;
@@ -92,22 +112,33 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailur
         if line.is_empty() {
             continue;
         }
-        let stored: StoredCheckpoint = serde_json::from_slice(line)
-            .map_err(|e| DirFailure::other(format!("checkpoint line {} is not valid JSON: {e}", n + 1)))?;
+        let stored: StoredCheckpoint = serde_json::from_slice(line).map_err(|e| {
+            DirFailure::other(format!("checkpoint line {} is not valid JSON: {e}", n + 1))
+        })?;
         let body = note::SignedNote::parse(&stored.note)
             .and_then(|sn| note::Checkpoint::parse_body(&sn.text))
             .map_err(|e| DirFailure::other(format!("checkpoint line {}: {e}", n + 1)))?;
         let o = origin.get_or_insert_with(|| body.origin.clone());
         if body.origin != *o {
-            return Err(DirFailure::other(format!("checkpoint line {} has origin `{}`, expected `{o}`", n + 1, body.origin)));
+            return Err(DirFailure::other(format!(
+                "checkpoint line {} has origin `{}`, expected `{o}`",
+                n + 1,
+                body.origin
+            )));
         }
         note::verify_checkpoint(&stored.note, o, key)
             .map_err(|e| DirFailure::other(format!("checkpoint at size {}: {e}", body.size)))?;
         if body.size != stored.tree_size {
-            return Err(DirFailure::other(format!("checkpoint line {}: stored size differs from the signed size", n + 1)));
+            return Err(DirFailure::other(format!(
+                "checkpoint line {}: stored size differs from the signed size",
+                n + 1
+            )));
         }
         if body.size < last_good {
-            return Err(DirFailure::other(format!("checkpoint at size {} follows one at size {last_good}: the log shrank", body.size)));
+            return Err(DirFailure::other(format!(
+                "checkpoint at size {} follows one at size {last_good}: the log shrank",
+                body.size
+            )));
         }
         if body.size > tree.len() {
             return Err(DirFailure::entry(
@@ -120,7 +151,9 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailur
                 ),
             ));
         }
-        let root = tree.root(body.size).map_err(|e| DirFailure::other(e.to_string()))?;
+        let root = tree
+            .root(body.size)
+            .map_err(|e| DirFailure::other(e.to_string()))?;
         if root != body.root {
             return Err(DirFailure::entry(
                 last_good,
@@ -178,34 +211,43 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
     let entry_bytes = match (&input.proof.extra, &input.entry) {
         (_, Some(e)) => e.clone(),
         (Some(e), None) => e.clone(),
-        (None, None) => return Err("no entry: the proof has no extra line and no entry was given".into()),
-    };
-    let entry: Entry = entry::parse_stored(&entry_bytes, r.index).map_err(|e| format!("the entry {e}"))?;
-    if let (Some(a), Some(b)) = (&input.proof.extra, &input.entry) {
-        if a != b {
-            return Err("the entry given differs from the entry in the proof".into());
+        (None, None) => {
+            return Err("no entry: the proof has no extra line and no entry was given".into());
         }
+    };
+    let entry: Entry =
+        entry::parse_stored(&entry_bytes, r.index).map_err(|e| format!("the entry {e}"))?;
+    if let (Some(a), Some(b)) = (&input.proof.extra, &input.entry)
+        && a != b
+    {
+        return Err("the entry given differs from the entry in the proof".into());
     }
     let leaf = merkle::leaf_hash(&entry_bytes);
     if B64.encode(leaf) != r.leaf_hash {
         return Err("the entry's leaf hash differs from the receipt's".into());
     }
     if input.proof.index != r.index {
-        return Err(format!("the proof is for index {}, the receipt for {}", input.proof.index, r.index));
+        return Err(format!(
+            "the proof is for index {}, the receipt for {}",
+            input.proof.index, r.index
+        ));
     }
     let cp = note::verify_checkpoint(&input.proof.checkpoint, &r.log_origin, &input.log_key)
         .map_err(|e| format!("checkpoint: {e}"))?;
     if cp.origin != r.log_origin {
-        return Err(format!("the checkpoint is from log `{}`, the receipt from `{}`", cp.origin, r.log_origin));
+        return Err(format!(
+            "the checkpoint is from log `{}`, the receipt from `{}`",
+            cp.origin, r.log_origin
+        ));
     }
     merkle::verify_inclusion(&leaf, r.index, cp.size, &input.proof.hashes, &cp.root)
         .map_err(|e| format!("inclusion proof: {e}"))?;
 
     let mut signature_checked = false;
-    if let Some(sig) = &input.signature {
-        if entry.signature.as_deref() != Some(sig.as_str()) {
-            return Err("the signature received differs from the one in the evidence entry".into());
-        }
+    if let Some(sig) = &input.signature
+        && entry.signature.as_deref() != Some(sig.as_str())
+    {
+        return Err("the signature received differs from the one in the evidence entry".into());
     }
     if let Some(cert) = &input.certificate {
         let (Some(sig_b64), Some(digest)) = (&entry.signature, &entry.digest) else {
@@ -214,11 +256,17 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
         if entry.certificate_serial.as_deref() != Some(cert.serial_hex.as_str()) {
             return Err("the entry names a different certificate serial".into());
         }
-        let key = cert.public_key.ok_or("the certificate's key is not P-256")?;
-        let der = B64.decode(sig_b64).map_err(|_| "the entry's signature is not base64")?;
-        let sig = DerSignature::from_bytes(&der).map_err(|_| "the entry's signature is not DER ECDSA")?;
+        let key = cert
+            .public_key
+            .ok_or("the certificate's key is not P-256")?;
+        let der = B64
+            .decode(sig_b64)
+            .map_err(|_| "the entry's signature is not base64")?;
+        let sig =
+            DerSignature::from_bytes(&der).map_err(|_| "the entry's signature is not DER ECDSA")?;
         let digest = hex::decode(&digest.value).map_err(|_| "the entry's digest is not hex")?;
-        key.verify_prehash(&digest, &sig).map_err(|_| "the signature does not verify with the certificate's key")?;
+        key.verify_prehash(&digest, &sig)
+            .map_err(|_| "the signature does not verify with the certificate's key")?;
         signature_checked = true;
     }
     Ok(ReceiptReport {

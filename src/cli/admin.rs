@@ -12,7 +12,9 @@ use signet::client::{ClientTls, Connection};
 use signet::config::Config;
 use signet::service::{AdminRequest, ImportRequest};
 
-use super::{Cli, ensure_module_environment, load_config, local_caller, runtime, start_offline, table};
+use super::{
+    Cli, ensure_module_environment, load_config, local_caller, runtime, start_offline, table,
+};
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
@@ -93,14 +95,31 @@ enum Op {
 pub fn keys(cli: &Cli, cmd: &KeysCommand) -> Result<()> {
     match cmd {
         KeysCommand::Create { tenant, reason } => {
-            let v = exec(cli, Op::CreateKey(AdminRequest { tenant: tenant.clone(), reason: Some(reason.clone()) }))?;
+            let v = exec(
+                cli,
+                Op::CreateKey(AdminRequest {
+                    tenant: tenant.clone(),
+                    reason: Some(reason.clone()),
+                }),
+            )?;
             print_rotation(cli, &v, "key creation")
         }
         KeysCommand::List { tenant } => {
             let v = exec(cli, Op::ListKeys)?;
             let keys: Vec<&Value> = v["keys"]
                 .as_array()
-                .map(|a| a.iter().filter(|k| tenant.as_ref().is_none_or(|t| k["key_id"].as_str().unwrap_or("").starts_with(&format!("{t}/")))).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter(|k| {
+                            tenant.as_ref().is_none_or(|t| {
+                                k["key_id"]
+                                    .as_str()
+                                    .unwrap_or("")
+                                    .starts_with(&format!("{t}/"))
+                            })
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&keys)?);
@@ -108,9 +127,20 @@ pub fn keys(cli: &Cli, cmd: &KeysCommand) -> Result<()> {
             }
             let rows: Vec<Vec<String>> = keys
                 .iter()
-                .map(|k| vec![s(&k["key_id"]), s(&k["state"]), s(&k["not_before"]), s(&k["not_after"]), s(&k["certificate_serial"])])
+                .map(|k| {
+                    vec![
+                        s(&k["key_id"]),
+                        s(&k["state"]),
+                        s(&k["not_before"]),
+                        s(&k["not_after"]),
+                        s(&k["certificate_serial"]),
+                    ]
+                })
                 .collect();
-            table(&["KEY ID", "STATE", "NOT BEFORE", "NOT AFTER", "SERIAL"], &rows);
+            table(
+                &["KEY ID", "STATE", "NOT BEFORE", "NOT AFTER", "SERIAL"],
+                &rows,
+            );
             Ok(())
         }
     }
@@ -118,12 +148,25 @@ pub fn keys(cli: &Cli, cmd: &KeysCommand) -> Result<()> {
 
 pub fn certs(cli: &Cli, cmd: &CertsCommand) -> Result<()> {
     match cmd {
-        CertsCommand::Csr { tenant, reason, out } => {
-            let v = exec(cli, Op::Csr(AdminRequest { tenant: tenant.clone(), reason: reason.clone() }))?;
-            let csr = v["csr"].as_str().ok_or_else(|| anyhow!("no CSR in the answer"))?;
+        CertsCommand::Csr {
+            tenant,
+            reason,
+            out,
+        } => {
+            let v = exec(
+                cli,
+                Op::Csr(AdminRequest {
+                    tenant: tenant.clone(),
+                    reason: reason.clone(),
+                }),
+            )?;
+            let csr = v["csr"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no CSR in the answer"))?;
             match out {
                 Some(p) => {
-                    std::fs::write(p, csr).with_context(|| format!("cannot write {}", p.display()))?;
+                    std::fs::write(p, csr)
+                        .with_context(|| format!("cannot write {}", p.display()))?;
                     if cli.json {
                         println!("{}", serde_json::json!({"csr_file": p}));
                     } else {
@@ -135,9 +178,21 @@ pub fn certs(cli: &Cli, cmd: &CertsCommand) -> Result<()> {
             }
             Ok(())
         }
-        CertsCommand::Import { tenant, file, reason } => {
-            let pem = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let v = exec(cli, Op::Import(ImportRequest { tenant: tenant.clone(), certificate: pem, reason: reason.clone() }))?;
+        CertsCommand::Import {
+            tenant,
+            file,
+            reason,
+        } => {
+            let pem = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let v = exec(
+                cli,
+                Op::Import(ImportRequest {
+                    tenant: tenant.clone(),
+                    certificate: pem,
+                    reason: reason.clone(),
+                }),
+            )?;
             print_rotation(cli, &v, "certificate import")
         }
         CertsCommand::Status => {
@@ -146,24 +201,38 @@ pub fn certs(cli: &Cli, cmd: &CertsCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v["tenants"])?);
                 return Ok(());
             }
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             let mut rows = Vec::new();
             for t in v["tenants"].as_array().into_iter().flatten() {
                 for ver in t["versions"].as_array().into_iter().flatten() {
                     let left = ver["not_after_unix"].as_u64().map(|na| {
                         let d = na as i64 - now as i64;
-                        if d < 0 { "EXPIRED".to_owned() } else { format!("{}d {}h", d / 86400, (d % 86400) / 3600) }
+                        if d < 0 {
+                            "EXPIRED".to_owned()
+                        } else {
+                            format!("{}d {}h", d / 86400, (d % 86400) / 3600)
+                        }
                     });
                     rows.push(vec![
                         s(&ver["key_id"]),
                         s(&ver["state"]),
                         s(&ver["not_after"]),
                         left.unwrap_or_else(|| "-".into()),
-                        if ver["renewal_due"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
+                        if ver["renewal_due"].as_bool() == Some(true) {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        },
                     ]);
                 }
             }
-            table(&["KEY ID", "STATE", "NOT AFTER", "REMAINING", "RENEWAL DUE"], &rows);
+            table(
+                &["KEY ID", "STATE", "NOT AFTER", "REMAINING", "RENEWAL DUE"],
+                &rows,
+            );
             Ok(())
         }
     }
@@ -172,18 +241,38 @@ pub fn certs(cli: &Cli, cmd: &CertsCommand) -> Result<()> {
 pub fn rotate(cli: &Cli, cmd: &RotateCommand) -> Result<()> {
     match cmd {
         RotateCommand::Start { tenant, reason } => {
-            let v = exec(cli, Op::Rotate(AdminRequest { tenant: tenant.clone(), reason: Some(reason.clone()) }))?;
+            let v = exec(
+                cli,
+                Op::Rotate(AdminRequest {
+                    tenant: tenant.clone(),
+                    reason: Some(reason.clone()),
+                }),
+            )?;
             print_rotation(cli, &v, "rotation")
         }
         RotateCommand::Rollback { tenant, reason } => {
-            let v = exec(cli, Op::Rollback(AdminRequest { tenant: tenant.clone(), reason: Some(reason.clone()) }))?;
+            let v = exec(
+                cli,
+                Op::Rollback(AdminRequest {
+                    tenant: tenant.clone(),
+                    reason: Some(reason.clone()),
+                }),
+            )?;
             print_rotation(cli, &v, "rollback")
         }
         RotateCommand::Status { tenant } => {
             let v = exec(cli, Op::Status)?;
             let tenants: Vec<&Value> = v["tenants"]
                 .as_array()
-                .map(|a| a.iter().filter(|t| tenant.as_ref().is_none_or(|x| t["tenant"].as_str() == Some(x.as_str()))).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter(|t| {
+                            tenant
+                                .as_ref()
+                                .is_none_or(|x| t["tenant"].as_str() == Some(x.as_str()))
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&tenants)?);
@@ -194,7 +283,8 @@ pub fn rotate(cli: &Cli, cmd: &RotateCommand) -> Result<()> {
                 let step = match &t["rotation"] {
                     Value::Null => "-".to_owned(),
                     r => {
-                        let mut s = format!("v{} {}", r["to_version"], r["step"].as_str().unwrap_or(""));
+                        let mut s =
+                            format!("v{} {}", r["to_version"], r["step"].as_str().unwrap_or(""));
                         if let Some(e) = r["last_error"].as_str() {
                             s.push_str(&format!(" (attempt {}: {e})", r["attempts"]));
                         }
@@ -202,13 +292,30 @@ pub fn rotate(cli: &Cli, cmd: &RotateCommand) -> Result<()> {
                     }
                 };
                 for ver in t["versions"].as_array().into_iter().flatten() {
-                    rows.push(vec![s(&t["tenant"]), s(&ver["key_id"]), s(&ver["state"]), s(&ver["not_after"]), s(&t["rotation_state"]), step.clone()]);
+                    rows.push(vec![
+                        s(&t["tenant"]),
+                        s(&ver["key_id"]),
+                        s(&ver["state"]),
+                        s(&ver["not_after"]),
+                        s(&t["rotation_state"]),
+                        step.clone(),
+                    ]);
                 }
                 if t["versions"].as_array().is_none_or(|a| a.is_empty()) {
-                    rows.push(vec![s(&t["tenant"]), "-".into(), "no key".into(), "-".into(), s(&t["rotation_state"]), step.clone()]);
+                    rows.push(vec![
+                        s(&t["tenant"]),
+                        "-".into(),
+                        "no key".into(),
+                        "-".into(),
+                        s(&t["rotation_state"]),
+                        step.clone(),
+                    ]);
                 }
             }
-            table(&["TENANT", "KEY ID", "STATE", "NOT AFTER", "ROTATION", "STEP"], &rows);
+            table(
+                &["TENANT", "KEY ID", "STATE", "NOT AFTER", "ROTATION", "STEP"],
+                &rows,
+            );
             Ok(())
         }
     }
@@ -229,10 +336,17 @@ fn print_rotation(cli: &Cli, v: &Value, what: &str) -> Result<()> {
         let key = format!("{}/v{}", s(&v["tenant"]), s(&v["to_version"]));
         println!("{what}: {key} step {}", s(&v["step"]));
         if let Some(e) = v["last_error"].as_str() {
-            println!("last attempt failed (attempt {}): {e}; it is retried with backoff", v["attempts"]);
+            println!(
+                "last attempt failed (attempt {}): {e}; it is retried with backoff",
+                v["attempts"]
+            );
         }
         if v["step"] == "awaiting_certificate" {
-            println!("next: get the CSR with `signet certs csr --tenant {}`, have it signed, then `signet certs import --tenant {} CERT.pem`", s(&v["tenant"]), s(&v["tenant"]));
+            println!(
+                "next: get the CSR with `signet certs csr --tenant {}`, have it signed, then `signet certs import --tenant {} CERT.pem`",
+                s(&v["tenant"]),
+                s(&v["tenant"])
+            );
         }
     }
     if v["last_error"].is_string() && v["step"] != "awaiting_certificate" {

@@ -52,7 +52,10 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
     let key_path = key.clone().unwrap_or_else(|| dir.join(LOG_KEY_FILE));
     let log_key = read_public_key(&key_path)?;
     if key.is_none() && !cli.json {
-        eprintln!("note: using {}; for an audit, pass --key with a copy of the log key you trust", key_path.display());
+        eprintln!(
+            "note: using {}; for an audit, pass --key with a copy of the log key you trust",
+            key_path.display()
+        );
     }
     match verify_dir(dir, &log_key) {
         Ok(r) => {
@@ -71,7 +74,10 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
         }
         Err(f) => {
             if cli.json {
-                println!("{}", serde_json::json!({"ok": false, "first_bad_entry": f.first_bad_entry, "error": f.message}));
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "first_bad_entry": f.first_bad_entry, "error": f.message})
+                );
             }
             match f.first_bad_entry {
                 Some(i) => bail!("verification FAILED at entry {i}: {}", f.message),
@@ -82,15 +88,33 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
 }
 
 pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
-    let ReceiptCommand::Verify { receipt, proof, log_key, certificate } = cmd;
+    let ReceiptCommand::Verify {
+        receipt,
+        proof,
+        log_key,
+        certificate,
+    } = cmd;
     let receipt_json: Value = read_json(receipt)?;
-    let r: Receipt = serde_json::from_value(receipt_json.get("receipt").cloned().unwrap_or_else(|| receipt_json.clone()))
-        .context("the receipt file holds neither a sign response nor a receipt")?;
-    let proof_text = std::fs::read_to_string(proof).with_context(|| format!("cannot read {}", proof.display()))?;
+    let r: Receipt = serde_json::from_value(
+        receipt_json
+            .get("receipt")
+            .cloned()
+            .unwrap_or_else(|| receipt_json.clone()),
+    )
+    .context("the receipt file holds neither a sign response nor a receipt")?;
+    let proof_text = std::fs::read_to_string(proof)
+        .with_context(|| format!("cannot read {}", proof.display()))?;
     let (proof_text, entry) = match serde_json::from_str::<Value>(&proof_text) {
         Ok(v) => {
-            let p = v["proof"].as_str().ok_or_else(|| anyhow!("{}: JSON without a `proof` field", proof.display()))?.to_owned();
-            let entry = v.get("entry").filter(|e| e.is_object()).map(serde_json_canonicalizer::to_vec).transpose()?;
+            let p = v["proof"]
+                .as_str()
+                .ok_or_else(|| anyhow!("{}: JSON without a `proof` field", proof.display()))?
+                .to_owned();
+            let entry = v
+                .get("entry")
+                .filter(|e| e.is_object())
+                .map(serde_json_canonicalizer::to_vec)
+                .transpose()?;
             (p, entry)
         }
         Err(_) => (proof_text, None),
@@ -99,7 +123,10 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
     let log_key = read_public_key(log_key)?;
     let cert = match certificate {
         Some(p) => Some(read_cert(p)?),
-        None => receipt_json["certificate"].as_str().map(|pem| pki::parse_pem_or_der(pem.as_bytes()).and_then(|d| CertInfo::parse(&d))).transpose()?,
+        None => receipt_json["certificate"]
+            .as_str()
+            .map(|pem| pki::parse_pem_or_der(pem.as_bytes()).and_then(|d| CertInfo::parse(&d)))
+            .transpose()?,
     };
     let inputs = ReceiptInputs {
         receipt: r,
@@ -118,7 +145,13 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
                     "OK: entry {} of log {} is included in the signed checkpoint of size {}",
                     rep.index, rep.log_origin, rep.checkpoint_size
                 );
-                println!("  event {}, time {}, key {}, policy {}", rep.event, rep.time, rep.key_id.as_deref().unwrap_or("-"), rep.policy_id.as_deref().unwrap_or("-"));
+                println!(
+                    "  event {}, time {}, key {}, policy {}",
+                    rep.event,
+                    rep.time,
+                    rep.key_id.as_deref().unwrap_or("-"),
+                    rep.policy_id.as_deref().unwrap_or("-")
+                );
                 if rep.signature_checked {
                     println!("  the signature verifies with the signing certificate");
                 }
@@ -135,17 +168,23 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
 }
 
 fn read_json(p: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
 }
 
 fn read_public_key(p: &Path) -> Result<VerifyingKey> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
     let pem = match serde_json::from_str::<Value>(&text) {
-        Ok(v) => v["log_public_key"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("{}: JSON without `log_public_key`", p.display()))?,
+        Ok(v) => v["log_public_key"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("{}: JSON without `log_public_key`", p.display()))?,
         Err(_) => text,
     };
-    VerifyingKey::from_public_key_pem(pem.trim()).map_err(|e| anyhow!("{}: not a P-256 public key in PEM: {e}", p.display()))
+    VerifyingKey::from_public_key_pem(pem.trim())
+        .map_err(|e| anyhow!("{}: not a P-256 public key in PEM: {e}", p.display()))
 }
 
 fn read_cert(p: &Path) -> Result<CertInfo> {

@@ -20,7 +20,11 @@ use signet::service::{App, Caller};
 use signet::tls::ClientIdentity;
 
 #[derive(Parser)]
-#[command(name = "signet", version, about = "HSM-backed document digest signing with a tamper-evident evidence log")]
+#[command(
+    name = "signet",
+    version,
+    about = "HSM-backed document digest signing with a tamper-evident evidence log"
+)]
 pub struct Cli {
     /// Configuration file (default: $SIGNET_CONFIG, else ./signet-dev/signet.toml if present).
     #[arg(long, global = true, env = "SIGNET_CONFIG")]
@@ -86,13 +90,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Receipt(c) => audit::receipt(&cli, c),
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli)?;
-            let policies = Arc::new(arc_swap::ArcSwap::from_pointee(signet::policy::Policies::new(&config.dynamic)));
+            let policies = Arc::new(arc_swap::ArcSwap::from_pointee(
+                signet::policy::Policies::new(&config.dynamic),
+            ));
             signet::tls::server_config(&config.server, policies)?;
             signet::hsm::read_pin(&config.hsm.pin).context("hsm PIN")?;
             if !config.hsm.module.exists() {
-                bail!("configuration key `hsm.module`: {} does not exist", config.hsm.module.display());
+                bail!(
+                    "configuration key `hsm.module`: {} does not exist",
+                    config.hsm.module.display()
+                );
             }
-            println!("configuration OK: {} clients, {} policies", config.dynamic.clients.len(), config.dynamic.policies.len());
+            println!(
+                "configuration OK: {} clients, {} policies",
+                config.dynamic.clients.len(),
+                config.dynamic.policies.len()
+            );
             Ok(())
         }
     }
@@ -107,7 +120,9 @@ pub fn config_path(cli: &Cli) -> Result<PathBuf> {
     if dev.exists() {
         return Ok(dev);
     }
-    bail!("no configuration: pass --config FILE (or set SIGNET_CONFIG), or run `signet serve --dev` first")
+    bail!(
+        "no configuration: pass --config FILE (or set SIGNET_CONFIG), or run `signet serve --dev` first"
+    )
 }
 
 pub fn load_config(cli: &Cli) -> Result<Config> {
@@ -119,13 +134,20 @@ pub fn load_config(cli: &Cli) -> Result<Config> {
 /// initialised. If `[hsm.environment]` asks for values this process does not have, run this
 /// same command again with them set (before any thread or token call exists).
 pub fn ensure_module_environment(config: &Config) -> Result<()> {
-    let missing: Vec<(&String, &String)> =
-        config.hsm.environment.iter().filter(|(k, v)| std::env::var(k).ok().as_deref() != Some(v.as_str())).collect();
+    let missing: Vec<(&String, &String)> = config
+        .hsm
+        .environment
+        .iter()
+        .filter(|(k, v)| std::env::var(k).ok().as_deref() != Some(v.as_str()))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if std::env::var_os("SIGNET_REEXEC").is_some() {
-        bail!("configuration key `hsm.environment`: could not apply {:?}", missing.iter().map(|(k, _)| k).collect::<Vec<_>>());
+        bail!(
+            "configuration key `hsm.environment`: could not apply {:?}",
+            missing.iter().map(|(k, _)| k).collect::<Vec<_>>()
+        );
     }
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("cannot find the signet executable")?;
@@ -139,7 +161,9 @@ pub fn ensure_module_environment(config: &Config) -> Result<()> {
 
 /// A caller for in-process (offline) admin actions: the local operator, admin and audit roles.
 pub fn local_caller() -> Caller {
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "operator".into());
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "operator".into());
     Caller {
         identity: Arc::new(ClientIdentity::local_operator(&user)),
         client: Arc::new(signet::config::ClientConfig {
@@ -153,14 +177,19 @@ pub fn local_caller() -> Caller {
 
 /// Start the application in-process for an offline admin command.
 pub async fn start_offline(config: Config) -> Result<Arc<App>> {
-    let app = App::start(config).await.context("cannot start Signet in-process")?;
+    let app = App::start(config)
+        .await
+        .context("cannot start Signet in-process")?;
     app.refresh_metrics();
     Ok(app)
 }
 
 /// A tokio runtime for CLI commands.
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Print rows as an aligned table.

@@ -57,7 +57,10 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         let opts = dev::Options::new(args.data_dir.clone());
         let created = dev::prepare(&opts)?;
         if created {
-            eprintln!("created the development setup in {}", args.data_dir.display());
+            eprintln!(
+                "created the development setup in {}",
+                args.data_dir.display()
+            );
         }
         let config = Config::load(&dev::config_path(&args.data_dir))?;
         ensure_module_environment(&config)?;
@@ -114,7 +117,11 @@ pub fn dev(_cli: &Cli, cmd: &DevCommand) -> Result<()> {
         Ok::<(), anyhow::Error>(())
     })?;
     let _ = created;
-    println!("development setup ready in {}; configuration: {}", a.data_dir.display(), dev::config_path(&a.data_dir).display());
+    println!(
+        "development setup ready in {}; configuration: {}",
+        a.data_dir.display(),
+        dev::config_path(&a.data_dir).display()
+    );
     Ok(())
 }
 
@@ -130,11 +137,19 @@ async fn create_demo_keys(app: &App) -> Result<()> {
     let caller = local_caller();
     for t in dev::TENANTS {
         let tenant = t.parse()?;
-        if !app.keys.snapshot().tenant(&tenant).is_empty() || app.rotation.in_progress(&tenant).is_some() {
+        if !app.keys.snapshot().tenant(&tenant).is_empty()
+            || app.rotation.in_progress(&tenant).is_some()
+        {
             continue;
         }
         let r = app
-            .admin_create_key(&caller, AdminRequest { tenant: (*t).to_owned(), reason: Some("development setup".into()) })
+            .admin_create_key(
+                &caller,
+                AdminRequest {
+                    tenant: (*t).to_owned(),
+                    reason: Some("development setup".into()),
+                },
+            )
             .await
             .with_context(|| format!("cannot create the key of tenant {t}"))?;
         eprintln!("created key {t}/v{} ({})", r.to_version, r.step.as_str());

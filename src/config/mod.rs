@@ -24,7 +24,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
-        Self { key: key.into(), problem: problem.into() }
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -194,8 +197,9 @@ pub struct CliConfig {
 impl Config {
     /// Read and check a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("(file)", format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = Self::parse(&text, &base)?;
         config.path = Some(path.to_path_buf());
@@ -267,7 +271,10 @@ fn toml_error(e: &toml::de::Error) -> ConfigError {
     // the line; keep the first line plus the location.
     let msg = e.message().to_owned();
     let key = extract_backticked(&msg).unwrap_or_else(|| "(syntax)".to_owned());
-    let location = e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default();
+    let location = e
+        .span()
+        .map(|s| format!(" (at byte {})", s.start))
+        .unwrap_or_default();
     ConfigError::new(key, format!("{msg}{location}"))
 }
 
@@ -279,8 +286,12 @@ fn extract_backticked(msg: &str) -> Option<String> {
 
 /// Parse "90d", "12h", "30s" (humantime syntax).
 pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s)
-        .map_err(|e| ConfigError::new(key, format!("`{s}` is not a duration like \"30s\", \"12h\" or \"90d\": {e}")))
+    humantime::parse_duration(s).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("`{s}` is not a duration like \"30s\", \"12h\" or \"90d\": {e}"),
+        )
+    })
 }
 
 mod raw {
@@ -418,7 +429,10 @@ mod raw {
 
     fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
         v.parse().map_err(|_| {
-            ConfigError::new(key, format!("`{v}` is not an IP address and port like 127.0.0.1:8443"))
+            ConfigError::new(
+                key,
+                format!("`{v}` is not an IP address and port like 127.0.0.1:8443"),
+            )
         })
     }
 
@@ -426,13 +440,22 @@ mod raw {
         if (lo..=hi).contains(&v) {
             Ok(v)
         } else {
-            Err(ConfigError::new(key, format!("{v} is out of range {lo}..={hi}")))
+            Err(ConfigError::new(
+                key,
+                format!("{v} is out of range {lo}..={hi}"),
+            ))
         }
     }
 
     impl File {
         pub fn check(self, base: &Path) -> Result<Config, ConfigError> {
-            let path = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+            let path = |p: &Path| {
+                if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    base.join(p)
+                }
+            };
 
             // [server]
             let s = &self.server;
@@ -441,7 +464,10 @@ mod raw {
                 OneOrMany::Many(v) => v.iter().map(|p| path(p)).collect(),
             };
             if client_ca.is_empty() {
-                return Err(ConfigError::new("server.client_ca", "at least one CA file is required"));
+                return Err(ConfigError::new(
+                    "server.client_ca",
+                    "at least one CA file is required",
+                ));
             }
             let server = ServerConfig {
                 listen: addr("server.listen", &s.listen)?,
@@ -449,16 +475,39 @@ mod raw {
                 key: path(&s.key),
                 client_ca,
                 metrics_listen: addr("server.metrics_listen", &s.metrics_listen)?,
-                max_body_bytes: in_range("server.max_body_bytes", s.max_body_bytes.unwrap_or(1 << 20), 1024, 64 << 20)?,
-                max_header_bytes: in_range("server.max_header_bytes", s.max_header_bytes.unwrap_or(16 << 10), 8192, 1 << 20)?,
-                max_batch_items: in_range("server.max_batch_items", s.max_batch_items.unwrap_or(256), 1, 10_000)?,
-                max_connections: in_range("server.max_connections", s.max_connections.unwrap_or(4096), 1, 1 << 20)?,
+                max_body_bytes: in_range(
+                    "server.max_body_bytes",
+                    s.max_body_bytes.unwrap_or(1 << 20),
+                    1024,
+                    64 << 20,
+                )?,
+                max_header_bytes: in_range(
+                    "server.max_header_bytes",
+                    s.max_header_bytes.unwrap_or(16 << 10),
+                    8192,
+                    1 << 20,
+                )?,
+                max_batch_items: in_range(
+                    "server.max_batch_items",
+                    s.max_batch_items.unwrap_or(256),
+                    1,
+                    10_000,
+                )?,
+                max_connections: in_range(
+                    "server.max_connections",
+                    s.max_connections.unwrap_or(4096),
+                    1,
+                    1 << 20,
+                )?,
                 handshake_timeout: dur("server.handshake_timeout", &s.handshake_timeout, "10s")?,
                 idle_timeout: dur("server.idle_timeout", &s.idle_timeout, "120s")?,
                 shutdown_timeout: dur("server.shutdown_timeout", &s.shutdown_timeout, "30s")?,
             };
             if server.listen == server.metrics_listen && server.listen.port() != 0 {
-                return Err(ConfigError::new("server.metrics_listen", "must differ from server.listen"));
+                return Err(ConfigError::new(
+                    "server.metrics_listen",
+                    "must differ from server.listen",
+                ));
             }
 
             // [hsm]
@@ -473,20 +522,35 @@ mod raw {
                 (Some(v), None) if !v.is_empty() => PinSource::Env(v.clone()),
                 (None, Some(p)) => PinSource::File(path(p)),
                 (Some(_), Some(_)) => {
-                    return Err(ConfigError::new("hsm.pin_env", "set either hsm.pin_env or hsm.pin_file, not both"));
+                    return Err(ConfigError::new(
+                        "hsm.pin_env",
+                        "set either hsm.pin_env or hsm.pin_file, not both",
+                    ));
                 }
-                _ => return Err(ConfigError::new("hsm.pin_file", "one of hsm.pin_env or hsm.pin_file is required")),
+                _ => {
+                    return Err(ConfigError::new(
+                        "hsm.pin_file",
+                        "one of hsm.pin_env or hsm.pin_file is required",
+                    ));
+                }
             };
             let token_label = h.token_label.trim().to_owned();
             if token_label.is_empty() || token_label.len() > 32 {
-                return Err(ConfigError::new("hsm.token_label", "must be 1-32 characters"));
+                return Err(ConfigError::new(
+                    "hsm.token_label",
+                    "must be 1-32 characters",
+                ));
             }
             let environment = h
                 .environment
                 .iter()
                 .map(|(k, v)| {
                     // Paths for the module (SOFTHSM2_CONF...) are relative to the config file too.
-                    let v = if v.starts_with("./") || v.starts_with("../") { path(Path::new(v)).display().to_string() } else { v.clone() };
+                    let v = if v.starts_with("./") || v.starts_with("../") {
+                        path(Path::new(v)).display().to_string()
+                    } else {
+                        v.clone()
+                    };
                     (k.clone(), v)
                 })
                 .collect();
@@ -495,31 +559,65 @@ mod raw {
                 token_label,
                 pin,
                 sessions: in_range("hsm.sessions", h.sessions.unwrap_or(2), 1, 64)?,
-                queue_depth: in_range("hsm.queue_depth", h.queue_depth.unwrap_or(1024), 1, 1 << 20)?,
+                queue_depth: in_range(
+                    "hsm.queue_depth",
+                    h.queue_depth.unwrap_or(1024),
+                    1,
+                    1 << 20,
+                )?,
                 call_timeout: dur("hsm.call_timeout", &h.call_timeout, "5s")?,
                 health_interval: dur("hsm.health_interval", &h.health_interval, "2s")?,
                 environment,
             };
             if hsm.call_timeout.is_zero() {
-                return Err(ConfigError::new("hsm.call_timeout", "must be greater than zero"));
+                return Err(ConfigError::new(
+                    "hsm.call_timeout",
+                    "must be greater than zero",
+                ));
             }
 
             // [audit]
             let a = &self.audit;
-            let origin = a.origin.clone().unwrap_or_else(|| "signet.local/evidence".to_owned());
-            if origin.is_empty() || origin.chars().any(|c| c.is_whitespace() || c == '+' || c.is_control()) {
-                return Err(ConfigError::new("audit.origin", "must be non-empty, without spaces or '+' (e.g. signet.example.com/evidence)"));
+            let origin = a
+                .origin
+                .clone()
+                .unwrap_or_else(|| "signet.local/evidence".to_owned());
+            if origin.is_empty()
+                || origin
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '+' || c.is_control())
+            {
+                return Err(ConfigError::new(
+                    "audit.origin",
+                    "must be non-empty, without spaces or '+' (e.g. signet.example.com/evidence)",
+                ));
             }
             let audit = AuditConfig {
                 dir: path(&a.dir),
                 origin,
-                checkpoint_interval: dur("audit.checkpoint_interval", &a.checkpoint_interval, "10s")?,
+                checkpoint_interval: dur(
+                    "audit.checkpoint_interval",
+                    &a.checkpoint_interval,
+                    "10s",
+                )?,
                 fsync: a.fsync.unwrap_or(FsyncPolicy::Always),
-                idempotency_retention: dur("audit.idempotency_retention", &a.idempotency_retention, "24h")?,
-                max_group_entries: in_range("audit.max_group_entries", a.max_group_entries.unwrap_or(4096), 1, 1 << 20)?,
+                idempotency_retention: dur(
+                    "audit.idempotency_retention",
+                    &a.idempotency_retention,
+                    "24h",
+                )?,
+                max_group_entries: in_range(
+                    "audit.max_group_entries",
+                    a.max_group_entries.unwrap_or(4096),
+                    1,
+                    1 << 20,
+                )?,
             };
             if audit.checkpoint_interval < Duration::from_millis(100) {
-                return Err(ConfigError::new("audit.checkpoint_interval", "must be at least 100ms"));
+                return Err(ConfigError::new(
+                    "audit.checkpoint_interval",
+                    "must be at least 100ms",
+                ));
             }
 
             let state_dir = path(self.state.dir.as_deref().unwrap_or(Path::new("state")));
@@ -533,12 +631,18 @@ mod raw {
                     return Err(ConfigError::new(key("identity"), "must not be empty"));
                 }
                 if !seen.insert(c.identity.clone()) {
-                    return Err(ConfigError::new(key("identity"), format!("`{}` is listed twice", c.identity)));
+                    return Err(ConfigError::new(
+                        key("identity"),
+                        format!("`{}` is listed twice", c.identity),
+                    ));
                 }
                 let tenants = c
                     .tenants
                     .iter()
-                    .map(|t| t.parse::<TenantId>().map_err(|e| ConfigError::new(key("tenants"), format!("`{t}`: {e}"))))
+                    .map(|t| {
+                        t.parse::<TenantId>()
+                            .map_err(|e| ConfigError::new(key("tenants"), format!("`{t}`: {e}")))
+                    })
                     .collect::<Result<BTreeSet<_>, _>>()?;
                 let mut roles = BTreeSet::new();
                 for r in &c.roles {
@@ -547,18 +651,31 @@ mod raw {
                         "admin" => Role::Admin,
                         "audit" => Role::Audit,
                         other => {
-                            return Err(ConfigError::new(key("roles"), format!("unknown role `{other}` (expected sign, admin or audit)")));
+                            return Err(ConfigError::new(
+                                key("roles"),
+                                format!("unknown role `{other}` (expected sign, admin or audit)"),
+                            ));
                         }
                     };
                     roles.insert(role);
                 }
                 if roles.is_empty() {
-                    return Err(ConfigError::new(key("roles"), "at least one role is required"));
+                    return Err(ConfigError::new(
+                        key("roles"),
+                        "at least one role is required",
+                    ));
                 }
                 if roles.contains(&Role::Sign) && tenants.is_empty() {
-                    return Err(ConfigError::new(key("tenants"), "a client with the sign role needs at least one tenant"));
+                    return Err(ConfigError::new(
+                        key("tenants"),
+                        "a client with the sign role needs at least one tenant",
+                    ));
                 }
-                clients.push(ClientConfig { identity: c.identity.clone(), tenants, roles });
+                clients.push(ClientConfig {
+                    identity: c.identity.clone(),
+                    tenants,
+                    roles,
+                });
             }
 
             // [[policies]]
@@ -566,31 +683,50 @@ mod raw {
             let mut ids = BTreeSet::new();
             for (i, p) in self.policies.iter().enumerate() {
                 let key = |k: &str| format!("policies[{i}].{k}");
-                let id: PolicyId = p.id.parse().map_err(|e| ConfigError::new(key("id"), format!("`{}`: {e}", p.id)))?;
+                let id: PolicyId =
+                    p.id.parse()
+                        .map_err(|e| ConfigError::new(key("id"), format!("`{}`: {e}", p.id)))?;
                 if !ids.insert(id.clone()) {
-                    return Err(ConfigError::new(key("id"), format!("`{id}` is defined twice")));
+                    return Err(ConfigError::new(
+                        key("id"),
+                        format!("`{id}` is defined twice"),
+                    ));
                 }
-                let tenant: TenantId =
-                    p.tenant.parse().map_err(|e| ConfigError::new(key("tenant"), format!("`{}`: {e}", p.tenant)))?;
+                let tenant: TenantId = p
+                    .tenant
+                    .parse()
+                    .map_err(|e| ConfigError::new(key("tenant"), format!("`{}`: {e}", p.tenant)))?;
                 let mut algs = Vec::new();
                 for a in &p.digest_algorithms {
                     let alg = a.parse::<DigestAlgorithm>().map_err(|_| {
-                        ConfigError::new(key("digest_algorithms"), format!("unknown digest algorithm `{a}` (supported: sha256)"))
+                        ConfigError::new(
+                            key("digest_algorithms"),
+                            format!("unknown digest algorithm `{a}` (supported: sha256)"),
+                        )
                     })?;
                     if !algs.contains(&alg) {
                         algs.push(alg);
                     }
                 }
                 if algs.is_empty() {
-                    return Err(ConfigError::new(key("digest_algorithms"), "at least one algorithm is required"));
+                    return Err(ConfigError::new(
+                        key("digest_algorithms"),
+                        "at least one algorithm is required",
+                    ));
                 }
                 if p.legal_standard.trim().is_empty() {
-                    return Err(ConfigError::new(key("legal_standard"), "must describe the legal standard (free text)"));
+                    return Err(ConfigError::new(
+                        key("legal_standard"),
+                        "must describe the legal standard (free text)",
+                    ));
                 }
-                if let Some(r) = p.rate_limit {
-                    if r.per_second == 0 || r.burst == Some(0) {
-                        return Err(ConfigError::new(key("rate_limit"), "per_second and burst must be at least 1"));
-                    }
+                if let Some(r) = p.rate_limit
+                    && (r.per_second == 0 || r.burst == Some(0))
+                {
+                    return Err(ConfigError::new(
+                        key("rate_limit"),
+                        "per_second and burst must be at least 1",
+                    ));
                 }
                 policies.push(PolicyConfig {
                     id,
@@ -610,32 +746,75 @@ mod raw {
                 grace: dur("rotation.grace", &r.grace, "7d")?,
                 issuer: r.issuer.unwrap_or(Issuer::HsmCa),
                 check_interval: dur("rotation.check_interval", &r.check_interval, "1h")?,
-                min_remaining_validity: dur("rotation.min_remaining_validity", &r.min_remaining_validity, "1d")?,
+                min_remaining_validity: dur(
+                    "rotation.min_remaining_validity",
+                    &r.min_remaining_validity,
+                    "1d",
+                )?,
                 overdue_after: dur("rotation.overdue_after", &r.overdue_after, "3d")?,
                 retry_initial: dur("rotation.retry_initial", &r.retry_initial, "30s")?,
                 retry_max: dur("rotation.retry_max", &r.retry_max, "1h")?,
-                ca_certificate: path(r.ca_certificate.as_deref().unwrap_or(Path::new("hsm-ca.pem"))),
-                subject_organization: r.subject_organization.clone().unwrap_or_else(|| "Signet".to_owned()),
+                ca_certificate: path(
+                    r.ca_certificate
+                        .as_deref()
+                        .unwrap_or(Path::new("hsm-ca.pem")),
+                ),
+                subject_organization: r
+                    .subject_organization
+                    .clone()
+                    .unwrap_or_else(|| "Signet".to_owned()),
             };
             if rotation.renew_before >= rotation.validity {
-                return Err(ConfigError::new("rotation.renew_before", "must be shorter than rotation.validity"));
+                return Err(ConfigError::new(
+                    "rotation.renew_before",
+                    "must be shorter than rotation.validity",
+                ));
             }
             if rotation.min_remaining_validity >= rotation.renew_before {
-                return Err(ConfigError::new("rotation.min_remaining_validity", "must be shorter than rotation.renew_before, or keys stop signing before they are renewed"));
+                return Err(ConfigError::new(
+                    "rotation.min_remaining_validity",
+                    "must be shorter than rotation.renew_before, or keys stop signing before they are renewed",
+                ));
             }
             if rotation.check_interval < Duration::from_secs(1) {
-                return Err(ConfigError::new("rotation.check_interval", "must be at least 1s"));
+                return Err(ConfigError::new(
+                    "rotation.check_interval",
+                    "must be at least 1s",
+                ));
             }
             if rotation.retry_initial.is_zero() || rotation.retry_max < rotation.retry_initial {
-                return Err(ConfigError::new("rotation.retry_max", "must be at least rotation.retry_initial, which must be above zero"));
+                return Err(ConfigError::new(
+                    "rotation.retry_max",
+                    "must be at least rotation.retry_initial, which must be above zero",
+                ));
             }
             if rotation.subject_organization.trim().is_empty() {
-                return Err(ConfigError::new("rotation.subject_organization", "must not be empty"));
+                return Err(ConfigError::new(
+                    "rotation.subject_organization",
+                    "must not be empty",
+                ));
             }
 
-            let cli = self.cli.map(|c| CliConfig { url: c.url, cert: path(&c.cert), key: path(&c.key), ca: path(&c.ca) });
+            let cli = self.cli.map(|c| CliConfig {
+                url: c.url,
+                cert: path(&c.cert),
+                key: path(&c.key),
+                ca: path(&c.ca),
+            });
 
-            Ok(Config { path: None, server, hsm, audit, state_dir, dynamic: DynamicConfig { clients, policies, rotation }, cli })
+            Ok(Config {
+                path: None,
+                server,
+                hsm,
+                audit,
+                state_dir,
+                dynamic: DynamicConfig {
+                    clients,
+                    policies,
+                    rotation,
+                },
+                cli,
+            })
         }
     }
 }
@@ -675,11 +854,17 @@ legal_standard = "ESIGN/UETA simple electronic signature"
     fn minimal_file_gets_defaults_and_resolved_paths() {
         let c = Config::parse(MINIMAL, Path::new("/etc/signet")).unwrap();
         assert_eq!(c.server.cert, PathBuf::from("/etc/signet/tls/server.pem"));
-        assert_eq!(c.hsm.pin, PinSource::File("/etc/signet/secrets/user.pin".into()));
+        assert_eq!(
+            c.hsm.pin,
+            PinSource::File("/etc/signet/secrets/user.pin".into())
+        );
         assert_eq!(c.hsm.sessions, 2);
         assert_eq!(c.audit.fsync, FsyncPolicy::Always);
         assert_eq!(c.dynamic.rotation.issuer, Issuer::HsmCa);
-        assert_eq!(c.dynamic.policies[0].digest_algorithms, vec![DigestAlgorithm::Sha256]);
+        assert_eq!(
+            c.dynamic.policies[0].digest_algorithms,
+            vec![DigestAlgorithm::Sha256]
+        );
         assert_eq!(c.state_dir, PathBuf::from("/etc/signet/state"));
     }
 
@@ -694,7 +879,11 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             ("pin = \"1234\"", "[hsm]\n", "hsm.pin"),
             ("bogus = 1", "[hsm]\n", "bogus"),
             ("fsync = \"sometimes\"", "[audit]\n", "sometimes"),
-            ("checkpoint_interval = \"soon\"", "[audit]\n", "audit.checkpoint_interval"),
+            (
+                "checkpoint_interval = \"soon\"",
+                "[audit]\n",
+                "audit.checkpoint_interval",
+            ),
             ("origin = \"has space\"", "[audit]\n", "audit.origin"),
         ];
         for (line, section, key) in cases {
@@ -702,15 +891,23 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             let e = err(&text);
             assert!(e.to_string().contains(key), "{line}: {e}");
         }
-        let e = err(&MINIMAL.replace("tenant = \"payroll\"\nlegal", "tenant = \"Pay Roll\"\nlegal"));
+        let e = err(&MINIMAL.replace(
+            "tenant = \"payroll\"\nlegal",
+            "tenant = \"Pay Roll\"\nlegal",
+        ));
         assert_eq!(e.key, "policies[0].tenant");
         let e = err(&MINIMAL.replace("roles = [\"sign\"]", "roles = [\"root\"]"));
         assert_eq!(e.key, "clients[0].roles");
-        let e = err(&format!("{MINIMAL}\n[rotation]\nvalidity = \"10d\"\nrenew_before = \"20d\"\n"));
+        let e = err(&format!(
+            "{MINIMAL}\n[rotation]\nvalidity = \"10d\"\nrenew_before = \"20d\"\n"
+        ));
         assert_eq!(e.key, "rotation.renew_before");
         let e = err(&MINIMAL.replace("pin_file = \"secrets/user.pin\"", ""));
         assert_eq!(e.key, "hsm.pin_file");
-        let e = err(&MINIMAL.replace("listen = \"127.0.0.1:0\"\ncert", "listen = \"localhost\"\ncert"));
+        let e = err(&MINIMAL.replace(
+            "listen = \"127.0.0.1:0\"\ncert",
+            "listen = \"localhost\"\ncert",
+        ));
         assert_eq!(e.key, "server.listen");
     }
 

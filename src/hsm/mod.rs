@@ -47,7 +47,10 @@ pub enum Error {
     #[error("a token call exceeded its deadline of {0:?}")]
     Timeout(Duration),
     #[error("{op} failed: {source}")]
-    Pkcs11 { op: &'static str, source: Pkcs11Error },
+    Pkcs11 {
+        op: &'static str,
+        source: Pkcs11Error,
+    },
     #[error("object {0} not found in the token")]
     NotFound(String),
     #[error("object {0} already exists in the token")]
@@ -133,16 +136,17 @@ pub fn classify(e: &Pkcs11Error) -> FailureClass {
             | R::CantLock => FailureClass::Device,
             _ => FailureClass::Request,
         },
-        Pkcs11Error::LibraryLoading(_) | Pkcs11Error::NullFunctionPointer | Pkcs11Error::MissingSymbol(_) => {
-            FailureClass::Device
-        }
+        Pkcs11Error::LibraryLoading(_)
+        | Pkcs11Error::NullFunctionPointer
+        | Pkcs11Error::MissingSymbol(_) => FailureClass::Device,
         _ => FailureClass::Request,
     }
 }
 
 /// Convert a raw `r || s` P-256 signature from `CKM_ECDSA` into DER `ECDSA-Sig-Value`.
 pub fn raw_to_der(raw: &[u8]) -> Result<Vec<u8>, Error> {
-    let sig = p256::ecdsa::Signature::from_slice(raw).map_err(|_| Error::Malformed("ECDSA signature"))?;
+    let sig =
+        p256::ecdsa::Signature::from_slice(raw).map_err(|_| Error::Malformed("ECDSA signature"))?;
     Ok(sig.to_der().as_bytes().to_vec())
 }
 
@@ -152,7 +156,8 @@ pub fn ec_point_to_key(ec_point: &[u8]) -> Result<p256::ecdsa::VerifyingKey, Err
         [0x04, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
         other => other,
     };
-    p256::ecdsa::VerifyingKey::from_sec1_bytes(sec1).map_err(|_| Error::Malformed("EC public point"))
+    p256::ecdsa::VerifyingKey::from_sec1_bytes(sec1)
+        .map_err(|_| Error::Malformed("EC public point"))
 }
 
 #[cfg(test)]
@@ -176,7 +181,11 @@ mod tests {
             (RvError::KeyFunctionNotPermitted, FailureClass::Request),
         ];
         for (rv, want) in cases {
-            assert_eq!(classify(&Pkcs11Error::Pkcs11(rv, Function::Sign)), want, "{rv:?}");
+            assert_eq!(
+                classify(&Pkcs11Error::Pkcs11(rv, Function::Sign)),
+                want,
+                "{rv:?}"
+            );
         }
     }
 
@@ -195,7 +204,10 @@ mod tests {
 
     #[test]
     fn raw_signature_converts_to_der() {
-        assert!(raw_to_der(&[0u8; 64]).is_err(), "zero r/s is not a valid signature");
+        assert!(
+            raw_to_der(&[0u8; 64]).is_err(),
+            "zero r/s is not a valid signature"
+        );
         assert!(raw_to_der(&[1u8; 63]).is_err());
         let der = raw_to_der(&[1u8; 64]).unwrap();
         assert_eq!(der[0], 0x30);

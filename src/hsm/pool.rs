@@ -20,12 +20,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -41,11 +41,13 @@ pub struct Hsm {
 }
 
 type Op<T> = Box<dyn FnMut(&TokenSession<'_>) -> Result<T, Error> + Send>;
+/// Runs the operation (or, if the bool says the deadline passed, only answers `Timeout`) and
+/// sends the reply.
+type RunJob = Box<dyn FnOnce(&mut WorkerState, bool) + Send>;
 
 struct Job {
     deadline: Instant,
-    /// Runs the operation (or, if `expired`, only answers `Timeout`) and sends the reply.
-    run: Box<dyn FnOnce(&mut WorkerState, bool) + Send>,
+    run: RunJob,
 }
 
 struct Inner {
@@ -108,7 +110,10 @@ impl Library {
 }
 
 fn load(module: &Path) -> Result<Pkcs11, Error> {
-    let ctx = Pkcs11::new(module).map_err(|source| Error::Load { path: module.display().to_string(), source })?;
+    let ctx = Pkcs11::new(module).map_err(|source| Error::Load {
+        path: module.display().to_string(),
+        source,
+    })?;
     let args = CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK);
     match ctx.initialize(args) {
         Ok(()) => Ok(ctx),
@@ -124,10 +129,14 @@ fn load(module: &Path) -> Result<Pkcs11, Error> {
 }
 
 fn find_token(ctx: &Pkcs11, label: &str) -> Result<Slot, Error> {
-    let slots = ctx.get_slots_with_initialized_token().map_err(Error::pkcs11("C_GetSlotList"))?;
+    let slots = ctx
+        .get_slots_with_initialized_token()
+        .map_err(Error::pkcs11("C_GetSlotList"))?;
     let mut present = Vec::new();
     for slot in slots {
-        let info = ctx.get_token_info(slot).map_err(Error::pkcs11("C_GetTokenInfo"))?;
+        let info = ctx
+            .get_token_info(slot)
+            .map_err(Error::pkcs11("C_GetTokenInfo"))?;
         // Labels are blank-padded to 32 bytes.
         let found = info.label().trim_end().to_owned();
         if found == label {
@@ -135,8 +144,15 @@ fn find_token(ctx: &Pkcs11, label: &str) -> Result<Slot, Error> {
         }
         present.push(format!("`{found}`"));
     }
-    let present = if present.is_empty() { "none".to_owned() } else { present.join(", ") };
-    Err(Error::TokenNotFound { label: label.to_owned(), present })
+    let present = if present.is_empty() {
+        "none".to_owned()
+    } else {
+        present.join(", ")
+    };
+    Err(Error::TokenNotFound {
+        label: label.to_owned(),
+        present,
+    })
 }
 
 fn login(session: &Session, pin: &SecretString) -> Result<(), Error> {
@@ -156,29 +172,39 @@ pub fn read_pin(source: &PinSource) -> Result<SecretString, Error> {
         })?,
         PinSource::File(path) => {
             warn_if_readable_by_others(path);
-            std::fs::read_to_string(path)
-                .map_err(|e| Error::Pin { source_name: source.to_string(), reason: e.kind().to_string() })?
+            std::fs::read_to_string(path).map_err(|e| Error::Pin {
+                source_name: source.to_string(),
+                reason: e.kind().to_string(),
+            })?
         }
     };
     let pin = raw.trim_end_matches(['\n', '\r']).to_owned();
     if pin.is_empty() {
-        return Err(Error::Pin { source_name: source.to_string(), reason: "empty".to_owned() });
+        return Err(Error::Pin {
+            source_name: source.to_string(),
+            reason: "empty".to_owned(),
+        });
     }
     Ok(SecretString::from(pin))
 }
 
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "PIN file is readable by group or others; chmod 600 it");
-        }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), "PIN file is readable by group or others; chmod 600 it");
     }
 }
 
 /// Create a token with `label` on a free slot (SoftHSM), set its user PIN, and finalise the
 /// library again. Returns false if a token with that label already exists.
-pub fn provision_token(module: &Path, label: &str, so_pin: &SecretString, user_pin: &SecretString) -> Result<bool, Error> {
+pub fn provision_token(
+    module: &Path,
+    label: &str,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<bool, Error> {
     let ctx = load(module)?;
     let result = (|| {
         if find_token(&ctx, label).is_ok() {
@@ -188,15 +214,29 @@ pub fn provision_token(module: &Path, label: &str, so_pin: &SecretString, user_p
             .get_all_slots()
             .map_err(Error::pkcs11("C_GetSlotList"))?
             .into_iter()
-            .find(|s| ctx.get_token_info(*s).map(|t| !t.token_initialized()).unwrap_or(false))
-            .ok_or_else(|| Error::TokenNotFound { label: label.to_owned(), present: "no free slot to create it".to_owned() })?;
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .map(|t| !t.token_initialized())
+                    .unwrap_or(false)
+            })
+            .ok_or_else(|| Error::TokenNotFound {
+                label: label.to_owned(),
+                present: "no free slot to create it".to_owned(),
+            })?;
         let so = cryptoki::types::AuthPin::from(so_pin.expose_secret().to_owned());
-        ctx.init_token(free, &so, label).map_err(Error::pkcs11("C_InitToken"))?;
+        ctx.init_token(free, &so, label)
+            .map_err(Error::pkcs11("C_InitToken"))?;
         let slot = find_token(&ctx, label)?;
-        let session = ctx.open_rw_session(slot).map_err(Error::pkcs11("C_OpenSession"))?;
-        session.login(UserType::So, Some(&so)).map_err(Error::Login)?;
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(Error::pkcs11("C_OpenSession"))?;
+        session
+            .login(UserType::So, Some(&so))
+            .map_err(Error::Login)?;
         let user = cryptoki::types::AuthPin::from(user_pin.expose_secret().to_owned());
-        session.init_pin(&user).map_err(Error::pkcs11("C_InitPIN"))?;
+        session
+            .init_pin(&user)
+            .map_err(Error::pkcs11("C_InitPIN"))?;
         session.logout().map_err(Error::pkcs11("C_Logout"))?;
         Ok(true)
     })();
@@ -210,7 +250,10 @@ impl Hsm {
     pub fn start(config: &HsmConfig, metrics: Arc<Metrics>) -> Result<Self, Error> {
         let pin = read_pin(&config.pin)?;
         let library = Library::open(&config.module, &config.token_label)?;
-        let keeper = library.ctx.open_rw_session(library.slot).map_err(Error::pkcs11("C_OpenSession"))?;
+        let keeper = library
+            .ctx
+            .open_rw_session(library.slot)
+            .map_err(Error::pkcs11("C_OpenSession"))?;
         login(&keeper, &pin)?;
 
         let (queue, jobs) = crossbeam_channel::bounded(config.queue_depth);
@@ -308,7 +351,8 @@ impl Hsm {
 
     /// True when the token is logged in and the last probe succeeded.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire) && !self.inner.shutting_down.load(Ordering::Acquire)
+        self.inner.ready.load(Ordering::Acquire)
+            && !self.inner.shutting_down.load(Ordering::Acquire)
     }
 
     /// False when a token call by the supervisor has hung far past its deadline: the library
@@ -344,7 +388,11 @@ impl Hsm {
         self.inner.metrics.hsm_ready.set(0);
     }
 
-    fn submit<T: Send + 'static>(&self, op: Op<T>, reply: impl FnOnce(Result<T, Error>) + Send + 'static) -> Result<(), Error> {
+    fn submit<T: Send + 'static>(
+        &self,
+        op: Op<T>,
+        reply: impl FnOnce(Result<T, Error>) + Send + 'static,
+    ) -> Result<(), Error> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
@@ -403,7 +451,10 @@ impl Inner {
 
     fn open_session(&self) -> Result<Session, Error> {
         let library = lock(&self.library).clone().ok_or(Error::Unavailable)?;
-        let session = library.ctx.open_rw_session(library.slot).map_err(Error::pkcs11("C_OpenSession"))?;
+        let session = library
+            .ctx
+            .open_rw_session(library.slot)
+            .map_err(Error::pkcs11("C_OpenSession"))?;
         login(&session, &self.pin)?;
         Ok(session)
     }
@@ -437,7 +488,10 @@ impl WorkerState {
             let Some((session, _)) = &self.session else {
                 return Err(Error::Unavailable);
             };
-            let token = TokenSession { session, handles: &self.inner.handles };
+            let token = TokenSession {
+                session,
+                handles: &self.inner.handles,
+            };
             let err = match op(&token) {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
@@ -476,16 +530,29 @@ impl WorkerState {
 fn spawn_worker(inner: &Arc<Inner>) {
     let busy_since = Arc::new(AtomicU64::new(0));
     let abandoned = Arc::new(AtomicBool::new(false));
-    let (b, a, i) = (Arc::clone(&busy_since), Arc::clone(&abandoned), Arc::clone(inner));
-    let thread = std::thread::Builder::new().name("hsm-worker".into()).spawn(move || worker_main(i, b, a));
+    let (b, a, i) = (
+        Arc::clone(&busy_since),
+        Arc::clone(&abandoned),
+        Arc::clone(inner),
+    );
+    let thread = std::thread::Builder::new()
+        .name("hsm-worker".into())
+        .spawn(move || worker_main(i, b, a));
     match thread {
-        Ok(t) => lock(&inner.workers).push(WorkerSlot { busy_since, abandoned, thread: Some(t) }),
+        Ok(t) => lock(&inner.workers).push(WorkerSlot {
+            busy_since,
+            abandoned,
+            thread: Some(t),
+        }),
         Err(e) => tracing::error!(error = %e, "cannot spawn a token worker thread"),
     }
 }
 
 fn worker_main(inner: Arc<Inner>, busy_since: Arc<AtomicU64>, abandoned: Arc<AtomicBool>) {
-    let mut state = WorkerState { inner: Arc::clone(&inner), session: None };
+    let mut state = WorkerState {
+        inner: Arc::clone(&inner),
+        session: None,
+    };
     loop {
         if abandoned.load(Ordering::Acquire) {
             break;
@@ -519,7 +586,10 @@ fn supervisor_main(inner: Arc<Inner>, keeper: Session) {
             let (m, cv) = &inner.wake;
             let mut woken = lock(m);
             if !*woken {
-                woken = cv.wait_timeout(woken, backoff).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+                woken = cv
+                    .wait_timeout(woken, backoff)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
             }
             *woken = false;
         }
@@ -528,7 +598,9 @@ fn supervisor_main(inner: Arc<Inner>, keeper: Session) {
         }
         replace_stuck_workers(&inner);
 
-        inner.supervisor_busy_since.store(inner.now_ms(), Ordering::Release);
+        inner
+            .supervisor_busy_since
+            .store(inner.now_ms(), Ordering::Release);
         let healthy = keeper.as_ref().is_some_and(|k| probe(&inner, k));
         if !healthy {
             // Close the dead keeper before opening a new one.
@@ -554,7 +626,10 @@ fn supervisor_main(inner: Arc<Inner>, keeper: Session) {
 
 /// Is the session logged in, and is the probe key (if any) still in the token?
 fn probe(inner: &Inner, session: &Session) -> bool {
-    let t = TokenSession { session, handles: &inner.handles };
+    let t = TokenSession {
+        session,
+        handles: &inner.handles,
+    };
     if t.ping().is_err() {
         return false;
     }
@@ -572,16 +647,30 @@ fn recover(inner: &Inner) -> Option<Session> {
 
     match inner.open_session() {
         Ok(s) if probe(inner, &s) => {
-            inner.metrics.hsm_recoveries.with_label_values(&["relogin", "ok"]).inc();
+            inner
+                .metrics
+                .hsm_recoveries
+                .with_label_values(&["relogin", "ok"])
+                .inc();
             tracing::info!("token recovered by opening a new session and logging in");
             return Some(s);
         }
         Ok(_) => {
-            inner.metrics.hsm_recoveries.with_label_values(&["relogin", "failed"]).inc();
-            tracing::warn!("the token answers but lost its objects; re-initialising the PKCS#11 library");
+            inner
+                .metrics
+                .hsm_recoveries
+                .with_label_values(&["relogin", "failed"])
+                .inc();
+            tracing::warn!(
+                "the token answers but lost its objects; re-initialising the PKCS#11 library"
+            );
         }
         Err(e) => {
-            inner.metrics.hsm_recoveries.with_label_values(&["relogin", "failed"]).inc();
+            inner
+                .metrics
+                .hsm_recoveries
+                .with_label_values(&["relogin", "failed"])
+                .inc();
             tracing::warn!(error = %e, "relogin failed; re-initialising the PKCS#11 library");
         }
     }
@@ -595,24 +684,40 @@ fn recover(inner: &Inner) -> Option<Session> {
             *lock(&inner.library) = Some(lib);
             match inner.open_session() {
                 Ok(s) if probe(inner, &s) => {
-                    inner.metrics.hsm_recoveries.with_label_values(&["reinitialize", "ok"]).inc();
+                    inner
+                        .metrics
+                        .hsm_recoveries
+                        .with_label_values(&["reinitialize", "ok"])
+                        .inc();
                     tracing::info!("token recovered by re-initialising the PKCS#11 library");
                     Some(s)
                 }
                 Ok(_) => {
-                    inner.metrics.hsm_recoveries.with_label_values(&["reinitialize", "failed"]).inc();
+                    inner
+                        .metrics
+                        .hsm_recoveries
+                        .with_label_values(&["reinitialize", "failed"])
+                        .inc();
                     tracing::error!("token objects still missing after re-initialisation");
                     None
                 }
                 Err(e) => {
-                    inner.metrics.hsm_recoveries.with_label_values(&["reinitialize", "failed"]).inc();
+                    inner
+                        .metrics
+                        .hsm_recoveries
+                        .with_label_values(&["reinitialize", "failed"])
+                        .inc();
                     tracing::error!(error = %e, "token still unavailable after re-initialisation");
                     None
                 }
             }
         }
         Err(e) => {
-            inner.metrics.hsm_recoveries.with_label_values(&["reinitialize", "failed"]).inc();
+            inner
+                .metrics
+                .hsm_recoveries
+                .with_label_values(&["reinitialize", "failed"])
+                .inc();
             tracing::error!(error = %e, "cannot re-initialise the PKCS#11 library");
             None
         }

@@ -4,7 +4,9 @@
 //! are cached by the pool; the cache is emptied whenever a session or the library is replaced.
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, CertificateType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeType, CertificateType, KeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::Session;
 use moka::sync::Cache;
 use p256::ecdsa::VerifyingKey;
@@ -49,7 +51,10 @@ impl TokenSession<'_> {
     /// Sign a 32-byte digest with `CKM_ECDSA` and return the DER `ECDSA-Sig-Value`.
     pub fn sign_prehashed(&self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, Error> {
         let key = self.private_key(id)?;
-        let raw = self.session.sign(&Mechanism::Ecdsa, key, digest).map_err(Error::pkcs11("C_Sign"))?;
+        let raw = self
+            .session
+            .sign(&Mechanism::Ecdsa, key, digest)
+            .map_err(Error::pkcs11("C_Sign"))?;
         raw_to_der(&raw)
     }
 
@@ -78,12 +83,16 @@ impl TokenSession<'_> {
                 return Ok(pk);
             }
             // A private key without its public half cannot be used safely: refuse.
-            return Err(Error::Malformed("key pair (private key without public key)"));
+            return Err(Error::Malformed(
+                "key pair (private key without public key)",
+            ));
         }
         // A public key without a private key (left by a failed generation) is removed first,
         // so there is never more than one object per class and ID.
         if let Some(h) = self.find_one(ObjectClass::PUBLIC_KEY, id)? {
-            self.session.destroy_object(h).map_err(Error::pkcs11("C_DestroyObject"))?;
+            self.session
+                .destroy_object(h)
+                .map_err(Error::pkcs11("C_DestroyObject"))?;
         }
         let id_bytes = id.as_bytes().to_vec();
         let label = label.as_bytes().to_vec();
@@ -128,9 +137,17 @@ impl TokenSession<'_> {
     }
 
     /// Store `der` as the certificate object for `id`, replacing any previous one.
-    pub fn store_certificate(&self, id: &str, label: &str, der: &[u8], subject_der: &[u8]) -> Result<(), Error> {
+    pub fn store_certificate(
+        &self,
+        id: &str,
+        label: &str,
+        der: &[u8],
+        subject_der: &[u8],
+    ) -> Result<(), Error> {
         for h in self.find_all(ObjectClass::CERTIFICATE, id)? {
-            self.session.destroy_object(h).map_err(Error::pkcs11("C_DestroyObject"))?;
+            self.session
+                .destroy_object(h)
+                .map_err(Error::pkcs11("C_DestroyObject"))?;
         }
         let template = [
             Attribute::Class(ObjectClass::CERTIFICATE),
@@ -142,7 +159,9 @@ impl TokenSession<'_> {
             Attribute::Subject(subject_der.to_vec()),
             Attribute::Value(der.to_vec()),
         ];
-        self.session.create_object(&template).map_err(Error::pkcs11("C_CreateObject"))?;
+        self.session
+            .create_object(&template)
+            .map_err(Error::pkcs11("C_CreateObject"))?;
         Ok(())
     }
 
@@ -151,7 +170,10 @@ impl TokenSession<'_> {
         let Some(h) = self.find_one(ObjectClass::CERTIFICATE, id)? else {
             return Ok(None);
         };
-        let attrs = self.session.get_attributes(h, &[AttributeType::Value]).map_err(Error::pkcs11("C_GetAttributeValue"))?;
+        let attrs = self
+            .session
+            .get_attributes(h, &[AttributeType::Value])
+            .map_err(Error::pkcs11("C_GetAttributeValue"))?;
         for a in attrs {
             if let Attribute::Value(v) = a {
                 return Ok(Some(v));
@@ -166,7 +188,9 @@ impl TokenSession<'_> {
         self.handles.invalidate(id);
         let mut destroyed = false;
         for h in self.find_all(ObjectClass::PRIVATE_KEY, id)? {
-            self.session.destroy_object(h).map_err(Error::pkcs11("C_DestroyObject"))?;
+            self.session
+                .destroy_object(h)
+                .map_err(Error::pkcs11("C_DestroyObject"))?;
             destroyed = true;
         }
         Ok(destroyed)
@@ -175,8 +199,15 @@ impl TokenSession<'_> {
     /// Every key and certificate object in the token, with its `CKA_ID` and `CKA_LABEL`.
     pub fn list_objects(&self) -> Result<Vec<ObjectSummary>, Error> {
         let mut out = Vec::new();
-        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY, ObjectClass::CERTIFICATE] {
-            let handles = self.session.find_objects(&[Attribute::Class(class)]).map_err(Error::pkcs11("C_FindObjects"))?;
+        for class in [
+            ObjectClass::PRIVATE_KEY,
+            ObjectClass::PUBLIC_KEY,
+            ObjectClass::CERTIFICATE,
+        ] {
+            let handles = self
+                .session
+                .find_objects(&[Attribute::Class(class)])
+                .map_err(Error::pkcs11("C_FindObjects"))?;
             for h in handles {
                 let attrs = self
                     .session
@@ -199,7 +230,11 @@ impl TokenSession<'_> {
                 } else {
                     ObjectKind::Other
                 };
-                out.push(ObjectSummary { class: kind, id, label });
+                out.push(ObjectSummary {
+                    class: kind,
+                    id,
+                    label,
+                });
             }
         }
         Ok(out)
@@ -207,7 +242,9 @@ impl TokenSession<'_> {
 
     /// The protection attributes of the private key `id`, for checks and tests.
     pub fn private_key_attributes(&self, id: &str) -> Result<PrivateKeyAttributes, Error> {
-        let h = self.find_one(ObjectClass::PRIVATE_KEY, id)?.ok_or_else(|| Error::NotFound(format!("private key {id}")))?;
+        let h = self
+            .find_one(ObjectClass::PRIVATE_KEY, id)?
+            .ok_or_else(|| Error::NotFound(format!("private key {id}")))?;
         let attrs = self
             .session
             .get_attributes(
@@ -249,7 +286,10 @@ impl TokenSession<'_> {
 
     /// A cheap call that fails if the session or login is gone.
     pub fn ping(&self) -> Result<(), Error> {
-        let info = self.session.get_session_info().map_err(Error::pkcs11("C_GetSessionInfo"))?;
+        let info = self
+            .session
+            .get_session_info()
+            .map_err(Error::pkcs11("C_GetSessionInfo"))?;
         use cryptoki::session::SessionState as S;
         match info.session_state() {
             S::RoUser | S::RwUser => Ok(()),
@@ -264,7 +304,10 @@ impl TokenSession<'_> {
     }
 
     fn read_public_key(&self, h: ObjectHandle) -> Result<VerifyingKey, Error> {
-        let attrs = self.session.get_attributes(h, &[AttributeType::EcPoint]).map_err(Error::pkcs11("C_GetAttributeValue"))?;
+        let attrs = self
+            .session
+            .get_attributes(h, &[AttributeType::EcPoint])
+            .map_err(Error::pkcs11("C_GetAttributeValue"))?;
         for a in attrs {
             if let Attribute::EcPoint(p) = a {
                 return ec_point_to_key(&p);
@@ -275,7 +318,10 @@ impl TokenSession<'_> {
 
     fn find_all(&self, class: ObjectClass, id: &str) -> Result<Vec<ObjectHandle>, Error> {
         self.session
-            .find_objects(&[Attribute::Class(class), Attribute::Id(id.as_bytes().to_vec())])
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::Id(id.as_bytes().to_vec()),
+            ])
             .map_err(Error::pkcs11("C_FindObjects"))
     }
 

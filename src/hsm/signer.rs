@@ -16,7 +16,11 @@ pub struct TokenSigner {
 impl TokenSigner {
     /// `public` must be the public half of the token key `id` (read it from the token).
     pub fn new(hsm: Hsm, id: impl Into<String>, public: VerifyingKey) -> Self {
-        Self { hsm, id: id.into(), public }
+        Self {
+            hsm,
+            id: id.into(),
+            public,
+        }
     }
 }
 
@@ -42,8 +46,12 @@ impl signature::Signer<DerSignature> for TokenSigner {
 impl DynSignatureAlgorithmIdentifier for TokenSigner {
     fn signature_algorithm_identifier(&self) -> spki::Result<AlgorithmIdentifierOwned> {
         // ecdsa-with-SHA256 (1.2.840.10045.4.3.2), no parameters.
-        Ok(AlgorithmIdentifierOwned { oid: ECDSA_WITH_SHA256, parameters: None })
+        Ok(AlgorithmIdentifierOwned {
+            oid: ECDSA_WITH_SHA256,
+            parameters: None,
+        })
     }
 }
 
-pub const ECDSA_WITH_SHA256: spki::ObjectIdentifier = spki::ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
+pub const ECDSA_WITH_SHA256: spki::ObjectIdentifier =
+    spki::ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");

@@ -25,7 +25,9 @@ pub use problem::Problem;
 
 use crate::audit::note;
 use crate::policy::Policies;
-use crate::service::{AdminRequest, App, BatchRequest, Caller, Error, ImportRequest, SignRequest, VerifyRequest};
+use crate::service::{
+    AdminRequest, App, BatchRequest, Caller, Error, ImportRequest, SignRequest, VerifyRequest,
+};
 use crate::tls::ClientIdentity;
 
 /// The request ID, set by the first middleware and echoed in `X-Request-Id`.
@@ -85,14 +87,27 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 
 /// Count responses by matched route and status; refuse requests while shutting down.
 async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
     let resp = next.run(req).await;
-    state.app.metrics.http_requests.with_label_values(&[&route, resp.status().as_str()]).inc();
+    state
+        .app
+        .metrics
+        .http_requests
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
     resp
 }
 
 fn rid(parts: &Parts) -> String {
-    parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
+    parts
+        .extensions
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default()
 }
 
 /// The authenticated caller: certificate identity, known to `[[clients]]`.
@@ -103,7 +118,13 @@ impl FromRequestParts<ApiState> for Ctx {
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Problem> {
         let request_id = rid(parts);
         let Some(PeerIdentity(identity)) = parts.extensions.get::<PeerIdentity>().cloned() else {
-            return Err(Problem::new(StatusCode::UNAUTHORIZED, "client-certificate-required", "Client certificate required", "this API needs mutual TLS", &request_id));
+            return Err(Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "client-certificate-required",
+                "Client certificate required",
+                "this API needs mutual TLS",
+                &request_id,
+            ));
         };
         let policies = state.app.policies.load();
         let Some(client) = policies.client(&identity.identity).cloned() else {
@@ -111,11 +132,18 @@ impl FromRequestParts<ApiState> for Ctx {
                 StatusCode::FORBIDDEN,
                 "unknown-client",
                 "Unknown client",
-                format!("client `{}` is not configured (it may have been removed by a reload)", identity.identity),
+                format!(
+                    "client `{}` is not configured (it may have been removed by a reload)",
+                    identity.identity
+                ),
                 &request_id,
             ));
         };
-        Ok(Ctx(Caller { identity, client, request_id }))
+        Ok(Ctx(Caller {
+            identity,
+            client,
+            request_id,
+        }))
     }
 }
 
@@ -125,7 +153,11 @@ pub struct JsonBody<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = Problem;
     async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
-        let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
         if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
             let essence = ct.split(';').next().unwrap_or("").trim();
@@ -141,13 +173,31 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large", "the body exceeds server.max_body_bytes", &request_id)
+                Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "Request body too large",
+                    "the body exceeds server.max_body_bytes",
+                    &request_id,
+                )
             } else {
-                Problem::new(StatusCode::BAD_REQUEST, "invalid-body", "Invalid body", e.body_text(), &request_id)
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-body",
+                    "Invalid body",
+                    e.body_text(),
+                    &request_id,
+                )
             }
         })?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON", json_error(&e), &request_id)
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                "Malformed JSON",
+                json_error(&e),
+                &request_id,
+            )
         })
     }
 }
@@ -162,7 +212,8 @@ fn json_error(e: &serde_json::Error) -> String {
 
 fn ok<T: Serialize>(status: StatusCode, body: &T) -> Response {
     let mut resp = (status, Json(body)).into_response();
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -170,11 +221,21 @@ fn fail(e: Error, request_id: &str) -> Response {
     Problem::from_error(&e, request_id).into_response()
 }
 
-async fn sign(State(s): State<ApiState>, Ctx(caller): Ctx, headers: HeaderMap, JsonBody(req): JsonBody<SignRequest>) -> Response {
+async fn sign(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<SignRequest>,
+) -> Response {
     let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => None,
         Some(Ok(k)) => Some(k.to_owned()),
-        Some(Err(_)) => return fail(Error::invalid("Idempotency-Key", "must be visible ASCII"), &caller.request_id),
+        Some(Err(_)) => {
+            return fail(
+                Error::invalid("Idempotency-Key", "must be visible ASCII"),
+                &caller.request_id,
+            );
+        }
     };
     match s.app.sign(&caller, req, key.as_deref()).await {
         Ok(r) => ok(StatusCode::OK, &r),
@@ -191,19 +252,37 @@ struct BatchItemResult {
     problem: Option<Problem>,
 }
 
-async fn sign_batch(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<BatchRequest>) -> Response {
+async fn sign_batch(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<BatchRequest>,
+) -> Response {
     let max = s.app.config.server.max_batch_items;
     if req.items.is_empty() || req.items.len() > max {
-        return fail(Error::invalid("items", format!("a batch holds 1 to {max} items (server.max_batch_items)")), &caller.request_id);
+        return fail(
+            Error::invalid(
+                "items",
+                format!("a batch holds 1 to {max} items (server.max_batch_items)"),
+            ),
+            &caller.request_id,
+        );
     }
     let results = s.app.sign_batch(&caller, req.items).await;
     let items: Vec<BatchItemResult> = results
         .into_iter()
         .map(|r| match r {
-            Ok(r) => BatchItemResult { status: 200, result: Some(r), problem: None },
+            Ok(r) => BatchItemResult {
+                status: 200,
+                result: Some(r),
+                problem: None,
+            },
             Err(e) => {
                 let p = Problem::from_error(&e, &caller.request_id);
-                BatchItemResult { status: p.status, result: None, problem: Some(p) }
+                BatchItemResult {
+                    status: p.status,
+                    result: None,
+                    problem: Some(p),
+                }
             }
         })
         .collect();
@@ -212,12 +291,19 @@ async fn sign_batch(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): 
 
 async fn keys(State(s): State<ApiState>, Ctx(caller): Ctx, Path(tenant): Path<String>) -> Response {
     match s.app.keys_of(&caller, &tenant) {
-        Ok(k) => ok(StatusCode::OK, &serde_json::json!({ "tenant": tenant, "keys": k })),
+        Ok(k) => ok(
+            StatusCode::OK,
+            &serde_json::json!({ "tenant": tenant, "keys": k }),
+        ),
         Err(e) => fail(e, &caller.request_id),
     }
 }
 
-async fn verify(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<VerifyRequest>) -> Response {
+async fn verify(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<VerifyRequest>,
+) -> Response {
     match s.app.verify(&caller, req) {
         Ok(valid) => ok(StatusCode::OK, &serde_json::json!({ "valid": valid })),
         Err(e) => fail(e, &caller.request_id),
@@ -226,11 +312,19 @@ async fn verify(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): Json
 
 async fn checkpoint(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
     let Some(cp) = s.app.log.latest_checkpoint() else {
-        return Problem::new(StatusCode::SERVICE_UNAVAILABLE, "no-checkpoint-yet", "No checkpoint yet", "the first checkpoint is being signed", &caller.request_id)
-            .retry_after(2)
-            .into_response();
+        return Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-checkpoint-yet",
+            "No checkpoint yet",
+            "the first checkpoint is being signed",
+            &caller.request_id,
+        )
+        .retry_after(2)
+        .into_response();
     };
-    let root = note::SignedNote::parse(&cp.note).ok().and_then(|n| note::Checkpoint::parse_body(&n.text).ok());
+    let root = note::SignedNote::parse(&cp.note)
+        .ok()
+        .and_then(|n| note::Checkpoint::parse_body(&n.text).ok());
     let public = s.app.log.public_key();
     ok(
         StatusCode::OK,
@@ -248,17 +342,30 @@ async fn checkpoint(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
 
 async fn entry(State(s): State<ApiState>, Ctx(caller): Ctx, Path(index): Path<String>) -> Response {
     let Ok(index) = index.parse::<u64>() else {
-        return fail(Error::invalid("index", "must be a non-negative integer"), &caller.request_id);
+        return fail(
+            Error::invalid("index", "must be a non-negative integer"),
+            &caller.request_id,
+        );
     };
     let proof = match s.app.log.prove(index) {
         Ok(p) => p,
         Err(e) => return fail(e.into(), &caller.request_id),
     };
-    let entry: serde_json::Value = serde_json::from_slice(&proof.entry).unwrap_or(serde_json::Value::Null);
+    let entry: serde_json::Value =
+        serde_json::from_slice(&proof.entry).unwrap_or(serde_json::Value::Null);
     if !Policies::may_read_all_evidence(&caller.client) {
-        let tenant = entry.get("tenant").and_then(|t| t.as_str()).and_then(|t| t.parse().ok());
+        let tenant = entry
+            .get("tenant")
+            .and_then(|t| t.as_str())
+            .and_then(|t| t.parse().ok());
         if !tenant.is_some_and(|t| caller.client.tenants.contains(&t)) {
-            return fail(Error::Forbidden(format!("entry {index} belongs to a tenant client `{}` may not read", caller.identity.identity)), &caller.request_id);
+            return fail(
+                Error::Forbidden(format!(
+                    "entry {index} belongs to a tenant client `{}` may not read",
+                    caller.identity.identity
+                )),
+                &caller.request_id,
+            );
         }
     }
     ok(
@@ -281,9 +388,18 @@ struct ConsistencyQuery {
     to: Option<String>,
 }
 
-async fn consistency(State(s): State<ApiState>, Ctx(caller): Ctx, Query(q): Query<ConsistencyQuery>) -> Response {
+async fn consistency(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    Query(q): Query<ConsistencyQuery>,
+) -> Response {
     let parse = |v: &Option<String>, name: &'static str| {
-        v.as_deref().ok_or_else(|| Error::invalid(name, "is required")).and_then(|s| s.parse::<u64>().map_err(|_| Error::invalid(name, "must be a non-negative integer")))
+        v.as_deref()
+            .ok_or_else(|| Error::invalid(name, "is required"))
+            .and_then(|s| {
+                s.parse::<u64>()
+                    .map_err(|_| Error::invalid(name, "must be a non-negative integer"))
+            })
     };
     let (from, to) = match (parse(&q.from, "from"), parse(&q.to, "to")) {
         (Ok(f), Ok(t)) => (f, t),
@@ -312,7 +428,11 @@ async fn admin_keys(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
     }
 }
 
-async fn admin_create_key(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<AdminRequest>) -> Response {
+async fn admin_create_key(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<AdminRequest>,
+) -> Response {
     match s.app.admin_create_key(&caller, req).await {
         Ok(r) => ok(StatusCode::CREATED, &r),
         Err(e) => fail(e, &caller.request_id),
@@ -326,28 +446,44 @@ async fn admin_status(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
     }
 }
 
-async fn admin_rotate(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<AdminRequest>) -> Response {
+async fn admin_rotate(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<AdminRequest>,
+) -> Response {
     match s.app.admin_rotate(&caller, req).await {
         Ok(r) => ok(StatusCode::ACCEPTED, &r),
         Err(e) => fail(e, &caller.request_id),
     }
 }
 
-async fn admin_rollback(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<AdminRequest>) -> Response {
+async fn admin_rollback(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<AdminRequest>,
+) -> Response {
     match s.app.admin_rollback(&caller, req).await {
         Ok(r) => ok(StatusCode::OK, &r),
         Err(e) => fail(e, &caller.request_id),
     }
 }
 
-async fn admin_csr(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<AdminRequest>) -> Response {
+async fn admin_csr(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<AdminRequest>,
+) -> Response {
     match s.app.admin_csr(&caller, req).await {
         Ok(csr) => ok(StatusCode::OK, &serde_json::json!({ "csr": csr })),
         Err(e) => fail(e, &caller.request_id),
     }
 }
 
-async fn admin_import(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<ImportRequest>) -> Response {
+async fn admin_import(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<ImportRequest>,
+) -> Response {
     match s.app.admin_import(&caller, req).await {
         Ok(r) => ok(StatusCode::OK, &r),
         Err(e) => fail(e, &caller.request_id),
@@ -359,39 +495,83 @@ async fn admin_reload(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
         return fail(e, &caller.request_id);
     }
     match (s.reload)() {
-        Ok(summary) => ok(StatusCode::OK, &serde_json::json!({ "reloaded": true, "summary": summary })),
-        Err(reason) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-configuration", "Configuration rejected; the previous one stays", reason, &caller.request_id)
-            .into_response(),
+        Ok(summary) => ok(
+            StatusCode::OK,
+            &serde_json::json!({ "reloaded": true, "summary": summary }),
+        ),
+        Err(reason) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-configuration",
+            "Configuration rejected; the previous one stays",
+            reason,
+            &caller.request_id,
+        )
+        .into_response(),
     }
 }
 
 /// Test hook (feature `insecure-test-hooks` only): inject a token fault into the running service.
 #[cfg(feature = "insecure-test-hooks")]
-async fn insecure_test_fault(State(s): State<ApiState>, Ctx(caller): Ctx, JsonBody(req): JsonBody<serde_json::Value>) -> Response {
+async fn insecure_test_fault(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<serde_json::Value>,
+) -> Response {
     if let Err(e) = caller.require(crate::config::Role::Admin) {
         return fail(e, &caller.request_id);
     }
     match req["fault"].as_str() {
         Some("stall_next_call") => {
             let ms = req["millis"].as_u64().unwrap_or(5000);
-            s.app.hsm.insecure_test_stall_next_call(std::time::Duration::from_millis(ms));
+            s.app
+                .hsm
+                .insecure_test_stall_next_call(std::time::Duration::from_millis(ms));
         }
         Some("finalize_library") => s.app.hsm.insecure_test_finalize_library(),
-        _ => return fail(Error::invalid("fault", "stall_next_call or finalize_library"), &caller.request_id),
+        _ => {
+            return fail(
+                Error::invalid("fault", "stall_next_call or finalize_library"),
+                &caller.request_id,
+            );
+        }
     }
     tracing::warn!(fault = ?req["fault"], "insecure test hook: fault injected");
-    ok(StatusCode::OK, &serde_json::json!({"injected": req["fault"]}))
+    ok(
+        StatusCode::OK,
+        &serde_json::json!({"injected": req["fault"]}),
+    )
 }
 
 async fn not_found(req: Request) -> Response {
-    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
-    Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", "no such endpoint", &id).into_response()
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "Not found",
+        "no such endpoint",
+        &id,
+    )
+    .into_response()
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
-    Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", format!("{} is not allowed here", req.method()), &id)
-        .into_response()
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("{} is not allowed here", req.method()),
+        &id,
+    )
+    .into_response()
 }
 
 /// The plain-HTTP listener: `/metrics`, `/healthz`, `/readyz`.
@@ -406,7 +586,10 @@ pub fn metrics_router(app: Arc<App>) -> Router {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     app.is_ready();
     let mut resp = app.metrics.render().into_response();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     resp
 }
 
@@ -414,7 +597,11 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     if app.hsm.is_healthy() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "token library wedged; restart needed\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "token library wedged; restart needed\n",
+        )
+            .into_response()
     }
 }
 
@@ -426,6 +613,10 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "evidence_log": app.log.is_writable(),
         "shutting_down": app.is_shutting_down(),
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }

@@ -24,7 +24,13 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(status: StatusCode, slug: &str, title: &str, detail: impl Into<String>, request_id: &str) -> Self {
+    pub fn new(
+        status: StatusCode,
+        slug: &str,
+        title: &str,
+        detail: impl Into<String>,
+        request_id: &str,
+    ) -> Self {
         Self {
             type_: format!("urn:signet:problem:{slug}"),
             title: title.to_owned(),
@@ -48,26 +54,68 @@ impl Problem {
     pub fn from_error(e: &Error, request_id: &str) -> Self {
         use StatusCode as S;
         let p = |s, slug, title, detail: String| Problem::new(s, slug, title, detail, request_id);
-        let unavailable = |slug, title, detail: &str, retry| Problem::new(S::SERVICE_UNAVAILABLE, slug, title, detail, request_id).retry_after(retry);
+        let unavailable = |slug, title, detail: &str, retry| {
+            Problem::new(S::SERVICE_UNAVAILABLE, slug, title, detail, request_id).retry_after(retry)
+        };
         match e {
-            Error::Invalid { .. } => p(S::BAD_REQUEST, "invalid-request", "Invalid request", e.to_string()),
+            Error::Invalid { .. } => p(
+                S::BAD_REQUEST,
+                "invalid-request",
+                "Invalid request",
+                e.to_string(),
+            ),
             Error::Policy(pe) => match pe {
-                policy::Error::UnknownPolicy(_) => p(S::NOT_FOUND, "unknown-policy", "Unknown policy", pe.to_string()),
-                policy::Error::TenantNotAllowed { .. } => p(S::FORBIDDEN, "tenant-not-allowed", "Not allowed for this tenant", pe.to_string()),
-                policy::Error::MissingRole { .. } => p(S::FORBIDDEN, "role-required", "Role required", pe.to_string()),
-                policy::Error::DigestAlgorithmNotAllowed { .. } => {
-                    p(S::BAD_REQUEST, "digest-algorithm-not-allowed", "Digest algorithm not allowed", pe.to_string())
-                }
-                policy::Error::IdempotencyKeyRequired(_) => {
-                    p(S::BAD_REQUEST, "idempotency-key-required", "Idempotency-Key required", pe.to_string())
-                }
-                policy::Error::RateLimited { retry_after, .. } => {
-                    p(S::TOO_MANY_REQUESTS, "rate-limited", "Rate limit exceeded", pe.to_string()).retry_after(retry_after.as_secs_f64().ceil() as u64)
-                }
+                policy::Error::UnknownPolicy(_) => p(
+                    S::NOT_FOUND,
+                    "unknown-policy",
+                    "Unknown policy",
+                    pe.to_string(),
+                ),
+                policy::Error::TenantNotAllowed { .. } => p(
+                    S::FORBIDDEN,
+                    "tenant-not-allowed",
+                    "Not allowed for this tenant",
+                    pe.to_string(),
+                ),
+                policy::Error::MissingRole { .. } => p(
+                    S::FORBIDDEN,
+                    "role-required",
+                    "Role required",
+                    pe.to_string(),
+                ),
+                policy::Error::DigestAlgorithmNotAllowed { .. } => p(
+                    S::BAD_REQUEST,
+                    "digest-algorithm-not-allowed",
+                    "Digest algorithm not allowed",
+                    pe.to_string(),
+                ),
+                policy::Error::IdempotencyKeyRequired(_) => p(
+                    S::BAD_REQUEST,
+                    "idempotency-key-required",
+                    "Idempotency-Key required",
+                    pe.to_string(),
+                ),
+                policy::Error::RateLimited { retry_after, .. } => p(
+                    S::TOO_MANY_REQUESTS,
+                    "rate-limited",
+                    "Rate limit exceeded",
+                    pe.to_string(),
+                )
+                .retry_after(retry_after.as_secs_f64().ceil() as u64),
             },
-            Error::IdempotencyConflict => p(S::CONFLICT, "idempotency-key-reused", "Idempotency-Key reused", e.to_string()),
+            Error::IdempotencyConflict => p(
+                S::CONFLICT,
+                "idempotency-key-reused",
+                "Idempotency-Key reused",
+                e.to_string(),
+            ),
             Error::Keys(ke) => match ke {
-                keys::Error::NoActiveKey(_) => unavailable("no-active-key", "No active signing key", &ke.to_string(), 60),
+                keys::Error::NoActiveKey(_) => unavailable(
+                    "no-active-key",
+                    "No active signing key",
+                    &ke.to_string(),
+                    60,
+                ),
                 keys::Error::CertificateNotUsable { reason, .. } => {
                     let slug = match reason {
                         crate::pki::Error::Expired(_) => "certificate-expired",
@@ -76,14 +124,26 @@ impl Problem {
                     };
                     unavailable(slug, "Signing certificate not usable", &ke.to_string(), 300)
                 }
-                keys::Error::UnknownKey(_) => p(S::NOT_FOUND, "unknown-key", "Unknown key", ke.to_string()),
+                keys::Error::UnknownKey(_) => {
+                    p(S::NOT_FOUND, "unknown-key", "Unknown key", ke.to_string())
+                }
                 other => internal(other, request_id),
             },
             Error::Hsm(he) => hsm_problem(he, request_id),
             Error::Audit(ae) => audit_problem(ae, request_id),
             Error::Rotation(re) => match re {
-                rotation::Error::Conflict(_) => p(S::CONFLICT, "rotation-conflict", "Not possible in the current state", re.to_string()),
-                rotation::Error::Rejected(_) => p(S::UNPROCESSABLE_ENTITY, "certificate-rejected", "Certificate rejected", re.to_string()),
+                rotation::Error::Conflict(_) => p(
+                    S::CONFLICT,
+                    "rotation-conflict",
+                    "Not possible in the current state",
+                    re.to_string(),
+                ),
+                rotation::Error::Rejected(_) => p(
+                    S::UNPROCESSABLE_ENTITY,
+                    "certificate-rejected",
+                    "Certificate rejected",
+                    re.to_string(),
+                ),
                 rotation::Error::Audit(ae) => audit_problem(ae, request_id),
                 other => internal(other, request_id),
             },
@@ -104,28 +164,64 @@ fn hsm_problem(e: &hsm::Error, request_id: &str) -> Problem {
         _ => ("token-unavailable", "The signing token is unavailable"),
     };
     let retry = if matches!(e, hsm::Error::Busy) { 1 } else { 5 };
-    Problem::new(StatusCode::SERVICE_UNAVAILABLE, slug, title, "retry later", request_id).retry_after(retry)
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        slug,
+        title,
+        "retry later",
+        request_id,
+    )
+    .retry_after(retry)
 }
 
 fn audit_problem(e: &audit::Error, request_id: &str) -> Problem {
     use StatusCode as S;
     match e {
-        audit::Error::NoSuchEntry(_) => Problem::new(S::NOT_FOUND, "no-such-entry", "No such entry", e.to_string(), request_id),
-        audit::Error::NotYetCheckpointed { .. } => {
-            Problem::new(S::NOT_FOUND, "not-yet-checkpointed", "Not yet covered by a checkpoint", e.to_string(), request_id).retry_after(10)
-        }
-        audit::Error::Proof(_) => Problem::new(S::BAD_REQUEST, "invalid-range", "Invalid tree sizes", e.to_string(), request_id),
+        audit::Error::NoSuchEntry(_) => Problem::new(
+            S::NOT_FOUND,
+            "no-such-entry",
+            "No such entry",
+            e.to_string(),
+            request_id,
+        ),
+        audit::Error::NotYetCheckpointed { .. } => Problem::new(
+            S::NOT_FOUND,
+            "not-yet-checkpointed",
+            "Not yet covered by a checkpoint",
+            e.to_string(),
+            request_id,
+        )
+        .retry_after(10),
+        audit::Error::Proof(_) => Problem::new(
+            S::BAD_REQUEST,
+            "invalid-range",
+            "Invalid tree sizes",
+            e.to_string(),
+            request_id,
+        ),
         _ => {
             tracing::error!(request_id, error = %e, "evidence log unavailable");
-            Problem::new(S::SERVICE_UNAVAILABLE, "evidence-log-unavailable", "The evidence log cannot record", "retry later", request_id)
-                .retry_after(5)
+            Problem::new(
+                S::SERVICE_UNAVAILABLE,
+                "evidence-log-unavailable",
+                "The evidence log cannot record",
+                "retry later",
+                request_id,
+            )
+            .retry_after(5)
         }
     }
 }
 
 fn internal(e: &dyn std::fmt::Display, request_id: &str) -> Problem {
     tracing::error!(request_id, error = %e, "internal error");
-    Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", "see the service log for this request ID", request_id)
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "Internal error",
+        "see the service log for this request ID",
+        request_id,
+    )
 }
 
 impl IntoResponse for Problem {
@@ -133,11 +229,14 @@ impl IntoResponse for Problem {
         let status = self.status();
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut resp = (status, body).into_response();
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if let Some(s) = self.retry_after {
-            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
     }
@@ -151,13 +250,34 @@ mod tests {
     fn status_table() {
         let cases: Vec<(Error, u16)> = vec![
             (Error::invalid("digest", "x"), 400),
-            (Error::Policy(policy::Error::UnknownPolicy("p".parse().unwrap())), 404),
-            (Error::Policy(policy::Error::TenantNotAllowed { identity: "a".into(), tenant: "t".parse().unwrap() }), 403),
-            (Error::Policy(policy::Error::RateLimited { policy: "p".parse().unwrap(), retry_after: std::time::Duration::from_millis(300) }), 429),
+            (
+                Error::Policy(policy::Error::UnknownPolicy("p".parse().unwrap())),
+                404,
+            ),
+            (
+                Error::Policy(policy::Error::TenantNotAllowed {
+                    identity: "a".into(),
+                    tenant: "t".parse().unwrap(),
+                }),
+                403,
+            ),
+            (
+                Error::Policy(policy::Error::RateLimited {
+                    policy: "p".parse().unwrap(),
+                    retry_after: std::time::Duration::from_millis(300),
+                }),
+                429,
+            ),
             (Error::IdempotencyConflict, 409),
-            (Error::Keys(keys::Error::NoActiveKey("t".parse().unwrap())), 503),
+            (
+                Error::Keys(keys::Error::NoActiveKey("t".parse().unwrap())),
+                503,
+            ),
             (Error::Hsm(hsm::Error::Busy), 503),
-            (Error::Audit(audit::Error::Unwritable("disk full".into())), 503),
+            (
+                Error::Audit(audit::Error::Unwritable("disk full".into())),
+                503,
+            ),
             (Error::Audit(audit::Error::NoSuchEntry(5)), 404),
             (Error::Rotation(rotation::Error::Conflict("x".into())), 409),
             (Error::Internal("boom".into()), 500),

@@ -23,7 +23,11 @@ use crate::tls::{self, ClientIdentity};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("configuration key `{key}`: cannot listen on {addr}: {source}")]
-    Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] tls::Error),
     #[error("cannot install a signal handler: {0}")]
@@ -40,18 +44,42 @@ pub struct Bound {
 /// Serve until SIGTERM or SIGINT, then shut down gracefully.
 pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), ServeError> {
     let cfg = app.config.server.clone();
-    let tls = Arc::new(ArcSwap::new(tls::server_config(&cfg, Arc::clone(&app.policies))?));
-    let api = TcpListener::bind(cfg.listen).await.map_err(|source| ServeError::Bind { key: "server.listen", addr: cfg.listen, source })?;
+    let tls = Arc::new(ArcSwap::new(tls::server_config(
+        &cfg,
+        Arc::clone(&app.policies),
+    )?));
+    let api = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            key: "server.listen",
+            addr: cfg.listen,
+            source,
+        })?;
     let metrics = TcpListener::bind(cfg.metrics_listen)
         .await
-        .map_err(|source| ServeError::Bind { key: "server.metrics_listen", addr: cfg.metrics_listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            key: "server.metrics_listen",
+            addr: cfg.metrics_listen,
+            source,
+        })?;
     let bound = Bound {
-        api: api.local_addr().map_err(|source| ServeError::Bind { key: "server.listen", addr: cfg.listen, source })?,
-        metrics: metrics.local_addr().map_err(|source| ServeError::Bind { key: "server.metrics_listen", addr: cfg.metrics_listen, source })?,
+        api: api.local_addr().map_err(|source| ServeError::Bind {
+            key: "server.listen",
+            addr: cfg.listen,
+            source,
+        })?,
+        metrics: metrics.local_addr().map_err(|source| ServeError::Bind {
+            key: "server.metrics_listen",
+            addr: cfg.metrics_listen,
+            source,
+        })?,
     };
 
     let reload = reloader(Arc::clone(&app), Arc::clone(&tls));
-    let state = ApiState { app: Arc::clone(&app), reload: Arc::clone(&reload) };
+    let state = ApiState {
+        app: Arc::clone(&app),
+        reload: Arc::clone(&reload),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Signal)?;
@@ -70,7 +98,14 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
             .await;
     });
     let graceful = GracefulShutdown::new();
-    let accept_task = tokio::spawn(accept_loop(api, Arc::clone(&tls), router(state.clone()), state.clone(), graceful, stop_rx));
+    let accept_task = tokio::spawn(accept_loop(
+        api,
+        Arc::clone(&tls),
+        router(state.clone()),
+        state.clone(),
+        graceful,
+        stop_rx,
+    ));
 
     app.spawn_background();
     tracing::info!(api = %bound.api, metrics = %bound.metrics, "signet serving");
@@ -93,10 +128,12 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
     tracing::info!("shutting down: no new connections; finishing requests in flight");
     let _ = stop_tx.send(true);
     let graceful = accept_task.await.ok();
-    if let Some(g) = graceful {
-        if tokio::time::timeout(cfg.shutdown_timeout, g.shutdown()).await.is_err() {
-            tracing::warn!(timeout = ?cfg.shutdown_timeout, "connections still open at the shutdown deadline; closing them");
-        }
+    if let Some(g) = graceful
+        && tokio::time::timeout(cfg.shutdown_timeout, g.shutdown())
+            .await
+            .is_err()
+    {
+        tracing::warn!(timeout = ?cfg.shutdown_timeout, "connections still open at the shutdown deadline; closing them");
     }
     app.shutdown().await;
     let _ = metrics_task.await;
@@ -105,25 +142,52 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
 }
 
 /// Reload clients, policies, rotation settings and TLS material; all or nothing.
-fn reloader(app: Arc<App>, tls_cfg: Arc<ArcSwap<rustls::ServerConfig>>) -> Arc<dyn Fn() -> Result<String, String> + Send + Sync> {
+fn reloader(
+    app: Arc<App>,
+    tls_cfg: Arc<ArcSwap<rustls::ServerConfig>>,
+) -> Arc<dyn Fn() -> Result<String, String> + Send + Sync> {
     Arc::new(move || {
         let result = (|| {
             let new = app.config.reload_dynamic().map_err(|e| e.to_string())?;
             // Validate the TLS material against the new clients before swapping anything in.
-            let staged = Arc::new(ArcSwap::from_pointee(crate::policy::Policies::new(&new.dynamic)));
+            let staged = Arc::new(ArcSwap::from_pointee(crate::policy::Policies::new(
+                &new.dynamic,
+            )));
             tls::server_config(&new.server, staged).map_err(|e| e.to_string())?;
-            let fresh_tls = tls::server_config(&new.server, Arc::clone(&app.policies)).map_err(|e| e.to_string())?;
+            let fresh_tls = tls::server_config(&new.server, Arc::clone(&app.policies))
+                .map_err(|e| e.to_string())?;
             for (changed, key) in [
-                (new.server.listen != app.config.server.listen, "server.listen"),
-                (new.server.metrics_listen != app.config.server.metrics_listen, "server.metrics_listen"),
-                (new.hsm.module != app.config.hsm.module || new.hsm.token_label != app.config.hsm.token_label, "hsm"),
-                (new.audit.dir != app.config.audit.dir || new.audit.origin != app.config.audit.origin, "audit"),
+                (
+                    new.server.listen != app.config.server.listen,
+                    "server.listen",
+                ),
+                (
+                    new.server.metrics_listen != app.config.server.metrics_listen,
+                    "server.metrics_listen",
+                ),
+                (
+                    new.hsm.module != app.config.hsm.module
+                        || new.hsm.token_label != app.config.hsm.token_label,
+                    "hsm",
+                ),
+                (
+                    new.audit.dir != app.config.audit.dir
+                        || new.audit.origin != app.config.audit.origin,
+                    "audit",
+                ),
             ] {
                 if changed {
-                    tracing::warn!(key, "changed in the configuration file; takes effect only after a restart");
+                    tracing::warn!(
+                        key,
+                        "changed in the configuration file; takes effect only after a restart"
+                    );
                 }
             }
-            let summary = format!("{} clients, {} policies", new.dynamic.clients.len(), new.dynamic.policies.len());
+            let summary = format!(
+                "{} clients, {} policies",
+                new.dynamic.clients.len(),
+                new.dynamic.policies.len()
+            );
             app.apply_dynamic(new.dynamic);
             tls_cfg.store(fresh_tls);
             Ok(summary)
@@ -134,7 +198,10 @@ fn reloader(app: Arc<App>, tls_cfg: Arc<ArcSwap<rustls::ServerConfig>>) -> Arc<d
                 app.metrics.config_last_reload_success.set(1);
             }
             Err(_) => {
-                app.metrics.config_reloads.with_label_values(&["rejected"]).inc();
+                app.metrics
+                    .config_reloads
+                    .with_label_values(&["rejected"])
+                    .inc();
                 app.metrics.config_last_reload_success.set(0);
             }
         }
@@ -165,7 +232,10 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tracing::warn!(limit = cfg.max_connections, "connection limit reached; refusing a connection");
+            tracing::warn!(
+                limit = cfg.max_connections,
+                "connection limit reached; refusing a connection"
+            );
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -195,12 +265,18 @@ async fn serve_connection(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "TLS handshake refused");
-            app.metrics.http_requests.with_label_values(&["tls_handshake", "refused"]).inc();
+            app.metrics
+                .http_requests
+                .with_label_values(&["tls_handshake", "refused"])
+                .inc();
             return;
         }
         Err(_) => {
             tracing::info!(%peer, "TLS handshake timed out");
-            app.metrics.http_requests.with_label_values(&["tls_handshake", "timeout"]).inc();
+            app.metrics
+                .http_requests
+                .with_label_values(&["tls_handshake", "timeout"])
+                .inc();
             return;
         }
     };

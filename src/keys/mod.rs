@@ -55,7 +55,10 @@ pub enum Error {
     #[error("key {0} not found")]
     UnknownKey(KeyId),
     #[error("cannot persist key states to {path}: {source}")]
-    Persist { path: String, source: std::io::Error },
+    Persist {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot read key states from {path}: {reason}")]
     Load { path: String, reason: String },
     #[error(transparent)]
@@ -107,11 +110,15 @@ impl Snapshot {
     }
 
     pub fn active(&self, tenant: &TenantId) -> Option<&Arc<KeyVersion>> {
-        self.tenant(tenant).iter().find(|v| v.state == KeyState::Active)
+        self.tenant(tenant)
+            .iter()
+            .find(|v| v.state == KeyState::Active)
     }
 
     pub fn version(&self, key_id: &KeyId) -> Option<&Arc<KeyVersion>> {
-        self.tenant(key_id.tenant()).iter().find(|v| v.key_id == *key_id)
+        self.tenant(key_id.tenant())
+            .iter()
+            .find(|v| v.key_id == *key_id)
     }
 
     pub fn tenants(&self) -> impl Iterator<Item = (&TenantId, &Vec<Arc<KeyVersion>>)> {
@@ -124,7 +131,12 @@ impl Snapshot {
 
     /// The next unused version number for `tenant`.
     pub fn next_version(&self, tenant: &TenantId) -> u32 {
-        self.tenant(tenant).iter().map(|v| v.key_id.version()).max().unwrap_or(0) + 1
+        self.tenant(tenant)
+            .iter()
+            .map(|v| v.key_id.version())
+            .max()
+            .unwrap_or(0)
+            + 1
     }
 }
 
@@ -151,12 +163,21 @@ pub struct Registry {
 
 impl Registry {
     /// Rebuild the registry from the token and `state_dir/keys.json`.
-    pub async fn load(hsm: &Hsm, state_dir: &Path, grace: Duration, now: u64) -> Result<Self, Error> {
+    pub async fn load(
+        hsm: &Hsm,
+        state_dir: &Path,
+        grace: Duration,
+        now: u64,
+    ) -> Result<Self, Error> {
         let path = state_dir.join("keys.json");
         let file = read_state(&path)?;
         let found = hsm.call(scan_token).await?;
         let (snapshot, records) = reconcile(found, &file.versions, grace, now);
-        let registry = Self { snapshot: ArcSwap::from_pointee(snapshot), path, write: Mutex::new(()) };
+        let registry = Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            path,
+            write: Mutex::new(()),
+        };
         if records != file.versions {
             registry.persist(&records)?;
         }
@@ -168,15 +189,28 @@ impl Registry {
     }
 
     /// The version that signs for `tenant` now, if its certificate allows it.
-    pub fn signing_key(&self, tenant: &TenantId, now: u64, min_remaining: Duration) -> Result<Arc<KeyVersion>, Error> {
+    pub fn signing_key(
+        &self,
+        tenant: &TenantId,
+        now: u64,
+        min_remaining: Duration,
+    ) -> Result<Arc<KeyVersion>, Error> {
         let snap = self.snapshot.load();
-        let v = snap.active(tenant).ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
-        let cert = v.certificate.as_ref().ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
+        let v = snap
+            .active(tenant)
+            .ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
+        let cert = v
+            .certificate
+            .as_ref()
+            .ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
         if !v.has_private_key {
             return Err(Error::NoActiveKey(tenant.clone()));
         }
         cert.check_usable(now, min_remaining)
-            .map_err(|reason| Error::CertificateNotUsable { key_id: v.key_id.clone(), reason })?;
+            .map_err(|reason| Error::CertificateNotUsable {
+                key_id: v.key_id.clone(),
+                reason,
+            })?;
         Ok(Arc::clone(v))
     }
 
@@ -217,14 +251,25 @@ impl Registry {
         })
     }
 
-    fn mutate(&self, f: impl FnOnce(&mut BTreeMap<TenantId, Vec<Arc<KeyVersion>>>)) -> Result<(), Error> {
+    fn mutate(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<TenantId, Vec<Arc<KeyVersion>>>),
+    ) -> Result<(), Error> {
         let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let mut tenants = self.snapshot.load().tenants.clone();
         f(&mut tenants);
         let records = tenants
             .values()
             .flatten()
-            .map(|v| (v.key_id.to_string(), VersionRecord { state: v.state, retiring_until: v.retiring_until }))
+            .map(|v| {
+                (
+                    v.key_id.to_string(),
+                    VersionRecord {
+                        state: v.state,
+                        retiring_until: v.retiring_until,
+                    },
+                )
+            })
             .collect();
         self.persist(&records)?;
         self.snapshot.store(Arc::new(Snapshot { tenants }));
@@ -232,10 +277,15 @@ impl Registry {
     }
 
     fn persist(&self, records: &BTreeMap<String, VersionRecord>) -> Result<(), Error> {
-        let file = StateFile { format: 1, versions: records.clone() };
+        let file = StateFile {
+            format: 1,
+            versions: records.clone(),
+        };
         let bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
-        crate::fsutil::write_atomic(&self.path, &bytes)
-            .map_err(|source| Error::Persist { path: self.path.display().to_string(), source })
+        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| Error::Persist {
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 }
 
@@ -252,7 +302,10 @@ pub struct Found {
 pub fn scan_token(s: &hsm::TokenSession<'_>) -> Result<Vec<Found>, hsm::Error> {
     use std::collections::BTreeSet;
     let objects = s.list_objects()?;
-    let ids: BTreeSet<KeyId> = objects.iter().filter_map(|o| o.id.parse::<KeyId>().ok()).collect();
+    let ids: BTreeSet<KeyId> = objects
+        .iter()
+        .filter_map(|o| o.id.parse::<KeyId>().ok())
+        .collect();
     let mut out = Vec::new();
     for key_id in ids {
         let id = key_id.to_string();
@@ -272,10 +325,18 @@ pub fn scan_token(s: &hsm::TokenSession<'_>) -> Result<Vec<Found>, hsm::Error> {
 
 fn read_state(path: &Path) -> Result<StateFile, Error> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Load { path: path.display().to_string(), reason: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile { format: 1, ..Default::default() }),
-        Err(e) => Err(Error::Load { path: path.display().to_string(), reason: e.to_string() }),
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Load {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile {
+            format: 1,
+            ..Default::default()
+        }),
+        Err(e) => Err(Error::Load {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -288,7 +349,10 @@ fn reconcile(
 ) -> (Snapshot, BTreeMap<String, VersionRecord>) {
     let mut by_tenant: BTreeMap<TenantId, Vec<Found>> = BTreeMap::new();
     for f in found {
-        by_tenant.entry(f.key_id.tenant().clone()).or_default().push(f);
+        by_tenant
+            .entry(f.key_id.tenant().clone())
+            .or_default()
+            .push(f);
     }
     let mut tenants = BTreeMap::new();
     let mut out_records = BTreeMap::new();
@@ -296,7 +360,11 @@ fn reconcile(
         versions.sort_by_key(|f| f.key_id.version());
         let certs: Vec<Option<CertInfo>> = versions
             .iter()
-            .map(|f| f.certificate.as_deref().and_then(|d| CertInfo::parse(d).ok()))
+            .map(|f| {
+                f.certificate
+                    .as_deref()
+                    .and_then(|d| CertInfo::parse(d).ok())
+            })
             .collect();
         let derived = derive_states(&versions, &certs, records, grace, now);
         let mut list = Vec::new();
@@ -304,7 +372,10 @@ fn reconcile(
             let mut rec = rec;
             if !f.has_private_key && rec.state != KeyState::Retired {
                 tracing::warn!(key_id = %f.key_id, state = rec.state.as_str(), "private key missing from token; marking retired");
-                rec = VersionRecord { state: KeyState::Retired, retiring_until: None };
+                rec = VersionRecord {
+                    state: KeyState::Retired,
+                    retiring_until: None,
+                };
             }
             out_records.insert(f.key_id.to_string(), rec.clone());
             let certificate_pem = cert.as_ref().map(|c| Arc::from(c.to_pem()));
@@ -340,19 +411,42 @@ fn derive_states(
     grace: Duration,
     now: u64,
 ) -> Vec<VersionRecord> {
-    let recorded: Vec<Option<&VersionRecord>> = versions.iter().map(|f| records.get(&f.key_id.to_string())).collect();
-    let mut has_active = recorded.iter().any(|r| matches!(r, Some(r) if r.state == KeyState::Active));
-    let mut out: Vec<VersionRecord> = vec![VersionRecord { state: KeyState::Staged, retiring_until: None }; versions.len()];
+    let recorded: Vec<Option<&VersionRecord>> = versions
+        .iter()
+        .map(|f| records.get(&f.key_id.to_string()))
+        .collect();
+    let mut has_active = recorded
+        .iter()
+        .any(|r| matches!(r, Some(r) if r.state == KeyState::Active));
+    let mut out: Vec<VersionRecord> = vec![
+        VersionRecord {
+            state: KeyState::Staged,
+            retiring_until: None
+        };
+        versions.len()
+    ];
     for i in (0..versions.len()).rev() {
         out[i] = match recorded[i] {
             Some(r) => r.clone(),
-            None if !versions[i].has_private_key => VersionRecord { state: KeyState::Retired, retiring_until: None },
-            None if certs[i].is_none() => VersionRecord { state: KeyState::Staged, retiring_until: None },
+            None if !versions[i].has_private_key => VersionRecord {
+                state: KeyState::Retired,
+                retiring_until: None,
+            },
+            None if certs[i].is_none() => VersionRecord {
+                state: KeyState::Staged,
+                retiring_until: None,
+            },
             None if !has_active => {
                 has_active = true;
-                VersionRecord { state: KeyState::Active, retiring_until: None }
+                VersionRecord {
+                    state: KeyState::Active,
+                    retiring_until: None,
+                }
             }
-            None => VersionRecord { state: KeyState::Retiring, retiring_until: Some(now + grace.as_secs()) },
+            None => VersionRecord {
+                state: KeyState::Retiring,
+                retiring_until: Some(now + grace.as_secs()),
+            },
         };
     }
     // Two recorded actives (a corrupted file): keep the highest, make the others retiring.
@@ -360,8 +454,13 @@ fn derive_states(
     for r in out.iter_mut().rev() {
         if r.state == KeyState::Active {
             if seen_active {
-                tracing::error!("more than one active version recorded; demoting the older to retiring");
-                *r = VersionRecord { state: KeyState::Retiring, retiring_until: Some(now + grace.as_secs()) };
+                tracing::error!(
+                    "more than one active version recorded; demoting the older to retiring"
+                );
+                *r = VersionRecord {
+                    state: KeyState::Retiring,
+                    retiring_until: Some(now + grace.as_secs()),
+                };
             }
             seen_active = true;
         }
@@ -403,29 +502,66 @@ mod tests {
         let (fs, cs): (Vec<_>, Vec<_>) = spec.iter().map(|(v, p, c)| found(*v, *p, *c)).unzip();
         let records = recorded
             .iter()
-            .map(|(v, s)| (format!("payroll/v{v}"), VersionRecord { state: *s, retiring_until: None }))
+            .map(|(v, s)| {
+                (
+                    format!("payroll/v{v}"),
+                    VersionRecord {
+                        state: *s,
+                        retiring_until: None,
+                    },
+                )
+            })
             .collect();
-        derive_states(&fs, &cs, &records, Duration::from_secs(60), 1000).into_iter().map(|r| r.state).collect()
+        derive_states(&fs, &cs, &records, Duration::from_secs(60), 1000)
+            .into_iter()
+            .map(|r| r.state)
+            .collect()
     }
 
     #[test]
     fn state_derivation_table() {
         use KeyState::*;
-        let cases: &[(&[(u32, bool, bool)], &[(u32, KeyState)], &[KeyState])] = &[
+        // (versions in the token: (version, has private key, has certificate), recorded, want)
+        type Case<'a> = (
+            &'a [(u32, bool, bool)],
+            &'a [(u32, KeyState)],
+            &'a [KeyState],
+        );
+        let cases: &[Case<'_>] = &[
             // Token only, one complete version: it is active.
             (&[(1, true, true)], &[], &[Active]),
             // Two complete versions: highest active, older retiring.
-            (&[(1, true, true), (2, true, true)], &[], &[Retiring, Active]),
+            (
+                &[(1, true, true), (2, true, true)],
+                &[],
+                &[Retiring, Active],
+            ),
             // Newest has no certificate yet: staged; the older signs.
             (&[(1, true, true), (2, true, false)], &[], &[Active, Staged]),
             // Private key destroyed: retired.
-            (&[(1, false, true), (2, true, true)], &[], &[Retired, Active]),
+            (
+                &[(1, false, true), (2, true, true)],
+                &[],
+                &[Retired, Active],
+            ),
             // Recorded states win over derivation.
-            (&[(1, true, true), (2, true, true)], &[(1, Active), (2, Staged)], &[Active, Staged]),
+            (
+                &[(1, true, true), (2, true, true)],
+                &[(1, Active), (2, Staged)],
+                &[Active, Staged],
+            ),
             // A recorded active elsewhere stops derivation from adding a second one.
-            (&[(1, true, true), (2, true, true)], &[(1, Active)], &[Active, Retiring]),
+            (
+                &[(1, true, true), (2, true, true)],
+                &[(1, Active)],
+                &[Active, Retiring],
+            ),
             // Two recorded actives: the older is demoted.
-            (&[(1, true, true), (2, true, true)], &[(1, Active), (2, Active)], &[Retiring, Active]),
+            (
+                &[(1, true, true), (2, true, true)],
+                &[(1, Active), (2, Active)],
+                &[Retiring, Active],
+            ),
         ];
         for (spec, recorded, want) in cases {
             assert_eq!(&states(spec, recorded), want, "{spec:?} {recorded:?}");

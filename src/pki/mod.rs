@@ -13,24 +13,29 @@ use der::{Decode, Encode, EncodePem};
 use p256::ecdsa::{DerSignature, VerifyingKey};
 use sha2::{Digest, Sha256};
 use signature::Verifier;
-use spki::{DynSignatureAlgorithmIdentifier, EncodePublicKey, ObjectIdentifier, SubjectPublicKeyInfoOwned, SubjectPublicKeyInfoRef};
+use spki::{
+    DynSignatureAlgorithmIdentifier, EncodePublicKey, ObjectIdentifier, SubjectPublicKeyInfoOwned,
+    SubjectPublicKeyInfoRef,
+};
+use x509_cert::Certificate;
 use x509_cert::builder::{Builder, CertificateBuilder, RequestBuilder, profile::BuilderProfile};
 use x509_cert::certificate::TbsCertificate;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName, SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+    SubjectAltName, SubjectKeyIdentifier,
 };
 use x509_cert::ext::{Extension, ToExtension};
 use x509_cert::name::Name;
 use x509_cert::request::CertReq;
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
-use x509_cert::Certificate;
 
 pub use crate::hsm::TokenSigner;
 
 /// id-kp-documentSigning (RFC 9336): what tenant certificates are for.
-pub const ID_KP_DOCUMENT_SIGNING: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.36");
+pub const ID_KP_DOCUMENT_SIGNING: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.36");
 pub const ID_KP_SERVER_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.1");
 pub const ID_KP_CLIENT_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.2");
 const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
@@ -51,14 +56,19 @@ pub enum Error {
     WrongIssuer { issuer: String, ca: String },
     #[error("the certificate's signature does not verify with the configured CA key")]
     BadSignature,
-    #[error("the CA certificate uses an unsupported key or signature algorithm (ECDSA P-256 with SHA-256 only)")]
+    #[error(
+        "the CA certificate uses an unsupported key or signature algorithm (ECDSA P-256 with SHA-256 only)"
+    )]
     UnsupportedCa,
     #[error("the certificate is not valid yet (notBefore {0})")]
     NotYetValid(String),
     #[error("the certificate has expired (notAfter {0})")]
     Expired(String),
     #[error("the certificate expires at {not_after}, less than the required {required:?} from now")]
-    TooShort { not_after: String, required: Duration },
+    TooShort {
+        not_after: String,
+        required: Duration,
+    },
     #[error("the certificate is a CA certificate; a signing certificate is required")]
     IsCa,
     #[error("cannot build the certificate: {0}")]
@@ -113,9 +123,13 @@ impl CertInfo {
         if let Ok(Some((_, SubjectAltName(names)))) = tbs.get_extension::<SubjectAltName>() {
             for n in names {
                 match n {
-                    GeneralName::UniformResourceIdentifier(u) => san.push(format!("uri:{}", u.as_str())),
+                    GeneralName::UniformResourceIdentifier(u) => {
+                        san.push(format!("uri:{}", u.as_str()))
+                    }
                     GeneralName::DnsName(d) => san.push(format!("dns:{}", d.as_str())),
-                    GeneralName::IpAddress(ip) => san.push(format!("ip:{}", format_ip(ip.as_bytes()))),
+                    GeneralName::IpAddress(ip) => {
+                        san.push(format!("ip:{}", format_ip(ip.as_bytes())))
+                    }
                     GeneralName::Rfc822Name(m) => san.push(format!("email:{}", m.as_str())),
                     _ => {}
                 }
@@ -156,7 +170,10 @@ impl CertInfo {
     pub fn check_usable(&self, now: u64, min_remaining: Duration) -> Result<(), Error> {
         self.check_window(now)?;
         if self.not_after.saturating_sub(now) < min_remaining.as_secs() {
-            return Err(Error::TooShort { not_after: rfc3339(self.not_after), required: min_remaining });
+            return Err(Error::TooShort {
+                not_after: rfc3339(self.not_after),
+                required: min_remaining,
+            });
         }
         Ok(())
     }
@@ -164,7 +181,12 @@ impl CertInfo {
 
 /// Check a certificate offered for a key version: P-256 key equal to the token key, issued
 /// and signed by `ca`, currently valid, not a CA. Returns the parsed certificate.
-pub fn check_issued(der: &[u8], key: &VerifyingKey, ca: &CertInfo, now: u64) -> Result<CertInfo, Error> {
+pub fn check_issued(
+    der: &[u8],
+    key: &VerifyingKey,
+    ca: &CertInfo,
+    now: u64,
+) -> Result<CertInfo, Error> {
     let info = CertInfo::parse(der)?;
     let cert_key = info.public_key.ok_or(Error::NotP256)?;
     if cert_key != *key {
@@ -183,14 +205,21 @@ pub fn verify_issued_by(der: &[u8], ca: &CertInfo) -> Result<(), Error> {
     let cert = Certificate::from_der(der).map_err(|e| Error::Parse(e.to_string()))?;
     let issuer = cert.tbs_certificate().issuer().to_string();
     if issuer != ca.subject {
-        return Err(Error::WrongIssuer { issuer, ca: ca.subject.clone() });
+        return Err(Error::WrongIssuer {
+            issuer,
+            ca: ca.subject.clone(),
+        });
     }
     let ca_key = ca.public_key.ok_or(Error::UnsupportedCa)?;
     if cert.signature_algorithm().oid != ECDSA_WITH_SHA256 {
         return Err(Error::UnsupportedCa);
     }
-    let tbs = cert.tbs_certificate().to_der().map_err(|e| Error::Parse(e.to_string()))?;
-    let sig = DerSignature::from_bytes(cert.signature().raw_bytes()).map_err(|_| Error::BadSignature)?;
+    let tbs = cert
+        .tbs_certificate()
+        .to_der()
+        .map_err(|e| Error::Parse(e.to_string()))?;
+    let sig =
+        DerSignature::from_bytes(cert.signature().raw_bytes()).map_err(|_| Error::BadSignature)?;
     ca_key.verify(&tbs, &sig).map_err(|_| Error::BadSignature)
 }
 
@@ -198,7 +227,10 @@ pub fn verify_issued_by(der: &[u8], ca: &CertInfo) -> Result<(), Error> {
 pub fn parse_pem_or_der(input: &[u8]) -> Result<Vec<u8>, Error> {
     if input.starts_with(b"-----") || input.iter().take(64).all(|b| b.is_ascii()) {
         let chain = Certificate::load_pem_chain(input).map_err(|e| Error::Parse(e.to_string()))?;
-        let first = chain.into_iter().next().ok_or_else(|| Error::Parse("no certificate in PEM input".into()))?;
+        let first = chain
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Parse("no certificate in PEM input".into()))?;
         return first.to_der().map_err(|e| Error::Parse(e.to_string()));
     }
     Certificate::from_der(input).map_err(|e| Error::Parse(e.to_string()))?;
@@ -212,9 +244,18 @@ pub enum Profile {
     /// A tenant key version's document-signing certificate.
     DocumentSigning { subject: Name, issuer: Name },
     /// A TLS server certificate (development).
-    TlsServer { subject: Name, issuer: Name, dns: Vec<String>, ips: Vec<std::net::IpAddr> },
+    TlsServer {
+        subject: Name,
+        issuer: Name,
+        dns: Vec<String>,
+        ips: Vec<std::net::IpAddr>,
+    },
     /// A TLS client certificate (development); identity in a URI SAN.
-    TlsClient { subject: Name, issuer: Name, uri: Option<String> },
+    TlsClient {
+        subject: Name,
+        issuer: Name,
+        uri: Option<String>,
+    },
 }
 
 /// Build and sign a certificate for `subject_key`, valid from `not_before` for `validity`.
@@ -229,12 +270,21 @@ where
     S: signature::Signer<DerSignature> + signature::Keypair + DynSignatureAlgorithmIdentifier,
     S::VerifyingKey: EncodePublicKey,
 {
-    let spki = SubjectPublicKeyInfoOwned::from_key(subject_key).map_err(|e| Error::Build(e.to_string()))?;
-    let not_before_t = Time::try_from(not_before).map_err(|e| Error::Build(e.to_string()))?;
-    let not_after_t = Time::try_from(not_before + validity).map_err(|e| Error::Build(e.to_string()))?;
-    let builder = CertificateBuilder::new(profile, random_serial(), Validity::new(not_before_t, not_after_t), spki)
+    let spki = SubjectPublicKeyInfoOwned::from_key(subject_key)
         .map_err(|e| Error::Build(e.to_string()))?;
-    let cert = builder.build::<_, DerSignature>(signer).map_err(|e| Error::Build(e.to_string()))?;
+    let not_before_t = Time::try_from(not_before).map_err(|e| Error::Build(e.to_string()))?;
+    let not_after_t =
+        Time::try_from(not_before + validity).map_err(|e| Error::Build(e.to_string()))?;
+    let builder = CertificateBuilder::new(
+        profile,
+        random_serial(),
+        Validity::new(not_before_t, not_after_t),
+        spki,
+    )
+    .map_err(|e| Error::Build(e.to_string()))?;
+    let cert = builder
+        .build::<_, DerSignature>(signer)
+        .map_err(|e| Error::Build(e.to_string()))?;
     cert.to_der().map_err(|e| Error::Build(e.to_string()))
 }
 
@@ -245,24 +295,41 @@ where
     S::VerifyingKey: EncodePublicKey,
 {
     let builder = RequestBuilder::new(subject).map_err(|e| Error::Build(e.to_string()))?;
-    let req = builder.build::<_, DerSignature>(signer).map_err(|e| Error::Build(e.to_string()))?;
+    let req = builder
+        .build::<_, DerSignature>(signer)
+        .map_err(|e| Error::Build(e.to_string()))?;
     req.to_der().map_err(|e| Error::Build(e.to_string()))
 }
 
 /// Parse a CSR, check its self-signature, and return its subject and P-256 key.
 pub fn verify_csr(der: &[u8]) -> Result<(Name, VerifyingKey), Error> {
     let req = CertReq::from_der(der).map_err(|e| Error::CsrParse(e.to_string()))?;
-    let key = VerifyingKey::try_from(req.info.public_key.owned_to_ref()).map_err(|_| Error::NotP256)?;
-    let info = req.info.to_der().map_err(|e| Error::CsrParse(e.to_string()))?;
-    let sig = DerSignature::from_bytes(req.signature.raw_bytes()).map_err(|_| Error::CsrSignature)?;
+    let key =
+        VerifyingKey::try_from(req.info.public_key.owned_to_ref()).map_err(|_| Error::NotP256)?;
+    let info = req
+        .info
+        .to_der()
+        .map_err(|e| Error::CsrParse(e.to_string()))?;
+    let sig =
+        DerSignature::from_bytes(req.signature.raw_bytes()).map_err(|_| Error::CsrSignature)?;
     key.verify(&info, &sig).map_err(|_| Error::CsrSignature)?;
     Ok((req.info.subject, key))
 }
 
 /// `CN=<cn>,O=<org>` as an X.509 name.
 pub fn name(common_name: &str, organization: &str) -> Result<Name, Error> {
-    let escape = |s: &str| s.replace('\\', "\\\\").replace(',', "\\,").replace('+', "\\+").replace('=', "\\=");
-    Name::from_str(&format!("CN={},O={}", escape(common_name), escape(organization))).map_err(|e| Error::Build(e.to_string()))
+    let escape = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace(',', "\\,")
+            .replace('+', "\\+")
+            .replace('=', "\\=")
+    };
+    Name::from_str(&format!(
+        "CN={},O={}",
+        escape(common_name),
+        escape(organization)
+    ))
+    .map_err(|e| Error::Build(e.to_string()))
 }
 
 pub fn name_der(name: &Name) -> Vec<u8> {
@@ -288,17 +355,23 @@ pub fn csr_pem(der: &[u8]) -> String {
 
 /// Public key as SPKI PEM.
 pub fn public_key_pem(key: &VerifyingKey) -> String {
-    key.to_public_key_der().map(|d| der_to_pem(d.as_bytes(), "PUBLIC KEY")).unwrap_or_default()
+    key.to_public_key_der()
+        .map(|d| der_to_pem(d.as_bytes(), "PUBLIC KEY"))
+        .unwrap_or_default()
 }
 
 /// Unix seconds as RFC 3339 UTC (`2026-11-22T10:00:00Z`).
 pub fn rfc3339(unix: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 pub fn unix_now(now: SystemTime) -> u64 {
-    now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn random_serial() -> SerialNumber {
@@ -367,14 +440,30 @@ impl BuilderProfile for Profile {
         let subject = tbs.subject();
         ext.push(ski.clone().to_extension(subject, &ext)?);
         ext.push(
-            AuthorityKeyIdentifier { key_identifier: Some(aki.0.clone()), ..Default::default() }.to_extension(subject, &ext)?,
+            AuthorityKeyIdentifier {
+                key_identifier: Some(aki.0.clone()),
+                ..Default::default()
+            }
+            .to_extension(subject, &ext)?,
         );
         let is_ca = matches!(self, Profile::Ca { .. });
-        ext.push(BasicConstraints { ca: is_ca, path_len_constraint: if is_ca { Some(0) } else { None } }.to_extension(subject, &ext)?);
+        ext.push(
+            BasicConstraints {
+                ca: is_ca,
+                path_len_constraint: if is_ca { Some(0) } else { None },
+            }
+            .to_extension(subject, &ext)?,
+        );
         let usage = match self {
-            Profile::Ca { .. } => KeyUsages::KeyCertSign | KeyUsages::CRLSign | KeyUsages::DigitalSignature,
-            Profile::DocumentSigning { .. } => KeyUsages::DigitalSignature | KeyUsages::NonRepudiation,
-            Profile::TlsServer { .. } | Profile::TlsClient { .. } => KeyUsages::DigitalSignature.into(),
+            Profile::Ca { .. } => {
+                KeyUsages::KeyCertSign | KeyUsages::CRLSign | KeyUsages::DigitalSignature
+            }
+            Profile::DocumentSigning { .. } => {
+                KeyUsages::DigitalSignature | KeyUsages::NonRepudiation
+            }
+            Profile::TlsServer { .. } | Profile::TlsClient { .. } => {
+                KeyUsages::DigitalSignature.into()
+            }
         };
         ext.push(KeyUsage(usage).to_extension(subject, &ext)?);
         let eku = match self {
@@ -400,7 +489,9 @@ impl BuilderProfile for Profile {
                     names.push(GeneralName::IpAddress(OctetString::new(bytes)?));
                 }
             }
-            Profile::TlsClient { uri: Some(u), .. } => names.push(GeneralName::UniformResourceIdentifier(Ia5String::new(u)?)),
+            Profile::TlsClient { uri: Some(u), .. } => {
+                names.push(GeneralName::UniformResourceIdentifier(Ia5String::new(u)?))
+            }
             _ => {}
         }
         if !names.is_empty() {
@@ -413,7 +504,8 @@ impl BuilderProfile for Profile {
 /// Encode a certificate DER as PEM using the der crate (kept for symmetry with parsing).
 pub fn certificate_pem(der: &[u8]) -> Result<String, Error> {
     let cert = Certificate::from_der(der).map_err(|e| Error::Parse(e.to_string()))?;
-    cert.to_pem(der::pem::LineEnding::LF).map_err(|e| Error::Parse(e.to_string()))
+    cert.to_pem(der::pem::LineEnding::LF)
+        .map_err(|e| Error::Parse(e.to_string()))
 }
 
 #[cfg(test)]
@@ -438,14 +530,19 @@ mod tests {
     }
     impl DynSignatureAlgorithmIdentifier for Soft {
         fn signature_algorithm_identifier(&self) -> spki::Result<spki::AlgorithmIdentifierOwned> {
-            Ok(spki::AlgorithmIdentifierOwned { oid: ECDSA_WITH_SHA256, parameters: None })
+            Ok(spki::AlgorithmIdentifierOwned {
+                oid: ECDSA_WITH_SHA256,
+                parameters: None,
+            })
         }
     }
 
     fn make_ca() -> (Soft, CertInfo) {
         let k = Soft(SigningKey::generate());
         let der = issue(
-            Profile::Ca { subject: name("Test CA", "Signet").unwrap() },
+            Profile::Ca {
+                subject: name("Test CA", "Signet").unwrap(),
+            },
             &k.0.verifying_key().clone(),
             SystemTime::now() - Duration::from_secs(60),
             Duration::from_secs(86400),
@@ -456,9 +553,20 @@ mod tests {
     }
 
     fn leaf(ca_key: &Soft, ca: &CertInfo, key: &VerifyingKey, validity: Duration) -> Vec<u8> {
-        let issuer = Name::from_der(&Certificate::from_der(&ca.der).unwrap().tbs_certificate().subject().to_der().unwrap()).unwrap();
+        let issuer = Name::from_der(
+            &Certificate::from_der(&ca.der)
+                .unwrap()
+                .tbs_certificate()
+                .subject()
+                .to_der()
+                .unwrap(),
+        )
+        .unwrap();
         issue(
-            Profile::DocumentSigning { subject: name("payroll v1", "Signet").unwrap(), issuer },
+            Profile::DocumentSigning {
+                subject: name("payroll v1", "Signet").unwrap(),
+                issuer,
+            },
             key,
             SystemTime::now() - Duration::from_secs(1),
             validity,
@@ -479,12 +587,27 @@ mod tests {
         assert!(!info.is_ca);
 
         let other = SigningKey::generate();
-        assert!(matches!(check_issued(&der, other.verifying_key(), &ca, now), Err(Error::KeyMismatch)));
+        assert!(matches!(
+            check_issued(&der, other.verifying_key(), &ca, now),
+            Err(Error::KeyMismatch)
+        ));
         let (_, other_ca) = make_ca();
-        assert!(matches!(check_issued(&der, k.verifying_key(), &other_ca, now), Err(Error::BadSignature)));
-        assert!(matches!(check_issued(&der, k.verifying_key(), &ca, now + 7200), Err(Error::Expired(_))));
-        assert!(matches!(check_issued(&ca.der, ca_key.0.verifying_key(), &ca, now), Err(Error::IsCa)));
-        assert!(matches!(info.check_usable(now, Duration::from_secs(7200)), Err(Error::TooShort { .. })));
+        assert!(matches!(
+            check_issued(&der, k.verifying_key(), &other_ca, now),
+            Err(Error::BadSignature)
+        ));
+        assert!(matches!(
+            check_issued(&der, k.verifying_key(), &ca, now + 7200),
+            Err(Error::Expired(_))
+        ));
+        assert!(matches!(
+            check_issued(&ca.der, ca_key.0.verifying_key(), &ca, now),
+            Err(Error::IsCa)
+        ));
+        assert!(matches!(
+            info.check_usable(now, Duration::from_secs(7200)),
+            Err(Error::TooShort { .. })
+        ));
         assert!(info.check_usable(now, Duration::from_secs(60)).is_ok());
         let mut flipped = der.clone();
         let n = flipped.len() - 10;

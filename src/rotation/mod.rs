@@ -36,7 +36,10 @@ pub enum Error {
     #[error("certificate refused: {0}")]
     Rejected(pki::Error),
     #[error("cannot persist the rotation journal to {path}: {source}")]
-    Persist { path: String, source: std::io::Error },
+    Persist {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot read the rotation journal {path}: {reason}")]
     Load { path: String, reason: String },
     #[error("rotation step `{step}` failed: {reason}")]
@@ -155,11 +158,27 @@ impl Engine {
     pub fn load(state_dir: &Path) -> Result<Self, Error> {
         let path = state_dir.join("rotations.json");
         let journal = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Load { path: path.display().to_string(), reason: e.to_string() })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal { format: 1, ..Default::default() },
-            Err(e) => return Err(Error::Load { path: path.display().to_string(), reason: e.to_string() }),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Load {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal {
+                format: 1,
+                ..Default::default()
+            },
+            Err(e) => {
+                return Err(Error::Load {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+            }
         };
-        Ok(Self { path, journal: Mutex::new(journal), op: tokio::sync::Mutex::new(()), wake: tokio::sync::Notify::new() })
+        Ok(Self {
+            path,
+            journal: Mutex::new(journal),
+            op: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
+        })
     }
 
     /// Ask the monitor to run now (after a change).
@@ -176,7 +195,12 @@ impl Engine {
     }
 
     pub fn history(&self, tenant: &TenantId) -> Vec<Rotation> {
-        self.journal().history.iter().filter(|r| &r.tenant == tenant).cloned().collect()
+        self.journal()
+            .history
+            .iter()
+            .filter(|r| &r.tenant == tenant)
+            .cloned()
+            .collect()
     }
 
     fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
@@ -200,7 +224,10 @@ impl Engine {
         }
         j.format = 1;
         let bytes = serde_json::to_vec_pretty(&*j).unwrap_or_default();
-        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| Error::Persist { path: self.path.display().to_string(), source })?;
+        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| Error::Persist {
+            path: self.path.display().to_string(),
+            source,
+        })?;
         drop(j);
         crash_point(rotation.step.as_str());
         Ok(())
@@ -219,7 +246,12 @@ fn crash_point(step: &str) {
 
 /// The actor recorded for the monitor's own actions.
 pub fn scheduler_actor() -> Actor {
-    Actor { identity: "signet/scheduler".into(), subject: String::new(), san: vec![], fingerprint_sha256: String::new() }
+    Actor {
+        identity: "signet/scheduler".into(),
+        subject: String::new(),
+        san: vec![],
+        fingerprint_sha256: String::new(),
+    }
 }
 
 /// Who starts a rotation and why.
@@ -281,7 +313,12 @@ impl App {
             last_error: None,
             next_attempt_at: None,
         };
-        let mut e = self.rotation_entry(event::ROTATION_STARTED, &start.actor, &rotation, start.request_id.clone());
+        let mut e = self.rotation_entry(
+            event::ROTATION_STARTED,
+            &start.actor,
+            &rotation,
+            start.request_id.clone(),
+        );
         e.reason = Some(start.reason.clone());
         self.record(e).await?;
         self.rotation.save(&rotation)?;
@@ -298,7 +335,9 @@ impl App {
         loop {
             let step = rotation.step;
             let outcome = match step {
-                Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => return Ok(rotation),
+                Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => {
+                    return Ok(rotation);
+                }
                 _ => self.run_step(&mut rotation, actor).await,
             };
             match outcome {
@@ -309,7 +348,10 @@ impl App {
                     rotation.next_attempt_at = None;
                     self.rotation.save(&rotation)?;
                     if rotation.step == Step::Completed {
-                        self.metrics.rotations.with_label_values(&["completed"]).inc();
+                        self.metrics
+                            .rotations
+                            .with_label_values(&["completed"])
+                            .inc();
                         tracing::info!(tenant = %rotation.tenant, key_id = %rotation.new_key_id(), "rotation completed");
                         return Ok(rotation);
                     }
@@ -318,12 +360,18 @@ impl App {
                     let now = self.clock.unix();
                     let cfg = &self.dynamic.load().rotation;
                     rotation.attempts += 1;
-                    let backoff = cfg.retry_initial.saturating_mul(1u32 << rotation.attempts.min(16).saturating_sub(1)).min(cfg.retry_max);
+                    let backoff = cfg
+                        .retry_initial
+                        .saturating_mul(1u32 << rotation.attempts.min(16).saturating_sub(1))
+                        .min(cfg.retry_max);
                     rotation.last_error = Some(reason.clone());
                     rotation.next_attempt_at = Some(now + backoff.as_secs().max(1));
                     rotation.updated_at = now;
                     self.rotation.save(&rotation)?;
-                    self.metrics.rotations.with_label_values(&["failed_attempt"]).inc();
+                    self.metrics
+                        .rotations
+                        .with_label_values(&["failed_attempt"])
+                        .inc();
                     tracing::error!(tenant = %rotation.tenant, step = step.as_str(), attempts = rotation.attempts,
                         retry_in_secs = backoff.as_secs(), error = %reason, "rotation step failed; will retry");
                     return Ok(rotation);
@@ -341,7 +389,11 @@ impl App {
             Step::Planned => {
                 let label = id.clone();
                 let idc = id.clone();
-                let public = self.hsm.call(move |s| s.ensure_p256_key_pair(&idc, &label)).await.map_err(|e| e.to_string())?;
+                let public = self
+                    .hsm
+                    .call(move |s| s.ensure_p256_key_pair(&idc, &label))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let mut e = self.rotation_entry(event::KEY_CREATED, actor, r, None);
                 e.key_id = Some(id.clone());
                 e.details = Some(serde_json::json!({
@@ -353,7 +405,11 @@ impl App {
             }
             Step::KeyGenerated => {
                 let public = self.token_public_key(&id).await?;
-                let subject = pki::name(&format!("{} v{}", r.tenant, r.to_version), &cfg.subject_organization).map_err(|e| e.to_string())?;
+                let subject = pki::name(
+                    &format!("{} v{}", r.tenant, r.to_version),
+                    &cfg.subject_organization,
+                )
+                .map_err(|e| e.to_string())?;
                 let signer = TokenSigner::new(self.hsm.clone(), id.clone(), public);
                 let subj = subject.clone();
                 let csr = tokio::task::spawn_blocking(move || pki::csr(subj, &signer))
@@ -370,7 +426,10 @@ impl App {
                     }
                     Issuer::HsmCa => {
                         let ca = self.ca.load_full();
-                        let ca = ca.as_ref().as_ref().ok_or("the internal CA is not available")?;
+                        let ca = ca
+                            .as_ref()
+                            .as_ref()
+                            .ok_or("the internal CA is not available")?;
                         let issuer = subject_of(&x509_cert::Certificate::from_der_bytes(&ca.der)?);
                         let ca_public = ca.public_key.ok_or("the internal CA key is not P-256")?;
                         let ca_signer = TokenSigner::new(self.hsm.clone(), CA_KEY_ID, ca_public);
@@ -378,7 +437,13 @@ impl App {
                         let not_before = self.clock.now() - Duration::from_secs(60);
                         let validity = cfg.validity;
                         let der = tokio::task::spawn_blocking(move || {
-                            pki::issue(pki::Profile::DocumentSigning { subject, issuer }, &public, not_before, validity, &ca_signer)
+                            pki::issue(
+                                pki::Profile::DocumentSigning { subject, issuer },
+                                &public,
+                                not_before,
+                                validity,
+                                &ca_signer,
+                            )
                         })
                         .await
                         .map_err(|e| e.to_string())?
@@ -398,22 +463,37 @@ impl App {
                 }
             }
             Step::CertificateReceived => {
-                let pem = r.certificate_pem.clone().ok_or("no certificate recorded for this rotation")?;
+                let pem = r
+                    .certificate_pem
+                    .clone()
+                    .ok_or("no certificate recorded for this rotation")?;
                 let der = pki::parse_pem_or_der(pem.as_bytes()).map_err(|e| e.to_string())?;
                 let public = self.token_public_key(&id).await?;
-                let info = self.check_certificate(&der, &public).map_err(|e| e.to_string())?;
+                let info = self
+                    .check_certificate(&der, &public)
+                    .map_err(|e| e.to_string())?;
                 // A test signature in the token, verified with the new certificate's key.
-                let probe: [u8; 32] = Sha256::digest(format!("signet rotation self-test {}", r.id)).into();
+                let probe: [u8; 32] =
+                    Sha256::digest(format!("signet rotation self-test {}", r.id)).into();
                 let idc = id.clone();
-                let der_sig = self.hsm.call(move |s| s.sign_prehashed(&idc, &probe)).await.map_err(|e| e.to_string())?;
-                let sig = p256::ecdsa::DerSignature::from_bytes(&der_sig).map_err(|e| e.to_string())?;
+                let der_sig = self
+                    .hsm
+                    .call(move |s| s.sign_prehashed(&idc, &probe))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let sig =
+                    p256::ecdsa::DerSignature::from_bytes(&der_sig).map_err(|e| e.to_string())?;
                 info.public_key
                     .ok_or("certificate key is not P-256")?
                     .verify_prehash(&probe, &sig)
                     .map_err(|_| "the test signature does not verify with the new certificate")?;
-                let subject_der = pki::name_der(&subject_of(&x509_cert::Certificate::from_der_bytes(&der)?));
+                let subject_der =
+                    pki::name_der(&subject_of(&x509_cert::Certificate::from_der_bytes(&der)?));
                 let (idc, d) = (id.clone(), der.clone());
-                self.hsm.call(move |s| s.store_certificate(&idc, &idc, &d, &subject_der)).await.map_err(|e| e.to_string())?;
+                self.hsm
+                    .call(move |s| s.store_certificate(&idc, &idc, &d, &subject_der))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 self.keys
                     .upsert(KeyVersion {
                         key_id: key_id.clone(),
@@ -431,14 +511,19 @@ impl App {
                 let now = self.clock.unix();
                 let snap = self.keys.snapshot();
                 let mut changes = vec![(key_id.clone(), KeyState::Active, None)];
-                let old = snap.active(&r.tenant).filter(|v| v.key_id != key_id).map(|v| v.key_id.clone());
+                let old = snap
+                    .active(&r.tenant)
+                    .filter(|v| v.key_id != key_id)
+                    .map(|v| v.key_id.clone());
                 let until = now + cfg.grace.as_secs();
                 if let Some(old) = &old {
                     changes.push((old.clone(), KeyState::Retiring, Some(until)));
                 }
                 let mut e = self.rotation_entry(event::KEY_ACTIVATED, actor, r, None);
                 e.key_id = Some(id.clone());
-                e.certificate_serial = snap.version(&key_id).and_then(|v| v.certificate.as_ref().map(|c| c.serial_hex.clone()));
+                e.certificate_serial = snap
+                    .version(&key_id)
+                    .and_then(|v| v.certificate.as_ref().map(|c| c.serial_hex.clone()));
                 e.details = Some(serde_json::json!({
                     "rotation_id": r.id,
                     "previous_key_id": old.as_ref().map(|k| k.to_string()),
@@ -455,7 +540,14 @@ impl App {
 
     /// Import a certificate for the rotation awaiting one. Refused with the reason, changing
     /// nothing, if it does not fit the key, the CA or the validity rules.
-    pub async fn rotation_import(&self, tenant: &TenantId, pem: &[u8], actor: &Actor, reason: Option<String>, request_id: Option<String>) -> Result<Rotation, Error> {
+    pub async fn rotation_import(
+        &self,
+        tenant: &TenantId,
+        pem: &[u8],
+        actor: &Actor,
+        reason: Option<String>,
+        request_id: Option<String>,
+    ) -> Result<Rotation, Error> {
         let _op = self.rotation.op.lock().await;
         if self.dynamic.load().rotation.issuer != Issuer::Manual {
             return Err(Error::Conflict("rotation.issuer is \"hsm-ca\": certificates are issued by the internal CA, not imported".into()));
@@ -465,7 +557,10 @@ impl App {
         })?;
         let der = pki::parse_pem_or_der(pem).map_err(Error::Rejected)?;
         let id = r.new_key_id().to_string();
-        let public = self.token_public_key(&id).await.map_err(|e| Error::Step { step: "certificate_received", reason: e })?;
+        let public = self.token_public_key(&id).await.map_err(|e| Error::Step {
+            step: "certificate_received",
+            reason: e,
+        })?;
         let info = self.check_certificate(&der, &public)?;
         let mut e = self.rotation_entry(event::CERTIFICATE_IMPORTED, actor, &r, request_id);
         e.key_id = Some(id);
@@ -475,7 +570,10 @@ impl App {
             "rotation_id": r.id, "issuer": info.issuer,
             "not_before": pki::rfc3339(info.not_before), "not_after": pki::rfc3339(info.not_after),
         }));
-        self.record(e).await.map_err(|e| Error::Step { step: "certificate_received", reason: e.to_string() })?;
+        self.record(e).await.map_err(|e| Error::Step {
+            step: "certificate_received",
+            reason: e.to_string(),
+        })?;
         r.certificate_pem = Some(info.to_pem());
         r.step = Step::CertificateReceived;
         r.updated_at = self.clock.unix();
@@ -487,35 +585,87 @@ impl App {
 
     /// The CSR of the rotation in progress; with the manual issuer and none in progress, start
     /// one (the tenant's first key if it has none).
-    pub async fn rotation_csr(&self, tenant: &TenantId, actor: &Actor, reason: String, request_id: Option<String>) -> Result<String, Error> {
+    pub async fn rotation_csr(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+        reason: String,
+        request_id: Option<String>,
+    ) -> Result<String, Error> {
         if let Some(r) = self.rotation.in_progress(tenant) {
-            return r.csr_pem.ok_or_else(|| Error::Conflict(format!("the rotation of tenant {tenant} has no CSR yet (step {})", r.step.as_str())));
+            return r.csr_pem.ok_or_else(|| {
+                Error::Conflict(format!(
+                    "the rotation of tenant {tenant} has no CSR yet (step {})",
+                    r.step.as_str()
+                ))
+            });
         }
         if self.dynamic.load().rotation.issuer != Issuer::Manual {
-            return Err(Error::Conflict("rotation.issuer is \"hsm-ca\": no certificate request is needed".into()));
+            return Err(Error::Conflict(
+                "rotation.issuer is \"hsm-ca\": no certificate request is needed".into(),
+            ));
         }
-        let trigger = if self.keys.snapshot().tenant(tenant).is_empty() { Trigger::Initial } else { Trigger::Manual };
-        let r = self.rotation_start(Start { tenant: tenant.clone(), trigger, actor: actor.clone(), reason, request_id, due_at: None }).await?;
-        r.csr_pem.ok_or_else(|| Error::Conflict(format!("the rotation of tenant {tenant} could not create a CSR: {}", r.last_error.unwrap_or_default())))
+        let trigger = if self.keys.snapshot().tenant(tenant).is_empty() {
+            Trigger::Initial
+        } else {
+            Trigger::Manual
+        };
+        let r = self
+            .rotation_start(Start {
+                tenant: tenant.clone(),
+                trigger,
+                actor: actor.clone(),
+                reason,
+                request_id,
+                due_at: None,
+            })
+            .await?;
+        r.csr_pem.ok_or_else(|| {
+            Error::Conflict(format!(
+                "the rotation of tenant {tenant} could not create a CSR: {}",
+                r.last_error.unwrap_or_default()
+            ))
+        })
     }
 
     /// Roll back: during grace, make the previous (retiring) version active again and retire
     /// the current one; or abort a rotation that has not activated yet.
-    pub async fn rotation_rollback(&self, tenant: &TenantId, actor: &Actor, reason: String, request_id: Option<String>) -> Result<Rotation, Error> {
+    pub async fn rotation_rollback(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+        reason: String,
+        request_id: Option<String>,
+    ) -> Result<Rotation, Error> {
         let _op = self.rotation.op.lock().await;
         let now = self.clock.unix();
         if let Some(mut r) = self.rotation.in_progress(tenant) {
             // Not active yet: abort, destroying the new private key.
             let id = r.new_key_id().to_string();
             let idc = id.clone();
-            self.hsm.call(move |s| s.destroy_private_key(&idc)).await.map_err(|e| Error::Step { step: "abort", reason: e.to_string() })?;
+            self.hsm
+                .call(move |s| s.destroy_private_key(&idc))
+                .await
+                .map_err(|e| Error::Step {
+                    step: "abort",
+                    reason: e.to_string(),
+                })?;
             let mut e = self.rotation_entry(event::ROTATION_ROLLED_BACK, actor, &r, request_id);
             e.key_id = Some(id);
             e.reason = Some(reason);
-            e.details = Some(serde_json::json!({"rotation_id": r.id, "aborted_at_step": r.step.as_str()}));
-            self.record(e).await.map_err(|e| Error::Step { step: "abort", reason: e.to_string() })?;
+            e.details =
+                Some(serde_json::json!({"rotation_id": r.id, "aborted_at_step": r.step.as_str()}));
+            self.record(e).await.map_err(|e| Error::Step {
+                step: "abort",
+                reason: e.to_string(),
+            })?;
             if self.keys.snapshot().version(&r.new_key_id()).is_some() {
-                self.keys.set_states(&[(r.new_key_id(), KeyState::Retired, None)]).map_err(|e| Error::Step { step: "abort", reason: e.to_string() })?;
+                self.keys
+                    .set_states(&[(r.new_key_id(), KeyState::Retired, None)])
+                    .map_err(|e| Error::Step {
+                        step: "abort",
+                        reason: e.to_string(),
+                    })?;
             }
             r.step = Step::Aborted;
             r.updated_at = now;
@@ -525,7 +675,9 @@ impl App {
             return Ok(r);
         }
         let snap = self.keys.snapshot();
-        let current = snap.active(tenant).ok_or_else(|| Error::Conflict(format!("tenant {tenant} has no active key")))?;
+        let current = snap
+            .active(tenant)
+            .ok_or_else(|| Error::Conflict(format!("tenant {tenant} has no active key")))?;
         let previous = snap
             .tenant(tenant)
             .iter()
@@ -534,7 +686,9 @@ impl App {
             .ok_or_else(|| Error::Conflict(format!("tenant {tenant} has no retiring version to roll back to (its grace period is over)")))?;
         let min = self.dynamic.load().rotation.min_remaining_validity;
         if let Some(c) = &previous.certificate {
-            c.check_usable(now, min).map_err(|e| Error::Conflict(format!("cannot roll back to {}: {e}", previous.key_id)))?;
+            c.check_usable(now, min).map_err(|e| {
+                Error::Conflict(format!("cannot roll back to {}: {e}", previous.key_id))
+            })?;
         }
         let r = Rotation {
             id: uuid::Uuid::new_v4().to_string(),
@@ -557,17 +711,31 @@ impl App {
         let mut e = self.rotation_entry(event::ROTATION_ROLLED_BACK, actor, &r, request_id);
         e.key_id = Some(previous.key_id.to_string());
         e.reason = Some(reason);
-        e.details = Some(serde_json::json!({"rolled_back_key_id": current.key_id.to_string(), "restored_key_id": previous.key_id.to_string()}));
-        self.record(e).await.map_err(|e| Error::Step { step: "rollback", reason: e.to_string() })?;
+        e.details = Some(
+            serde_json::json!({"rolled_back_key_id": current.key_id.to_string(), "restored_key_id": previous.key_id.to_string()}),
+        );
+        self.record(e).await.map_err(|e| Error::Step {
+            step: "rollback",
+            reason: e.to_string(),
+        })?;
         self.keys
-            .set_states(&[(previous.key_id.clone(), KeyState::Active, None), (current.key_id.clone(), KeyState::Retired, None)])
-            .map_err(|e| Error::Step { step: "rollback", reason: e.to_string() })?;
+            .set_states(&[
+                (previous.key_id.clone(), KeyState::Active, None),
+                (current.key_id.clone(), KeyState::Retired, None),
+            ])
+            .map_err(|e| Error::Step {
+                step: "rollback",
+                reason: e.to_string(),
+            })?;
         let id = current.key_id.to_string();
         if let Err(e) = self.hsm.call(move |s| s.destroy_private_key(&id)).await {
             tracing::error!(error = %e, "rolled-back key's private key not destroyed yet; the monitor retries");
         }
         self.rotation.save(&r)?;
-        self.metrics.rotations.with_label_values(&["rolled_back"]).inc();
+        self.metrics
+            .rotations
+            .with_label_values(&["rolled_back"])
+            .inc();
         tracing::warn!(tenant = %tenant, restored = %previous.key_id, retired = %current.key_id, "rotation rolled back");
         self.refresh_metrics();
         Ok(r)
@@ -602,7 +770,11 @@ impl App {
                 continue;
             }
             if due {
-                let mut e = Entry::new(event::KEY_RETIRED, crate::clock::rfc3339_micros(self.clock.now()), actor.clone());
+                let mut e = Entry::new(
+                    event::KEY_RETIRED,
+                    crate::clock::rfc3339_micros(self.clock.now()),
+                    actor.clone(),
+                );
                 e.tenant = Some(v.key_id.tenant().to_string());
                 e.key_id = Some(v.key_id.to_string());
                 e.certificate_serial = v.certificate.as_ref().map(|c| c.serial_hex.clone());
@@ -612,7 +784,10 @@ impl App {
                     continue;
                 }
             }
-            match self.keys.set_states(&[(v.key_id.clone(), KeyState::Retired, None)]) {
+            match self
+                .keys
+                .set_states(&[(v.key_id.clone(), KeyState::Retired, None)])
+            {
                 Ok(()) if due => {
                     self.metrics.rotations.with_label_values(&["retired"]).inc();
                     tracing::info!(key_id = %v.key_id, "key version retired; private key destroyed");
@@ -633,15 +808,23 @@ impl App {
             if self.rotation.in_progress(tenant).is_some() {
                 continue;
             }
-            let Some(active) = snap.active(tenant) else { continue };
-            let Some(cert) = &active.certificate else { continue };
+            let Some(active) = snap.active(tenant) else {
+                continue;
+            };
+            let Some(cert) = &active.certificate else {
+                continue;
+            };
             let due_at = cert.not_after.saturating_sub(renew_before);
             if now >= due_at {
                 out.push(Start {
                     tenant: tenant.clone(),
                     trigger: Trigger::Scheduled,
                     actor: scheduler_actor(),
-                    reason: format!("certificate of {} expires {}; renewal window reached", active.key_id, pki::rfc3339(cert.not_after)),
+                    reason: format!(
+                        "certificate of {} expires {}; renewal window reached",
+                        active.key_id,
+                        pki::rfc3339(cert.not_after)
+                    ),
                     request_id: None,
                     due_at: Some(due_at),
                 });
@@ -676,35 +859,59 @@ impl App {
         let snap = self.keys.snapshot();
         for v in snap.all() {
             let Some(c) = &v.certificate else { continue };
-            let labels = [v.key_id.tenant().as_str(), &v.key_id.to_string(), v.state.as_str()];
-            m.certificate_not_after.with_label_values(&labels).set(c.not_after as i64);
-            m.certificate_not_before.with_label_values(&labels).set(c.not_before as i64);
+            let labels = [
+                v.key_id.tenant().as_str(),
+                &v.key_id.to_string(),
+                v.state.as_str(),
+            ];
+            m.certificate_not_after
+                .with_label_values(&labels)
+                .set(c.not_after as i64);
+            m.certificate_not_before
+                .with_label_values(&labels)
+                .set(c.not_before as i64);
             if v.state == KeyState::Active {
                 let due = now + cfg.renew_before.as_secs() >= c.not_after;
-                m.certificate_renewal_due.with_label_values(&labels).set(i64::from(due));
+                m.certificate_renewal_due
+                    .with_label_values(&labels)
+                    .set(i64::from(due));
                 let unusable = c.check_usable(now, cfg.min_remaining_validity).is_err();
-                m.certificate_unusable.with_label_values(&labels).set(i64::from(unusable));
+                m.certificate_unusable
+                    .with_label_values(&labels)
+                    .set(i64::from(unusable));
             }
         }
         m.rotation_state.reset();
-        let tenants: std::collections::BTreeSet<TenantId> = snap.tenants().map(|(t, _)| t.clone()).collect();
+        let tenants: std::collections::BTreeSet<TenantId> =
+            snap.tenants().map(|(t, _)| t.clone()).collect();
         for t in tenants {
-            let current = self.rotation.in_progress(&t).map(|r| r.state_label(now, cfg.overdue_after)).unwrap_or("idle");
+            let current = self
+                .rotation
+                .in_progress(&t)
+                .map(|r| r.state_label(now, cfg.overdue_after))
+                .unwrap_or("idle");
             for s in ROTATION_STATES {
-                m.rotation_state.with_label_values(&[t.as_str(), s]).set(i64::from(*s == current));
+                m.rotation_state
+                    .with_label_values(&[t.as_str(), s])
+                    .set(i64::from(*s == current));
             }
         }
     }
 
     /// Check a certificate for a new version: key match, CA chain, validity, remaining time.
-    fn check_certificate(&self, der: &[u8], public: &p256::ecdsa::VerifyingKey) -> Result<CertInfo, Error> {
+    fn check_certificate(
+        &self,
+        der: &[u8],
+        public: &p256::ecdsa::VerifyingKey,
+    ) -> Result<CertInfo, Error> {
         let ca = self.ca.load_full();
         let ca = ca.as_ref().as_ref().ok_or_else(|| {
             Error::Conflict("no CA certificate to check against: set rotation.ca_certificate to a readable PEM file".into())
         })?;
         let now = self.clock.unix();
         let info = pki::check_issued(der, public, ca, now).map_err(Error::Rejected)?;
-        info.check_usable(now, self.dynamic.load().rotation.min_remaining_validity).map_err(Error::Rejected)?;
+        info.check_usable(now, self.dynamic.load().rotation.min_remaining_validity)
+            .map_err(Error::Rejected)?;
         Ok(info)
     }
 
@@ -717,12 +924,24 @@ impl App {
             .ok_or_else(|| format!("public key {id} is missing from the token"))
     }
 
-    fn rotation_entry(&self, ev: &str, actor: &Actor, r: &Rotation, request_id: Option<String>) -> Entry {
-        let mut e = Entry::new(ev, crate::clock::rfc3339_micros(self.clock.now()), actor.clone());
+    fn rotation_entry(
+        &self,
+        ev: &str,
+        actor: &Actor,
+        r: &Rotation,
+        request_id: Option<String>,
+    ) -> Entry {
+        let mut e = Entry::new(
+            ev,
+            crate::clock::rfc3339_micros(self.clock.now()),
+            actor.clone(),
+        );
         e.tenant = Some(r.tenant.to_string());
         e.request_id = request_id;
         if e.details.is_none() {
-            e.details = Some(serde_json::json!({"rotation_id": r.id, "trigger": r.trigger, "to_version": r.to_version, "from_version": r.from_version}));
+            e.details = Some(
+                serde_json::json!({"rotation_id": r.id, "trigger": r.trigger, "to_version": r.to_version, "from_version": r.from_version}),
+            );
         }
         e
     }

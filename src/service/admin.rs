@@ -76,16 +76,23 @@ fn reason(r: Option<String>) -> Result<String, Error> {
     let r = r.unwrap_or_default();
     let t = r.trim();
     if t.is_empty() {
-        return Err(Error::invalid("reason", "every admin action needs a reason (it is recorded as evidence)"));
+        return Err(Error::invalid(
+            "reason",
+            "every admin action needs a reason (it is recorded as evidence)",
+        ));
     }
     if t.len() > MAX_REASON || t.chars().any(|c| c.is_control() && c != '\n') {
-        return Err(Error::invalid("reason", format!("must be at most {MAX_REASON} characters without control characters")));
+        return Err(Error::invalid(
+            "reason",
+            format!("must be at most {MAX_REASON} characters without control characters"),
+        ));
     }
     Ok(t.to_owned())
 }
 
 fn tenant(s: &str) -> Result<TenantId, Error> {
-    s.parse().map_err(|e: crate::domain::ParseError| Error::invalid("tenant", e.to_string()))
+    s.parse()
+        .map_err(|e: crate::domain::ParseError| Error::invalid("tenant", e.to_string()))
 }
 
 fn key_view(v: &KeyVersion) -> KeyView {
@@ -103,82 +110,152 @@ fn key_view(v: &KeyVersion) -> KeyView {
 impl App {
     /// `GET /v1/keys/{tenant}`: every version with its public key and certificate.
     pub fn keys_of(&self, caller: &Caller, tenant_raw: &str) -> Result<Vec<KeyView>, Error> {
-        let t = tenant(tenant_raw).map_err(|_| Error::NotFound(format!("unknown tenant `{}`", tenant_raw.chars().take(64).collect::<String>())))?;
+        let t = tenant(tenant_raw).map_err(|_| {
+            Error::NotFound(format!(
+                "unknown tenant `{}`",
+                tenant_raw.chars().take(64).collect::<String>()
+            ))
+        })?;
         if !Policies::may_read_tenant(&caller.client, &t) {
-            return Err(Error::Forbidden(format!("client `{}` may not read keys of tenant `{t}`", caller.identity.identity)));
+            return Err(Error::Forbidden(format!(
+                "client `{}` may not read keys of tenant `{t}`",
+                caller.identity.identity
+            )));
         }
         if !self.tenant_exists(&t) {
             return Err(Error::NotFound(format!("unknown tenant `{t}`")));
         }
-        Ok(self.keys.snapshot().tenant(&t).iter().map(|v| key_view(v)).collect())
+        Ok(self
+            .keys
+            .snapshot()
+            .tenant(&t)
+            .iter()
+            .map(|v| key_view(v))
+            .collect())
     }
 
     /// Every tenant's versions (admin and audit roles).
     pub fn all_keys(&self, caller: &Caller) -> Result<Vec<KeyView>, Error> {
         if !Policies::may_read_all_evidence(&caller.client) {
-            return Err(Error::Forbidden(format!("client `{}` needs the admin or audit role", caller.identity.identity)));
+            return Err(Error::Forbidden(format!(
+                "client `{}` needs the admin or audit role",
+                caller.identity.identity
+            )));
         }
         Ok(self.keys.snapshot().all().map(|v| key_view(v)).collect())
     }
 
     /// Create a tenant's first key (and, with `hsm-ca`, its certificate).
-    pub async fn admin_create_key(&self, caller: &Caller, req: AdminRequest) -> Result<Rotation, Error> {
+    pub async fn admin_create_key(
+        &self,
+        caller: &Caller,
+        req: AdminRequest,
+    ) -> Result<Rotation, Error> {
         caller.require(Role::Admin)?;
         let t = tenant(&req.tenant)?;
         let reason = reason(req.reason)?;
         Ok(self
-            .rotation_start(Start { tenant: t, trigger: Trigger::Initial, actor: caller.actor(), reason, request_id: Some(caller.request_id.clone()), due_at: None })
+            .rotation_start(Start {
+                tenant: t,
+                trigger: Trigger::Initial,
+                actor: caller.actor(),
+                reason,
+                request_id: Some(caller.request_id.clone()),
+                due_at: None,
+            })
             .await?)
     }
 
     /// Start a rotation now.
-    pub async fn admin_rotate(&self, caller: &Caller, req: AdminRequest) -> Result<Rotation, Error> {
+    pub async fn admin_rotate(
+        &self,
+        caller: &Caller,
+        req: AdminRequest,
+    ) -> Result<Rotation, Error> {
         caller.require(Role::Admin)?;
         let t = tenant(&req.tenant)?;
         let reason = reason(req.reason)?;
         Ok(self
-            .rotation_start(Start { tenant: t, trigger: Trigger::Manual, actor: caller.actor(), reason, request_id: Some(caller.request_id.clone()), due_at: None })
+            .rotation_start(Start {
+                tenant: t,
+                trigger: Trigger::Manual,
+                actor: caller.actor(),
+                reason,
+                request_id: Some(caller.request_id.clone()),
+                due_at: None,
+            })
             .await?)
     }
 
-    pub async fn admin_rollback(&self, caller: &Caller, req: AdminRequest) -> Result<Rotation, Error> {
+    pub async fn admin_rollback(
+        &self,
+        caller: &Caller,
+        req: AdminRequest,
+    ) -> Result<Rotation, Error> {
         caller.require(Role::Admin)?;
         let t = tenant(&req.tenant)?;
         let reason = reason(req.reason)?;
-        Ok(self.rotation_rollback(&t, &caller.actor(), reason, Some(caller.request_id.clone())).await?)
+        Ok(self
+            .rotation_rollback(&t, &caller.actor(), reason, Some(caller.request_id.clone()))
+            .await?)
     }
 
     /// The PEM CSR of the tenant's pending rotation (starting one with the manual issuer).
     pub async fn admin_csr(&self, caller: &Caller, req: AdminRequest) -> Result<String, Error> {
         caller.require(Role::Admin)?;
         let t = tenant(&req.tenant)?;
-        let reason = req.reason.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| "certificate request".to_owned());
+        let reason = req
+            .reason
+            .filter(|r| !r.trim().is_empty())
+            .unwrap_or_else(|| "certificate request".to_owned());
         let reason = self::reason(Some(reason))?;
-        Ok(self.rotation_csr(&t, &caller.actor(), reason, Some(caller.request_id.clone())).await?)
+        Ok(self
+            .rotation_csr(&t, &caller.actor(), reason, Some(caller.request_id.clone()))
+            .await?)
     }
 
-    pub async fn admin_import(&self, caller: &Caller, req: ImportRequest) -> Result<Rotation, Error> {
+    pub async fn admin_import(
+        &self,
+        caller: &Caller,
+        req: ImportRequest,
+    ) -> Result<Rotation, Error> {
         caller.require(Role::Admin)?;
         let t = tenant(&req.tenant)?;
         let reason = req.reason.map(|r| self::reason(Some(r))).transpose()?;
-        Ok(self.rotation_import(&t, req.certificate.as_bytes(), &caller.actor(), reason, Some(caller.request_id.clone())).await?)
+        Ok(self
+            .rotation_import(
+                &t,
+                req.certificate.as_bytes(),
+                &caller.actor(),
+                reason,
+                Some(caller.request_id.clone()),
+            )
+            .await?)
     }
 
     /// Rotation status of every tenant (admin and audit roles).
     pub fn status(&self, caller: &Caller) -> Result<Vec<TenantStatus>, Error> {
         if !Policies::may_read_all_evidence(&caller.client) {
-            return Err(Error::Forbidden(format!("client `{}` needs the admin or audit role", caller.identity.identity)));
+            return Err(Error::Forbidden(format!(
+                "client `{}` needs the admin or audit role",
+                caller.identity.identity
+            )));
         }
         let now = self.clock.unix();
         let cfg = self.dynamic.load().rotation.clone();
         let snap = self.keys.snapshot();
-        let mut tenants: std::collections::BTreeSet<TenantId> = snap.tenants().map(|(t, _)| t.clone()).collect();
+        let mut tenants: std::collections::BTreeSet<TenantId> =
+            snap.tenants().map(|(t, _)| t.clone()).collect();
         tenants.extend(self.dynamic.load().tenants());
         Ok(tenants
             .into_iter()
             .map(|t| {
                 let rotation = self.rotation.in_progress(&t);
-                let rotation_state = rotation.as_ref().map(|r| r.state_label(now, cfg.overdue_after)).unwrap_or("idle").to_owned();
+                let rotation_state = rotation
+                    .as_ref()
+                    .map(|r| r.state_label(now, cfg.overdue_after))
+                    .unwrap_or("idle")
+                    .to_owned();
                 let versions = snap
                     .tenant(&t)
                     .iter()
@@ -192,14 +269,27 @@ impl App {
                             not_after: c.map(|c| pki::rfc3339(c.not_after)),
                             not_after_unix: c.map(|c| c.not_after),
                             certificate_serial: c.map(|c| c.serial_hex.clone()),
-                            renewal_due: active && c.is_some_and(|c| now + cfg.renew_before.as_secs() >= c.not_after),
-                            usable: active.then(|| c.is_some_and(|c| c.check_usable(now, cfg.min_remaining_validity).is_ok())),
+                            renewal_due: active
+                                && c.is_some_and(|c| {
+                                    now + cfg.renew_before.as_secs() >= c.not_after
+                                }),
+                            usable: active.then(|| {
+                                c.is_some_and(|c| {
+                                    c.check_usable(now, cfg.min_remaining_validity).is_ok()
+                                })
+                            }),
                             retiring_until: v.retiring_until.map(pki::rfc3339),
                         }
                     })
                     .collect();
                 let last_rotation = self.rotation.history(&t).pop();
-                TenantStatus { tenant: t.to_string(), rotation_state, versions, rotation, last_rotation }
+                TenantStatus {
+                    tenant: t.to_string(),
+                    rotation_state,
+                    versions,
+                    rotation,
+                    last_rotation,
+                }
             })
             .collect())
     }

@@ -33,18 +33,29 @@ pub struct Idempotency {
 struct PerRecordTtl;
 
 impl Expiry<CacheKey, Arc<Record>> for PerRecordTtl {
-    fn expire_after_create(&self, _key: &CacheKey, value: &Arc<Record>, _created_at: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Record>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
         Some(value.ttl)
     }
 }
 
 impl Idempotency {
     pub fn new(retention: Duration) -> Self {
-        Self { cache: Cache::builder().expire_after(PerRecordTtl).build(), retention }
+        Self {
+            cache: Cache::builder().expire_after(PerRecordTtl).build(),
+            retention,
+        }
     }
 
     pub fn key(identity: &str, idempotency_key: &str) -> CacheKey {
-        (identity.to_owned(), Sha256::digest(idempotency_key.as_bytes()).into())
+        (
+            identity.to_owned(),
+            Sha256::digest(idempotency_key.as_bytes()).into(),
+        )
     }
 
     /// Remember a record found in the log at start-up.
@@ -59,7 +70,9 @@ impl Idempotency {
         F: Future<Output = Result<Record, E>>,
         E: Send + Sync + 'static,
     {
-        self.cache.try_get_with(key, async { sign.await.map(Arc::new) }).await
+        self.cache
+            .try_get_with(key, async { sign.await.map(Arc::new) })
+            .await
     }
 
     pub fn len(&self) -> u64 {

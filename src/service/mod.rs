@@ -36,7 +36,10 @@ use idempotency::Idempotency;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Policy(#[from] policy::Error),
     #[error("this Idempotency-Key was already used with a different request")]
@@ -64,7 +67,10 @@ pub enum Error {
 
 impl Error {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Error::Invalid { field, message: message.into() }
+        Error::Invalid {
+            field,
+            message: message.into(),
+        }
     }
 
     /// Bounded label for `signet_sign_requests_total{outcome}`.
@@ -73,7 +79,10 @@ impl Error {
             Error::Invalid { .. } => "invalid",
             Error::Policy(policy::Error::UnknownPolicy(_)) => "unknown_policy",
             Error::Policy(policy::Error::RateLimited { .. }) => "rate_limited",
-            Error::Policy(policy::Error::DigestAlgorithmNotAllowed { .. } | policy::Error::IdempotencyKeyRequired(_)) => "invalid",
+            Error::Policy(
+                policy::Error::DigestAlgorithmNotAllowed { .. }
+                | policy::Error::IdempotencyKeyRequired(_),
+            ) => "invalid",
             Error::Policy(_) | Error::Forbidden(_) => "forbidden",
             Error::IdempotencyConflict => "conflict",
             Error::Keys(keys::Error::CertificateNotUsable { .. }) => "certificate_unusable",
@@ -139,7 +148,9 @@ impl CheckpointSigner for TokenCheckpointSigner {
     }
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
         let digest: [u8; 32] = Sha256::digest(message).into();
-        self.hsm.call_blocking(move |s| s.sign_prehashed(LOG_KEY_ID, &digest)).map_err(|e| e.to_string())
+        self.hsm
+            .call_blocking(move |s| s.sign_prehashed(LOG_KEY_ID, &digest))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -166,9 +177,14 @@ impl App {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let hsm = Hsm::start(&config.hsm, Arc::clone(&metrics))?;
 
-        let log_public = hsm.call(|s| s.ensure_p256_key_pair(LOG_KEY_ID, "signet evidence log key")).await?;
+        let log_public = hsm
+            .call(|s| s.ensure_p256_key_pair(LOG_KEY_ID, "signet evidence log key"))
+            .await?;
         hsm.set_probe_key(LOG_KEY_ID);
-        let signer = Arc::new(TokenCheckpointSigner { hsm: hsm.clone(), public: log_public });
+        let signer = Arc::new(TokenCheckpointSigner {
+            hsm: hsm.clone(),
+            public: log_public,
+        });
         let opts = audit::Options {
             dir: config.audit.dir.clone(),
             origin: config.audit.origin.clone(),
@@ -182,10 +198,20 @@ impl App {
         let log = Arc::new(log);
 
         let ca = match config.dynamic.rotation.issuer {
-            Issuer::HsmCa => Some(Arc::new(ensure_internal_ca(&hsm, &config, clock.as_ref()).await?)),
+            Issuer::HsmCa => Some(Arc::new(
+                ensure_internal_ca(&hsm, &config, clock.as_ref()).await?,
+            )),
             Issuer::Manual => load_ca_file(&config.dynamic.rotation.ca_certificate),
         };
-        let keys = Arc::new(Registry::load(&hsm, &config.state_dir, config.dynamic.rotation.grace, clock.unix()).await?);
+        let keys = Arc::new(
+            Registry::load(
+                &hsm,
+                &config.state_dir,
+                config.dynamic.rotation.grace,
+                clock.unix(),
+            )
+            .await?,
+        );
         let idempotency = Idempotency::new(config.audit.idempotency_retention);
         let rotation = Engine::load(&config.state_dir)?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
@@ -229,7 +255,9 @@ impl App {
         }));
         let app = Arc::clone(self);
         let stop = self.shutdown.subscribe();
-        tasks.push(tokio::spawn(async move { rotation::monitor(app, stop).await }));
+        tasks.push(tokio::spawn(
+            async move { rotation::monitor(app, stop).await },
+        ));
     }
 
     /// Sign a checkpoint now if the tree grew.
@@ -256,7 +284,12 @@ impl App {
     /// Stop background work, sign a final checkpoint, close the log and the token.
     pub async fn shutdown(&self) {
         let _ = self.shutdown.send(true);
-        let tasks: Vec<_> = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
         for t in tasks {
             let _ = t.await;
         }
@@ -273,10 +306,10 @@ impl App {
 
     /// Swap in a new configuration's reloadable part (clients, policies, rotation).
     pub fn apply_dynamic(&self, dynamic: DynamicConfig) {
-        if dynamic.rotation.issuer == Issuer::Manual {
-            if let Some(ca) = load_ca_file(&dynamic.rotation.ca_certificate) {
-                self.ca.store(Arc::new(Some(ca)));
-            }
+        if dynamic.rotation.issuer == Issuer::Manual
+            && let Some(ca) = load_ca_file(&dynamic.rotation.ca_certificate)
+        {
+            self.ca.store(Arc::new(Some(ca)));
         }
         self.policies.store(Arc::new(Policies::new(&dynamic)));
         self.dynamic.store(Arc::new(dynamic));
@@ -296,12 +329,11 @@ impl App {
                 if t < cutoff {
                     return false;
                 }
-                if let (Some(k), Some(r)) = (&e.idempotency_key_sha256, &e.request_sha256) {
-                    if let Ok(kh) = hex::decode(k) {
-                        if let Ok(kh) = <[u8; 32]>::try_from(kh.as_slice()) {
-                            found.push(((e.actor.identity.clone(), kh), r.clone(), index, t));
-                        }
-                    }
+                if let (Some(k), Some(r)) = (&e.idempotency_key_sha256, &e.request_sha256)
+                    && let Ok(kh) = hex::decode(k)
+                    && let Ok(kh) = <[u8; 32]>::try_from(kh.as_slice())
+                {
+                    found.push(((e.actor.identity.clone(), kh), r.clone(), index, t));
                 }
                 true
             })?;
@@ -312,54 +344,90 @@ impl App {
         let n = found.len();
         for (key, request_sha256, index, t) in found.into_iter().rev() {
             let ttl = Duration::from_secs((t + retention).saturating_sub(now));
-            self.idempotency.insert(key, idempotency::Record { request_sha256, index, ttl }).await;
+            self.idempotency
+                .insert(
+                    key,
+                    idempotency::Record {
+                        request_sha256,
+                        index,
+                        ttl,
+                    },
+                )
+                .await;
         }
         if n > 0 {
-            tracing::info!(records = n, "idempotency records restored from the evidence log");
+            tracing::info!(
+                records = n,
+                "idempotency records restored from the evidence log"
+            );
         }
         Ok(())
     }
 
     /// The tenant's configured existence: named by a policy or a client, or holding keys.
     pub fn tenant_exists(&self, tenant: &TenantId) -> bool {
-        self.dynamic.load().tenants().contains(tenant) || !self.keys.snapshot().tenant(tenant).is_empty()
+        self.dynamic.load().tenants().contains(tenant)
+            || !self.keys.snapshot().tenant(tenant).is_empty()
     }
 }
 
 /// Make sure the internal CA key and certificate exist in the token; write the certificate to
 /// `rotation.ca_certificate` so clients and `certs import` can use it.
-async fn ensure_internal_ca(hsm: &Hsm, config: &Config, clock: &dyn Clock) -> Result<CertInfo, StartError> {
-    let public = hsm.call(|s| s.ensure_p256_key_pair(CA_KEY_ID, "signet internal CA")).await?;
+async fn ensure_internal_ca(
+    hsm: &Hsm,
+    config: &Config,
+    clock: &dyn Clock,
+) -> Result<CertInfo, StartError> {
+    let public = hsm
+        .call(|s| s.ensure_p256_key_pair(CA_KEY_ID, "signet internal CA"))
+        .await?;
     let existing = hsm.call(|s| s.certificate(CA_KEY_ID)).await?;
     let now = clock.unix();
     let usable = existing
         .as_deref()
         .and_then(|d| CertInfo::parse(d).ok())
-        .filter(|c| c.public_key == Some(public) && c.check_usable(now, Duration::from_secs(30 * 86400)).is_ok());
+        .filter(|c| {
+            c.public_key == Some(public)
+                && c.check_usable(now, Duration::from_secs(30 * 86400)).is_ok()
+        });
     let ca = match usable {
         Some(c) => c,
         None => {
             let org = config.dynamic.rotation.subject_organization.clone();
-            let subject = pki::name("Signet internal signing CA", &org).map_err(|e| StartError::Ca(e.to_string()))?;
+            let subject = pki::name("Signet internal signing CA", &org)
+                .map_err(|e| StartError::Ca(e.to_string()))?;
             let subject_der = pki::name_der(&subject);
             let signer = TokenSigner::new(hsm.clone(), CA_KEY_ID, public);
             let not_before = clock.now() - Duration::from_secs(300);
             let der = tokio::task::spawn_blocking(move || {
-                pki::issue(pki::Profile::Ca { subject }, &public, not_before, Duration::from_secs(10 * 365 * 86400), &signer)
+                pki::issue(
+                    pki::Profile::Ca { subject },
+                    &public,
+                    not_before,
+                    Duration::from_secs(10 * 365 * 86400),
+                    &signer,
+                )
             })
             .await
             .map_err(|e| StartError::Ca(e.to_string()))?
             .map_err(|e| StartError::Ca(e.to_string()))?;
             let d = der.clone();
-            hsm.call(move |s| s.store_certificate(CA_KEY_ID, "signet internal CA", &d, &subject_der)).await?;
+            hsm.call(move |s| {
+                s.store_certificate(CA_KEY_ID, "signet internal CA", &d, &subject_der)
+            })
+            .await?;
             tracing::info!("internal CA certificate issued");
             CertInfo::parse(&der).map_err(|e| StartError::Ca(e.to_string()))?
         }
     };
     let path = &config.dynamic.rotation.ca_certificate;
     if std::fs::read_to_string(path).ok().as_deref() != Some(ca.to_pem().as_str()) {
-        crate::fsutil::write_atomic_mode(path, ca.to_pem().as_bytes(), 0o644)
-            .map_err(|e| StartError::Ca(format!("configuration key `rotation.ca_certificate`: cannot write {}: {e}", path.display())))?;
+        crate::fsutil::write_atomic_mode(path, ca.to_pem().as_bytes(), 0o644).map_err(|e| {
+            StartError::Ca(format!(
+                "configuration key `rotation.ca_certificate`: cannot write {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     Ok(ca)
 }

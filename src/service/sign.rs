@@ -98,46 +98,85 @@ impl Valid {
             "transaction_id": self.transaction_id,
             "signer": self.signer,
         });
-        hex::encode(Sha256::digest(serde_json_canonicalizer::to_vec(&v).unwrap_or_default()))
+        hex::encode(Sha256::digest(
+            serde_json_canonicalizer::to_vec(&v).unwrap_or_default(),
+        ))
     }
 }
 
 fn validate(req: &SignRequest) -> Result<Valid, Error> {
-    let algorithm = req.digest_algorithm.parse::<DigestAlgorithm>().map_err(|_| {
-        Error::invalid("digest_algorithm", format!("unknown digest algorithm `{}` (supported: sha256)", truncate(&req.digest_algorithm)))
+    let algorithm = req
+        .digest_algorithm
+        .parse::<DigestAlgorithm>()
+        .map_err(|_| {
+            Error::invalid(
+                "digest_algorithm",
+                format!(
+                    "unknown digest algorithm `{}` (supported: sha256)",
+                    truncate(&req.digest_algorithm)
+                ),
+            )
+        })?;
+    let digest = req
+        .digest
+        .parse::<Sha256Digest>()
+        .map_err(|e| Error::invalid("digest", e.to_string()))?;
+    let policy_id = req.policy_id.parse::<PolicyId>().map_err(|_| {
+        Error::Policy(crate::policy::Error::UnknownPolicy(unknown_policy_id(
+            &req.policy_id,
+        )))
     })?;
-    let digest = req.digest.parse::<Sha256Digest>().map_err(|e| Error::invalid("digest", e.to_string()))?;
-    let policy_id = req
-        .policy_id
-        .parse::<PolicyId>()
-        .map_err(|_| Error::Policy(crate::policy::Error::UnknownPolicy(unknown_policy_id(&req.policy_id))))?;
-    if let Some(t) = &req.transaction_id {
-        if t.is_empty() || t.len() > MAX_TRANSACTION_ID || t.chars().any(char::is_control) {
-            return Err(Error::invalid("transaction_id", format!("must be 1-{MAX_TRANSACTION_ID} characters without control characters")));
-        }
+    if let Some(t) = &req.transaction_id
+        && (t.is_empty() || t.len() > MAX_TRANSACTION_ID || t.chars().any(char::is_control))
+    {
+        return Err(Error::invalid(
+            "transaction_id",
+            format!("must be 1-{MAX_TRANSACTION_ID} characters without control characters"),
+        ));
     }
     if let Some(s) = &req.signer {
         if !s.is_object() {
             return Err(Error::invalid("signer", "must be a JSON object"));
         }
         if depth(s) > MAX_SIGNER_DEPTH {
-            return Err(Error::invalid("signer", format!("nests deeper than {MAX_SIGNER_DEPTH} levels")));
+            return Err(Error::invalid(
+                "signer",
+                format!("nests deeper than {MAX_SIGNER_DEPTH} levels"),
+            ));
         }
         let size = serde_json::to_vec(s).map(|v| v.len()).unwrap_or(usize::MAX);
         if size > MAX_SIGNER_BYTES {
-            return Err(Error::invalid("signer", format!("is {size} bytes; at most {MAX_SIGNER_BYTES} are recorded")));
+            return Err(Error::invalid(
+                "signer",
+                format!("is {size} bytes; at most {MAX_SIGNER_BYTES} are recorded"),
+            ));
         }
         if !entry::is_jcs_stable(s) {
-            return Err(Error::invalid("signer", "holds numbers that cannot be recorded exactly (use strings for large or precise numbers)"));
+            return Err(Error::invalid(
+                "signer",
+                "holds numbers that cannot be recorded exactly (use strings for large or precise numbers)",
+            ));
         }
     }
-    Ok(Valid { policy_id, algorithm, digest, transaction_id: req.transaction_id.clone(), signer: req.signer.clone() })
+    Ok(Valid {
+        policy_id,
+        algorithm,
+        digest,
+        transaction_id: req.transaction_id.clone(),
+        signer: req.signer.clone(),
+    })
 }
 
 fn unknown_policy_id(raw: &str) -> PolicyId {
     // Echo a sanitised, bounded version of an unparseable policy ID in the error.
-    let clean: String = raw.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.:".contains(*c)).take(64).collect();
-    clean.parse().unwrap_or_else(|_| "invalid".parse().unwrap_or_else(|_| unreachable_policy()))
+    let clean: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.:".contains(*c))
+        .take(64)
+        .collect();
+    clean
+        .parse()
+        .unwrap_or_else(|_| "invalid".parse().unwrap_or_else(|_| unreachable_policy()))
 }
 
 #[allow(clippy::panic)]
@@ -147,8 +186,14 @@ fn unreachable_policy() -> PolicyId {
 }
 
 fn validate_idempotency_key(k: &str) -> Result<(), Error> {
-    if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || !k.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err(Error::invalid("Idempotency-Key", format!("must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters")));
+    if k.is_empty()
+        || k.len() > MAX_IDEMPOTENCY_KEY
+        || !k.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    {
+        return Err(Error::invalid(
+            "Idempotency-Key",
+            format!("must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        ));
     }
     Ok(())
 }
@@ -175,10 +220,18 @@ struct Ready {
 
 impl App {
     /// `POST /v1/sign`.
-    pub async fn sign(&self, caller: &Caller, req: SignRequest, header_key: Option<&str>) -> Result<SignResponse, Error> {
+    pub async fn sign(
+        &self,
+        caller: &Caller,
+        req: SignRequest,
+        header_key: Option<&str>,
+    ) -> Result<SignResponse, Error> {
         let started = Instant::now();
         if req.idempotency_key.is_some() {
-            return Err(Error::invalid("idempotency_key", "send the Idempotency-Key header instead of a body field"));
+            return Err(Error::invalid(
+                "idempotency_key",
+                "send the Idempotency-Key header instead of a body field",
+            ));
         }
         let policies = self.policies.load_full();
         let mut labels = None;
@@ -195,7 +248,11 @@ impl App {
 
     /// `POST /v1/sign/batch`: one result per item, in order. Items without an idempotency key
     /// are signed in one token call and recorded in one group commit.
-    pub async fn sign_batch(&self, caller: &Caller, items: Vec<SignRequest>) -> Vec<Result<SignResponse, Error>> {
+    pub async fn sign_batch(
+        &self,
+        caller: &Caller,
+        items: Vec<SignRequest>,
+    ) -> Vec<Result<SignResponse, Error>> {
         let started = Instant::now();
         let policies = self.policies.load_full();
         let mut results: Vec<Option<Result<SignResponse, Error>>> = Vec::with_capacity(items.len());
@@ -222,13 +279,20 @@ impl App {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        let keyed_futures = keyed.into_iter().map(|(i, r)| async move { (i, self.sign_ready(caller, r).await) });
-        let (keyed_results, plain_results) = tokio::join!(futures::future::join_all(keyed_futures), self.sign_many(caller, plain));
+        let keyed_futures = keyed
+            .into_iter()
+            .map(|(i, r)| async move { (i, self.sign_ready(caller, r).await) });
+        let (keyed_results, plain_results) = tokio::join!(
+            futures::future::join_all(keyed_futures),
+            self.sign_many(caller, plain)
+        );
         for (i, r) in keyed_results.into_iter().chain(plain_results) {
             results[i] = Some(r);
         }
-        let out: Vec<Result<SignResponse, Error>> =
-            results.into_iter().map(|r| r.unwrap_or_else(|| Err(Error::Internal("batch item lost".into())))).collect();
+        let out: Vec<Result<SignResponse, Error>> = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Internal("batch item lost".into()))))
+            .collect();
         for (r, l) in out.iter().zip(labels) {
             self.count(l, r, started);
         }
@@ -237,34 +301,74 @@ impl App {
 
     /// `POST /v1/verify`: does `signature` verify over `digest` with `key_id`'s public key?
     pub fn verify(&self, caller: &Caller, req: VerifyRequest) -> Result<bool, Error> {
-        let key_id: KeyId = req.key_id.parse().map_err(|e: crate::domain::ParseError| Error::invalid("key_id", e.to_string()))?;
+        let key_id: KeyId = req
+            .key_id
+            .parse()
+            .map_err(|e: crate::domain::ParseError| Error::invalid("key_id", e.to_string()))?;
         req.digest_algorithm
             .parse::<DigestAlgorithm>()
-            .map_err(|_| Error::invalid("digest_algorithm", "unknown digest algorithm (supported: sha256)"))?;
-        let digest: Sha256Digest = req.digest.parse().map_err(|e: crate::domain::ParseError| Error::invalid("digest", e.to_string()))?;
-        let der = B64.decode(req.signature.as_bytes()).map_err(|_| Error::invalid("signature", "must be base64 (standard alphabet)"))?;
+            .map_err(|_| {
+                Error::invalid(
+                    "digest_algorithm",
+                    "unknown digest algorithm (supported: sha256)",
+                )
+            })?;
+        let digest: Sha256Digest = req
+            .digest
+            .parse()
+            .map_err(|e: crate::domain::ParseError| Error::invalid("digest", e.to_string()))?;
+        let der = B64
+            .decode(req.signature.as_bytes())
+            .map_err(|_| Error::invalid("signature", "must be base64 (standard alphabet)"))?;
         if !Policies::may_read_tenant(&caller.client, key_id.tenant()) {
-            return Err(Error::Forbidden(format!("client `{}` may not use keys of tenant `{}`", caller.identity.identity, key_id.tenant())));
+            return Err(Error::Forbidden(format!(
+                "client `{}` may not use keys of tenant `{}`",
+                caller.identity.identity,
+                key_id.tenant()
+            )));
         }
         let snap = self.keys.snapshot();
-        let version = snap.version(&key_id).ok_or_else(|| Error::NotFound(format!("key {key_id} not found")))?;
+        let version = snap
+            .version(&key_id)
+            .ok_or_else(|| Error::NotFound(format!("key {key_id} not found")))?;
         let Ok(sig) = DerSignature::from_bytes(&der) else {
             return Ok(false);
         };
         Ok(version.public_key.verify_prehash(&digest.0, &sig).is_ok())
     }
 
-    fn prepare(&self, caller: &Caller, policies: &Policies, req: SignRequest, idempotency_key: Option<String>) -> Result<Ready, Error> {
+    fn prepare(
+        &self,
+        caller: &Caller,
+        policies: &Policies,
+        req: SignRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<Ready, Error> {
         let valid = validate(&req)?;
-        let policy = Arc::clone(policies.authorize_sign(&caller.client, &valid.policy_id, valid.algorithm)?);
+        let policy = Arc::clone(policies.authorize_sign(
+            &caller.client,
+            &valid.policy_id,
+            valid.algorithm,
+        )?);
         if let Some(k) = &idempotency_key {
             validate_idempotency_key(k)?;
         } else if policy.config.require_idempotency_key {
-            return Err(crate::policy::Error::IdempotencyKeyRequired(valid.policy_id.clone()).into());
+            return Err(
+                crate::policy::Error::IdempotencyKeyRequired(valid.policy_id.clone()).into(),
+            );
         }
         let rotation = &self.dynamic.load().rotation;
-        let key = self.keys.signing_key(&policy.config.tenant, self.clock.unix(), rotation.min_remaining_validity)?;
-        Ok(Ready { valid, policy, key, idempotency_key })
+        let key = self.keys.signing_key(
+            &policy.config.tenant,
+            self.clock.unix(),
+            rotation.min_remaining_validity,
+        )?;
+        Ok(Ready {
+            valid,
+            policy,
+            key,
+            idempotency_key,
+        })
     }
 
     async fn sign_ready(&self, caller: &Caller, ready: Ready) -> Result<SignResponse, Error> {
@@ -279,7 +383,11 @@ impl App {
             .idempotency
             .get_or_sign(cache_key, async {
                 let (_, receipt) = self.sign_and_record(caller, &ready).await?;
-                Ok::<_, Error>(Record { request_sha256: request_sha256.clone(), index: receipt.index, ttl: retention })
+                Ok::<_, Error>(Record {
+                    request_sha256: request_sha256.clone(),
+                    index: receipt.index,
+                    ttl: retention,
+                })
             })
             .await
             .map_err(Error::Shared)?;
@@ -288,7 +396,8 @@ impl App {
         }
         // Answer from the durable entry, exactly as the first time.
         let bytes = self.log.entry(record.index)?;
-        let entry: Entry = serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
+        let entry: Entry =
+            serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
         let receipt = Receipt {
             log_origin: self.log.origin().to_owned(),
             index: record.index,
@@ -298,35 +407,62 @@ impl App {
     }
 
     /// Sign in the token, then make the evidence durable. The signature leaves only with it.
-    async fn sign_and_record(&self, caller: &Caller, ready: &Ready) -> Result<(Entry, Receipt), Error> {
-        let der = self.hsm.sign(ready.key.token_id(), ready.valid.digest.0).await?;
+    async fn sign_and_record(
+        &self,
+        caller: &Caller,
+        ready: &Ready,
+    ) -> Result<(Entry, Receipt), Error> {
+        let der = self
+            .hsm
+            .sign(ready.key.token_id(), ready.valid.digest.0)
+            .await?;
         let entry = self.signature_entry(caller, ready, &der);
         // Evidence seam: nothing is returned to the client before this append is durable.
         let mut receipts = self.log.append(vec![entry.clone()]).await?;
-        let receipt = receipts.pop().ok_or_else(|| Error::Internal("no receipt".into()))?;
+        let receipt = receipts
+            .pop()
+            .ok_or_else(|| Error::Internal("no receipt".into()))?;
         tracing::info!(request_id = %caller.request_id, key_id = %ready.key.key_id, tenant = %ready.policy.config.tenant,
             policy_id = %ready.policy.config.id, index = receipt.index, "signed");
         Ok((entry, receipt))
     }
 
     /// Sign several prepared items in one token call and record them in one append.
-    async fn sign_many(&self, caller: &Caller, items: Vec<(usize, Ready)>) -> Vec<(usize, Result<SignResponse, Error>)> {
+    async fn sign_many(
+        &self,
+        caller: &Caller,
+        items: Vec<(usize, Ready)>,
+    ) -> Vec<(usize, Result<SignResponse, Error>)> {
         if items.is_empty() {
             return Vec::new();
         }
-        let jobs: Vec<(String, [u8; 32])> = items.iter().map(|(_, r)| (r.key.token_id(), r.valid.digest.0)).collect();
+        let jobs: Vec<(String, [u8; 32])> = items
+            .iter()
+            .map(|(_, r)| (r.key.token_id(), r.valid.digest.0))
+            .collect();
         let signed = self
             .hsm
-            .call(move |s| jobs.iter().map(|(id, d)| s.sign_prehashed(id, d)).collect::<Result<Vec<_>, _>>())
+            .call(move |s| {
+                jobs.iter()
+                    .map(|(id, d)| s.sign_prehashed(id, d))
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .await;
         let sigs = match signed {
             Ok(s) => s,
             Err(e) => {
                 let shared = Arc::new(Error::Hsm(e));
-                return items.into_iter().map(|(i, _)| (i, Err(Error::Shared(Arc::clone(&shared))))).collect();
+                return items
+                    .into_iter()
+                    .map(|(i, _)| (i, Err(Error::Shared(Arc::clone(&shared)))))
+                    .collect();
             }
         };
-        let entries: Vec<Entry> = items.iter().zip(&sigs).map(|((_, r), der)| self.signature_entry(caller, r, der)).collect();
+        let entries: Vec<Entry> = items
+            .iter()
+            .zip(&sigs)
+            .map(|((_, r), der)| self.signature_entry(caller, r, der))
+            .collect();
         match self.log.append(entries.clone()).await {
             Ok(receipts) => {
                 tracing::info!(request_id = %caller.request_id, items = receipts.len(), "signed batch");
@@ -339,19 +475,33 @@ impl App {
             }
             Err(e) => {
                 let shared = Arc::new(Error::Audit(e));
-                items.into_iter().map(|(i, _)| (i, Err(Error::Shared(Arc::clone(&shared))))).collect()
+                items
+                    .into_iter()
+                    .map(|(i, _)| (i, Err(Error::Shared(Arc::clone(&shared)))))
+                    .collect()
             }
         }
     }
 
     fn signature_entry(&self, caller: &Caller, ready: &Ready, der: &[u8]) -> Entry {
         let now = self.clock.now();
-        let mut e = Entry::new(event::SIGNATURE, crate::clock::rfc3339_micros(now), caller.actor());
+        let mut e = Entry::new(
+            event::SIGNATURE,
+            crate::clock::rfc3339_micros(now),
+            caller.actor(),
+        );
         let p = &ready.policy.config;
         e.request_id = Some(caller.request_id.clone());
         e.tenant = Some(p.tenant.to_string());
-        e.policy = Some(PolicyEvidence { id: p.id.to_string(), hash: ready.policy.hash.clone(), legal_standard: p.legal_standard.clone() });
-        e.digest = Some(DigestEvidence { algorithm: ready.valid.algorithm.as_str().to_owned(), value: ready.valid.digest.to_hex() });
+        e.policy = Some(PolicyEvidence {
+            id: p.id.to_string(),
+            hash: ready.policy.hash.clone(),
+            legal_standard: p.legal_standard.clone(),
+        });
+        e.digest = Some(DigestEvidence {
+            algorithm: ready.valid.algorithm.as_str().to_owned(),
+            value: ready.valid.digest.to_hex(),
+        });
         e.key_id = Some(ready.key.key_id.to_string());
         e.certificate_serial = ready.key.certificate.as_ref().map(|c| c.serial_hex.clone());
         e.signature = Some(B64.encode(der));
@@ -371,11 +521,19 @@ impl App {
         let certificate = key_id
             .parse::<KeyId>()
             .ok()
-            .and_then(|k| self.keys.snapshot().version(&k).and_then(|v| v.certificate_pem.as_deref().map(str::to_owned)))
+            .and_then(|k| {
+                self.keys
+                    .snapshot()
+                    .version(&k)
+                    .and_then(|v| v.certificate_pem.as_deref().map(str::to_owned))
+            })
             .unwrap_or_default();
         SignResponse {
             signature: entry.signature.clone().unwrap_or_default(),
-            algorithm: entry.signature_algorithm.clone().unwrap_or_else(|| SIGNATURE_ALGORITHM.to_owned()),
+            algorithm: entry
+                .signature_algorithm
+                .clone()
+                .unwrap_or_else(|| SIGNATURE_ALGORITHM.to_owned()),
             key_id,
             certificate,
             signed_at: entry.time.clone(),
@@ -383,7 +541,12 @@ impl App {
         }
     }
 
-    fn count(&self, labels: Option<(String, String)>, result: &Result<SignResponse, Error>, started: Instant) {
+    fn count(
+        &self,
+        labels: Option<(String, String)>,
+        result: &Result<SignResponse, Error>,
+        started: Instant,
+    ) {
         let (tenant, policy) = match (&labels, result) {
             (Some((t, p)), _) => (t.clone(), p.clone()),
             (None, Err(e)) => error_labels(e),
@@ -391,19 +554,27 @@ impl App {
         };
         let outcome = match result {
             Ok(_) => {
-                self.metrics.sign_duration.observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .sign_duration
+                    .observe(started.elapsed().as_secs_f64());
                 "ok"
             }
             Err(e) => e.outcome(),
         };
-        self.metrics.sign_requests.with_label_values(&[&tenant, &policy, outcome]).inc();
+        self.metrics
+            .sign_requests
+            .with_label_values(&[&tenant, &policy, outcome])
+            .inc();
     }
 }
 
 impl Ready {
     /// Metric labels, from configuration only.
     fn labels(&self) -> (String, String) {
-        (self.policy.config.tenant.to_string(), self.policy.config.id.to_string())
+        (
+            self.policy.config.tenant.to_string(),
+            self.policy.config.id.to_string(),
+        )
     }
 }
 
@@ -412,11 +583,15 @@ fn error_labels(e: &Error) -> (String, String) {
     use crate::policy::Error as P;
     match e {
         Error::Policy(P::TenantNotAllowed { tenant, .. }) => (tenant.to_string(), "-".into()),
-        Error::Policy(P::RateLimited { policy, .. } | P::DigestAlgorithmNotAllowed { policy, .. } | P::IdempotencyKeyRequired(policy)) => {
-            ("-".into(), policy.to_string())
-        }
+        Error::Policy(
+            P::RateLimited { policy, .. }
+            | P::DigestAlgorithmNotAllowed { policy, .. }
+            | P::IdempotencyKeyRequired(policy),
+        ) => ("-".into(), policy.to_string()),
         Error::Keys(crate::keys::Error::NoActiveKey(t)) => (t.to_string(), "-".into()),
-        Error::Keys(crate::keys::Error::CertificateNotUsable { key_id, .. }) => (key_id.tenant().to_string(), "-".into()),
+        Error::Keys(crate::keys::Error::CertificateNotUsable { key_id, .. }) => {
+            (key_id.tenant().to_string(), "-".into())
+        }
         Error::Shared(inner) => error_labels(inner),
         _ => ("-".into(), "-".into()),
     }

@@ -40,7 +40,11 @@ pub struct Init {
 
 impl Default for Init {
     fn default() -> Self {
-        Self { manual_issuer: false, keys: true, edit: None }
+        Self {
+            manual_issuer: false,
+            keys: true,
+            edit: None,
+        }
     }
 }
 
@@ -65,16 +69,37 @@ impl Signet {
         if !opts.keys {
             args.push("--no-keys".into());
         }
-        let out = Command::new(BIN).args(&args).env("SIGNET_LOG", "warn").output().expect("run signet dev init");
-        assert!(out.status.success(), "dev init failed: {}", String::from_utf8_lossy(&out.stderr));
-        let s = Self { tmp, dir, child: None, api: "127.0.0.1:0".parse().unwrap(), metrics: "127.0.0.1:0".parse().unwrap(), env: Vec::new() };
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("SIGNET_LOG", "warn")
+            .output()
+            .expect("run signet dev init");
+        assert!(
+            out.status.success(),
+            "dev init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = Self {
+            tmp,
+            dir,
+            child: None,
+            api: "127.0.0.1:0".parse().unwrap(),
+            metrics: "127.0.0.1:0".parse().unwrap(),
+            env: Vec::new(),
+        };
         // Tests run faster with short intervals.
         s.edit_config(|c| {
-            c.replace("checkpoint_interval = \"5s\"", "checkpoint_interval = \"300ms\"")
-                .replace("sessions = 2", "sessions = 2\nhealth_interval = \"200ms\"\ncall_timeout = \"2s\"")
+            c.replace(
+                "checkpoint_interval = \"5s\"",
+                "checkpoint_interval = \"300ms\"",
+            )
+            .replace(
+                "sessions = 2",
+                "sessions = 2\nhealth_interval = \"200ms\"\ncall_timeout = \"2s\"",
+            )
         });
         if let Some(edit) = &opts.edit {
-            s.edit_config(|c| edit(c));
+            s.edit_config(edit);
         }
         s
     }
@@ -93,12 +118,22 @@ impl Signet {
         assert!(self.child.is_none(), "already running");
         let ready = self.dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("serve.log")).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .expect("log file");
         let mut cmd = Command::new(BIN);
-        cmd.args(["--config", &self.config().display().to_string(), "serve", "--ready-file", &ready.display().to_string()])
-            .env("SIGNET_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.args([
+            "--config",
+            &self.config().display().to_string(),
+            "serve",
+            "--ready-file",
+            &ready.display().to_string(),
+        ])
+        .env("SIGNET_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -106,17 +141,21 @@ impl Signet {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(text) = std::fs::read_to_string(&ready) {
-                if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                    self.api = v["api"].as_str().unwrap().parse().unwrap();
-                    self.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
-                    break;
-                }
+            if let Ok(text) = std::fs::read_to_string(&ready)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+            {
+                self.api = v["api"].as_str().unwrap().parse().unwrap();
+                self.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
+                break;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("signet serve exited early ({status}):\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "signet did not become ready:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "signet did not become ready:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         // Point the CLI's [cli] section at the bound port.
@@ -142,13 +181,18 @@ impl Signet {
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(s) = child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "signet did not stop after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "signet did not stop after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -161,7 +205,9 @@ impl Signet {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Wait for the process to exit on its own (e.g. an abort hook); returns its status.
@@ -184,7 +230,10 @@ impl Signet {
     /// Run the CLI against this installation.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(BIN);
-        cmd.arg("--config").arg(self.config()).args(args).env("SIGNET_LOG", "warn");
+        cmd.arg("--config")
+            .arg(self.config())
+            .args(args)
+            .env("SIGNET_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -193,28 +242,49 @@ impl Signet {
 
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "signet {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "signet {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// TLS settings for a development client (`payroll-app`, `admin`, ...).
     pub fn tls(&self, client: &str) -> ClientTls {
         let d = self.dir.join("tls");
-        ClientTls::new(&d.join("ca.pem"), Some(&d.join(format!("clients/{client}.pem"))), Some(&d.join(format!("clients/{client}.key")))).expect("client tls")
+        ClientTls::new(
+            &d.join("ca.pem"),
+            Some(&d.join(format!("clients/{client}.pem"))),
+            Some(&d.join(format!("clients/{client}.key"))),
+        )
+        .expect("client tls")
     }
 
     pub async fn connect(&self, client: &str) -> Connection {
-        Connection::connect(&self.tls(client), self.api, "localhost").await.expect("connect")
+        Connection::connect(&self.tls(client), self.api, "localhost")
+            .await
+            .expect("connect")
     }
 
     /// One request on a fresh connection; returns status, headers, JSON body.
-    pub async fn call(&self, client: &str, method: Method, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, hyper::HeaderMap, Value) {
+    pub async fn call(
+        &self,
+        client: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, hyper::HeaderMap, Value) {
         let mut c = self.connect(client).await;
         call_on(&mut c, method, path, body, headers).await
     }
 
     pub async fn sign(&self, client: &str, body: Value) -> (u16, Value) {
-        let (s, _, v) = self.call(client, Method::POST, "/v1/sign", Some(body), &[]).await;
+        let (s, _, v) = self
+            .call(client, Method::POST, "/v1/sign", Some(body), &[])
+            .await;
         (s, v)
     }
 
@@ -240,7 +310,11 @@ impl Signet {
     {
         let deadline = Instant::now() + timeout;
         while !cond().await {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}\n--- log ---\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n--- log ---\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -268,8 +342,22 @@ impl Drop for Signet {
     }
 }
 
-pub async fn call_on(c: &mut Connection, method: Method, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, hyper::HeaderMap, Value) {
-    let (status, h, bytes) = c.request(method, path, headers, body.map(|b| b.to_string().into_bytes())).await.expect("request");
+pub async fn call_on(
+    c: &mut Connection,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap, Value) {
+    let (status, h, bytes) = c
+        .request(
+            method,
+            path,
+            headers,
+            body.map(|b| b.to_string().into_bytes()),
+        )
+        .await
+        .expect("request");
     let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     (status.as_u16(), h, v)
 }
@@ -277,13 +365,24 @@ pub async fn call_on(c: &mut Connection, method: Method, path: &str, body: Optio
 /// Plain HTTP GET (metrics listener).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, dechunk(&body))
 }
 
@@ -309,7 +408,11 @@ fn dechunk(body: &str) -> String {
 
 pub fn metric_value(text: &str, sample: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }
 
@@ -324,14 +427,19 @@ pub fn sign_body(policy: &str, data: &[u8]) -> Value {
 /// The public key of a PEM certificate.
 pub fn cert_key(pem: &str) -> VerifyingKey {
     let der = signet::pki::parse_pem_or_der(pem.as_bytes()).expect("certificate PEM");
-    signet::pki::CertInfo::parse(&der).expect("certificate").public_key.expect("P-256 key")
+    signet::pki::CertInfo::parse(&der)
+        .expect("certificate")
+        .public_key
+        .expect("P-256 key")
 }
 
 /// Does `sig_b64` (DER) verify over SHA-256(`data`) with the certificate's key?
 pub fn verifies(cert_pem: &str, data: &[u8], sig_b64: &str) -> bool {
     let der = B64.decode(sig_b64).expect("base64 signature");
     let sig = DerSignature::from_bytes(&der).expect("DER signature");
-    cert_key(cert_pem).verify_prehash(&Sha256::digest(data), &sig).is_ok()
+    cert_key(cert_pem)
+        .verify_prehash(&Sha256::digest(data), &sig)
+        .is_ok()
 }
 
 /// Verify a signature with the openssl command line, as a relying party would.
@@ -341,7 +449,12 @@ pub fn openssl_verifies(dir: &Path, cert_pem: &str, data: &[u8], sig_b64: &str) 
     std::fs::write(work.join("cert.pem"), cert_pem).unwrap();
     std::fs::write(work.join("data"), data).unwrap();
     std::fs::write(work.join("sig.der"), B64.decode(sig_b64).unwrap()).unwrap();
-    let pubkey = Command::new("openssl").args(["x509", "-in"]).arg(work.join("cert.pem")).args(["-pubkey", "-noout"]).output().expect("openssl");
+    let pubkey = Command::new("openssl")
+        .args(["x509", "-in"])
+        .arg(work.join("cert.pem"))
+        .args(["-pubkey", "-noout"])
+        .output()
+        .expect("openssl");
     std::fs::write(work.join("pub.pem"), &pubkey.stdout).unwrap();
     let out = Command::new("openssl")
         .args(["dgst", "-sha256", "-verify"])

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install what Signet needs on Debian: SoftHSM (the development/test token), OpenSC
+# (pkcs11-tool), openssl and curl. With --test, also what the test suite uses: Prometheus'
+# promtool, systemd-analyze and Python (deploy artefact checks). Safe to run repeatedly.
+#
+# The token itself is not created here: `signet serve --dev` / `signet dev init` create it in
+# their own data directory with their own SOFTHSM2_CONF, and change nothing global.
+set -euo pipefail
+
+pkgs=(softhsm2 opensc openssl curl ca-certificates)
+if [ "${1:-}" = "--test" ]; then
+  pkgs+=(prometheus systemd python3 python3-venv python3-pip)
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "installing: ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+test -e /usr/lib/softhsm/libsofthsm2.so || { echo "SoftHSM module not found after install" >&2; exit 1; }

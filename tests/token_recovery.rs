@@ -1,0 +1,165 @@
+//! Token failures are normal events: the service answers 503 with Retry-After, reports not
+//! ready, recovers by itself (new sessions, library re-initialisation, handles looked up
+//! again) and signs again, without a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+#[cfg(feature = "insecure-test-hooks")]
+use std::time::Instant;
+
+use common::*;
+use hyper::Method;
+#[cfg(feature = "insecure-test-hooks")]
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_storage_lost_and_restored_recovers_without_restart() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let (status, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"before"))
+        .await;
+    assert_eq!(status, 200);
+
+    // The token's storage disappears (a device unplugged, a volume lost).
+    let tokens = s.dir.join("tokens");
+    let moved = s.dir.join("tokens.away");
+    std::fs::rename(&tokens, &moved).unwrap();
+    std::fs::create_dir(&tokens).unwrap();
+    let (status, h, p) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body("payroll-esign", b"during")),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 503, "{p}");
+    assert!(h.get("retry-after").is_some());
+    assert!(p.get("signature").is_none());
+    s.eventually("readyz to turn red", Duration::from_secs(10), || async {
+        s.readyz().await == 503
+    })
+    .await;
+    assert_eq!(s.metric("signet_hsm_ready").await, 0.0);
+    let (status, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"while down"))
+        .await;
+    assert_eq!(status, 503);
+
+    // It comes back: the service recovers by itself.
+    std::fs::remove_dir(&tokens).unwrap();
+    std::fs::rename(&moved, &tokens).unwrap();
+    s.eventually("readyz to turn green", Duration::from_secs(20), || async {
+        s.readyz().await == 200
+    })
+    .await;
+    let (status, r) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"after"))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert!(verifies(
+        r["certificate"].as_str().unwrap(),
+        b"after",
+        r["signature"].as_str().unwrap()
+    ));
+    assert!(
+        s.metric("signet_hsm_recoveries_total{method=\"reinitialize\",outcome=\"ok\"}")
+            .await
+            >= 1.0
+    );
+    assert!(s.is_running());
+    // No signature entry for the refused requests.
+    let signed: Vec<_> = s
+        .entries()
+        .into_iter()
+        .filter(|e| e["event"] == "signature")
+        .collect();
+    assert_eq!(signed.len(), 2);
+}
+
+#[cfg(feature = "insecure-test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_token_call_hits_its_deadline_and_the_service_carries_on() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let (status, _, _) = s
+        .call(
+            "admin",
+            Method::POST,
+            "/v1/admin/insecure-test-fault",
+            Some(json!({"fault": "stall_next_call", "millis": 4000})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    let (status, h, p) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body("payroll-esign", b"x")),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 503, "{p}");
+    assert_eq!(p["type"], "urn:signet:problem:token-timeout");
+    assert!(h.get("retry-after").is_some());
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "answered at the 2s deadline, not after the stall"
+    );
+    // The other session keeps signing meanwhile, and afterwards everything works.
+    s.eventually(
+        "signing to succeed again",
+        Duration::from_secs(15),
+        || async {
+            s.sign("payroll-app", sign_body("payroll-esign", b"y"))
+                .await
+                .0
+                == 200
+        },
+    )
+    .await;
+    assert!(s.metric("signet_hsm_errors_total{kind=\"timeout\"}").await >= 1.0);
+}
+
+#[cfg(feature = "insecure-test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_finalised_under_the_service_is_reinitialised() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let (status, _, _) = s
+        .call(
+            "admin",
+            Method::POST,
+            "/v1/admin/insecure-test-fault",
+            Some(json!({"fault": "finalize_library"})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Every session is dead now; handles must be looked up again after re-initialisation.
+    s.eventually(
+        "signing to succeed after re-initialisation",
+        Duration::from_secs(20),
+        || async {
+            s.sign("payroll-app", sign_body("payroll-esign", b"z"))
+                .await
+                .0
+                == 200
+        },
+    )
+    .await;
+    assert!(
+        s.metric("signet_hsm_recoveries_total{method=\"reinitialize\",outcome=\"ok\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(s.readyz().await, 200);
+}
