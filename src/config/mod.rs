@@ -912,6 +912,27 @@ legal_standard = "ESIGN/UETA simple electronic signature"
     }
 
     #[test]
+    fn shipped_example_configuration_is_valid() {
+        let c = Config::parse(
+            include_str!("../../deploy/signet.example.toml"),
+            Path::new("/etc/signet"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.dynamic.policies[0].rate_limit,
+            Some(RateLimit {
+                per_second: 200,
+                burst: Some(400)
+            })
+        );
+        assert_eq!(
+            c.hsm.pin,
+            PinSource::File("/run/credentials/signet.service/hsm-pin".into())
+        );
+        assert!(c.cli.is_some());
+    }
+
+    #[test]
     fn duplicate_policy_is_rejected() {
         let text = format!(
             "{MINIMAL}\n[[policies]]\nid = \"payroll-esign\"\ntenant = \"payroll\"\nlegal_standard = \"x\"\n"
