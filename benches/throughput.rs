@@ -1,0 +1,318 @@
+//! Signing throughput: Signet against the raw PKCS#11 rate of the same token, one run, one
+//! machine.
+//!
+//!     cargo bench --bench throughput            # full run (about two minutes)
+//!     cargo bench --bench throughput -- --quick # shorter phases
+//!
+//! Method (see benches/README.md): a fresh development setup (SoftHSM token, durable evidence
+//! log with fsync and group commit). The raw rate is a tight `C_Sign(CKM_ECDSA)` loop on one
+//! session pinned to CPU 0. Signet is pinned to CPU 0 (`taskset -c 0`), the load generator to
+//! CPU 1; clients use keep-alive mutual TLS. Reported: requests/s, latency percentiles, and the
+//! ratio to the raw rate; then the start-up time of a log with a million entries.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_signet");
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--raw-token") {
+        return raw_token(&args);
+    }
+    if args.iter().any(|a| a == "--load") {
+        return load(&args);
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let secs = if quick { 2 } else { 5 };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("signet");
+    let out = Command::new(BIN)
+        .args(["dev", "init", "--data-dir"])
+        .arg(&dir)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env("SIGNET_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = dir.join("signet.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("sessions = 2", "sessions = 1")).unwrap();
+
+    println!("Signet throughput benchmark ({} s per phase, {} CPUs)", secs, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!();
+
+    // 1. The raw token rate: one session, CKM_ECDSA, pinned to CPU 0.
+    let raw = run_self(&["--raw-token", &dir.display().to_string(), &secs.to_string()], "0", &[("SOFTHSM2_CONF", dir.join("softhsm2.conf"))]);
+    let raw: Value = serde_json::from_str(raw.trim()).unwrap();
+    let raw_rate = raw["signs_per_second"].as_f64().unwrap();
+    println!("raw token (C_Sign CKM_ECDSA, 1 session, CPU 0): {raw_rate:>8.0} signatures/s");
+    println!();
+
+    // 2. Signet pinned to CPU 0, load from CPU 1.
+    let mut server = start(&dir);
+    let ready: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).unwrap()).unwrap();
+    let api = ready["api"].as_str().unwrap().to_owned();
+    println!("{:<28} {:>12} {:>8} {:>9} {:>9} {:>9}", "scenario", "signatures/s", "of raw", "p50 ms", "p90 ms", "p99 ms");
+    let mut best_single = 0.0f64;
+    for conc in [1, 4, 16, 64] {
+        let r = load_run(&dir, &api, conc, 0, secs);
+        best_single = best_single.max(r.rate);
+        r.print(&format!("single, {conc} connections"), raw_rate);
+    }
+    let mut best_batch = 0.0f64;
+    for (conc, batch) in [(2, 64), (4, 128)] {
+        let r = load_run(&dir, &api, conc, batch, secs);
+        best_batch = best_batch.max(r.rate);
+        r.print(&format!("batch {batch}, {conc} connections"), raw_rate);
+    }
+    let metrics = ready["metrics"].as_str().unwrap().to_owned();
+    let m = http_get(&metrics, "/metrics");
+    let group = metric(&m, "signet_audit_group_commit_entries_sum") / metric(&m, "signet_audit_group_commit_entries_count").max(1.0);
+    let fsync = metric(&m, "signet_audit_fsync_duration_seconds_sum") / metric(&m, "signet_audit_fsync_duration_seconds_count").max(1.0);
+    println!();
+    println!("evidence: {:.1} entries per group commit on average, mean fdatasync {:.2} ms", group, fsync * 1e3);
+    println!("best single-request rate: {:.0}/s = {:.0}% of raw (bar: 70%)", best_single, 100.0 * best_single / raw_rate);
+    println!("best batch rate:          {:.0}/s = {:.0}% of raw (bar: 90%)", best_batch, 100.0 * best_batch / raw_rate);
+    stop(&mut server);
+
+    // 3. Start-up with a large log.
+    let n: u64 = if quick { 200_000 } else { 1_000_000 };
+    println!();
+    startup(&dir, n);
+}
+
+struct RunResult {
+    rate: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+impl RunResult {
+    fn print(&self, name: &str, raw: f64) {
+        println!(
+            "{:<28} {:>12.0} {:>7.0}% {:>9.2} {:>9.2} {:>9.2}",
+            name,
+            self.rate,
+            100.0 * self.rate / raw,
+            self.p50,
+            self.p90,
+            self.p99
+        );
+    }
+}
+
+fn load_run(dir: &Path, api: &str, conc: usize, batch: usize, secs: u64) -> RunResult {
+    let out = run_self(&["--load", &dir.display().to_string(), api, &conc.to_string(), &batch.to_string(), &secs.to_string()], "1", &[]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("load output: {out}"));
+    RunResult {
+        rate: v["rate"].as_f64().unwrap(),
+        p50: v["p50_ms"].as_f64().unwrap(),
+        p90: v["p90_ms"].as_f64().unwrap(),
+        p99: v["p99_ms"].as_f64().unwrap(),
+    }
+}
+
+fn run_self(args: &[&str], cpu: &str, env: &[(&str, PathBuf)]) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", cpu]).arg(exe).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("taskset (util-linux)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn start(dir: &Path) -> Child {
+    let ready = dir.join("ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let child = Command::new("taskset")
+        .args(["-c", "0", BIN, "--config"])
+        .arg(dir.join("signet.toml"))
+        .args(["serve", "--ready-file"])
+        .arg(&ready)
+        .env("SIGNET_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !ready.exists() {
+        assert!(t.elapsed() < Duration::from_secs(600), "signet did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+/// Child mode: the raw `C_Sign` loop.
+fn raw_token(args: &[String]) {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, ObjectClass};
+    use cryptoki::session::UserType;
+    let dir = PathBuf::from(&args[2]);
+    let secs: u64 = args[3].parse().unwrap();
+    let ctx = Pkcs11::new(signet::dev::SOFTHSM_MODULE).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == signet::dev::TOKEN_LABEL)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    let pin = std::fs::read_to_string(dir.join("secrets/user.pin")).unwrap();
+    session.login(UserType::User, Some(&cryptoki::types::AuthPin::from(pin.trim().to_owned()))).unwrap();
+    let key = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(b"payroll/v1".to_vec())])
+        .unwrap()[0];
+    let digest: [u8; 32] = Sha256::digest(b"benchmark").into();
+    // Warm up, then measure.
+    for _ in 0..200 {
+        session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
+    }
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < Duration::from_secs(secs) {
+        for _ in 0..100 {
+            session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
+        }
+        n += 100;
+    }
+    println!("{}", json!({"signs_per_second": n as f64 / t.elapsed().as_secs_f64()}));
+}
+
+/// Child mode: the load generator.
+fn load(args: &[String]) {
+    let dir = PathBuf::from(&args[2]);
+    let api: std::net::SocketAddr = args[3].parse().unwrap();
+    let conc: usize = args[4].parse().unwrap();
+    let batch: usize = args[5].parse().unwrap();
+    let secs: u64 = args[6].parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let tls = signet::client::ClientTls::new(
+            &dir.join("tls/ca.pem"),
+            Some(&dir.join("tls/clients/payroll-app.pem")),
+            Some(&dir.join("tls/clients/payroll-app.key")),
+        )
+        .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for w in 0..conc {
+            let (tls, stop) = (tls.clone(), Arc::clone(&stop));
+            tasks.push(tokio::spawn(async move {
+                let mut c = signet::client::Connection::connect(&tls, api, "localhost").await.unwrap();
+                // (completion time, latency in ms, signatures)
+                let mut done: Vec<(Instant, f64, u64)> = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = if batch == 0 {
+                        json!({"policy_id": "payroll-esign", "digest_algorithm": "sha256", "digest": hex::encode(Sha256::digest(format!("{w}-{i}")))})
+                    } else {
+                        let items: Vec<Value> = (0..batch)
+                            .map(|k| json!({"policy_id": "payroll-esign", "digest_algorithm": "sha256", "digest": hex::encode(Sha256::digest(format!("{w}-{i}-{k}")))}))
+                            .collect();
+                        json!({ "items": items })
+                    };
+                    let path = if batch == 0 { "/v1/sign" } else { "/v1/sign/batch" };
+                    let t = Instant::now();
+                    let (st, _, _) = c.request(Method::POST, path, &[], Some(body.to_string().into_bytes())).await.unwrap();
+                    assert_eq!(st.as_u16(), 200);
+                    done.push((Instant::now(), t.elapsed().as_secs_f64() * 1e3, batch.max(1) as u64));
+                    i += 1;
+                }
+                done
+            }));
+        }
+        // Warm up one second, then count what completes in the measured window.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let from = Instant::now();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let to = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0u64;
+        let mut lat = Vec::new();
+        for task in tasks {
+            for (when, ms, n) in task.await.unwrap() {
+                if when >= from && when <= to {
+                    total += n;
+                    lat.push(ms);
+                }
+            }
+        }
+        let elapsed = (to - from).as_secs_f64();
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
+        println!("{}", json!({"rate": total as f64 / elapsed, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99)}));
+    });
+}
+
+/// Write `n` synthetic entries (a valid hash chain, no checkpoint yet), then time start-up:
+/// first with every entry parsed and checked (no checkpoint covers them), then, after the
+/// shutdown checkpoint, the common case (entries only hashed and compared with the checkpoint).
+fn startup(dir: &Path, n: u64) {
+    use base64::Engine;
+    use signet::audit::entry::{Actor, Entry, event};
+    let audit = dir.join("audit");
+    let _ = std::fs::remove_file(audit.join("checkpoints.jsonl"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(audit.join("entries.jsonl")).unwrap());
+    let mut prev: Option<[u8; 32]> = None;
+    let actor = Actor { identity: "spiffe://signet.dev/payroll-app".into(), subject: "CN=payroll-app,O=Signet development".into(), san: vec!["uri:spiffe://signet.dev/payroll-app".into()], fingerprint_sha256: "ab".repeat(32) };
+    let generating = Instant::now();
+    for i in 0..n {
+        let mut e = Entry::new(event::SIGNATURE, "2026-11-22T10:00:00.000000Z".into(), actor.clone());
+        e.index = i;
+        e.previous_leaf_hash = prev.map(|h| base64::engine::general_purpose::STANDARD.encode(h));
+        e.tenant = Some("payroll".into());
+        e.key_id = Some("payroll/v1".into());
+        e.digest = Some(signet::audit::entry::DigestEvidence { algorithm: "sha256".into(), value: hex::encode(Sha256::digest(i.to_be_bytes())) });
+        e.signature = Some("MEUCIQ".to_owned() + &"A".repeat(90));
+        e.transaction_id = Some(format!("tx-{i}"));
+        let bytes = e.canonical().unwrap();
+        prev = Some(signet::audit::merkle::leaf_hash(&bytes));
+        use std::io::Write;
+        out.write_all(&bytes).unwrap();
+        out.write_all(b"\n").unwrap();
+    }
+    drop(out);
+    let size = std::fs::metadata(audit.join("entries.jsonl")).unwrap().len();
+    println!("start-up with {n} entries ({:.0} MB; generated in {:.1}s):", size as f64 / 1e6, generating.elapsed().as_secs_f64());
+    for label in ["no checkpoint (every entry parsed and checked)", "after the shutdown checkpoint (hash and compare)"] {
+        let t = Instant::now();
+        let mut child = start(dir);
+        let took = t.elapsed();
+        println!("  {label:<52} ready in {:.2}s", took.as_secs_f64());
+        stop(&mut child);
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    buf
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().split_whitespace().next()).and_then(|v| v.parse().ok())).unwrap_or(0.0)
+}
