@@ -43,16 +43,30 @@ fn main() {
         .env("SIGNET_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let config = dir.join("signet.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("sessions = 2", "sessions = 1")).unwrap();
 
-    println!("Signet throughput benchmark ({} s per phase, {} CPUs)", secs, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "Signet throughput benchmark ({} s per phase, {} CPUs)",
+        secs,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
     println!();
 
     // 1. The raw token rate: one session, CKM_ECDSA, pinned to CPU 0.
-    let raw = run_self(&["--raw-token", &dir.display().to_string(), &secs.to_string()], "0", &[("SOFTHSM2_CONF", dir.join("softhsm2.conf"))]);
+    let raw = run_self(
+        &["--raw-token", &dir.display().to_string(), &secs.to_string()],
+        "0",
+        &[("SOFTHSM2_CONF", dir.join("softhsm2.conf"))],
+    );
     let raw: Value = serde_json::from_str(raw.trim()).unwrap();
     let raw_rate = raw["signs_per_second"].as_f64().unwrap();
     println!("raw token (C_Sign CKM_ECDSA, 1 session, CPU 0): {raw_rate:>8.0} signatures/s");
@@ -60,9 +74,13 @@ fn main() {
 
     // 2. Signet pinned to CPU 0, load from CPU 1.
     let mut server = start(&dir);
-    let ready: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).unwrap()).unwrap();
+    let ready: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).unwrap()).unwrap();
     let api = ready["api"].as_str().unwrap().to_owned();
-    println!("{:<28} {:>12} {:>8} {:>9} {:>9} {:>9}", "scenario", "signatures/s", "of raw", "p50 ms", "p90 ms", "p99 ms");
+    println!(
+        "{:<28} {:>12} {:>8} {:>9} {:>9} {:>9}",
+        "scenario", "signatures/s", "of raw", "p50 ms", "p90 ms", "p99 ms"
+    );
     let mut best_single = 0.0f64;
     for conc in [1, 4, 16, 64] {
         let r = load_run(&dir, &api, conc, 0, secs);
@@ -77,12 +95,26 @@ fn main() {
     }
     let metrics = ready["metrics"].as_str().unwrap().to_owned();
     let m = http_get(&metrics, "/metrics");
-    let group = metric(&m, "signet_audit_group_commit_entries_sum") / metric(&m, "signet_audit_group_commit_entries_count").max(1.0);
-    let fsync = metric(&m, "signet_audit_fsync_duration_seconds_sum") / metric(&m, "signet_audit_fsync_duration_seconds_count").max(1.0);
+    let group = metric(&m, "signet_audit_group_commit_entries_sum")
+        / metric(&m, "signet_audit_group_commit_entries_count").max(1.0);
+    let fsync = metric(&m, "signet_audit_fsync_duration_seconds_sum")
+        / metric(&m, "signet_audit_fsync_duration_seconds_count").max(1.0);
     println!();
-    println!("evidence: {:.1} entries per group commit on average, mean fdatasync {:.2} ms", group, fsync * 1e3);
-    println!("best single-request rate: {:.0}/s = {:.0}% of raw (bar: 70%)", best_single, 100.0 * best_single / raw_rate);
-    println!("best batch rate:          {:.0}/s = {:.0}% of raw (bar: 90%)", best_batch, 100.0 * best_batch / raw_rate);
+    println!(
+        "evidence: {:.1} entries per group commit on average, mean fdatasync {:.2} ms",
+        group,
+        fsync * 1e3
+    );
+    println!(
+        "best single-request rate: {:.0}/s = {:.0}% of raw (bar: 70%)",
+        best_single,
+        100.0 * best_single / raw_rate
+    );
+    println!(
+        "best batch rate:          {:.0}/s = {:.0}% of raw (bar: 90%)",
+        best_batch,
+        100.0 * best_batch / raw_rate
+    );
     stop(&mut server);
 
     // 3. Start-up with a large log.
@@ -113,8 +145,20 @@ impl RunResult {
 }
 
 fn load_run(dir: &Path, api: &str, conc: usize, batch: usize, secs: u64) -> RunResult {
-    let out = run_self(&["--load", &dir.display().to_string(), api, &conc.to_string(), &batch.to_string(), &secs.to_string()], "1", &[]);
-    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("load output: {out}"));
+    let out = run_self(
+        &[
+            "--load",
+            &dir.display().to_string(),
+            api,
+            &conc.to_string(),
+            &batch.to_string(),
+            &secs.to_string(),
+        ],
+        "1",
+        &[],
+    );
+    let v: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("load output: {out}"));
     RunResult {
         rate: v["rate"].as_f64().unwrap(),
         p50: v["p50_ms"].as_f64().unwrap(),
@@ -131,7 +175,11 @@ fn run_self(args: &[&str], cpu: &str, env: &[(&str, PathBuf)]) -> String {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("taskset (util-linux)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -150,14 +198,19 @@ fn start(dir: &Path) -> Child {
         .unwrap();
     let t = Instant::now();
     while !ready.exists() {
-        assert!(t.elapsed() < Duration::from_secs(600), "signet did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "signet did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child
 }
 
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
 }
 
@@ -170,7 +223,8 @@ fn raw_token(args: &[String]) {
     let dir = PathBuf::from(&args[2]);
     let secs: u64 = args[3].parse().unwrap();
     let ctx = Pkcs11::new(signet::dev::SOFTHSM_MODULE).unwrap();
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
     let slot = ctx
         .get_slots_with_initialized_token()
         .unwrap()
@@ -179,9 +233,17 @@ fn raw_token(args: &[String]) {
         .unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
     let pin = std::fs::read_to_string(dir.join("secrets/user.pin")).unwrap();
-    session.login(UserType::User, Some(&cryptoki::types::AuthPin::from(pin.trim().to_owned()))).unwrap();
+    session
+        .login(
+            UserType::User,
+            Some(&cryptoki::types::AuthPin::from(pin.trim().to_owned())),
+        )
+        .unwrap();
     let key = session
-        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(b"payroll/v1".to_vec())])
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(b"payroll/v1".to_vec()),
+        ])
         .unwrap()[0];
     let digest: [u8; 32] = Sha256::digest(b"benchmark").into();
     // Warm up, then measure.
@@ -196,7 +258,10 @@ fn raw_token(args: &[String]) {
         }
         n += 100;
     }
-    println!("{}", json!({"signs_per_second": n as f64 / t.elapsed().as_secs_f64()}));
+    println!(
+        "{}",
+        json!({"signs_per_second": n as f64 / t.elapsed().as_secs_f64()})
+    );
 }
 
 /// Child mode: the load generator.
@@ -206,7 +271,11 @@ fn load(args: &[String]) {
     let conc: usize = args[4].parse().unwrap();
     let batch: usize = args[5].parse().unwrap();
     let secs: u64 = args[6].parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let tls = signet::client::ClientTls::new(
             &dir.join("tls/ca.pem"),
@@ -273,17 +342,30 @@ fn startup(dir: &Path, n: u64) {
     use signet::audit::entry::{Actor, Entry, event};
     let audit = dir.join("audit");
     let _ = std::fs::remove_file(audit.join("checkpoints.jsonl"));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(audit.join("entries.jsonl")).unwrap());
+    let mut out =
+        std::io::BufWriter::new(std::fs::File::create(audit.join("entries.jsonl")).unwrap());
     let mut prev: Option<[u8; 32]> = None;
-    let actor = Actor { identity: "spiffe://signet.dev/payroll-app".into(), subject: "CN=payroll-app,O=Signet development".into(), san: vec!["uri:spiffe://signet.dev/payroll-app".into()], fingerprint_sha256: "ab".repeat(32) };
+    let actor = Actor {
+        identity: "spiffe://signet.dev/payroll-app".into(),
+        subject: "CN=payroll-app,O=Signet development".into(),
+        san: vec!["uri:spiffe://signet.dev/payroll-app".into()],
+        fingerprint_sha256: "ab".repeat(32),
+    };
     let generating = Instant::now();
     for i in 0..n {
-        let mut e = Entry::new(event::SIGNATURE, "2026-11-22T10:00:00.000000Z".into(), actor.clone());
+        let mut e = Entry::new(
+            event::SIGNATURE,
+            "2026-11-22T10:00:00.000000Z".into(),
+            actor.clone(),
+        );
         e.index = i;
         e.previous_leaf_hash = prev.map(|h| base64::engine::general_purpose::STANDARD.encode(h));
         e.tenant = Some("payroll".into());
         e.key_id = Some("payroll/v1".into());
-        e.digest = Some(signet::audit::entry::DigestEvidence { algorithm: "sha256".into(), value: hex::encode(Sha256::digest(i.to_be_bytes())) });
+        e.digest = Some(signet::audit::entry::DigestEvidence {
+            algorithm: "sha256".into(),
+            value: hex::encode(Sha256::digest(i.to_be_bytes())),
+        });
         e.signature = Some("MEUCIQ".to_owned() + &"A".repeat(90));
         e.transaction_id = Some(format!("tx-{i}"));
         let bytes = e.canonical().unwrap();
@@ -293,9 +375,18 @@ fn startup(dir: &Path, n: u64) {
         out.write_all(b"\n").unwrap();
     }
     drop(out);
-    let size = std::fs::metadata(audit.join("entries.jsonl")).unwrap().len();
-    println!("start-up with {n} entries ({:.0} MB; generated in {:.1}s):", size as f64 / 1e6, generating.elapsed().as_secs_f64());
-    for label in ["no checkpoint (every entry parsed and checked)", "after the shutdown checkpoint (hash and compare)"] {
+    let size = std::fs::metadata(audit.join("entries.jsonl"))
+        .unwrap()
+        .len();
+    println!(
+        "start-up with {n} entries ({:.0} MB; generated in {:.1}s):",
+        size as f64 / 1e6,
+        generating.elapsed().as_secs_f64()
+    );
+    for label in [
+        "no checkpoint (every entry parsed and checked)",
+        "after the shutdown checkpoint (hash and compare)",
+    ] {
         let t = Instant::now();
         let mut child = start(dir);
         let took = t.elapsed();
@@ -307,12 +398,19 @@ fn startup(dir: &Path, n: u64) {
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).unwrap();
     buf
 }
 
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().split_whitespace().next()).and_then(|v| v.parse().ok())).unwrap_or(0.0)
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0)
 }

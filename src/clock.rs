@@ -74,7 +74,7 @@ mod tests {
     fn formats_and_parses() {
         let t = UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456);
         let s = rfc3339_micros(t);
-        assert_eq!(s, "2026-11-18T09:46:40.123456Z");
+        assert_eq!(s, "2026-11-18T11:06:40.123456Z");
         assert_eq!(parse_rfc3339(&s), Some(1_795_000_000));
         assert_eq!(parse_rfc3339("yesterday"), None);
     }

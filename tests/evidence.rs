@@ -172,7 +172,7 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
             e["proof"]
                 .as_str()
                 .unwrap()
-                .starts_with(&format!("c2sp.org/tlog-proof@v1\nextra "))
+                .starts_with("c2sp.org/tlog-proof@v1\nextra ")
         );
     }
 

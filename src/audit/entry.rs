@@ -128,9 +128,117 @@ impl Entry {
     }
 
     /// RFC 8785 canonical bytes (no trailing newline).
+    ///
+    /// Fast path: the fixed fields are serialised in sorted order by serde_json (whose string
+    /// escaping and integer output are JCS's); only the free-form `signer` and `details` go
+    /// through the general JCS canonicaliser. Tests compare this with the reference.
     pub fn canonical(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let jcs = |v: &Option<serde_json::Value>| -> Result<Option<Box<serde_json::value::RawValue>>, serde_json::Error> {
+            v.as_ref().map(|v| serde_json::value::RawValue::from_string(serde_json_canonicalizer::to_string(v)?)).transpose()
+        };
+        let sorted = SortedEntry {
+            actor: SortedActor {
+                fingerprint_sha256: &self.actor.fingerprint_sha256,
+                identity: &self.actor.identity,
+                san: &self.actor.san,
+                subject: &self.actor.subject,
+            },
+            certificate_serial: self.certificate_serial.as_deref(),
+            details: jcs(&self.details)?,
+            digest: self.digest.as_ref().map(|d| SortedDigest {
+                algorithm: &d.algorithm,
+                value: &d.value,
+            }),
+            event: &self.event,
+            idempotency_key_sha256: self.idempotency_key_sha256.as_deref(),
+            index: self.index,
+            key_id: self.key_id.as_deref(),
+            policy: self.policy.as_ref().map(|p| SortedPolicy {
+                hash: &p.hash,
+                id: &p.id,
+                legal_standard: &p.legal_standard,
+            }),
+            previous_leaf_hash: self.previous_leaf_hash.as_deref(),
+            reason: self.reason.as_deref(),
+            request_id: self.request_id.as_deref(),
+            request_sha256: self.request_sha256.as_deref(),
+            signature: self.signature.as_deref(),
+            signature_algorithm: self.signature_algorithm.as_deref(),
+            signer: jcs(&self.signer)?,
+            tenant: self.tenant.as_deref(),
+            time: &self.time,
+            transaction_id: self.transaction_id.as_deref(),
+        };
+        serde_json::to_vec(&sorted)
+    }
+
+    /// The reference RFC 8785 serialisation (slow; for tests and cross-checks).
+    pub fn canonical_reference(&self) -> Result<Vec<u8>, serde_json::Error> {
         serde_json_canonicalizer::to_vec(self)
     }
+}
+
+// Field order below is the JCS order (by UTF-16 code units; all keys are ASCII).
+#[derive(Serialize)]
+struct SortedEntry<'a> {
+    actor: SortedActor<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificate_serial: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<Box<serde_json::value::RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<SortedDigest<'a>>,
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key_sha256: Option<&'a str>,
+    index: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<SortedPolicy<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_leaf_hash: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_sha256: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature_algorithm: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signer: Option<Box<serde_json::value::RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
+    time: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transaction_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct SortedActor<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    fingerprint_sha256: &'a str,
+    identity: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    san: &'a [String],
+    #[serde(skip_serializing_if = "str::is_empty")]
+    subject: &'a str,
+}
+
+#[derive(Serialize)]
+struct SortedDigest<'a> {
+    algorithm: &'a str,
+    value: &'a str,
+}
+
+#[derive(Serialize)]
+struct SortedPolicy<'a> {
+    hash: &'a str,
+    id: &'a str,
+    legal_standard: &'a str,
 }
 
 /// Why a stored line is not a valid entry.
@@ -240,6 +348,58 @@ mod tests {
             parse_stored(b"{\"index\":0,\"extra\":1}", 0),
             Err(EntryError::Json(_))
         ));
+    }
+
+    #[test]
+    fn fast_canonical_form_equals_the_reference_jcs() {
+        // Strings with every kind of character JCS treats specially.
+        let nasty = [
+            "plain",
+            "",
+            "quote\" back\\slash",
+            "ctl \u{0}\u{1}\u{8}\u{9}\u{a}\u{c}\u{d}\u{1f}\u{7f}",
+            "é ü ß 漢字 😀",
+            "\u{2028}\u{2029} / <script>",
+            "\u{ffff}\u{10ffff}",
+        ];
+        let mut rng_state = 7u64;
+        let mut next = move || {
+            rng_state = rng_state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng_state >> 33) as usize
+        };
+        for round in 0..400 {
+            let mut e = sample();
+            let pick = |n: usize| nasty[n % nasty.len()].to_owned();
+            e.index = next() as u64;
+            e.time = pick(next());
+            e.actor.subject = pick(next());
+            e.actor.identity = pick(next());
+            if round % 3 == 0 {
+                e.actor.san.clear();
+                e.actor.fingerprint_sha256.clear();
+            }
+            e.reason = (round % 2 == 0).then(|| pick(next()));
+            e.details = (round % 4 == 0).then(|| serde_json::json!({"b": pick(next()), "a": [1.5, -0.0, 1e21, 1e-7, 100, true, null], "é": {"z": 1, "Z": 2}}));
+            e.signer = (round % 5 != 0)
+                .then(|| serde_json::json!({pick(next()): pick(next()), "n": next() as f64 / 7.0}));
+            e.policy = (round % 2 == 1).then(|| PolicyEvidence {
+                id: pick(next()),
+                hash: "ab".into(),
+                legal_standard: pick(next()),
+            });
+            e.digest = (round % 3 == 1).then(|| DigestEvidence {
+                algorithm: "sha256".into(),
+                value: pick(next()),
+            });
+            e.transaction_id = (round % 7 != 0).then(|| pick(next()));
+            assert_eq!(
+                e.canonical().unwrap(),
+                e.canonical_reference().unwrap(),
+                "round {round}"
+            );
+        }
     }
 
     #[test]

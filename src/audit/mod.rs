@@ -117,7 +117,7 @@ pub fn is_locked(dir: &Path) -> bool {
 }
 
 /// What a client gets back with a signature: where its evidence is in the log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     pub log_origin: String,
     pub index: u64,
@@ -559,13 +559,14 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
     let mut leaves = Vec::new();
     let mut offsets = Vec::new();
     let mut receipts: Vec<Result<Vec<Receipt>, Error>> = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
     let mut events: Vec<String> = Vec::new();
-    for (entries, _) in &group {
+    for (entries, reply) in group {
+        replies.push(reply);
         let mut out = Vec::with_capacity(entries.len());
         let mark = (buf.len(), next, leaves.len(), previous);
         let mut failed = None;
-        for e in entries {
-            let mut e = e.clone();
+        for mut e in entries {
             e.index = next;
             e.previous_leaf_hash = previous.map(|h| B64.encode(h));
             match e.canonical() {
@@ -581,7 +582,7 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
                         index: next,
                         leaf_hash: B64.encode(leaf),
                     });
-                    events.push(e.event.clone());
+                    events.push(e.event);
                     next += 1;
                 }
                 Err(err) => {
@@ -633,7 +634,7 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
             tracing::error!(error = %t, "cannot cut the failed append back off the evidence log");
         }
         let msg = e.to_string();
-        for (_, reply) in group {
+        for reply in replies {
             let _ = reply.send(Err(Error::Unwritable(msg.clone())));
         }
         return;
@@ -660,7 +661,7 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
             .with_label_values(&[ev.as_str()])
             .inc();
     }
-    for ((_, reply), r) in group.into_iter().zip(receipts) {
+    for (reply, r) in replies.into_iter().zip(receipts) {
         let _ = reply.send(r);
     }
 }
@@ -878,8 +879,12 @@ mod tests {
             }));
         }
         let mut indexes: Vec<u64> = Vec::new();
-        for t in tasks {
-            indexes.push(t.await.unwrap()[0].index);
+        // Concurrent appends land in any order: remember which index each one got.
+        let mut tx_at = std::collections::HashMap::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let index = t.await.unwrap()[0].index;
+            tx_at.insert(index, format!("tx-{i}"));
+            indexes.push(index);
         }
         indexes.sort();
         assert_eq!(indexes, (0..50).collect::<Vec<_>>());
@@ -911,7 +916,7 @@ mod tests {
                 .unwrap()
                 .transaction_id
                 .as_deref(),
-            Some("tx-17")
+            tx_at.get(&17).map(String::as_str)
         );
         log.close();
         drop(log);
@@ -940,7 +945,10 @@ mod tests {
         let log = open(dir.path(), &key).unwrap();
         assert_eq!(log.tree_size(), 51);
         let e3 = entry::parse_stored(&log.entry(3).unwrap(), 3).unwrap();
-        assert_eq!(e3.transaction_id.as_deref(), Some("tx-3"));
+        assert_eq!(
+            e3.transaction_id.as_deref(),
+            tx_at.get(&3).map(String::as_str)
+        );
         assert!(e3.previous_leaf_hash.is_some());
         log.close();
         drop(log);
@@ -956,7 +964,8 @@ mod tests {
 
         // An entry altered under the signed checkpoint stops the start, and verify names it.
         let data = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, data.replacen("tx-5\"", "tx-6\"", 1)).unwrap();
+        let tx5 = tx_at[&5].clone();
+        std::fs::write(&path, data.replacen(&format!("{tx5}\""), "tx-x\"", 1)).unwrap();
         assert!(matches!(
             open(dir.path(), &key),
             Err(Error::Inconsistent(_))

@@ -373,8 +373,7 @@ impl App {
 
     async fn sign_ready(&self, caller: &Caller, ready: Ready) -> Result<SignResponse, Error> {
         let Some(k) = ready.idempotency_key.clone() else {
-            let (entry, receipt) = self.sign_and_record(caller, &ready).await?;
-            return Ok(self.response(&entry, receipt));
+            return self.sign_and_record(caller, &ready).await;
         };
         let request_sha256 = ready.valid.request_sha256();
         let cache_key = Idempotency::key(&caller.identity.identity, &k);
@@ -382,10 +381,10 @@ impl App {
         let record = self
             .idempotency
             .get_or_sign(cache_key, async {
-                let (_, receipt) = self.sign_and_record(caller, &ready).await?;
+                let response = self.sign_and_record(caller, &ready).await?;
                 Ok::<_, Error>(Record {
                     request_sha256: request_sha256.clone(),
-                    index: receipt.index,
+                    index: response.receipt.index,
                     ttl: retention,
                 })
             })
@@ -407,24 +406,22 @@ impl App {
     }
 
     /// Sign in the token, then make the evidence durable. The signature leaves only with it.
-    async fn sign_and_record(
-        &self,
-        caller: &Caller,
-        ready: &Ready,
-    ) -> Result<(Entry, Receipt), Error> {
+    async fn sign_and_record(&self, caller: &Caller, ready: &Ready) -> Result<SignResponse, Error> {
         let der = self
             .hsm
             .sign(ready.key.token_id(), ready.valid.digest.0)
             .await?;
         let entry = self.signature_entry(caller, ready, &der);
+        let mut response = self.response(&entry, Receipt::default());
         // Evidence seam: nothing is returned to the client before this append is durable.
-        let mut receipts = self.log.append(vec![entry.clone()]).await?;
-        let receipt = receipts
+        let mut receipts = self.log.append(vec![entry]).await?;
+        response.receipt = receipts
             .pop()
             .ok_or_else(|| Error::Internal("no receipt".into()))?;
-        tracing::info!(request_id = %caller.request_id, key_id = %ready.key.key_id, tenant = %ready.policy.config.tenant,
-            policy_id = %ready.policy.config.id, index = receipt.index, "signed");
-        Ok((entry, receipt))
+        tracing::info!(request_id = %caller.request_id, key_id = %ready.key.key_id,
+            tenant = %ready.policy.config.tenant, policy_id = %ready.policy.config.id,
+            index = response.receipt.index, "signed");
+        Ok(response)
     }
 
     /// Sign several prepared items in one token call and record them in one append.
@@ -463,14 +460,21 @@ impl App {
             .zip(&sigs)
             .map(|((_, r), der)| self.signature_entry(caller, r, der))
             .collect();
-        match self.log.append(entries.clone()).await {
+        let responses: Vec<SignResponse> = entries
+            .iter()
+            .map(|e| self.response(e, Receipt::default()))
+            .collect();
+        match self.log.append(entries).await {
             Ok(receipts) => {
                 tracing::info!(request_id = %caller.request_id, items = receipts.len(), "signed batch");
                 items
                     .into_iter()
-                    .zip(entries)
+                    .zip(responses)
                     .zip(receipts)
-                    .map(|(((i, _), e), rcpt)| (i, Ok(self.response(&e, rcpt))))
+                    .map(|(((i, _), mut response), receipt)| {
+                        response.receipt = receipt;
+                        (i, Ok(response))
+                    })
                     .collect()
             }
             Err(e) => {
