@@ -390,4 +390,59 @@ mod tests {
             assert!(TlogProof::parse(bad).is_err(), "{bad:?}");
         }
     }
+
+    /// A deterministic mutation run over valid inputs (CI-sized; `cargo fuzz` goes further,
+    /// see tests/fuzz): every parser returns a value or an error, never panics.
+    #[test]
+    fn parsers_survive_mutated_input() {
+        let sk = SigningKey::generate();
+        let cp = Checkpoint {
+            origin: "signet.example/log".into(),
+            size: 42,
+            root: [7; 32],
+        };
+        let note = signed_checkpoint(&cp, sk.verifying_key(), sign(&sk, cp.body().as_bytes()));
+        let proof = TlogProof {
+            extra: Some(b"{\"index\":0}".to_vec()),
+            index: 3,
+            hashes: vec![[9; 32]; 3],
+            checkpoint: note.clone(),
+        }
+        .render();
+        let entry =
+            br#"{"actor":{"identity":"x"},"event":"signature","index":0,"time":"t"}"#.to_vec();
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut rand = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        for seed in [note.into_bytes(), proof.into_bytes(), entry] {
+            for _ in 0..1500 {
+                let mut m = seed.clone();
+                for _ in 0..1 + rand(4) {
+                    let at = rand(m.len() + 1);
+                    match rand(4) {
+                        0 if at < m.len() => m[at] = rand(256) as u8,
+                        1 => m.insert(at, [b'\n', b' ', 0xe2, b'=', b'0', 0xff][rand(6)]),
+                        2 if at < m.len() => {
+                            m.remove(at);
+                        }
+                        _ => m.truncate(at),
+                    }
+                }
+                let _ = super::super::entry::parse_stored(&m, 0);
+                if let Ok(t) = std::str::from_utf8(&m) {
+                    if let Ok(n) = SignedNote::parse(t) {
+                        let _ = Checkpoint::parse_body(&n.text);
+                        let _ = n.verify("signet.example/log", sk.verifying_key());
+                    }
+                    let _ = Checkpoint::parse_body(t);
+                    let _ = TlogProof::parse(t);
+                    let _ = verify_checkpoint(t, "signet.example/log", sk.verifying_key());
+                }
+            }
+        }
+    }
 }
