@@ -433,9 +433,11 @@ impl App {
                         let issuer = subject_of(&x509_cert::Certificate::from_der_bytes(&ca.der)?);
                         let ca_public = ca.public_key.ok_or("the internal CA key is not P-256")?;
                         let ca_signer = TokenSigner::new(self.hsm.clone(), CA_KEY_ID, ca_public);
-                        // Backdate a little for clock skew between Signet and relying parties.
-                        let not_before = self.clock.now() - Duration::from_secs(60);
-                        let validity = cfg.validity;
+                        // Backdate a little for clock skew between Signet and relying parties;
+                        // notAfter stays `validity` from now.
+                        let skew = Duration::from_secs(60);
+                        let not_before = self.clock.now() - skew;
+                        let validity = cfg.validity + skew;
                         let der = tokio::task::spawn_blocking(move || {
                             pki::issue(
                                 pki::Profile::DocumentSigning { subject, issuer },
@@ -469,9 +471,18 @@ impl App {
                     .ok_or("no certificate recorded for this rotation")?;
                 let der = pki::parse_pem_or_der(pem.as_bytes()).map_err(|e| e.to_string())?;
                 let public = self.token_public_key(&id).await?;
-                let info = self
-                    .check_certificate(&der, &public)
-                    .map_err(|e| e.to_string())?;
+                let info = match self.check_certificate(&der, &public) {
+                    Ok(info) => info,
+                    Err(Error::Rejected(reason)) if cfg.issuer == Issuer::Manual => {
+                        // An imported certificate that no longer passes (it aged past the
+                        // minimum while waiting): ask for another one instead of retrying forever.
+                        tracing::error!(tenant = %r.tenant, %reason, "imported certificate refused; awaiting another");
+                        r.certificate_pem = None;
+                        r.step = Step::AwaitingCertificate;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
                 // A test signature in the token, verified with the new certificate's key.
                 let probe: [u8; 32] =
                     Sha256::digest(format!("signet rotation self-test {}", r.id)).into();

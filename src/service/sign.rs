@@ -236,8 +236,8 @@ impl App {
         let policies = self.policies.load_full();
         let mut labels = None;
         let result = async {
-            let ready = self.prepare(caller, &policies, req, header_key.map(str::to_owned))?;
-            labels = Some(ready.labels());
+            let key = header_key.map(str::to_owned);
+            let ready = self.prepare(caller, &policies, req, key, &mut labels)?;
             ready.policy.check_rate()?;
             self.sign_ready(caller, ready).await
         }
@@ -261,8 +261,9 @@ impl App {
         let mut keyed: Vec<(usize, Ready)> = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             let key = item.idempotency_key.clone();
-            let prepared = self.prepare(caller, &policies, item, key);
-            labels.push(prepared.as_ref().ok().map(Ready::labels));
+            let mut item_labels = None;
+            let prepared = self.prepare(caller, &policies, item, key, &mut item_labels);
+            labels.push(item_labels);
             let ready = prepared.and_then(|r| {
                 r.policy.check_rate()?;
                 Ok(r)
@@ -337,12 +338,15 @@ impl App {
         Ok(version.public_key.verify_prehash(&digest.0, &sig).is_ok())
     }
 
+    /// Validate, authorise and choose the key. `labels` is set (from configuration) as soon
+    /// as the policy is known, so later failures are counted under it.
     fn prepare(
         &self,
         caller: &Caller,
         policies: &Policies,
         req: SignRequest,
         idempotency_key: Option<String>,
+        labels: &mut Option<(String, String)>,
     ) -> Result<Ready, Error> {
         let valid = validate(&req)?;
         let policy = Arc::clone(policies.authorize_sign(
@@ -350,6 +354,10 @@ impl App {
             &valid.policy_id,
             valid.algorithm,
         )?);
+        *labels = Some((
+            policy.config.tenant.to_string(),
+            policy.config.id.to_string(),
+        ));
         if let Some(k) = &idempotency_key {
             validate_idempotency_key(k)?;
         } else if policy.config.require_idempotency_key {
@@ -569,16 +577,6 @@ impl App {
             .sign_requests
             .with_label_values(&[&tenant, &policy, outcome])
             .inc();
-    }
-}
-
-impl Ready {
-    /// Metric labels, from configuration only.
-    fn labels(&self) -> (String, String) {
-        (
-            self.policy.config.tenant.to_string(),
-            self.policy.config.id.to_string(),
-        )
     }
 }
 
