@@ -26,3 +26,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 test -e /usr/lib/softhsm/libsofthsm2.so || { echo "SoftHSM module not found after install" >&2; exit 1; }
+
+# The deploy artefact checks use Kubernetes schemas and checkov from PyPI, in a virtualenv
+# under target/ (offline once installed).
+if [ "${1:-}" = "--test" ]; then
+  venv="$(cd "$(dirname "$0")/.." && pwd)/target/deploy-tools"
+  if [ ! -x "$venv/bin/checkov" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    echo "installing kubernetes-validate and checkov into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0" "checkov==3.3.30"
+  fi
+fi

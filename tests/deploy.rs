@@ -71,3 +71,236 @@ fn alert_rules_cover_what_the_spec_requires() {
         }
     }
 }
+
+fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// A tool from the virtualenv `softhsm/setup.sh --test` creates.
+fn tool(name: &str) -> String {
+    let venv = root().join("target/deploy-tools/bin").join(name);
+    assert!(
+        venv.exists(),
+        "{} is missing: run `softhsm/setup.sh --test`",
+        venv.display()
+    );
+    venv.display().to_string()
+}
+
+#[test]
+fn systemd_unit_verifies_and_is_hardened() {
+    let unit = std::fs::read_to_string(root().join("deploy/systemd/signet.service")).unwrap();
+    for needed in [
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=signet",
+        "LoadCredential=hsm-pin:",
+        "CapabilityBoundingSet=\n",
+        "MemoryDenyWriteExecute=yes",
+    ] {
+        assert!(unit.contains(needed), "unit lacks {needed:?}");
+    }
+    // systemd-analyze verify checks the binary exists: point it at the one we built.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("signet.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/signet", env!("CARGO_BIN_EXE_signet")),
+    )
+    .unwrap();
+    run(
+        dir.path(),
+        "systemd-analyze",
+        &["verify", path.to_str().unwrap()],
+    );
+    let out = run(
+        dir.path(),
+        "systemd-analyze",
+        &["security", "--offline=yes", path.to_str().unwrap()],
+    );
+    let level: f64 = out
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for signet.service: ")
+                .nth(1)
+        })
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{out}"));
+    assert!(
+        level <= 2.0,
+        "exposure {level} (systemd rates up to 2.0 as OK)"
+    );
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_schemas_and_pass_checkov() {
+    let dir = root().join("deploy/kubernetes");
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    let mut args = vec!["--strict", "--kubernetes-version", "1.30.0"];
+    args.extend(files.iter().map(String::as_str));
+    let out = run(&dir, &tool("kubernetes-validate"), &args);
+    let passed = out
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert_eq!(
+        passed, 8,
+        "namespace, configmap, deployment + serviceaccount + pvc, service, networkpolicy, pdb: {out}"
+    );
+    for line in out.lines().filter(|l| l.starts_with("WARN")) {
+        // Only the prometheus-operator CRDs have no built-in schema; they are checked below.
+        assert!(
+            line.contains("ServiceMonitor") || line.contains("PrometheusRule"),
+            "{line}"
+        );
+    }
+    assert!(!out.contains("ERROR") && !out.contains("FAIL"), "{out}");
+
+    // The PrometheusRule carries exactly the promtool-tested rules.
+    let rules =
+        std::fs::read_to_string(root().join("deploy/prometheus/signet-alerts.yml")).unwrap();
+    let rules = &rules[rules.find("groups:").unwrap()..];
+    let crd = std::fs::read_to_string(dir.join("prometheusrule.yaml")).unwrap();
+    let spec = &crd[crd.find("spec:\n").unwrap() + "spec:\n".len()..];
+    let dedented: String = spec
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        dedented.trim_end(),
+        rules.trim_end(),
+        "prometheusrule.yaml is out of date with the alert rules"
+    );
+    let sm = std::fs::read_to_string(dir.join("servicemonitor.yaml")).unwrap();
+    assert!(sm.contains("port: metrics") && sm.contains("path: /metrics"));
+
+    let out = run(
+        &root().join("deploy"),
+        &tool("checkov"),
+        &[
+            "-d",
+            "kubernetes",
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--compact",
+            "--quiet",
+        ],
+    );
+    assert!(out.contains("Failed checks: 0"), "{out}");
+    let out = run(
+        &root().join("deploy"),
+        &tool("checkov"),
+        &[
+            "-f",
+            "container/Dockerfile",
+            "--framework",
+            "dockerfile",
+            "--skip-download",
+            "--compact",
+            "--quiet",
+        ],
+    );
+    assert!(out.contains("Failed checks: 0"), "{out}");
+}
+
+#[test]
+fn shipped_configurations_parse() {
+    let cm = std::fs::read_to_string(root().join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let toml: String = cm
+        .split("signet.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let c = signet::config::Config::parse(&toml, Path::new("/etc/signet")).unwrap();
+    assert_eq!(
+        c.hsm.pin,
+        signet::config::PinSource::File("/etc/signet/pin/hsm-pin".into())
+    );
+    let deployment =
+        std::fs::read_to_string(root().join("deploy/kubernetes/deployment.yaml")).unwrap();
+    for needed in [
+        "path: /healthz",
+        "path: /readyz",
+        "secretName: signet-hsm-pin",
+        "readOnlyRootFilesystem: true",
+        "runAsNonRoot: true",
+    ] {
+        assert!(deployment.contains(needed), "deployment lacks {needed}");
+    }
+}
+
+#[test]
+fn production_image_is_multi_stage_non_root_without_build_tools() {
+    let df = std::fs::read_to_string(root().join("deploy/container/Dockerfile")).unwrap();
+    let stages: Vec<&str> = df.split("\nFROM ").collect();
+    assert!(stages.len() >= 3, "build, production and dev stages");
+    let production = stages
+        .iter()
+        .find(|s| s.contains(" AS production"))
+        .expect("production stage");
+    assert!(production.contains("USER 65532"), "non-root");
+    for tool in ["cargo", "rustc", "apt-get", "softhsm", "gcc"] {
+        assert!(
+            !production.to_lowercase().contains(&format!("run {tool}"))
+                && !production.contains("apt-get"),
+            "production stage installs {tool}"
+        );
+    }
+    assert!(production.contains("COPY --from=build /out/signet"));
+    let dev = stages
+        .iter()
+        .find(|s| s.contains(" AS dev"))
+        .expect("dev stage");
+    assert!(
+        dev.contains("softhsm2"),
+        "SoftHSM only in the development variant"
+    );
+}
+
+#[test]
+fn grafana_dashboard_uses_only_exported_metrics() {
+    let text =
+        std::fs::read_to_string(root().join("deploy/grafana/signet-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8);
+    let src = std::fs::read_to_string(root().join("src/metrics.rs")).unwrap();
+    let mut seen = 0;
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(base) = word.strip_prefix("signet_") {
+                    let name = format!("signet_{base}");
+                    let name = name.trim_end_matches("_bucket").to_owned();
+                    assert!(
+                        src.contains(&format!("\"{name}\"")),
+                        "dashboard uses unknown metric {name}"
+                    );
+                    seen += 1;
+                }
+            }
+        }
+    }
+    for topic in [
+        "signet_sign_requests_total",
+        "signet_sign_duration_seconds",
+        "signet_certificate_not_after_timestamp_seconds",
+        "signet_rotation_state",
+        "signet_hsm_errors_total",
+    ] {
+        assert!(text.contains(topic), "dashboard lacks {topic}");
+    }
+    assert!(seen > 10);
+}

@@ -23,6 +23,12 @@ pub struct ServeArgs {
     /// Write {"api": ADDR, "metrics": ADDR} to this file once the service accepts requests.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// With --dev, on first run: API listen address written into the configuration.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// With --dev, on first run: metrics listen address written into the configuration.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
 }
 
 #[derive(Subcommand)]
@@ -54,7 +60,9 @@ pub struct DevInitArgs {
 
 pub fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     let (config, dev_dir) = if args.dev {
-        let opts = dev::Options::new(args.data_dir.clone());
+        let mut opts = dev::Options::new(args.data_dir.clone());
+        opts.listen = args.listen;
+        opts.metrics_listen = args.metrics_listen;
         let created = dev::prepare(&opts)?;
         if created {
             eprintln!(
