@@ -371,6 +371,57 @@ async fn a_crash_after_any_rotation_step_resumes_without_duplicates_or_gaps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emergency_rotation_destroys_the_previous_key_at_once() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let (_, old) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"before"))
+        .await;
+    let out = s.cli_ok(&[
+        "--json",
+        "rotate",
+        "start",
+        "--tenant",
+        "payroll",
+        "--reason",
+        "key suspected compromised (INC-7)",
+        "--emergency",
+    ]);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (r["step"].as_str(), r["emergency"].as_bool()),
+        (Some("completed"), Some(true))
+    );
+    // No grace: v1 is retired (private key destroyed) without waiting for check_interval (1h).
+    s.eventually("v1 retired", Duration::from_secs(10), || async {
+        state_of(&status(&s, "payroll").await, "payroll/v1") == "retired"
+    })
+    .await;
+    assert_eq!(private_keys_labelled(&s, "payroll/v1"), 0);
+    let (_, new) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"after"))
+        .await;
+    assert_eq!(new["key_id"], "payroll/v2");
+    // Old signatures still verify; the evidence says when the old key stopped.
+    let v = json!({"key_id": "payroll/v1", "digest": digest_hex(b"before"), "signature": old["signature"]});
+    let (_, _, ok) = s
+        .call("payroll-app", Method::POST, "/v1/verify", Some(v), &[])
+        .await;
+    assert_eq!(ok["valid"], true);
+    let entries = s.entries();
+    let start = entries
+        .iter()
+        .find(|e| e["event"] == "rotation_started" && e["details"]["emergency"] == true)
+        .unwrap();
+    assert_eq!(start["reason"], "key suspected compromised (INC-7)");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["event"] == "key_retired" && e["key_id"] == "payroll/v1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_during_grace_restores_the_previous_version() {
     let mut s = Signet::init(Init::default());
     s.start();

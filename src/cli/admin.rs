@@ -66,6 +66,10 @@ pub enum RotateCommand {
         tenant: String,
         #[arg(long)]
         reason: String,
+        /// Suspected compromise: no grace period; the previous private key is destroyed as soon
+        /// as the new version is active.
+        #[arg(long)]
+        emergency: bool,
     },
     /// Versions, states, notAfter and the workflow step of each tenant.
     Status {
@@ -100,6 +104,7 @@ pub fn keys(cli: &Cli, cmd: &KeysCommand) -> Result<()> {
                 Op::CreateKey(AdminRequest {
                     tenant: tenant.clone(),
                     reason: Some(reason.clone()),
+                    ..Default::default()
                 }),
             )?;
             print_rotation(cli, &v, "key creation")
@@ -158,6 +163,7 @@ pub fn certs(cli: &Cli, cmd: &CertsCommand) -> Result<()> {
                 Op::Csr(AdminRequest {
                     tenant: tenant.clone(),
                     reason: reason.clone(),
+                    ..Default::default()
                 }),
             )?;
             let csr = v["csr"]
@@ -240,12 +246,17 @@ pub fn certs(cli: &Cli, cmd: &CertsCommand) -> Result<()> {
 
 pub fn rotate(cli: &Cli, cmd: &RotateCommand) -> Result<()> {
     match cmd {
-        RotateCommand::Start { tenant, reason } => {
+        RotateCommand::Start {
+            tenant,
+            reason,
+            emergency,
+        } => {
             let v = exec(
                 cli,
                 Op::Rotate(AdminRequest {
                     tenant: tenant.clone(),
                     reason: Some(reason.clone()),
+                    emergency: *emergency,
                 }),
             )?;
             print_rotation(cli, &v, "rotation")
@@ -256,6 +267,7 @@ pub fn rotate(cli: &Cli, cmd: &RotateCommand) -> Result<()> {
                 Op::Rollback(AdminRequest {
                     tenant: tenant.clone(),
                     reason: Some(reason.clone()),
+                    ..Default::default()
                 }),
             )?;
             print_rotation(cli, &v, "rollback")
@@ -394,7 +406,7 @@ fn online(config: &Config, op: Op) -> Result<Value> {
 }
 
 fn admin_body(r: &AdminRequest) -> Value {
-    serde_json::json!({"tenant": r.tenant, "reason": r.reason})
+    serde_json::json!({"tenant": r.tenant, "reason": r.reason, "emergency": r.emergency})
 }
 
 fn offline(config: Config, op: Op) -> Result<Value> {

@@ -156,6 +156,7 @@ async fn create_demo_keys(app: &App) -> Result<()> {
                 AdminRequest {
                     tenant: (*t).to_owned(),
                     reason: Some("development setup".into()),
+                    ..Default::default()
                 },
             )
             .await

@@ -113,6 +113,9 @@ pub struct Rotation {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<u64>,
+    /// No grace for the previous version (suspected key compromise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub emergency: bool,
 }
 
 impl Rotation {
@@ -262,6 +265,9 @@ pub struct Start {
     pub reason: String,
     pub request_id: Option<String>,
     pub due_at: Option<u64>,
+    /// Suspected compromise: the previous version gets no grace period; its private key is
+    /// destroyed as soon as the new version is active.
+    pub emergency: bool,
 }
 
 impl App {
@@ -312,6 +318,7 @@ impl App {
             attempts: 0,
             last_error: None,
             next_attempt_at: None,
+            emergency: start.emergency,
         };
         let mut e = self.rotation_entry(
             event::ROTATION_STARTED,
@@ -353,6 +360,8 @@ impl App {
                             .with_label_values(&["completed"])
                             .inc();
                         tracing::info!(tenant = %rotation.tenant, key_id = %rotation.new_key_id(), "rotation completed");
+                        // Retire what is due (at once for an emergency rotation).
+                        self.rotation.wake();
                         return Ok(rotation);
                     }
                 }
@@ -526,7 +535,11 @@ impl App {
                     .active(&r.tenant)
                     .filter(|v| v.key_id != key_id)
                     .map(|v| v.key_id.clone());
-                let until = now + cfg.grace.as_secs();
+                let until = if r.emergency {
+                    now
+                } else {
+                    now + cfg.grace.as_secs()
+                };
                 if let Some(old) = &old {
                     changes.push((old.clone(), KeyState::Retiring, Some(until)));
                 }
@@ -629,6 +642,7 @@ impl App {
                 reason,
                 request_id,
                 due_at: None,
+                emergency: false,
             })
             .await?;
         r.csr_pem.ok_or_else(|| {
@@ -718,6 +732,7 @@ impl App {
             attempts: 0,
             last_error: None,
             next_attempt_at: None,
+            emergency: false,
         };
         let mut e = self.rotation_entry(event::ROTATION_ROLLED_BACK, actor, &r, request_id);
         e.key_id = Some(previous.key_id.to_string());
@@ -838,6 +853,7 @@ impl App {
                     ),
                     request_id: None,
                     due_at: Some(due_at),
+                    emergency: false,
                 });
             }
         }
@@ -951,7 +967,8 @@ impl App {
         e.request_id = request_id;
         if e.details.is_none() {
             e.details = Some(
-                serde_json::json!({"rotation_id": r.id, "trigger": r.trigger, "to_version": r.to_version, "from_version": r.from_version}),
+                serde_json::json!({"rotation_id": r.id, "trigger": r.trigger, "to_version": r.to_version,
+                    "from_version": r.from_version, "emergency": r.emergency}),
             );
         }
         e

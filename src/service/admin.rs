@@ -15,12 +15,15 @@ use crate::rotation::{Rotation, Start, Trigger};
 const MAX_REASON: usize = 1024;
 
 /// Body of the admin actions that name a tenant.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminRequest {
     pub tenant: String,
     #[serde(default)]
     pub reason: Option<String>,
+    /// Rotation only: suspected key compromise, no grace for the previous version.
+    #[serde(default)]
+    pub emergency: bool,
 }
 
 /// Body of `POST /v1/admin/certificates`.
@@ -162,6 +165,7 @@ impl App {
                 reason,
                 request_id: Some(caller.request_id.clone()),
                 due_at: None,
+                emergency: false,
             })
             .await?)
     }
@@ -183,6 +187,7 @@ impl App {
                 reason,
                 request_id: Some(caller.request_id.clone()),
                 due_at: None,
+                emergency: req.emergency,
             })
             .await?)
     }
