@@ -304,3 +304,87 @@ fn grafana_dashboard_uses_only_exported_metrics() {
     }
     assert!(seen > 10);
 }
+
+/// Every `signet ...` command in the runbooks and the README exists, with the flags used.
+#[test]
+fn runbooks_and_readme_use_real_commands_and_flags() {
+    let mut docs: Vec<std::path::PathBuf> = std::fs::read_dir(root().join("runbooks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    docs.push(root().join("README.md"));
+    let mut checked = 0;
+    for doc in docs {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        // Commands in code blocks, and `signet ...` snippets in prose and tables.
+        let mut commands: Vec<String> = Vec::new();
+        for line in text.lines() {
+            let line = line.trim().trim_start_matches("$ ");
+            if let Some(rest) = line.strip_prefix("signet ") {
+                commands.push(rest.to_owned());
+            }
+            for snippet in line.split("`signet ").skip(1) {
+                commands.push(snippet.split('`').next().unwrap_or_default().to_owned());
+            }
+        }
+        for rest in &commands {
+            let words: Vec<&str> = rest
+                .split_whitespace()
+                .take_while(|w| !w.starts_with('#') && *w != "|" && *w != "`")
+                .collect();
+            // Skip global options and their values to find the subcommand path.
+            let mut path = Vec::new();
+            let mut flags = Vec::new();
+            let mut i = 0;
+            while i < words.len() {
+                let w = words[i].trim_end_matches('`');
+                if w == "--config" {
+                    i += 2;
+                    continue;
+                }
+                if w.starts_with("--") {
+                    flags.push(w.split('=').next().unwrap().to_owned());
+                } else if w.starts_with('[') || w.contains('|') || w.contains('<') {
+                    // usage syntax in the README's tables
+                } else if flags.is_empty()
+                    && path.len() < 2
+                    && w.chars().all(|c| c.is_ascii_lowercase())
+                {
+                    path.push(w.to_owned());
+                }
+                i += 1;
+            }
+            if path.is_empty() {
+                continue;
+            }
+            let mut args: Vec<String> = path.clone();
+            args.push("--help".into());
+            let out = Command::new(env!("CARGO_BIN_EXE_signet"))
+                .args(&args)
+                .output()
+                .unwrap();
+            let help = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{}: `signet {}` is not a command",
+                doc.display(),
+                path.join(" ")
+            );
+            for f in flags {
+                if ["--json", "--config", "--log-format", "--help", "--version"]
+                    .contains(&f.as_str())
+                {
+                    continue;
+                }
+                assert!(
+                    help.contains(&f),
+                    "{}: `signet {}` has no flag {f}",
+                    doc.display(),
+                    path.join(" ")
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 50, "only {checked} commands found");
+}
