@@ -208,7 +208,7 @@ impl Config {
 
     /// Parse TOML text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
-        let raw: raw::File = toml::from_str(text).map_err(|e| toml_error(&e))?;
+        let raw: raw::File = toml::from_str(text).map_err(|e| toml_error(&e, text))?;
         raw.check(base)
     }
 
@@ -266,16 +266,57 @@ impl fmt::Display for PinSource {
     }
 }
 
-fn toml_error(e: &toml::de::Error) -> ConfigError {
-    // toml's message already names the field ("unknown field `x`", "missing field `y`") and
-    // the line; keep the first line plus the location.
-    let msg = e.message().to_owned();
-    let key = extract_backticked(&msg).unwrap_or_else(|| "(syntax)".to_owned());
-    let location = e
-        .span()
-        .map(|s| format!(" (at byte {})", s.start))
-        .unwrap_or_default();
-    ConfigError::new(key, format!("{msg}{location}"))
+fn toml_error(e: &toml::de::Error, text: &str) -> ConfigError {
+    // Name the key from where the error points: "section.key" on that line (unknown or
+    // invalid values), else the field toml names ("missing field `listen`").
+    let msg = e.message().trim().to_owned();
+    let located = e.span().and_then(|span| {
+        if span.start == 0 && span.end >= text.trim_end().len() {
+            return None; // the whole document: a top-level problem
+        }
+        let before = text.get(..span.start)?;
+        let line_no = before.matches('\n').count() + 1;
+        let line = text.lines().nth(line_no - 1)?.trim();
+        let key = line.split('=').next()?.trim().trim_matches('"');
+        let section = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+        let key = if line.starts_with('[') || key.is_empty() {
+            line.trim_matches(|c| c == '[' || c == ']').to_owned()
+        } else {
+            match section {
+                Some(sec) if !line.starts_with('[') => format!("{sec}.{key}"),
+                _ => key.to_owned(),
+            }
+        };
+        Some((key, line_no))
+    });
+    let field = extract_backticked(&msg);
+    match (located, field) {
+        // A missing section is named alone; a missing field with its table: "server.listen".
+        (_, Some(field))
+            if msg.starts_with("missing field")
+                && ["server", "hsm", "audit"].contains(&field.as_str()) =>
+        {
+            ConfigError::new(
+                field,
+                format!(
+                    "the [{}] section is required",
+                    msg.trim_start_matches("missing field ").trim_matches('`')
+                ),
+            )
+        }
+        (Some((table, _)), Some(field))
+            if msg.starts_with("missing field") && !table.is_empty() =>
+        {
+            ConfigError::new(format!("{table}.{field}"), msg)
+        }
+        (Some((key, line)), _) => ConfigError::new(key, format!("{msg} (line {line})")),
+        (None, field) => ConfigError::new(field.unwrap_or_else(|| "(syntax)".to_owned()), msg),
+    }
 }
 
 fn extract_backticked(msg: &str) -> Option<String> {
@@ -361,7 +402,7 @@ mod raw {
         dir: PathBuf,
         origin: Option<String>,
         checkpoint_interval: Option<String>,
-        fsync: Option<FsyncPolicy>,
+        fsync: Option<FsyncSetting>,
         idempotency_retention: Option<String>,
         max_group_entries: Option<usize>,
     }
@@ -381,21 +422,69 @@ mod raw {
         roles: Vec<String>,
     }
 
+    /// `fsync = "always"` / `"never"`, or `true` / `false`.
+    enum FsyncSetting {
+        Policy(FsyncPolicy),
+        Bool(bool),
+    }
+
+    impl<'de> Deserialize<'de> for FsyncSetting {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = FsyncSetting;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("\"always\", \"never\", true or false")
+                }
+                fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<FsyncSetting, E> {
+                    Ok(FsyncSetting::Bool(v))
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FsyncSetting, E> {
+                    match v {
+                        "always" => Ok(FsyncSetting::Policy(FsyncPolicy::Always)),
+                        "never" => Ok(FsyncSetting::Policy(FsyncPolicy::Never)),
+                        other => Err(E::custom(format!(
+                            "unknown fsync policy `{other}` (expected \"always\" or \"never\")"
+                        ))),
+                    }
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Policy {
         id: String,
         tenant: String,
-        #[serde(default = "default_digest_algorithms")]
-        digest_algorithms: Vec<String>,
+        // `digest_algorithm = "sha256"` is accepted too.
+        #[serde(default = "default_digest_algorithms", alias = "digest_algorithm")]
+        digest_algorithms: Strings,
         legal_standard: String,
-        #[serde(default)]
+        #[serde(default, alias = "idempotency_key_required")]
         require_idempotency_key: bool,
         rate_limit: Option<RateLimit>,
     }
 
-    fn default_digest_algorithms() -> Vec<String> {
-        vec!["sha256".to_owned()]
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Strings {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    impl Strings {
+        fn as_slice(&self) -> &[String] {
+            match self {
+                Strings::One(s) => std::slice::from_ref(s),
+                Strings::Many(v) => v,
+            }
+        }
+    }
+
+    fn default_digest_algorithms() -> Strings {
+        Strings::Many(vec!["sha256".to_owned()])
     }
 
     #[derive(Deserialize, Default)]
@@ -600,7 +689,11 @@ mod raw {
                     &a.checkpoint_interval,
                     "10s",
                 )?,
-                fsync: a.fsync.unwrap_or(FsyncPolicy::Always),
+                fsync: match a.fsync {
+                    None | Some(FsyncSetting::Bool(true)) => FsyncPolicy::Always,
+                    Some(FsyncSetting::Bool(false)) => FsyncPolicy::Never,
+                    Some(FsyncSetting::Policy(p)) => p,
+                },
                 idempotency_retention: dur(
                     "audit.idempotency_retention",
                     &a.idempotency_retention,
@@ -697,7 +790,7 @@ mod raw {
                     .parse()
                     .map_err(|e| ConfigError::new(key("tenant"), format!("`{}`: {e}", p.tenant)))?;
                 let mut algs = Vec::new();
-                for a in &p.digest_algorithms {
+                for a in p.digest_algorithms.as_slice() {
                     let alg = a.parse::<DigestAlgorithm>().map_err(|_| {
                         ConfigError::new(
                             key("digest_algorithms"),
@@ -877,8 +970,9 @@ legal_standard = "ESIGN/UETA simple electronic signature"
         let cases: &[(&str, &str, &str)] = &[
             ("sessions = 0", "[hsm]\n", "hsm.sessions"),
             ("pin = \"1234\"", "[hsm]\n", "hsm.pin"),
-            ("bogus = 1", "[hsm]\n", "bogus"),
-            ("fsync = \"sometimes\"", "[audit]\n", "sometimes"),
+            ("bogus = 1", "[hsm]\n", "hsm.bogus"),
+            ("fsync = \"sometimes\"", "[audit]\n", "audit.fsync"),
+            ("sessions = \"two\"", "[hsm]\n", "hsm.sessions"),
             (
                 "checkpoint_interval = \"soon\"",
                 "[audit]\n",
@@ -930,6 +1024,15 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             PinSource::File("/run/credentials/signet.service/hsm-pin".into())
         );
         assert!(c.cli.is_some());
+    }
+
+    #[test]
+    fn missing_sections_and_fields_are_named() {
+        let no_hsm = MINIMAL.replace("[hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"signet\"\npin_file = \"secrets/user.pin\"\n", "");
+        let e = err(&no_hsm);
+        assert_eq!(e.key, "hsm", "{e}");
+        let e = err(&MINIMAL.replace("cert = \"tls/server.pem\"\n", ""));
+        assert_eq!(e.key, "server.cert", "{e}");
     }
 
     #[test]
