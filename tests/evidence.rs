@@ -8,8 +8,6 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -258,18 +256,7 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
     std::fs::write(work.join("bad-leaf.json"), bad.to_string()).unwrap();
     assert!(!verify("bad-leaf.json").status.success());
     // And the whole directory verifies.
-    let out = Command::new(BIN)
-        .args(["audit", "verify"])
-        .arg(s.audit_dir())
-        .arg("--key")
-        .arg(work.join("log-key.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.audit_verify(Some(&work.join("log-key.pem")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,55 +397,12 @@ async fn audit_verify_names_the_first_altered_entry() {
 async fn kill_9_under_concurrent_load_loses_no_acknowledged_signature() {
     let mut s = Signet::init(Init::default());
     s.start();
-    let s = Arc::new(tokio::sync::Mutex::new(s));
-    let (api, tls) = {
-        let g = s.lock().await;
-        (g.api, g.tls("payroll-app"))
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for w in 0..6 {
-        let (tls, stop) = (tls.clone(), Arc::clone(&stop));
-        workers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let Ok(mut c) = signet::client::Connection::connect(&tls, api, "localhost").await
-            else {
-                return acked;
-            };
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let mut body = sign_body("payroll-esign", format!("w{w}-{i}").as_bytes());
-                body["transaction_id"] = json!(format!("w{w}-{i}"));
-                match c
-                    .request(
-                        Method::POST,
-                        "/v1/sign",
-                        &[],
-                        Some(body.to_string().into_bytes()),
-                    )
-                    .await
-                {
-                    Ok((st, _, bytes)) if st.as_u16() == 200 => {
-                        acked.push(serde_json::from_slice::<Value>(&bytes).unwrap())
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-                i += 1;
-            }
-            acked
-        }));
-    }
+    let load = s.load(6);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    s.lock().await.kill9();
-    stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for w in workers {
-        acked.extend(w.await.unwrap());
-    }
+    s.kill9();
+    let acked = load.finish().await.ok;
     assert!(acked.len() > 20, "load ran ({} acknowledged)", acked.len());
 
-    let mut s = Arc::try_unwrap(s).ok().unwrap().into_inner();
     s.start();
     let entries = s.entries();
     for r in &acked {
@@ -479,16 +423,7 @@ async fn kill_9_under_concurrent_load_loses_no_acknowledged_signature() {
         200
     );
     assert!(s.stop().success());
-    let out = Command::new(BIN)
-        .args(["audit", "verify"])
-        .arg(s.audit_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.audit_verify(None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -717,14 +652,5 @@ async fn a_log_that_cannot_grow_refuses_signing_and_recovers() {
         "no gap, no half entry"
     );
     assert!(s.stop().success());
-    let out = Command::new(BIN)
-        .args(["audit", "verify"])
-        .arg(s.audit_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.audit_verify(None);
 }

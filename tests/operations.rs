@@ -6,10 +6,7 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -26,84 +23,11 @@ fn hup(s: &Signet) {
     );
 }
 
-/// Sign continuously on keep-alive connections; returns (acknowledged responses, failures).
-fn load(
-    s: &Signet,
-    workers: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(Vec<Value>, Vec<String>)>> {
-    (0..workers)
-        .map(|w| {
-            let (tls, api, stop) = (s.tls("payroll-app"), s.api, Arc::clone(&stop));
-            tokio::spawn(async move {
-                let mut c = signet::client::Connection::connect(&tls, api, "localhost")
-                    .await
-                    .unwrap();
-                let (mut ok, mut failed) = (Vec::new(), Vec::new());
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let mut body = sign_body("payroll-esign", format!("w{w}-{i}").as_bytes());
-                    body["transaction_id"] = json!(format!("w{w}-{i}"));
-                    match c
-                        .request(
-                            Method::POST,
-                            "/v1/sign",
-                            &[],
-                            Some(body.to_string().into_bytes()),
-                        )
-                        .await
-                    {
-                        Ok((st, _, b)) if st.as_u16() == 200 => {
-                            ok.push(serde_json::from_slice(&b).unwrap())
-                        }
-                        Ok((st, _, b)) => {
-                            failed.push(format!("{st}: {}", String::from_utf8_lossy(&b)))
-                        }
-                        Err(e) => {
-                            failed.push(format!("connection: {e}"));
-                            break;
-                        }
-                    }
-                    i += 1;
-                }
-                (ok, failed)
-            })
-        })
-        .collect()
-}
-
-async fn collect(
-    handles: Vec<tokio::task::JoinHandle<(Vec<Value>, Vec<String>)>>,
-) -> (Vec<Value>, Vec<String>) {
-    let (mut ok, mut failed) = (Vec::new(), Vec::new());
-    for h in handles {
-        let (o, f) = h.await.unwrap();
-        ok.extend(o);
-        failed.extend(f);
-    }
-    (ok, failed)
-}
-
-fn openssl(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_drop_no_request_and_apply_new_policies() {
     let mut s = Signet::init(Init::default());
     s.start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let handles = load(&s, 4, Arc::clone(&stop));
+    let load = s.load(4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.edit_config(|c| {
         c + "\n[[policies]]\nid = \"payroll-contracts\"\ntenant = \"payroll\"\nlegal_standard = \"eIDAS advanced electronic signature\"\n"
@@ -117,8 +41,7 @@ async fn reloads_under_load_drop_no_request_and_apply_new_policies() {
         .await;
     assert_eq!(st, 200, "{v}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = collect(handles).await;
+    let LoadResult { ok, failed, .. } = load.finish().await;
     assert!(
         failed.is_empty(),
         "requests failed during reloads: {failed:?}"
@@ -448,8 +371,7 @@ async fn sigterm_under_load_loses_no_signature_and_leaves_a_final_checkpoint() {
         )
     });
     s.start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let handles = load(&s, 4, Arc::clone(&stop));
+    let load = s.load(4);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let t = Instant::now();
     assert!(
@@ -460,14 +382,13 @@ async fn sigterm_under_load_loses_no_signature_and_leaves_a_final_checkpoint() {
             .success()
     );
     let status = s.wait_exit(Duration::from_secs(30));
-    stop.store(true, Ordering::Relaxed);
+    let LoadResult { ok, .. } = load.finish().await;
     assert!(status.success(), "exit 0 after SIGTERM: {status}");
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "bounded shutdown: {:?}",
         t.elapsed()
     );
-    let (ok, _) = collect(handles).await;
     assert!(ok.len() > 10);
     let entries = s.entries();
     for r in &ok {
@@ -484,12 +405,7 @@ async fn sigterm_under_load_loses_no_signature_and_leaves_a_final_checkpoint() {
         entries.len(),
         "the final checkpoint covers the whole log"
     );
-    let out = Command::new(BIN)
-        .args(["--json", "audit", "verify"])
-        .arg(s.audit_dir())
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = s.audit_verify(None);
     assert_eq!(v["report"]["unsigned_tail"], 0, "{v}");
     assert!(s.log().contains("final checkpoint signed"));
 }

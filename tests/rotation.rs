@@ -9,8 +9,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -95,56 +93,6 @@ fn state_of(t: &Value, key_id: &str) -> String {
         .unwrap_or_default()
 }
 
-/// (signatures that verified, key IDs seen in order, failed responses)
-type SignerOutcome = (u64, Vec<String>, Vec<Value>);
-
-/// Sign continuously until stopped.
-fn spawn_signers(
-    s: &Signet,
-    n: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<SignerOutcome>> {
-    (0..n)
-        .map(|w| {
-            let (tls, api, stop) = (s.tls("payroll-app"), s.api, Arc::clone(&stop));
-            tokio::spawn(async move {
-                let mut c = signet::client::Connection::connect(&tls, api, "localhost")
-                    .await
-                    .unwrap();
-                let (mut ok, mut failed, mut keys) = (0u64, Vec::new(), Vec::new());
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let data = format!("w{w}-{i}");
-                    let (st, _, v) = call_on(
-                        &mut c,
-                        Method::POST,
-                        "/v1/sign",
-                        Some(sign_body("payroll-esign", data.as_bytes())),
-                        &[],
-                    )
-                    .await;
-                    if st == 200 {
-                        assert!(verifies(
-                            v["certificate"].as_str().unwrap(),
-                            data.as_bytes(),
-                            v["signature"].as_str().unwrap()
-                        ));
-                        ok += 1;
-                        let k = v["key_id"].as_str().unwrap().to_owned();
-                        if keys.last() != Some(&k) {
-                            keys.push(k);
-                        }
-                    } else {
-                        failed.push(v);
-                    }
-                    i += 1;
-                }
-                (ok, keys, failed)
-            })
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_rotation_renews_before_expiry_retires_after_grace_and_never_pauses_signing() {
     let mut s = Signet::init(Init {
@@ -166,8 +114,7 @@ async fn scheduled_rotation_renews_before_expiry_retires_after_grace_and_never_p
             .replace("renew_before = \"15s\"", "renew_before = \"1h\"")
     });
     s.start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let signers = spawn_signers(&s, 3, Arc::clone(&stop));
+    let load = s.load(3);
     s.eventually(
         "v2 active and v1 retired",
         Duration::from_secs(30),
@@ -177,21 +124,18 @@ async fn scheduled_rotation_renews_before_expiry_retires_after_grace_and_never_p
         },
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let (mut ok, mut keys, mut failed) = (0, Vec::new(), Vec::new());
-    for h in signers {
-        let (o, k, f) = h.await.unwrap();
-        ok += o;
-        keys.extend(k);
-        failed.extend(f);
-    }
+    let run = load.finish().await;
     assert!(
-        failed.is_empty(),
-        "no request failed during the rotation: {failed:?}"
+        run.failed.is_empty(),
+        "no request failed during the rotation: {:?}",
+        run.failed
     );
-    assert!(ok > 20);
-    assert!(keys.contains(&"payroll/v1".to_owned()) || keys.contains(&"payroll/v2".to_owned()));
-    assert!(keys.contains(&"payroll/v2".to_owned()));
+    assert!(run.ok.len() > 20);
+    assert!(
+        run.keys_per_worker
+            .iter()
+            .all(|k| k.last().map(String::as_str) == Some("payroll/v2"))
+    );
 
     // Retirement destroyed v1's private key and kept its certificate for verification.
     assert_eq!(private_keys_labelled(&s, "payroll/v1"), 0);
@@ -248,8 +192,7 @@ async fn scheduled_rotation_renews_before_expiry_retires_after_grace_and_never_p
 async fn on_demand_rotation_under_concurrent_signing_fails_no_request() {
     let mut s = Signet::init(Init::default());
     s.start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let signers = spawn_signers(&s, 4, Arc::clone(&stop));
+    let load = s.load(4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = s.cli_ok(&[
         "--json",
@@ -264,15 +207,9 @@ async fn on_demand_rotation_under_concurrent_signing_fails_no_request() {
     assert_eq!(r["step"], "completed");
     assert_eq!(r["to_version"], 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (mut keys, mut failed) = (Vec::new(), Vec::new());
-    for h in signers {
-        let (_, k, f) = h.await.unwrap();
-        keys.push(k);
-        failed.extend(f);
-    }
-    assert!(failed.is_empty(), "{failed:?}");
-    for k in keys {
+    let run = load.finish().await;
+    assert!(run.failed.is_empty(), "{:?}", run.failed);
+    for k in run.keys_per_worker {
         assert_eq!(k.first().map(String::as_str), Some("payroll/v1"));
         assert_eq!(
             k.last().map(String::as_str),
@@ -357,16 +294,7 @@ async fn a_crash_after_any_rotation_step_resumes_without_duplicates_or_gaps() {
         assert_eq!(st, 200, "{step}: {r}");
         assert_eq!(r["key_id"], "payroll/v2");
         assert!(s.stop().success());
-        let out = Command::new(BIN)
-            .args(["audit", "verify"])
-            .arg(s.audit_dir())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{step}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        s.audit_verify(None);
     }
 }
 
@@ -481,19 +409,6 @@ async fn rollback_during_grace_restores_the_previous_version() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no retiring version"),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -222,6 +222,18 @@ fn fail(e: Error, request_id: &str) -> Response {
     Problem::from_error(&e, request_id).into_response()
 }
 
+/// The JSON answer, or the problem document.
+fn respond<T: Serialize>(
+    status: StatusCode,
+    result: Result<T, Error>,
+    request_id: &str,
+) -> Response {
+    match result {
+        Ok(v) => ok(status, &v),
+        Err(e) => fail(e, request_id),
+    }
+}
+
 async fn sign(
     State(s): State<ApiState>,
     Ctx(caller): Ctx,
@@ -238,10 +250,11 @@ async fn sign(
             );
         }
     };
-    match s.app.sign(&caller, req, key.as_deref()).await {
-        Ok(r) => ok(StatusCode::OK, &r),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    respond(
+        StatusCode::OK,
+        s.app.sign(&caller, req, key.as_deref()).await,
+        &caller.request_id,
+    )
 }
 
 #[derive(Serialize)]
@@ -291,13 +304,12 @@ async fn sign_batch(
 }
 
 async fn keys(State(s): State<ApiState>, Ctx(caller): Ctx, Path(tenant): Path<String>) -> Response {
-    match s.app.keys_of(&caller, &tenant) {
-        Ok(k) => ok(
-            StatusCode::OK,
-            &serde_json::json!({ "tenant": tenant, "keys": k }),
-        ),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    let keys = s.app.keys_of(&caller, &tenant);
+    respond(
+        StatusCode::OK,
+        keys.map(|k| serde_json::json!({ "tenant": tenant, "keys": k })),
+        &caller.request_id,
+    )
 }
 
 async fn verify(
@@ -305,10 +317,12 @@ async fn verify(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<VerifyRequest>,
 ) -> Response {
-    match s.app.verify(&caller, req) {
-        Ok(valid) => ok(StatusCode::OK, &serde_json::json!({ "valid": valid })),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    let valid = s.app.verify(&caller, req);
+    respond(
+        StatusCode::OK,
+        valid.map(|v| serde_json::json!({ "valid": v })),
+        &caller.request_id,
+    )
 }
 
 async fn checkpoint(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
@@ -423,10 +437,12 @@ async fn consistency(
 }
 
 async fn admin_keys(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
-    match s.app.all_keys(&caller) {
-        Ok(k) => ok(StatusCode::OK, &serde_json::json!({ "keys": k })),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    let keys = s.app.all_keys(&caller);
+    respond(
+        StatusCode::OK,
+        keys.map(|k| serde_json::json!({ "keys": k })),
+        &caller.request_id,
+    )
 }
 
 async fn admin_create_key(
@@ -434,17 +450,20 @@ async fn admin_create_key(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<AdminRequest>,
 ) -> Response {
-    match s.app.admin_create_key(&caller, req).await {
-        Ok(r) => ok(StatusCode::CREATED, &r),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    respond(
+        StatusCode::CREATED,
+        s.app.admin_create_key(&caller, req).await,
+        &caller.request_id,
+    )
 }
 
 async fn admin_status(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
-    match s.app.status(&caller) {
-        Ok(st) => ok(StatusCode::OK, &serde_json::json!({ "tenants": st })),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    let status = s.app.status(&caller);
+    respond(
+        StatusCode::OK,
+        status.map(|t| serde_json::json!({ "tenants": t })),
+        &caller.request_id,
+    )
 }
 
 async fn admin_rotate(
@@ -452,10 +471,11 @@ async fn admin_rotate(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<AdminRequest>,
 ) -> Response {
-    match s.app.admin_rotate(&caller, req).await {
-        Ok(r) => ok(StatusCode::ACCEPTED, &r),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    respond(
+        StatusCode::ACCEPTED,
+        s.app.admin_rotate(&caller, req).await,
+        &caller.request_id,
+    )
 }
 
 async fn admin_rollback(
@@ -463,10 +483,11 @@ async fn admin_rollback(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<AdminRequest>,
 ) -> Response {
-    match s.app.admin_rollback(&caller, req).await {
-        Ok(r) => ok(StatusCode::OK, &r),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    respond(
+        StatusCode::OK,
+        s.app.admin_rollback(&caller, req).await,
+        &caller.request_id,
+    )
 }
 
 async fn admin_csr(
@@ -474,10 +495,12 @@ async fn admin_csr(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<AdminRequest>,
 ) -> Response {
-    match s.app.admin_csr(&caller, req).await {
-        Ok(csr) => ok(StatusCode::OK, &serde_json::json!({ "csr": csr })),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    let csr = s.app.admin_csr(&caller, req).await;
+    respond(
+        StatusCode::OK,
+        csr.map(|c| serde_json::json!({ "csr": c })),
+        &caller.request_id,
+    )
 }
 
 async fn admin_import(
@@ -485,10 +508,11 @@ async fn admin_import(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<ImportRequest>,
 ) -> Response {
-    match s.app.admin_import(&caller, req).await {
-        Ok(r) => ok(StatusCode::OK, &r),
-        Err(e) => fail(e, &caller.request_id),
-    }
+    respond(
+        StatusCode::OK,
+        s.app.admin_import(&caller, req).await,
+        &caller.request_id,
+    )
 }
 
 async fn admin_reload(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {

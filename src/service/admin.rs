@@ -154,42 +154,35 @@ impl App {
         caller: &Caller,
         req: AdminRequest,
     ) -> Result<Rotation, Error> {
-        caller.require(Role::Admin)?;
-        let t = tenant(&req.tenant)?;
-        let reason = reason(req.reason)?;
-        Ok(self
-            .rotation_start(Start {
-                tenant: t,
-                trigger: Trigger::Initial,
-                actor: caller.actor(),
-                reason,
-                request_id: Some(caller.request_id.clone()),
-                due_at: None,
-                emergency: false,
-            })
-            .await?)
+        self.admin_start(caller, req, Trigger::Initial).await
     }
 
-    /// Start a rotation now.
+    /// Start a rotation now (`emergency`: no grace for the previous version).
     pub async fn admin_rotate(
         &self,
         caller: &Caller,
         req: AdminRequest,
     ) -> Result<Rotation, Error> {
+        self.admin_start(caller, req, Trigger::Manual).await
+    }
+
+    async fn admin_start(
+        &self,
+        caller: &Caller,
+        req: AdminRequest,
+        trigger: Trigger,
+    ) -> Result<Rotation, Error> {
         caller.require(Role::Admin)?;
-        let t = tenant(&req.tenant)?;
-        let reason = reason(req.reason)?;
-        Ok(self
-            .rotation_start(Start {
-                tenant: t,
-                trigger: Trigger::Manual,
-                actor: caller.actor(),
-                reason,
-                request_id: Some(caller.request_id.clone()),
-                due_at: None,
-                emergency: req.emergency,
-            })
-            .await?)
+        let start = Start {
+            tenant: tenant(&req.tenant)?,
+            trigger,
+            actor: caller.actor(),
+            reason: reason(req.reason)?,
+            request_id: Some(caller.request_id.clone()),
+            due_at: None,
+            emergency: req.emergency && trigger == Trigger::Manual,
+        };
+        Ok(self.rotation_start(start).await?)
     }
 
     pub async fn admin_rollback(

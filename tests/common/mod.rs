@@ -541,3 +541,136 @@ pub mod rfc6962 {
         sub(m, leaves, true)
     }
 }
+
+/// Continuous signing as `payroll-app` on keep-alive connections until [`Load::finish`].
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<WorkerResult>>,
+}
+
+#[derive(Default)]
+struct WorkerResult {
+    ok: Vec<Value>,
+    failed: Vec<String>,
+    keys: Vec<String>,
+}
+
+/// What a load run saw. Every acknowledged signature was verified against its certificate.
+#[derive(Default)]
+pub struct LoadResult {
+    /// Acknowledged (200) responses.
+    pub ok: Vec<Value>,
+    /// Non-200 answers and connection errors (a worker stops at its first connection error).
+    pub failed: Vec<String>,
+    /// Per worker, the key IDs that signed, in order, without repeats.
+    pub keys_per_worker: Vec<Vec<String>>,
+}
+
+impl Signet {
+    pub fn load(&self, workers: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..workers)
+            .map(|w| {
+                let (tls, api, stop) = (
+                    self.tls("payroll-app"),
+                    self.api,
+                    std::sync::Arc::clone(&stop),
+                );
+                tokio::spawn(async move {
+                    let mut r = WorkerResult::default();
+                    let Ok(mut c) = Connection::connect(&tls, api, "localhost").await else {
+                        r.failed.push("connect".into());
+                        return r;
+                    };
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let data = format!("w{w}-{i}");
+                        let mut body = sign_body("payroll-esign", data.as_bytes());
+                        body["transaction_id"] = serde_json::json!(data);
+                        match c
+                            .request(
+                                Method::POST,
+                                "/v1/sign",
+                                &[],
+                                Some(body.to_string().into_bytes()),
+                            )
+                            .await
+                        {
+                            Ok((st, _, b)) if st.as_u16() == 200 => {
+                                let v: Value = serde_json::from_slice(&b).unwrap();
+                                assert!(verifies(
+                                    v["certificate"].as_str().unwrap(),
+                                    data.as_bytes(),
+                                    v["signature"].as_str().unwrap()
+                                ));
+                                let k = v["key_id"].as_str().unwrap().to_owned();
+                                if r.keys.last() != Some(&k) {
+                                    r.keys.push(k);
+                                }
+                                r.ok.push(v);
+                            }
+                            Ok((st, _, b)) => r
+                                .failed
+                                .push(format!("{st}: {}", String::from_utf8_lossy(&b))),
+                            Err(e) => {
+                                r.failed.push(format!("connection: {e}"));
+                                break;
+                            }
+                        }
+                        i += 1;
+                    }
+                    r
+                })
+            })
+            .collect();
+        Load { stop, handles }
+    }
+
+    /// `signet --json audit verify` on this installation's log; panics unless it verifies.
+    pub fn audit_verify(&self, key: Option<&Path>) -> Value {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--json", "audit", "verify"])
+            .arg(self.audit_dir());
+        if let Some(k) = key {
+            cmd.arg("--key").arg(k);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "audit verify failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Load {
+    pub async fn finish(self) -> LoadResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut out = LoadResult::default();
+        for h in self.handles {
+            let r = h.await.unwrap();
+            out.ok.extend(r.ok);
+            out.failed.extend(r.failed);
+            out.keys_per_worker.push(r.keys);
+        }
+        out
+    }
+}
+
+/// Run openssl in `dir`; panics with its stderr on failure; returns stdout.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
