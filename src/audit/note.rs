@@ -62,17 +62,9 @@ impl Checkpoint {
         let size_line = lines
             .next()
             .ok_or(NoteError::Checkpoint("missing tree size"))?;
-        if size_line.is_empty()
-            || (size_line.len() > 1 && size_line.starts_with('0'))
-            || !size_line.bytes().all(|b| b.is_ascii_digit())
-        {
-            return Err(NoteError::Checkpoint(
-                "tree size is not a decimal without leading zeros",
-            ));
-        }
-        let size = size_line
-            .parse()
-            .map_err(|_| NoteError::Checkpoint("tree size out of range"))?;
+        let size = parse_decimal(size_line).ok_or(NoteError::Checkpoint(
+            "tree size is not a decimal without leading zeros",
+        ))?;
         let root = decode_hash(
             lines
                 .next()
@@ -269,17 +261,9 @@ impl TlogProof {
         let idx = line
             .strip_prefix("index ")
             .ok_or(NoteError::Proof("missing index line"))?;
-        if idx.is_empty()
-            || (idx.len() > 1 && idx.starts_with('0'))
-            || !idx.bytes().all(|b| b.is_ascii_digit())
-        {
-            return Err(NoteError::Proof(
-                "index is not a decimal without leading zeros",
-            ));
-        }
-        let index = idx
-            .parse()
-            .map_err(|_| NoteError::Proof("index out of range"))?;
+        let index = parse_decimal(idx).ok_or(NoteError::Proof(
+            "index is not a decimal without leading zeros",
+        ))?;
         let mut hashes = Vec::new();
         for l in lines {
             hashes.push(
@@ -297,6 +281,14 @@ impl TlogProof {
             checkpoint: checkpoint.to_owned(),
         })
     }
+}
+
+/// ASCII decimal without leading zeros (C2SP's form for sizes and indexes).
+fn parse_decimal(s: &str) -> Option<u64> {
+    let canonical = !s.is_empty()
+        && !(s.len() > 1 && s.starts_with('0'))
+        && s.bytes().all(|b| b.is_ascii_digit());
+    if canonical { s.parse().ok() } else { None }
 }
 
 fn decode_hash(s: &str) -> Option<Hash> {
