@@ -285,9 +285,8 @@ impl TlogProof {
 
 /// ASCII decimal without leading zeros (C2SP's form for sizes and indexes).
 fn parse_decimal(s: &str) -> Option<u64> {
-    let canonical = !s.is_empty()
-        && !(s.len() > 1 && s.starts_with('0'))
-        && s.bytes().all(|b| b.is_ascii_digit());
+    let leading_zero = s.len() > 1 && s.starts_with('0');
+    let canonical = !s.is_empty() && !leading_zero && s.bytes().all(|b| b.is_ascii_digit());
     if canonical { s.parse().ok() } else { None }
 }
 
