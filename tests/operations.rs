@@ -63,6 +63,29 @@ async fn reloads_under_load_drop_no_request_and_apply_new_policies() {
             >= 4.0
     );
     assert_eq!(s.metric("signet_config_last_reload_successful").await, 1.0);
+    // Each reload is evidence: who reloaded, and the hashes of the policies now in force.
+    let reloads: Vec<Value> = s
+        .entries()
+        .into_iter()
+        .filter(|e| e["event"] == "configuration_reloaded")
+        .collect();
+    assert!(reloads.len() >= 4, "{}", reloads.len());
+    assert!(
+        reloads
+            .iter()
+            .any(|e| e["actor"]["identity"] == "signal:SIGHUP")
+    );
+    let by_admin = reloads
+        .iter()
+        .find(|e| e["actor"]["identity"] == "spiffe://signet.dev/admin")
+        .expect("admin reload recorded");
+    assert!(
+        by_admin["details"]["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "payroll-contracts")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

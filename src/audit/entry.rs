@@ -18,6 +18,7 @@ pub mod event {
     pub const ROTATION_ROLLED_BACK: &str = "rotation_rolled_back";
     pub const ROTATION_FAILED: &str = "rotation_step_failed";
     pub const LOG_STARTED: &str = "log_started";
+    pub const CONFIGURATION_RELOADED: &str = "configuration_reloaded";
 }
 
 /// Who acted: the client certificate (or the local operator for offline CLI use).

@@ -520,10 +520,16 @@ async fn admin_reload(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
         return fail(e, &caller.request_id);
     }
     match (s.reload)() {
-        Ok(summary) => ok(
-            StatusCode::OK,
-            &serde_json::json!({ "reloaded": true, "summary": summary }),
-        ),
+        Ok(summary) => {
+            tracing::info!(request_id = %caller.request_id, %summary, "configuration reloaded");
+            s.app
+                .record_reload(caller.actor(), Some(caller.request_id.clone()))
+                .await;
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "reloaded": true, "summary": summary }),
+            )
+        }
         Err(reason) => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-configuration",

@@ -115,7 +115,16 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
         tokio::select! {
             _ = hup.recv() => {
                 match reload() {
-                    Ok(summary) => tracing::info!(%summary, "configuration reloaded"),
+                    Ok(summary) => {
+                        tracing::info!(%summary, "configuration reloaded");
+                        let actor = crate::audit::Actor {
+                            identity: "signal:SIGHUP".into(),
+                            subject: String::new(),
+                            san: Vec::new(),
+                            fingerprint_sha256: String::new(),
+                        };
+                        app.record_reload(actor, None).await;
+                    }
                     Err(reason) => tracing::error!(%reason, "configuration reload rejected; the previous configuration stays"),
                 }
             }

@@ -316,6 +316,27 @@ impl App {
         self.rotation.wake();
     }
 
+    /// Record a configuration reload as evidence: who, and the policies now in force (their
+    /// hashes), so an auditor can tell which policy text applied when.
+    pub async fn record_reload(&self, actor: audit::Actor, request_id: Option<String>) {
+        let dynamic = self.dynamic.load();
+        let mut e = audit::Entry::new(
+            audit::entry::event::CONFIGURATION_RELOADED,
+            crate::clock::rfc3339_micros(self.clock.now()),
+            actor,
+        );
+        e.request_id = request_id;
+        e.details = Some(serde_json::json!({
+            "clients": dynamic.clients.iter().map(|c| c.identity.clone()).collect::<Vec<_>>(),
+            "policies": dynamic.policies.iter().map(|p| serde_json::json!({
+                "id": p.id.as_str(), "tenant": p.tenant.as_str(), "hash": p.hash_hex(),
+            })).collect::<Vec<_>>(),
+        }));
+        if let Err(err) = self.log.append(vec![e]).await {
+            tracing::error!(error = %err, "cannot record the configuration reload as evidence");
+        }
+    }
+
     /// Fill the idempotency cache from the log's entries inside the retention window.
     async fn rebuild_idempotency(&self) -> Result<(), StartError> {
         let log = Arc::clone(&self.log);
