@@ -6,34 +6,8 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use hyper::Method;
-
-fn pkcs11_objects(s: &Signet) -> String {
-    let pin = std::fs::read_to_string(s.dir.join("secrets/user.pin")).unwrap();
-    let out = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            signet::dev::SOFTHSM_MODULE,
-            "--token-label",
-            signet::dev::TOKEN_LABEL,
-            "--login",
-            "--pin",
-            pin.trim(),
-            "-O",
-        ])
-        .env("SOFTHSM2_CONF", s.dir.join("softhsm2.conf"))
-        .output()
-        .expect("pkcs11-tool (Debian package opensc)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The pkcs11-tool paragraph of the private key labelled `label`.
 fn private_key_block(objects: &str, label: &str) -> Option<String> {
@@ -63,7 +37,7 @@ async fn keys_create_in_process_and_online_and_the_token_alone_rebuilds_the_regi
         "--reason",
         "onboarding payroll",
     ]);
-    let objects = pkcs11_objects(&s);
+    let objects = s.pkcs11_tool(&["-O"]);
     let block =
         private_key_block(&objects, "payroll/v1").expect("private key payroll/v1 in the token");
     assert!(

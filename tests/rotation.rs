@@ -17,26 +17,7 @@ use serde_json::{Value, json};
 
 /// Private keys in the token with this label (counted with pkcs11-tool).
 fn private_keys_labelled(s: &Signet, label: &str) -> usize {
-    let pin = std::fs::read_to_string(s.dir.join("secrets/user.pin")).unwrap();
-    let out = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            signet::dev::SOFTHSM_MODULE,
-            "--token-label",
-            signet::dev::TOKEN_LABEL,
-        ])
-        .args([
-            "--login",
-            "--pin",
-            pin.trim(),
-            "--list-objects",
-            "--type",
-            "privkey",
-        ])
-        .env("SOFTHSM2_CONF", s.dir.join("softhsm2.conf"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
+    s.pkcs11_tool(&["--list-objects", "--type", "privkey"])
         .lines()
         .filter(|l| l.trim() == format!("label:      {label}"))
         .count()
@@ -449,6 +430,38 @@ fn external_ca(dir: &Path, name: &str) {
     );
 }
 
+/// Import a certificate that must be accepted. The import answers once the version is active,
+/// or (if a token call failed on the way) reports the step it will retry; either way the
+/// version must become active.
+async fn import_accepted(s: &Signet, file: &Path, reason: Option<&str>) {
+    let mut args = vec![
+        "certs",
+        "import",
+        "--tenant",
+        "payroll",
+        file.to_str().unwrap(),
+    ];
+    if let Some(r) = reason {
+        args.extend(["--reason", r]);
+    }
+    let out = s.cli(&args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("step completed") || text.contains("retried with backoff"),
+        "import refused: {text}"
+    );
+    s.eventually(
+        "the imported version to be active",
+        Duration::from_secs(15),
+        || async { state_of(&status(s, "payroll").await, "payroll/v1") == "active" },
+    )
+    .await;
+}
+
 fn issue_with_openssl(dir: &Path, ca: &str, csr: &str, out: &str, days: &str) {
     std::fs::write(dir.join("leaf.ext"), "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,nonRepudiation\nextendedKeyUsage=1.3.6.1.5.5.7.3.36\n").unwrap();
     openssl(
@@ -616,16 +629,12 @@ async fn manual_issuance_accepts_the_right_certificate_and_refuses_each_wrong_on
 
     // The right one: chains to the corporate CA, key matches, validity fine.
     issue_with_openssl(&work, "corp-ca", "payroll.csr", "payroll.pem", "90");
-    let out = s.cli_ok(&[
-        "certs",
-        "import",
-        "--tenant",
-        "payroll",
-        work.join("payroll.pem").to_str().unwrap(),
-        "--reason",
-        "issued by corp CA ticket 42",
-    ]);
-    assert!(out.contains("completed"), "{out}");
+    import_accepted(
+        &s,
+        &work.join("payroll.pem"),
+        Some("issued by corp CA ticket 42"),
+    )
+    .await;
     let (st, r) = s
         .sign("payroll-app", sign_body("payroll-esign", b"contract"))
         .await;
@@ -763,13 +772,7 @@ async fn signing_stops_below_min_remaining_validity_with_a_metric() {
     ]);
     issue_with_openssl(&work, "corp-ca", "p.csr", "p.pem", "1");
     // Accepted with 40m minimum... then the minimum is raised above what is left.
-    s.cli_ok(&[
-        "certs",
-        "import",
-        "--tenant",
-        "payroll",
-        work.join("p.pem").to_str().unwrap(),
-    ]);
+    import_accepted(&s, &work.join("p.pem"), None).await;
     assert_eq!(
         s.sign("payroll-app", sign_body("payroll-esign", b"ok"))
             .await

@@ -339,14 +339,22 @@ impl App {
     /// Run the steps of `rotation` until it waits (for a certificate), completes, or a step fails
     /// (then it is scheduled for a retry with backoff).
     async fn advance(&self, mut rotation: Rotation, actor: &Actor) -> Result<Rotation, Error> {
+        // A failed step is tried once more at once (token hiccups are usually transient);
+        // after that it waits for its backoff.
+        let mut retried_now = false;
         loop {
             let step = rotation.step;
-            let outcome = match step {
+            let mut outcome = match step {
                 Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => {
                     return Ok(rotation);
                 }
                 _ => self.run_step(&mut rotation, actor).await,
             };
+            if outcome.is_err() && !retried_now && rotation.step == step {
+                retried_now = true;
+                tracing::warn!(tenant = %rotation.tenant, step = step.as_str(), error = ?outcome, "rotation step failed; trying once more now");
+                outcome = self.run_step(&mut rotation, actor).await;
+            }
             match outcome {
                 Ok(()) => {
                     rotation.updated_at = self.clock.unix();
@@ -931,9 +939,17 @@ impl App {
         der: &[u8],
         public: &p256::ecdsa::VerifyingKey,
     ) -> Result<CertInfo, Error> {
-        let ca = self.ca.load_full();
+        let mut ca = self.ca.load_full();
+        if ca.is_none() && self.dynamic.load().rotation.issuer == Issuer::Manual {
+            // The operator may have put the CA file in place after start: look again.
+            self.reload_manual_ca();
+            ca = self.ca.load_full();
+        }
         let ca = ca.as_ref().as_ref().ok_or_else(|| {
-            Error::Conflict("no CA certificate to check against: set rotation.ca_certificate to a readable PEM file".into())
+            Error::Conflict(format!(
+                "no CA certificate to check against: rotation.ca_certificate ({}) is not a readable PEM certificate",
+                self.dynamic.load().rotation.ca_certificate.display()
+            ))
         })?;
         let now = self.clock.unix();
         let info = pki::check_issued(der, public, ca, now).map_err(Error::Rejected)?;

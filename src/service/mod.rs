@@ -306,14 +306,20 @@ impl App {
 
     /// Swap in a new configuration's reloadable part (clients, policies, rotation).
     pub fn apply_dynamic(&self, dynamic: DynamicConfig) {
-        if dynamic.rotation.issuer == Issuer::Manual
-            && let Some(ca) = load_ca_file(&dynamic.rotation.ca_certificate)
-        {
-            self.ca.store(Arc::new(Some(ca)));
-        }
+        let manual = dynamic.rotation.issuer == Issuer::Manual;
         self.policies.store(Arc::new(Policies::new(&dynamic)));
         self.dynamic.store(Arc::new(dynamic));
+        if manual {
+            self.reload_manual_ca();
+        }
         self.rotation.wake();
+    }
+
+    /// Manual issuer: (re)read `rotation.ca_certificate`.
+    pub fn reload_manual_ca(&self) {
+        if let Some(ca) = load_ca_file(&self.dynamic.load().rotation.ca_certificate) {
+            self.ca.store(Arc::new(Some(ca)));
+        }
     }
 
     /// Record a configuration reload as evidence: who, and the policies now in force (their

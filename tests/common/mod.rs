@@ -674,3 +674,28 @@ pub fn openssl(dir: &Path, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+impl Signet {
+    /// Run pkcs11-tool (OpenSC) logged in to this installation's token; returns stdout.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> String {
+        let pin = std::fs::read_to_string(self.dir.join("secrets/user.pin")).unwrap();
+        let out = Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                signet::dev::SOFTHSM_MODULE,
+                "--token-label",
+                signet::dev::TOKEN_LABEL,
+            ])
+            .args(["--login", "--pin", pin.trim()])
+            .args(args)
+            .env("SOFTHSM2_CONF", self.dir.join("softhsm2.conf"))
+            .output()
+            .expect("pkcs11-tool (Debian package opensc)");
+        assert!(
+            out.status.success(),
+            "pkcs11-tool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
