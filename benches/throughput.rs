@@ -92,6 +92,11 @@ fn main() {
         best_single = best_single.max(r.rate);
         r.print(&format!("single, {conc} connections"), raw_rate);
     }
+    for (conc, streams) in [(4, 16), (2, 64)] {
+        let r = load_run_h2(&dir, &api, conc, streams, secs);
+        best_single = best_single.max(r.rate);
+        r.print(&format!("single, h2 {conc}x{streams} streams"), raw_rate);
+    }
     let mut best_batch = 0.0f64;
     for (conc, batch) in [(2, 64), (4, 128)] {
         let r = load_run(&dir, &api, conc, batch, secs);
@@ -150,6 +155,22 @@ impl RunResult {
 }
 
 fn load_run(dir: &Path, api: &str, conc: usize, batch: usize, secs: u64) -> RunResult {
+    load_run_with(dir, api, conc, batch, secs, 0)
+}
+
+/// Single requests over HTTP/2: `conc` connections, `streams` requests in flight on each.
+fn load_run_h2(dir: &Path, api: &str, conc: usize, streams: usize, secs: u64) -> RunResult {
+    load_run_with(dir, api, conc, 0, secs, streams)
+}
+
+fn load_run_with(
+    dir: &Path,
+    api: &str,
+    conc: usize,
+    batch: usize,
+    secs: u64,
+    streams: usize,
+) -> RunResult {
     let out = run_self(
         &[
             "--load",
@@ -158,6 +179,7 @@ fn load_run(dir: &Path, api: &str, conc: usize, batch: usize, secs: u64) -> RunR
             &conc.to_string(),
             &batch.to_string(),
             &secs.to_string(),
+            &streams.to_string(),
         ],
         "1",
         &[],
@@ -276,6 +298,8 @@ fn load(args: &[String]) {
     let conc: usize = args[4].parse().unwrap();
     let batch: usize = args[5].parse().unwrap();
     let secs: u64 = args[6].parse().unwrap();
+    // 0: HTTP/1.1, one request in flight per connection; N: HTTP/2 with N streams each.
+    let streams: usize = args.get(7).and_then(|s| s.parse().ok()).unwrap_or(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -290,10 +314,20 @@ fn load(args: &[String]) {
         .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
-        for w in 0..conc {
-            let (tls, stop) = (tls.clone(), Arc::clone(&stop));
+        let mut clients = Vec::new();
+        for _ in 0..conc {
+            if streams == 0 {
+                clients.push(Client::H1(signet::client::Connection::connect(&tls, api, "localhost").await.unwrap()));
+            } else {
+                let h2 = signet::client::H2Connection::connect(&tls, api, "localhost").await.unwrap();
+                for _ in 0..streams {
+                    clients.push(Client::H2(h2.clone()));
+                }
+            }
+        }
+        for (w, mut c) in clients.into_iter().enumerate() {
+            let stop = Arc::clone(&stop);
             tasks.push(tokio::spawn(async move {
-                let mut c = signet::client::Connection::connect(&tls, api, "localhost").await.unwrap();
                 // (completion time, latency in ms, signatures)
                 let mut done: Vec<(Instant, f64, u64)> = Vec::new();
                 let mut i = 0u64;
@@ -397,6 +431,27 @@ fn startup(dir: &Path, n: u64) {
         let took = t.elapsed();
         println!("  {label:<52} ready in {:.2}s", took.as_secs_f64());
         stop(&mut child);
+    }
+}
+
+/// A load-generator connection: its own HTTP/1.1 connection, or a stream on a shared HTTP/2 one.
+enum Client {
+    H1(signet::client::Connection),
+    H2(signet::client::H2Connection),
+}
+
+impl Client {
+    async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<(hyper::StatusCode, hyper::HeaderMap, bytes::Bytes), signet::client::Error> {
+        match self {
+            Client::H1(c) => c.request(method, path, headers, body).await,
+            Client::H2(c) => c.request(method, path, headers, body).await,
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! A small mutual-TLS HTTP/1.1 client over one keep-alive connection: used by the CLI to
-//! reach a running service's admin API, and by the benchmark's load generator.
+//! A small mutual-TLS HTTP client (HTTP/1.1 keep-alive, or multiplexed HTTP/2): used by the
+//! CLI to reach a running service's admin API, and by the benchmark's load generator.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -107,15 +107,7 @@ impl Connection {
             addr: addr.to_string(),
             reason: e.to_string(),
         };
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| connect_err(&e))?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(server_name.to_owned()).map_err(|e| connect_err(&e))?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| connect_err(&e))?;
+        let stream = tls_connect(&tls.config, addr, server_name).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_err(&e))?;
@@ -153,23 +145,7 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), Error> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.host);
-        if body.is_some()
-            && !headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
-            req = req.header("content-type", "application/json");
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| Error::Request(e.to_string()))?;
+        let req = build_request(method, path.to_owned(), &self.host, headers, body)?;
         self.sender
             .ready()
             .await
@@ -179,14 +155,123 @@ impl Connection {
             .send_request(req)
             .await
             .map_err(|e| Error::Request(e.to_string()))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| Error::Request(e.to_string()))?
-            .to_bytes();
-        Ok((status, headers, body))
+        read_response(resp).await
     }
+}
+
+/// One HTTP/2 connection; clones share it, so requests are multiplexed.
+#[derive(Clone)]
+pub struct H2Connection {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl H2Connection {
+    /// Connect with ALPN `h2`.
+    pub async fn connect(
+        tls: &ClientTls,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Self, Error> {
+        let mut config = (*tls.config).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let stream = tls_connect(&Arc::new(config), addr, server_name).await?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| Error::Connect {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self {
+            sender,
+            host: server_name.to_owned(),
+        })
+    }
+
+    /// Send one request on a new stream; returns status, headers and the whole body.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), Error> {
+        let uri = format!("https://{}{path}", self.host);
+        let req = build_request(method, uri, &self.host, headers, body)?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| Error::Request(e.to_string()))?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| Error::Request(e.to_string()))?;
+        read_response(resp).await
+    }
+}
+
+async fn tls_connect(
+    config: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Error> {
+    let connect_err = |e: &dyn std::fmt::Display| Error::Connect {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| connect_err(&e))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| connect_err(&e))?;
+    tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| connect_err(&e))
+}
+
+fn build_request(
+    method: Method,
+    uri: String,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Result<Request<Full<Bytes>>, Error> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", host);
+    if body.is_some()
+        && !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| Error::Request(e.to_string()))
+}
+
+async fn read_response(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<(StatusCode, HeaderMap, Bytes), Error> {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| Error::Request(e.to_string()))?
+        .to_bytes();
+    Ok((status, headers, body))
 }
