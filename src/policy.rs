@@ -18,7 +18,8 @@ use crate::domain::{DigestAlgorithm, PolicyId, TenantId};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("unknown policy `{0}`")]
-    UnknownPolicy(PolicyId),
+    /// The policy ID as sent, sanitised and bounded (it may not even parse).
+    UnknownPolicy(String),
     #[error("client `{identity}` may not sign for tenant `{tenant}`")]
     TenantNotAllowed { identity: String, tenant: TenantId },
     #[error("client `{identity}` lacks the `{role}` role")]
@@ -102,7 +103,7 @@ impl Policies {
         let policy = self
             .policies
             .get(policy_id)
-            .ok_or_else(|| Error::UnknownPolicy(policy_id.clone()))?;
+            .ok_or_else(|| Error::UnknownPolicy(policy_id.to_string()))?;
         if !client.roles.contains(&Role::Sign) {
             return Err(Error::MissingRole {
                 identity: client.identity.clone(),

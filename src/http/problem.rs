@@ -250,10 +250,7 @@ mod tests {
     fn status_table() {
         let cases: Vec<(Error, u16)> = vec![
             (Error::invalid("digest", "x"), 400),
-            (
-                Error::Policy(policy::Error::UnknownPolicy("p".parse().unwrap())),
-                404,
-            ),
+            (Error::Policy(policy::Error::UnknownPolicy("p".into())), 404),
             (
                 Error::Policy(policy::Error::TenantNotAllowed {
                     identity: "a".into(),
