@@ -317,11 +317,11 @@ fn load(args: &[String]) {
         let mut clients = Vec::new();
         for _ in 0..conc {
             if streams == 0 {
-                clients.push(Client::H1(signet::client::Connection::connect(&tls, api, "localhost").await.unwrap()));
+                clients.push(signet::client::Connection::connect(&tls, api, "localhost").await.unwrap());
             } else {
-                let h2 = signet::client::H2Connection::connect(&tls, api, "localhost").await.unwrap();
+                let h2 = signet::client::Connection::connect_h2(&tls, api, "localhost").await.unwrap();
                 for _ in 0..streams {
-                    clients.push(Client::H2(h2.clone()));
+                    clients.push(h2.share().unwrap());
                 }
             }
         }
@@ -431,27 +431,6 @@ fn startup(dir: &Path, n: u64) {
         let took = t.elapsed();
         println!("  {label:<52} ready in {:.2}s", took.as_secs_f64());
         stop(&mut child);
-    }
-}
-
-/// A load-generator connection: its own HTTP/1.1 connection, or a stream on a shared HTTP/2 one.
-enum Client {
-    H1(signet::client::Connection),
-    H2(signet::client::H2Connection),
-}
-
-impl Client {
-    async fn request(
-        &mut self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<Vec<u8>>,
-    ) -> Result<(hyper::StatusCode, hyper::HeaderMap, bytes::Bytes), signet::client::Error> {
-        match self {
-            Client::H1(c) => c.request(method, path, headers, body).await,
-            Client::H2(c) => c.request(method, path, headers, body).await,
-        }
     }
 }
 

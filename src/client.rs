@@ -69,10 +69,16 @@ impl ClientTls {
     }
 }
 
-/// One keep-alive HTTP/1.1 connection.
+/// One connection: keep-alive HTTP/1.1 (one request at a time), or HTTP/2 (clones share the
+/// connection and multiplex requests on it).
 pub struct Connection {
-    sender: SendRequest<Full<Bytes>>,
+    sender: Sender,
     host: String,
+}
+
+enum Sender {
+    H1(SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 /// Split `https://host:port[/...]` into host and port.
@@ -97,27 +103,64 @@ pub fn parse_url(url: &str) -> Result<(String, u16), Error> {
 }
 
 impl Connection {
-    /// Connect to `addr`, presenting `server_name` for SNI and certificate checks.
+    /// Connect (HTTP/1.1) to `addr`, presenting `server_name` for SNI and certificate checks.
     pub async fn connect(
         tls: &ClientTls,
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<Self, Error> {
-        let connect_err = |e: &dyn std::fmt::Display| Error::Connect {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        };
         let stream = tls_connect(&tls.config, addr, server_name).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| connect_err(&e))?;
+            .map_err(|e| Error::Connect {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         Ok(Self {
-            sender,
+            sender: Sender::H1(sender),
             host: server_name.to_owned(),
         })
+    }
+
+    /// Connect with ALPN `h2`; [`Connection::share`] gives more streams on it.
+    pub async fn connect_h2(
+        tls: &ClientTls,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Self, Error> {
+        let mut config = (*tls.config).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let stream = tls_connect(&Arc::new(config), addr, server_name).await?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| Error::Connect {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self {
+            sender: Sender::H2(sender),
+            host: server_name.to_owned(),
+        })
+    }
+
+    /// Another handle on the same HTTP/2 connection (None for HTTP/1.1, which cannot share).
+    pub fn share(&self) -> Option<Self> {
+        match &self.sender {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Self {
+                sender: Sender::H2(s.clone()),
+                host: self.host.clone(),
+            }),
+        }
     }
 
     /// Connect to `https://host:port`, resolving the host.
@@ -145,74 +188,21 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), Error> {
-        let req = build_request(method, path.to_owned(), &self.host, headers, body)?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| Error::Request(e.to_string()))?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| Error::Request(e.to_string()))?;
-        read_response(resp).await
-    }
-}
-
-/// One HTTP/2 connection; clones share it, so requests are multiplexed.
-#[derive(Clone)]
-pub struct H2Connection {
-    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
-    host: String,
-}
-
-impl H2Connection {
-    /// Connect with ALPN `h2`.
-    pub async fn connect(
-        tls: &ClientTls,
-        addr: SocketAddr,
-        server_name: &str,
-    ) -> Result<Self, Error> {
-        let mut config = (*tls.config).clone();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let stream = tls_connect(&Arc::new(config), addr, server_name).await?;
-        let (sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            TokioIo::new(stream),
-        )
-        .await
-        .map_err(|e| Error::Connect {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(Self {
-            sender,
-            host: server_name.to_owned(),
-        })
-    }
-
-    /// Send one request on a new stream; returns status, headers and the whole body.
-    pub async fn request(
-        &mut self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, HeaderMap, Bytes), Error> {
-        let uri = format!("https://{}{path}", self.host);
-        let req = build_request(method, uri, &self.host, headers, body)?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| Error::Request(e.to_string()))?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| Error::Request(e.to_string()))?;
+        let failed = |e: hyper::Error| Error::Request(e.to_string());
+        let resp = match &mut self.sender {
+            Sender::H1(s) => {
+                let req = build_request(method, path.to_owned(), &self.host, headers, body)?;
+                s.ready().await.map_err(failed)?;
+                s.send_request(req).await.map_err(failed)?
+            }
+            Sender::H2(s) => {
+                // HTTP/2 needs the scheme and authority in the URI.
+                let uri = format!("https://{}{path}", self.host);
+                let req = build_request(method, uri, &self.host, headers, body)?;
+                s.ready().await.map_err(failed)?;
+                s.send_request(req).await.map_err(failed)?
+            }
+        };
         read_response(resp).await
     }
 }

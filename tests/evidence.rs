@@ -155,16 +155,8 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
         assert_eq!(rfc6962::leaf(&bytes), all[index as usize]);
         // The served inclusion proof equals the independent one and leads to the signed root.
         let tree_size = e["tree_size"].as_u64().unwrap();
-        let want: Vec<String> = rfc6962::path(index as usize, &all[..tree_size as usize])
-            .iter()
-            .map(|h| B64.encode(h))
-            .collect();
-        let got: Vec<String> = e["inclusion_proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h.as_str().unwrap().to_owned())
-            .collect();
+        let want = b64_hashes(&rfc6962::path(index as usize, &all[..tree_size as usize]));
+        let got = strings(&e["inclusion_proof"]);
         assert_eq!(got, want);
         assert!(
             e["proof"]
@@ -186,16 +178,11 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
             )
             .await;
         assert_eq!(status, 200, "{c}");
-        let want: Vec<String> = rfc6962::consistency(first_size as usize, &all[..size as usize])
-            .iter()
-            .map(|h| B64.encode(h))
-            .collect();
-        let got: Vec<String> = c["proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h.as_str().unwrap().to_owned())
-            .collect();
+        let want = b64_hashes(&rfc6962::consistency(
+            first_size as usize,
+            &all[..size as usize],
+        ));
+        let got = strings(&c["proof"]);
         assert_eq!(got, want);
         assert_eq!(
             c["root_from"],

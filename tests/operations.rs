@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
+#[cfg(feature = "insecure-test-hooks")]
+use serde_json::json;
 
 fn hup(s: &Signet) {
     assert!(
@@ -498,16 +500,8 @@ async fn a_full_queue_in_front_of_the_token_answers_503_with_retry_after() {
         ..Default::default()
     });
     s.start();
-    let (st, _, _) = s
-        .call(
-            "admin",
-            Method::POST,
-            "/v1/admin/insecure-test-fault",
-            Some(json!({"fault": "stall_next_call", "millis": 1500})),
-            &[],
-        )
+    s.inject_fault(json!({"fault": "stall_next_call", "millis": 1500}))
         .await;
-    assert_eq!(st, 200);
     let mut tasks = Vec::new();
     for i in 0..5 {
         let (tls, api) = (s.tls("payroll-app"), s.api);
@@ -536,13 +530,8 @@ async fn a_full_queue_in_front_of_the_token_answers_503_with_retry_after() {
     }
     assert!(busy >= 1, "the bounded queue refused at least one request");
     assert!(s.metric("signet_hsm_queue_rejections_total").await >= 1.0);
-    s.eventually("signing to recover", Duration::from_secs(10), || async {
-        s.sign("payroll-app", sign_body("payroll-esign", b"after"))
-            .await
-            .0
-            == 200
-    })
-    .await;
+    s.eventually_signs("signing to recover", Duration::from_secs(10))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,16 +87,8 @@ async fn token_storage_lost_and_restored_recovers_without_restart() {
 async fn a_stalled_token_call_hits_its_deadline_and_the_service_carries_on() {
     let mut s = Signet::init(Init::default());
     s.start();
-    let (status, _, _) = s
-        .call(
-            "admin",
-            Method::POST,
-            "/v1/admin/insecure-test-fault",
-            Some(json!({"fault": "stall_next_call", "millis": 4000})),
-            &[],
-        )
+    s.inject_fault(json!({"fault": "stall_next_call", "millis": 4000}))
         .await;
-    assert_eq!(status, 200);
     let started = Instant::now();
     let (status, h, p) = s
         .call(
@@ -115,17 +107,8 @@ async fn a_stalled_token_call_hits_its_deadline_and_the_service_carries_on() {
         "answered at the 2s deadline, not after the stall"
     );
     // The other session keeps signing meanwhile, and afterwards everything works.
-    s.eventually(
-        "signing to succeed again",
-        Duration::from_secs(15),
-        || async {
-            s.sign("payroll-app", sign_body("payroll-esign", b"y"))
-                .await
-                .0
-                == 200
-        },
-    )
-    .await;
+    s.eventually_signs("signing to succeed again", Duration::from_secs(15))
+        .await;
     assert!(s.metric("signet_hsm_errors_total{kind=\"timeout\"}").await >= 1.0);
 }
 
@@ -134,26 +117,11 @@ async fn a_stalled_token_call_hits_its_deadline_and_the_service_carries_on() {
 async fn a_library_finalised_under_the_service_is_reinitialised() {
     let mut s = Signet::init(Init::default());
     s.start();
-    let (status, _, _) = s
-        .call(
-            "admin",
-            Method::POST,
-            "/v1/admin/insecure-test-fault",
-            Some(json!({"fault": "finalize_library"})),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200);
+    s.inject_fault(json!({"fault": "finalize_library"})).await;
     // Every session is dead now; handles must be looked up again after re-initialisation.
-    s.eventually(
+    s.eventually_signs(
         "signing to succeed after re-initialisation",
         Duration::from_secs(20),
-        || async {
-            s.sign("payroll-app", sign_body("payroll-esign", b"z"))
-                .await
-                .0
-                == 200
-        },
     )
     .await;
     assert!(

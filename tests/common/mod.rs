@@ -699,3 +699,45 @@ impl Signet {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
+
+impl Signet {
+    /// Inject a token fault through the test-hooks admin endpoint (`stall_next_call`,
+    /// `finalize_library`); panics unless the service accepted it.
+    pub async fn inject_fault(&self, fault: Value) {
+        let (status, _, body) = self
+            .call(
+                "admin",
+                Method::POST,
+                "/v1/admin/insecure-test-fault",
+                Some(fault),
+                &[],
+            )
+            .await;
+        assert_eq!(status, 200, "fault injection refused: {body}");
+    }
+
+    /// Wait until a signing request as `payroll-app` succeeds again.
+    pub async fn eventually_signs(&self, what: &str, timeout: Duration) {
+        self.eventually(what, timeout, || async {
+            self.sign("payroll-app", sign_body("payroll-esign", what.as_bytes()))
+                .await
+                .0
+                == 200
+        })
+        .await;
+    }
+}
+
+/// Hashes as the API renders them (base64), for comparing proofs.
+pub fn b64_hashes(hashes: &[[u8; 32]]) -> Vec<String> {
+    hashes.iter().map(|h| B64.encode(h)).collect()
+}
+
+/// A JSON array of strings.
+pub fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|h| h.as_str().expect("a string").to_owned())
+        .collect()
+}
