@@ -16,8 +16,6 @@ pub mod event {
     pub const KEY_ACTIVATED: &str = "key_activated";
     pub const KEY_RETIRED: &str = "key_retired";
     pub const ROTATION_ROLLED_BACK: &str = "rotation_rolled_back";
-    pub const ROTATION_FAILED: &str = "rotation_step_failed";
-    pub const LOG_STARTED: &str = "log_started";
     pub const CONFIGURATION_RELOADED: &str = "configuration_reloaded";
 }
 

@@ -294,15 +294,6 @@ impl EvidenceLog {
         rx.await.map_err(|_| Error::Closed)?
     }
 
-    /// Blocking variant for synchronous callers (never from an async task).
-    pub fn append_blocking(&self, entries: Vec<Entry>) -> Result<Vec<Receipt>, Error> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.queue
-            .send(Request::Append { entries, reply })
-            .map_err(|_| Error::Closed)?;
-        rx.blocking_recv().map_err(|_| Error::Closed)?
-    }
-
     pub fn origin(&self) -> &str {
         &self.inner.origin
     }

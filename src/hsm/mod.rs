@@ -15,7 +15,7 @@ mod signer;
 use std::time::Duration;
 
 pub use pool::{Hsm, Library, provision_token, read_pin};
-pub use session::{ObjectSummary, PrivateKeyAttributes, TokenSession};
+pub use session::{ObjectSummary, TokenSession};
 pub use signer::{ECDSA_WITH_SHA256, TokenSigner};
 
 pub use cryptoki::error::Error as Pkcs11Error;
@@ -93,15 +93,6 @@ impl Error {
             Error::AlreadyExists(_) => "already_exists",
             Error::Malformed(_) => "malformed",
             Error::ShuttingDown => "shutdown",
-        }
-    }
-
-    /// True when retrying later can succeed: the caller should answer 503 with `Retry-After`.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Error::Unavailable | Error::Busy | Error::Timeout(_) | Error::ShuttingDown => true,
-            Error::Pkcs11 { source, .. } => classify(source) != FailureClass::Request,
-            _ => false,
         }
     }
 

@@ -35,18 +35,6 @@ pub enum ObjectKind {
     Other,
 }
 
-/// The protection attributes of a private key, as the token reports them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PrivateKeyAttributes {
-    pub sensitive: bool,
-    pub extractable: bool,
-    pub token: bool,
-    pub always_sensitive: bool,
-    pub never_extractable: bool,
-    /// Whether the token revealed the private value (it must not).
-    pub value_readable: bool,
-}
-
 impl TokenSession<'_> {
     /// Sign a 32-byte digest with `CKM_ECDSA` and return the DER `ECDSA-Sig-Value`.
     pub fn sign_prehashed(&self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, Error> {
@@ -237,50 +225,6 @@ impl TokenSession<'_> {
                 });
             }
         }
-        Ok(out)
-    }
-
-    /// The protection attributes of the private key `id`, for checks and tests.
-    pub fn private_key_attributes(&self, id: &str) -> Result<PrivateKeyAttributes, Error> {
-        let h = self
-            .find_one(ObjectClass::PRIVATE_KEY, id)?
-            .ok_or_else(|| Error::NotFound(format!("private key {id}")))?;
-        let attrs = self
-            .session
-            .get_attributes(
-                h,
-                &[
-                    AttributeType::Sensitive,
-                    AttributeType::Extractable,
-                    AttributeType::Token,
-                    AttributeType::AlwaysSensitive,
-                    AttributeType::NeverExtractable,
-                ],
-            )
-            .map_err(Error::pkcs11("C_GetAttributeValue"))?;
-        let mut out = PrivateKeyAttributes {
-            sensitive: false,
-            extractable: true,
-            token: false,
-            always_sensitive: false,
-            never_extractable: false,
-            value_readable: false,
-        };
-        for a in attrs {
-            match a {
-                Attribute::Sensitive(v) => out.sensitive = v,
-                Attribute::Extractable(v) => out.extractable = v,
-                Attribute::Token(v) => out.token = v,
-                Attribute::AlwaysSensitive(v) => out.always_sensitive = v,
-                Attribute::NeverExtractable(v) => out.never_extractable = v,
-                _ => {}
-            }
-        }
-        // A sensitive attribute is answered with "no attribute" rather than an error.
-        out.value_readable = matches!(
-            self.session.get_attributes(h, &[AttributeType::Value]),
-            Ok(v) if v.iter().any(|a| matches!(a, Attribute::Value(_)))
-        );
         Ok(out)
     }
 

@@ -74,14 +74,6 @@ impl Idempotency {
             .try_get_with(key, async { sign.await.map(Arc::new) })
             .await
     }
-
-    pub fn len(&self) -> u64 {
-        self.cache.entry_count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Hex SHA-256 of the idempotency key, as recorded in evidence.
