@@ -420,7 +420,6 @@ async fn idempotent_requests_replay_byte_identically_also_after_restart() {
     let body = sign_body("payroll-bulk", b"payslip 2026-11 #17")
         .to_string()
         .into_bytes();
-    let key = [("idempotency-key", "payslip-2026-11-17")];
     let send = |s: &Signet, body: Vec<u8>, key: &'static str| {
         let tls = s.tls("payroll-app");
         let api = s.api;
@@ -440,7 +439,6 @@ async fn idempotent_requests_replay_byte_identically_also_after_restart() {
             (st.as_u16(), b.to_vec())
         }
     };
-    let _ = key;
     let (st1, first) = send(&s, body.clone(), "payslip-2026-11-17").await;
     assert_eq!(st1, 200, "{}", String::from_utf8_lossy(&first));
     let (st2, second) = send(&s, body.clone(), "payslip-2026-11-17").await;

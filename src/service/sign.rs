@@ -376,22 +376,29 @@ impl App {
         let request_sha256 = ready.valid.request_sha256();
         let cache_key = Idempotency::key(&caller.identity.identity, &k);
         let retention = self.idempotency.retention;
+        // Set only when this call signed; every other caller replays from the log.
+        let mut signed_here = None;
         let record = self
             .idempotency
             .get_or_sign(cache_key, async {
                 let response = self.sign_and_record(caller, &ready).await?;
-                Ok::<_, Error>(Record {
+                let record = Record {
                     request_sha256: request_sha256.clone(),
                     index: response.receipt.index,
                     ttl: retention,
-                })
+                };
+                signed_here = Some(response);
+                Ok::<_, Error>(record)
             })
             .await
             .map_err(Error::Shared)?;
         if record.request_sha256 != request_sha256 {
             return Err(Error::IdempotencyConflict);
         }
-        // Answer from the durable entry, exactly as the first time.
+        if let Some(response) = signed_here {
+            return Ok(response);
+        }
+        // A replay: answer from the durable entry, exactly as the first time.
         let bytes = self.log.entry(record.index)?;
         let entry: Entry =
             serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
