@@ -51,13 +51,6 @@ impl Idempotency {
         }
     }
 
-    pub fn key(identity: &str, idempotency_key: &str) -> CacheKey {
-        (
-            identity.to_owned(),
-            Sha256::digest(idempotency_key.as_bytes()).into(),
-        )
-    }
-
     /// Remember a record found in the log at start-up.
     pub async fn insert(&self, key: CacheKey, record: Record) {
         self.cache.insert(key, Arc::new(record)).await;
@@ -76,7 +69,7 @@ impl Idempotency {
     }
 }
 
-/// Hex SHA-256 of the idempotency key, as recorded in evidence.
-pub fn key_hash_hex(idempotency_key: &str) -> String {
-    hex::encode(Sha256::digest(idempotency_key.as_bytes()))
+/// SHA-256 of the idempotency key: the cache key's second half, and (hex) what evidence records.
+pub fn key_sha256(idempotency_key: &str) -> [u8; 32] {
+    Sha256::digest(idempotency_key.as_bytes()).into()
 }

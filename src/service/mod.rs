@@ -167,6 +167,8 @@ pub enum StartError {
     Ca(String),
     #[error("rotation journal: {0}")]
     Rotation(#[from] rotation::Error),
+    #[error("start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl App {
@@ -193,8 +195,7 @@ impl App {
         };
         let log_metrics = Arc::clone(&metrics);
         let log = tokio::task::spawn_blocking(move || EvidenceLog::open(opts, signer, log_metrics))
-            .await
-            .map_err(|e| StartError::Ca(e.to_string()))??;
+            .await??;
         let log = Arc::new(log);
 
         let ca = match config.dynamic.rotation.issuer {
@@ -366,8 +367,7 @@ impl App {
             })?;
             Ok::<_, audit::Error>(found)
         })
-        .await
-        .map_err(|e| StartError::Ca(e.to_string()))??;
+        .await??;
         let n = found.len();
         for (key, request_sha256, index, t) in found.into_iter().rev() {
             let ttl = Duration::from_secs((t + retention).saturating_sub(now));
@@ -435,8 +435,7 @@ async fn ensure_internal_ca(
                     &signer,
                 )
             })
-            .await
-            .map_err(|e| StartError::Ca(e.to_string()))?
+            .await?
             .map_err(|e| StartError::Ca(e.to_string()))?;
             let d = der.clone();
             hsm.call(move |s| {

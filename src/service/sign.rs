@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use signature::hazmat::PrehashVerifier;
 
-use super::idempotency::{self, Idempotency, Record};
+use super::idempotency::{self, Record};
 use super::{App, Caller, Error};
 use crate::audit::entry::{self, DigestEvidence, Entry, PolicyEvidence, event};
 use crate::audit::{Receipt, merkle};
@@ -205,7 +205,13 @@ struct Ready {
     valid: Valid,
     policy: Arc<Policy>,
     key: Arc<KeyVersion>,
-    idempotency_key: Option<String>,
+    idempotency: Option<Idempotent>,
+}
+
+/// The hashes an idempotent request is remembered and recorded by, computed once.
+struct Idempotent {
+    key_sha256: [u8; 32],
+    request_sha256: String,
 }
 
 impl App {
@@ -259,7 +265,7 @@ impl App {
                 Ok(r)
             });
             match ready {
-                Ok(r) if r.idempotency_key.is_some() => {
+                Ok(r) if r.idempotency.is_some() => {
                     keyed.push((i, r));
                     results.push(None);
                 }
@@ -348,13 +354,21 @@ impl App {
             policy.config.tenant.to_string(),
             policy.config.id.to_string(),
         ));
-        if let Some(k) = &idempotency_key {
-            validate_idempotency_key(k)?;
-        } else if policy.config.require_idempotency_key {
-            return Err(
-                crate::policy::Error::IdempotencyKeyRequired(valid.policy_id.clone()).into(),
-            );
-        }
+        let idempotency = match &idempotency_key {
+            Some(k) => {
+                validate_idempotency_key(k)?;
+                Some(Idempotent {
+                    key_sha256: idempotency::key_sha256(k),
+                    request_sha256: valid.request_sha256(),
+                })
+            }
+            None if policy.config.require_idempotency_key => {
+                return Err(
+                    crate::policy::Error::IdempotencyKeyRequired(valid.policy_id.clone()).into(),
+                );
+            }
+            None => None,
+        };
         let rotation = &self.dynamic.load().rotation;
         let key = self.keys.signing_key(
             &policy.config.tenant,
@@ -365,16 +379,16 @@ impl App {
             valid,
             policy,
             key,
-            idempotency_key,
+            idempotency,
         })
     }
 
     async fn sign_ready(&self, caller: &Caller, ready: Ready) -> Result<SignResponse, Error> {
-        let Some(k) = ready.idempotency_key.clone() else {
+        let Some(idem) = &ready.idempotency else {
             return self.sign_and_record(caller, &ready).await;
         };
-        let request_sha256 = ready.valid.request_sha256();
-        let cache_key = Idempotency::key(&caller.identity.identity, &k);
+        let request_sha256 = &idem.request_sha256;
+        let cache_key = (caller.identity.identity.clone(), idem.key_sha256);
         let retention = self.idempotency.retention;
         // Set only when this call signed; every other caller replays from the log.
         let mut signed_here = None;
@@ -392,7 +406,7 @@ impl App {
             })
             .await
             .map_err(Error::Shared)?;
-        if record.request_sha256 != request_sha256 {
+        if record.request_sha256 != *request_sha256 {
             return Err(Error::IdempotencyConflict);
         }
         if let Some(response) = signed_here {
@@ -407,7 +421,13 @@ impl App {
             index: record.index,
             leaf_hash: B64.encode(merkle::leaf_hash(&bytes)),
         };
-        Ok(self.response(&entry, receipt))
+        let certificate = entry
+            .key_id
+            .as_deref()
+            .and_then(|k| k.parse::<KeyId>().ok())
+            .and_then(|k| self.keys.snapshot().version(&k).map(certificate_pem))
+            .unwrap_or_default();
+        Ok(response(&entry, certificate, receipt))
     }
 
     /// Sign in the token, then make the evidence durable. The signature leaves only with it.
@@ -417,7 +437,7 @@ impl App {
             .sign(ready.key.token_id(), ready.valid.digest.0)
             .await?;
         let entry = self.signature_entry(caller, ready, &der);
-        let mut response = self.response(&entry, Receipt::default());
+        let mut response = response(&entry, certificate_pem(&ready.key), Receipt::default());
         // Evidence seam: nothing is returned to the client before this append is durable.
         let mut receipts = self.log.append(vec![entry]).await?;
         response.receipt = receipts
@@ -467,7 +487,8 @@ impl App {
             .collect();
         let responses: Vec<SignResponse> = entries
             .iter()
-            .map(|e| self.response(e, Receipt::default()))
+            .zip(&items)
+            .map(|(e, (_, r))| response(e, certificate_pem(&r.key), Receipt::default()))
             .collect();
         match self.log.append(entries).await {
             Ok(receipts) => {
@@ -517,37 +538,11 @@ impl App {
         e.signature_algorithm = Some(SIGNATURE_ALGORITHM.to_owned());
         e.transaction_id = ready.valid.transaction_id.clone();
         e.signer = ready.valid.signer.clone();
-        if let Some(k) = &ready.idempotency_key {
-            e.idempotency_key_sha256 = Some(idempotency::key_hash_hex(k));
-            e.request_sha256 = Some(ready.valid.request_sha256());
+        if let Some(idem) = &ready.idempotency {
+            e.idempotency_key_sha256 = Some(hex::encode(idem.key_sha256));
+            e.request_sha256 = Some(idem.request_sha256.clone());
         }
         e
-    }
-
-    /// The answer, derived only from the entry and its receipt.
-    fn response(&self, entry: &Entry, receipt: Receipt) -> SignResponse {
-        let key_id = entry.key_id.clone().unwrap_or_default();
-        let certificate = key_id
-            .parse::<KeyId>()
-            .ok()
-            .and_then(|k| {
-                self.keys
-                    .snapshot()
-                    .version(&k)
-                    .and_then(|v| v.certificate_pem.as_deref().map(str::to_owned))
-            })
-            .unwrap_or_default();
-        SignResponse {
-            signature: entry.signature.clone().unwrap_or_default(),
-            algorithm: entry
-                .signature_algorithm
-                .clone()
-                .unwrap_or_else(|| SIGNATURE_ALGORITHM.to_owned()),
-            key_id,
-            certificate,
-            signed_at: entry.time.clone(),
-            receipt,
-        }
     }
 
     fn count(
@@ -575,6 +570,28 @@ impl App {
             .with_label_values(&[&tenant, &policy, outcome])
             .inc();
     }
+}
+
+/// The answer: the entry, its receipt and the PEM of the certificate that signed it.
+fn response(entry: &Entry, certificate: String, receipt: Receipt) -> SignResponse {
+    SignResponse {
+        signature: entry.signature.clone().unwrap_or_default(),
+        algorithm: entry
+            .signature_algorithm
+            .clone()
+            .unwrap_or_else(|| SIGNATURE_ALGORITHM.to_owned()),
+        key_id: entry.key_id.clone().unwrap_or_default(),
+        certificate,
+        signed_at: entry.time.clone(),
+        receipt,
+    }
+}
+
+fn certificate_pem(key: &Arc<KeyVersion>) -> String {
+    key.certificate_pem
+        .as_deref()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Metric labels for a failed request: only configured names, never request content.
