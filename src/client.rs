@@ -109,20 +109,7 @@ impl Connection {
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<Self, Error> {
-        let stream = tls_connect(&tls.config, addr, server_name).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| Error::Connect {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(Self {
-            sender: Sender::H1(sender),
-            host: server_name.to_owned(),
-        })
+        Self::open(&tls.config, addr, server_name, false).await
     }
 
     /// Connect with ALPN `h2`; [`Connection::share`] gives more streams on it.
@@ -133,21 +120,36 @@ impl Connection {
     ) -> Result<Self, Error> {
         let mut config = (*tls.config).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];
-        let stream = tls_connect(&Arc::new(config), addr, server_name).await?;
-        let (sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            TokioIo::new(stream),
-        )
-        .await
-        .map_err(|e| Error::Connect {
+        Self::open(&Arc::new(config), addr, server_name, true).await
+    }
+
+    async fn open(
+        config: &Arc<rustls::ClientConfig>,
+        addr: SocketAddr,
+        server_name: &str,
+        h2: bool,
+    ) -> Result<Self, Error> {
+        let io = TokioIo::new(tls_connect(config, addr, server_name).await?);
+        let failed = |e: hyper::Error| Error::Connect {
             addr: addr.to_string(),
             reason: e.to_string(),
-        })?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        };
+        let sender = if h2 {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .map_err(failed)?;
+            tokio::spawn(conn);
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(failed)?;
+            tokio::spawn(conn);
+            Sender::H1(sender)
+        };
         Ok(Self {
-            sender: Sender::H2(sender),
+            sender,
             host: server_name.to_owned(),
         })
     }

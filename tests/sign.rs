@@ -1,6 +1,7 @@
 //! Signing core against a real SoftHSM token and real mTLS: signatures verify (p256 and
 //! openssl), tenants are isolated, unknown clients are refused in the handshake, bad input
-//! gets precise problems and changes nothing, keys/verify endpoints, metrics.
+//! gets precise problems and changes nothing, HTTP/2 streams on one connection, keys/verify
+//! endpoints, metrics.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -86,6 +87,54 @@ async fn sign_returns_a_signature_that_verifies_with_the_returned_certificate() 
                 .trim()
         )
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_on_one_connection_each_get_their_own_signature() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let h2 = signet::client::Connection::connect_h2(&s.tls("payroll-app"), s.api, "localhost")
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let mut c = h2
+            .share()
+            .expect("HTTP/2 was negotiated, so the connection is shared");
+        let data = format!("h2 document {i}").into_bytes();
+        streams.push(tokio::spawn(async move {
+            let body = sign_body("payroll-esign", &data).to_string().into_bytes();
+            let (st, _, b) = c
+                .request(Method::POST, "/v1/sign", &[], Some(body))
+                .await
+                .unwrap();
+            (
+                st.as_u16(),
+                serde_json::from_slice::<Value>(&b).unwrap(),
+                data,
+            )
+        }));
+    }
+    let mut indexes = Vec::new();
+    for t in streams {
+        let (st, r, data) = t.await.unwrap();
+        assert_eq!(st, 200, "{r}");
+        assert!(verifies(
+            r["certificate"].as_str().unwrap(),
+            &data,
+            r["signature"].as_str().unwrap()
+        ));
+        indexes.push(r["receipt"]["index"].as_u64().unwrap());
+    }
+    indexes.sort_unstable();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 8, "eight distinct evidence entries");
+    let signed = s
+        .entries()
+        .iter()
+        .filter(|e| e["event"] == "signature")
+        .count();
+    assert_eq!(signed, 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

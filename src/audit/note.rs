@@ -305,8 +305,8 @@ mod tests {
         s.to_der().as_bytes().to_vec()
     }
 
-    #[test]
-    fn checkpoint_round_trip_and_tamper() {
+    /// A fresh key, a checkpoint of size 42 and its signed note.
+    fn signed_fixture() -> (SigningKey, Checkpoint, String) {
         let sk = SigningKey::generate();
         let cp = Checkpoint {
             origin: "signet.example/log".into(),
@@ -314,6 +314,12 @@ mod tests {
             root: [7; 32],
         };
         let note = signed_checkpoint(&cp, sk.verifying_key(), sign(&sk, cp.body().as_bytes()));
+        (sk, cp, note)
+    }
+
+    #[test]
+    fn checkpoint_round_trip_and_tamper() {
+        let (sk, cp, note) = signed_fixture();
         assert!(note.starts_with("signet.example/log\n42\nBwcH"));
         assert!(note.contains("\n\n\u{2014} signet.example/log "));
         assert_eq!(
@@ -386,13 +392,7 @@ mod tests {
     /// see tests/fuzz): every parser returns a value or an error, never panics.
     #[test]
     fn parsers_survive_mutated_input() {
-        let sk = SigningKey::generate();
-        let cp = Checkpoint {
-            origin: "signet.example/log".into(),
-            size: 42,
-            root: [7; 32],
-        };
-        let note = signed_checkpoint(&cp, sk.verifying_key(), sign(&sk, cp.body().as_bytes()));
+        let (sk, _, note) = signed_fixture();
         let proof = TlogProof {
             extra: Some(b"{\"index\":0}".to_vec()),
             index: 3,
