@@ -67,6 +67,11 @@ impl ClientTls {
             config: Arc::new(config),
         })
     }
+
+    /// The rustls configuration, for callers that drive a TLS socket themselves.
+    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.config)
+    }
 }
 
 /// One connection: keep-alive HTTP/1.1 (one request at a time), or HTTP/2 (clones share the

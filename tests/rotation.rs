@@ -173,7 +173,7 @@ async fn scheduled_rotation_renews_before_expiry_retires_after_grace_and_never_p
 async fn on_demand_rotation_under_concurrent_signing_fails_no_request() {
     let mut s = Signet::init(Init::default());
     s.start();
-    let load = s.load(4);
+    let load = s.load(8);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = s.cli_ok(&[
         "--json",
@@ -214,6 +214,30 @@ async fn on_demand_rotation_under_concurrent_signing_fails_no_request() {
     // A second rotation while none is in progress works; the reason is mandatory.
     let out = s.cli(&["rotate", "start", "--tenant", "payroll", "--reason", ""]);
     assert!(!out.status.success());
+
+    // The log shows that v1 never signed after v2 was made active, and audit verify agrees.
+    let entries = s.entries();
+    let activated = entries
+        .iter()
+        .position(|e| e["event"] == "key_activated" && e["key_id"] == "payroll/v2")
+        .expect("an activation entry");
+    let late: Vec<&Value> = entries[activated..]
+        .iter()
+        .filter(|e| e["event"] == "signature" && e["key_id"] == "payroll/v1")
+        .collect();
+    assert!(late.is_empty(), "v1 signed after v2's activation: {late:?}");
+    assert!(
+        entries[..activated]
+            .iter()
+            .any(|e| e["event"] == "signature" && e["key_id"] == "payroll/v1"),
+        "the load signed with v1 before the rotation"
+    );
+    assert!(
+        entries[activated..]
+            .iter()
+            .any(|e| e["event"] == "signature" && e["key_id"] == "payroll/v2")
+    );
+    s.audit_verify(None);
 }
 
 #[cfg(feature = "insecure-test-hooks")]

@@ -16,6 +16,7 @@
 pub mod entry;
 pub mod merkle;
 pub mod note;
+pub mod order;
 pub mod verify;
 
 use std::fs::{File, OpenOptions};
@@ -76,6 +77,10 @@ pub enum Error {
     Closed,
     #[error("cannot serialise an entry: {0}")]
     Serialize(String),
+    /// A signature made with a version that the log has already replaced: sign again with
+    /// `Violation::active`.
+    #[error(transparent)]
+    Superseded(#[from] order::Violation),
 }
 
 impl Error {
@@ -91,6 +96,7 @@ impl Error {
             Error::Sign(_) => "sign",
             Error::Closed => "closed",
             Error::Serialize(_) => "serialize",
+            Error::Superseded(_) => "superseded",
         }
     }
 }
@@ -239,6 +245,7 @@ impl EvidenceLog {
             check_against_checkpoint(&tree, cp, &opts.origin, &signer.public_key())?;
         }
         let offsets = recovered.offsets;
+        let active = recovered.active;
         let file_len = log.metadata().map_err(io_err(&log_path))?.len();
         tracing::info!(
             entries = tree.len(),
@@ -276,7 +283,7 @@ impl EvidenceLog {
         let fsync = opts.fsync;
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer_main(w, log, rx, fsync, max_group))
+            .spawn(move || writer_main(w, log, rx, fsync, max_group, active))
             .map_err(io_err(&log_path))?;
         Ok(Self {
             inner,
@@ -489,6 +496,7 @@ fn writer_main(
     rx: crossbeam_channel::Receiver<Request>,
     fsync: FsyncPolicy,
     max_group: usize,
+    mut active: order::ActiveVersions,
 ) {
     let mut buf = Vec::with_capacity(1 << 16);
     let mut stopping = false;
@@ -522,7 +530,7 @@ fn writer_main(
         if group.is_empty() {
             continue;
         }
-        commit(&inner, &mut log, group, fsync, &mut buf);
+        commit(&inner, &mut log, group, fsync, &mut buf, &mut active);
     }
     // Answer anything still queued after a stop.
     while let Ok(Request::Append { reply, .. }) = rx.try_recv() {
@@ -535,8 +543,19 @@ type Group = Vec<(
     tokio::sync::oneshot::Sender<Result<Vec<Receipt>, Error>>,
 )>;
 
-fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: &mut Vec<u8>) {
+/// Sequence one group: assign indexes and hash links, refuse requests whose signatures were
+/// made with a replaced version (the order rule), write, fsync, publish, answer.
+fn commit(
+    inner: &Inner,
+    log: &mut File,
+    group: Group,
+    fsync: FsyncPolicy,
+    buf: &mut Vec<u8>,
+    active: &mut order::ActiveVersions,
+) {
     buf.clear();
+    // The order state as of this group; becomes `active` only once the group is durable.
+    let mut staged: Option<order::ActiveVersions> = None;
     let (base_index, base_len, mut previous) = {
         let st = read(&inner.state);
         let n = st.tree.len();
@@ -557,9 +576,18 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
         let mut out = Vec::with_capacity(entries.len());
         let mark = (buf.len(), next, leaves.len(), previous);
         let mut failed = None;
+        let staged_before = staged.clone();
         for mut e in entries {
             e.index = next;
             e.previous_leaf_hash = previous.map(|h| B64.encode(h));
+            let order = staged.as_ref().unwrap_or(active);
+            if let Err(v) = order.check(&e) {
+                failed = Some(Error::Superseded(v));
+                break;
+            }
+            if order::activation(&e).is_some() {
+                staged.get_or_insert_with(|| active.clone()).record(&e);
+            }
             match e.canonical() {
                 Ok(bytes) => {
                     let leaf = merkle::leaf_hash(&bytes);
@@ -592,6 +620,7 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
                 events.truncate(events.len() - (next - mark.1) as usize);
                 next = mark.1;
                 previous = mark.3;
+                staged = staged_before;
                 receipts.push(Err(err));
             }
         }
@@ -631,6 +660,9 @@ fn commit(inner: &Inner, log: &mut File, group: Group, fsync: FsyncPolicy, buf: 
         return;
     }
 
+    if let Some(s) = staged {
+        *active = s;
+    }
     {
         let mut st = write(&inner.state);
         for l in &leaves {
@@ -674,10 +706,11 @@ fn probe_writable(inner: &Inner, log: &mut File) {
     }
 }
 
-/// Leaves and offsets recovered at start-up.
+/// Leaves, offsets and the tenants' active versions recovered at start-up.
 struct Recovered {
     leaves: Vec<Hash>,
     offsets: Vec<u64>,
+    active: order::ActiveVersions,
 }
 
 /// Read every entry, hash it, and bring the file back to the last complete entry.
@@ -691,6 +724,7 @@ fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Reco
     let f = File::open(path).map_err(io_err(path))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
     let (mut leaves, mut offsets) = (Vec::new(), Vec::new());
+    let mut active = order::ActiveVersions::default();
     let mut pos = 0u64;
     let mut line = Vec::new();
     let mut bad_at: Option<(u64, String)> = None;
@@ -723,6 +757,13 @@ fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Reco
                     "{why}, followed by valid entries"
                 )));
             }
+            if let Ok(e) = &parsed {
+                active.record(e);
+            }
+        } else if order::may_be_activation(&line)
+            && let Ok(e) = serde_json::from_slice::<Entry>(&line)
+        {
+            active.record(&e);
         }
         offsets.push(pos);
         leaves.push(merkle::leaf_hash(&line));
@@ -738,7 +779,11 @@ fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Reco
         log.set_len(good).map_err(io_err(path))?;
         log.sync_all().map_err(io_err(path))?;
     }
-    Ok(Recovered { leaves, offsets })
+    Ok(Recovered {
+        leaves,
+        offsets,
+        active,
+    })
 }
 
 /// Read `checkpoints.jsonl`, cutting a torn final line.
@@ -963,5 +1008,89 @@ mod tests {
         ));
         let failure = verify::verify_dir(dir.path(), &key.public_key()).unwrap_err();
         assert_eq!(failure.first_bad_entry, Some(5), "{failure}");
+    }
+
+    fn keyed(ev: &str, key_id: &str) -> Entry {
+        let mut e = entry(0);
+        e.event = ev.to_owned();
+        e.tenant = Some("payroll".into());
+        e.key_id = Some(key_id.into());
+        e
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writer_refuses_a_signature_made_with_a_replaced_version_also_after_reopen() {
+        use entry::event::{KEY_ACTIVATED, SIGNATURE};
+        let dir = tempfile::tempdir().unwrap();
+        let key = Arc::new(SoftSigner(SigningKey::generate()));
+        let log = open(dir.path(), &key).unwrap();
+        log.append(vec![keyed(SIGNATURE, "payroll/v1")])
+            .await
+            .unwrap();
+        log.append(vec![keyed(KEY_ACTIVATED, "payroll/v2")])
+            .await
+            .unwrap();
+        // A late v1 signature is refused, naming the version to sign with instead.
+        match log.append(vec![keyed(SIGNATURE, "payroll/v1")]).await {
+            Err(Error::Superseded(v)) => {
+                assert_eq!(
+                    (v.active.key_id.as_str(), v.active.index),
+                    ("payroll/v2", 1)
+                )
+            }
+            other => panic!("expected Superseded, got {other:?}"),
+        }
+        // One refused request in a group does not take the others down.
+        let (a, b) = tokio::join!(
+            log.append(vec![keyed(SIGNATURE, "payroll/v2")]),
+            log.append(vec![keyed(SIGNATURE, "payroll/v1")])
+        );
+        assert_eq!(a.unwrap()[0].index, 2);
+        assert!(matches!(b, Err(Error::Superseded(_))));
+        log.close();
+        drop(log);
+        // The rule survives a restart: activations are recovered from the file.
+        let log = open(dir.path(), &key).unwrap();
+        assert!(matches!(
+            log.append(vec![keyed(SIGNATURE, "payroll/v1")]).await,
+            Err(Error::Superseded(_))
+        ));
+        log.close();
+        drop(log);
+        let report = verify::verify_dir(dir.path(), &key.public_key()).unwrap();
+        assert_eq!(report.entries, 3);
+    }
+
+    #[test]
+    fn verify_names_a_signature_reordered_after_an_activation() {
+        use entry::event::{KEY_ACTIVATED, SIGNATURE};
+        // A log rewritten with consistent hash links but a v1 signature after v2's activation.
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate();
+        let order = [
+            keyed(SIGNATURE, "payroll/v1"),
+            keyed(KEY_ACTIVATED, "payroll/v2"),
+            keyed(SIGNATURE, "payroll/v2"),
+            keyed(SIGNATURE, "payroll/v1"),
+        ];
+        let mut data = Vec::new();
+        let mut previous: Option<Hash> = None;
+        for (i, mut e) in order.into_iter().enumerate() {
+            e.index = i as u64;
+            e.previous_leaf_hash = previous.map(|h| B64.encode(h));
+            let bytes = e.canonical().unwrap();
+            previous = Some(merkle::leaf_hash(&bytes));
+            data.extend_from_slice(&bytes);
+            data.push(b'\n');
+        }
+        std::fs::write(dir.path().join(ENTRIES_FILE), data).unwrap();
+        let failure = verify::verify_dir(dir.path(), key.verifying_key()).unwrap_err();
+        assert_eq!(failure.first_bad_entry, Some(3), "{failure}");
+        assert!(
+            failure
+                .message
+                .contains("signature with payroll/v1 follows entry 1 that made payroll/v2"),
+            "{failure}"
+        );
     }
 }

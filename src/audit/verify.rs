@@ -14,6 +14,7 @@ use signature::hazmat::PrehashVerifier;
 use super::entry::{self, Entry, EntryError};
 use super::merkle::{self, Tree};
 use super::note::{self, TlogProof};
+use super::order::ActiveVersions;
 use super::{CHECKPOINTS_FILE, ENTRIES_FILE, Receipt, StoredCheckpoint};
 use crate::pki::CertInfo;
 
@@ -59,6 +60,7 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailur
         .map_err(|e| DirFailure::other(format!("cannot read {}: {e}", entries_path.display())))?;
     let mut tree = Tree::new();
     let mut events: BTreeMap<String, u64> = BTreeMap::new();
+    let mut active = ActiveVersions::default();
     let mut rest: &[u8] = &data;
     while !rest.is_empty() {
         let index = tree.len();
@@ -90,6 +92,12 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailur
                 ),
             ));
         }
+        active.observe(&e).map_err(|v| {
+            DirFailure::entry(
+                index,
+                format!("entry {index} breaks the signing order: {v}"),
+            )
+        })?;
         *events.entry(e.event.clone()).or_default() += 1;
         tree.push(merkle::leaf_hash(line));
     }

@@ -192,6 +192,14 @@ fn audit_problem(e: &audit::Error, request_id: &str) -> Problem {
             request_id,
         )
         .retry_after(10),
+        audit::Error::Superseded(_) => Problem::new(
+            S::SERVICE_UNAVAILABLE,
+            "key-rotating",
+            "The signing key is being rotated",
+            "the tenant's key was replaced while signing; retry",
+            request_id,
+        )
+        .retry_after(1),
         audit::Error::Proof(_) => Problem::new(
             S::BAD_REQUEST,
             "invalid-range",

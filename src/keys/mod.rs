@@ -148,6 +148,28 @@ struct VersionRecord {
     retiring_until: Option<u64>,
 }
 
+/// A version may sign: it holds its private key and a certificate usable now.
+fn usable_for_signing(
+    v: &Arc<KeyVersion>,
+    now: u64,
+    min_remaining: Duration,
+) -> Result<Arc<KeyVersion>, Error> {
+    let tenant = v.key_id.tenant();
+    let cert = v
+        .certificate
+        .as_ref()
+        .ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
+    if !v.has_private_key {
+        return Err(Error::NoActiveKey(tenant.clone()));
+    }
+    cert.check_usable(now, min_remaining)
+        .map_err(|reason| Error::CertificateNotUsable {
+            key_id: v.key_id.clone(),
+            reason,
+        })?;
+    Ok(Arc::clone(v))
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {
     format: u32,
@@ -199,19 +221,23 @@ impl Registry {
         let v = snap
             .active(tenant)
             .ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
-        let cert = v
-            .certificate
-            .as_ref()
-            .ok_or_else(|| Error::NoActiveKey(tenant.clone()))?;
-        if !v.has_private_key {
-            return Err(Error::NoActiveKey(tenant.clone()));
-        }
-        cert.check_usable(now, min_remaining)
-            .map_err(|reason| Error::CertificateNotUsable {
-                key_id: v.key_id.clone(),
-                reason,
-            })?;
-        Ok(Arc::clone(v))
+        usable_for_signing(v, now, min_remaining)
+    }
+
+    /// `key_id` for signing, whatever its state in the registry: the evidence log has made it
+    /// the tenant's active version and the registry is about to follow. Its private key and
+    /// certificate must still be usable.
+    pub fn signing_version(
+        &self,
+        key_id: &KeyId,
+        now: u64,
+        min_remaining: Duration,
+    ) -> Result<Arc<KeyVersion>, Error> {
+        let snap = self.snapshot.load();
+        let v = snap
+            .version(key_id)
+            .ok_or_else(|| Error::UnknownKey(key_id.clone()))?;
+        usable_for_signing(v, now, min_remaining)
     }
 
     /// Insert or replace a version. Persists before publishing.

@@ -1,22 +1,32 @@
 //! Idempotency: the same client, `Idempotency-Key` and request within the retention window
-//! gets the same answer, byte for byte, also after a restart.
+//! gets the same answer, byte for byte, signed once — also when the first caller hung up, and
+//! after a restart.
 //!
 //! ECDSA is randomised, so answers are remembered, not recomputed. The evidence log is the
-//! durable source (each signature entry carries the key's hash and the request's hash); this
-//! moka cache maps (client, key hash) to the entry index, is rebuilt from the log's tail at
-//! start, and coalesces concurrent requests with the same key into one signature.
+//! durable source: each signature entry carries the key's hash and the request's hash, so the
+//! record is durable in the same commit as the entry, and start-up rebuilds `records` from the
+//! log's tail.
+//!
+//! Two maps, one rule: a key is either *in flight* (an attempt owns it; everyone else waits for
+//! that attempt's outcome) or *recorded* (answer from the log entry), never neither while an
+//! attempt runs. The attempt runs as its own task, so a client hanging up (its handler future
+//! dropped) cannot stop the append or the record half-way; and the task records its outcome
+//! before it releases the claim, both seen under the `in_flight` lock.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use moka::Expiry;
-use moka::future::Cache;
+use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
 /// (client identity, SHA-256 of the Idempotency-Key).
 pub type CacheKey = (String, [u8; 32]);
 
-/// What is remembered for one key.
+/// What is remembered for one committed key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub request_sha256: String,
@@ -25,9 +35,47 @@ pub struct Record {
     pub ttl: Duration,
 }
 
-pub struct Idempotency {
-    cache: Cache<CacheKey, Arc<Record>>,
+/// The answer of an attempt that just signed, shared with everyone who waited for it.
+#[derive(Debug)]
+pub struct Fresh<R> {
+    pub request_sha256: String,
+    pub index: u64,
+    pub response: Arc<R>,
+}
+
+impl<R> Clone for Fresh<R> {
+    fn clone(&self) -> Self {
+        Self {
+            request_sha256: self.request_sha256.clone(),
+            index: self.index,
+            response: Arc::clone(&self.response),
+        }
+    }
+}
+
+/// An attempt's outcome, as every waiter sees it.
+pub type Outcome<R, E> = Result<Fresh<R>, Arc<E>>;
+
+/// An attempt in flight.
+pub type Pending<R, E> = Shared<BoxFuture<'static, Outcome<R, E>>>;
+
+/// Where a key stands when a request arrives.
+pub enum Begin<R, E> {
+    /// Committed before: answer from the log entry at `Record::index`.
+    Recorded(Arc<Record>),
+    /// An attempt is in flight (perhaps just started by this call): wait for its outcome.
+    Pending(Pending<R, E>),
+}
+
+pub struct Idempotency<R, E> {
+    inner: Arc<Inner<R, E>>,
     pub retention: Duration,
+}
+
+struct Inner<R, E> {
+    records: Cache<CacheKey, Arc<Record>>,
+    /// Guarded by its mutex; never held across an `.await`.
+    in_flight: Mutex<HashMap<CacheKey, Pending<R, E>>>,
 }
 
 struct PerRecordTtl;
@@ -43,33 +91,151 @@ impl Expiry<CacheKey, Arc<Record>> for PerRecordTtl {
     }
 }
 
-impl Idempotency {
+impl<R, E> Idempotency<R, E>
+where
+    R: Send + Sync + 'static,
+    E: From<tokio::task::JoinError> + Send + Sync + 'static,
+{
     pub fn new(retention: Duration) -> Self {
         Self {
-            cache: Cache::builder().expire_after(PerRecordTtl).build(),
+            inner: Arc::new(Inner {
+                records: Cache::builder().expire_after(PerRecordTtl).build(),
+                in_flight: Mutex::new(HashMap::new()),
+            }),
             retention,
         }
     }
 
     /// Remember a record found in the log at start-up.
-    pub async fn insert(&self, key: CacheKey, record: Record) {
-        self.cache.insert(key, Arc::new(record)).await;
+    pub fn insert(&self, key: CacheKey, record: Record) {
+        self.inner.records.insert(key, Arc::new(record));
     }
 
-    /// Return the remembered record, or run `sign` once (concurrent callers with the same key
-    /// wait for it) and remember its result. Failures are not remembered.
-    pub async fn get_or_sign<F, E>(&self, key: CacheKey, sign: F) -> Result<Arc<Record>, Arc<E>>
+    /// The record of `key`, or the attempt in flight for it; if there is neither, start
+    /// `attempt()` as a task of its own and return it as pending. A failed attempt is not
+    /// remembered: the next request with the key tries again.
+    pub fn begin<F>(&self, key: CacheKey, attempt: impl FnOnce() -> F) -> Begin<R, E>
     where
-        F: Future<Output = Result<Record, E>>,
-        E: Send + Sync + 'static,
+        F: Future<Output = Outcome<R, E>> + Send + 'static,
     {
-        self.cache
-            .try_get_with(key, async { sign.await.map(Arc::new) })
-            .await
+        let mut flights = lock(&self.inner.in_flight);
+        if let Some(p) = flights.get(&key) {
+            return Begin::Pending(p.clone());
+        }
+        // Checked under the lock the attempt releases its claim under: a record inserted by
+        // an attempt is visible here before its claim disappears.
+        if let Some(r) = self.inner.records.get(&key) {
+            return Begin::Recorded(r);
+        }
+        let inner = Arc::clone(&self.inner);
+        let ttl = self.retention;
+        let k = key.clone();
+        let run = attempt();
+        let task = tokio::spawn(async move {
+            let outcome = run.await;
+            if let Ok(fresh) = &outcome {
+                inner.records.insert(
+                    k.clone(),
+                    Arc::new(Record {
+                        request_sha256: fresh.request_sha256.clone(),
+                        index: fresh.index,
+                        ttl,
+                    }),
+                );
+            }
+            lock(&inner.in_flight).remove(&k);
+            outcome
+        });
+        let pending = async move { task.await.unwrap_or_else(|e| Err(Arc::new(E::from(e)))) }
+            .boxed()
+            .shared();
+        flights.insert(key, pending.clone());
+        Begin::Pending(pending)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// SHA-256 of the idempotency key: the cache key's second half, and (hex) what evidence records.
 pub fn key_sha256(idempotency_key: &str) -> [u8; 32] {
     Sha256::digest(idempotency_key.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Debug)]
+    struct TestError;
+    impl From<tokio::task::JoinError> for TestError {
+        fn from(_: tokio::task::JoinError) -> Self {
+            TestError
+        }
+    }
+
+    type Store = Idempotency<u32, TestError>;
+
+    fn key(n: u8) -> CacheKey {
+        ("client".into(), [n; 32])
+    }
+
+    fn attempt(
+        runs: &Arc<AtomicU32>,
+        gate: tokio::sync::oneshot::Receiver<()>,
+    ) -> impl Future<Output = Outcome<u32, TestError>> + Send + 'static {
+        let runs = Arc::clone(runs);
+        async move {
+            let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            let _ = gate.await;
+            Ok(Fresh {
+                request_sha256: "r".into(),
+                index: u64::from(n),
+                response: Arc::new(n),
+            })
+        }
+    }
+
+    async fn outcome(b: Begin<u32, TestError>) -> Result<u32, &'static str> {
+        match b {
+            Begin::Recorded(r) => Ok(r.index as u32),
+            Begin::Pending(p) => p.await.map(|f| *f.response).map_err(|_| "failed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_attempt_still_records_and_a_retry_replays_it() {
+        let store = Store::new(Duration::from_secs(60));
+        let runs = Arc::new(AtomicU32::new(0));
+        let (open, gate) = tokio::sync::oneshot::channel();
+        // The first caller starts the attempt and hangs up at once.
+        drop(store.begin(key(1), || attempt(&runs, gate)));
+        // A retry while it is in flight waits for it instead of signing again.
+        let (_, never) = tokio::sync::oneshot::channel();
+        let retry = store.begin(key(1), || attempt(&runs, never));
+        open.send(()).unwrap();
+        assert_eq!(outcome(retry).await, Ok(1));
+        // Afterwards the key is recorded: still one run.
+        let (_, never) = tokio::sync::oneshot::channel();
+        match store.begin(key(1), || attempt(&runs, never)) {
+            Begin::Recorded(r) => assert_eq!(r.index, 1),
+            Begin::Pending(_) => panic!("a committed key must be recorded"),
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_is_not_remembered() {
+        let store = Store::new(Duration::from_secs(60));
+        let first = store.begin(key(2), || async { Err(Arc::new(TestError)) });
+        assert_eq!(outcome(first).await, Err("failed"));
+        tokio::task::yield_now().await;
+        let runs = Arc::new(AtomicU32::new(0));
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let second = store.begin(key(2), || attempt(&runs, gate));
+        open.send(()).unwrap();
+        assert_eq!(outcome(second).await, Ok(1));
+    }
 }

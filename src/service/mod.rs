@@ -65,6 +65,12 @@ pub enum Error {
     Shared(Arc<Error>),
 }
 
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Internal(format!("signing task failed: {e}"))
+    }
+}
+
 impl Error {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Error::Invalid {
@@ -127,7 +133,7 @@ pub struct App {
     pub keys: Arc<Registry>,
     pub log: Arc<EvidenceLog>,
     pub metrics: Arc<Metrics>,
-    pub idempotency: Idempotency,
+    pub idempotency: Idempotency<SignResponse, Error>,
     pub clock: Arc<dyn Clock>,
     pub rotation: Engine,
     /// The CA tenant certificates must chain to (internal for hsm-ca, a file for manual).
@@ -371,16 +377,14 @@ impl App {
         let n = found.len();
         for (key, request_sha256, index, t) in found.into_iter().rev() {
             let ttl = Duration::from_secs((t + retention).saturating_sub(now));
-            self.idempotency
-                .insert(
-                    key,
-                    idempotency::Record {
-                        request_sha256,
-                        index,
-                        ttl,
-                    },
-                )
-                .await;
+            self.idempotency.insert(
+                key,
+                idempotency::Record {
+                    request_sha256,
+                    index,
+                    ttl,
+                },
+            );
         }
         if n > 0 {
             tracing::info!(

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use signature::hazmat::PrehashVerifier;
 
-use super::idempotency::{self, Record};
+use super::idempotency::{self, Begin, Fresh, Record};
 use super::{App, Caller, Error};
 use crate::audit::entry::{self, DigestEvidence, Entry, PolicyEvidence, event};
 use crate::audit::{Receipt, merkle};
@@ -27,6 +27,8 @@ const MAX_TRANSACTION_ID: usize = 256;
 const MAX_SIGNER_BYTES: usize = 8 * 1024;
 const MAX_SIGNER_DEPTH: usize = 5;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
+/// How often a signature is made again when the log says a rotation replaced its version.
+const MAX_RESIGN: u32 = 3;
 
 /// `POST /v1/sign` body (and one item of a batch).
 #[derive(Debug, Deserialize)]
@@ -217,7 +219,7 @@ struct Idempotent {
 impl App {
     /// `POST /v1/sign`.
     pub async fn sign(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         req: SignRequest,
         header_key: Option<&str>,
@@ -245,7 +247,7 @@ impl App {
     /// `POST /v1/sign/batch`: one result per item, in order. Items without an idempotency key
     /// are signed in one token call and recorded in one group commit.
     pub async fn sign_batch(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         items: Vec<SignRequest>,
     ) -> Vec<Result<SignResponse, Error>> {
@@ -383,36 +385,51 @@ impl App {
         })
     }
 
-    async fn sign_ready(&self, caller: &Caller, ready: Ready) -> Result<SignResponse, Error> {
+    async fn sign_ready(
+        self: &Arc<Self>,
+        caller: &Caller,
+        ready: Ready,
+    ) -> Result<SignResponse, Error> {
         let Some(idem) = &ready.idempotency else {
             return self.sign_and_record(caller, &ready).await;
         };
-        let request_sha256 = &idem.request_sha256;
+        let request_sha256 = idem.request_sha256.clone();
         let cache_key = (caller.identity.identity.clone(), idem.key_sha256);
-        let retention = self.idempotency.retention;
-        // Set only when this call signed; every other caller replays from the log.
-        let mut signed_here = None;
-        let record = self
-            .idempotency
-            .get_or_sign(cache_key, async {
-                let response = self.sign_and_record(caller, &ready).await?;
-                let record = Record {
-                    request_sha256: request_sha256.clone(),
+        let begun = self.idempotency.begin(cache_key, || {
+            // Runs as its own task: a client that hangs up cannot cancel the signature, the
+            // append or the record half-way.
+            let (app, caller) = (Arc::clone(self), caller.clone());
+            async move {
+                let response = app
+                    .sign_and_record(&caller, &ready)
+                    .await
+                    .map_err(Arc::new)?;
+                let request_sha256 = ready
+                    .idempotency
+                    .map(|i| i.request_sha256)
+                    .unwrap_or_default();
+                Ok(Fresh {
+                    request_sha256,
                     index: response.receipt.index,
-                    ttl: retention,
-                };
-                signed_here = Some(response);
-                Ok::<_, Error>(record)
-            })
-            .await
-            .map_err(Error::Shared)?;
-        if record.request_sha256 != *request_sha256 {
+                    response: Arc::new(response),
+                })
+            }
+        });
+        let fresh = match begun {
+            Begin::Recorded(record) => return self.replay(&record, &request_sha256),
+            Begin::Pending(pending) => pending.await.map_err(Error::Shared)?,
+        };
+        if fresh.request_sha256 != request_sha256 {
             return Err(Error::IdempotencyConflict);
         }
-        if let Some(response) = signed_here {
-            return Ok(response);
+        Ok((*fresh.response).clone())
+    }
+
+    /// Answer a recorded idempotent request from its durable entry, exactly as the first time.
+    fn replay(&self, record: &Record, request_sha256: &str) -> Result<SignResponse, Error> {
+        if record.request_sha256 != request_sha256 {
+            return Err(Error::IdempotencyConflict);
         }
-        // A replay: answer from the durable entry, exactly as the first time.
         let bytes = self.log.entry(record.index)?;
         let entry: Entry =
             serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
@@ -431,22 +448,48 @@ impl App {
     }
 
     /// Sign in the token, then make the evidence durable. The signature leaves only with it.
+    /// If the log has meanwhile made another version active (a rotation), the signature is
+    /// discarded unrecorded and made again with that version.
     async fn sign_and_record(&self, caller: &Caller, ready: &Ready) -> Result<SignResponse, Error> {
-        let der = self
-            .hsm
-            .sign(ready.key.token_id(), ready.valid.digest.0)
-            .await?;
-        let entry = self.signature_entry(caller, ready, &der);
-        let mut response = response(&entry, certificate_pem(&ready.key), Receipt::default());
-        // Evidence seam: nothing is returned to the client before this append is durable.
-        let mut receipts = self.log.append(vec![entry]).await?;
-        response.receipt = receipts
-            .pop()
-            .ok_or_else(|| Error::Internal("no receipt".into()))?;
-        tracing::info!(request_id = %caller.request_id, key_id = %ready.key.key_id,
-            tenant = %ready.policy.config.tenant, policy_id = %ready.policy.config.id,
-            index = response.receipt.index, "signed");
-        Ok(response)
+        let mut key = Arc::clone(&ready.key);
+        let mut attempt = 0;
+        loop {
+            let der = self.hsm.sign(key.token_id(), ready.valid.digest.0).await?;
+            let entry = self.signature_entry(caller, ready, &key, &der);
+            let mut response = response(&entry, certificate_pem(&key), Receipt::default());
+            // Evidence seam: nothing is returned to the client before this append is durable.
+            match self.log.append(vec![entry]).await {
+                Ok(mut receipts) => {
+                    response.receipt = receipts
+                        .pop()
+                        .ok_or_else(|| Error::Internal("no receipt".into()))?;
+                    tracing::info!(request_id = %caller.request_id, key_id = %key.key_id,
+                        tenant = %ready.policy.config.tenant, policy_id = %ready.policy.config.id,
+                        index = response.receipt.index, "signed");
+                    return Ok(response);
+                }
+                Err(crate::audit::Error::Superseded(v)) if attempt < MAX_RESIGN => {
+                    attempt += 1;
+                    key = self.superseding_key(&v)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The version the log made active, to sign again with after a `Superseded` refusal.
+    fn superseding_key(
+        &self,
+        v: &crate::audit::order::Violation,
+    ) -> Result<Arc<KeyVersion>, Error> {
+        tracing::info!(key_id = %v.key_id, active = %v.active.key_id, "signature made with a replaced version; signing again");
+        let key_id: KeyId = v
+            .active
+            .key_id
+            .parse()
+            .map_err(|e: crate::domain::ParseError| Error::Internal(e.to_string()))?;
+        let min = self.dynamic.load().rotation.min_remaining_validity;
+        Ok(self.keys.signing_version(&key_id, self.clock.unix(), min)?)
     }
 
     /// Sign several prepared items in one token call and record them in one append.
@@ -458,62 +501,83 @@ impl App {
         if items.is_empty() {
             return Vec::new();
         }
-        let jobs: Vec<(String, [u8; 32])> = items
-            .iter()
-            .map(|(_, r)| (r.key.token_id(), r.valid.digest.0))
-            .collect();
-        let signed = self
-            .hsm
-            .call(move |s| {
-                jobs.iter()
-                    .map(|(id, d)| s.sign_prehashed(id, d))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await;
-        let sigs = match signed {
-            Ok(s) => s,
-            Err(e) => {
-                let shared = Arc::new(Error::Hsm(e));
-                return items
-                    .into_iter()
-                    .map(|(i, _)| (i, Err(Error::Shared(Arc::clone(&shared)))))
-                    .collect();
-            }
+        let fail_all = |items: Vec<(usize, Ready)>, e: Error| {
+            let shared = Arc::new(e);
+            items
+                .into_iter()
+                .map(|(i, _)| (i, Err(Error::Shared(Arc::clone(&shared)))))
+                .collect()
         };
-        let entries: Vec<Entry> = items
-            .iter()
-            .zip(&sigs)
-            .map(|((_, r), der)| self.signature_entry(caller, r, der))
-            .collect();
-        let responses: Vec<SignResponse> = entries
-            .iter()
-            .zip(&items)
-            .map(|(e, (_, r))| response(e, certificate_pem(&r.key), Receipt::default()))
-            .collect();
-        match self.log.append(entries).await {
-            Ok(receipts) => {
-                tracing::info!(request_id = %caller.request_id, items = receipts.len(), "signed batch");
-                items
-                    .into_iter()
-                    .zip(responses)
-                    .zip(receipts)
-                    .map(|(((i, _), mut response), receipt)| {
-                        response.receipt = receipt;
-                        (i, Ok(response))
-                    })
-                    .collect()
-            }
-            Err(e) => {
-                let shared = Arc::new(Error::Audit(e));
-                items
-                    .into_iter()
-                    .map(|(i, _)| (i, Err(Error::Shared(Arc::clone(&shared)))))
-                    .collect()
+        let mut keys: Vec<Arc<KeyVersion>> =
+            items.iter().map(|(_, r)| Arc::clone(&r.key)).collect();
+        let mut attempt = 0;
+        loop {
+            let jobs: Vec<(String, [u8; 32])> = items
+                .iter()
+                .zip(&keys)
+                .map(|((_, r), k)| (k.token_id(), r.valid.digest.0))
+                .collect();
+            let signed = self
+                .hsm
+                .call(move |s| {
+                    jobs.iter()
+                        .map(|(id, d)| s.sign_prehashed(id, d))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await;
+            let sigs = match signed {
+                Ok(s) => s,
+                Err(e) => return fail_all(items, Error::Hsm(e)),
+            };
+            let entries: Vec<Entry> = items
+                .iter()
+                .zip(&keys)
+                .zip(&sigs)
+                .map(|(((_, r), k), der)| self.signature_entry(caller, r, k, der))
+                .collect();
+            let responses: Vec<SignResponse> = entries
+                .iter()
+                .zip(&keys)
+                .map(|(e, k)| response(e, certificate_pem(k), Receipt::default()))
+                .collect();
+            match self.log.append(entries).await {
+                Ok(receipts) => {
+                    tracing::info!(request_id = %caller.request_id, items = receipts.len(), "signed batch");
+                    return items
+                        .into_iter()
+                        .zip(responses)
+                        .zip(receipts)
+                        .map(|(((i, _), mut response), receipt)| {
+                            response.receipt = receipt;
+                            (i, Ok(response))
+                        })
+                        .collect();
+                }
+                Err(crate::audit::Error::Superseded(v)) if attempt < MAX_RESIGN => {
+                    attempt += 1;
+                    let active = match self.superseding_key(&v) {
+                        Ok(k) => k,
+                        Err(e) => return fail_all(items, e),
+                    };
+                    for k in keys
+                        .iter_mut()
+                        .filter(|k| k.key_id.tenant().as_str() == v.tenant)
+                    {
+                        *k = Arc::clone(&active);
+                    }
+                }
+                Err(e) => return fail_all(items, Error::Audit(e)),
             }
         }
     }
 
-    fn signature_entry(&self, caller: &Caller, ready: &Ready, der: &[u8]) -> Entry {
+    fn signature_entry(
+        &self,
+        caller: &Caller,
+        ready: &Ready,
+        key: &KeyVersion,
+        der: &[u8],
+    ) -> Entry {
         let now = self.clock.now();
         let mut e = Entry::new(
             event::SIGNATURE,
@@ -532,8 +596,8 @@ impl App {
             algorithm: ready.valid.algorithm.as_str().to_owned(),
             value: ready.valid.digest.to_hex(),
         });
-        e.key_id = Some(ready.key.key_id.to_string());
-        e.certificate_serial = ready.key.certificate.as_ref().map(|c| c.serial_hex.clone());
+        e.key_id = Some(key.key_id.to_string());
+        e.certificate_serial = key.certificate.as_ref().map(|c| c.serial_hex.clone());
         e.signature = Some(B64.encode(der));
         e.signature_algorithm = Some(SIGNATURE_ALGORITHM.to_owned());
         e.transaction_id = ready.valid.transaction_id.clone();
