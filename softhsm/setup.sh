@@ -9,7 +9,7 @@ set -euo pipefail
 
 pkgs=(softhsm2 opensc openssl curl ca-certificates)
 if [ "${1:-}" = "--test" ]; then
-  pkgs+=(prometheus systemd python3 python3-venv python3-pip)
+  pkgs+=(prometheus systemd python3 python3-venv python3-pip strace)
 fi
 
 missing=()

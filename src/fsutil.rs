@@ -14,11 +14,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// [`write_atomic`] with explicit permissions for a new file.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
+    let dir = parent_of(path);
+    if !dir.is_dir() {
+        create_private_dir(dir)?;
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -43,13 +42,41 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Create a directory (and parents) readable only by its owner.
+/// Create a directory (and parents) readable only by its owner, durably: each directory
+/// created here is fsynced together with its parent, so it survives a power failure.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dir(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    sync_dir(dir)?;
+    sync_dir(parent_of(dir))
+}
+
+/// Open `path` with `options`; if that created the file, fsync it and its directory, so the
+/// new file (and what is later fsynced into it) survives a power failure.
+pub fn open_durable(path: &Path, options: &OpenOptions) -> io::Result<File> {
+    let existed = path.exists();
+    let f = options.open(path)?;
+    if !existed {
+        f.sync_all()?;
+        sync_dir(parent_of(path))?;
+    }
+    Ok(f)
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Write a new file readable only by its owner (keys, PINs). Fails if it exists.
@@ -60,7 +87,8 @@ pub fn write_private_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(bytes)?;
-    f.sync_all()
+    f.sync_all()?;
+    sync_dir(parent_of(path))
 }
 
 #[cfg(test)]

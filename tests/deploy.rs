@@ -348,7 +348,7 @@ fn runbooks_and_readme_use_real_commands_and_flags() {
                     // usage syntax in the README's tables
                 } else if flags.is_empty()
                     && path.len() < 2
-                    && w.chars().all(|c| c.is_ascii_lowercase())
+                    && w.chars().all(|c| c.is_ascii_lowercase() || c == '-')
                 {
                     path.push(w.to_owned());
                 }

@@ -231,7 +231,7 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
     );
     assert!(
         String::from_utf8_lossy(&out.stdout)
-            .contains("the signature verifies with the signing certificate")
+            .contains("the signature verifies with the certificate the entry names")
     );
     // Tampered receipts fail: another signature, another index.
     let mut bad = r.clone();

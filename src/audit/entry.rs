@@ -17,6 +17,9 @@ pub mod event {
     pub const KEY_RETIRED: &str = "key_retired";
     pub const ROTATION_ROLLED_BACK: &str = "rotation_rolled_back";
     pub const CONFIGURATION_RELOADED: &str = "configuration_reloaded";
+    /// An operator accepted a log that differs from its integrity anchors (a restore from
+    /// backup): `signet audit accept-restore`.
+    pub const LOG_RESTORED: &str = "log_restored";
 }
 
 /// Who acted: the client certificate (or the local operator for offline CLI use).
@@ -76,6 +79,10 @@ pub struct Entry {
     /// Hex serial of the certificate of `key_id` at the time of the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_serial: Option<String>,
+    /// SHA-256 (hex) of the DER signing certificate: binds a receipt to exactly one
+    /// certificate (a serial alone can be copied into a look-alike).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_sha256: Option<String>,
     /// Base64 DER `ECDSA-Sig-Value`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
@@ -115,6 +122,7 @@ impl Entry {
             digest: None,
             key_id: None,
             certificate_serial: None,
+            certificate_sha256: None,
             signature: None,
             signature_algorithm: None,
             transaction_id: None,
@@ -135,38 +143,68 @@ impl Entry {
         let jcs = |v: &Option<serde_json::Value>| -> Result<Option<Box<serde_json::value::RawValue>>, serde_json::Error> {
             v.as_ref().map(|v| serde_json::value::RawValue::from_string(serde_json_canonicalizer::to_string(v)?)).transpose()
         };
+        // Exhaustive: a field added to `Entry` must be added here too.
+        let Entry {
+            index,
+            previous_leaf_hash,
+            time,
+            event,
+            request_id,
+            actor,
+            tenant,
+            policy,
+            digest,
+            key_id,
+            certificate_serial,
+            certificate_sha256,
+            signature,
+            signature_algorithm,
+            transaction_id,
+            signer,
+            idempotency_key_sha256,
+            request_sha256,
+            reason,
+            details,
+        } = self;
+        let Actor {
+            identity,
+            subject,
+            san,
+            fingerprint_sha256,
+        } = actor;
         let sorted = SortedEntry {
             actor: SortedActor {
-                fingerprint_sha256: &self.actor.fingerprint_sha256,
-                identity: &self.actor.identity,
-                san: &self.actor.san,
-                subject: &self.actor.subject,
+                fingerprint_sha256,
+                identity,
+                san,
+                subject,
             },
-            certificate_serial: self.certificate_serial.as_deref(),
-            details: jcs(&self.details)?,
-            digest: self.digest.as_ref().map(|d| SortedDigest {
+            certificate_serial: certificate_serial.as_deref(),
+            certificate_sha256: certificate_sha256.as_deref(),
+            details: jcs(details)?,
+            digest: digest.as_ref().map(|d| SortedDigest {
                 algorithm: &d.algorithm,
                 value: &d.value,
             }),
-            event: &self.event,
-            idempotency_key_sha256: self.idempotency_key_sha256.as_deref(),
-            index: self.index,
-            key_id: self.key_id.as_deref(),
-            policy: self.policy.as_ref().map(|p| SortedPolicy {
+            event,
+            idempotency_key_sha256: idempotency_key_sha256.as_deref(),
+            index: *index,
+            key_id: key_id.as_deref(),
+            policy: policy.as_ref().map(|p| SortedPolicy {
                 hash: &p.hash,
                 id: &p.id,
                 legal_standard: &p.legal_standard,
             }),
-            previous_leaf_hash: self.previous_leaf_hash.as_deref(),
-            reason: self.reason.as_deref(),
-            request_id: self.request_id.as_deref(),
-            request_sha256: self.request_sha256.as_deref(),
-            signature: self.signature.as_deref(),
-            signature_algorithm: self.signature_algorithm.as_deref(),
-            signer: jcs(&self.signer)?,
-            tenant: self.tenant.as_deref(),
-            time: &self.time,
-            transaction_id: self.transaction_id.as_deref(),
+            previous_leaf_hash: previous_leaf_hash.as_deref(),
+            reason: reason.as_deref(),
+            request_id: request_id.as_deref(),
+            request_sha256: request_sha256.as_deref(),
+            signature: signature.as_deref(),
+            signature_algorithm: signature_algorithm.as_deref(),
+            signer: jcs(signer)?,
+            tenant: tenant.as_deref(),
+            time,
+            transaction_id: transaction_id.as_deref(),
         };
         serde_json::to_vec(&sorted)
     }
@@ -183,6 +221,8 @@ struct SortedEntry<'a> {
     actor: SortedActor<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     certificate_serial: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificate_sha256: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     details: Option<Box<serde_json::value::RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -380,6 +420,8 @@ mod tests {
                 e.actor.fingerprint_sha256.clear();
             }
             e.reason = (round % 2 == 0).then(|| pick(next()));
+            e.certificate_serial = (round % 3 == 2).then(|| pick(next()));
+            e.certificate_sha256 = (round % 2 == 1).then(|| pick(next()));
             e.details = (round % 4 == 0).then(|| serde_json::json!({"b": pick(next()), "a": [1.5, -0.0, 1e21, 1e-7, 100, true, null], "é": {"z": 1, "Z": 2}}));
             e.signer = (round % 5 != 0)
                 .then(|| serde_json::json!({pick(next()): pick(next()), "n": next() as f64 / 7.0}));

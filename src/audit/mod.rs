@@ -13,6 +13,7 @@
 //!
 //! Must not name axum or cryptoki: the token signs checkpoints through [`CheckpointSigner`].
 
+pub mod anchor;
 pub mod entry;
 pub mod merkle;
 pub mod note;
@@ -32,6 +33,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
+use anchor::{Anchor, TailHead, TailWriter, TokenAnchor, TreeHead};
 pub use entry::{Actor, Entry};
 use merkle::{Hash, Tree};
 use note::{Checkpoint, TlogProof};
@@ -63,6 +65,23 @@ pub enum Error {
         "the evidence log does not match its last signed checkpoint: {0}; run `signet audit verify` on it"
     )]
     Inconsistent(String),
+    /// The log differs from the anchors kept outside it (the token's signed tree head, the
+    /// MAC-authenticated tail head): rolled back, truncated or rewritten.
+    #[error(
+        "the evidence log does not match its integrity anchor: {0}. Signet refuses to start; see runbooks/evidence-log-restore.md (a deliberate restore from backup is accepted with `signet audit accept-restore`)"
+    )]
+    AnchorMismatch(String),
+    /// A complete line that does not parse: corruption, never cut.
+    #[error(
+        "{file} line {line} is complete but invalid ({reason}): the file is corrupted; Signet refuses to start (see runbooks/evidence-log-disk-full-or-corrupted.md)"
+    )]
+    Corrupt {
+        file: &'static str,
+        line: u64,
+        reason: String,
+    },
+    #[error("the token's log anchor: {0}")]
+    Token(String),
     #[error("entry {0} does not exist")]
     NoSuchEntry(u64),
     #[error(
@@ -90,6 +109,9 @@ impl Error {
             Error::Io { .. } => "io",
             Error::Unwritable(_) => "unwritable",
             Error::Inconsistent(_) => "inconsistent",
+            Error::AnchorMismatch(_) => "anchor_mismatch",
+            Error::Corrupt { .. } => "corrupt",
+            Error::Token(_) => "token",
             Error::NoSuchEntry(_) => "no_such_entry",
             Error::NotYetCheckpointed { .. } => "not_yet_checkpointed",
             Error::Proof(_) => "proof",
@@ -157,10 +179,16 @@ pub struct Options {
     pub origin: String,
     pub fsync: FsyncPolicy,
     pub max_group_entries: usize,
+    /// Open a log that differs from its anchors (a deliberate restore from backup) instead of
+    /// refusing; what differed is in [`EvidenceLog::restore_findings`]. The operator command
+    /// records it as evidence and re-anchors.
+    pub accept_restore: bool,
 }
 
 pub struct EvidenceLog {
     inner: Arc<Inner>,
+    /// What differed from the anchors when opened with `accept_restore` (empty otherwise).
+    restore_findings: Vec<String>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     queue: crossbeam_channel::Sender<Request>,
 }
@@ -169,6 +197,7 @@ struct Inner {
     dir: PathBuf,
     origin: String,
     signer: Arc<dyn CheckpointSigner>,
+    token: Arc<dyn TokenAnchor>,
     metrics: Arc<Metrics>,
     /// Shared by the writer (appends after fsync) and readers (proofs).
     state: RwLock<State>,
@@ -202,17 +231,17 @@ impl EvidenceLog {
     pub fn open(
         opts: Options,
         signer: Arc<dyn CheckpointSigner>,
+        token: Arc<dyn TokenAnchor>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
         let dir = opts.dir.clone();
         crate::fsutil::create_private_dir(&dir).map_err(io_err(&dir))?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let lock = crate::fsutil::open_durable(
+            &lock_path,
+            OpenOptions::new().create(true).truncate(false).write(true),
+        )
+        .map_err(io_err(&lock_path))?;
         if lock.try_lock().is_err() {
             return Err(Error::Locked(dir.display().to_string()));
         }
@@ -226,23 +255,68 @@ impl EvidenceLog {
         let started = Instant::now();
         let log_path = dir.join(ENTRIES_FILE);
         // Entries hold signer evidence (personal data): owner-only.
-        let mut log = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .mode(0o600)
-            .open(&log_path)
-            .map_err(io_err(&log_path))?;
+        let mut log = crate::fsutil::open_durable(
+            &log_path,
+            OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .mode(0o600),
+        )
+        .map_err(io_err(&log_path))?;
         let checkpoints = read_checkpoints(&dir.join(CHECKPOINTS_FILE))?;
         let latest = checkpoints.last().cloned().map(Arc::new);
         let signed_size = latest.as_ref().map_or(0, |c| c.tree_size);
-        let recovered = recover_entries(&log_path, &mut log, signed_size)?;
+        let anchors = Anchors::load(&dir, &opts.origin, token.as_ref(), opts.accept_restore)?;
+        let recovered = recover_entries(&log_path, &mut log, signed_size, anchors.acknowledged())?;
         let mut tree = Tree::new();
         for h in &recovered.leaves {
             tree.push(*h);
         }
         if let Some(cp) = &latest {
             check_against_checkpoint(&tree, cp, &opts.origin, &signer.public_key())?;
+        }
+        let mut restore_findings = anchors.check(&tree, signed_size);
+        if let Some(a) = anchors
+            .anchor
+            .as_ref()
+            .filter(|_| !restore_findings.is_empty())
+        {
+            restore_findings.push(format!(
+                "the token's anchor before the restore: size {}, root {}",
+                a.size, a.root
+            ));
+        }
+        if !restore_findings.is_empty() && !opts.accept_restore {
+            return Err(Error::AnchorMismatch(restore_findings.join("; ")));
+        }
+        let fsync = opts.fsync;
+        let mut tail = TailWriter::open(
+            &dir,
+            &opts.origin,
+            anchors.tail,
+            fsync == FsyncPolicy::Always,
+        )
+        .map_err(|e| Error::Token(e.to_string()))?;
+        if anchors.tail.is_none_or(|t| t.head.size != tree.len()) {
+            let head = TreeHead {
+                size: tree.len(),
+                root: tree.root(tree.len())?,
+            };
+            tail.write(head, token.as_ref())
+                .map_err(|e| Error::Token(e.to_string()))?;
+        }
+        // A log without an anchor yet (new, or written by a version without anchors) is
+        // anchored at its verified checkpoint; written after the tail head, so an anchor
+        // always has a tail head beside it.
+        if anchors.anchor.is_none() || opts.accept_restore {
+            let head = TreeHead {
+                size: signed_size,
+                root: tree.root(signed_size)?,
+            };
+            token
+                .store(&Anchor::new(&opts.origin, head).encode())
+                .map_err(|e| Error::Token(e.to_string()))?;
         }
         let offsets = recovered.offsets;
         let active = recovered.active;
@@ -265,6 +339,7 @@ impl EvidenceLog {
             dir,
             origin: opts.origin,
             signer,
+            token,
             metrics,
             state: RwLock::new(State {
                 tree,
@@ -280,16 +355,24 @@ impl EvidenceLog {
         let (queue, rx) = crossbeam_channel::unbounded();
         let w = Arc::clone(&inner);
         let max_group = opts.max_group_entries;
-        let fsync = opts.fsync;
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer_main(w, log, rx, fsync, max_group, active))
+            .spawn(move || {
+                let mut sink = Sink { log, tail, fsync };
+                writer_main(w, &mut sink, rx, max_group, active)
+            })
             .map_err(io_err(&log_path))?;
         Ok(Self {
             inner,
+            restore_findings,
             writer: Mutex::new(Some(writer)),
             queue,
         })
+    }
+
+    /// What differed from the anchors when opened with `accept_restore`.
+    pub fn restore_findings(&self) -> &[String] {
+        &self.restore_findings
     }
 
     /// Append entries (indexes are assigned here) and return once they are durable.
@@ -432,15 +515,20 @@ impl EvidenceLog {
         };
         let line = serde_json::to_string(&stored).map_err(|e| Error::Serialize(e.to_string()))?;
         let path = self.inner.dir.join(CHECKPOINTS_FILE);
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let mut f = crate::fsutil::open_durable(
+            &path,
+            OpenOptions::new().create(true).append(true).mode(0o600),
+        )
+        .map_err(io_err(&path))?;
         f.write_all(format!("{line}\n").as_bytes())
             .map_err(io_err(&path))?;
         f.sync_data().map_err(io_err(&path))?;
+        // The anchor follows the durable checkpoint line, so it never covers more than the
+        // checkpoint file holds.
+        self.inner
+            .token
+            .store(&Anchor::new(&self.inner.origin, TreeHead { size, root }).encode())
+            .map_err(|e| Error::Token(e.to_string()))?;
         let stored = Arc::new(stored);
         *write(&self.inner.latest) = Some(Arc::clone(&stored));
         self.inner.metrics.audit_checkpoint_size.set(size as i64);
@@ -490,11 +578,17 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 /// The writer thread: group commit.
+/// What the writer thread writes to: the entries file and the tail head.
+struct Sink {
+    log: File,
+    tail: TailWriter,
+    fsync: FsyncPolicy,
+}
+
 fn writer_main(
     inner: Arc<Inner>,
-    mut log: File,
+    sink: &mut Sink,
     rx: crossbeam_channel::Receiver<Request>,
-    fsync: FsyncPolicy,
     max_group: usize,
     mut active: order::ActiveVersions,
 ) {
@@ -505,7 +599,7 @@ fn writer_main(
             Ok(r) => r,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 if !inner.writable.load(Ordering::Acquire) {
-                    probe_writable(&inner, &mut log);
+                    probe_writable(&inner, &mut sink.log);
                 }
                 continue;
             }
@@ -530,7 +624,7 @@ fn writer_main(
         if group.is_empty() {
             continue;
         }
-        commit(&inner, &mut log, group, fsync, &mut buf, &mut active);
+        commit(&inner, sink, group, &mut buf, &mut active);
     }
     // Answer anything still queued after a stop.
     while let Ok(Request::Append { reply, .. }) = rx.try_recv() {
@@ -547,9 +641,8 @@ type Group = Vec<(
 /// made with a replaced version (the order rule), write, fsync, publish, answer.
 fn commit(
     inner: &Inner,
-    log: &mut File,
+    sink: &mut Sink,
     group: Group,
-    fsync: FsyncPolicy,
     buf: &mut Vec<u8>,
     active: &mut order::ActiveVersions,
 ) {
@@ -626,34 +719,56 @@ fn commit(
         }
     }
 
-    // Commit point: after write_all + fdatasync succeed, every entry in `buf` is durable.
-    // On failure the file is cut back to `base_len`, so the log holds exactly the entries that
-    // were acknowledged; recovery at start-up cuts any torn tail the same way.
-    let result = (|| -> io::Result<()> {
+    // Commit point 1: after write_all + fdatasync the entries in `buf` are durable.
+    // Commit point 2 (acknowledgement): the tail head for the new size, MACed in the token, is
+    // durable. Only then are the entries published and answered. On a failure the entries file
+    // is cut back to `base_len`; at start-up, complete entries beyond the tail head are cut the
+    // same way (they were never acknowledged), and a torn final write is cut.
+    let result = (|| -> Result<(), String> {
         if buf.is_empty() {
             return Ok(());
         }
-        log.write_all(buf)?;
-        if fsync == FsyncPolicy::Always {
+        sink.log.write_all(buf).map_err(|e| e.to_string())?;
+        if sink.fsync == FsyncPolicy::Always {
             let t = Instant::now();
-            log.sync_data()?;
+            sink.log.sync_data().map_err(|e| e.to_string())?;
             inner
                 .metrics
                 .audit_fsync_duration
                 .observe(t.elapsed().as_secs_f64());
         }
-        Ok(())
+        let head = TreeHead {
+            size: base_index + leaves.len() as u64,
+            root: read(&inner.state).tree.root_with(&leaves),
+        };
+        sink.tail
+            .write(head, inner.token.as_ref())
+            .map_err(|e| e.to_string())
     })();
 
-    if let Err(e) = result {
+    if let Err(msg) = result {
         inner.metrics.audit_write_errors.inc();
         inner.writable.store(false, Ordering::Release);
         inner.metrics.audit_writable.set(0);
-        tracing::error!(error = %e, "evidence log append failed; signing is refused until it is writable again");
-        if let Err(t) = log.set_len(base_len) {
+        tracing::error!(error = %msg, "evidence log append failed; signing is refused until it is writable again");
+        if let Err(t) = sink.log.set_len(base_len) {
             tracing::error!(error = %t, "cannot cut the failed append back off the evidence log");
         }
-        let msg = e.to_string();
+        // The tail head may now claim the cut entries: put the previous head back.
+        if base_index > 0 || !leaves.is_empty() {
+            let previous = read(&inner.state)
+                .tree
+                .root(base_index)
+                .map(|root| TreeHead {
+                    size: base_index,
+                    root,
+                });
+            if let Ok(head) = previous
+                && let Err(e) = sink.tail.write(head, inner.token.as_ref())
+            {
+                tracing::error!(error = %e, "cannot restore the tail head after a failed append");
+            }
+        }
         for reply in replies {
             let _ = reply.send(Err(Error::Unwritable(msg.clone())));
         }
@@ -713,53 +828,55 @@ struct Recovered {
     active: order::ActiveVersions,
 }
 
-/// Read every entry, hash it, and bring the file back to the last complete entry.
+/// Read every entry, hash it, and bring the file back to the last acknowledged entry.
 ///
 /// Entries below `signed_size` are only hashed: the caller compares the root with the signed
 /// checkpoint, which proves them unchanged. Entries after it are parsed and checked (canonical,
-/// dense indexes). A bad tail (a torn final write, a crash during a probe) is cut; a bad
-/// entry followed by good ones is corruption, and start-up stops instead of guessing.
-fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Recovered, Error> {
+/// dense indexes, hash links); a complete line that fails is corruption and start-up stops.
+/// What is cut: a torn final write (no newline), and complete entries beyond `acknowledged`
+/// (the tail head's size: written, but the process died before they were acknowledged).
+fn recover_entries(
+    path: &Path,
+    log: &mut File,
+    signed_size: u64,
+    acknowledged: Option<u64>,
+) -> Result<Recovered, Error> {
     let data_len = log.metadata().map_err(io_err(path))?.len();
     let f = File::open(path).map_err(io_err(path))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
     let (mut leaves, mut offsets) = (Vec::new(), Vec::new());
     let mut active = order::ActiveVersions::default();
     let mut pos = 0u64;
+    let mut unacknowledged = 0u64;
     let mut line = Vec::new();
-    let mut bad_at: Option<(u64, String)> = None;
     loop {
         line.clear();
         let n = r.read_until(b'\n', &mut line).map_err(io_err(path))?;
         if n == 0 || line.last() != Some(&b'\n') {
             break;
         }
-        line.pop();
         let index = offsets.len() as u64;
+        if acknowledged.is_some_and(|a| index >= a) {
+            unacknowledged += 1;
+            continue;
+        }
+        line.pop();
         if index >= signed_size {
-            let parsed = entry::parse_stored(&line, index).and_then(|e| {
-                let want = leaves.last().map(|h: &Hash| B64.encode(h));
-                if e.previous_leaf_hash == want {
-                    Ok(e)
-                } else {
-                    Err(entry::EntryError::BrokenChain)
-                }
-            });
-            if let Err(e) = parsed {
-                if bad_at.is_none() {
-                    bad_at = Some((pos, format!("entry {index}: {e}")));
-                }
-                pos += n as u64;
-                continue;
-            }
-            if let Some((_, why)) = &bad_at {
-                return Err(Error::Inconsistent(format!(
-                    "{why}, followed by valid entries"
-                )));
-            }
-            if let Ok(e) = &parsed {
-                active.record(e);
-            }
+            let e = entry::parse_stored(&line, index)
+                .and_then(|e| {
+                    let want = leaves.last().map(|h: &Hash| B64.encode(h));
+                    if e.previous_leaf_hash == want {
+                        Ok(e)
+                    } else {
+                        Err(entry::EntryError::BrokenChain)
+                    }
+                })
+                .map_err(|e| Error::Corrupt {
+                    file: ENTRIES_FILE,
+                    line: index + 1,
+                    reason: format!("entry {index} {e}"),
+                })?;
+            active.record(&e);
         } else if order::may_be_activation(&line)
             && let Ok(e) = serde_json::from_slice::<Entry>(&line)
         {
@@ -769,14 +886,14 @@ fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Reco
         leaves.push(merkle::leaf_hash(&line));
         pos += n as u64;
     }
-    let good = bad_at.map_or(pos, |(p, _)| p);
-    if good < data_len {
+    if pos < data_len {
         tracing::warn!(
-            bytes = data_len - good,
+            bytes = data_len - pos,
+            unacknowledged_entries = unacknowledged,
             entries = offsets.len(),
-            "cutting an incomplete tail off the evidence log"
+            "cutting a torn or unacknowledged tail off the evidence log"
         );
-        log.set_len(good).map_err(io_err(path))?;
+        log.set_len(pos).map_err(io_err(path))?;
         log.sync_all().map_err(io_err(path))?;
     }
     Ok(Recovered {
@@ -786,7 +903,109 @@ fn recover_entries(path: &Path, log: &mut File, signed_size: u64) -> Result<Reco
     })
 }
 
-/// Read `checkpoints.jsonl`, cutting a torn final line.
+/// The anchors read at start-up: the token's signed tree head and the tail head.
+struct Anchors {
+    anchor: Option<Anchor>,
+    tail: Option<TailHead>,
+    /// Why the tail head could not be read (kept for `accept_restore`).
+    tail_problem: Option<String>,
+}
+
+impl Anchors {
+    fn load(
+        dir: &Path,
+        origin: &str,
+        token: &dyn TokenAnchor,
+        accept_restore: bool,
+    ) -> Result<Self, Error> {
+        // Two anchors only if a replacement was interrupted: the larger one is the newer.
+        let anchor = token
+            .load()
+            .map_err(|e| Error::Token(e.to_string()))?
+            .iter()
+            .map(|b| Anchor::decode(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Token)?
+            .into_iter()
+            .max_by_key(|a| a.size);
+        if let Some(a) = &anchor
+            && a.origin != origin
+        {
+            return Err(Error::AnchorMismatch(format!(
+                "the token anchors log `{}`, this is log `{origin}`",
+                a.origin
+            )));
+        }
+        let (tail, tail_problem) = match anchor::read_tail(dir, origin, token) {
+            Ok(t) => (t, None),
+            Err(anchor::TailError::Token(e)) => return Err(Error::Token(e.to_string())),
+            Err(e) if accept_restore => (None, Some(e.to_string())),
+            Err(e) => return Err(Error::AnchorMismatch(e.to_string())),
+        };
+        Ok(Self {
+            anchor,
+            tail,
+            tail_problem,
+        })
+    }
+
+    /// How many entries were acknowledged, if the tail head says.
+    fn acknowledged(&self) -> Option<u64> {
+        self.tail.map(|t| t.head.size)
+    }
+
+    /// What about `tree` (checked against its latest checkpoint, of `signed_size`) differs
+    /// from the anchors. Empty when it matches.
+    fn check(&self, tree: &Tree, signed_size: u64) -> Vec<String> {
+        let mut out: Vec<String> = self.tail_problem.iter().cloned().collect();
+        if let Some(a) = &self.anchor {
+            if tree.len() < a.size {
+                out.push(format!(
+                    "the log holds {} entries but the token's anchor covers {}: entries were removed or an older copy was restored",
+                    tree.len(),
+                    a.size
+                ));
+            } else if a.root_hash().ok() != tree.root(a.size).ok() {
+                out.push(format!(
+                    "the root hash at size {} differs from the token's anchor: entries below {} were rewritten",
+                    a.size, a.size
+                ));
+            }
+            if signed_size < a.size {
+                out.push(format!(
+                    "{CHECKPOINTS_FILE} ends at size {signed_size} but the token's anchor holds the checkpoint at size {}: checkpoints were removed",
+                    a.size
+                ));
+            }
+            if self.tail.is_none() && self.tail_problem.is_none() {
+                out.push(format!(
+                    "{} is missing although the log is anchored",
+                    anchor::TAIL_HEAD_FILE
+                ));
+            }
+        }
+        if let Some(t) = &self.tail {
+            if tree.len() < t.head.size {
+                out.push(format!(
+                    "the log holds {} entries but {} were acknowledged ({}): acknowledged entries were removed",
+                    tree.len(),
+                    t.head.size,
+                    anchor::TAIL_HEAD_FILE
+                ));
+            } else if tree.root(t.head.size).ok() != Some(t.head.root) {
+                out.push(format!(
+                    "entries below {} differ from the acknowledged tail head ({}): an entry after the last checkpoint was edited",
+                    t.head.size,
+                    anchor::TAIL_HEAD_FILE
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Read `checkpoints.jsonl`, cutting a torn final line; a complete line that does not parse is
+/// corruption.
 pub fn read_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Error> {
     let data = match std::fs::read(path) {
         Ok(d) => d,
@@ -800,20 +1019,25 @@ pub fn read_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Error> {
     };
     let mut out = Vec::new();
     let mut good = 0usize;
-    for line in data.split_inclusive(|&b| b == b'\n') {
+    for (n, line) in data.split_inclusive(|&b| b == b'\n').enumerate() {
         if line.last() != Some(&b'\n') {
             break;
         }
-        match serde_json::from_slice::<StoredCheckpoint>(&line[..line.len() - 1]) {
-            Ok(c) => out.push(c),
-            Err(_) => break,
-        }
+        let c =
+            serde_json::from_slice::<StoredCheckpoint>(&line[..line.len() - 1]).map_err(|e| {
+                Error::Corrupt {
+                    file: CHECKPOINTS_FILE,
+                    line: n as u64 + 1,
+                    reason: e.to_string(),
+                }
+            })?;
+        out.push(c);
         good += line.len();
     }
     if good < data.len() {
         tracing::warn!(
             bytes = data.len() - good,
-            "cutting an incomplete tail off the checkpoint file"
+            "cutting a torn final line off the checkpoint file"
         );
         let f = OpenOptions::new()
             .write(true)
@@ -856,8 +1080,17 @@ mod tests {
     use p256::ecdsa::SigningKey;
     use p256::elliptic_curve::Generate;
 
-    /// A software log key: these tests are about the log's files, not the token.
-    pub(crate) struct SoftSigner(pub SigningKey);
+    use anchor::tests::SoftAnchor;
+
+    /// A software log key and anchor: these tests are about the log's files, not the token.
+    pub(crate) struct SoftSigner(pub SigningKey, pub Arc<SoftAnchor>);
+
+    fn soft_token() -> Arc<SoftSigner> {
+        Arc::new(SoftSigner(
+            SigningKey::generate(),
+            Arc::new(SoftAnchor::new()),
+        ))
+    }
     impl CheckpointSigner for SoftSigner {
         fn public_key(&self) -> VerifyingKey {
             *self.0.verifying_key()
@@ -884,14 +1117,24 @@ mod tests {
     }
 
     fn open(dir: &Path, key: &Arc<SoftSigner>) -> Result<EvidenceLog, Error> {
+        open_with(dir, key, false)
+    }
+
+    fn open_with(
+        dir: &Path,
+        key: &Arc<SoftSigner>,
+        accept_restore: bool,
+    ) -> Result<EvidenceLog, Error> {
         EvidenceLog::open(
             Options {
                 dir: dir.to_path_buf(),
                 origin: "test.example/log".into(),
                 fsync: FsyncPolicy::Always,
                 max_group_entries: 64,
+                accept_restore,
             },
             Arc::clone(key) as Arc<dyn CheckpointSigner>,
+            Arc::clone(&key.1) as Arc<dyn TokenAnchor>,
             Arc::new(Metrics::new()),
         )
     }
@@ -899,7 +1142,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn append_prove_reopen_and_recover_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let key = Arc::new(SoftSigner(SigningKey::generate()));
+        let key = soft_token();
         let log = open(dir.path(), &key).unwrap();
         assert!(
             matches!(open(dir.path(), &key), Err(Error::Locked(_))),
@@ -1022,7 +1265,7 @@ mod tests {
     async fn writer_refuses_a_signature_made_with_a_replaced_version_also_after_reopen() {
         use entry::event::{KEY_ACTIVATED, SIGNATURE};
         let dir = tempfile::tempdir().unwrap();
-        let key = Arc::new(SoftSigner(SigningKey::generate()));
+        let key = soft_token();
         let log = open(dir.path(), &key).unwrap();
         log.append(vec![keyed(SIGNATURE, "payroll/v1")])
             .await

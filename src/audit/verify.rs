@@ -21,6 +21,8 @@ use crate::pki::CertInfo;
 /// A log that verified.
 #[derive(Debug, Clone, Serialize)]
 pub struct DirReport {
+    /// The size of the checkpoint given with `--anchor`, which the log matches.
+    pub anchor_size: Option<u64>,
     pub entries: u64,
     pub checkpoints: usize,
     pub latest_checkpoint_size: u64,
@@ -55,6 +57,16 @@ impl DirFailure {
 
 /// Recompute every entry's hash, the hash chain, the tree, and every checkpoint signature.
 pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailure> {
+    verify_dir_anchored(dir, key, None)
+}
+
+/// [`verify_dir`], and check the log against a checkpoint note the auditor kept (`anchor`):
+/// the log must hold at least its size and have its root there, so it only grew since.
+pub fn verify_dir_anchored(
+    dir: &Path,
+    key: &VerifyingKey,
+    anchor: Option<&str>,
+) -> Result<DirReport, DirFailure> {
     let entries_path = dir.join(ENTRIES_FILE);
     let data = std::fs::read(&entries_path)
         .map_err(|e| DirFailure::other(format!("cannot read {}: {e}", entries_path.display())))?;
@@ -175,7 +187,12 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailur
         last_good = body.size;
         count += 1;
     }
+    let anchor_size = match anchor {
+        None => None,
+        Some(text) => Some(check_kept_anchor(&tree, text, origin.as_deref(), key)?),
+    };
     Ok(DirReport {
+        anchor_size,
         entries: tree.len(),
         checkpoints: count,
         latest_checkpoint_size: last_good,
@@ -183,6 +200,51 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailur
         origin,
         events,
     })
+}
+
+/// The log extends the checkpoint the auditor kept: same root at its size.
+fn check_kept_anchor(
+    tree: &Tree,
+    note_text: &str,
+    origin: Option<&str>,
+    key: &VerifyingKey,
+) -> Result<u64, DirFailure> {
+    let body = note::SignedNote::parse(note_text)
+        .and_then(|sn| note::Checkpoint::parse_body(&sn.text))
+        .map_err(|e| DirFailure::other(format!("the anchor is not a checkpoint note: {e}")))?;
+    if let Some(o) = origin
+        && o != body.origin
+    {
+        return Err(DirFailure::other(format!(
+            "the anchor is a checkpoint of log `{}`, this log is `{o}`",
+            body.origin
+        )));
+    }
+    note::verify_checkpoint(note_text, &body.origin, key).map_err(|e| {
+        DirFailure::other(format!(
+            "the anchor's signature does not verify with the log key: {e}"
+        ))
+    })?;
+    if body.size > tree.len() {
+        return Err(DirFailure::entry(
+            tree.len(),
+            format!(
+                "the log holds {} entries but the anchor you kept covers {}: the log was truncated or rolled back",
+                tree.len(),
+                body.size
+            ),
+        ));
+    }
+    let root = tree
+        .root(body.size)
+        .map_err(|e| DirFailure::other(e.to_string()))?;
+    if root != body.root {
+        return Err(DirFailure::other(format!(
+            "the log's root at size {} differs from the anchor you kept: entries below {} were rewritten",
+            body.size, body.size
+        )));
+    }
+    Ok(body.size)
 }
 
 /// What `signet receipt verify` is given.
@@ -195,6 +257,12 @@ pub struct ReceiptInputs {
     pub log_key: VerifyingKey,
     /// The signing certificate, to check the signature inside the entry.
     pub certificate: Option<CertInfo>,
+    /// Without a certificate, succeed anyway (inclusion only) instead of failing.
+    pub allow_no_certificate: bool,
+    /// The CA the signing certificate must chain to (checked at the entry's time).
+    pub ca: Option<CertInfo>,
+    /// The digest the holder expects the receipt to cover (`--digest` or `--document`).
+    pub expected_digest: Option<[u8; 32]>,
     /// The base64 signature the client received, to bind it to the entry.
     pub signature: Option<String>,
 }
@@ -209,11 +277,19 @@ pub struct ReceiptReport {
     pub key_id: Option<String>,
     pub policy_id: Option<String>,
     pub transaction_id: Option<String>,
+    /// Hex digest the entry covers.
+    pub digest: Option<String>,
     pub signature_checked: bool,
+    /// The entry names this certificate by its SHA-256 fingerprint.
+    pub certificate_sha256: Option<String>,
+    pub chain_checked: bool,
+    pub digest_checked: bool,
 }
 
 /// Verify a receipt offline: the entry matches the receipt, the proof includes it in a
-/// checkpoint signed by the log key, and (with a certificate) its signature verifies.
+/// checkpoint signed by the log key, the certificate is the one the entry names (SHA-256
+/// fingerprint) and its signature verifies, and (as asked) the certificate chains to the CA
+/// and the entry covers the expected digest.
 pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
     let r = &input.receipt;
     let entry_bytes = match (&input.proof.extra, &input.entry) {
@@ -251,32 +327,37 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
     merkle::verify_inclusion(&leaf, r.index, cp.size, &input.proof.hashes, &cp.root)
         .map_err(|e| format!("inclusion proof: {e}"))?;
 
-    let mut signature_checked = false;
     if let Some(sig) = &input.signature
         && entry.signature.as_deref() != Some(sig.as_str())
     {
         return Err("the signature received differs from the one in the evidence entry".into());
     }
-    if let Some(cert) = &input.certificate {
-        let (Some(sig_b64), Some(digest)) = (&entry.signature, &entry.digest) else {
-            return Err("the entry is not a signature entry".into());
-        };
-        if entry.certificate_serial.as_deref() != Some(cert.serial_hex.as_str()) {
-            return Err("the entry names a different certificate serial".into());
+    let digest_checked = match &input.expected_digest {
+        None => false,
+        Some(want) => {
+            let want = hex::encode(want);
+            match &entry.digest {
+                Some(d) if d.value == want => true,
+                Some(d) => {
+                    return Err(format!(
+                        "the receipt covers digest {}, not the expected {want}",
+                        d.value
+                    ));
+                }
+                None => return Err("the entry records no digest".into()),
+            }
         }
-        let key = cert
-            .public_key
-            .ok_or("the certificate's key is not P-256")?;
-        let der = B64
-            .decode(sig_b64)
-            .map_err(|_| "the entry's signature is not base64")?;
-        let sig =
-            DerSignature::from_bytes(&der).map_err(|_| "the entry's signature is not DER ECDSA")?;
-        let digest = hex::decode(&digest.value).map_err(|_| "the entry's digest is not hex")?;
-        key.verify_prehash(&digest, &sig)
-            .map_err(|_| "the signature does not verify with the certificate's key")?;
-        signature_checked = true;
-    }
+    };
+    let (signature_checked, chain_checked) = match &input.certificate {
+        Some(cert) => {
+            check_signature_and_certificate(&entry, cert, input.ca.as_ref())?;
+            (true, input.ca.is_some())
+        }
+        None if input.allow_no_certificate => (false, false),
+        None => {
+            return Err("no signing certificate: the signature was NOT checked (pass --certificate, or --no-certificate to check only that the entry is in the log)".into());
+        }
+    };
     Ok(ReceiptReport {
         index: r.index,
         log_origin: r.log_origin.clone(),
@@ -286,6 +367,64 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
         key_id: entry.key_id.clone(),
         policy_id: entry.policy.as_ref().map(|p| p.id.clone()),
         transaction_id: entry.transaction_id.clone(),
+        digest: entry.digest.as_ref().map(|d| d.value.clone()),
         signature_checked,
+        certificate_sha256: entry.certificate_sha256.clone(),
+        chain_checked,
+        digest_checked,
     })
+}
+
+/// The certificate is the one the entry names, its key verifies the entry's signature over
+/// the entry's digest, and (with a CA) it chains to the CA, may sign, and was valid then.
+fn check_signature_and_certificate(
+    entry: &Entry,
+    cert: &CertInfo,
+    ca: Option<&CertInfo>,
+) -> Result<(), String> {
+    let (Some(sig_b64), Some(digest)) = (&entry.signature, &entry.digest) else {
+        return Err("the entry is not a signature entry".into());
+    };
+    match &entry.certificate_sha256 {
+        Some(fp) if *fp == cert.fingerprint_sha256 => {}
+        Some(fp) => {
+            return Err(format!(
+                "the certificate given (SHA-256 {}) is not the one the entry names (SHA-256 {fp})",
+                cert.fingerprint_sha256
+            ));
+        }
+        // Entries written before `certificate_sha256` existed name only the serial: accept
+        // the serial only together with a CA check.
+        None if ca.is_some()
+            && entry.certificate_serial.as_deref() == Some(cert.serial_hex.as_str()) => {}
+        None => {
+            return Err("the entry names no certificate fingerprint; pass --ca to bind the certificate by serial and issuer".into());
+        }
+    }
+    let key = cert
+        .public_key
+        .ok_or("the certificate's key is not P-256")?;
+    let der = B64
+        .decode(sig_b64)
+        .map_err(|_| "the entry's signature is not base64")?;
+    let sig =
+        DerSignature::from_bytes(&der).map_err(|_| "the entry's signature is not DER ECDSA")?;
+    let digest = hex::decode(&digest.value).map_err(|_| "the entry's digest is not hex")?;
+    key.verify_prehash(&digest, &sig)
+        .map_err(|_| "the signature does not verify with the certificate's key")?;
+    if let Some(ca) = ca {
+        crate::pki::verify_issued_by(&cert.der, ca)
+            .map_err(|e| format!("the certificate does not chain to the CA given: {e}"))?;
+        if !cert.allows_digital_signature {
+            return Err("the certificate's key usage does not allow digital signatures".into());
+        }
+        if cert.is_ca {
+            return Err("the certificate is a CA certificate, not a signing certificate".into());
+        }
+        let at = crate::clock::parse_rfc3339(&entry.time)
+            .ok_or_else(|| format!("the entry's time `{}` is not RFC 3339", entry.time))?;
+        cert.check_window(at)
+            .map_err(|e| format!("at the entry's time {}: {e}", entry.time))?;
+    }
+    Ok(())
 }

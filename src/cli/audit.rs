@@ -1,4 +1,6 @@
-//! `signet audit verify` and `signet receipt verify`: offline, no token, no network.
+//! `signet audit verify` and `signet receipt verify`: offline, no token, no network; and
+//! `signet audit accept-restore`: the operator's explicit, evidenced acceptance of a log
+//! restored from backup (needs the token, with the service stopped).
 
 use std::path::{Path, PathBuf};
 
@@ -9,11 +11,11 @@ use serde_json::Value;
 use spki::DecodePublicKey;
 
 use signet::audit::note::TlogProof;
-use signet::audit::verify::{ReceiptInputs, verify_dir, verify_receipt};
+use signet::audit::verify::{ReceiptInputs, verify_dir_anchored, verify_receipt};
 use signet::audit::{LOG_KEY_FILE, Receipt};
 use signet::pki::{self, CertInfo};
 
-use super::Cli;
+use super::{Cli, ensure_module_environment, load_config, local_caller, runtime};
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
@@ -25,6 +27,18 @@ pub enum AuditCommand {
         /// The log's public key (PEM). Default: DIR/log-key.pem (use a copy you trust for audits).
         #[arg(long)]
         key: Option<PathBuf>,
+        /// A checkpoint you kept earlier (the signed note, or the JSON of
+        /// GET /v1/audit/checkpoint): the log must still have its root at its size.
+        #[arg(long)]
+        anchor: Option<PathBuf>,
+    },
+    /// Accept a log that differs from its integrity anchors because it was deliberately
+    /// restored from backup: records a `log_restored` evidence entry (who, why, what differed)
+    /// and re-anchors the log in the token. Run with the service stopped.
+    AcceptRestore {
+        /// Why (recorded in the evidence entry).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -42,13 +56,31 @@ pub enum ReceiptCommand {
         #[arg(long)]
         log_key: PathBuf,
         /// The signing certificate (PEM). Default: the one in the sign response, if present.
+        /// It must be the certificate the entry names (SHA-256 fingerprint).
         #[arg(long)]
         certificate: Option<PathBuf>,
+        /// The CA certificate (PEM) the signing certificate must chain to; also checks its
+        /// key usage and that it was valid at the entry's time.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The SHA-256 digest (hex) you expect the receipt to cover.
+        #[arg(long, conflicts_with = "document")]
+        digest: Option<String>,
+        /// The document you expect the receipt to cover (hashed here with SHA-256).
+        #[arg(long)]
+        document: Option<PathBuf>,
+        /// Succeed without a certificate, checking only that the entry is in the log.
+        #[arg(long)]
+        no_certificate: bool,
     },
 }
 
 pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
-    let AuditCommand::Verify { dir, key } = cmd;
+    let (dir, key, anchor) = match cmd {
+        AuditCommand::Verify { dir, key, anchor } => (dir, key, anchor),
+        AuditCommand::AcceptRestore { reason } => return accept_restore(cli, reason),
+    };
+    let anchor_text = anchor.as_deref().map(read_checkpoint_note).transpose()?;
     let key_path = key.clone().unwrap_or_else(|| dir.join(LOG_KEY_FILE));
     let log_key = read_public_key(&key_path)?;
     if key.is_none() && !cli.json {
@@ -57,7 +89,7 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
             key_path.display()
         );
     }
-    match verify_dir(dir, &log_key) {
+    match verify_dir_anchored(dir, &log_key, anchor_text.as_deref()) {
         Ok(r) => {
             if cli.json {
                 println!("{}", serde_json::json!({"ok": true, "report": r}));
@@ -66,6 +98,11 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
                     "OK: {} entries, {} checkpoints, latest checkpoint covers {} entries ({} newer entries not yet checkpointed)",
                     r.entries, r.checkpoints, r.latest_checkpoint_size, r.unsigned_tail
                 );
+                if let Some(n) = r.anchor_size {
+                    println!(
+                        "  the log extends the checkpoint you kept (size {n}): nothing before it was changed"
+                    );
+                }
                 for (ev, n) in &r.events {
                     println!("  {ev}: {n}");
                 }
@@ -93,7 +130,26 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
         proof,
         log_key,
         certificate,
+        ca,
+        digest,
+        document,
+        no_certificate,
     } = cmd;
+    let expected_digest = match (digest, document) {
+        (Some(h), _) => Some(
+            h.trim()
+                .parse::<signet::domain::Sha256Digest>()
+                .map_err(|e| anyhow!("--digest: {e}"))?
+                .0,
+        ),
+        (None, Some(p)) => {
+            use sha2::Digest;
+            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            Some(sha2::Sha256::digest(&bytes).into())
+        }
+        (None, None) => None,
+    };
+    let ca = ca.as_deref().map(read_cert).transpose()?;
     let receipt_json: Value = read_json(receipt)?;
     let r: Receipt = serde_json::from_value(
         receipt_json
@@ -134,6 +190,9 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
         entry,
         log_key,
         certificate: cert,
+        allow_no_certificate: *no_certificate,
+        ca,
+        expected_digest,
         signature: receipt_json["signature"].as_str().map(str::to_owned),
     };
     match verify_receipt(&inputs) {
@@ -152,8 +211,27 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
                     rep.key_id.as_deref().unwrap_or("-"),
                     rep.policy_id.as_deref().unwrap_or("-")
                 );
+                if rep.digest_checked {
+                    println!(
+                        "  it covers the expected digest {}",
+                        rep.digest.as_deref().unwrap_or("-")
+                    );
+                }
                 if rep.signature_checked {
-                    println!("  the signature verifies with the signing certificate");
+                    println!(
+                        "  the signature verifies with the certificate the entry names (SHA-256 {})",
+                        rep.certificate_sha256.as_deref().unwrap_or("-")
+                    );
+                } else {
+                    println!(
+                        "  the signature was NOT checked (--no-certificate): this shows only that the entry is in the log"
+                    );
+                }
+                if rep.chain_checked {
+                    println!(
+                        "  the certificate chains to the CA given, may sign, and was valid at {}",
+                        rep.time
+                    );
                 }
             }
             Ok(())
@@ -164,6 +242,63 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
             }
             bail!("receipt verification FAILED: {e}")
         }
+    }
+}
+
+/// Accept a restored log: open it despite its anchors, record why, re-anchor, stop.
+fn accept_restore(cli: &Cli, reason: &str) -> Result<()> {
+    if reason.trim().is_empty() {
+        bail!("--reason must say why the log was restored");
+    }
+    let config = load_config(cli)?;
+    ensure_module_environment(&config)?;
+    let dir = config.audit.dir.clone();
+    if signet::audit::is_locked(&dir) {
+        bail!(
+            "the evidence log in {} is in use: stop the service first",
+            dir.display()
+        );
+    }
+    let rt = runtime()?;
+    let findings = rt.block_on(async {
+        let app =
+            signet::service::App::start_with(config, signet::service::LogOpening::AcceptRestore)
+                .await
+                .context("cannot open the restored log")?;
+        let recorded = app
+            .record_restore(local_caller().actor(), reason.to_owned())
+            .await;
+        app.shutdown().await;
+        recorded.context("cannot record the restore")
+    })?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": true, "restored": !findings.is_empty(), "findings": findings})
+        );
+    } else if findings.is_empty() {
+        println!("the log matches its anchors: nothing to accept, nothing recorded");
+    } else {
+        println!(
+            "restore accepted and recorded as a `log_restored` evidence entry; the log is anchored again. What differed:"
+        );
+        for f in &findings {
+            println!("  - {f}");
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint note from a file: the note itself, or the JSON of GET /v1/audit/checkpoint.
+fn read_checkpoint_note(p: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) => v["checkpoint"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("{}: JSON without `checkpoint`", p.display())),
+        Err(_) => Ok(text),
     }
 }
 

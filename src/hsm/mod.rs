@@ -25,6 +25,10 @@ pub const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 
 
 /// `CKA_ID` of the evidence log's checkpoint key. Tenant IDs cannot start with `_`.
 pub const LOG_KEY_ID: &str = "_signet/evidence-log/v1";
+/// `CKA_ID` of the HMAC key that authenticates the evidence log's tail (each group commit).
+pub const LOG_MAC_KEY_ID: &str = "_signet/evidence-log/mac/v1";
+/// `CKA_LABEL` of the data object holding the evidence log's anchor (latest signed tree head).
+pub const LOG_ANCHOR_LABEL: &str = "signet evidence log anchor";
 /// `CKA_ID` of the internal CA key (`issuer = "hsm-ca"`).
 pub const CA_KEY_ID: &str = "_signet/ca/v1";
 

@@ -228,6 +228,110 @@ impl TokenSession<'_> {
         Ok(out)
     }
 
+    /// Make sure a 256-bit HMAC key with this `CKA_ID` exists in the token (generated there:
+    /// sensitive, never extractable, a token object that can only MAC). Idempotent.
+    pub fn ensure_hmac_key(&self, id: &str, label: &str) -> Result<(), Error> {
+        if self.find_one(ObjectClass::SECRET_KEY, id)?.is_some() {
+            return Ok(());
+        }
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+            Attribute::Id(id.as_bytes().to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        self.session
+            .generate_key(&Mechanism::GenericSecretKeyGen, &template)
+            .map_err(Error::pkcs11("C_GenerateKey"))?;
+        Ok(())
+    }
+
+    /// HMAC-SHA256 of `data` with the secret key `id`, computed inside the token.
+    pub fn hmac_sha256(&self, id: &str, data: &[u8]) -> Result<[u8; 32], Error> {
+        let cache_key = format!("secret:{id}");
+        let key = match self.handles.get(&cache_key) {
+            Some(h) => h,
+            None => {
+                let h = self
+                    .find_one(ObjectClass::SECRET_KEY, id)?
+                    .ok_or_else(|| Error::NotFound(format!("secret key {id}")))?;
+                self.handles.insert(cache_key, h);
+                h
+            }
+        };
+        let mac = self
+            .session
+            .sign(&Mechanism::Sha256Hmac, key, data)
+            .map_err(Error::pkcs11("C_Sign"))?;
+        <[u8; 32]>::try_from(mac.as_slice()).map_err(|_| Error::Malformed("HMAC-SHA256 value"))
+    }
+
+    /// The values of the private data objects labelled `label` (normally one; two if the
+    /// process died inside [`TokenSession::store_data_object`]).
+    pub fn data_objects(&self, label: &str) -> Result<Vec<Vec<u8>>, Error> {
+        let mut out = Vec::new();
+        for h in self.find_data(label)? {
+            let attrs = self
+                .session
+                .get_attributes(h, &[AttributeType::Value])
+                .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+            let value = attrs.into_iter().find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            });
+            out.push(value.ok_or(Error::Malformed("data object without CKA_VALUE"))?);
+        }
+        Ok(out)
+    }
+
+    /// Replace the private data object labelled `label` (readable and writable only after
+    /// login). The new object is created before the old one is destroyed, so a crash leaves
+    /// one or both, never none. (Tokens need not allow changing `CKA_VALUE` in place; SoftHSM
+    /// does not.)
+    pub fn store_data_object(&self, label: &str, value: &[u8]) -> Result<(), Error> {
+        let old = self.find_data(label)?;
+        let template = [
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(false),
+            Attribute::Application(b"signet".to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Value(value.to_vec()),
+        ];
+        self.session
+            .create_object(&template)
+            .map_err(Error::pkcs11("C_CreateObject"))?;
+        for h in old {
+            self.session
+                .destroy_object(h)
+                .map_err(Error::pkcs11("C_DestroyObject"))?;
+        }
+        Ok(())
+    }
+
+    fn find_data(&self, label: &str) -> Result<Vec<ObjectHandle>, Error> {
+        self.session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(b"signet".to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(Error::pkcs11("C_FindObjects"))
+    }
+
     /// A cheap call that fails if the session or login is gone.
     pub fn ping(&self) -> Result<(), Error> {
         let info = self

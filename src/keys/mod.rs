@@ -520,6 +520,8 @@ mod tests {
             fingerprint_sha256: String::new(),
             san: vec![],
             common_name: None,
+            allows_digital_signature: true,
+            extended_key_usages: vec![],
         });
         (f, c)
     }

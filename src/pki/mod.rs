@@ -111,6 +111,11 @@ pub struct CertInfo {
     pub san: Vec<String>,
     /// The subject's common name, if any.
     pub common_name: Option<String>,
+    /// Whether the certificate may make digital signatures: a KeyUsage extension that holds
+    /// `digitalSignature`, or none at all (RFC 5280: no restriction).
+    pub allows_digital_signature: bool,
+    /// Extended key usage OIDs (dotted), empty if the extension is absent.
+    pub extended_key_usages: Vec<String>,
 }
 
 impl CertInfo {
@@ -136,6 +141,15 @@ impl CertInfo {
             }
         }
         let common_name = common_name(tbs.subject());
+        let allows_digital_signature = match tbs.get_extension::<KeyUsage>() {
+            Ok(Some((_, ku))) => ku.digital_signature(),
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        let extended_key_usages = match tbs.get_extension::<ExtendedKeyUsage>() {
+            Ok(Some((_, ExtendedKeyUsage(oids)))) => oids.iter().map(|o| o.to_string()).collect(),
+            _ => Vec::new(),
+        };
         Ok(Self {
             der: der.to_vec(),
             serial_hex: hex::encode(tbs.serial_number().as_bytes()),
@@ -148,6 +162,8 @@ impl CertInfo {
             fingerprint_sha256: hex::encode(Sha256::digest(der)),
             san,
             common_name,
+            allows_digital_signature,
+            extended_key_usages,
         })
     }
 

@@ -22,7 +22,7 @@ use crate::audit::{self, CheckpointSigner, EvidenceLog};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DynamicConfig, Issuer, Role};
 use crate::domain::TenantId;
-use crate::hsm::{self, CA_KEY_ID, Hsm, LOG_KEY_ID, TokenSigner};
+use crate::hsm::{self, CA_KEY_ID, Hsm, LOG_ANCHOR_LABEL, LOG_KEY_ID, LOG_MAC_KEY_ID, TokenSigner};
 use crate::keys::{self, Registry};
 use crate::metrics::Metrics;
 use crate::pki::{self, CertInfo};
@@ -142,13 +142,33 @@ pub struct App {
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// Signs checkpoints with the log key in the token.
-struct TokenCheckpointSigner {
+/// The evidence log's keys in the token: the checkpoint key, the tail MAC key and the anchor.
+struct TokenLogKeys {
     hsm: Hsm,
     public: VerifyingKey,
 }
 
-impl CheckpointSigner for TokenCheckpointSigner {
+impl audit::anchor::TokenAnchor for TokenLogKeys {
+    fn mac(&self, message: &[u8]) -> Result<[u8; 32], audit::anchor::TokenFailure> {
+        let message = message.to_vec();
+        Ok(self
+            .hsm
+            .call_blocking(move |s| s.hmac_sha256(LOG_MAC_KEY_ID, &message))?)
+    }
+    fn load(&self) -> Result<Vec<Vec<u8>>, audit::anchor::TokenFailure> {
+        Ok(self
+            .hsm
+            .call_blocking(|s| s.data_objects(LOG_ANCHOR_LABEL))?)
+    }
+    fn store(&self, value: &[u8]) -> Result<(), audit::anchor::TokenFailure> {
+        let value = value.to_vec();
+        Ok(self
+            .hsm
+            .call_blocking(move |s| s.store_data_object(LOG_ANCHOR_LABEL, &value))?)
+    }
+}
+
+impl CheckpointSigner for TokenLogKeys {
     fn public_key(&self) -> VerifyingKey {
         self.public
     }
@@ -177,10 +197,25 @@ pub enum StartError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// How the evidence log is opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogOpening {
+    /// Refuse a log that differs from its integrity anchors.
+    #[default]
+    Checked,
+    /// Accept it (a deliberate restore from backup); [`App::record_restore`] records it.
+    AcceptRestore,
+}
+
 impl App {
     /// Start everything except the network listeners: token, evidence log, CA, registry,
     /// idempotency cache, rotation engine. Background tasks start with [`App::spawn_background`].
     pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
+        Self::start_with(config, LogOpening::Checked).await
+    }
+
+    /// [`App::start`], choosing how the evidence log is opened.
+    pub async fn start_with(config: Config, opening: LogOpening) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let hsm = Hsm::start(&config.hsm, Arc::clone(&metrics))?;
@@ -189,7 +224,9 @@ impl App {
             .call(|s| s.ensure_p256_key_pair(LOG_KEY_ID, "signet evidence log key"))
             .await?;
         hsm.set_probe_key(LOG_KEY_ID);
-        let signer = Arc::new(TokenCheckpointSigner {
+        hsm.call(|s| s.ensure_hmac_key(LOG_MAC_KEY_ID, "signet evidence log MAC key"))
+            .await?;
+        let log_keys = Arc::new(TokenLogKeys {
             hsm: hsm.clone(),
             public: log_public,
         });
@@ -198,10 +235,13 @@ impl App {
             origin: config.audit.origin.clone(),
             fsync: config.audit.fsync,
             max_group_entries: config.audit.max_group_entries,
+            accept_restore: opening == LogOpening::AcceptRestore,
         };
         let log_metrics = Arc::clone(&metrics);
-        let log = tokio::task::spawn_blocking(move || EvidenceLog::open(opts, signer, log_metrics))
-            .await??;
+        let log = tokio::task::spawn_blocking(move || {
+            EvidenceLog::open(opts, Arc::clone(&log_keys) as _, log_keys, log_metrics)
+        })
+        .await??;
         let log = Arc::new(log);
 
         let ca = match config.dynamic.rotation.issuer {
@@ -348,6 +388,33 @@ impl App {
         if let Err(err) = self.log.append(vec![e]).await {
             tracing::error!(error = %err, "cannot record the configuration reload as evidence");
         }
+    }
+
+    /// Record an accepted restore (opened with [`LogOpening::AcceptRestore`]) as evidence and
+    /// sign a checkpoint, which re-anchors the log in the token. Returns what differed from the
+    /// anchors; nothing is recorded if nothing differed.
+    pub async fn record_restore(
+        &self,
+        actor: audit::Actor,
+        reason: String,
+    ) -> Result<Vec<String>, Error> {
+        let findings = self.log.restore_findings().to_vec();
+        if findings.is_empty() {
+            return Ok(findings);
+        }
+        let mut e = audit::Entry::new(
+            audit::entry::event::LOG_RESTORED,
+            crate::clock::rfc3339_micros(self.clock.now()),
+            actor,
+        );
+        e.reason = Some(reason);
+        e.details = Some(serde_json::json!({
+            "findings": findings,
+            "tree_size_before_this_entry": self.log.tree_size(),
+        }));
+        self.log.append(vec![e]).await?;
+        self.checkpoint().await?;
+        Ok(findings)
     }
 
     /// Fill the idempotency cache from the log's entries inside the retention window.

@@ -597,7 +597,10 @@ impl App {
             value: ready.valid.digest.to_hex(),
         });
         e.key_id = Some(key.key_id.to_string());
-        e.certificate_serial = key.certificate.as_ref().map(|c| c.serial_hex.clone());
+        if let Some(c) = &key.certificate {
+            e.certificate_serial = Some(c.serial_hex.clone());
+            e.certificate_sha256 = Some(c.fingerprint_sha256.clone());
+        }
         e.signature = Some(B64.encode(der));
         e.signature_algorithm = Some(SIGNATURE_ALGORITHM.to_owned());
         e.transaction_id = ready.valid.transaction_id.clone();

@@ -174,6 +174,40 @@ impl Signet {
         });
     }
 
+    /// Start `signet serve` expecting it to refuse: returns its stderr once it exited non-zero.
+    pub fn start_refused(&mut self) -> String {
+        assert!(self.child.is_none(), "already running");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--config", &self.config().display().to_string(), "serve"])
+            .env("SIGNET_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn signet serve");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                assert!(!status.success(), "signet serve exited 0:\n{err}");
+                return err;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("signet serve started although it should have refused");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
