@@ -388,3 +388,24 @@ fn runbooks_and_readme_use_real_commands_and_flags() {
     }
     assert!(checked > 50, "only {checked} commands found");
 }
+
+/// Every shipped alert has at least one promtool unit test.
+#[test]
+fn every_alert_has_a_promtool_test() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    let rules = std::fs::read_to_string(dir.join("signet-alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("signet-alerts.test.yml")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() > 10);
+    let untested: Vec<&&str> = alerts
+        .iter()
+        .filter(|a| !tests.contains(&format!("alertname: {a}\n")))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "alerts without a promtool test: {untested:?}"
+    );
+}

@@ -131,3 +131,61 @@ async fn a_library_finalised_under_the_service_is_reinitialised() {
     );
     assert_eq!(s.readyz().await, 200);
 }
+
+#[cfg(feature = "insecure-test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_key_handle_never_yields_a_signature_made_with_another_key() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let (status, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"warm the cache"))
+        .await;
+    assert_eq!(status, 200);
+    let signatures = |s: &Signet| {
+        s.entries()
+            .iter()
+            .filter(|e| e["event"] == "signature")
+            .count()
+    };
+    let before = signatures(&s);
+    // payroll/v1's cached handle now names the evidence-log key, as a handle kept from an
+    // earlier library instance can after SoftHSM reuses handle numbers.
+    s.inject_fault(json!({
+        "fault": "plant_stale_handle",
+        "key_id": "payroll/v1",
+        "other": "_signet/evidence-log/v1"
+    }))
+    .await;
+    let (status, _, p) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body("payroll-esign", b"signed with the wrong key?")),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 503, "{p}");
+    assert_eq!(p["type"], "urn:signet:problem:token-signature-mismatch");
+    assert!(p.get("signature").is_none());
+    assert_eq!(
+        signatures(&s),
+        before,
+        "no evidence entry for a discarded signature"
+    );
+    assert_eq!(
+        s.metric("signet_hsm_errors_total{kind=\"wrong_key\"}")
+            .await,
+        1.0
+    );
+    // The cache was emptied: the next request finds the right handle and verifies.
+    let (status, v) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"after"))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(verifies(
+        v["certificate"].as_str().unwrap(),
+        b"after",
+        v["signature"].as_str().unwrap()
+    ));
+}

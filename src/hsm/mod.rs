@@ -63,6 +63,10 @@ pub enum Error {
     Malformed(&'static str),
     #[error("Signet is shutting down")]
     ShuttingDown,
+    /// The token signed, but not with the key asked for (a stale object handle): the
+    /// signature is discarded, never returned.
+    #[error("the token's signature does not verify with the public key of {0}")]
+    WrongKey(String),
 }
 
 /// How a failed PKCS#11 call should be handled.
@@ -97,6 +101,7 @@ impl Error {
             Error::AlreadyExists(_) => "already_exists",
             Error::Malformed(_) => "malformed",
             Error::ShuttingDown => "shutdown",
+            Error::WrongKey(_) => "wrong_key",
         }
     }
 

@@ -65,7 +65,9 @@ struct Inner {
     generation: AtomicU64,
     ready: AtomicBool,
     shutting_down: AtomicBool,
-    handles: Cache<String, ObjectHandle>,
+    /// Object handles by (library instance, key): a handle from an earlier instance can never
+    /// be found by a session of a later one.
+    handles: Cache<(u64, String), ObjectHandle>,
     metrics: Arc<Metrics>,
     /// Supervisor wake-up: set to true to ask for an immediate probe.
     wake: (Mutex<bool>, Condvar),
@@ -92,14 +94,23 @@ struct WorkerSlot {
 pub struct Library {
     ctx: Pkcs11,
     slot: Slot,
+    /// Unique per `C_Initialize` in this process: object handles are only meaningful within
+    /// one library instance (SoftHSM reuses handle numbers after re-initialisation).
+    instance: u64,
 }
+
+static NEXT_LIBRARY_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
 impl Library {
     /// Load the module, `C_Initialize` it (OS locking), and find the token by label.
     pub fn open(module: &Path, token_label: &str) -> Result<Self, Error> {
         let ctx = load(module)?;
         match find_token(&ctx, token_label) {
-            Ok(slot) => Ok(Self { ctx, slot }),
+            Ok(slot) => Ok(Self {
+                ctx,
+                slot,
+                instance: NEXT_LIBRARY_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            }),
             Err(e) => {
                 // Leave nothing initialised behind: the next attempt must rescan the tokens.
                 let _ = ctx.finalize();
@@ -429,6 +440,28 @@ impl Hsm {
 
     /// Test hook: `C_Finalize` the library under the running service, as a crashed token
     /// driver would; every session dies and only re-initialisation recovers.
+    /// A signature from the token did not verify with the key it was asked to use: count it,
+    /// forget every cached handle and have the supervisor check the token.
+    pub fn report_wrong_key(&self, key_id: &str) {
+        tracing::error!(%key_id, "the token signed with another key than asked for; signature discarded, handle cache emptied");
+        self.inner.metrics.hsm_error("wrong_key");
+        self.inner.handles.invalidate_all();
+        self.inner.request_probe();
+    }
+
+    /// Test hook: make the cached handle of `id`'s private key point at `other`'s, as a stale
+    /// handle from an earlier library instance would.
+    #[cfg(feature = "insecure-test-hooks")]
+    pub fn insecure_test_plant_stale_handle(&self, id: &str, other: &str) -> Result<(), Error> {
+        let (id, other) = (id.to_owned(), other.to_owned());
+        let inner = Arc::clone(&self.inner);
+        self.call_blocking(move |s| {
+            let h = s.private_key(&other)?;
+            inner.handles.insert((s.instance, id.clone()), h);
+            Ok(())
+        })
+    }
+
     #[cfg(feature = "insecure-test-hooks")]
     pub fn insecure_test_finalize_library(&self) {
         if let Some(lib) = lock(&self.inner.library).as_ref() {
@@ -449,21 +482,24 @@ impl Inner {
         cv.notify_all();
     }
 
-    fn open_session(&self) -> Result<Session, Error> {
+    /// A logged-in session and the instance of the library it belongs to (read together,
+    /// under the library lock).
+    fn open_session(&self) -> Result<(Session, u64), Error> {
         let library = lock(&self.library).clone().ok_or(Error::Unavailable)?;
         let session = library
             .ctx
             .open_rw_session(library.slot)
             .map_err(Error::pkcs11("C_OpenSession"))?;
         login(&session, &self.pin)?;
-        Ok(session)
+        Ok((session, library.instance))
     }
 }
 
-/// One worker thread's state: its session and the generation it was opened in.
+/// One worker thread's state: its session, the generation it was opened in, and the library
+/// instance it belongs to.
 struct WorkerState {
     inner: Arc<Inner>,
-    session: Option<(Session, u64)>,
+    session: Option<(Session, u64, u64)>,
 }
 
 impl WorkerState {
@@ -474,10 +510,10 @@ impl WorkerState {
         }
         for attempt in 0..2 {
             let generation = self.inner.generation.load(Ordering::Acquire);
-            if !matches!(&self.session, Some((_, g)) if *g == generation) {
+            if !matches!(&self.session, Some((_, g, _)) if *g == generation) {
                 self.session = None;
                 match self.inner.open_session() {
-                    Ok(s) => self.session = Some((s, generation)),
+                    Ok((s, instance)) => self.session = Some((s, generation, instance)),
                     Err(e) => {
                         self.inner.metrics.hsm_error(e.kind());
                         self.inner.request_probe();
@@ -485,12 +521,13 @@ impl WorkerState {
                     }
                 }
             }
-            let Some((session, _)) = &self.session else {
+            let Some((session, _, instance)) = &self.session else {
                 return Err(Error::Unavailable);
             };
             let token = TokenSession {
                 session,
                 handles: &self.inner.handles,
+                instance: *instance,
             };
             let err = match op(&token) {
                 Ok(v) => return Ok(v),
@@ -626,9 +663,11 @@ fn supervisor_main(inner: Arc<Inner>, keeper: Session) {
 
 /// Is the session logged in, and is the probe key (if any) still in the token?
 fn probe(inner: &Inner, session: &Session) -> bool {
+    // The probe uses no cached handle: instance 0 belongs to no library.
     let t = TokenSession {
         session,
         handles: &inner.handles,
+        instance: 0,
     };
     if t.ping().is_err() {
         return false;
@@ -646,7 +685,7 @@ fn recover(inner: &Inner) -> Option<Session> {
     inner.generation.fetch_add(1, Ordering::AcqRel);
 
     match inner.open_session() {
-        Ok(s) if probe(inner, &s) => {
+        Ok((s, _)) if probe(inner, &s) => {
             inner
                 .metrics
                 .hsm_recoveries
@@ -682,8 +721,10 @@ fn recover(inner: &Inner) -> Option<Session> {
     match Library::open(&inner.module, &inner.token_label) {
         Ok(lib) => {
             *lock(&inner.library) = Some(lib);
+            // Cleared after re-initialising too: nothing cached in the window survives.
+            inner.handles.invalidate_all();
             match inner.open_session() {
-                Ok(s) if probe(inner, &s) => {
+                Ok((s, _)) if probe(inner, &s) => {
                     inner
                         .metrics
                         .hsm_recoveries

@@ -16,7 +16,9 @@ use super::{Error, P256_EC_PARAMS, ec_point_to_key, raw_to_der};
 /// A session plus the handle cache; what a closure passed to `Hsm::call` works with.
 pub struct TokenSession<'a> {
     pub(super) session: &'a Session,
-    pub(super) handles: &'a Cache<String, ObjectHandle>,
+    pub(super) handles: &'a Cache<(u64, String), ObjectHandle>,
+    /// The library instance the session belongs to: part of every cached handle's key.
+    pub(super) instance: u64,
 }
 
 /// One object as listed by [`TokenSession::list_objects`].
@@ -48,13 +50,14 @@ impl TokenSession<'_> {
 
     /// The handle of the private key with this `CKA_ID`, from the cache or one search.
     pub fn private_key(&self, id: &str) -> Result<ObjectHandle, Error> {
-        if let Some(h) = self.handles.get(id) {
+        let cache_key = (self.instance, id.to_owned());
+        if let Some(h) = self.handles.get(&cache_key) {
             return Ok(h);
         }
         let h = self
             .find_one(ObjectClass::PRIVATE_KEY, id)?
             .ok_or_else(|| Error::NotFound(format!("private key {id}")))?;
-        self.handles.insert(id.to_owned(), h);
+        self.handles.insert(cache_key, h);
         Ok(h)
     }
 
@@ -173,7 +176,7 @@ impl TokenSession<'_> {
     /// Destroy the private key for `id` (retirement). Idempotent. The public key and
     /// certificate stay for verification.
     pub fn destroy_private_key(&self, id: &str) -> Result<bool, Error> {
-        self.handles.invalidate(id);
+        self.handles.invalidate(&(self.instance, id.to_owned()));
         let mut destroyed = false;
         for h in self.find_all(ObjectClass::PRIVATE_KEY, id)? {
             self.session
@@ -260,7 +263,7 @@ impl TokenSession<'_> {
 
     /// HMAC-SHA256 of `data` with the secret key `id`, computed inside the token.
     pub fn hmac_sha256(&self, id: &str, data: &[u8]) -> Result<[u8; 32], Error> {
-        let cache_key = format!("secret:{id}");
+        let cache_key = (self.instance, format!("secret:{id}"));
         let key = match self.handles.get(&cache_key) {
             Some(h) => h,
             None => {

@@ -559,9 +559,26 @@ async fn insecure_test_fault(
                 .insecure_test_stall_next_call(std::time::Duration::from_millis(ms));
         }
         Some("finalize_library") => s.app.hsm.insecure_test_finalize_library(),
+        Some("plant_stale_handle") => {
+            let (id, other) = (
+                req["key_id"].as_str().unwrap_or_default().to_owned(),
+                req["other"].as_str().unwrap_or_default().to_owned(),
+            );
+            let hsm = s.app.hsm.clone();
+            let planted = tokio::task::spawn_blocking(move || {
+                hsm.insecure_test_plant_stale_handle(&id, &other)
+            })
+            .await;
+            if let Ok(Err(e)) = planted {
+                return fail(Error::Hsm(e), &caller.request_id);
+            }
+        }
         _ => {
             return fail(
-                Error::invalid("fault", "stall_next_call or finalize_library"),
+                Error::invalid(
+                    "fault",
+                    "stall_next_call, finalize_library or plant_stale_handle",
+                ),
                 &caller.request_id,
             );
         }

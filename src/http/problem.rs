@@ -161,6 +161,10 @@ fn hsm_problem(e: &hsm::Error, request_id: &str) -> Problem {
     let (slug, title) = match e {
         hsm::Error::Busy => ("token-busy", "Signing capacity exhausted"),
         hsm::Error::Timeout(_) => ("token-timeout", "The token did not answer in time"),
+        hsm::Error::WrongKey(_) => (
+            "token-signature-mismatch",
+            "The token signed with an unexpected key; the signature was discarded",
+        ),
         _ => ("token-unavailable", "The signing token is unavailable"),
     };
     let retry = if matches!(e, hsm::Error::Busy) { 1 } else { 5 };
