@@ -1,18 +1,19 @@
 //! Who may do what: clients (by certificate identity), their tenants and roles, signing
-//! policies, and per-policy rate limits.
+//! policies, and rate limits per policy, per tenant and per client.
 //!
 //! Built from the reloadable configuration; a reload builds a new `Policies` and swaps it in.
-//! Pure logic apart from the rate-limiter clock.
+//! Rate limiters live in [`Limiters`], outside `Policies`, so a reload keeps the state of every
+//! limiter whose rate did not change. Pure logic apart from the rate-limiter clock.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use crate::config::{ClientConfig, DynamicConfig, PolicyConfig, Role};
+use crate::config::{ClientConfig, DynamicConfig, PolicyConfig, RateLimit, Role};
 use crate::domain::{DigestAlgorithm, PolicyId, TenantId};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,11 +35,95 @@ pub enum Error {
     },
     #[error("policy `{0}` requires an Idempotency-Key header")]
     IdempotencyKeyRequired(PolicyId),
-    #[error("rate limit of policy `{policy}` exceeded")]
+    #[error("rate limit of {scope} `{name}` exceeded")]
     RateLimited {
-        policy: PolicyId,
+        /// `policy`, `tenant` or `client`.
+        scope: &'static str,
+        name: String,
         retry_after: Duration,
     },
+}
+
+/// What a rate limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Policy,
+    Tenant,
+    Client,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Policy => "policy",
+            Scope::Tenant => "tenant",
+            Scope::Client => "client",
+        }
+    }
+}
+
+/// One rate limiter and what it limits.
+pub struct Limiter {
+    scope: Scope,
+    name: String,
+    rate: RateLimit,
+    bucket: DefaultDirectRateLimiter,
+}
+
+/// Every rate limiter, kept across reloads: [`Policies::with_limiters`] reuses a limiter (and
+/// its state) whenever its scope, name and rate are unchanged.
+#[derive(Default)]
+pub struct Limiters {
+    /// Guarded by its mutex; only touched when a configuration is built.
+    by_name: Mutex<HashMap<(Scope, String), Arc<Limiter>>>,
+}
+
+impl Limiters {
+    fn limiter(&self, scope: Scope, name: &str, rate: RateLimit) -> Arc<Limiter> {
+        let mut map = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (scope, name.to_owned());
+        if let Some(l) = map.get(&key).filter(|l| l.rate == rate) {
+            return Arc::clone(l);
+        }
+        let per_second = NonZeroU32::new(rate.per_second).unwrap_or(NonZeroU32::MIN);
+        let burst =
+            NonZeroU32::new(rate.burst.unwrap_or(rate.per_second)).unwrap_or(NonZeroU32::MIN);
+        let l = Arc::new(Limiter {
+            scope,
+            name: name.to_owned(),
+            rate,
+            bucket: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+        });
+        map.insert(key, Arc::clone(&l));
+        l
+    }
+
+    /// Forget limiters the configuration no longer names.
+    fn retain(&self, keep: &[Arc<Limiter>]) {
+        let mut map = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, l| keep.iter().any(|k| Arc::ptr_eq(k, l)));
+    }
+}
+
+impl Limiter {
+    /// Take `n` tokens at once (a batch). More than the burst is refused whole.
+    fn take(&self, n: u32) -> Result<(), Error> {
+        let Some(n) = NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        let refused = |retry_after| Error::RateLimited {
+            scope: self.scope.as_str(),
+            name: self.name.clone(),
+            retry_after,
+        };
+        match self.bucket.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(refused(
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )),
+            Err(_) => Err(refused(Duration::from_secs(1))),
+        }
+    }
 }
 
 /// A policy with what is derived from it once per configuration.
@@ -46,16 +131,32 @@ pub struct Policy {
     pub config: PolicyConfig,
     /// SHA-256 of the policy's canonical JSON, recorded as evidence.
     pub hash: String,
-    limiter: Option<DefaultDirectRateLimiter>,
+    limiter: Option<Arc<Limiter>>,
 }
 
 pub struct Policies {
     clients: HashMap<String, Arc<ClientConfig>>,
     policies: HashMap<PolicyId, Arc<Policy>>,
+    tenant_limiters: HashMap<TenantId, Arc<Limiter>>,
+    client_limiters: HashMap<String, Arc<Limiter>>,
 }
 
 impl Policies {
+    /// With fresh rate limiters (validation, tools, tests).
     pub fn new(config: &DynamicConfig) -> Self {
+        Self::with_limiters(config, &Limiters::default())
+    }
+
+    /// Reusing the state of `limiters` wherever a rate is unchanged.
+    pub fn with_limiters(config: &DynamicConfig, limiters: &Limiters) -> Self {
+        let mut used = Vec::new();
+        let mut limiter = |scope, name: &str, rate: Option<RateLimit>| {
+            rate.map(|r| {
+                let l = limiters.limiter(scope, name, r);
+                used.push(Arc::clone(&l));
+                l
+            })
+        };
         let clients = config
             .clients
             .iter()
@@ -65,23 +166,61 @@ impl Policies {
             .policies
             .iter()
             .map(|p| {
-                let limiter = p.rate_limit.map(|r| {
-                    let per_second = NonZeroU32::new(r.per_second).unwrap_or(NonZeroU32::MIN);
-                    let burst =
-                        NonZeroU32::new(r.burst.unwrap_or(r.per_second)).unwrap_or(NonZeroU32::MIN);
-                    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
-                });
-                (
-                    p.id.clone(),
-                    Arc::new(Policy {
-                        hash: p.hash_hex(),
-                        config: p.clone(),
-                        limiter,
-                    }),
-                )
+                let policy = Policy {
+                    hash: p.hash_hex(),
+                    config: p.clone(),
+                    limiter: limiter(Scope::Policy, p.id.as_str(), p.rate_limit),
+                };
+                (p.id.clone(), Arc::new(policy))
             })
             .collect();
-        Self { clients, policies }
+        let tenant_limiters = config
+            .tenants()
+            .into_iter()
+            .chain(config.limits.tenants.keys().cloned())
+            .filter_map(|t| {
+                limiter(Scope::Tenant, t.as_str(), config.limits.tenant(&t)).map(|l| (t, l))
+            })
+            .collect();
+        let client_limiters = config
+            .clients
+            .iter()
+            .filter_map(|c| {
+                limiter(
+                    Scope::Client,
+                    &c.identity,
+                    c.rate_limit.or(config.limits.per_client),
+                )
+                .map(|l| (c.identity.clone(), l))
+            })
+            .collect();
+        limiters.retain(&used);
+        Self {
+            clients,
+            policies,
+            tenant_limiters,
+            client_limiters,
+        }
+    }
+
+    /// Take `n` signatures from every limit that applies to `client` signing under `policy`:
+    /// the policy's, its tenant's and the client's.
+    pub fn check_rate(&self, client: &ClientConfig, policy: &Policy, n: u32) -> Result<(), Error> {
+        if let Some(l) = &policy.limiter {
+            l.take(n)?;
+        }
+        if let Some(l) = self.tenant_limiters.get(&policy.config.tenant) {
+            l.take(n)?;
+        }
+        if let Some(l) = self.client_limiters.get(&client.identity) {
+            l.take(n)?;
+        }
+        Ok(())
+    }
+
+    /// The policy `policy_id`, if configured.
+    pub fn policy(&self, policy_id: &PolicyId) -> Option<&Arc<Policy>> {
+        self.policies.get(policy_id)
     }
 
     /// The client configured for this certificate identity.
@@ -147,34 +286,6 @@ impl Policies {
     /// May `client` read the whole evidence log (all tenants)?
     pub fn may_read_all_evidence(client: &ClientConfig) -> bool {
         client.roles.contains(&Role::Admin) || client.roles.contains(&Role::Audit)
-    }
-}
-
-impl Policy {
-    /// Take one token from the policy's rate limit, if it has one.
-    pub fn check_rate(&self) -> Result<(), Error> {
-        self.take(1)
-    }
-
-    /// Take `n` tokens at once (a batch). A batch larger than the burst is refused whole.
-    pub fn take(&self, n: u32) -> Result<(), Error> {
-        let Some(limiter) = &self.limiter else {
-            return Ok(());
-        };
-        let Some(n) = NonZeroU32::new(n) else {
-            return Ok(());
-        };
-        match limiter.check_n(n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Error::RateLimited {
-                policy: self.config.id.clone(),
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            }),
-            Err(_) => Err(Error::RateLimited {
-                policy: self.config.id.clone(),
-                retry_after: Duration::from_secs(1),
-            }),
-        }
     }
 }
 
@@ -248,37 +359,86 @@ legal_standard = "x"
         assert!(!p.is_known("someone-else"));
     }
 
-    #[test]
-    fn rate_limit_refuses_after_burst_with_retry_after() {
-        let (p, d) = policies("");
-        let mut cfg = d.policies[0].clone();
-        cfg.rate_limit = Some(RateLimit {
-            per_second: 1,
-            burst: Some(2),
-        });
-        let mut dynamic = d.clone();
-        dynamic.policies[0] = cfg;
-        let p2 = Policies::new(&dynamic);
-        let pol = p2
-            .policies
-            .get(&"payroll-esign".parse::<PolicyId>().unwrap())
-            .unwrap();
-        assert!(pol.check_rate().is_ok());
-        assert!(pol.check_rate().is_ok());
-        match pol.check_rate() {
-            Err(Error::RateLimited { retry_after, .. }) => {
-                assert!(retry_after <= Duration::from_secs(1))
+    /// Take one signature as `client` under `policy`; the refusing scope, if any.
+    fn take(p: &Policies, client: &str, policy: &str, n: u32) -> Option<&'static str> {
+        let c = p.client(client).unwrap().clone();
+        let pol = p.policy(&policy.parse().unwrap()).unwrap().clone();
+        match p.check_rate(&c, &pol, n) {
+            Ok(()) => None,
+            Err(Error::RateLimited {
+                scope, retry_after, ..
+            }) => {
+                assert!(retry_after <= Duration::from_secs(1));
+                Some(scope)
             }
-            other => panic!("expected rate limit, got {other:?}"),
+            Err(e) => panic!("{e}"),
         }
-        assert!(pol.take(5).is_err(), "a batch above the burst is refused");
-        // Policies without a limit never refuse.
-        let free = p
-            .policies
-            .get(&"payroll-esign".parse::<PolicyId>().unwrap())
-            .unwrap();
-        for _ in 0..100 {
-            assert!(free.check_rate().is_ok());
+    }
+
+    #[test]
+    fn rate_limits_per_policy_tenant_and_client() {
+        // (extra configuration, requests as (client, policy), the scope refusing the last one)
+        let per_policy = "[[policies]]\nid = \"limited\"\ntenant = \"payroll\"\nlegal_standard = \"x\"\nrate_limit = { per_second = 1, burst = 2 }\n";
+        let cases: Vec<(&str, Vec<(&str, &str)>, Option<&str>)> = vec![
+            ("", vec![("payroll-app", "payroll-esign"); 50], None),
+            (
+                per_policy,
+                vec![("payroll-app", "limited"); 3],
+                Some("policy"),
+            ),
+            // A tenant's limit spans its policies.
+            (
+                "[limits]\ntenants = { payroll = { per_second = 1, burst = 2 } }\n[[policies]]\nid = \"other\"\ntenant = \"payroll\"\nlegal_standard = \"x\"\n",
+                vec![
+                    ("payroll-app", "payroll-esign"),
+                    ("payroll-app", "other"),
+                    ("payroll-app", "other"),
+                ],
+                Some("tenant"),
+            ),
+            // A client's limit spans tenants; another client is not affected.
+            (
+                "[limits]\nper_client = { per_second = 1, burst = 1 }\n",
+                vec![
+                    ("payroll-app", "payroll-esign"),
+                    ("payroll-app", "payroll-esign"),
+                ],
+                Some("client"),
+            ),
+            (
+                "[limits]\nper_client = { per_second = 1, burst = 1 }\n",
+                vec![("payroll-app", "payroll-esign"), ("both", "hr-esign")],
+                None,
+            ),
+        ];
+        for (n, (extra, requests, want)) in cases.into_iter().enumerate() {
+            let (p, _) = policies(&format!(
+                "[[clients]]\nidentity = \"both\"\ntenants = [\"payroll\", \"hr\"]\nroles = [\"sign\"]\n{extra}"
+            ));
+            let mut last = None;
+            for (client, policy) in requests {
+                last = take(&p, client, policy, 1);
+            }
+            assert_eq!(last, want, "case {n}");
         }
+        // A batch above the burst is refused whole.
+        let (p, _) = policies(per_policy);
+        assert_eq!(take(&p, "payroll-app", "limited", 5), Some("policy"));
+    }
+
+    #[test]
+    fn rate_limit_state_survives_a_reload_unless_the_rate_changes() {
+        let extra = "[limits]\nper_tenant = { per_second = 1, burst = 2 }\n";
+        let (_, d) = policies(extra);
+        let limiters = Limiters::default();
+        let p = Policies::with_limiters(&d, &limiters);
+        assert_eq!(take(&p, "payroll-app", "payroll-esign", 2), None);
+        // Reloaded with the same rate: still exhausted.
+        let p = Policies::with_limiters(&d, &limiters);
+        assert_eq!(take(&p, "payroll-app", "payroll-esign", 1), Some("tenant"));
+        // A new rate starts a new bucket.
+        let (_, d2) = policies("[limits]\nper_tenant = { per_second = 5, burst = 5 }\n");
+        let p = Policies::with_limiters(&d2, &limiters);
+        assert_eq!(take(&p, "payroll-app", "payroll-esign", 1), None);
     }
 }

@@ -2,11 +2,13 @@
 //! identity a request acts as.
 //!
 //! A client certificate must chain to one of `[server].client_ca` *and* name an identity that
-//! `[[clients]]` lists; anything else is refused during the handshake. The identity is the
-//! certificate's URI SAN, else its DNS SAN, else (only with no SAN at all) its subject CN.
+//! `[[clients]]` lists (exactly one of them), issued under that client's pinned CA if it has
+//! one; anything else is refused during the handshake. The identity is the certificate's URI
+//! SAN, else its DNS SAN, else (only with no subjectAltName extension at all) its subject CN.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -17,7 +19,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
-use crate::config::ServerConfig;
+use crate::config::{ClientConfig, ServerConfig};
 use crate::pki::CertInfo;
 use crate::policy::Policies;
 
@@ -55,36 +57,65 @@ impl fmt::Debug for ClientIdentity {
     }
 }
 
+/// Why a certificate does not give a client identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the certificate cannot be parsed: {0}")]
+    Unparsable(String),
+    #[error(
+        "the certificate names no usable identity (URI or DNS SAN; the CN only without any SAN)"
+    )]
+    NoIdentity,
+    #[error("the certificate names several configured identities: {0:?}")]
+    Ambiguous(Vec<String>),
+}
+
 impl ClientIdentity {
-    /// Derive the identity from a certificate. With several candidate names of the winning
-    /// kind, the first one that `known` accepts is chosen (else the first).
-    pub fn from_certificate(der: &[u8], known: impl Fn(&str) -> bool) -> Option<Self> {
-        let info = CertInfo::parse(der).ok()?;
-        let uris: Vec<&str> = info
-            .san
-            .iter()
-            .filter_map(|s| s.strip_prefix("uri:"))
-            .collect();
-        let dns: Vec<&str> = info
-            .san
-            .iter()
-            .filter_map(|s| s.strip_prefix("dns:"))
-            .collect();
-        let candidates: Vec<&str> = if !uris.is_empty() {
-            uris
-        } else if !dns.is_empty() {
-            dns
-        } else if info.san.is_empty() {
-            info.common_name.as_deref().into_iter().collect()
-        } else {
-            Vec::new()
+    /// Derive the identity from a certificate: its URI SANs, else its DNS SANs, else — only
+    /// when the certificate has no subjectAltName extension at all, whatever name types it
+    /// would hold — its subject CN. With several candidates the one `known` accepts is
+    /// chosen; a certificate naming more than one configured identity (of any of these
+    /// kinds) is refused as ambiguous.
+    pub fn from_certificate(
+        der: &[u8],
+        known: impl Fn(&str) -> bool,
+    ) -> Result<Self, IdentityError> {
+        let info = CertInfo::parse(der).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+        let names = |prefix: &str| -> Vec<&str> {
+            info.san
+                .iter()
+                .filter_map(|s| s.strip_prefix(prefix))
+                .collect()
         };
+        let (uris, dns) = (names("uri:"), names("dns:"));
+        let cn: Vec<&str> = if info.has_san_extension {
+            Vec::new()
+        } else {
+            info.common_name.as_deref().into_iter().collect()
+        };
+        let mut configured: Vec<String> = uris
+            .iter()
+            .chain(&dns)
+            .chain(&cn)
+            .filter(|n| known(n))
+            .map(|n| n.to_string())
+            .collect();
+        configured.sort();
+        configured.dedup();
+        if configured.len() > 1 {
+            return Err(IdentityError::Ambiguous(configured));
+        }
+        let candidates = [uris, dns, cn]
+            .into_iter()
+            .find(|c| !c.is_empty())
+            .ok_or(IdentityError::NoIdentity)?;
         let identity = candidates
             .iter()
             .find(|c| known(c))
-            .or(candidates.first())?
+            .or(candidates.first())
+            .ok_or(IdentityError::NoIdentity)?
             .to_string();
-        Some(Self {
+        Ok(Self {
             identity,
             subject: info.subject,
             san: info.san,
@@ -103,11 +134,21 @@ impl ClientIdentity {
     }
 }
 
-/// Build the server's TLS configuration from the files named in `[server]`.
+/// The server's TLS configuration and the client verifier inside it (kept to re-check
+/// established connections after a reload).
+#[derive(Clone)]
+pub struct TlsState {
+    pub config: Arc<rustls::ServerConfig>,
+    pub verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// Build the server's TLS configuration from the files named in `[server]`, and the CAs
+/// `[[clients]]` entries are pinned to.
 pub fn server_config(
     config: &ServerConfig,
+    clients: &[ClientConfig],
     policies: Arc<ArcSwap<Policies>>,
-) -> Result<Arc<rustls::ServerConfig>, Error> {
+) -> Result<TlsState, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs("server.cert", &config.cert)?;
     let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| Error::File {
@@ -115,26 +156,47 @@ pub fn server_config(
         path: config.key.display().to_string(),
         reason: e.to_string(),
     })?;
-    let mut roots = RootCertStore::empty();
-    for path in &config.client_ca {
-        for cert in read_certs("server.client_ca", path)? {
-            roots
-                .add(cert)
-                .map_err(|e| Error::ClientCa(format!("{}: {e}", path.display())))?;
+    let verifier_for =
+        |key: &'static str, paths: &[&Path]| -> Result<Arc<dyn ClientCertVerifier>, Error> {
+            let mut roots = RootCertStore::empty();
+            for path in paths {
+                for cert in read_certs(key, path)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| Error::ClientCa(format!("{}: {e}", path.display())))?;
+                }
+            }
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()
+                .map_err(|e| Error::ClientCa(e.to_string()))
+        };
+    let all: Vec<&Path> = config.client_ca.iter().map(PathBuf::as_path).collect();
+    let inner = verifier_for("server.client_ca", &all)?;
+    let mut pinned = HashMap::new();
+    for c in clients {
+        if let Some(ca) = &c.ca {
+            pinned.insert(
+                c.identity.clone(),
+                verifier_for("clients.ca", &[ca.as_path()])?,
+            );
         }
     }
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-        .build()
-        .map_err(|e| Error::ClientCa(e.to_string()))?;
-    let verifier = Arc::new(KnownClientVerifier { inner, policies });
+    let verifier: Arc<dyn ClientCertVerifier> = Arc::new(KnownClientVerifier {
+        inner,
+        pinned,
+        policies,
+    });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| Error::KeyPair(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::clone(&verifier))
         .with_single_cert(chain, key)
         .map_err(|e| Error::KeyPair(e.to_string()))?;
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(tls))
+    Ok(TlsState {
+        config: Arc::new(tls),
+        verifier,
+    })
 }
 
 fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -153,10 +215,13 @@ fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
-/// WebPKI chain verification plus: the certificate's identity must be a configured client.
+/// WebPKI chain verification plus: the certificate names exactly one configured client, and
+/// chains to that client's pinned CA if it has one.
 #[derive(Debug)]
 struct KnownClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    /// Per identity with `[[clients]] ca`: a verifier trusting only that CA.
+    pinned: HashMap<String, Arc<dyn ClientCertVerifier>>,
     policies: Arc<ArcSwap<Policies>>,
 }
 
@@ -181,19 +246,28 @@ impl ClientCertVerifier for KnownClientVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         let policies = self.policies.load();
+        let refuse = || {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        };
         match ClientIdentity::from_certificate(end_entity.as_ref(), |i| policies.is_known(i)) {
-            Some(id) if policies.is_known(&id.identity) => Ok(verified),
-            Some(id) => {
-                tracing::warn!(identity = %id.identity, "refused a client certificate whose identity is not in [[clients]]");
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ApplicationVerificationFailure,
-                ))
+            Ok(id) if policies.is_known(&id.identity) => {
+                if let Some(pin) = self.pinned.get(&id.identity)
+                    && let Err(e) = pin.verify_client_cert(end_entity, intermediates, now)
+                {
+                    tracing::warn!(identity = %id.identity, error = %e, "refused a client certificate not issued under the CA its client is pinned to");
+                    return refuse();
+                }
+                Ok(verified)
             }
-            None => {
-                tracing::warn!("refused a client certificate without a usable identity");
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ApplicationVerificationFailure,
-                ))
+            Ok(id) => {
+                tracing::warn!(identity = %id.identity, "refused a client certificate whose identity is not in [[clients]]");
+                refuse()
+            }
+            Err(e) => {
+                tracing::warn!(reason = %e, "refused a client certificate");
+                refuse()
             }
         }
     }

@@ -588,3 +588,63 @@ async fn oversized_headers_slow_handshakes_and_idle_connections_are_cut() {
         "idle connection closed"
     );
 }
+
+/// Take `n` signatures as `client` under `policy` on one connection; how many got 429, with the
+/// last 429's detail.
+async fn burst(s: &Signet, client: &str, policy: &str, n: usize) -> (usize, String) {
+    let mut c = s.connect(client).await;
+    let (mut limited, mut detail) = (0, String::new());
+    for i in 0..n {
+        let key = format!("{client}-{policy}-{i}-{}", rand::random::<u64>());
+        let (st, _, p) = call_on(
+            &mut c,
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body(policy, key.as_bytes())),
+            &[("idempotency-key", key.as_str())],
+        )
+        .await;
+        match st {
+            200 => {}
+            429 => {
+                limited += 1;
+                detail = p["detail"].as_str().unwrap_or_default().to_owned();
+            }
+            other => panic!("unexpected {other}: {p}"),
+        }
+    }
+    (limited, detail)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_and_tenant_rate_limits_span_policies_and_survive_a_reload() {
+    let mut s = Signet::init(Init {
+        edit: Some(Box::new(|c| {
+            format!("{c}\n[limits]\nper_client = {{ per_second = 1, burst = 3 }}\n")
+        })),
+        ..Default::default()
+    });
+    s.start();
+    // One client over two policies of its tenant: the client's limit counts both.
+    let (limited, _) = burst(&s, "payroll-app", "payroll-esign", 2).await;
+    assert_eq!(limited, 0);
+    let (limited, detail) = burst(&s, "payroll-app", "payroll-bulk", 3).await;
+    assert!(
+        limited >= 1,
+        "the client's third request onwards is limited"
+    );
+    assert!(detail.contains("rate limit of client"), "{detail}");
+    // Another client is not starved by it.
+    let (limited, _) = burst(&s, "procurement-app", "procurement-esign", 3).await;
+    assert_eq!(limited, 0);
+    // A reload keeps the limiter's state: still limited right after it.
+    hup(&s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (limited, _) = burst(&s, "payroll-app", "payroll-esign", 1).await;
+    assert_eq!(limited, 1, "a reload must not reset the bucket");
+    assert!(
+        s.metric("signet_sign_requests_total{outcome=\"rate_limited\",policy=\"payroll-esign\",tenant=\"payroll\"}")
+            .await
+            >= 1.0
+    );
+}

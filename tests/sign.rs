@@ -846,7 +846,7 @@ async fn metrics_and_health_reflect_signing() {
     assert_eq!(
         metric_value(
             &m,
-            "signet_sign_requests_total{outcome=\"forbidden\",policy=\"-\",tenant=\"procurement\"}"
+            "signet_sign_requests_total{outcome=\"forbidden\",policy=\"procurement-esign\",tenant=\"procurement\"}"
         ),
         1.0,
         "{m}"

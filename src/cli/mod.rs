@@ -93,7 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let policies = Arc::new(arc_swap::ArcSwap::from_pointee(
                 signet::policy::Policies::new(&config.dynamic),
             ));
-            signet::tls::server_config(&config.server, policies)?;
+            signet::tls::server_config(&config.server, &config.dynamic.clients, policies)?;
             signet::hsm::read_pin(&config.hsm.pin).context("hsm PIN")?;
             if !config.hsm.module.exists() {
                 bail!(
@@ -170,6 +170,7 @@ pub fn local_caller() -> Caller {
             identity: format!("local:{user}"),
             tenants: Default::default(),
             roles: [Role::Admin, Role::Audit].into_iter().collect(),
+            ..Default::default()
         }),
         request_id: format!("cli-{}", uuid::Uuid::new_v4().simple()),
     }

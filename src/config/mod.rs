@@ -99,7 +99,20 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub max_batch_items: usize,
     pub max_connections: usize,
+    /// TLS handshakes in progress at once (unauthenticated peers), apart from connections.
+    pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one source address.
+    pub max_handshakes_per_ip: usize,
+    /// Concurrent HTTP/2 streams on one connection.
+    pub max_streams_per_connection: u32,
+    /// Request bodies being read at once, in bytes, over all connections.
+    pub max_buffered_body_bytes: usize,
+    /// Connections to the metrics listener at once.
+    pub metrics_max_connections: usize,
     pub handshake_timeout: Duration,
+    /// Time allowed to send a request's head, and then its whole body.
+    pub request_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
 }
@@ -134,19 +147,42 @@ pub struct AuditConfig {
     pub max_group_entries: usize,
 }
 
-/// Clients, policies and rotation settings: reloaded on SIGHUP.
+/// Clients, policies, limits and rotation settings: reloaded on SIGHUP.
 #[derive(Debug, Clone)]
 pub struct DynamicConfig {
     pub clients: Vec<ClientConfig>,
     pub policies: Vec<PolicyConfig>,
+    pub limits: LimitsConfig,
     pub rotation: RotationConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientConfig {
     pub identity: String,
     pub tenants: BTreeSet<TenantId>,
     pub roles: BTreeSet<Role>,
+    /// Only certificates issued under this CA (PEM) may act as this client.
+    pub ca: Option<PathBuf>,
+    /// This client's signing rate, over all its tenants and policies (overrides
+    /// `limits.per_client`).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `[limits]`: signing rates per client and per tenant, on top of each policy's own.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LimitsConfig {
+    /// Every client's rate unless its `[[clients]]` entry sets `rate_limit`.
+    pub per_client: Option<RateLimit>,
+    /// Every tenant's rate (over all its policies and clients) unless `tenants` names it.
+    pub per_tenant: Option<RateLimit>,
+    /// Per-tenant overrides.
+    pub tenants: BTreeMap<TenantId, RateLimit>,
+}
+
+impl LimitsConfig {
+    pub fn tenant(&self, tenant: &TenantId) -> Option<RateLimit> {
+        self.tenants.get(tenant).copied().or(self.per_tenant)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,6 +388,8 @@ mod raw {
         #[serde(default)]
         policies: Vec<Policy>,
         #[serde(default)]
+        limits: Limits,
+        #[serde(default)]
         rotation: Rotation,
         cli: Option<Cli>,
     }
@@ -368,7 +406,13 @@ mod raw {
         max_header_bytes: Option<usize>,
         max_batch_items: Option<usize>,
         max_connections: Option<usize>,
+        max_handshakes: Option<usize>,
+        max_handshakes_per_ip: Option<usize>,
+        max_streams_per_connection: Option<u32>,
+        max_buffered_body_bytes: Option<usize>,
+        metrics_max_connections: Option<usize>,
         handshake_timeout: Option<String>,
+        request_timeout: Option<String>,
         idle_timeout: Option<String>,
         shutdown_timeout: Option<String>,
     }
@@ -420,6 +464,27 @@ mod raw {
         #[serde(default)]
         tenants: Vec<String>,
         roles: Vec<String>,
+        ca: Option<PathBuf>,
+        rate_limit: Option<RateLimit>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Limits {
+        per_client: Option<RateLimit>,
+        per_tenant: Option<RateLimit>,
+        #[serde(default)]
+        tenants: BTreeMap<String, RateLimit>,
+    }
+
+    fn check_rate(r: Option<RateLimit>, key: &str) -> Result<(), ConfigError> {
+        match r {
+            Some(r) if r.per_second == 0 || r.burst == Some(0) => Err(ConfigError::new(
+                key.to_owned(),
+                "per_second and burst must be at least 1",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// `fsync = "always"` / `"never"`, or `true` / `false`.
@@ -588,7 +653,38 @@ mod raw {
                     1,
                     1 << 20,
                 )?,
+                max_handshakes: in_range(
+                    "server.max_handshakes",
+                    s.max_handshakes.unwrap_or(256),
+                    1,
+                    1 << 16,
+                )?,
+                max_handshakes_per_ip: in_range(
+                    "server.max_handshakes_per_ip",
+                    s.max_handshakes_per_ip.unwrap_or(32),
+                    1,
+                    1 << 16,
+                )?,
+                max_streams_per_connection: in_range(
+                    "server.max_streams_per_connection",
+                    s.max_streams_per_connection.unwrap_or(64) as usize,
+                    1,
+                    1024,
+                )? as u32,
+                max_buffered_body_bytes: in_range(
+                    "server.max_buffered_body_bytes",
+                    s.max_buffered_body_bytes.unwrap_or(64 << 20),
+                    1 << 20,
+                    4 << 30,
+                )?,
+                metrics_max_connections: in_range(
+                    "server.metrics_max_connections",
+                    s.metrics_max_connections.unwrap_or(64),
+                    1,
+                    1 << 16,
+                )?,
                 handshake_timeout: dur("server.handshake_timeout", &s.handshake_timeout, "10s")?,
+                request_timeout: dur("server.request_timeout", &s.request_timeout, "10s")?,
                 idle_timeout: dur("server.idle_timeout", &s.idle_timeout, "120s")?,
                 shutdown_timeout: dur("server.shutdown_timeout", &s.shutdown_timeout, "30s")?,
             };
@@ -764,10 +860,24 @@ mod raw {
                         "a client with the sign role needs at least one tenant",
                     ));
                 }
+                let ca = c.ca.as_deref().map(path);
+                if let Some(ca) = &ca {
+                    let pem = std::fs::read(ca).map_err(|e| {
+                        ConfigError::new(key("ca"), format!("cannot read {}: {e}", ca.display()))
+                    })?;
+                    crate::pki::parse_pem_or_der(&pem)
+                        .and_then(|d| crate::pki::CertInfo::parse(&d))
+                        .map_err(|e| {
+                            ConfigError::new(key("ca"), format!("{}: {e}", ca.display()))
+                        })?;
+                }
+                check_rate(c.rate_limit, &key("rate_limit"))?;
                 clients.push(ClientConfig {
                     identity: c.identity.clone(),
                     tenants,
                     roles,
+                    ca,
+                    rate_limit: c.rate_limit,
                 });
             }
 
@@ -813,14 +923,7 @@ mod raw {
                         "must describe the legal standard (free text)",
                     ));
                 }
-                if let Some(r) = p.rate_limit
-                    && (r.per_second == 0 || r.burst == Some(0))
-                {
-                    return Err(ConfigError::new(
-                        key("rate_limit"),
-                        "per_second and burst must be at least 1",
-                    ));
-                }
+                check_rate(p.rate_limit, &key("rate_limit"))?;
                 policies.push(PolicyConfig {
                     id,
                     tenant,
@@ -830,6 +933,24 @@ mod raw {
                     rate_limit: p.rate_limit,
                 });
             }
+
+            // [limits]
+            check_rate(self.limits.per_client, "limits.per_client")?;
+            check_rate(self.limits.per_tenant, "limits.per_tenant")?;
+            let mut tenant_limits = BTreeMap::new();
+            for (t, r) in &self.limits.tenants {
+                let k = format!("limits.tenants.{t}");
+                let tenant = t
+                    .parse::<TenantId>()
+                    .map_err(|e| ConfigError::new(k.clone(), e.to_string()))?;
+                check_rate(Some(*r), &k)?;
+                tenant_limits.insert(tenant, *r);
+            }
+            let limits = LimitsConfig {
+                per_client: self.limits.per_client,
+                per_tenant: self.limits.per_tenant,
+                tenants: tenant_limits,
+            };
 
             // [rotation]
             let r = &self.rotation;
@@ -904,6 +1025,7 @@ mod raw {
                 dynamic: DynamicConfig {
                     clients,
                     policies,
+                    limits,
                     rotation,
                 },
                 cli,

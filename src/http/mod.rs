@@ -44,6 +44,8 @@ pub struct ApiState {
     pub app: Arc<App>,
     /// Reload configuration and TLS material (SIGHUP does the same).
     pub reload: Arc<dyn Fn() -> Result<String, String> + Send + Sync>,
+    /// Bytes of request bodies that may be buffered at once (`server.max_buffered_body_bytes`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// The mTLS API router.
@@ -151,9 +153,9 @@ impl FromRequestParts<ApiState> for Ctx {
 /// A JSON body with problem-document rejections (400, 413, 415).
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<ApiState> for JsonBody<T> {
     type Rejection = Problem;
-    async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, Problem> {
         let request_id = req
             .extensions()
             .get::<RequestId>()
@@ -172,25 +174,66 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 ));
             }
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        let cfg = &state.app.config.server;
+        let too_large = || {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Request body too large",
+                "the body exceeds server.max_body_bytes",
+                &request_id,
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > cfg.max_body_bytes) {
+            return Err(too_large());
+        }
+        // Reserve the body's size (or the most it may be) from the global budget first, so
+        // many slow bodies cannot hold unbounded memory.
+        let reserve = declared
+            .unwrap_or(cfg.max_body_bytes)
+            .clamp(1, cfg.max_body_bytes);
+        let _budget = Arc::clone(&state.body_budget)
+            .try_acquire_many_owned(u32::try_from(reserve).unwrap_or(u32::MAX))
+            .map_err(|_| {
                 Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body-too-large",
-                    "Request body too large",
-                    "the body exceeds server.max_body_bytes",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server-busy",
+                    "Too many request bodies in flight",
+                    "server.max_buffered_body_bytes is in use; retry",
                     &request_id,
                 )
-            } else {
+                .retry_after(1)
+            })?;
+        let read = tokio::time::timeout(cfg.request_timeout, Bytes::from_request(req, state));
+        let bytes = read
+            .await
+            .map_err(|_| {
                 Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid-body",
-                    "Invalid body",
-                    e.body_text(),
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request-timeout",
+                    "Request body too slow",
+                    "the body did not arrive within server.request_timeout",
                     &request_id,
                 )
-            }
-        })?;
+            })?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    too_large()
+                } else {
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid-body",
+                        "Invalid body",
+                        e.body_text(),
+                        &request_id,
+                    )
+                }
+            })?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             Problem::new(
                 StatusCode::BAD_REQUEST,

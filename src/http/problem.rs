@@ -272,7 +272,8 @@ mod tests {
             ),
             (
                 Error::Policy(policy::Error::RateLimited {
-                    policy: "p".parse().unwrap(),
+                    scope: "tenant",
+                    name: "t".into(),
                     retry_after: std::time::Duration::from_millis(300),
                 }),
                 429,

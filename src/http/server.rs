@@ -1,10 +1,17 @@
 //! Listeners and lifecycle: the mTLS accept loop (TLS material swapped on reload), the
 //! metrics listener, signals (SIGHUP reload, SIGTERM/SIGINT graceful shutdown), and the
 //! orderly stop: no new connections, in-flight requests finish, final checkpoint, token closed.
+//!
+//! Resource limits at the front door: unauthenticated TLS handshakes have their own bound
+//! (global and per source address) apart from established connections; an established
+//! connection is closed when its client certificate expires, when a reload stops trusting it,
+//! or after `idle_timeout` without a request; refusals are logged at most every few seconds.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::body::Incoming;
@@ -18,7 +25,7 @@ use tower::Service;
 
 use super::{ApiState, PeerIdentity, metrics_router, router};
 use crate::service::App;
-use crate::tls::{self, ClientIdentity};
+use crate::tls::{self, ClientIdentity, TlsState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -44,8 +51,9 @@ pub struct Bound {
 /// Serve until SIGTERM or SIGINT, then shut down gracefully.
 pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), ServeError> {
     let cfg = app.config.server.clone();
-    let tls = Arc::new(ArcSwap::new(tls::server_config(
+    let tls = Arc::new(ArcSwap::from_pointee(tls::server_config(
         &cfg,
+        &app.dynamic.load().clients,
         Arc::clone(&app.policies),
     )?));
     let api = TcpListener::bind(cfg.listen)
@@ -75,10 +83,12 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
         })?,
     };
 
-    let reload = reloader(Arc::clone(&app), Arc::clone(&tls));
+    let (reloaded_tx, reloaded_rx) = watch::channel(0u64);
+    let reload = reloader(Arc::clone(&app), Arc::clone(&tls), reloaded_tx);
     let state = ApiState {
         app: Arc::clone(&app),
         reload: Arc::clone(&reload),
+        body_budget: Arc::new(Semaphore::new(cfg.max_buffered_body_bytes)),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -88,15 +98,12 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
     // A file size limit hit by the evidence log must fail the write, not kill the process.
     let mut xfsz = signal(SignalKind::from_raw(libc::SIGXFSZ)).map_err(ServeError::Signal)?;
 
-    let mut metrics_stop = stop_rx.clone();
-    let metrics_app = Arc::clone(&app);
-    let metrics_task = tokio::spawn(async move {
-        let _ = axum::serve(metrics, metrics_router(metrics_app))
-            .with_graceful_shutdown(async move {
-                let _ = metrics_stop.changed().await;
-            })
-            .await;
-    });
+    let metrics_task = tokio::spawn(metrics_loop(
+        metrics,
+        metrics_router(Arc::clone(&app)),
+        cfg.clone(),
+        stop_rx.clone(),
+    ));
     let graceful = GracefulShutdown::new();
     let accept_task = tokio::spawn(accept_loop(
         api,
@@ -105,6 +112,7 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
         state.clone(),
         graceful,
         stop_rx,
+        reloaded_rx,
     ));
 
     app.spawn_background();
@@ -153,7 +161,8 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
 /// Reload clients, policies, rotation settings and TLS material; all or nothing.
 fn reloader(
     app: Arc<App>,
-    tls_cfg: Arc<ArcSwap<rustls::ServerConfig>>,
+    tls_cfg: Arc<ArcSwap<TlsState>>,
+    reloaded: watch::Sender<u64>,
 ) -> Arc<dyn Fn() -> Result<String, String> + Send + Sync> {
     Arc::new(move || {
         let result = (|| {
@@ -162,9 +171,11 @@ fn reloader(
             let staged = Arc::new(ArcSwap::from_pointee(crate::policy::Policies::new(
                 &new.dynamic,
             )));
-            tls::server_config(&new.server, staged).map_err(|e| e.to_string())?;
-            let fresh_tls = tls::server_config(&new.server, Arc::clone(&app.policies))
+            tls::server_config(&new.server, &new.dynamic.clients, staged)
                 .map_err(|e| e.to_string())?;
+            let fresh_tls =
+                tls::server_config(&new.server, &new.dynamic.clients, Arc::clone(&app.policies))
+                    .map_err(|e| e.to_string())?;
             for (changed, key) in [
                 (
                     new.server.listen != app.config.server.listen,
@@ -198,7 +209,9 @@ fn reloader(
                 new.dynamic.policies.len()
             );
             app.apply_dynamic(new.dynamic);
-            tls_cfg.store(fresh_tls);
+            tls_cfg.store(Arc::new(fresh_tls));
+            // Established connections re-check their client certificate.
+            reloaded.send_modify(|g| *g += 1);
             Ok(summary)
         })();
         match &result {
@@ -218,16 +231,102 @@ fn reloader(
     })
 }
 
+/// Log a refusal at most once per period, with how many were not logged in between.
+struct QuietWarn {
+    what: &'static str,
+    period: Duration,
+    /// (last logged, refusals since); guarded by its mutex.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl QuietWarn {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            period: Duration::from_secs(10),
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    fn warn(&self, limit: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1 += 1;
+        if st.0.is_none_or(|t| t.elapsed() >= self.period) {
+            tracing::warn!(limit, refused = st.1, "{}; refusing connections", self.what);
+            *st = (Some(Instant::now()), 0);
+        }
+    }
+}
+
+/// Handshakes in progress per source address; a slot is given back when its guard drops.
+#[derive(Default)]
+struct PerIp {
+    /// Guarded by its mutex; never held across an `.await`.
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct PerIpSlot {
+    table: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn try_take(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<PerIpSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_default();
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpSlot {
+            table: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The limits shared by every connection of the API listener.
+struct Gate {
+    handshakes: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+    connections: Arc<Semaphore>,
+    handshake_limit: QuietWarn,
+    per_ip_limit: QuietWarn,
+    connection_limit: QuietWarn,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    tls: Arc<ArcSwap<TlsState>>,
     router: axum::Router,
     state: ApiState,
     graceful: GracefulShutdown,
     mut stop: watch::Receiver<bool>,
+    reloaded: watch::Receiver<u64>,
 ) -> GracefulShutdown {
     let cfg = state.app.config.server.clone();
-    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let gate = Arc::new(Gate {
+        handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
+        per_ip: Arc::new(PerIp::default()),
+        connections: Arc::new(Semaphore::new(cfg.max_connections)),
+        handshake_limit: QuietWarn::new("TLS handshake limit (server.max_handshakes) reached"),
+        per_ip_limit: QuietWarn::new(
+            "TLS handshakes from one address (server.max_handshakes_per_ip) at the limit",
+        ),
+        connection_limit: QuietWarn::new("connection limit (server.max_connections) reached"),
+    });
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -240,89 +339,273 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tracing::warn!(
-                limit = cfg.max_connections,
-                "connection limit reached; refusing a connection"
-            );
+        let refused = |app: &App, why: &str| {
+            app.metrics
+                .http_requests
+                .with_label_values(&["tls_handshake", why])
+                .inc();
+        };
+        let Ok(handshake) = Arc::clone(&gate.handshakes).try_acquire_owned() else {
+            gate.handshake_limit.warn(cfg.max_handshakes);
+            refused(&state.app, "limited");
+            continue;
+        };
+        let Some(ip_slot) = gate.per_ip.try_take(peer.ip(), cfg.max_handshakes_per_ip) else {
+            gate.per_ip_limit.warn(cfg.max_handshakes_per_ip);
+            refused(&state.app, "limited_per_ip");
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+        let conn = Conn {
+            peer,
+            tls: Arc::clone(&tls),
+            router: router.clone(),
+            app: Arc::clone(&state.app),
+            cfg: cfg.clone(),
+            gate: Arc::clone(&gate),
+            reloaded: reloaded.clone(),
+        };
         let watcher = graceful.watcher();
-        let router = router.clone();
-        let app = Arc::clone(&state.app);
-        let cfg = cfg.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(tcp, peer, acceptor, router, app, cfg, watcher).await;
+            conn.serve(tcp, (handshake, ip_slot), watcher).await;
         });
     }
     graceful
 }
 
-async fn serve_connection(
-    tcp: TcpStream,
+/// One API connection's context.
+struct Conn {
     peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: Arc<ArcSwap<TlsState>>,
     router: axum::Router,
     app: Arc<App>,
     cfg: crate::config::ServerConfig,
-    watcher: hyper_util::server::graceful::Watcher,
-) {
-    let stream = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::info!(%peer, error = %e, "TLS handshake refused");
-            app.metrics
-                .http_requests
-                .with_label_values(&["tls_handshake", "refused"])
-                .inc();
-            return;
+    gate: Arc<Gate>,
+    reloaded: watch::Receiver<u64>,
+}
+
+/// Requests in flight on a connection and when the last one ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `since` at the last request's end.
+    last_ms: AtomicU64,
+    since: Instant,
+}
+
+impl Activity {
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
         }
-        Err(_) => {
-            tracing::info!(%peer, "TLS handshake timed out");
-            app.metrics
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+        Some(self.since.elapsed().saturating_sub(last))
+    }
+}
+
+/// Counts a request in flight until dropped (the request finished or was cancelled).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(a: &Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(a))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.last_ms
+            .store(a.since.elapsed().as_millis() as u64, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Conn {
+    async fn serve(
+        self,
+        tcp: TcpStream,
+        handshake: (tokio::sync::OwnedSemaphorePermit, PerIpSlot),
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let peer = self.peer;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.tls.load().config));
+        let accepted = tokio::time::timeout(self.cfg.handshake_timeout, acceptor.accept(tcp)).await;
+        // The handshake slot is given back whatever happened.
+        drop(handshake);
+        let count = |outcome: &str| {
+            self.app
+                .metrics
                 .http_requests
-                .with_label_values(&["tls_handshake", "timeout"])
+                .with_label_values(&["tls_handshake", outcome])
                 .inc();
+        };
+        let stream = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "TLS handshake refused");
+                count("refused");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "TLS handshake timed out");
+                count("timeout");
+                return;
+            }
+        };
+        let Ok(_connection) = Arc::clone(&self.gate.connections).try_acquire_owned() else {
+            self.gate.connection_limit.warn(self.cfg.max_connections);
+            count("limited");
             return;
-        }
-    };
-    let identity = {
-        let policies = app.policies.load();
-        stream
+        };
+        let chain: Vec<rustls::pki_types::CertificateDer<'static>> = stream
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| ClientIdentity::from_certificate(c.as_ref(), |i| policies.is_known(i)))
-    };
-    let Some(identity) = identity else {
-        tracing::warn!(%peer, "connection without a usable client identity; closing");
-        return;
-    };
-    let peer_identity = PeerIdentity(Arc::new(identity));
-    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(peer_identity.clone());
-        let mut r = router.clone();
-        async move { r.call(req).await }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.idle_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(cfg.max_header_bytes as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(cfg.idle_timeout))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let identity = {
+            let policies = self.app.policies.load();
+            chain
+                .first()
+                .ok_or(tls::IdentityError::NoIdentity)
+                .and_then(|c| {
+                    ClientIdentity::from_certificate(c.as_ref(), |i| policies.is_known(i))
+                })
+        };
+        let identity = match identity {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(%peer, reason = %e, "connection without a usable client identity; closing");
+                return;
+            }
+        };
+        // The earliest notAfter in the chain the client presented.
+        let expires = chain
+            .iter()
+            .filter_map(|c| crate::pki::CertInfo::parse(c.as_ref()).ok())
+            .map(|c| c.not_after)
+            .min()
+            .unwrap_or(0);
+        let activity = Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            since: Instant::now(),
+        });
+        let peer_identity = PeerIdentity(Arc::new(identity));
+        let (router, act) = (self.router.clone(), Arc::clone(&activity));
+        let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(peer_identity.clone());
+            let mut r = router.clone();
+            let busy = InFlight::new(&act);
+            async move {
+                let resp = r.call(req).await;
+                drop(busy);
+                resp
+            }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.request_timeout)
+            .max_buf_size(self.cfg.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(self.cfg.max_header_bytes as u32)
+            .max_concurrent_streams(self.cfg.max_streams_per_connection)
+            .keep_alive_interval(Some(self.cfg.idle_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        let serving = watcher.watch(conn.into_owned());
+        tokio::pin!(serving);
+
+        let now = crate::pki::unix_now(std::time::SystemTime::now());
+        let expiry = tokio::time::sleep(Duration::from_secs(expires.saturating_sub(now)));
+        tokio::pin!(expiry);
+        let mut reloaded = self.reloaded.clone();
+        let mut idle_check =
+            tokio::time::interval((self.cfg.idle_timeout / 4).max(Duration::from_millis(100)));
+        let reason = loop {
+            tokio::select! {
+                r = &mut serving => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = &mut expiry => break "client_certificate_expired",
+                Ok(()) = reloaded.changed() => {
+                    if !self.still_trusted(&chain) {
+                        break "no_longer_trusted";
+                    }
+                }
+                _ = idle_check.tick() => {
+                    if activity.idle_for().is_some_and(|d| d >= self.cfg.idle_timeout) {
+                        break "idle";
+                    }
+                }
+            }
+        };
+        // Dropping the connection future closes it.
+        tracing::info!(%peer, reason, "closing connection");
+        count(&format!("closed_{reason}"));
+    }
+
+    /// Does the current TLS configuration (after a reload) still accept this client chain?
+    fn still_trusted(&self, chain: &[rustls::pki_types::CertificateDer<'static>]) -> bool {
+        let Some((ee, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.tls
+            .load()
+            .verifier
+            .verify_client_cert(ee, intermediates, rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+}
+
+/// The metrics listener: plain HTTP/1.1, a bound on connections, a header timeout, and at most
+/// a minute per connection.
+async fn metrics_loop(
+    listener: TcpListener,
+    router: axum::Router,
+    cfg: crate::config::ServerConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(cfg.metrics_max_connections));
+    let limit = Arc::new(QuietWarn::new(
+        "metrics connection limit (server.metrics_max_connections) reached",
+    ));
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            limit.warn(cfg.metrics_max_connections);
+            continue;
+        };
+        let router = router.clone();
+        let timeout = cfg.request_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let mut r = router.clone();
+                async move { r.call(req).await }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
     }
 }

@@ -520,6 +520,7 @@ mod tests {
             fingerprint_sha256: String::new(),
             san: vec![],
             common_name: None,
+            has_san_extension: false,
             allows_digital_signature: true,
             extended_key_usages: vec![],
         });

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use der::asn1::{Ia5String, OctetString};
+use der::oid::AssociatedOid;
 use der::referenced::OwnedToRef;
 use der::{Decode, Encode, EncodePem};
 use p256::ecdsa::{DerSignature, VerifyingKey};
@@ -111,6 +112,8 @@ pub struct CertInfo {
     pub san: Vec<String>,
     /// The subject's common name, if any.
     pub common_name: Option<String>,
+    /// Whether the certificate carries a subjectAltName extension (of any name type).
+    pub has_san_extension: bool,
     /// Whether the certificate may make digital signatures: a KeyUsage extension that holds
     /// `digitalSignature`, or none at all (RFC 5280: no restriction).
     pub allows_digital_signature: bool,
@@ -125,6 +128,11 @@ impl CertInfo {
         let public_key = VerifyingKey::try_from(tbs.subject_public_key_info().owned_to_ref()).ok();
         let is_ca = matches!(tbs.get_extension::<BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
         let mut san = Vec::new();
+        // Present at all, whatever name types it holds (otherName, directoryName...): then the
+        // subject CN must not stand in for an identity.
+        let has_san_extension = tbs
+            .extensions()
+            .is_some_and(|exts| exts.iter().any(|e| e.extn_id == SubjectAltName::OID));
         if let Ok(Some((_, SubjectAltName(names)))) = tbs.get_extension::<SubjectAltName>() {
             for n in names {
                 match n {
@@ -162,6 +170,7 @@ impl CertInfo {
             fingerprint_sha256: hex::encode(Sha256::digest(der)),
             san,
             common_name,
+            has_san_extension,
             allows_digital_signature,
             extended_key_usages,
         })

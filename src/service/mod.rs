@@ -129,6 +129,8 @@ pub struct App {
     pub config: Config,
     pub dynamic: ArcSwap<DynamicConfig>,
     pub policies: Arc<ArcSwap<Policies>>,
+    /// Rate limiter state, kept across reloads.
+    limiters: policy::Limiters,
     pub hsm: Hsm,
     pub keys: Arc<Registry>,
     pub log: Arc<EvidenceLog>,
@@ -260,11 +262,16 @@ impl App {
             .await?,
         );
         let idempotency = Idempotency::new(config.audit.idempotency_retention);
+        let limiters = policy::Limiters::default();
         let rotation = Engine::load(&config.state_dir)?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let app = Arc::new(Self {
             dynamic: ArcSwap::from_pointee(config.dynamic.clone()),
-            policies: Arc::new(ArcSwap::from_pointee(Policies::new(&config.dynamic))),
+            policies: Arc::new(ArcSwap::from_pointee(Policies::with_limiters(
+                &config.dynamic,
+                &limiters,
+            ))),
+            limiters,
             config,
             hsm,
             keys,
@@ -354,7 +361,8 @@ impl App {
     /// Swap in a new configuration's reloadable part (clients, policies, rotation).
     pub fn apply_dynamic(&self, dynamic: DynamicConfig) {
         let manual = dynamic.rotation.issuer == Issuer::Manual;
-        self.policies.store(Arc::new(Policies::new(&dynamic)));
+        self.policies
+            .store(Arc::new(Policies::with_limiters(&dynamic, &self.limiters)));
         self.dynamic.store(Arc::new(dynamic));
         if manual {
             self.reload_manual_ca();

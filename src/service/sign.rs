@@ -236,7 +236,7 @@ impl App {
         let result = async {
             let key = header_key.map(str::to_owned);
             let ready = self.prepare(caller, &policies, req, key, &mut labels)?;
-            ready.policy.check_rate()?;
+            policies.check_rate(&caller.client, &ready.policy, 1)?;
             self.sign_ready(caller, ready).await
         }
         .await;
@@ -263,7 +263,7 @@ impl App {
             let prepared = self.prepare(caller, &policies, item, key, &mut item_labels);
             labels.push(item_labels);
             let ready = prepared.and_then(|r| {
-                r.policy.check_rate()?;
+                policies.check_rate(&caller.client, &r.policy, 1)?;
                 Ok(r)
             });
             match ready {
@@ -346,16 +346,22 @@ impl App {
         idempotency_key: Option<String>,
         labels: &mut Option<(String, String)>,
     ) -> Result<Ready, Error> {
+        // Labels come from configuration only, and as soon as the policy is known, so every
+        // later refusal (403, 429, 503...) is counted under its tenant and policy.
+        if let Some(p) = req
+            .policy_id
+            .parse::<PolicyId>()
+            .ok()
+            .and_then(|id| policies.policy(&id))
+        {
+            *labels = Some((p.config.tenant.to_string(), p.config.id.to_string()));
+        }
         let valid = validate(&req)?;
         let policy = Arc::clone(policies.authorize_sign(
             &caller.client,
             &valid.policy_id,
             valid.algorithm,
         )?);
-        *labels = Some((
-            policy.config.tenant.to_string(),
-            policy.config.id.to_string(),
-        ));
         let idempotency = match &idempotency_key {
             Some(k) => {
                 validate_idempotency_key(k)?;
@@ -646,11 +652,7 @@ impl App {
         result: &Result<SignResponse, Error>,
         started: Instant,
     ) {
-        let (tenant, policy) = match (&labels, result) {
-            (Some((t, p)), _) => (t.clone(), p.clone()),
-            (None, Err(e)) => error_labels(e),
-            (None, Ok(_)) => ("-".to_owned(), "-".to_owned()),
-        };
+        let (tenant, policy) = labels.unwrap_or_else(|| ("-".to_owned(), "-".to_owned()));
         let outcome = match result {
             Ok(_) => {
                 self.metrics
@@ -687,23 +689,4 @@ fn certificate_pem(key: &Arc<KeyVersion>) -> String {
         .as_deref()
         .unwrap_or_default()
         .to_owned()
-}
-
-/// Metric labels for a failed request: only configured names, never request content.
-fn error_labels(e: &Error) -> (String, String) {
-    use crate::policy::Error as P;
-    match e {
-        Error::Policy(P::TenantNotAllowed { tenant, .. }) => (tenant.to_string(), "-".into()),
-        Error::Policy(
-            P::RateLimited { policy, .. }
-            | P::DigestAlgorithmNotAllowed { policy, .. }
-            | P::IdempotencyKeyRequired(policy),
-        ) => ("-".into(), policy.to_string()),
-        Error::Keys(crate::keys::Error::NoActiveKey(t)) => (t.to_string(), "-".into()),
-        Error::Keys(crate::keys::Error::CertificateNotUsable { key_id, .. }) => {
-            (key_id.tenant().to_string(), "-".into())
-        }
-        Error::Shared(inner) => error_labels(inner),
-        _ => ("-".into(), "-".into()),
-    }
 }
