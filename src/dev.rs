@@ -229,19 +229,19 @@ fn dev_pki(dir: &Path) -> Result<(), Error> {
 /// Issue a development client certificate `tls/clients/NAME.{pem,key}` with the URI SAN
 /// `spiffe://signet.dev/NAME`, signed by the development TLS CA of `dir`.
 pub fn issue_client_from_dir(dir: &Path, name: &str) -> Result<(), Error> {
+    issue_client_with_validity(dir, name, Duration::from_secs(365 * 86400))
+}
+
+/// [`issue_client_from_dir`] with a chosen validity, counted from five minutes ago (so
+/// `validity` of 303 s gives a certificate that expires 3 s from now).
+pub fn issue_client_with_validity(dir: &Path, name: &str, validity: Duration) -> Result<(), Error> {
     let key_pem =
         std::fs::read_to_string(dir.join("tls/ca.key")).map_err(io(&dir.join("tls/ca.key")))?;
     let ca_key = <SigningKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&key_pem)
         .map_err(|e| Error::Pki(e.to_string()))?;
     let ca_name = pki::name("Signet development TLS CA", "Signet development")
         .map_err(|x| Error::Pki(x.to_string()))?;
-    issue_client(
-        dir,
-        &DevSigner(ca_key),
-        &ca_name,
-        name,
-        Duration::from_secs(365 * 86400),
-    )
+    issue_client(dir, &DevSigner(ca_key), &ca_name, name, validity)
 }
 
 fn issue_client(

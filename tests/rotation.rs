@@ -487,27 +487,44 @@ async fn import_accepted(s: &Signet, file: &Path, reason: Option<&str>) {
 }
 
 fn issue_with_openssl(dir: &Path, ca: &str, csr: &str, out: &str, days: &str) {
-    std::fs::write(dir.join("leaf.ext"), "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,nonRepudiation\nextendedKeyUsage=1.3.6.1.5.5.7.3.36\n").unwrap();
-    openssl(
+    issue_leaf(
         dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            csr,
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            out,
-            "-days",
-            days,
-            "-extfile",
-            "leaf.ext",
-        ],
+        ca,
+        csr,
+        out,
+        days,
+        "keyUsage=critical,digitalSignature,nonRepudiation\nextendedKeyUsage=1.3.6.1.5.5.7.3.36",
+        &[],
     );
+}
+
+/// Issue a leaf with the given key usage lines and extra `openssl x509` arguments.
+fn issue_leaf(dir: &Path, ca: &str, csr: &str, out: &str, days: &str, usage: &str, extra: &[&str]) {
+    std::fs::write(
+        dir.join("leaf.ext"),
+        format!("basicConstraints=critical,CA:FALSE\n{usage}\n"),
+    )
+    .unwrap();
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    let mut args = vec![
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        &ca_pem,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        out,
+        "-days",
+        days,
+        "-extfile",
+        "leaf.ext",
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,6 +633,34 @@ async fn manual_issuance_accepts_the_right_certificate_and_refuses_each_wrong_on
             "ca.ext",
         ],
     );
+    let ds = "keyUsage=critical,digitalSignature";
+    issue_leaf(
+        &work,
+        "corp-ca",
+        "payroll.csr",
+        "wrong-subject.pem",
+        "90",
+        ds,
+        &["-subj", "/O=Signet/CN=hr v1"],
+    );
+    issue_leaf(
+        &work,
+        "corp-ca",
+        "payroll.csr",
+        "key-encipherment.pem",
+        "90",
+        "keyUsage=critical,keyEncipherment",
+        &[],
+    );
+    issue_leaf(
+        &work,
+        "corp-ca",
+        "payroll.csr",
+        "server-auth.pem",
+        "90",
+        &format!("{ds}\nextendedKeyUsage=serverAuth"),
+        &[],
+    );
     std::fs::write(
         work.join("garbage.pem"),
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
@@ -628,6 +673,9 @@ async fn manual_issuance_accepts_the_right_certificate_and_refuses_each_wrong_on
         ("ca-flagged.pem", "is a CA certificate"),
         ("other-ca.pem", "does not match the key version's key"),
         ("garbage.pem", "not a valid X.509 certificate"),
+        ("wrong-subject.pem", "differs from the requested"),
+        ("key-encipherment.pem", "does not include digitalSignature"),
+        ("server-auth.pem", "does not allow document signing"),
     ] {
         let out = s.cli(&[
             "certs",

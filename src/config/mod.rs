@@ -219,6 +219,8 @@ pub struct RotationConfig {
     /// its internal CA certificate here at start.
     pub ca_certificate: PathBuf,
     pub subject_organization: String,
+    /// An extended key usage (dotted OID) every tenant certificate must carry, if set.
+    pub required_extended_key_usage: Option<String>,
 }
 
 /// How the CLI reaches a running service's admin API.
@@ -566,6 +568,7 @@ mod raw {
         retry_max: Option<String>,
         ca_certificate: Option<PathBuf>,
         subject_organization: Option<String>,
+        required_extended_key_usage: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -977,6 +980,19 @@ mod raw {
                     .subject_organization
                     .clone()
                     .unwrap_or_else(|| "Signet".to_owned()),
+                required_extended_key_usage: match &r.required_extended_key_usage {
+                    None => None,
+                    Some(oid) => Some(
+                        der::oid::ObjectIdentifier::new(oid)
+                            .map_err(|e| {
+                                ConfigError::new(
+                                    "rotation.required_extended_key_usage",
+                                    format!("`{oid}` is not a dotted OID: {e}"),
+                                )
+                            })?
+                            .to_string(),
+                    ),
+                },
             };
             if rotation.renew_before >= rotation.validity {
                 return Err(ConfigError::new(

@@ -386,6 +386,8 @@ struct Conn {
 
 /// Requests in flight on a connection and when the last one ended.
 struct Activity {
+    /// Requests started on the connection so far.
+    started: AtomicU64,
     in_flight: AtomicUsize,
     /// Milliseconds since `since` at the last request's end.
     last_ms: AtomicU64,
@@ -407,6 +409,7 @@ struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn new(a: &Arc<Activity>) -> Self {
+        a.started.fetch_add(1, Ordering::AcqRel);
         a.in_flight.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(a))
     }
@@ -488,6 +491,7 @@ impl Conn {
             .min()
             .unwrap_or(0);
         let activity = Arc::new(Activity {
+            started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
             since: Instant::now(),
@@ -525,8 +529,12 @@ impl Conn {
         let expiry = tokio::time::sleep(Duration::from_secs(expires.saturating_sub(now)));
         tokio::pin!(expiry);
         let mut reloaded = self.reloaded.clone();
-        let mut idle_check =
-            tokio::time::interval((self.cfg.idle_timeout / 4).max(Duration::from_millis(100)));
+        let check_every = (self.cfg.idle_timeout.min(self.cfg.request_timeout) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut idle_check = tokio::time::interval(check_every);
+        // Set once the connection must go: it then closes as soon as no request is in flight
+        // (and the last answer had a moment to leave), or after request_timeout at the latest.
+        let mut closing: Option<(&'static str, Instant)> = None;
         let reason = loop {
             tokio::select! {
                 r = &mut serving => {
@@ -535,14 +543,31 @@ impl Conn {
                     }
                     return;
                 }
-                _ = &mut expiry => break "client_certificate_expired",
-                Ok(()) = reloaded.changed() => {
+                _ = &mut expiry, if closing.is_none() => {
+                    closing = Some(("client_certificate_expired", Instant::now()));
+                }
+                Ok(()) = reloaded.changed(), if closing.is_none() => {
                     if !self.still_trusted(&chain) {
-                        break "no_longer_trusted";
+                        closing = Some(("no_longer_trusted", Instant::now()));
                     }
                 }
                 _ = idle_check.tick() => {
-                    if activity.idle_for().is_some_and(|d| d >= self.cfg.idle_timeout) {
+                    let idle = activity.idle_for();
+                    if let Some((why, since)) = closing {
+                        let drained = idle.is_some_and(|d| d >= Duration::from_millis(200));
+                        if drained || since.elapsed() >= self.cfg.request_timeout {
+                            break why;
+                        }
+                        continue;
+                    }
+                    // No first request within request_timeout (HTTP/1.1's header timeout only
+                    // starts once the protocol is known); afterwards, idle_timeout.
+                    let limit = if activity.started.load(Ordering::Acquire) == 0 {
+                        self.cfg.request_timeout
+                    } else {
+                        self.cfg.idle_timeout
+                    };
+                    if idle.is_some_and(|d| d >= limit) {
                         break "idle";
                     }
                 }

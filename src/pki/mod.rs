@@ -72,6 +72,17 @@ pub enum Error {
     },
     #[error("the certificate is a CA certificate; a signing certificate is required")]
     IsCa,
+    #[error("the CA certificate given is not a CA (basicConstraints CA:TRUE, keyCertSign)")]
+    CaNotCa,
+    #[error("the certificate's key usage does not include digitalSignature")]
+    NoDigitalSignature,
+    #[error("the certificate's extended key usage {found:?} does not allow document signing{}", required.as_ref().map(|r| format!(" (required: {r})")).unwrap_or_default())]
+    WrongExtendedKeyUsage {
+        found: Vec<String>,
+        required: Option<String>,
+    },
+    #[error("the certificate's subject `{found}` differs from the requested `{expected}`")]
+    SubjectMismatch { found: String, expected: String },
     #[error("cannot build the certificate: {0}")]
     Build(String),
 }
@@ -91,6 +102,10 @@ impl Error {
             Error::Expired(_) => "expired",
             Error::TooShort { .. } => "too_short",
             Error::IsCa => "is_ca",
+            Error::CaNotCa => "ca_not_ca",
+            Error::NoDigitalSignature => "no_digital_signature",
+            Error::WrongExtendedKeyUsage { .. } => "wrong_extended_key_usage",
+            Error::SubjectMismatch { .. } => "subject_mismatch",
             Error::Build(_) => "build",
         }
     }
@@ -204,14 +219,39 @@ impl CertInfo {
     }
 }
 
+/// Extended key usages that allow signing documents: anyExtendedKeyUsage, id-kp-documentSigning
+/// (RFC 9336), emailProtection, codeSigning, Microsoft document signing, Adobe AATL.
+const DOCUMENT_SIGNING_EKUS: [&str; 6] = [
+    "2.5.29.37.0",
+    "1.3.6.1.5.5.7.3.36",
+    "1.3.6.1.5.5.7.3.4",
+    "1.3.6.1.5.5.7.3.3",
+    "1.3.6.1.4.1.311.10.3.12",
+    "1.2.840.113583.1.1.5",
+];
+
+/// What a certificate offered for a key version must satisfy besides its key and CA.
+#[derive(Debug, Clone, Default)]
+pub struct Expected<'a> {
+    /// The subject the CSR asked for (string form), if known.
+    pub subject: Option<&'a str>,
+    /// An extended key usage (dotted OID) it must carry.
+    pub extended_key_usage: Option<&'a str>,
+}
+
 /// Check a certificate offered for a key version: P-256 key equal to the token key, issued
-/// and signed by `ca`, currently valid, not a CA. Returns the parsed certificate.
+/// and signed by `ca` (itself a CA), currently valid, not a CA, allowed to make digital
+/// signatures of documents, and with the expected subject. Returns the parsed certificate.
 pub fn check_issued(
     der: &[u8],
     key: &VerifyingKey,
     ca: &CertInfo,
     now: u64,
+    expected: &Expected<'_>,
 ) -> Result<CertInfo, Error> {
+    if !ca.is_ca {
+        return Err(Error::CaNotCa);
+    }
     let info = CertInfo::parse(der)?;
     let cert_key = info.public_key.ok_or(Error::NotP256)?;
     if cert_key != *key {
@@ -222,6 +262,33 @@ pub fn check_issued(
     }
     verify_issued_by(der, ca)?;
     info.check_window(now)?;
+    if !info.allows_digital_signature {
+        return Err(Error::NoDigitalSignature);
+    }
+    let ekus = &info.extended_key_usages;
+    let eku_ok = match expected.extended_key_usage {
+        Some(required) => ekus.iter().any(|o| o == required),
+        None => {
+            ekus.is_empty()
+                || ekus
+                    .iter()
+                    .any(|o| DOCUMENT_SIGNING_EKUS.contains(&o.as_str()))
+        }
+    };
+    if !eku_ok {
+        return Err(Error::WrongExtendedKeyUsage {
+            found: ekus.clone(),
+            required: expected.extended_key_usage.map(str::to_owned),
+        });
+    }
+    if let Some(subject) = expected.subject
+        && info.subject != subject
+    {
+        return Err(Error::SubjectMismatch {
+            found: info.subject.clone(),
+            expected: subject.to_owned(),
+        });
+    }
     Ok(info)
 }
 
@@ -339,6 +406,16 @@ pub fn verify_csr(der: &[u8]) -> Result<(Name, VerifyingKey), Error> {
         DerSignature::from_bytes(req.signature.raw_bytes()).map_err(|_| Error::CsrSignature)?;
     key.verify(&info, &sig).map_err(|_| Error::CsrSignature)?;
     Ok((req.info.subject, key))
+}
+
+/// The subject of a PEM CSR (after checking its signature).
+pub fn parse_csr_pem(pem: &str) -> Result<Name, Error> {
+    let (label, der) =
+        der::pem::decode_vec(pem.as_bytes()).map_err(|e| Error::CsrParse(e.to_string()))?;
+    if label != "CERTIFICATE REQUEST" {
+        return Err(Error::CsrParse(format!("PEM label `{label}`")));
+    }
+    verify_csr(&der).map(|(name, _)| name)
 }
 
 /// `CN=<cn>,O=<org>` as an X.509 name.
@@ -607,26 +684,44 @@ mod tests {
         let k = SigningKey::generate();
         let der = leaf(&ca_key, &ca, k.verifying_key(), Duration::from_secs(3600));
         let now = unix_now(SystemTime::now());
-        let info = check_issued(&der, k.verifying_key(), &ca, now).unwrap();
+        let info = check_issued(&der, k.verifying_key(), &ca, now, &Expected::default()).unwrap();
         assert_eq!(info.common_name.as_deref(), Some("payroll v1"));
         assert!(!info.is_ca);
 
         let other = SigningKey::generate();
         assert!(matches!(
-            check_issued(&der, other.verifying_key(), &ca, now),
+            check_issued(&der, other.verifying_key(), &ca, now, &Expected::default()),
             Err(Error::KeyMismatch)
         ));
         let (_, other_ca) = make_ca();
         assert!(matches!(
-            check_issued(&der, k.verifying_key(), &other_ca, now),
+            check_issued(
+                &der,
+                k.verifying_key(),
+                &other_ca,
+                now,
+                &Expected::default()
+            ),
             Err(Error::BadSignature)
         ));
         assert!(matches!(
-            check_issued(&der, k.verifying_key(), &ca, now + 7200),
+            check_issued(
+                &der,
+                k.verifying_key(),
+                &ca,
+                now + 7200,
+                &Expected::default()
+            ),
             Err(Error::Expired(_))
         ));
         assert!(matches!(
-            check_issued(&ca.der, ca_key.0.verifying_key(), &ca, now),
+            check_issued(
+                &ca.der,
+                ca_key.0.verifying_key(),
+                &ca,
+                now,
+                &Expected::default()
+            ),
             Err(Error::IsCa)
         ));
         assert!(matches!(
@@ -637,7 +732,7 @@ mod tests {
         let mut flipped = der.clone();
         let n = flipped.len() - 10;
         flipped[n] ^= 1;
-        assert!(check_issued(&flipped, k.verifying_key(), &ca, now).is_err());
+        assert!(check_issued(&flipped, k.verifying_key(), &ca, now, &Expected::default()).is_err());
     }
 
     #[test]
@@ -661,5 +756,41 @@ mod tests {
         assert_eq!(parse_pem_or_der(&ca.der).unwrap(), ca.der);
         assert!(parse_pem_or_der(b"hello").is_err());
         assert_eq!(certificate_pem(&ca.der).unwrap(), ca.to_pem());
+    }
+
+    #[test]
+    fn a_leaf_standing_in_as_the_ca_is_refused() {
+        let (ca_key, ca) = make_ca();
+        let k = SigningKey::generate();
+        let now = unix_now(SystemTime::now());
+        let leaf_der = leaf(&ca_key, &ca, k.verifying_key(), Duration::from_secs(7200));
+        let not_a_ca = CertInfo::parse(&leaf_der).unwrap();
+        assert!(matches!(
+            check_issued(
+                &leaf_der,
+                k.verifying_key(),
+                &not_a_ca,
+                now,
+                &Expected::default()
+            ),
+            Err(Error::CaNotCa)
+        ));
+        // The subject and a required EKU are checked too.
+        let want = Expected {
+            subject: Some("CN=someone else"),
+            extended_key_usage: None,
+        };
+        assert!(matches!(
+            check_issued(&leaf_der, k.verifying_key(), &ca, now, &want),
+            Err(Error::SubjectMismatch { .. })
+        ));
+        let want = Expected {
+            subject: None,
+            extended_key_usage: Some("1.2.3.4"),
+        };
+        assert!(matches!(
+            check_issued(&leaf_der, k.verifying_key(), &ca, now, &want),
+            Err(Error::WrongExtendedKeyUsage { .. })
+        ));
     }
 }

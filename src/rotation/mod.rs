@@ -488,7 +488,7 @@ impl App {
                     .ok_or("no certificate recorded for this rotation")?;
                 let der = pki::parse_pem_or_der(pem.as_bytes()).map_err(|e| e.to_string())?;
                 let public = self.token_public_key(&id).await?;
-                let info = match self.check_certificate(&der, &public) {
+                let info = match self.check_certificate(&der, &public, r) {
                     Ok(info) => info,
                     Err(Error::Rejected(reason)) if cfg.issuer == Issuer::Manual => {
                         // An imported certificate that no longer passes (it aged past the
@@ -593,7 +593,7 @@ impl App {
             step: "certificate_received",
             reason: e,
         })?;
-        let info = self.check_certificate(&der, &public)?;
+        let info = self.check_certificate(&der, &public, &r)?;
         let mut e = self.rotation_entry(event::CERTIFICATE_IMPORTED, actor, &r, request_id);
         e.key_id = Some(id);
         e.certificate_serial = Some(info.serial_hex.clone());
@@ -938,6 +938,7 @@ impl App {
         &self,
         der: &[u8],
         public: &p256::ecdsa::VerifyingKey,
+        r: &Rotation,
     ) -> Result<CertInfo, Error> {
         let mut ca = self.ca.load_full();
         if ca.is_none() && self.dynamic.load().rotation.issuer == Issuer::Manual {
@@ -952,7 +953,18 @@ impl App {
             ))
         })?;
         let now = self.clock.unix();
-        let info = pki::check_issued(der, public, ca, now).map_err(Error::Rejected)?;
+        // The subject the CSR asked for: a certificate for another subject is refused.
+        let subject = r
+            .csr_pem
+            .as_deref()
+            .and_then(|pem| pki::parse_csr_pem(pem).ok())
+            .map(|name| name.to_string());
+        let dynamic = self.dynamic.load();
+        let expected = pki::Expected {
+            subject: subject.as_deref(),
+            extended_key_usage: dynamic.rotation.required_extended_key_usage.as_deref(),
+        };
+        let info = pki::check_issued(der, public, ca, now, &expected).map_err(Error::Rejected)?;
         info.check_usable(now, self.dynamic.load().rotation.min_remaining_validity)
             .map_err(Error::Rejected)?;
         Ok(info)
