@@ -34,6 +34,7 @@ pub struct Metrics {
     pub rotation_state: IntGaugeVec,
     pub rotations: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub idempotency_evictions: IntCounter,
     pub config_last_reload_success: IntGauge,
     pub ready: IntGauge,
 }
@@ -120,6 +121,10 @@ impl Metrics {
                 "signet_hsm_recoveries_total",
                 "Token recoveries by method (relogin, reinitialize) and outcome.",
                 &["method", "outcome"]
+            )),
+            idempotency_evictions: reg!(counter(
+                "signet_idempotency_evictions_total",
+                "Idempotency records forgotten before their retention ended because audit.idempotency_max_records was reached."
             )),
             hsm_queue_rejections: reg!(counter(
                 "signet_hsm_queue_rejections_total",

@@ -889,3 +889,66 @@ async fn signing_stops_below_min_remaining_validity_with_a_metric() {
             == 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_active_private_key_was_lost_recovers_by_an_evidenced_rotation() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    assert!(s.stop().success());
+    // The active private key disappears from the token (an incident, a mistaken cleanup).
+    let id = hex::encode("payroll/v1");
+    s.pkcs11_tool(&["--delete-object", "--type", "privkey", "--id", &id]);
+    s.start();
+    let (st, p) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"no key"))
+        .await;
+    assert_eq!(
+        (st, p["type"].as_str()),
+        (503, Some("urn:signet:problem:no-active-key"))
+    );
+    // `keys create` refuses (the tenant has keys) and says what recovers it.
+    let out = s.cli(&["keys", "create", "--tenant", "payroll", "--reason", "x"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("that rotation recovers the tenant"), "{err}");
+    // The way out: an operator's rotation to a new version, recorded as a recovery.
+    let out = s.cli_ok(&[
+        "--json",
+        "rotate",
+        "start",
+        "--tenant",
+        "payroll",
+        "--reason",
+        "INC-77: active private key lost",
+    ]);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (r["step"].as_str(), r["to_version"].as_u64()),
+        (Some("completed"), Some(2))
+    );
+    let (st, v) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"recovered"))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["key_id"], "payroll/v2");
+    assert!(verifies(
+        v["certificate"].as_str().unwrap(),
+        b"recovered",
+        v["signature"].as_str().unwrap()
+    ));
+    let entries = s.entries();
+    let started = entries
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "rotation_started")
+        .unwrap();
+    assert_eq!(started["details"]["recovery"], true);
+    assert_eq!(started["reason"], "INC-77: active private key lost");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["event"] == "key_activated" && e["key_id"] == "payroll/v2")
+    );
+    assert!(s.stop().success());
+    s.audit_verify(None);
+}

@@ -144,6 +144,8 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     pub fsync: FsyncPolicy,
     pub idempotency_retention: Duration,
+    /// Most idempotency records kept in memory; past it the least recently used go first.
+    pub idempotency_max_records: u64,
     pub max_group_entries: usize,
 }
 
@@ -450,6 +452,7 @@ mod raw {
         checkpoint_interval: Option<String>,
         fsync: Option<FsyncSetting>,
         idempotency_retention: Option<String>,
+        idempotency_max_records: Option<usize>,
         max_group_entries: Option<usize>,
     }
 
@@ -798,6 +801,12 @@ mod raw {
                     &a.idempotency_retention,
                     "24h",
                 )?,
+                idempotency_max_records: in_range(
+                    "audit.idempotency_max_records",
+                    a.idempotency_max_records.unwrap_or(1_000_000),
+                    1000,
+                    100_000_000,
+                )? as u64,
                 max_group_entries: in_range(
                     "audit.max_group_entries",
                     a.max_group_entries.unwrap_or(4096),

@@ -285,16 +285,31 @@ impl App {
             )));
         }
         let from = snap.active(&start.tenant).map(|v| v.key_id.version());
+        // A tenant with versions but none active (its active private key was lost, so it was
+        // retired) recovers by an operator's rotation to a new version: evidenced as such.
+        let recovery = from.is_none() && !versions.is_empty();
         match start.trigger {
             Trigger::Initial if !versions.is_empty() => {
                 return Err(Error::Conflict(format!(
-                    "tenant {} already has keys; rotate with `signet rotate start --tenant {}`",
+                    "tenant {} already has keys; rotate with `signet rotate start --tenant {}`{}",
+                    start.tenant,
+                    start.tenant,
+                    if recovery {
+                        " (none is active: that rotation recovers the tenant)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            Trigger::Manual | Trigger::Scheduled if from.is_none() && !recovery => {
+                return Err(Error::Conflict(format!(
+                    "tenant {} has no keys; create one with `signet keys create --tenant {}`",
                     start.tenant, start.tenant
                 )));
             }
-            Trigger::Manual | Trigger::Scheduled if from.is_none() => {
+            Trigger::Scheduled if recovery => {
                 return Err(Error::Conflict(format!(
-                    "tenant {} has no active key; create one with `signet keys create --tenant {}`",
+                    "tenant {} has no active key; an operator recovers it with `signet rotate start --tenant {} --reason ...`",
                     start.tenant, start.tenant
                 )));
             }
@@ -327,6 +342,18 @@ impl App {
             start.request_id.clone(),
         );
         e.reason = Some(start.reason.clone());
+        if recovery && let Some(serde_json::Value::Object(d)) = e.details.as_mut() {
+            d.insert("recovery".into(), serde_json::Value::Bool(true));
+            d.insert(
+                "versions_without_private_key".into(),
+                versions
+                    .iter()
+                    .map(|v| v.key_id.to_string())
+                    .collect::<Vec<_>>()
+                    .into(),
+            );
+            tracing::warn!(tenant = %start.tenant, "recovering a tenant without an active key by a rotation to a new version");
+        }
         self.record(e).await?;
         self.rotation.save(&rotation)?;
         self.metrics.rotations.with_label_values(&["started"]).inc();

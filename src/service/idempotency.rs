@@ -96,10 +96,26 @@ where
     R: Send + Sync + 'static,
     E: From<tokio::task::JoinError> + Send + Sync + 'static,
 {
-    pub fn new(retention: Duration) -> Self {
+    /// At most `max_records` records are kept; past that the least recently used one is
+    /// forgotten early (`on_evict` is told): a retry of its key would be signed again.
+    pub fn new(
+        retention: Duration,
+        max_records: u64,
+        on_evict: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
+        let records = Cache::builder()
+            .max_capacity(max_records)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .expire_after(PerRecordTtl)
+            .eviction_listener(move |_, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    on_evict();
+                }
+            })
+            .build();
         Self {
             inner: Arc::new(Inner {
-                records: Cache::builder().expire_after(PerRecordTtl).build(),
+                records,
                 in_flight: Mutex::new(HashMap::new()),
             }),
             retention,
@@ -198,6 +214,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn records_are_bounded_least_recently_used_first_and_evictions_are_counted() {
+        let evicted = Arc::new(AtomicU32::new(0));
+        let e = Arc::clone(&evicted);
+        let store = Store::new(Duration::from_secs(60), 10, move || {
+            e.fetch_add(1, Ordering::SeqCst);
+        });
+        let record = |i: u64| Record {
+            request_sha256: "r".into(),
+            index: i,
+            ttl: Duration::from_secs(60),
+        };
+        for i in 0..10u8 {
+            store.insert(key(i), record(u64::from(i)));
+        }
+        store.inner.records.run_pending_tasks();
+        // Key 0 is used again; then more keys arrive.
+        assert!(store.inner.records.get(&key(0)).is_some());
+        for i in 10..15u8 {
+            store.insert(key(i), record(u64::from(i)));
+        }
+        store.inner.records.run_pending_tasks();
+        assert!(store.inner.records.entry_count() <= 10);
+        assert!(
+            store.inner.records.get(&key(0)).is_some(),
+            "recently used: kept"
+        );
+        assert!(store.inner.records.get(&key(14)).is_some(), "newest: kept");
+        assert!(
+            store.inner.records.get(&key(1)).is_none(),
+            "least recently used: gone"
+        );
+        assert_eq!(evicted.load(Ordering::SeqCst), 5);
+    }
+
     async fn outcome(b: Begin<u32, TestError>) -> Result<u32, &'static str> {
         match b {
             Begin::Recorded(r) => Ok(r.index as u32),
@@ -207,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_abandoned_attempt_still_records_and_a_retry_replays_it() {
-        let store = Store::new(Duration::from_secs(60));
+        let store = Store::new(Duration::from_secs(60), 1000, || {});
         let runs = Arc::new(AtomicU32::new(0));
         let (open, gate) = tokio::sync::oneshot::channel();
         // The first caller starts the attempt and hangs up at once.
@@ -228,7 +279,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_attempt_is_not_remembered() {
-        let store = Store::new(Duration::from_secs(60));
+        let store = Store::new(Duration::from_secs(60), 1000, || {});
         let first = store.begin(key(2), || async { Err(Arc::new(TestError)) });
         assert_eq!(outcome(first).await, Err("failed"));
         tokio::task::yield_now().await;

@@ -261,7 +261,12 @@ impl App {
             )
             .await?,
         );
-        let idempotency = Idempotency::new(config.audit.idempotency_retention);
+        let evictions = metrics.idempotency_evictions.clone();
+        let idempotency = Idempotency::new(
+            config.audit.idempotency_retention,
+            config.audit.idempotency_max_records,
+            move || evictions.inc(),
+        );
         let limiters = policy::Limiters::default();
         let rotation = Engine::load(&config.state_dir)?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
