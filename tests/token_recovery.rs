@@ -189,3 +189,32 @@ async fn a_stale_key_handle_never_yields_a_signature_made_with_another_key() {
         v["signature"].as_str().unwrap()
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_from_the_environment_does_not_stay_in_the_process_environment() {
+    let mut s = Signet::init(Init::default());
+    let pin = std::fs::read_to_string(s.dir.join("secrets/user.pin")).unwrap();
+    let pin = pin.trim().to_owned();
+    s.edit_config(|c| {
+        c.replace(
+            "pin_file = \"secrets/user.pin\"",
+            "pin_env = \"SIGNET_TEST_PIN\"",
+        )
+    });
+    s.env.push(("SIGNET_TEST_PIN".into(), pin.clone()));
+    s.start();
+    let (status, v) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"pin from env"))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let environ = std::fs::read(format!("/proc/{}/environ", s.pid())).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains("SIGNET_TEST_PIN"), "the variable is gone");
+    assert!(
+        !environ.contains(&pin),
+        "the PIN is not in /proc/PID/environ"
+    );
+    assert!(!s.log().contains(&pin), "nor in the log");
+    // Re-executed once; the PIN came through the pipe.
+    assert!(environ.contains("SIGNET_PIN_FD="));
+}

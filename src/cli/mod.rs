@@ -130,17 +130,31 @@ pub fn load_config(cli: &Cli) -> Result<Config> {
     Config::load(&path).with_context(|| format!("in {}", path.display()))
 }
 
-/// The PKCS#11 module reads its own environment (e.g. `SOFTHSM2_CONF`) when it is
-/// initialised. If `[hsm.environment]` asks for values this process does not have, run this
-/// same command again with them set (before any thread or token call exists).
+/// Prepare the process before any thread or token call exists: make it non-dumpable (no core
+/// dump, no ptrace or /proc reads by other unprivileged processes), and re-run this same
+/// command when needed:
+/// - with the values `[hsm.environment]` asks for, if this process lacks them (the PKCS#11
+///   module reads its own environment when it is initialised);
+/// - without the PIN's environment variable (`hsm.pin_env`), which would otherwise stay in
+///   `/proc/PID/environ` for the life of the process: the PIN goes to the new image through
+///   an inherited pipe instead, read once.
 pub fn ensure_module_environment(config: &Config) -> Result<()> {
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        tracing::warn!(error = %e, "cannot make the process non-dumpable (PR_SET_DUMPABLE)");
+    }
     let missing: Vec<(&String, &String)> = config
         .hsm
         .environment
         .iter()
         .filter(|(k, v)| std::env::var(k).ok().as_deref() != Some(v.as_str()))
         .collect();
-    if missing.is_empty() {
+    let pin_var = match &config.hsm.pin {
+        signet::config::PinSource::Env(var) if std::env::var_os(var).is_some() => Some(var),
+        _ => None,
+    };
+    if missing.is_empty() && pin_var.is_none() {
         return Ok(());
     }
     if std::env::var_os("SIGNET_REEXEC").is_some() {
@@ -151,11 +165,30 @@ pub fn ensure_module_environment(config: &Config) -> Result<()> {
     }
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("cannot find the signet executable")?;
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
         .envs(missing.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("SIGNET_REEXEC", "1")
-        .exec();
+        .env("SIGNET_REEXEC", "1");
+    // Kept open across the exec (no close-on-exec); the new image reads it once.
+    let mut pin_pipe = None;
+    if let Some(var) = pin_var {
+        let pin = signet::hsm::read_pin(&config.hsm.pin).context("hsm PIN")?;
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::empty())
+            .context("cannot create a pipe for the PIN")?;
+        {
+            use secrecy::ExposeSecret;
+            use std::io::Write;
+            let mut w = std::fs::File::from(write);
+            w.write_all(pin.expose_secret().as_bytes())
+                .context("cannot pass the PIN to the re-executed process")?;
+        }
+        use std::os::fd::AsRawFd;
+        cmd.env_remove(var)
+            .env(signet::hsm::PIN_FD_ENV, read.as_raw_fd().to_string());
+        pin_pipe = Some(read);
+    }
+    let err = cmd.exec();
+    drop(pin_pipe);
     Err(err).context("cannot re-run signet with the module environment")
 }
 

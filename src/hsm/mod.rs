@@ -14,7 +14,7 @@ mod signer;
 
 use std::time::Duration;
 
-pub use pool::{Hsm, Library, provision_token, read_pin};
+pub use pool::{Hsm, Library, PIN_FD_ENV, provision_token, read_pin};
 pub use session::{ObjectSummary, TokenSession};
 pub use signer::{ECDSA_WITH_SHA256, TokenSigner};
 

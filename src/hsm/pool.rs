@@ -176,11 +176,23 @@ fn login(session: &Session, pin: &SecretString) -> Result<(), Error> {
 
 /// Read the user PIN once, from the environment or a file. Trailing newlines are dropped.
 pub fn read_pin(source: &PinSource) -> Result<SecretString, Error> {
-    let raw = match source {
-        PinSource::Env(var) => std::env::var(var).map_err(|_| Error::Pin {
-            source_name: source.to_string(),
-            reason: "not set or not UTF-8".to_owned(),
-        })?,
+    let raw = zeroize::Zeroizing::new(match source {
+        PinSource::Env(var) => match std::env::var(var) {
+            Ok(v) => v,
+            // Re-executed without the variable: the PIN arrives on an inherited pipe.
+            Err(_) => match std::env::var(PIN_FD_ENV) {
+                Ok(fd) => read_pin_pipe(&fd).map_err(|reason| Error::Pin {
+                    source_name: source.to_string(),
+                    reason,
+                })?,
+                Err(_) => {
+                    return Err(Error::Pin {
+                        source_name: source.to_string(),
+                        reason: "not set or not UTF-8".to_owned(),
+                    });
+                }
+            },
+        },
         PinSource::File(path) => {
             warn_if_readable_by_others(path);
             std::fs::read_to_string(path).map_err(|e| Error::Pin {
@@ -188,7 +200,7 @@ pub fn read_pin(source: &PinSource) -> Result<SecretString, Error> {
                 reason: e.kind().to_string(),
             })?
         }
-    };
+    });
     let pin = raw.trim_end_matches(['\n', '\r']).to_owned();
     if pin.is_empty() {
         return Err(Error::Pin {
@@ -197,6 +209,24 @@ pub fn read_pin(source: &PinSource) -> Result<SecretString, Error> {
         });
     }
     Ok(SecretString::from(pin))
+}
+
+/// Names the inherited pipe the PIN is passed on when Signet re-executes itself without the
+/// PIN's environment variable.
+pub const PIN_FD_ENV: &str = "SIGNET_PIN_FD";
+
+/// Read the PIN from the inherited pipe `fd` (a number), through `/proc/self/fd` so no file
+/// descriptor is adopted by hand. The pipe holds it once: a second read finds it empty.
+fn read_pin_pipe(fd: &str) -> Result<String, String> {
+    let n: u32 = fd
+        .parse()
+        .map_err(|_| format!("{PIN_FD_ENV} is not a file descriptor number"))?;
+    let mut f = std::fs::File::open(format!("/proc/self/fd/{n}"))
+        .map_err(|e| format!("{PIN_FD_ENV}: {}", e.kind()))?;
+    let mut pin = String::new();
+    std::io::Read::read_to_string(&mut f, &mut pin)
+        .map_err(|e| format!("{PIN_FD_ENV}: {}", e.kind()))?;
+    Ok(pin)
 }
 
 fn warn_if_readable_by_others(path: &Path) {
