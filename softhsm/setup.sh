@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what Signet needs on Debian: SoftHSM (the development/test token), OpenSC
 # (pkcs11-tool), openssl and curl. With --test, also what the test suite uses: Prometheus'
-# promtool, systemd-analyze and Python (deploy artefact checks). Safe to run repeatedly.
+# promtool, systemd-analyze, strace and Python (deploy artefact checks, schemathesis). Safe to run repeatedly.
 #
 # The token itself is not created here: `signet serve --dev` / `signet dev init` create it in
 # their own data directory with their own SOFTHSM2_CONF, and change nothing global.
@@ -35,5 +35,13 @@ if [ "${1:-}" = "--test" ]; then
     echo "installing kubernetes-validate and checkov into $venv" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0" "checkov==3.3.30"
+  fi
+  # schemathesis fuzzes the live API from openapi.yaml (tests/openapi.rs); a venv of its own,
+  # as its dependencies conflict with checkov's.
+  api="$(cd "$(dirname "$0")/.." && pwd)/target/api-tools"
+  if [ ! -x "$api/bin/schemathesis" ]; then
+    echo "installing schemathesis into $api" >&2
+    python3 -m venv "$api"
+    "$api/bin/pip" install --quiet --disable-pip-version-check "schemathesis==4.32.5"
   fi
 fi

@@ -292,7 +292,7 @@ impl Policies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, RateLimit};
+    use crate::config::Config;
     use std::path::Path;
 
     fn policies(extra: &str) -> (Policies, DynamicConfig) {
@@ -379,7 +379,8 @@ legal_standard = "x"
     fn rate_limits_per_policy_tenant_and_client() {
         // (extra configuration, requests as (client, policy), the scope refusing the last one)
         let per_policy = "[[policies]]\nid = \"limited\"\ntenant = \"payroll\"\nlegal_standard = \"x\"\nrate_limit = { per_second = 1, burst = 2 }\n";
-        let cases: Vec<(&str, Vec<(&str, &str)>, Option<&str>)> = vec![
+        type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<&'a str>);
+        let cases: Vec<Case> = vec![
             ("", vec![("payroll-app", "payroll-esign"); 50], None),
             (
                 per_policy,

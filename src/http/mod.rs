@@ -64,7 +64,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/admin/rollback", post(admin_rollback))
         .route("/v1/admin/csr", post(admin_csr))
         .route("/v1/admin/certificates", post(admin_import))
-        .route("/v1/admin/reload", post(admin_reload));
+        .route("/v1/admin/reload", post(admin_reload))
+        .route("/v1/openapi.json", get(openapi));
     #[cfg(feature = "insecure-test-hooks")]
     let router = router.route("/v1/admin/insecure-test-fault", post(insecure_test_fault));
     router
@@ -558,6 +559,21 @@ async fn admin_import(
     )
 }
 
+/// The API contract (`openapi.yaml` at the top of the repository), compiled in.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+/// The contract as JSON, parsed once.
+pub fn openapi_json() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    // Invariant: the document is checked to parse by a unit test; an unparsable one would
+    // serve `null` rather than fail the service.
+    DOC.get_or_init(|| serde_yaml_ng::from_str(OPENAPI_YAML).unwrap_or(serde_json::Value::Null))
+}
+
+async fn openapi(Ctx(_caller): Ctx) -> Response {
+    ok(StatusCode::OK, openapi_json())
+}
+
 async fn admin_reload(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
     if let Err(e) = caller.require(crate::config::Role::Admin) {
         return fail(e, &caller.request_id);
@@ -710,4 +726,48 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod contract_tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// (method, path) of every route `router` registers, read from this file's source.
+    fn routes_in_source() -> BTreeSet<(String, String)> {
+        let src = include_str!("mod.rs");
+        let start = src.find("pub fn router(").unwrap();
+        let end = src[start..].find("    router\n").unwrap() + start;
+        let mut out = BTreeSet::new();
+        for line in src[start..end].lines() {
+            let Some(rest) = line.trim().strip_prefix(".route(\"") else {
+                continue;
+            };
+            let path = rest.split('"').next().unwrap().to_owned();
+            if path.contains("insecure-test") {
+                continue;
+            }
+            for method in ["get", "post"] {
+                if rest.contains(&format!(" {method}(")) || rest.contains(&format!(".{method}(")) {
+                    out.insert((method.to_owned(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_of_the_router() {
+        let doc = openapi_json();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+        let routed = routes_in_source();
+        assert!(routed.len() >= 15, "{routed:?}");
+        assert_eq!(documented, routed);
+    }
 }
