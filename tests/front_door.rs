@@ -22,24 +22,7 @@ fn issue(s: &Signet, name: &str, subject: &str, ext: &str) -> (String, String) {
     let d = s.dir.join("tls");
     let subject = &subject.replace("//", "\\/\\/").replace(".dev/", ".dev\\/");
     std::fs::write(d.join(format!("{name}.ext")), format!("[x]\n{ext}\n")).unwrap();
-    openssl(
-        &d,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            subject,
-        ],
-    );
+    openssl_key_and_csr(&d, name, subject);
     openssl(
         &d,
         &[
@@ -130,30 +113,7 @@ async fn identities_come_only_from_uri_or_dns_sans_unambiguously_and_from_the_pi
     // Pin payroll-app to another CA: the development CA's payroll-app certificate is refused,
     // one from the pinned CA (also trusted by server.client_ca) is accepted.
     let d = s.dir.join("tls");
-    openssl(
-        &d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "pin-ca.key",
-            "-out",
-            "pin-ca.pem",
-            "-subj",
-            "/CN=Payroll pinned CA",
-            "-days",
-            "2",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ],
-    );
+    openssl_ca(&d, "pin-ca", "/CN=Payroll pinned CA");
     let both = d.join("both-cas.pem");
     let mut pem = std::fs::read_to_string(d.join("ca.pem")).unwrap();
     pem.push_str(&std::fs::read_to_string(d.join("pin-ca.pem")).unwrap());
@@ -175,24 +135,7 @@ async fn identities_come_only_from_uri_or_dns_sans_unambiguously_and_from_the_pi
         "[x]\nsubjectAltName = URI:spiffe://signet.dev/payroll-app\nextendedKeyUsage = clientAuth\n",
     )
     .unwrap();
-    openssl(
-        &d,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "pinned.key",
-            "-out",
-            "pinned.csr",
-            "-subj",
-            "/CN=payroll-app",
-        ],
-    );
+    openssl_key_and_csr(&d, "pinned", "/CN=payroll-app");
     openssl(
         &d,
         &[
@@ -266,26 +209,7 @@ async fn connections_close_when_their_ca_is_removed_or_their_certificate_expires
 
     // A reload that stops trusting the client's CA closes its connection.
     let other_ca = s.dir.join("tls/other-ca.pem");
-    openssl(
-        &s.dir.join("tls"),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "other-ca.key",
-            "-out",
-            "other-ca.pem",
-            "-subj",
-            "/CN=Another CA",
-            "-days",
-            "2",
-        ],
-    );
+    openssl_ca(&s.dir.join("tls"), "other-ca", "/CN=Another CA");
     s.edit_config(|c| {
         c.replace(
             "client_ca = [\"tls/ca.pem\"]",

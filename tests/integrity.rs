@@ -67,14 +67,7 @@ fn verify_cmd(s: &Signet, extra: &[&str]) -> (bool, String) {
         .args(extra)
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    outcome(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,14 +296,7 @@ impl ReceiptFiles {
             .args(extra)
             .output()
             .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        outcome(out)
     }
 
     fn path(&self, name: &str) -> String {
@@ -435,44 +421,8 @@ async fn receipts_are_bound_to_their_certificate_and_document() {
     );
     let serial = openssl(d, &["x509", "-in", "cert.pem", "-serial", "-noout"]);
     let serial = serial.trim().trim_start_matches("serial=").to_owned();
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "evil-ca.key",
-            "-out",
-            "evil-ca.pem",
-            "-subj",
-            "/CN=Evil CA",
-            "-days",
-            "2",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "throwaway.key",
-            "-out",
-            "look.csr",
-            "-subj",
-            "/CN=payroll look-alike",
-        ],
-    );
+    openssl_ca(d, "evil-ca", "/CN=Evil CA");
+    openssl_key_and_csr(d, "look", "/CN=payroll look-alike");
     openssl(
         d,
         &[
