@@ -15,6 +15,7 @@
 
 pub mod anchor;
 pub mod entry;
+pub mod index;
 pub mod merkle;
 pub mod note;
 pub mod order;
@@ -215,6 +216,8 @@ struct State {
     tree: Tree,
     offsets: Vec<u64>,
     file_len: u64,
+    /// Transaction and tenant lookups over the same entries.
+    index: index::Index,
 }
 
 enum Request {
@@ -320,6 +323,9 @@ impl EvidenceLog {
         }
         let offsets = recovered.offsets;
         let active = recovered.active;
+        let recovered = RecoveredIndex {
+            index: recovered.index,
+        };
         let file_len = log.metadata().map_err(io_err(&log_path))?.len();
         tracing::info!(
             entries = tree.len(),
@@ -345,6 +351,7 @@ impl EvidenceLog {
                 tree,
                 offsets,
                 file_len,
+                index: recovered.index,
             }),
             reader,
             writable: AtomicBool::new(true),
@@ -426,6 +433,37 @@ impl EvidenceLog {
         let checkpoint = self
             .latest_checkpoint()
             .ok_or(Error::NotYetCheckpointed { index, size: 0 })?;
+        self.prove_with(index, checkpoint)
+    }
+
+    /// The entries that carry `transaction_id`, in log order.
+    pub fn transaction_entries(&self, transaction_id: &str) -> Vec<u64> {
+        read(&self.inner.state)
+            .index
+            .transaction(transaction_id)
+            .to_vec()
+    }
+
+    /// A page of `tenant`'s entries in a time window (µs since the epoch), after a cursor.
+    pub fn tenant_entries(
+        &self,
+        tenant: &str,
+        since_us: i64,
+        until_us: i64,
+        after: Option<u64>,
+        limit: usize,
+    ) -> index::Page {
+        read(&self.inner.state)
+            .index
+            .tenant_page(tenant, since_us, until_us, after, limit)
+    }
+
+    /// Entry `index` with its inclusion proof against `checkpoint` (one of this log's).
+    pub fn prove_with(
+        &self,
+        index: u64,
+        checkpoint: Arc<StoredCheckpoint>,
+    ) -> Result<EntryProof, Error> {
         if index >= self.tree_size() {
             return Err(Error::NoSuchEntry(index));
         }
@@ -664,6 +702,7 @@ fn commit(
     let mut receipts: Vec<Result<Vec<Receipt>, Error>> = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
     let mut events: Vec<String> = Vec::new();
+    let mut lookups: Vec<(u64, index::Indexed)> = Vec::new();
     for (entries, reply) in group {
         replies.push(reply);
         let mut out = Vec::with_capacity(entries.len());
@@ -694,6 +733,7 @@ fn commit(
                         index: next,
                         leaf_hash: B64.encode(leaf),
                     });
+                    lookups.push((next, indexed(&e.time, e.tenant, e.transaction_id)));
                     events.push(e.event);
                     next += 1;
                 }
@@ -711,6 +751,7 @@ fn commit(
                 offsets.truncate(mark.2);
                 leaves.truncate(mark.2);
                 events.truncate(events.len() - (next - mark.1) as usize);
+                lookups.retain(|(i, _)| *i < mark.1);
                 next = mark.1;
                 previous = mark.3;
                 staged = staged_before;
@@ -785,6 +826,9 @@ fn commit(
         }
         st.offsets.extend_from_slice(&offsets);
         st.file_len = base_len + buf.len() as u64;
+        for (i, fields) in lookups {
+            st.index.add(i, fields);
+        }
         inner.metrics.audit_tree_size.set(st.tree.len() as i64);
     }
     if !inner.writable.swap(true, Ordering::AcqRel) {
@@ -826,6 +870,30 @@ struct Recovered {
     leaves: Vec<Hash>,
     offsets: Vec<u64>,
     active: order::ActiveVersions,
+    index: index::Index,
+}
+
+/// What is left of [`Recovered`] once the tree is built.
+struct RecoveredIndex {
+    index: index::Index,
+}
+
+/// The fields the lookup indexes need, read without parsing a whole entry.
+#[derive(Deserialize)]
+struct IndexFields {
+    time: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    transaction_id: Option<String>,
+}
+
+fn indexed(time: &str, tenant: Option<String>, transaction_id: Option<String>) -> index::Indexed {
+    index::Indexed {
+        tenant,
+        transaction_id,
+        time_us: index::parse_time_us(time).unwrap_or(0),
+    }
 }
 
 /// Read every entry, hash it, and bring the file back to the last acknowledged entry.
@@ -846,6 +914,7 @@ fn recover_entries(
     let mut r = BufReader::with_capacity(1 << 20, f);
     let (mut leaves, mut offsets) = (Vec::new(), Vec::new());
     let mut active = order::ActiveVersions::default();
+    let mut lookups = index::Index::default();
     let mut pos = 0u64;
     let mut unacknowledged = 0u64;
     let mut line = Vec::new();
@@ -877,10 +946,17 @@ fn recover_entries(
                     reason: format!("entry {index} {e}"),
                 })?;
             active.record(&e);
-        } else if order::may_be_activation(&line)
-            && let Ok(e) = serde_json::from_slice::<Entry>(&line)
-        {
-            active.record(&e);
+            lookups.add(index, indexed(&e.time, e.tenant, e.transaction_id));
+        } else {
+            if order::may_be_activation(&line)
+                && let Ok(e) = serde_json::from_slice::<Entry>(&line)
+            {
+                active.record(&e);
+            }
+            // Below the checkpoint the root check proves the line; only index it.
+            if let Ok(f) = serde_json::from_slice::<IndexFields>(&line) {
+                lookups.add(index, indexed(&f.time, f.tenant, f.transaction_id));
+            }
         }
         offsets.push(pos);
         leaves.push(merkle::leaf_hash(&line));
@@ -900,6 +976,7 @@ fn recover_entries(
         leaves,
         offsets,
         active,
+        index: lookups,
     })
 }
 

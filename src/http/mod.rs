@@ -57,7 +57,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/keys/{tenant}", get(keys))
         .route("/v1/verify", post(verify))
         .route("/v1/audit/checkpoint", get(checkpoint))
+        .route("/v1/audit/entries", get(entries))
         .route("/v1/audit/entries/{index}", get(entry))
+        .route("/v1/audit/transactions/{transaction_id}", get(transaction))
         .route("/v1/audit/consistency", get(consistency))
         .route("/v1/admin/keys", get(admin_keys).post(admin_create_key))
         .route("/v1/admin/rotations", get(admin_status).post(admin_rotate))
@@ -438,6 +440,30 @@ async fn entry(State(s): State<ApiState>, Ctx(caller): Ctx, Path(index): Path<St
             "checkpoint": proof.checkpoint.note,
             "proof": proof.proof.render(),
         }),
+    )
+}
+
+async fn transaction(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    Path(id): Path<String>,
+) -> Response {
+    respond(
+        StatusCode::OK,
+        s.app.transaction(&caller, &id),
+        &caller.request_id,
+    )
+}
+
+async fn entries(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    Query(q): Query<crate::service::EntriesQuery>,
+) -> Response {
+    respond(
+        StatusCode::OK,
+        s.app.tenant_entries(&caller, &q),
+        &caller.request_id,
     )
 }
 

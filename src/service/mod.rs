@@ -5,6 +5,7 @@
 //! problem documents. Never names `cryptoki` (the token is reached through `hsm`).
 
 mod admin;
+mod evidence;
 pub mod idempotency;
 mod sign;
 
@@ -16,6 +17,7 @@ use p256::ecdsa::VerifyingKey;
 use sha2::{Digest, Sha256};
 
 pub use admin::{AdminRequest, ImportRequest, KeyView, TenantStatus, VersionView};
+pub use evidence::{EntriesPage, EntriesQuery, IndexedEntry, ProvedEntry, TransactionView};
 pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};
 
 use crate::audit::{self, CheckpointSigner, EvidenceLog};

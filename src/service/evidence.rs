@@ -1,0 +1,189 @@
+//! Evidence for auditors: every entry of a transaction with inclusion proofs to one signed
+//! checkpoint, and a tenant's entries in a time window, page by page. Backed by the log's
+//! lookup indexes: no query scans the log.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+use super::{App, Caller, Error};
+use crate::audit::index::parse_time_us;
+use crate::policy::Policies;
+
+const MAX_TRANSACTION_ID: usize = 256;
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// One entry with its inclusion proof.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProvedEntry {
+    pub index: u64,
+    pub entry: serde_json::Value,
+    pub leaf_hash: String,
+    pub inclusion_proof: Vec<String>,
+    /// The C2SP `tlog-proof@v1` (its `extra` line is the canonical entry).
+    pub proof: String,
+}
+
+/// `GET /v1/audit/transactions/{transaction_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransactionView {
+    pub transaction_id: String,
+    /// The signed checkpoint every proof leads to (absent before the first checkpoint).
+    pub checkpoint: Option<String>,
+    pub tree_size: u64,
+    pub entries: Vec<ProvedEntry>,
+    /// Entries of the transaction not yet covered by a checkpoint: ask again shortly.
+    pub pending: Vec<u64>,
+}
+
+/// `GET /v1/audit/entries` query.
+#[derive(Debug, Default, Deserialize)]
+pub struct EntriesQuery {
+    pub tenant: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub cursor: Option<String>,
+    pub limit: Option<String>,
+}
+
+/// One page of a tenant's entries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntriesPage {
+    pub tenant: String,
+    pub entries: Vec<IndexedEntry>,
+    /// Pass as `cursor` for the next page; absent when there is none yet.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IndexedEntry {
+    pub index: u64,
+    pub entry: serde_json::Value,
+}
+
+impl App {
+    /// Every entry with `transaction_id` the caller may read (its tenants; the admin and audit
+    /// roles: all), each with an inclusion proof to the latest signed checkpoint.
+    pub fn transaction(
+        &self,
+        caller: &Caller,
+        transaction_id: &str,
+    ) -> Result<TransactionView, Error> {
+        if transaction_id.is_empty()
+            || transaction_id.len() > MAX_TRANSACTION_ID
+            || transaction_id.chars().any(char::is_control)
+        {
+            return Err(Error::invalid(
+                "transaction_id",
+                format!("must be 1-{MAX_TRANSACTION_ID} characters without control characters"),
+            ));
+        }
+        let checkpoint = self.log.latest_checkpoint();
+        let signed = checkpoint.as_ref().map_or(0, |c| c.tree_size);
+        let mut entries = Vec::new();
+        let mut pending = Vec::new();
+        for index in self.log.transaction_entries(transaction_id) {
+            let bytes = self.log.entry(index)?;
+            let entry: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
+            if !self.may_read_entry(caller, &entry) {
+                continue;
+            }
+            match &checkpoint {
+                Some(cp) if index < signed => {
+                    let p = self.log.prove_with(index, cp.clone())?;
+                    entries.push(ProvedEntry {
+                        index,
+                        entry,
+                        leaf_hash: B64.encode(p.leaf_hash),
+                        inclusion_proof: p.proof.hashes.iter().map(|h| B64.encode(h)).collect(),
+                        proof: p.proof.render(),
+                    });
+                }
+                _ => pending.push(index),
+            }
+        }
+        Ok(TransactionView {
+            transaction_id: transaction_id.to_owned(),
+            checkpoint: checkpoint.map(|c| c.note.clone()),
+            tree_size: signed,
+            entries,
+            pending,
+        })
+    }
+
+    /// A page of `tenant`'s entries with `since <= time < until`, after `cursor`.
+    pub fn tenant_entries(&self, caller: &Caller, q: &EntriesQuery) -> Result<EntriesPage, Error> {
+        let raw = q
+            .tenant
+            .as_deref()
+            .ok_or_else(|| Error::invalid("tenant", "is required"))?;
+        let tenant: crate::domain::TenantId = raw
+            .parse()
+            .map_err(|e: crate::domain::ParseError| Error::invalid("tenant", e.to_string()))?;
+        if !Policies::may_read_tenant(&caller.client, &tenant) {
+            return Err(Error::Forbidden(format!(
+                "client `{}` may not read the evidence of tenant `{tenant}`",
+                caller.identity.identity
+            )));
+        }
+        let time = |v: &Option<String>, name: &'static str, default: i64| match v {
+            None => Ok(default),
+            Some(s) => parse_time_us(s).ok_or_else(|| {
+                Error::invalid(name, "must be an RFC 3339 time, e.g. 2026-11-30T00:00:00Z")
+            }),
+        };
+        let since = time(&q.since, "since", i64::MIN)?;
+        let until = time(&q.until, "until", i64::MAX)?;
+        let after = q
+            .cursor
+            .as_deref()
+            .map(|c| {
+                c.parse::<u64>()
+                    .map_err(|_| Error::invalid("cursor", "must be a cursor from a previous page"))
+            })
+            .transpose()?;
+        let limit = q
+            .limit
+            .as_deref()
+            .map(|l| {
+                l.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| Error::invalid("limit", format!("must be 1-{MAX_PAGE}")))
+            })
+            .transpose()?
+            .unwrap_or(DEFAULT_PAGE);
+        let page = self
+            .log
+            .tenant_entries(tenant.as_str(), since, until, after, limit);
+        let entries = page
+            .indexes
+            .into_iter()
+            .map(|index| {
+                let bytes = self.log.entry(index)?;
+                let entry =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
+                Ok(IndexedEntry { index, entry })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(EntriesPage {
+            tenant: tenant.to_string(),
+            entries,
+            next_cursor: page.next_cursor.map(|c| c.to_string()),
+        })
+    }
+
+    /// Its own tenants' entries; everything for the admin and audit roles.
+    fn may_read_entry(&self, caller: &Caller, entry: &serde_json::Value) -> bool {
+        if Policies::may_read_all_evidence(&caller.client) {
+            return true;
+        }
+        entry
+            .get("tenant")
+            .and_then(|t| t.as_str())
+            .and_then(|t| t.parse().ok())
+            .is_some_and(|t| caller.client.tenants.contains(&t))
+    }
+}
