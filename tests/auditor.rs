@@ -253,3 +253,127 @@ async fn a_tenants_entries_page_stably_while_the_log_grows() {
 fn time_now() -> String {
     signet::clock::rfc3339_micros(std::time::SystemTime::now())
 }
+
+/// Tiles fetched from the service, served to an independent implementation (the `tlog_tiles`
+/// crate, a port of Go's sumdb/tlog) by their C2SP path.
+struct FetchedTiles(std::collections::HashMap<String, Vec<u8>>);
+
+impl tlog_tiles::TileReader for FetchedTiles {
+    fn height(&self) -> u8 {
+        8
+    }
+    fn read_tiles(&self, tiles: &[tlog_tiles::Tile]) -> Result<Vec<Vec<u8>>, tlog_tiles::Error> {
+        tiles
+            .iter()
+            .map(|t| {
+                // Its paths carry the height (`tile/8/L/N`); C2SP's do not (`tile/L/N`).
+                let path = t.path().replacen("tile/8/", "", 1);
+                self.0
+                    .get(&path)
+                    .cloned()
+                    .ok_or(tlog_tiles::Error::IndexesNotInTree)
+            })
+            .collect()
+    }
+    fn save_tiles(&self, _: &[tlog_tiles::Tile], _: &[Vec<u8>]) {}
+}
+
+async fn get_bytes(s: &Signet, client: &str, path: &str) -> (u16, Vec<u8>) {
+    let mut c = s.connect(client).await;
+    let (st, _, b) = c.request(Method::GET, path, &[], None).await.unwrap();
+    (st.as_u16(), b.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_verifies() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    // More than 256 entries: a full level-0 tile, a partial one, and a level-1 tile.
+    for b in 0..2 {
+        let items: Vec<Value> = (0..150)
+            .map(|i| sign_body("payroll-esign", format!("batch {b} item {i}").as_bytes()))
+            .collect();
+        let (st, _, r) = s
+            .call(
+                "payroll-app",
+                Method::POST,
+                "/v1/sign/batch",
+                Some(json!({"items": items})),
+                &[],
+            )
+            .await;
+        assert_eq!(st, 200, "{r}");
+    }
+    let n = s.entries().len() as u64;
+    assert!(n > 300);
+    s.eventually(
+        "a checkpoint over the log",
+        Duration::from_secs(10),
+        || async {
+            get(&s, "auditor", "/v1/audit/checkpoint").await.1["tree_size"].as_u64() == Some(n)
+        },
+    )
+    .await;
+    let (st, note) = get_bytes(&s, "payroll-app", "/v1/audit/tlog/checkpoint").await;
+    assert_eq!(st, 200);
+    let note = String::from_utf8(note).unwrap();
+    let lines: Vec<&str> = note.lines().collect();
+    assert_eq!(lines[1], n.to_string());
+    let root = tlog_tiles::Hash(B64.decode(lines[2]).unwrap().try_into().unwrap());
+
+    // Fetch every tile the tree of size n has, by the paths the independent code computes.
+    let mut fetched = std::collections::HashMap::new();
+    for t in tlog_tiles::Tile::new_tiles(8, 0, n) {
+        let path = t.path().replacen("tile/8/", "", 1);
+        let (st, body) = get_bytes(&s, "payroll-app", &format!("/v1/audit/tlog/tile/{path}")).await;
+        assert_eq!(st, 200, "{path}");
+        fetched.insert(path, body);
+    }
+    assert!(
+        fetched.keys().any(|p| p.starts_with("1/")),
+        "a level-1 tile: {:?}",
+        fetched.keys()
+    );
+    assert!(fetched.keys().any(|p| p.contains(".p/")), "partial tiles");
+    let reader = FetchedTiles(fetched);
+    let hashes = tlog_tiles::TileHashReader::new(n, root, &reader);
+    assert_eq!(
+        tlog_tiles::tree_hash(n, &hashes).unwrap(),
+        root,
+        "the tiles give the signed root"
+    );
+    // Inclusion of entries, checked by the independent code against entry bundles.
+    let (st, bundle) = get_bytes(&s, "auditor", "/v1/audit/tlog/tile/entries/001.p/").await;
+    assert_eq!(st, 404, "not a canonical path");
+    let _ = bundle;
+    let partial = n - 256;
+    let (st, bundle) = get_bytes(
+        &s,
+        "auditor",
+        &format!("/v1/audit/tlog/tile/entries/001.p/{partial}"),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let mut rest = bundle.as_slice();
+    let mut i = 256u64;
+    while !rest.is_empty() {
+        let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+        let entry = &rest[2..2 + len];
+        rest = &rest[2 + len..];
+        let leaf = tlog_tiles::record_hash(entry);
+        let proof = tlog_tiles::prove_record(n, i, &hashes).unwrap();
+        tlog_tiles::check_record(&proof, n, root, i, leaf).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(entry).unwrap()["index"], i);
+        i += 1;
+    }
+    assert_eq!(i, n);
+    // A full entry bundle exists for the first 256 entries; the sign role may not read bundles.
+    let (st, full) = get_bytes(&s, "auditor", "/v1/audit/tlog/tile/entries/000").await;
+    assert_eq!(st, 200);
+    assert!(full.len() > 256 * 100);
+    let (st, _) = get_bytes(&s, "payroll-app", "/v1/audit/tlog/tile/entries/000").await;
+    assert_eq!(st, 403);
+    // Tiles beyond the signed tree do not exist.
+    let (st, _) = get_bytes(&s, "payroll-app", "/v1/audit/tlog/tile/0/005").await;
+    assert_eq!(st, 404);
+}

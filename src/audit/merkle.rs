@@ -103,6 +103,15 @@ impl Tree {
         Ok(self.subtree(0, size))
     }
 
+    /// The hashes of the complete subtrees of 2^`level` leaves numbered `start..start + count`
+    /// (C2SP tlog-tiles: a tile at tile level L holds tree level 8·L), if all exist.
+    pub fn level_hashes(&self, level: usize, start: u64, count: u64) -> Option<Vec<Hash>> {
+        let row = self.levels.get(level)?;
+        let start = usize::try_from(start).ok()?;
+        let end = start.checked_add(usize::try_from(count).ok()?)?;
+        row.get(start..end).map(<[Hash]>::to_vec)
+    }
+
     /// Root hash of this tree with `extra` leaves appended, without changing the tree:
     /// O(log n + k). (RFC 6962's root is the right fold of the perfect subtrees that make up
     /// the tree, largest first.)

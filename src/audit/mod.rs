@@ -19,6 +19,7 @@ pub mod index;
 pub mod merkle;
 pub mod note;
 pub mod order;
+pub mod tiles;
 pub mod verify;
 
 use std::fs::{File, OpenOptions};
@@ -434,6 +435,45 @@ impl EvidenceLog {
             .latest_checkpoint()
             .ok_or(Error::NotYetCheckpointed { index, size: 0 })?;
         self.prove_with(index, checkpoint)
+    }
+
+    /// A C2SP tlog-tiles hash tile of the latest signed checkpoint's tree: tile level `level`,
+    /// index `n`, `width` hashes (256 for a full tile). `None` if that tile does not exist (yet).
+    pub fn hash_tile(&self, level: u8, n: u64, width: u16) -> Option<Vec<u8>> {
+        let size = self.latest_checkpoint()?.tree_size;
+        let tree_level = 8 * usize::from(level);
+        let complete = size.checked_shr(u32::try_from(tree_level).ok()?)?;
+        let available = complete.checked_sub(n.checked_mul(256)?)?.min(256);
+        if width == 0 || u64::from(width) > available {
+            return None;
+        }
+        let hashes =
+            read(&self.inner.state)
+                .tree
+                .level_hashes(tree_level, n * 256, u64::from(width))?;
+        Some(hashes.concat())
+    }
+
+    /// A C2SP tlog-tiles entry bundle: entries `n·256 ..` (`width` of them) of the latest signed
+    /// checkpoint's tree, each as a big-endian u16 length and the canonical entry.
+    pub fn entry_bundle(&self, n: u64, width: u16) -> Result<Option<Vec<u8>>, Error> {
+        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
+            return Ok(None);
+        };
+        let first = n.saturating_mul(256);
+        let available = size.saturating_sub(first).min(256);
+        if width == 0 || u64::from(width) > available {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        for i in first..first + u64::from(width) {
+            let e = self.entry(i)?;
+            let len = u16::try_from(e.len())
+                .map_err(|_| Error::Serialize(format!("entry {i} is longer than 65535 bytes")))?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&e);
+        }
+        Ok(Some(out))
     }
 
     /// The entries that carry `transaction_id`, in log order.

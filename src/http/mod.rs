@@ -61,6 +61,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/audit/entries/{index}", get(entry))
         .route("/v1/audit/transactions/{transaction_id}", get(transaction))
         .route("/v1/audit/consistency", get(consistency))
+        .route("/v1/audit/tlog/checkpoint", get(tlog_checkpoint))
+        .route("/v1/audit/tlog/tile/{*path}", get(tlog_tile))
         .route("/v1/admin/keys", get(admin_keys).post(admin_create_key))
         .route("/v1/admin/rotations", get(admin_status).post(admin_rotate))
         .route("/v1/admin/rollback", post(admin_rollback))
@@ -467,6 +469,81 @@ async fn entries(
     )
 }
 
+/// C2SP tlog-tiles: the latest checkpoint as a signed note.
+async fn tlog_checkpoint(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
+    match s.app.log.latest_checkpoint() {
+        Some(cp) => tlog_body(
+            "text/plain; charset=utf-8",
+            cp.note.clone().into_bytes(),
+            false,
+        ),
+        None => fail(
+            Error::NotFound("no checkpoint has been signed yet".into()),
+            &caller.request_id,
+        ),
+    }
+}
+
+/// C2SP tlog-tiles: hash tiles (any client: they hold only hashes) and entry bundles (admin
+/// and audit roles: entries hold every tenant's signer evidence).
+async fn tlog_tile(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    Path(path): Path<String>,
+) -> Response {
+    use crate::audit::tiles::{self, TileRef};
+    let not_found = || {
+        fail(
+            Error::NotFound(format!(
+                "no tile `{}` in the latest checkpoint's tree",
+                path.chars().take(64).collect::<String>()
+            )),
+            &caller.request_id,
+        )
+    };
+    let Some(tile) = tiles::parse(&path) else {
+        return not_found();
+    };
+    let body = match tile {
+        TileRef::Hashes { level, n, width } => s.app.log.hash_tile(level, n, width),
+        TileRef::Entries { n, width } => {
+            if !Policies::may_read_all_evidence(&caller.client) {
+                return fail(
+                    Error::Forbidden(format!(
+                        "entry bundles hold every tenant's evidence: client `{}` needs the admin or audit role",
+                        caller.identity.identity
+                    )),
+                    &caller.request_id,
+                );
+            }
+            match s.app.log.entry_bundle(n, width) {
+                Ok(b) => b,
+                Err(e) => return fail(e.into(), &caller.request_id),
+            }
+        }
+    };
+    match body {
+        Some(b) => tlog_body("application/octet-stream", b, true),
+        None => not_found(),
+    }
+}
+
+/// A tlog-tiles answer; full and partial tiles never change once served.
+fn tlog_body(content_type: &'static str, body: Vec<u8>, immutable: bool) -> Response {
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(if immutable {
+            "public, max-age=31536000, immutable"
+        } else {
+            "no-store"
+        }),
+    );
+    resp
+}
+
 #[derive(Deserialize)]
 struct ConsistencyQuery {
     from: Option<String>,
@@ -769,7 +846,7 @@ mod contract_tests {
             let Some(rest) = line.trim().strip_prefix(".route(\"") else {
                 continue;
             };
-            let path = rest.split('"').next().unwrap().to_owned();
+            let path = rest.split('"').next().unwrap().replace("{*", "{");
             if path.contains("insecure-test") {
                 continue;
             }
