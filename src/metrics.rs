@@ -35,6 +35,8 @@ pub struct Metrics {
     pub rotations: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub idempotency_evictions: IntCounter,
+    pub tsa_requests: IntCounterVec,
+    pub audit_timestamps_pending: IntGauge,
     pub config_last_reload_success: IntGauge,
     pub ready: IntGauge,
 }
@@ -121,6 +123,15 @@ impl Metrics {
                 "signet_hsm_recoveries_total",
                 "Token recoveries by method (relogin, reinitialize) and outcome.",
                 &["method", "outcome"]
+            )),
+            tsa_requests: reg!(counter_vec(
+                "signet_tsa_requests_total",
+                "RFC 3161 timestamp requests for checkpoints, by outcome (ok, error).",
+                &["outcome"]
+            )),
+            audit_timestamps_pending: reg!(gauge(
+                "signet_audit_timestamps_pending",
+                "Signed checkpoints still waiting for their RFC 3161 timestamp."
             )),
             idempotency_evictions: reg!(counter(
                 "signet_idempotency_evictions_total",

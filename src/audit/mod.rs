@@ -20,6 +20,7 @@ pub mod merkle;
 pub mod note;
 pub mod order;
 pub mod tiles;
+pub mod timestamp;
 pub mod verify;
 
 use std::fs::{File, OpenOptions};

@@ -147,6 +147,21 @@ pub struct AuditConfig {
     /// Most idempotency records kept in memory; past it the least recently used go first.
     pub idempotency_max_records: u64,
     pub max_group_entries: usize,
+    /// RFC 3161 timestamps of checkpoints, if configured.
+    pub timestamping: Option<TimestampingConfig>,
+}
+
+/// `[audit.timestamping]`: a TSA that timestamps every signed checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimestampingConfig {
+    /// `http://host[:port]/path` (RFC 3161 answers are signed: no transport security needed).
+    pub tsa_url: String,
+    /// The CA (PEM) that issued the TSA's certificate: what auditors verify tokens against.
+    pub ca_file: PathBuf,
+    /// The TSA policy to ask for (dotted OID), if any.
+    pub policy: Option<String>,
+    /// Deadline of one request.
+    pub timeout: Duration,
 }
 
 /// Clients, policies, limits and rotation settings: reloaded on SIGHUP.
@@ -454,6 +469,16 @@ mod raw {
         idempotency_retention: Option<String>,
         idempotency_max_records: Option<usize>,
         max_group_entries: Option<usize>,
+        timestamping: Option<Timestamping>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Timestamping {
+        tsa_url: String,
+        ca_file: PathBuf,
+        policy: Option<String>,
+        timeout: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -813,6 +838,50 @@ mod raw {
                     1,
                     1 << 20,
                 )?,
+                timestamping: match &a.timestamping {
+                    None => None,
+                    Some(t) => Some(TimestampingConfig {
+                        tsa_url: {
+                            let ok = t.tsa_url.strip_prefix("http://").is_some_and(|r| {
+                                !r.is_empty() && t.tsa_url.parse::<hyper::Uri>().is_ok()
+                            });
+                            if !ok {
+                                return Err(ConfigError::new(
+                                    "audit.timestamping.tsa_url",
+                                    "must be an http:// URL (RFC 3161 answers are signed)",
+                                ));
+                            }
+                            t.tsa_url.clone()
+                        },
+                        ca_file: {
+                            let p = path(&t.ca_file);
+                            let pem = std::fs::read(&p).map_err(|e| {
+                                ConfigError::new(
+                                    "audit.timestamping.ca_file",
+                                    format!("cannot read {}: {e}", p.display()),
+                                )
+                            })?;
+                            crate::pki::parse_pem_or_der(&pem).map_err(|e| {
+                                ConfigError::new("audit.timestamping.ca_file", e.to_string())
+                            })?;
+                            p
+                        },
+                        policy: match &t.policy {
+                            None => None,
+                            Some(oid) => Some(
+                                der::oid::ObjectIdentifier::new(oid)
+                                    .map_err(|e| {
+                                        ConfigError::new(
+                                            "audit.timestamping.policy",
+                                            format!("`{oid}` is not a dotted OID: {e}"),
+                                        )
+                                    })?
+                                    .to_string(),
+                            ),
+                        },
+                        timeout: dur("audit.timestamping.timeout", &t.timeout, "10s")?,
+                    }),
+                },
             };
             if audit.checkpoint_interval < Duration::from_millis(100) {
                 return Err(ConfigError::new(

@@ -399,6 +399,7 @@ async fn checkpoint(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
             "checkpoint": cp.note,
             "log_public_key": crate::pki::public_key_pem(&public),
             "log_key_id": format!("{:08x}", note::key_id(&public)),
+            "timestamp": s.app.timestamps.get(cp.tree_size).map(|t| t.to_string()),
         }),
     )
 }

@@ -31,6 +31,8 @@ pub struct TransactionView {
     pub transaction_id: String,
     /// The signed checkpoint every proof leads to (absent before the first checkpoint).
     pub checkpoint: Option<String>,
+    /// The checkpoint's RFC 3161 timestamp (base64 DER `TimeStampResp`), once the TSA gave it.
+    pub checkpoint_timestamp: Option<String>,
     pub tree_size: u64,
     pub entries: Vec<ProvedEntry>,
     /// Entries of the transaction not yet covered by a checkpoint: ask again shortly.
@@ -106,6 +108,7 @@ impl App {
         }
         Ok(TransactionView {
             transaction_id: transaction_id.to_owned(),
+            checkpoint_timestamp: self.timestamps.get(signed).map(|t| t.to_string()),
             checkpoint: checkpoint.map(|c| c.note.clone()),
             tree_size: signed,
             entries,

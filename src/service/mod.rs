@@ -8,6 +8,7 @@ mod admin;
 mod evidence;
 pub mod idempotency;
 mod sign;
+pub mod timestamping;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,6 +141,8 @@ pub struct App {
     pub idempotency: Idempotency<SignResponse, Error>,
     pub clock: Arc<dyn Clock>,
     pub rotation: Engine,
+    /// RFC 3161 timestamps of checkpoints (stored, and pending with `[audit.timestamping]`).
+    pub timestamps: timestamping::Timestamps,
     /// The CA tenant certificates must chain to (internal for hsm-ca, a file for manual).
     pub ca: ArcSwap<Option<Arc<CertInfo>>>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -287,11 +290,18 @@ impl App {
             idempotency,
             clock,
             rotation,
+            timestamps: timestamping::Timestamps::default(),
             ca: ArcSwap::from_pointee(ca),
             shutdown,
             tasks: std::sync::Mutex::new(Vec::new()),
         });
         app.rebuild_idempotency().await?;
+        timestamping::restore(&app).map_err(|e| {
+            StartError::Audit(audit::Error::Io {
+                path: app.config.audit.dir.display().to_string(),
+                source: e,
+            })
+        })?;
         app.metrics.config_last_reload_success.set(1);
         Ok(app)
     }
@@ -319,16 +329,27 @@ impl App {
         tasks.push(tokio::spawn(
             async move { rotation::monitor(app, stop).await },
         ));
+        if let Some(cfg) = self.config.audit.timestamping.clone() {
+            let app = Arc::clone(self);
+            let stop = self.shutdown.subscribe();
+            tasks.push(tokio::spawn(timestamping::run(app, cfg, stop)));
+        }
     }
 
-    /// Sign a checkpoint now if the tree grew.
+    /// Sign a checkpoint now if the tree grew (and queue it for an RFC 3161 timestamp).
     pub async fn checkpoint(&self) -> Result<Option<Arc<audit::StoredCheckpoint>>, Error> {
         let log = Arc::clone(&self.log);
         let now = self.clock.unix();
-        tokio::task::spawn_blocking(move || log.checkpoint_blocking(now))
+        let signed = tokio::task::spawn_blocking(move || log.checkpoint_blocking(now))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(Error::from)
+            .map_err(Error::from)?;
+        if let Some(cp) = &signed
+            && self.config.audit.timestamping.is_some()
+        {
+            self.timestamps.enqueue(cp.tree_size, cp.note.clone());
+        }
+        Ok(signed)
     }
 
     /// Readiness: token logged in and evidence log writable.

@@ -1,0 +1,237 @@
+//! RFC 3161 timestamps of checkpoints from a local TSA (`openssl ts -reply` behind a small
+//! HTTP server in this test): tokens are stored and verify with `openssl ts -verify`; while the
+//! TSA is down signing continues, a metric moves, and tokens are filled in when it returns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::Method;
+use hyper_util::rt::TokioIo;
+
+/// A TSA: a CA, a timestamping certificate and an `openssl ts` configuration in `dir`.
+fn make_tsa(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl_ca(dir, "tsa-ca", "/CN=Test TSA CA");
+    openssl_key_and_csr(dir, "tsa", "/CN=Test TSA");
+    std::fs::write(
+        dir.join("tsa.ext"),
+        "[x]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=critical,timeStamping\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "tsa.csr",
+            "-CA",
+            "tsa-ca.pem",
+            "-CAkey",
+            "tsa-ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "tsa.ext",
+            "-extensions",
+            "x",
+            "-out",
+            "tsa.pem",
+        ],
+    );
+    std::fs::write(dir.join("tsaserial"), "01\n").unwrap();
+    std::fs::write(
+        dir.join("tsa.cnf"),
+        "[tsa]\ndefault_tsa = t\n[t]\ndir = .\nserial = ./tsaserial\ncrypto_device = builtin\n\
+         signer_cert = ./tsa.pem\ncerts = ./tsa-ca.pem\nsigner_key = ./tsa.key\nsigner_digest = sha256\n\
+         default_policy = 1.2.3.4.1\nother_policies = 1.2.3.4.5\ndigests = sha256\naccuracy = secs:1\n\
+         ordering = yes\ntsa_name = no\ness_cert_id_chain = no\ness_cert_id_alg = sha256\n",
+    )
+    .unwrap();
+}
+
+/// Serve the TSA on a free loopback port; answers 503 while `down` is set.
+async fn serve_tsa(dir: PathBuf, down: Arc<AtomicBool>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (dir, down) = (dir.clone(), Arc::clone(&down));
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (dir, down) = (dir.clone(), Arc::clone(&down));
+                        async move {
+                            if down.load(Ordering::SeqCst) {
+                                return Ok::<_, hyper::Error>(
+                                    hyper::Response::builder()
+                                        .status(503)
+                                        .body(Full::new(Bytes::new()))
+                                        .unwrap(),
+                                );
+                            }
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let name = format!("q{}", rand::random::<u64>());
+                            std::fs::write(dir.join(format!("{name}.tsq")), &body).unwrap();
+                            let out = std::process::Command::new("openssl")
+                                .args(["ts", "-reply", "-config", "tsa.cnf", "-queryfile"])
+                                .arg(format!("{name}.tsq"))
+                                .args(["-out", &format!("{name}.tsr")])
+                                .current_dir(&dir)
+                                .output()
+                                .unwrap();
+                            assert!(
+                                out.status.success(),
+                                "{}",
+                                String::from_utf8_lossy(&out.stderr)
+                            );
+                            let resp = std::fs::read(dir.join(format!("{name}.tsr"))).unwrap();
+                            Ok(hyper::Response::builder()
+                                .header("content-type", "application/timestamp-reply")
+                                .body(Full::new(Bytes::from(resp)))
+                                .unwrap())
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// The latest checkpoint, if it covers `size` entries and has its timestamp.
+async fn stamped(s: &Signet, size: u64) -> Option<serde_json::Value> {
+    let (_, _, cp) = s
+        .call("auditor", Method::GET, "/v1/audit/checkpoint", None, &[])
+        .await;
+    (cp["tree_size"].as_u64() >= Some(size) && cp["timestamp"].is_string()).then_some(cp)
+}
+
+/// `openssl ts -verify` of the checkpoint's timestamp against the TSA's CA.
+fn openssl_verifies(dir: &Path, cp: &serde_json::Value) -> String {
+    std::fs::write(dir.join("note.txt"), cp["checkpoint"].as_str().unwrap()).unwrap();
+    std::fs::write(
+        dir.join("resp.tsr"),
+        B64.decode(cp["timestamp"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "ts",
+            "-verify",
+            "-data",
+            "note.txt",
+            "-in",
+            "resp.tsr",
+            "-CAfile",
+            "tsa-ca.pem",
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_get_rfc3161_timestamps_and_a_tsa_outage_never_blocks_signing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tsa = tmp.path().join("tsa");
+    make_tsa(&tsa);
+    let down = Arc::new(AtomicBool::new(false));
+    let port = serve_tsa(tsa.clone(), Arc::clone(&down)).await;
+    let ca = tsa.join("tsa-ca.pem");
+    let mut s = Signet::init(Init {
+        edit: Some(Box::new(move |c: String| {
+            c.replace(
+                "[state]",
+                &format!(
+                    "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/tsa\"\nca_file = \"{}\"\npolicy = \"1.2.3.4.1\"\ntimeout = \"5s\"\n\n[state]",
+                    ca.display()
+                ),
+            )
+        })),
+        ..Init::default()
+    });
+    s.start();
+    let (st, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"stamped"))
+        .await;
+    assert_eq!(st, 200);
+    let n = s.entries().len() as u64;
+    s.eventually(
+        "a timestamped checkpoint",
+        Duration::from_secs(15),
+        || async { stamped(&s, n).await.is_some() },
+    )
+    .await;
+    let cp = stamped(&s, n).await.unwrap();
+    let out = openssl_verifies(&tsa, &cp);
+    assert!(out.contains("Verification: OK"), "{out}");
+    assert!(
+        std::fs::read_to_string(s.audit_dir().join("timestamps.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+            >= 1
+    );
+    assert!(s.metric("signet_tsa_requests_total{outcome=\"ok\"}").await >= 1.0);
+
+    // The TSA goes down: signing goes on, failures are counted, checkpoints wait.
+    down.store(true, Ordering::SeqCst);
+    for i in 0..3 {
+        let (st, _) = s
+            .sign(
+                "payroll-app",
+                sign_body("payroll-esign", format!("during outage {i}").as_bytes()),
+            )
+            .await;
+        assert_eq!(st, 200, "a TSA outage never blocks signing");
+    }
+    s.eventually(
+        "failed TSA requests counted",
+        Duration::from_secs(15),
+        || async {
+            s.metric("signet_tsa_requests_total{outcome=\"error\"}")
+                .await
+                >= 1.0
+                && s.metric("signet_audit_timestamps_pending").await >= 1.0
+        },
+    )
+    .await;
+    // Back up: the waiting checkpoints get their tokens.
+    down.store(false, Ordering::SeqCst);
+    let n = s.entries().len() as u64;
+    s.eventually("tokens filled in", Duration::from_secs(30), || async {
+        s.metric("signet_audit_timestamps_pending").await == 0.0 && stamped(&s, n).await.is_some()
+    })
+    .await;
+    let cp = stamped(&s, n).await.unwrap();
+    assert!(openssl_verifies(&tsa, &cp).contains("Verification: OK"));
+    // Served with transaction trails too.
+    let (_, _, v) = s
+        .call(
+            "auditor",
+            Method::GET,
+            "/v1/audit/transactions/nothing-here",
+            None,
+            &[],
+        )
+        .await;
+    assert!(v["checkpoint_timestamp"].is_string(), "{v}");
+}
