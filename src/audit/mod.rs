@@ -14,6 +14,7 @@
 //! Must not name axum or cryptoki: the token signs checkpoints through [`CheckpointSigner`].
 
 pub mod anchor;
+pub mod bundle;
 pub mod entry;
 pub mod index;
 pub mod merkle;

@@ -88,6 +88,177 @@ pub fn check_response(resp: &[u8], note: &[u8], nonce: u64) -> Result<(), Timest
     Ok(())
 }
 
+/// What a verified timestamp says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TimestampInfo {
+    /// The TSA's time (RFC 3339).
+    pub time: String,
+    /// The TSA certificate's subject.
+    pub tsa: String,
+    /// Whether the TSA's certificate was checked against a TSA CA given by the verifier.
+    pub chain_checked: bool,
+}
+
+const ID_SIGNED_DATA: &str = "1.2.840.113549.1.7.2";
+const ID_MESSAGE_DIGEST: &str = "1.2.840.113549.1.9.4";
+const ID_KP_TIME_STAMPING: &str = "1.3.6.1.5.5.7.3.8";
+
+/// Verify a stored `TimeStampResp` offline: granted, its `TSTInfo` covers SHA-256(`note`), its
+/// signed attributes match the `TSTInfo`, and the TSA certificate inside it signed them
+/// (ECDSA P-256 / SHA-256). With `tsa_ca`, that certificate must also chain to it, allow time
+/// stamping, and be valid at the stamped time.
+pub fn verify_response(
+    resp: &[u8],
+    note: &[u8],
+    tsa_ca: Option<&crate::pki::CertInfo>,
+) -> Result<TimestampInfo, String> {
+    use cms::content_info::ContentInfo;
+    use cms::signed_data::SignedData;
+    use der::{Decode, Encode};
+    use signature::Verifier;
+
+    let malformed = |what: &str| format!("the timestamp token is malformed ({what})");
+    let (_, outer, _) = read_tlv(resp).ok_or_else(|| malformed("response"))?;
+    let (_, status_info, token) = read_tlv(outer).ok_or_else(|| malformed("status"))?;
+    let (_, status, _) = read_tlv(status_info).ok_or_else(|| malformed("status"))?;
+    if status.first().is_none_or(|s| *s > 1) {
+        return Err("the TSA did not grant this timestamp".into());
+    }
+    let ci = ContentInfo::from_der(token).map_err(|e| malformed(&e.to_string()))?;
+    if ci.content_type.to_string() != ID_SIGNED_DATA {
+        return Err(malformed("not CMS SignedData"));
+    }
+    let sd: SignedData = ci
+        .content
+        .decode_as()
+        .map_err(|e: der::Error| malformed(&e.to_string()))?;
+    let tst = sd
+        .encap_content_info
+        .econtent
+        .as_ref()
+        .ok_or_else(|| malformed("no TSTInfo"))?
+        .value()
+        .to_vec();
+    let (imprint, time) = tst_info(&tst).ok_or_else(|| malformed("TSTInfo"))?;
+    if imprint != Sha256::digest(note).as_slice() {
+        return Err("the timestamp covers another checkpoint (its message imprint differs)".into());
+    }
+    let signer = sd
+        .signer_infos
+        .0
+        .iter()
+        .next()
+        .ok_or_else(|| malformed("no signer"))?;
+    let attrs = signer
+        .signed_attrs
+        .as_ref()
+        .ok_or_else(|| malformed("no signed attributes"))?;
+    let digest_attr = attrs
+        .iter()
+        .find(|a| a.oid.to_string() == ID_MESSAGE_DIGEST)
+        .and_then(|a| a.values.iter().next())
+        .ok_or_else(|| malformed("no message digest"))?;
+    if digest_attr.value() != Sha256::digest(&tst).as_slice() {
+        return Err("the timestamp's signed attributes do not match its content (altered)".into());
+    }
+    let signed = attrs.to_der().map_err(|e| malformed(&e.to_string()))?;
+    let sig = p256::ecdsa::DerSignature::from_bytes(signer.signature.as_bytes())
+        .map_err(|_| malformed("signature"))?;
+    // The signer is the certificate named by the signer identifier; the set may also hold its
+    // CA. Find it by serial (IssuerAndSerialNumber) or key identifier.
+    let certs: Vec<crate::pki::CertInfo> = sd
+        .certificates
+        .as_ref()
+        .map(|set| {
+            set.0
+                .iter()
+                .filter_map(|c| match c {
+                    cms::cert::CertificateChoices::Certificate(c) => c.to_der().ok(),
+                    _ => None,
+                })
+                .filter_map(|d| crate::pki::CertInfo::parse(&d).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let named = |c: &crate::pki::CertInfo| match &signer.sid {
+        cms::signed_data::SignerIdentifier::IssuerAndSerialNumber(ias) => {
+            hex::encode(ias.serial_number.as_bytes()) == c.serial_hex
+        }
+        cms::signed_data::SignerIdentifier::SubjectKeyIdentifier(_) => true,
+    };
+    let tsa = certs
+        .into_iter()
+        .find(named)
+        .ok_or("the timestamp carries no TSA certificate")?;
+    let key = tsa
+        .public_key
+        .ok_or("the TSA key is not ECDSA P-256: check this token with `openssl ts -verify`")?;
+    key.verify(&signed, &sig).map_err(|_| {
+        "the TSA's signature over the timestamp does not verify (altered)".to_owned()
+    })?;
+    let chain_checked = match tsa_ca {
+        None => false,
+        Some(ca) => {
+            crate::pki::verify_issued_by(&tsa.der, ca).map_err(|e| {
+                format!("the TSA certificate does not chain to the TSA CA given: {e}")
+            })?;
+            if !tsa
+                .extended_key_usages
+                .iter()
+                .any(|o| o == ID_KP_TIME_STAMPING)
+            {
+                return Err("the TSA certificate does not allow time stamping".into());
+            }
+            let at = crate::clock::parse_rfc3339(&time).unwrap_or(0);
+            tsa.check_window(at)
+                .map_err(|e| format!("the TSA certificate at the stamped time: {e}"))?;
+            true
+        }
+    };
+    Ok(TimestampInfo {
+        time,
+        tsa: tsa.subject,
+        chain_checked,
+    })
+}
+
+/// (hashedMessage, genTime as RFC 3339) of a DER `TSTInfo`.
+fn tst_info(der: &[u8]) -> Option<(Vec<u8>, String)> {
+    let (tag, body, _) = read_tlv(der)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (_, _version, rest) = read_tlv(body)?;
+    let (_, _policy, rest) = read_tlv(rest)?;
+    let (_, imprint, rest) = read_tlv(rest)?;
+    let (_, _alg, hashed) = read_tlv(imprint)?;
+    let (tag, hashed, _) = read_tlv(hashed)?;
+    if tag != 0x04 {
+        return None;
+    }
+    let (_, _serial, rest) = read_tlv(rest)?;
+    let (tag, time, _) = read_tlv(rest)?;
+    if tag != 0x18 {
+        return None;
+    }
+    let t = std::str::from_utf8(time).ok()?;
+    // YYYYMMDDHHMMSS[.fff]Z
+    if t.len() < 15 || !t.ends_with('Z') {
+        return None;
+    }
+    let rfc = format!(
+        "{}-{}-{}T{}:{}:{}{}",
+        &t[0..4],
+        &t[4..6],
+        &t[6..8],
+        &t[8..10],
+        &t[10..12],
+        &t[12..14],
+        &t[14..]
+    );
+    Some((hashed.to_vec(), rfc))
+}
+
 /// Every stored timestamp (a torn final line is ignored; so is a line that does not parse,
 /// with a warning: timestamps are evidence about checkpoints, not the log itself).
 pub fn load(dir: &Path) -> io::Result<Vec<StoredTimestamp>> {

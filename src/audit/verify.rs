@@ -377,7 +377,7 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
 
 /// The certificate is the one the entry names, its key verifies the entry's signature over
 /// the entry's digest, and (with a CA) it chains to the CA, may sign, and was valid then.
-fn check_signature_and_certificate(
+pub(crate) fn check_signature_and_certificate(
     entry: &Entry,
     cert: &CertInfo,
     ca: Option<&CertInfo>,

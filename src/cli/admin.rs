@@ -86,7 +86,12 @@ pub enum RotateCommand {
 }
 
 /// One admin operation, run online or offline.
-enum Op {
+pub(super) enum Op {
+    /// A transaction's evidence bundle (optionally one tenant's part).
+    Bundle {
+        transaction: String,
+        tenant: Option<String>,
+    },
     CreateKey(AdminRequest),
     ListKeys,
     Status,
@@ -368,7 +373,7 @@ fn print_rotation(cli: &Cli, v: &Value, what: &str) -> Result<()> {
 }
 
 /// Run an admin operation where the evidence log's writer is.
-fn exec(cli: &Cli, op: Op) -> Result<Value> {
+pub(super) fn exec(cli: &Cli, op: Op) -> Result<Value> {
     let config = load_config(cli)?;
     if signet::audit::is_locked(&config.audit.dir) {
         online(&config, op)
@@ -386,7 +391,19 @@ fn online(config: &Config, op: Op) -> Result<Value> {
     let rt = runtime()?;
     rt.block_on(async move {
         let mut conn = Connection::connect_url(&tls, &cli_cfg.url).await?;
+        let bundle_path;
         let (method, path, body) = match &op {
+            Op::Bundle { transaction, tenant } => {
+                bundle_path = format!(
+                    "/v1/audit/transactions/{}/bundle{}",
+                    percent_encode(transaction),
+                    tenant
+                        .as_deref()
+                        .map(|t| format!("?tenant={}", percent_encode(t)))
+                        .unwrap_or_default()
+                );
+                (Method::GET, bundle_path.as_str(), None)
+            }
             Op::CreateKey(r) => (Method::POST, "/v1/admin/keys", Some(admin_body(r))),
             Op::ListKeys => (Method::GET, "/v1/admin/keys", None),
             Op::Status => (Method::GET, "/v1/admin/rotations", None),
@@ -405,6 +422,19 @@ fn online(config: &Config, op: Op) -> Result<Value> {
     })
 }
 
+/// Percent-encode everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn admin_body(r: &AdminRequest) -> Value {
     serde_json::json!({"tenant": r.tenant, "reason": r.reason, "emergency": r.emergency})
 }
@@ -416,6 +446,14 @@ fn offline(config: Config, op: Op) -> Result<Value> {
         let caller = local_caller();
         let result: Result<Value> = async {
             Ok(match op {
+                Op::Bundle {
+                    transaction,
+                    tenant,
+                } => serde_json::to_value(app.transaction_bundle(
+                    &caller,
+                    &transaction,
+                    tenant.as_deref(),
+                )?)?,
                 Op::CreateKey(r) => serde_json::to_value(app.admin_create_key(&caller, r).await?)?,
                 Op::ListKeys => serde_json::json!({"keys": app.all_keys(&caller)?}),
                 Op::Status => serde_json::json!({"tenants": app.status(&caller)?}),

@@ -32,6 +32,20 @@ pub enum AuditCommand {
         #[arg(long)]
         anchor: Option<PathBuf>,
     },
+    /// Write a transaction's self-contained evidence bundle: its entries with their proofs, the
+    /// signed checkpoint and its RFC 3161 timestamp, the signing certificates and their CA, and
+    /// the log key (through the running service's API, or in-process when none runs).
+    Export {
+        /// The transaction ID (the `transaction_id` clients sent).
+        #[arg(long)]
+        transaction: String,
+        /// Only this tenant's entries.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Where to write the bundle (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Accept a log that differs from its integrity anchors because it was deliberately
     /// restored from backup: records a `log_restored` evidence entry (who, why, what differed)
     /// and re-anchors the log in the token. Run with the service stopped.
@@ -39,6 +53,25 @@ pub enum AuditCommand {
         /// Why (recorded in the evidence entry).
         #[arg(long)]
         reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BundleCommand {
+    /// Verify an evidence bundle offline and explain it in plain English (`--json`: as data).
+    Verify {
+        /// The bundle written by `signet audit export --transaction`.
+        file: PathBuf,
+        /// The CA (PEM) the signing certificates must chain to. Default: the bundle's copy.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The log's public key (PEM, or the JSON of GET /v1/audit/checkpoint). Default: the
+        /// bundle's copy.
+        #[arg(long)]
+        log_key: Option<PathBuf>,
+        /// The CA (PEM) of the time-stamping authority, to check the timestamp's certificate.
+        #[arg(long)]
+        tsa_ca: Option<PathBuf>,
     },
 }
 
@@ -79,6 +112,11 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
     let (dir, key, anchor) = match cmd {
         AuditCommand::Verify { dir, key, anchor } => (dir, key, anchor),
         AuditCommand::AcceptRestore { reason } => return accept_restore(cli, reason),
+        AuditCommand::Export {
+            transaction,
+            tenant,
+            out,
+        } => return export(cli, transaction, tenant.clone(), out),
     };
     let anchor_text = anchor.as_deref().map(read_checkpoint_note).transpose()?;
     let key_path = key.clone().unwrap_or_else(|| dir.join(LOG_KEY_FILE));
@@ -243,6 +281,92 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
             bail!("receipt verification FAILED: {e}")
         }
     }
+}
+
+/// `signet audit export --transaction`.
+fn export(cli: &Cli, transaction: &str, tenant: Option<String>, out: &Path) -> Result<()> {
+    let bundle = super::admin::exec(
+        cli,
+        super::admin::Op::Bundle {
+            transaction: transaction.to_owned(),
+            tenant,
+        },
+    )?;
+    let entries = bundle["entries"].as_array().map_or(0, Vec::len);
+    let text = serde_json::to_string_pretty(&bundle)?;
+    signet::fsutil::write_atomic_mode(out, text.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": true, "entries": entries, "out": out})
+        );
+    } else {
+        println!(
+            "wrote {} ({entries} entries of transaction {transaction}); check it with `signet bundle verify {}`",
+            out.display(),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `signet bundle verify`.
+pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
+    use signet::audit::bundle::{self, Bundle, Trust};
+    let BundleCommand::Verify {
+        file,
+        ca,
+        log_key,
+        tsa_ca,
+    } = cmd;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let b: Bundle = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an evidence bundle", file.display()))?;
+    let cas = match ca {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let chain = x509_chain(&bytes)?;
+            if chain.is_empty() {
+                bail!("{}: no certificate", p.display());
+            }
+            chain
+        }
+        None => Vec::new(),
+    };
+    let trust = Trust {
+        log_key: log_key.as_deref().map(read_public_key).transpose()?,
+        cas,
+        tsa_ca: tsa_ca.as_deref().map(read_cert).transpose()?,
+    };
+    match bundle::verify(&b, &trust) {
+        Ok(account) => {
+            if cli.json {
+                println!("{}", serde_json::json!({"ok": true, "account": account}));
+            } else {
+                print!("{}", bundle::explain(&account));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if cli.json {
+                println!("{}", serde_json::json!({"ok": false, "error": e}));
+            }
+            bail!("bundle verification FAILED: {e}")
+        }
+    }
+}
+
+/// Every certificate of a PEM file.
+fn x509_chain(bytes: &[u8]) -> Result<Vec<CertInfo>> {
+    use der::Encode;
+    let chain = x509_cert::Certificate::load_pem_chain(bytes)
+        .map_err(|e| anyhow!("not a PEM certificate file: {e}"))?;
+    chain
+        .iter()
+        .map(|c| Ok(CertInfo::parse(&c.to_der()?)?))
+        .collect()
 }
 
 /// Accept a restored log: open it despite its anchors, record why, re-anchor, stop.

@@ -61,6 +61,9 @@ pub enum Command {
     /// Offline verification of a signature receipt.
     #[command(subcommand)]
     Receipt(audit::ReceiptCommand),
+    /// Offline verification of an evidence bundle (`signet audit export --transaction`).
+    #[command(subcommand)]
+    Bundle(audit::BundleCommand),
     /// Configuration checks.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rotate(c) => admin::rotate(&cli, c),
         Command::Audit(c) => audit::audit(&cli, c),
         Command::Receipt(c) => audit::receipt(&cli, c),
+        Command::Bundle(c) => audit::bundle(&cli, c),
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli)?;
             let policies = Arc::new(arc_swap::ArcSwap::from_pointee(

@@ -60,6 +60,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/audit/entries", get(entries))
         .route("/v1/audit/entries/{index}", get(entry))
         .route("/v1/audit/transactions/{transaction_id}", get(transaction))
+        .route(
+            "/v1/audit/transactions/{transaction_id}/bundle",
+            get(transaction_bundle),
+        )
         .route("/v1/audit/consistency", get(consistency))
         .route("/v1/audit/tlog/checkpoint", get(tlog_checkpoint))
         .route("/v1/audit/tlog/tile/{*path}", get(tlog_tile))
@@ -454,6 +458,24 @@ async fn transaction(
     respond(
         StatusCode::OK,
         s.app.transaction(&caller, &id),
+        &caller.request_id,
+    )
+}
+
+#[derive(Deserialize)]
+struct BundleQuery {
+    tenant: Option<String>,
+}
+
+async fn transaction_bundle(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    Path(id): Path<String>,
+    Query(q): Query<BundleQuery>,
+) -> Response {
+    respond(
+        StatusCode::OK,
+        s.app.transaction_bundle(&caller, &id, q.tenant.as_deref()),
         &caller.request_id,
     )
 }

@@ -178,6 +178,79 @@ impl App {
         })
     }
 
+    /// A self-contained evidence bundle of the transaction's checkpointed entries the caller may
+    /// read (only `tenant`'s, if given): proofs, checkpoint and its timestamp, certificates,
+    /// their CA and the log key.
+    pub fn transaction_bundle(
+        &self,
+        caller: &Caller,
+        transaction_id: &str,
+        tenant: Option<&str>,
+    ) -> Result<crate::audit::bundle::Bundle, Error> {
+        use crate::audit::bundle::{Bundle, BundleCheckpoint, BundleEntry, BundleLog, FORMAT};
+        let view = self.transaction(caller, transaction_id)?;
+        let note = view.checkpoint.clone().ok_or_else(|| {
+            Error::NotFound("no checkpoint has been signed yet; retry shortly".into())
+        })?;
+        let entries: Vec<&ProvedEntry> = view
+            .entries
+            .iter()
+            .filter(|e| tenant.is_none_or(|t| e.entry["tenant"] == t))
+            .collect();
+        if entries.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no checkpointed entry of transaction `{}` that client `{}` may read{}",
+                transaction_id.chars().take(64).collect::<String>(),
+                caller.identity.identity,
+                if view.pending.is_empty() {
+                    ""
+                } else {
+                    " (some are waiting for the next checkpoint)"
+                }
+            )));
+        }
+        let snap = self.keys.snapshot();
+        let mut certificates: Vec<String> = Vec::new();
+        for e in &entries {
+            let key = e.entry["key_id"].as_str().and_then(|k| k.parse().ok());
+            if let Some(v) = key.and_then(|k| snap.version(&k))
+                && let Some(c) = &v.certificate
+                && e.entry["certificate_sha256"] == c.fingerprint_sha256.as_str()
+                && !certificates.contains(&c.to_pem())
+            {
+                certificates.push(c.to_pem());
+            }
+        }
+        let ca_certificates = self
+            .ca
+            .load()
+            .as_ref()
+            .as_ref()
+            .map(|c| vec![c.to_pem()])
+            .unwrap_or_default();
+        Ok(Bundle {
+            format: FORMAT.to_owned(),
+            transaction_id: transaction_id.to_owned(),
+            log: BundleLog {
+                origin: self.log.origin().to_owned(),
+                public_key: crate::pki::public_key_pem(&self.log.public_key()),
+            },
+            checkpoint: BundleCheckpoint {
+                note,
+                timestamp: view.checkpoint_timestamp.clone(),
+            },
+            ca_certificates,
+            certificates,
+            entries: entries
+                .into_iter()
+                .map(|e| BundleEntry {
+                    index: e.index,
+                    proof: e.proof.clone(),
+                })
+                .collect(),
+        })
+    }
+
     /// Its own tenants' entries; everything for the admin and audit roles.
     fn may_read_entry(&self, caller: &Caller, entry: &serde_json::Value) -> bool {
         if Policies::may_read_all_evidence(&caller.client) {
