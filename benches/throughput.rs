@@ -381,6 +381,12 @@ fn startup(dir: &Path, n: u64) {
     use signet::audit::entry::{Actor, Entry, event};
     let audit = dir.join("audit");
     let _ = std::fs::remove_file(audit.join("checkpoints.jsonl"));
+    // A synthetic log is a foreign log to this token: start it as a first start, with no
+    // integrity anchor yet (the token's anchor and the tail head belong to the log of the
+    // throughput phases).
+    let _ = std::fs::remove_file(audit.join("tail-head"));
+    let _ = std::fs::remove_file(audit.join("timestamps.jsonl"));
+    forget_anchor(dir);
     let mut out =
         std::io::BufWriter::new(std::fs::File::create(audit.join("entries.jsonl")).unwrap());
     let mut prev: Option<[u8; 32]> = None;
@@ -432,6 +438,34 @@ fn startup(dir: &Path, n: u64) {
         println!("  {label:<52} ready in {:.2}s", took.as_secs_f64());
         stop(&mut child);
     }
+}
+
+/// Delete the evidence log's anchor object from the benchmark's token (pkcs11-tool).
+fn forget_anchor(dir: &Path) {
+    let pin = std::fs::read_to_string(dir.join("secrets/user.pin")).unwrap();
+    let out = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            signet::dev::SOFTHSM_MODULE,
+            "--token-label",
+            signet::dev::TOKEN_LABEL,
+        ])
+        .args(["--login", "--pin", pin.trim()])
+        .args([
+            "--delete-object",
+            "--type",
+            "data",
+            "--label",
+            "signet evidence log anchor",
+        ])
+        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+        .output()
+        .expect("pkcs11-tool (Debian package opensc)");
+    assert!(
+        out.status.success(),
+        "cannot delete the anchor: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn http_get(addr: &str, path: &str) -> String {

@@ -380,8 +380,16 @@ impl Hsm {
     }
 
     /// Sign a SHA-256 digest with the private key `id`; DER signature out.
-    pub async fn sign(&self, id: String, digest: [u8; 32]) -> Result<Vec<u8>, Error> {
-        self.call(move |s| s.sign_prehashed(&id, &digest)).await
+    /// Sign `digest` with `id`'s private key and check the signature with `expected`
+    /// ([`TokenSession::sign_prehashed_checked`]).
+    pub async fn sign(
+        &self,
+        id: String,
+        digest: [u8; 32],
+        expected: p256::ecdsa::VerifyingKey,
+    ) -> Result<Vec<u8>, Error> {
+        self.call(move |s| s.sign_prehashed_checked(&id, &digest, &expected))
+            .await
     }
 
     /// Make the health probe also check that private key `id` is present in the token.
@@ -470,15 +478,6 @@ impl Hsm {
 
     /// Test hook: `C_Finalize` the library under the running service, as a crashed token
     /// driver would; every session dies and only re-initialisation recovers.
-    /// A signature from the token did not verify with the key it was asked to use: count it,
-    /// forget every cached handle and have the supervisor check the token.
-    pub fn report_wrong_key(&self, key_id: &str) {
-        tracing::error!(%key_id, "the token signed with another key than asked for; signature discarded, handle cache emptied");
-        self.inner.metrics.hsm_error("wrong_key");
-        self.inner.handles.invalidate_all();
-        self.inner.request_probe();
-    }
-
     /// Test hook: make the cached handle of `id`'s private key point at `other`'s, as a stale
     /// handle from an earlier library instance would.
     #[cfg(feature = "insecure-test-hooks")]
@@ -566,8 +565,8 @@ impl WorkerState {
             self.inner.metrics.hsm_error(err.kind());
             let class = match &err {
                 Error::Pkcs11 { source, .. } => classify(source),
-                Error::NotFound(_) => {
-                    // A key we expect is missing: maybe the token lost its objects.
+                Error::NotFound(_) | Error::WrongKey(_) => {
+                    // A key we expect is missing, or another one signed: have the token checked.
                     self.inner.request_probe();
                     return Err(err);
                 }

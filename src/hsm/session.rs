@@ -48,6 +48,29 @@ impl TokenSession<'_> {
         raw_to_der(&raw)
     }
 
+    /// [`TokenSession::sign_prehashed`], then check the signature with `expected` (the public
+    /// key of the version asked for) before it goes anywhere: a stale object handle could
+    /// otherwise sign with another key of the token. On a mismatch every cached handle is
+    /// forgotten and the signature is discarded (`Error::WrongKey`). Runs on the worker thread,
+    /// not the async runtime.
+    pub fn sign_prehashed_checked(
+        &self,
+        id: &str,
+        digest: &[u8; 32],
+        expected: &VerifyingKey,
+    ) -> Result<Vec<u8>, Error> {
+        use signature::hazmat::PrehashVerifier;
+        let der = self.sign_prehashed(id, digest)?;
+        let ok = p256::ecdsa::DerSignature::from_bytes(&der)
+            .is_ok_and(|sig| expected.verify_prehash(digest, &sig).is_ok());
+        if !ok {
+            tracing::error!(key_id = %id, "the token signed with another key than asked for; signature discarded, handle cache emptied");
+            self.handles.invalidate_all();
+            return Err(Error::WrongKey(id.to_owned()));
+        }
+        Ok(der)
+    }
+
     /// The handle of the private key with this `CKA_ID`, from the cache or one search.
     pub fn private_key(&self, id: &str) -> Result<ObjectHandle, Error> {
         let cache_key = (self.instance, id.to_owned());

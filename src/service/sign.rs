@@ -460,8 +460,11 @@ impl App {
         let mut key = Arc::clone(&ready.key);
         let mut attempt = 0;
         loop {
-            let der = self.hsm.sign(key.token_id(), ready.valid.digest.0).await?;
-            self.check_signature(&key, &ready.valid.digest, &der)?;
+            // Checked in the token worker with the version's public key before it goes on.
+            let der = self
+                .hsm
+                .sign(key.token_id(), ready.valid.digest.0, key.public_key)
+                .await?;
             let entry = self.signature_entry(caller, ready, &key, &der);
             let mut response = response(&entry, certificate_pem(&key), Receipt::default());
             // Evidence seam: nothing is returned to the client before this append is durable.
@@ -482,25 +485,6 @@ impl App {
                 Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    /// The token's signature must verify with the chosen version's public key before it goes
-    /// anywhere: a stale object handle could otherwise sign with another key.
-    fn check_signature(
-        &self,
-        key: &KeyVersion,
-        digest: &Sha256Digest,
-        der: &[u8],
-    ) -> Result<(), Error> {
-        let ok = DerSignature::from_bytes(der)
-            .is_ok_and(|sig| key.public_key.verify_prehash(&digest.0, &sig).is_ok());
-        if ok {
-            return Ok(());
-        }
-        self.hsm.report_wrong_key(&key.key_id.to_string());
-        Err(Error::Hsm(crate::hsm::Error::WrongKey(
-            key.key_id.to_string(),
-        )))
     }
 
     /// The version the log made active, to sign again with after a `Superseded` refusal.
@@ -538,16 +522,16 @@ impl App {
             items.iter().map(|(_, r)| Arc::clone(&r.key)).collect();
         let mut attempt = 0;
         loop {
-            let jobs: Vec<(String, [u8; 32])> = items
+            let jobs: Vec<(String, [u8; 32], p256::ecdsa::VerifyingKey)> = items
                 .iter()
                 .zip(&keys)
-                .map(|((_, r), k)| (k.token_id(), r.valid.digest.0))
+                .map(|((_, r), k)| (k.token_id(), r.valid.digest.0, k.public_key))
                 .collect();
             let signed = self
                 .hsm
                 .call(move |s| {
                     jobs.iter()
-                        .map(|(id, d)| s.sign_prehashed(id, d))
+                        .map(|(id, d, pk)| s.sign_prehashed_checked(id, d, pk))
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .await;
@@ -555,14 +539,7 @@ impl App {
                 Ok(s) => s,
                 Err(e) => return fail_all(items, Error::Hsm(e)),
             };
-            let checked = items
-                .iter()
-                .zip(&keys)
-                .zip(&sigs)
-                .try_for_each(|(((_, r), k), der)| self.check_signature(k, &r.valid.digest, der));
-            if let Err(e) = checked {
-                return fail_all(items, e);
-            }
+
             let entries: Vec<Entry> = items
                 .iter()
                 .zip(&keys)
