@@ -225,9 +225,14 @@ impl TailWriter {
             .mode(0o600)
             .open(&path)
             .map_err(io_err)?;
-        if !existed {
+        if last.is_none() {
+            // A new tail (or one an accepted restore replaces): no slot of an earlier one may
+            // survive beside it.
+            file.set_len(0).map_err(io_err)?;
             file.set_len((2 * SLOT) as u64).map_err(io_err)?;
             file.sync_all().map_err(io_err)?;
+        }
+        if !existed {
             crate::fsutil::sync_dir(dir).map_err(io_err)?;
         }
         Ok(Self {
@@ -358,5 +363,34 @@ pub(crate) mod tests {
         // Another token's MAC key does not verify it either.
         let w2 = SoftAnchor::new();
         assert!(read_tail(dir.path(), "o", &w2).is_err());
+    }
+
+    #[test]
+    fn a_new_tail_leaves_no_slot_of_an_earlier_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (SoftAnchor::new(), SoftAnchor::new());
+        let mut w = TailWriter::open(dir.path(), "o", None, true).unwrap();
+        for size in 1..=3 {
+            w.write(
+                TreeHead {
+                    size,
+                    root: [1; 32],
+                },
+                &old,
+            )
+            .unwrap();
+        }
+        // Replaced (an accepted restore under another MAC key): one write, then it reads back.
+        let mut w = TailWriter::open(dir.path(), "o", None, true).unwrap();
+        w.write(
+            TreeHead {
+                size: 9,
+                root: [2; 32],
+            },
+            &new,
+        )
+        .unwrap();
+        let t = read_tail(dir.path(), "o", &new).unwrap().unwrap();
+        assert_eq!(t.head.size, 9);
     }
 }

@@ -507,6 +507,31 @@ mod raw {
         tenants: BTreeMap<String, RateLimit>,
     }
 
+    /// A dotted OID, normalised.
+    fn oid(key: &str, value: &Option<String>) -> Result<Option<String>, ConfigError> {
+        value
+            .as_deref()
+            .map(|v| {
+                der::oid::ObjectIdentifier::new(v)
+                    .map(|o| o.to_string())
+                    .map_err(|e| {
+                        ConfigError::new(key.to_owned(), format!("`{v}` is not a dotted OID: {e}"))
+                    })
+            })
+            .transpose()
+    }
+
+    /// A readable PEM (or DER) certificate file.
+    fn certificate_file(key: &str, p: PathBuf) -> Result<PathBuf, ConfigError> {
+        let bytes = std::fs::read(&p).map_err(|e| {
+            ConfigError::new(key.to_owned(), format!("cannot read {}: {e}", p.display()))
+        })?;
+        crate::pki::parse_pem_or_der(&bytes)
+            .and_then(|d| crate::pki::CertInfo::parse(&d))
+            .map_err(|e| ConfigError::new(key.to_owned(), format!("{}: {e}", p.display())))?;
+        Ok(p)
+    }
+
     fn check_rate(r: Option<RateLimit>, key: &str) -> Result<(), ConfigError> {
         match r {
             Some(r) if r.per_second == 0 || r.burst == Some(0) => Err(ConfigError::new(
@@ -853,32 +878,8 @@ mod raw {
                             }
                             t.tsa_url.clone()
                         },
-                        ca_file: {
-                            let p = path(&t.ca_file);
-                            let pem = std::fs::read(&p).map_err(|e| {
-                                ConfigError::new(
-                                    "audit.timestamping.ca_file",
-                                    format!("cannot read {}: {e}", p.display()),
-                                )
-                            })?;
-                            crate::pki::parse_pem_or_der(&pem).map_err(|e| {
-                                ConfigError::new("audit.timestamping.ca_file", e.to_string())
-                            })?;
-                            p
-                        },
-                        policy: match &t.policy {
-                            None => None,
-                            Some(oid) => Some(
-                                der::oid::ObjectIdentifier::new(oid)
-                                    .map_err(|e| {
-                                        ConfigError::new(
-                                            "audit.timestamping.policy",
-                                            format!("`{oid}` is not a dotted OID: {e}"),
-                                        )
-                                    })?
-                                    .to_string(),
-                            ),
-                        },
+                        ca_file: certificate_file("audit.timestamping.ca_file", path(&t.ca_file))?,
+                        policy: oid("audit.timestamping.policy", &t.policy)?,
                         timeout: dur("audit.timestamping.timeout", &t.timeout, "10s")?,
                     }),
                 },
@@ -941,17 +942,10 @@ mod raw {
                         "a client with the sign role needs at least one tenant",
                     ));
                 }
-                let ca = c.ca.as_deref().map(path);
-                if let Some(ca) = &ca {
-                    let pem = std::fs::read(ca).map_err(|e| {
-                        ConfigError::new(key("ca"), format!("cannot read {}: {e}", ca.display()))
-                    })?;
-                    crate::pki::parse_pem_or_der(&pem)
-                        .and_then(|d| crate::pki::CertInfo::parse(&d))
-                        .map_err(|e| {
-                            ConfigError::new(key("ca"), format!("{}: {e}", ca.display()))
-                        })?;
-                }
+                let ca =
+                    c.ca.as_deref()
+                        .map(|p| certificate_file(&key("ca"), path(p)))
+                        .transpose()?;
                 check_rate(c.rate_limit, &key("rate_limit"))?;
                 clients.push(ClientConfig {
                     identity: c.identity.clone(),
@@ -1058,19 +1052,10 @@ mod raw {
                     .subject_organization
                     .clone()
                     .unwrap_or_else(|| "Signet".to_owned()),
-                required_extended_key_usage: match &r.required_extended_key_usage {
-                    None => None,
-                    Some(oid) => Some(
-                        der::oid::ObjectIdentifier::new(oid)
-                            .map_err(|e| {
-                                ConfigError::new(
-                                    "rotation.required_extended_key_usage",
-                                    format!("`{oid}` is not a dotted OID: {e}"),
-                                )
-                            })?
-                            .to_string(),
-                    ),
-                },
+                required_extended_key_usage: oid(
+                    "rotation.required_extended_key_usage",
+                    &r.required_extended_key_usage,
+                )?,
             };
             if rotation.renew_before >= rotation.validity {
                 return Err(ConfigError::new(
