@@ -26,6 +26,18 @@ async fn get(s: &Signet, client: &str, path: &str) -> (u16, Value) {
     (st, v)
 }
 
+/// Wait until a signed checkpoint covers `n` entries.
+async fn wait_for_checkpoint(s: &Signet, n: u64) {
+    s.eventually(
+        "a checkpoint over the log",
+        Duration::from_secs(10),
+        || async {
+            get(s, "auditor", "/v1/audit/checkpoint").await.1["tree_size"].as_u64() == Some(n)
+        },
+    )
+    .await;
+}
+
 /// The leaf hashes of the whole log, for the independent proof checks.
 fn leaves(s: &Signet) -> Vec<[u8; 32]> {
     std::fs::read_to_string(s.audit_dir().join("entries.jsonl"))
@@ -70,14 +82,7 @@ async fn a_transaction_trail_is_complete_proved_and_scoped_to_the_callers_tenant
     .await;
     // Wait for a checkpoint over everything.
     let n = s.entries().len() as u64;
-    s.eventually(
-        "a checkpoint over the log",
-        Duration::from_secs(10),
-        || async {
-            get(&s, "auditor", "/v1/audit/checkpoint").await.1["tree_size"].as_u64() == Some(n)
-        },
-    )
-    .await;
+    wait_for_checkpoint(&s, n).await;
 
     let all = s.entries();
     let expect = |tx: &str, tenant: Option<&str>| -> Vec<u64> {
@@ -306,14 +311,7 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     }
     let n = s.entries().len() as u64;
     assert!(n > 300);
-    s.eventually(
-        "a checkpoint over the log",
-        Duration::from_secs(10),
-        || async {
-            get(&s, "auditor", "/v1/audit/checkpoint").await.1["tree_size"].as_u64() == Some(n)
-        },
-    )
-    .await;
+    wait_for_checkpoint(&s, n).await;
     let (st, note) = get_bytes(&s, "payroll-app", "/v1/audit/tlog/checkpoint").await;
     assert_eq!(st, 200);
     let note = String::from_utf8(note).unwrap();

@@ -119,6 +119,24 @@ async fn serve_tsa(dir: PathBuf, down: Arc<AtomicBool>) -> u16 {
     port
 }
 
+/// A TSA in `tmp/tsa` (answering 503 while `down`) and a started Signet that uses it, with
+/// `extra` lines in `[audit.timestamping]`.
+async fn signet_with_tsa(tmp: &Path, down: Arc<AtomicBool>, extra: &str) -> (PathBuf, Signet) {
+    let tsa = tmp.join("tsa");
+    make_tsa(&tsa);
+    let port = serve_tsa(tsa.clone(), down).await;
+    let section = format!(
+        "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/tsa\"\nca_file = \"{}\"\n{extra}\n[state]",
+        tsa.join("tsa-ca.pem").display()
+    );
+    let mut s = Signet::init(Init {
+        edit: Some(Box::new(move |c: String| c.replace("[state]", &section))),
+        ..Init::default()
+    });
+    s.start();
+    (tsa, s)
+}
+
 /// The latest checkpoint, if it covers `size` entries and has its timestamp.
 async fn stamped(s: &Signet, size: u64) -> Option<serde_json::Value> {
     let (_, _, cp) = s
@@ -153,24 +171,13 @@ fn openssl_verifies(dir: &Path, cp: &serde_json::Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_get_rfc3161_timestamps_and_a_tsa_outage_never_blocks_signing() {
     let tmp = tempfile::tempdir().unwrap();
-    let tsa = tmp.path().join("tsa");
-    make_tsa(&tsa);
     let down = Arc::new(AtomicBool::new(false));
-    let port = serve_tsa(tsa.clone(), Arc::clone(&down)).await;
-    let ca = tsa.join("tsa-ca.pem");
-    let mut s = Signet::init(Init {
-        edit: Some(Box::new(move |c: String| {
-            c.replace(
-                "[state]",
-                &format!(
-                    "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/tsa\"\nca_file = \"{}\"\npolicy = \"1.2.3.4.1\"\ntimeout = \"5s\"\n\n[state]",
-                    ca.display()
-                ),
-            )
-        })),
-        ..Init::default()
-    });
-    s.start();
+    let (tsa, s) = signet_with_tsa(
+        tmp.path(),
+        Arc::clone(&down),
+        "policy = \"1.2.3.4.1\"\ntimeout = \"5s\"\n",
+    )
+    .await;
     let (st, _) = s
         .sign("payroll-app", sign_body("payroll-esign", b"stamped"))
         .await;
@@ -270,23 +277,7 @@ fn bundle_verify(s: &Signet, tsa: &Path, file: &Path, extra: &[&str]) -> (bool, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exported_bundle_verifies_offline_explains_itself_and_refuses_each_tampering() {
     let tmp = tempfile::tempdir().unwrap();
-    let tsa = tmp.path().join("tsa");
-    make_tsa(&tsa);
-    let port = serve_tsa(tsa.clone(), Arc::new(AtomicBool::new(false))).await;
-    let ca = tsa.join("tsa-ca.pem");
-    let mut s = Signet::init(Init {
-        edit: Some(Box::new(move |c: String| {
-            c.replace(
-                "[state]",
-                &format!(
-                    "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/\"\nca_file = \"{}\"\n\n[state]",
-                    ca.display()
-                ),
-            )
-        })),
-        ..Init::default()
-    });
-    s.start();
+    let (tsa, s) = signet_with_tsa(tmp.path(), Arc::new(AtomicBool::new(false)), "").await;
     let docs = ["employment contract", "annex A", "annex B"];
     for d in docs {
         let mut body = sign_body("payroll-esign", d.as_bytes());
