@@ -326,6 +326,12 @@ async fn an_exported_bundle_verifies_offline_explains_itself_and_refuses_each_ta
     ] {
         assert!(text.contains(fact), "missing `{fact}` in:\n{text}");
     }
+    let page = s.dir.join("account.html");
+    let (ok, _) = bundle_verify(&s, &tsa, &file, &["--html", page.to_str().unwrap()]);
+    assert!(ok);
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.contains(&digest_hex(b"employment contract")) && html.contains("ada@example.com"));
     let (ok, json) = bundle_verify(&s, &tsa, &file, &["--json"]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();

@@ -330,3 +330,84 @@ pub fn explain(a: &Account) -> String {
     }
     out
 }
+
+/// The same account as a standalone HTML page (every value escaped: signer evidence and
+/// identities come from clients).
+pub fn explain_html(a: &Account) -> String {
+    let text = explain(a);
+    let mut body = String::new();
+    for para in text.split("\n\n") {
+        let mut lines = para.lines();
+        let Some(first) = lines.next() else {
+            continue;
+        };
+        body.push_str(&format!("<h2>{}</h2>\n<ul>\n", escape(first)));
+        for l in lines {
+            body.push_str(&format!("<li>{}</li>\n", escape(l.trim())));
+        }
+        body.push_str("</ul>\n");
+    }
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>Evidence for transaction {}</title>\
+         <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}li{{margin:.3em 0}}</style>\
+         </head><body>\n{body}</body></html>\n",
+        escape(&a.transaction_id)
+    )
+}
+
+/// HTML-escape text for element content and attribute values.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_escapes_what_clients_sent() {
+        let account = Account {
+            transaction_id: "<tx>".into(),
+            log_origin: "o".into(),
+            checkpoint_size: 1,
+            log_key_source: "given",
+            ca_source: "given",
+            timestamp: None,
+            entries: vec![EntryAccount {
+                index: 0,
+                event: "signature".into(),
+                time: "t".into(),
+                actor: "a".into(),
+                actor_subject: "s".into(),
+                actor_certificate_sha256: "f".into(),
+                tenant: None,
+                policy_id: None,
+                legal_standard: None,
+                digest: None,
+                key_id: None,
+                certificate_subject: None,
+                certificate_serial: None,
+                certificate_sha256: None,
+                signature_verified: false,
+                signer: Some(serde_json::json!({"name": "<script>alert('x')</script>"})),
+                reason: None,
+            }],
+        };
+        let html = explain_html(&account);
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains("&lt;script&gt;"));
+        assert!(html.contains("Evidence for transaction &quot;&lt;tx&gt;&quot;"));
+    }
+}

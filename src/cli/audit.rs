@@ -72,6 +72,9 @@ pub enum BundleCommand {
         /// The CA (PEM) of the time-stamping authority, to check the timestamp's certificate.
         #[arg(long)]
         tsa_ca: Option<PathBuf>,
+        /// Also write the account as a standalone HTML page.
+        #[arg(long)]
+        html: Option<PathBuf>,
     },
 }
 
@@ -319,6 +322,7 @@ pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
         ca,
         log_key,
         tsa_ca,
+        html,
     } = cmd;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -342,6 +346,10 @@ pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
     };
     match bundle::verify(&b, &trust) {
         Ok(account) => {
+            if let Some(path) = html {
+                std::fs::write(path, bundle::explain_html(&account))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
             if cli.json {
                 println!("{}", serde_json::json!({"ok": true, "account": account}));
             } else {
