@@ -127,6 +127,18 @@ impl Error {
     }
 }
 
+impl From<anchor::TailError> for Error {
+    fn from(e: anchor::TailError) -> Self {
+        use anchor::TailError as T;
+        match e {
+            T::Io { path, source } => Error::Io { path, source },
+            T::Token(t) => Error::Token(t.to_string()),
+            e @ (T::BadMac { .. } | T::WrongOrigin { .. }) => Error::AnchorMismatch(e.to_string()),
+            e @ T::TooLong => Error::Unwritable(e.to_string()),
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.display().to_string(),
@@ -302,15 +314,13 @@ impl EvidenceLog {
             &opts.origin,
             anchors.tail,
             fsync == FsyncPolicy::Always,
-        )
-        .map_err(|e| Error::Token(e.to_string()))?;
+        )?;
         if anchors.tail.is_none_or(|t| t.head.size != tree.len()) {
             let head = TreeHead {
                 size: tree.len(),
                 root: tree.root(tree.len())?,
             };
-            tail.write(head, token.as_ref())
-                .map_err(|e| Error::Token(e.to_string()))?;
+            tail.write(head, token.as_ref())?;
         }
         // A log without an anchor yet (new, or written by a version without anchors) is
         // anchored at its verified checkpoint; written after the tail head, so an anchor
@@ -324,11 +334,7 @@ impl EvidenceLog {
                 .store(&Anchor::new(&opts.origin, head).encode())
                 .map_err(|e| Error::Token(e.to_string()))?;
         }
-        let offsets = recovered.offsets;
-        let active = recovered.active;
-        let recovered = RecoveredIndex {
-            index: recovered.index,
-        };
+        let (offsets, active, lookups) = (recovered.offsets, recovered.active, recovered.index);
         let file_len = log.metadata().map_err(io_err(&log_path))?.len();
         tracing::info!(
             entries = tree.len(),
@@ -354,7 +360,7 @@ impl EvidenceLog {
                 tree,
                 offsets,
                 file_len,
-                index: recovered.index,
+                index: lookups,
             }),
             reader,
             writable: AtomicBool::new(true),
@@ -657,7 +663,6 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The writer thread: group commit.
 /// What the writer thread writes to: the entries file and the tail head.
 struct Sink {
     log: File,
@@ -665,6 +670,7 @@ struct Sink {
     fsync: FsyncPolicy,
 }
 
+/// The writer thread: group commit.
 fn writer_main(
     inner: Arc<Inner>,
     sink: &mut Sink,
@@ -838,19 +844,17 @@ fn commit(
             tracing::error!(error = %t, "cannot cut the failed append back off the evidence log");
         }
         // The tail head may now claim the cut entries: put the previous head back.
-        if base_index > 0 || !leaves.is_empty() {
-            let previous = read(&inner.state)
-                .tree
-                .root(base_index)
-                .map(|root| TreeHead {
-                    size: base_index,
-                    root,
-                });
-            if let Ok(head) = previous
-                && let Err(e) = sink.tail.write(head, inner.token.as_ref())
-            {
-                tracing::error!(error = %e, "cannot restore the tail head after a failed append");
-            }
+        let previous = read(&inner.state)
+            .tree
+            .root(base_index)
+            .map(|root| TreeHead {
+                size: base_index,
+                root,
+            });
+        if let Ok(head) = previous
+            && let Err(e) = sink.tail.write(head, inner.token.as_ref())
+        {
+            tracing::error!(error = %e, "cannot restore the tail head after a failed append");
         }
         for reply in replies {
             let _ = reply.send(Err(Error::Unwritable(msg.clone())));
@@ -912,11 +916,6 @@ struct Recovered {
     leaves: Vec<Hash>,
     offsets: Vec<u64>,
     active: order::ActiveVersions,
-    index: index::Index,
-}
-
-/// What is left of [`Recovered`] once the tree is built.
-struct RecoveredIndex {
     index: index::Index,
 }
 
@@ -1055,12 +1054,14 @@ impl Anchors {
                 a.origin
             )));
         }
-        let (tail, tail_problem) = match anchor::read_tail(dir, origin, token) {
-            Ok(t) => (t, None),
-            Err(anchor::TailError::Token(e)) => return Err(Error::Token(e.to_string())),
-            Err(e) if accept_restore => (None, Some(e.to_string())),
-            Err(e) => return Err(Error::AnchorMismatch(e.to_string())),
-        };
+        let (tail, tail_problem) =
+            match anchor::read_tail(dir, origin, token) {
+                Ok(t) => (t, None),
+                Err(
+                    e @ (anchor::TailError::BadMac { .. } | anchor::TailError::WrongOrigin { .. }),
+                ) if accept_restore => (None, Some(e.to_string())),
+                Err(e) => return Err(e.into()),
+            };
         Ok(Self {
             anchor,
             tail,

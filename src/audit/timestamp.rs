@@ -64,6 +64,18 @@ pub fn request(note: &[u8], nonce: u64, policy_der: Option<&[u8]>) -> Vec<u8> {
 /// the digest of `note` and `nonce` (both appear verbatim in the signed `TSTInfo`). The TSA's
 /// signature is checked offline by auditors against the TSA's CA.
 pub fn check_response(resp: &[u8], note: &[u8], nonce: u64) -> Result<(), TimestampError> {
+    let token = granted_token(resp)?;
+    let digest = Sha256::digest(note);
+    let nonce = tlv(0x02, &nonce_bytes(nonce));
+    let found = |needle: &[u8]| memchr::memmem::find(token, needle).is_some();
+    if token.is_empty() || !found(&digest) || !found(&nonce) {
+        return Err(TimestampError::WrongImprint);
+    }
+    Ok(())
+}
+
+/// The `timeStampToken` (DER) of a granted `TimeStampResp`.
+fn granted_token(resp: &[u8]) -> Result<&[u8], TimestampError> {
     let (tag, outer, _) = read_tlv(resp).ok_or(TimestampError::Malformed)?;
     if tag != 0x30 {
         return Err(TimestampError::Malformed);
@@ -79,13 +91,7 @@ pub fn check_response(resp: &[u8], note: &[u8], nonce: u64) -> Result<(), Timest
     if status[0] > 1 {
         return Err(TimestampError::Refused(status[0]));
     }
-    let digest = Sha256::digest(note);
-    let nonce = tlv(0x02, &nonce_bytes(nonce));
-    let found = |needle: &[u8]| memchr::memmem::find(token, needle).is_some();
-    if token.is_empty() || !found(&digest) || !found(&nonce) {
-        return Err(TimestampError::WrongImprint);
-    }
-    Ok(())
+    Ok(token)
 }
 
 /// What a verified timestamp says.
@@ -118,12 +124,7 @@ pub fn verify_response(
     use signature::Verifier;
 
     let malformed = |what: &str| format!("the timestamp token is malformed ({what})");
-    let (_, outer, _) = read_tlv(resp).ok_or_else(|| malformed("response"))?;
-    let (_, status_info, token) = read_tlv(outer).ok_or_else(|| malformed("status"))?;
-    let (_, status, _) = read_tlv(status_info).ok_or_else(|| malformed("status"))?;
-    if status.first().is_none_or(|s| *s > 1) {
-        return Err("the TSA did not grant this timestamp".into());
-    }
+    let token = granted_token(resp).map_err(|e| format!("the timestamp: {e}"))?;
     let ci = ContentInfo::from_der(token).map_err(|e| malformed(&e.to_string()))?;
     if ci.content_type.to_string() != ID_SIGNED_DATA {
         return Err(malformed("not CMS SignedData"));

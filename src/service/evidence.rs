@@ -86,24 +86,29 @@ impl App {
         let mut entries = Vec::new();
         let mut pending = Vec::new();
         for index in self.log.transaction_entries(transaction_id) {
-            let bytes = self.log.entry(index)?;
+            // Checkpointed entries are read once, with their proof; newer ones on their own.
+            let proof = match &checkpoint {
+                Some(cp) if index < signed => Some(self.log.prove_with(index, cp.clone())?),
+                _ => None,
+            };
+            let bytes = match &proof {
+                Some(p) => std::borrow::Cow::Borrowed(p.entry.as_slice()),
+                None => std::borrow::Cow::Owned(self.log.entry(index)?),
+            };
             let entry: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
             if !self.may_read_entry(caller, &entry) {
                 continue;
             }
-            match &checkpoint {
-                Some(cp) if index < signed => {
-                    let p = self.log.prove_with(index, cp.clone())?;
-                    entries.push(ProvedEntry {
-                        index,
-                        entry,
-                        leaf_hash: B64.encode(p.leaf_hash),
-                        inclusion_proof: p.proof.hashes.iter().map(|h| B64.encode(h)).collect(),
-                        proof: p.proof.render(),
-                    });
-                }
-                _ => pending.push(index),
+            match proof {
+                Some(p) => entries.push(ProvedEntry {
+                    index,
+                    entry,
+                    leaf_hash: B64.encode(p.leaf_hash),
+                    inclusion_proof: p.proof.hashes.iter().map(|h| B64.encode(h)).collect(),
+                    proof: p.proof.render(),
+                }),
+                None => pending.push(index),
             }
         }
         Ok(TransactionView {

@@ -404,16 +404,13 @@ impl App {
         let begun = self.idempotency.begin(cache_key, || {
             // Runs as its own task: a client that hangs up cannot cancel the signature, the
             // append or the record half-way.
-            let (app, caller) = (Arc::clone(self), caller.clone());
+            let (app, caller, request_sha256) =
+                (Arc::clone(self), caller.clone(), request_sha256.clone());
             async move {
                 let response = app
                     .sign_and_record(&caller, &ready)
                     .await
                     .map_err(Arc::new)?;
-                let request_sha256 = ready
-                    .idempotency
-                    .map(|i| i.request_sha256)
-                    .unwrap_or_default();
                 Ok(Fresh {
                     request_sha256,
                     index: response.receipt.index,

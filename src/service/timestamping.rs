@@ -2,7 +2,7 @@
 //! token for every signed checkpoint, in order, stores it beside the checkpoints, and keeps
 //! asking with backoff while the TSA is down. Signing never waits for it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -176,7 +176,7 @@ async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, St
 pub fn restore(app: &App) -> Result<(), std::io::Error> {
     let dir = &app.config.audit.dir;
     let stored = timestamp::load(dir)?;
-    let have: BTreeMap<u64, ()> = stored.iter().map(|t| (t.tree_size, ())).collect();
+    let have: BTreeSet<u64> = stored.iter().map(|t| t.tree_size).collect();
     for t in &stored {
         app.timestamps.insert(t);
     }
@@ -185,7 +185,7 @@ pub fn restore(app: &App) -> Result<(), std::io::Error> {
             .map_err(std::io::Error::other)?;
         for cp in checkpoints
             .into_iter()
-            .filter(|c| !have.contains_key(&c.tree_size))
+            .filter(|c| !have.contains(&c.tree_size))
         {
             app.timestamps.enqueue(cp.tree_size, cp.note);
         }
