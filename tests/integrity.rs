@@ -462,12 +462,26 @@ async fn receipts_are_bound_to_their_certificate_and_document() {
     assert!(out.contains("does not chain to the CA given"), "{out}");
 }
 
-/// The lines of an strace log that fsync a directory or file, by path.
-fn fsynced(trace: &str, path: &Path) -> bool {
-    let p = path.display().to_string();
-    trace.lines().any(|l| {
-        (l.contains("fsync(") || l.contains("fdatasync(")) && l.contains(&format!("<{p}>"))
-    })
+/// The position of the first strace line that creates `path` (an `openat` with `O_CREAT`, or
+/// a successful `mkdir`/`mkdirat`).
+fn created_at(trace: &[&str], path: &Path) -> usize {
+    let quoted = format!("\"{}\"", path.display());
+    trace
+        .iter()
+        .position(|l| {
+            l.contains(&quoted)
+                && ((l.contains("openat(") && l.contains("O_CREAT"))
+                    || ((l.contains("mkdir(") || l.contains("mkdirat(")) && l.ends_with("= 0")))
+        })
+        .unwrap_or_else(|| panic!("{} is never created in the trace", path.display()))
+}
+
+/// Is `path` (a file or directory) fsynced after line `after` of the trace?
+fn fsynced_after(trace: &[&str], after: usize, path: &Path) -> bool {
+    let fd = format!("<{}>", path.display());
+    trace[after..]
+        .iter()
+        .any(|l| (l.contains("fsync(") || l.contains("fdatasync(")) && l.contains(&fd))
 }
 
 #[test]
@@ -476,7 +490,13 @@ fn evidence_files_and_directories_are_created_durably() {
     let dir = tmp.path().join("signet");
     let trace = tmp.path().join("strace.log");
     let out = Command::new("strace")
-        .args(["-f", "-y", "-e", "trace=fsync,fdatasync,openat,mkdir", "-o"])
+        .args([
+            "-f",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,openat,mkdir,mkdirat",
+            "-o",
+        ])
         .arg(&trace)
         .arg(BIN)
         .args(["dev", "init", "--data-dir"])
@@ -490,28 +510,33 @@ fn evidence_files_and_directories_are_created_durably() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let trace = std::fs::read_to_string(&trace).unwrap();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let trace: Vec<&str> = text.lines().collect();
     let audit = dir.join("audit");
-    // Each new file is fsynced, and so is the directory that holds it; each new directory is
-    // fsynced together with its parent.
+    // Each new file is fsynced, and after its creation so is the directory that holds it.
     for file in ["entries.jsonl", "checkpoints.jsonl", "tail-head", "LOCK"] {
-        assert!(fsynced(&trace, &audit.join(file)), "{file} is not fsynced");
+        let path = audit.join(file);
+        let at = created_at(&trace, &path);
+        assert!(fsynced_after(&trace, at, &path), "{file} is not fsynced");
+        assert!(
+            fsynced_after(&trace, at, &audit),
+            "the audit directory is not fsynced after {file} was created"
+        );
     }
-    assert!(
-        fsynced(&trace, &audit),
-        "the audit directory is not fsynced"
-    );
-    assert!(
-        fsynced(&trace, &dir),
-        "the audit directory's parent is not fsynced"
-    );
-    let state = dir.join("state");
-    // State files are replaced atomically: the temporary file is fsynced before the rename.
-    assert!(fsynced(&trace, &state.join(".keys.json.tmp")), "keys.json");
-    assert!(
-        fsynced(&trace, &state),
-        "the state directory is not fsynced"
-    );
+    // Each new directory is fsynced together with its parent, after its creation.
+    for d in [&audit, &dir.join("state")] {
+        let at = created_at(&trace, d);
+        assert!(
+            fsynced_after(&trace, at, d),
+            "{} is not fsynced",
+            d.display()
+        );
+        assert!(
+            fsynced_after(&trace, at, d.parent().unwrap()),
+            "the parent of {} is not fsynced after its creation",
+            d.display()
+        );
+    }
 }
 
 /// The crash loop the issue asks for: run on demand with `tests/kill9-loop.sh` (not in CI).
