@@ -18,4 +18,5 @@ pub mod pki;
 pub mod policy;
 pub mod rotation;
 pub mod service;
+pub mod storage;
 pub mod tls;

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub audit_last_checkpoint: IntGauge,
     pub audit_write_errors: IntCounter,
     pub audit_writable: IntGauge,
+    pub storage_up: IntGauge,
+    pub storage_commit_duration: Histogram,
+    pub storage_leader: IntGauge,
     pub certificate_not_after: IntGaugeVec,
     pub certificate_not_before: IntGaugeVec,
     pub certificate_renewal_due: IntGaugeVec,
@@ -170,6 +173,19 @@ impl Metrics {
                 "Failed evidence log appends (write or fsync)."
             )),
             audit_writable: reg!(gauge("signet_audit_writable", "1 when the evidence log accepts appends.")),
+            storage_up: reg!(gauge(
+                "signet_storage_up",
+                "1 when the storage backend answers (always 1 for the file backend)."
+            )),
+            storage_commit_duration: reg!(histogram(
+                "signet_storage_commit_duration_seconds",
+                "Duration of each sequencing commit of evidence entries (one per group).",
+                latency.clone()
+            )),
+            storage_leader: reg!(gauge(
+                "signet_storage_checkpoint_leader",
+                "1 on the replica that currently signs checkpoints."
+            )),
             certificate_not_after: reg!(gauge_vec(
                 "signet_certificate_not_after_timestamp_seconds",
                 "notAfter of each key version's certificate (Unix time).",

@@ -104,6 +104,13 @@ pub enum Error {
     /// `Violation::active`.
     #[error(transparent)]
     Superseded(#[from] order::Violation),
+    /// The database (PostgreSQL backend) did not answer or failed: nothing was acknowledged.
+    #[error("the evidence store is unavailable: {0}")]
+    Storage(String),
+    /// Another replica took over this request's idempotency claim after its lease ran out;
+    /// its answer is the one recorded.
+    #[error("the idempotency claim was taken over by another replica")]
+    ClaimLost,
 }
 
 impl Error {
@@ -123,6 +130,8 @@ impl Error {
             Error::Closed => "closed",
             Error::Serialize(_) => "serialize",
             Error::Superseded(_) => "superseded",
+            Error::Storage(_) => "storage",
+            Error::ClaimLost => "claim_lost",
         }
     }
 }
@@ -449,17 +458,7 @@ impl EvidenceLog {
     /// index `n`, `width` hashes (256 for a full tile). `None` if that tile does not exist (yet).
     pub fn hash_tile(&self, level: u8, n: u64, width: u16) -> Option<Vec<u8>> {
         let size = self.latest_checkpoint()?.tree_size;
-        let tree_level = 8 * usize::from(level);
-        let complete = size.checked_shr(u32::try_from(tree_level).ok()?)?;
-        let available = complete.checked_sub(n.checked_mul(256)?)?.min(256);
-        if width == 0 || u64::from(width) > available {
-            return None;
-        }
-        let hashes =
-            read(&self.inner.state)
-                .tree
-                .level_hashes(tree_level, n * 256, u64::from(width))?;
-        Some(hashes.concat())
+        tiles::hash_tile(&read(&self.inner.state).tree, size, level, n, width)
     }
 
     /// A C2SP tlog-tiles entry bundle: entries `n·256 ..` (`width` of them) of the latest signed
@@ -473,15 +472,10 @@ impl EvidenceLog {
         if width == 0 || u64::from(width) > available {
             return Ok(None);
         }
-        let mut out = Vec::new();
-        for i in first..first + u64::from(width) {
-            let e = self.entry(i)?;
-            let len = u16::try_from(e.len())
-                .map_err(|_| Error::Serialize(format!("entry {i} is longer than 65535 bytes")))?;
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(&e);
-        }
-        Ok(Some(out))
+        let entries = (first..first + u64::from(width))
+            .map(|i| self.entry(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        tiles::entry_bundle(first, &entries).map(Some)
     }
 
     /// The entries that carry `transaction_id`, in log order.
@@ -1169,7 +1163,7 @@ pub fn read_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Error> {
     Ok(out)
 }
 
-fn check_against_checkpoint(
+pub(crate) fn check_against_checkpoint(
     tree: &Tree,
     cp: &StoredCheckpoint,
     origin: &str,

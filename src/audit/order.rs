@@ -13,14 +13,15 @@ use std::collections::HashMap;
 
 use super::entry::{Entry, event};
 
-/// Which version each tenant's log has made active, and at which index.
-#[derive(Debug, Clone, Default)]
+/// Which version each tenant's log has made active, and at which index. Serialised as the
+/// PostgreSQL backend's sequencing state (`{"by_tenant": {tenant: {key_id, index}}}`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ActiveVersions {
     by_tenant: HashMap<String, Activation>,
 }
 
 /// The entry that made `key_id` the active version of its tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Activation {
     pub key_id: String,
     pub index: u64,

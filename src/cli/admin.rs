@@ -375,7 +375,13 @@ fn print_rotation(cli: &Cli, v: &Value, what: &str) -> Result<()> {
 /// Run an admin operation where the evidence log's writer is.
 pub(super) fn exec(cli: &Cli, op: Op) -> Result<Value> {
     let config = load_config(cli)?;
-    if signet::audit::is_locked(&config.audit.dir) {
+    // With PostgreSQL every replica is a writer: use a running one's API when the CLI has a
+    // client certificate, otherwise act in-process as one more replica.
+    let service_running = match &config.storage {
+        signet::config::StorageConfig::File => signet::audit::is_locked(&config.audit.dir),
+        signet::config::StorageConfig::Postgres(_) => config.cli.is_some(),
+    };
+    if service_running {
         online(&config, op)
     } else {
         ensure_module_environment(&config)?;
@@ -449,11 +455,10 @@ fn offline(config: Config, op: Op) -> Result<Value> {
                 Op::Bundle {
                     transaction,
                     tenant,
-                } => serde_json::to_value(app.transaction_bundle(
-                    &caller,
-                    &transaction,
-                    tenant.as_deref(),
-                )?)?,
+                } => serde_json::to_value(
+                    app.transaction_bundle(&caller, &transaction, tenant.as_deref())
+                        .await?,
+                )?,
                 Op::CreateKey(r) => serde_json::to_value(app.admin_create_key(&caller, r).await?)?,
                 Op::ListKeys => serde_json::json!({"keys": app.all_keys(&caller)?}),
                 Op::Status => serde_json::json!({"tenants": app.status(&caller)?}),

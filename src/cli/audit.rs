@@ -22,8 +22,10 @@ pub enum AuditCommand {
     /// Recompute every entry hash, the hash chain, the tree and every checkpoint signature;
     /// name the first entry that does not match.
     Verify {
-        /// The evidence log directory ([audit].dir).
-        dir: PathBuf,
+        /// The evidence log directory. Without it: the log of the configured storage backend
+        /// (`--config`): `[audit].dir`, or the PostgreSQL database (exported to a temporary
+        /// directory and verified the same way).
+        dir: Option<PathBuf>,
         /// The log's public key (PEM). Default: DIR/log-key.pem (use a copy you trust for audits).
         #[arg(long)]
         key: Option<PathBuf>,
@@ -35,16 +37,26 @@ pub enum AuditCommand {
     /// Write a transaction's self-contained evidence bundle: its entries with their proofs, the
     /// signed checkpoint and its RFC 3161 timestamp, the signing certificates and their CA, and
     /// the log key (through the running service's API, or in-process when none runs).
+    ///
+    /// Without `--transaction`: write the whole log of the configured backend to DIR in the
+    /// file format (`entries.jsonl`, `checkpoints.jsonl`, `log-key.pem`), for
+    /// `signet audit verify DIR` on another machine.
     Export {
+        /// Where to write the whole log (without `--transaction`).
+        #[arg(
+            required_unless_present = "transaction",
+            conflicts_with = "transaction"
+        )]
+        dir: Option<PathBuf>,
         /// The transaction ID (the `transaction_id` clients sent).
-        #[arg(long)]
-        transaction: String,
+        #[arg(long, requires = "out")]
+        transaction: Option<String>,
         /// Only this tenant's entries.
-        #[arg(long)]
+        #[arg(long, requires = "transaction")]
         tenant: Option<String>,
         /// Where to write the bundle (JSON).
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, requires = "transaction")]
+        out: Option<PathBuf>,
     },
     /// Accept a log that differs from its integrity anchors because it was deliberately
     /// restored from backup: records a `log_restored` evidence entry (who, why, what differed)
@@ -116,10 +128,20 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
         AuditCommand::Verify { dir, key, anchor } => (dir, key, anchor),
         AuditCommand::AcceptRestore { reason } => return accept_restore(cli, reason),
         AuditCommand::Export {
+            dir,
             transaction,
             tenant,
             out,
-        } => return export(cli, transaction, tenant.clone(), out),
+        } => {
+            return match (transaction, out, dir) {
+                (Some(t), Some(out), _) => export(cli, t, tenant.clone(), out),
+                (_, _, Some(dir)) => export_log(cli, dir),
+                _ => bail!("give DIR (the whole log) or --transaction ID --out FILE"),
+            };
+        }
+    };
+    let Some(dir) = dir else {
+        return verify_configured(cli, key.as_deref(), anchor.as_deref());
     };
     let anchor_text = anchor.as_deref().map(read_checkpoint_note).transpose()?;
     let key_path = key.clone().unwrap_or_else(|| dir.join(LOG_KEY_FILE));
@@ -130,7 +152,133 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
             key_path.display()
         );
     }
-    match verify_dir_anchored(dir, &log_key, anchor_text.as_deref()) {
+    report_verification(
+        cli,
+        verify_dir_anchored(dir, &log_key, anchor_text.as_deref()),
+    )
+}
+
+/// `signet audit verify` without DIR: the configured backend's log.
+fn verify_configured(cli: &Cli, key: Option<&Path>, anchor: Option<&Path>) -> Result<()> {
+    let config = load_config(cli)?;
+    let pg = match &config.storage {
+        signet::config::StorageConfig::File => {
+            let dir = config.audit.dir.clone();
+            let log_key = read_public_key(
+                &key.map(Path::to_path_buf)
+                    .unwrap_or_else(|| dir.join(LOG_KEY_FILE)),
+            )?;
+            let anchor_text = anchor.map(read_checkpoint_note).transpose()?;
+            return report_verification(
+                cli,
+                verify_dir_anchored(&dir, &log_key, anchor_text.as_deref()),
+            );
+        }
+        signet::config::StorageConfig::Postgres(pg) => pg.clone(),
+    };
+    let tmp = tempdir_in_target()?;
+    let rt = runtime()?;
+    let exported = rt.block_on(async {
+        let db = signet::storage::postgres::Db::connect(
+            &pg,
+            std::sync::Arc::new(signet::metrics::Metrics::new()),
+        )
+        .await?;
+        signet::storage::postgres::export(&db, &tmp).await
+    });
+    let result = exported
+        .context("cannot read the log from the database")
+        .and_then(|_| {
+            let log_key = read_public_key(
+                &key.map(Path::to_path_buf)
+                    .unwrap_or_else(|| tmp.join(LOG_KEY_FILE)),
+            )?;
+            if key.is_none() && !cli.json {
+                eprintln!(
+                    "note: using the log key recorded in the database; for an audit, pass --key with a copy you trust"
+                );
+            }
+            let anchor_text = anchor.map(read_checkpoint_note).transpose()?;
+            report_verification(
+                cli,
+                verify_dir_anchored(&tmp, &log_key, anchor_text.as_deref()),
+            )
+        });
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// A private temporary directory (the export holds signer evidence).
+fn tempdir_in_target() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("signet-verify-{}", uuid::Uuid::new_v4()));
+    signet::fsutil::create_private_dir(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `signet audit export DIR`: the configured backend's whole log in the file format.
+fn export_log(cli: &Cli, dir: &Path) -> Result<()> {
+    let config = load_config(cli)?;
+    let report = match &config.storage {
+        signet::config::StorageConfig::File => {
+            let src = &config.audit.dir;
+            signet::fsutil::create_private_dir(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let mut entries = 0u64;
+            for name in [
+                signet::audit::ENTRIES_FILE,
+                signet::audit::CHECKPOINTS_FILE,
+                LOG_KEY_FILE,
+                signet::audit::timestamp::TIMESTAMPS_FILE,
+            ] {
+                let from = src.join(name);
+                if !from.exists() {
+                    continue;
+                }
+                let bytes = std::fs::read(&from)
+                    .with_context(|| format!("cannot read {}", from.display()))?;
+                if name == signet::audit::ENTRIES_FILE {
+                    entries = bytes.iter().filter(|b| **b == b'\n').count() as u64;
+                }
+                signet::fsutil::write_atomic(&dir.join(name), &bytes)
+                    .with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+            }
+            serde_json::json!({"entries": entries})
+        }
+        signet::config::StorageConfig::Postgres(pg) => {
+            let rt = runtime()?;
+            let r = rt.block_on(async {
+                let db = signet::storage::postgres::Db::connect(
+                    pg,
+                    std::sync::Arc::new(signet::metrics::Metrics::new()),
+                )
+                .await?;
+                signet::storage::postgres::export(&db, dir).await
+            })?;
+            serde_json::to_value(r)?
+        }
+    };
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": true, "dir": dir, "report": report})
+        );
+    } else {
+        println!(
+            "wrote the evidence log ({} entries) to {}; verify it with `signet audit verify {}`",
+            report["entries"],
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn report_verification(
+    cli: &Cli,
+    result: Result<signet::audit::verify::DirReport, signet::audit::verify::DirFailure>,
+) -> Result<()> {
+    match result {
         Ok(r) => {
             if cli.json {
                 println!("{}", serde_json::json!({"ok": true, "report": r}));

@@ -8,6 +8,7 @@
 mod admin;
 mod audit;
 mod serve;
+mod storage;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,6 +65,9 @@ pub enum Command {
     /// Offline verification of an evidence bundle (`signet audit export --transaction`).
     #[command(subcommand)]
     Bundle(audit::BundleCommand),
+    /// Storage backends: migrate a file log into PostgreSQL.
+    #[command(subcommand)]
+    Storage(storage::StorageCommand),
     /// Configuration checks.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Audit(c) => audit::audit(&cli, c),
         Command::Receipt(c) => audit::receipt(&cli, c),
         Command::Bundle(c) => audit::bundle(&cli, c),
+        Command::Storage(c) => storage::storage(&cli, c),
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli)?;
             let policies = Arc::new(arc_swap::ArcSwap::from_pointee(

@@ -83,6 +83,8 @@ pub struct Config {
     pub hsm: HsmConfig,
     pub audit: AuditConfig,
     pub state_dir: PathBuf,
+    /// Where the evidence log, idempotency records, key states and rotation journal live.
+    pub storage: StorageConfig,
     /// The part that SIGHUP reloads.
     pub dynamic: DynamicConfig,
     pub cli: Option<CliConfig>,
@@ -149,6 +151,38 @@ pub struct AuditConfig {
     pub max_group_entries: usize,
     /// RFC 3161 timestamps of checkpoints, if configured.
     pub timestamping: Option<TimestampingConfig>,
+}
+
+/// `[storage]`: the backend of the evidence log and the service state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StorageConfig {
+    /// One process; the log in `[audit].dir`, state in `[state].dir` (the default).
+    #[default]
+    File,
+    /// Any number of replicas sharing one PostgreSQL database.
+    Postgres(PostgresConfig),
+}
+
+/// `[storage] backend = "postgres"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Where the libpq URL comes from (it may hold a password: never logged).
+    pub url: UrlSource,
+    /// CA (PEM) of the database server's certificate: TLS through rustls, verify-full.
+    /// Without it, connections are in plaintext (loopback or a Unix socket only).
+    pub ca_file: Option<PathBuf>,
+    /// Connections per replica.
+    pub pool_size: usize,
+    /// How long an idempotency claim of a replica lasts before another may take it over.
+    pub claim_lease: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlSource {
+    /// Inline (passwordless set-ups: peer or certificate authentication).
+    Inline(String),
+    /// A file holding the URL (a Kubernetes Secret, a credentials file).
+    File(PathBuf),
 }
 
 /// `[audit.timestamping]`: a TSA that timestamps every signed checkpoint.
@@ -403,6 +437,8 @@ mod raw {
         #[serde(default)]
         state: State,
         #[serde(default)]
+        storage: Storage,
+        #[serde(default)]
         clients: Vec<Client>,
         #[serde(default)]
         policies: Vec<Policy>,
@@ -485,6 +521,17 @@ mod raw {
     #[serde(deny_unknown_fields)]
     struct State {
         dir: Option<PathBuf>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Storage {
+        backend: Option<String>,
+        url: Option<String>,
+        url_file: Option<PathBuf>,
+        ca_file: Option<PathBuf>,
+        pool_size: Option<usize>,
+        claim_lease: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -631,6 +678,77 @@ mod raw {
         cert: PathBuf,
         key: PathBuf,
         ca: PathBuf,
+    }
+
+    fn check_storage(
+        s: &Storage,
+        path: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<StorageConfig, ConfigError> {
+        match s.backend.as_deref().unwrap_or("file") {
+            "file" => {
+                for (k, set) in [
+                    ("url", s.url.is_some()),
+                    ("url_file", s.url_file.is_some()),
+                    ("ca_file", s.ca_file.is_some()),
+                    ("pool_size", s.pool_size.is_some()),
+                    ("claim_lease", s.claim_lease.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::new(
+                            format!("storage.{k}"),
+                            "only applies with backend = \"postgres\"",
+                        ));
+                    }
+                }
+                Ok(StorageConfig::File)
+            }
+            "postgres" => {
+                let url = match (&s.url, &s.url_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::new(
+                            "storage.url",
+                            "set either url or url_file, not both",
+                        ));
+                    }
+                    (Some(u), None) => {
+                        if url_has_password(u) {
+                            return Err(ConfigError::new(
+                                "storage.url",
+                                "holds a password: put the URL in a file and name it with url_file",
+                            ));
+                        }
+                        UrlSource::Inline(u.clone())
+                    }
+                    (None, Some(f)) => UrlSource::File(path(f)),
+                    (None, None) => {
+                        return Err(ConfigError::new(
+                            "storage.url_file",
+                            "backend = \"postgres\" needs url_file (or url)",
+                        ));
+                    }
+                };
+                Ok(StorageConfig::Postgres(PostgresConfig {
+                    url,
+                    ca_file: s.ca_file.as_deref().map(path),
+                    pool_size: in_range("storage.pool_size", s.pool_size.unwrap_or(8), 2, 256)?,
+                    claim_lease: dur("storage.claim_lease", &s.claim_lease, "10s")?,
+                }))
+            }
+            other => Err(ConfigError::new(
+                "storage.backend",
+                format!("`{other}` is not a backend: use \"file\" or \"postgres\""),
+            )),
+        }
+    }
+
+    /// A libpq URL (`postgresql://user:secret@host/db`) or key/value string with a password.
+    fn url_has_password(url: &str) -> bool {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let userinfo_has_password = authority
+            .rsplit_once('@')
+            .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+        userinfo_has_password || url.contains("password=")
     }
 
     fn dur(key: &str, v: &Option<String>, default: &str) -> Result<Duration, ConfigError> {
@@ -892,6 +1010,13 @@ mod raw {
             }
 
             let state_dir = path(self.state.dir.as_deref().unwrap_or(Path::new("state")));
+            let storage = check_storage(&self.storage, &path)?;
+            if matches!(storage, StorageConfig::Postgres(_)) && audit.timestamping.is_some() {
+                return Err(ConfigError::new(
+                    "audit.timestamping",
+                    "is not available with storage.backend = \"postgres\" yet (timestamps are kept beside a file log)",
+                ));
+            }
 
             // [[clients]]
             let mut clients = Vec::new();
@@ -1101,6 +1226,7 @@ mod raw {
                 hsm,
                 audit,
                 state_dir,
+                storage,
                 dynamic: DynamicConfig {
                     clients,
                     policies,

@@ -415,7 +415,7 @@ async fn entry(State(s): State<ApiState>, Ctx(caller): Ctx, Path(index): Path<St
             &caller.request_id,
         );
     };
-    let proof = match s.app.log.prove(index) {
+    let proof = match s.app.log.prove(index).await {
         Ok(p) => p,
         Err(e) => return fail(e.into(), &caller.request_id),
     };
@@ -457,7 +457,7 @@ async fn transaction(
 ) -> Response {
     respond(
         StatusCode::OK,
-        s.app.transaction(&caller, &id),
+        s.app.transaction(&caller, &id).await,
         &caller.request_id,
     )
 }
@@ -475,7 +475,9 @@ async fn transaction_bundle(
 ) -> Response {
     respond(
         StatusCode::OK,
-        s.app.transaction_bundle(&caller, &id, q.tenant.as_deref()),
+        s.app
+            .transaction_bundle(&caller, &id, q.tenant.as_deref())
+            .await,
         &caller.request_id,
     )
 }
@@ -487,7 +489,7 @@ async fn entries(
 ) -> Response {
     respond(
         StatusCode::OK,
-        s.app.tenant_entries(&caller, &q),
+        s.app.tenant_entries(&caller, &q).await,
         &caller.request_id,
     )
 }
@@ -539,7 +541,7 @@ async fn tlog_tile(
                     &caller.request_id,
                 );
             }
-            match s.app.log.entry_bundle(n, width) {
+            match s.app.log.entry_bundle(n, width).await {
                 Ok(b) => b,
                 Err(e) => return fail(e.into(), &caller.request_id),
             }

@@ -204,6 +204,25 @@ fn audit_problem(e: &audit::Error, request_id: &str) -> Problem {
             request_id,
         )
         .retry_after(1),
+        audit::Error::Storage(_) => {
+            tracing::error!(request_id, error = %e, "storage unavailable");
+            Problem::new(
+                S::SERVICE_UNAVAILABLE,
+                "storage-unavailable",
+                "The database is unavailable",
+                "the evidence store does not answer; retry later",
+                request_id,
+            )
+            .retry_after(2)
+        }
+        audit::Error::ClaimLost => Problem::new(
+            S::SERVICE_UNAVAILABLE,
+            "idempotency-in-progress",
+            "Another replica is completing this request",
+            "retry with the same Idempotency-Key to get its answer",
+            request_id,
+        )
+        .retry_after(1),
         audit::Error::Proof(_) => Problem::new(
             S::BAD_REQUEST,
             "invalid-range",

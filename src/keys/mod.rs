@@ -1,16 +1,17 @@
 //! The key registry: every tenant key version, its state and certificate.
 //!
 //! The token holds the keys and certificates (`CKA_ID` = `TENANT/vN`); the state of each
-//! version (staged, active, retiring, retired) lives in `state_dir/keys.json`, written
-//! atomically (temp file, fsync, rename, fsync dir). If that file is lost, the token alone
+//! version (staged, active, retiring, retired) lives in the key-state store: `keys.json` in
+//! `state_dir` for the file backend (written atomically: temp file, fsync, rename, fsync dir),
+//! the `signet_key_states` table for PostgreSQL. If the states are lost, the token alone
 //! rebuilds the registry with a conservative rule (see [`derive_states`]).
 //!
 //! Readers take a lock-free snapshot (`ArcSwap`); writers serialise on a mutex, persist, then
-//! publish a new snapshot. Must not touch HTTP or the evidence log.
+//! publish a new snapshot. With several replicas, [`Registry::reload`] picks up what another
+//! replica changed. Must not touch HTTP or the evidence log.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{KeyId, TenantId};
 use crate::hsm::{self, Hsm};
 use crate::pki::{self, CertInfo};
+use crate::storage::{self, KeyStateStore};
 
 /// Lifecycle of a key version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -54,13 +56,10 @@ pub enum Error {
     CertificateNotUsable { key_id: KeyId, reason: pki::Error },
     #[error("key {0} not found")]
     UnknownKey(KeyId),
-    #[error("cannot persist key states to {path}: {source}")]
-    Persist {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("cannot read key states from {path}: {reason}")]
-    Load { path: String, reason: String },
+    #[error("cannot persist key states: {0}")]
+    Persist(storage::Error),
+    #[error("cannot read key states: {0}")]
+    Load(storage::Error),
     #[error(transparent)]
     Hsm(#[from] hsm::Error),
 }
@@ -71,8 +70,8 @@ impl Error {
             Error::NoActiveKey(_) => "no_active_key",
             Error::CertificateNotUsable { .. } => "certificate_not_usable",
             Error::UnknownKey(_) => "unknown_key",
-            Error::Persist { .. } => "persist",
-            Error::Load { .. } => "load",
+            Error::Persist(_) => "persist",
+            Error::Load(_) => "load",
             Error::Hsm(e) => e.kind(),
         }
     }
@@ -170,40 +169,43 @@ fn usable_for_signing(
     Ok(Arc::clone(v))
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct StateFile {
-    format: u32,
-    versions: BTreeMap<String, VersionRecord>,
-}
-
 pub struct Registry {
     snapshot: ArcSwap<Snapshot>,
-    path: PathBuf,
-    /// Serialises mutations (persist + publish).
-    write: Mutex<()>,
+    store: Arc<dyn KeyStateStore>,
+    /// The records as last persisted or loaded; guarded by the writer lock with mutations.
+    write: tokio::sync::Mutex<BTreeMap<String, VersionRecord>>,
 }
 
 impl Registry {
-    /// Rebuild the registry from the token and `state_dir/keys.json`.
+    /// Rebuild the registry from the token and the stored states.
     pub async fn load(
         hsm: &Hsm,
-        state_dir: &Path,
+        store: Arc<dyn KeyStateStore>,
         grace: Duration,
         now: u64,
     ) -> Result<Self, Error> {
-        let path = state_dir.join("keys.json");
-        let file = read_state(&path)?;
-        let found = hsm.call(scan_token).await?;
-        let (snapshot, records) = reconcile(found, &file.versions, grace, now);
         let registry = Self {
-            snapshot: ArcSwap::from_pointee(snapshot),
-            path,
-            write: Mutex::new(()),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            store,
+            write: tokio::sync::Mutex::new(BTreeMap::new()),
         };
-        if records != file.versions {
-            registry.persist(&records)?;
-        }
+        registry.reload(hsm, grace, now).await?;
         Ok(registry)
+    }
+
+    /// Read the token and the stored states again (another replica changed them). Persists
+    /// states derived for versions that have none yet.
+    pub async fn reload(&self, hsm: &Hsm, grace: Duration, now: u64) -> Result<(), Error> {
+        let mut persisted = self.write.lock().await;
+        let stored = read_records(self.store.as_ref()).await?;
+        let found = hsm.call(scan_token).await?;
+        let (snapshot, records) = reconcile(found, &stored, grace, now);
+        if records != stored {
+            self.persist(&records, &stored).await?;
+        }
+        *persisted = records;
+        self.snapshot.store(Arc::new(snapshot));
+        Ok(())
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -241,18 +243,22 @@ impl Registry {
     }
 
     /// Insert or replace a version. Persists before publishing.
-    pub fn upsert(&self, version: KeyVersion) -> Result<(), Error> {
+    pub async fn upsert(&self, version: KeyVersion) -> Result<(), Error> {
         self.mutate(|tenants| {
             let list = tenants.entry(version.key_id.tenant().clone()).or_default();
             list.retain(|v| v.key_id != version.key_id);
             list.push(Arc::new(version));
             list.sort_by_key(|v| v.key_id.version());
         })
+        .await
     }
 
     /// Change states of several versions at once (one atomic write): e.g. activate the new
     /// version and make the old one retiring in the same step.
-    pub fn set_states(&self, changes: &[(KeyId, KeyState, Option<u64>)]) -> Result<(), Error> {
+    pub async fn set_states(
+        &self,
+        changes: &[(KeyId, KeyState, Option<u64>)],
+    ) -> Result<(), Error> {
         for (id, _, _) in changes {
             if self.snapshot.load().version(id).is_none() {
                 return Err(Error::UnknownKey(id.clone()));
@@ -275,13 +281,14 @@ impl Registry {
                 }
             }
         })
+        .await
     }
 
-    fn mutate(
+    async fn mutate(
         &self,
         f: impl FnOnce(&mut BTreeMap<TenantId, Vec<Arc<KeyVersion>>>),
     ) -> Result<(), Error> {
-        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut persisted = self.write.lock().await;
         let mut tenants = self.snapshot.load().tenants.clone();
         f(&mut tenants);
         let records = tenants
@@ -297,21 +304,36 @@ impl Registry {
                 )
             })
             .collect();
-        self.persist(&records)?;
+        self.persist(&records, &persisted).await?;
+        *persisted = records;
         self.snapshot.store(Arc::new(Snapshot { tenants }));
         Ok(())
     }
 
-    fn persist(&self, records: &BTreeMap<String, VersionRecord>) -> Result<(), Error> {
-        let file = StateFile {
-            format: 1,
-            versions: records.clone(),
-        };
-        let bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
-        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| Error::Persist {
-            path: self.path.display().to_string(),
-            source,
-        })
+    /// Store `records`; `before` is what the store held, to tell which versions changed.
+    async fn persist(
+        &self,
+        records: &BTreeMap<String, VersionRecord>,
+        before: &BTreeMap<String, VersionRecord>,
+    ) -> Result<(), Error> {
+        let changed: Vec<String> = records
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .chain(before.keys().filter(|k| !records.contains_key(*k)).cloned())
+            .collect();
+        let all = records
+            .iter()
+            .map(|(k, v)| {
+                serde_json::to_value(v)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| Error::Persist(storage::Error::Invalid(e.to_string())))
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        self.store
+            .save(&all, &changed)
+            .await
+            .map_err(Error::Persist)
     }
 }
 
@@ -349,21 +371,18 @@ pub fn scan_token(s: &hsm::TokenSession<'_>) -> Result<Vec<Found>, hsm::Error> {
     Ok(out)
 }
 
-fn read_state(path: &Path) -> Result<StateFile, Error> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Load {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile {
-            format: 1,
-            ..Default::default()
-        }),
-        Err(e) => Err(Error::Load {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
-    }
+async fn read_records(store: &dyn KeyStateStore) -> Result<BTreeMap<String, VersionRecord>, Error> {
+    store
+        .load()
+        .await
+        .map_err(Error::Load)?
+        .into_iter()
+        .map(|(k, v)| {
+            serde_json::from_value(v)
+                .map(|r| (k.clone(), r))
+                .map_err(|e| Error::Load(storage::Error::Invalid(format!("key {k}: {e}"))))
+        })
+        .collect()
 }
 
 /// Combine what the token holds with the recorded states.

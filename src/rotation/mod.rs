@@ -4,7 +4,9 @@
 //! `planned` → `key_generated` → (`awaiting_certificate` →) `certificate_received` →
 //! `staged` → done (new version active, old one retiring). Each step does an idempotent
 //! action (keyed by `CKA_ID` in the token, or a state the registry already has), appends its
-//! evidence entry, then persists the new step in `state_dir/rotations.json` (atomic write).
+//! evidence entry, then persists the new step in the journal store (`state_dir/rotations.json`
+//! written atomically, or the `signet_rotations` table). With several replicas each action
+//! holds the tenant's lease, so a rotation runs once, and any replica resumes it after a crash.
 //! A crash anywhere re-runs at most one step, so there are no duplicate keys and never a
 //! tenant without an active key. The monitor also retires versions whose grace has ended
 //! (destroys the private key, keeps the certificate) and exports the expiry metrics.
@@ -12,11 +14,11 @@
 //! Never touches HTTP; reached through `service`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use signature::hazmat::PrehashVerifier;
 
@@ -28,6 +30,7 @@ use crate::keys::{KeyState, KeyVersion};
 use crate::metrics::ROTATION_STATES;
 use crate::pki::{self, CertInfo};
 use crate::service::App;
+use crate::storage::{self, JournalData, JournalStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,17 +38,17 @@ pub enum Error {
     Conflict(String),
     #[error("certificate refused: {0}")]
     Rejected(pki::Error),
-    #[error("cannot persist the rotation journal to {path}: {source}")]
-    Persist {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot persist the rotation journal: {0}")]
+    Persist(storage::Error),
     #[error("cannot read the rotation journal {path}: {reason}")]
     Load { path: String, reason: String },
     #[error("rotation step `{step}` failed: {reason}")]
     Step { step: &'static str, reason: String },
     #[error(transparent)]
     Audit(#[from] crate::audit::Error),
+    /// The shared state (other replicas' changes) could not be read before acting.
+    #[error("cannot read the shared key states and rotation journal: {0}")]
+    SharedState(String),
 }
 
 /// Why a rotation started.
@@ -149,39 +152,55 @@ struct Journal {
 const HISTORY: usize = 200;
 
 pub struct Engine {
-    path: PathBuf,
+    store: Arc<dyn JournalStore>,
     /// Guarded by `op` for writers; readers take a clone.
     journal: Mutex<Journal>,
-    /// Serialises every workflow action (admin calls and the monitor).
+    /// Serialises every workflow action (admin calls and the monitor) in this process; across
+    /// replicas, each action also holds the tenant's lease (`rotation:TENANT`).
     op: tokio::sync::Mutex<()>,
     wake: tokio::sync::Notify,
 }
 
 impl Engine {
-    pub fn load(state_dir: &Path) -> Result<Self, Error> {
-        let path = state_dir.join("rotations.json");
-        let journal = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Load {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal {
-                format: 1,
-                ..Default::default()
-            },
-            Err(e) => {
-                return Err(Error::Load {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                });
-            }
-        };
-        Ok(Self {
-            path,
-            journal: Mutex::new(journal),
+    pub async fn load(store: Arc<dyn JournalStore>) -> Result<Self, Error> {
+        let engine = Self {
+            store,
+            journal: Mutex::new(Journal::default()),
             op: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
-        })
+        };
+        engine.reload().await?;
+        Ok(engine)
+    }
+
+    /// Read the journal from the store again (another replica may have moved a rotation on).
+    pub async fn reload(&self) -> Result<(), Error> {
+        let data = self.store.load().await.map_err(|e| Error::Load {
+            path: "rotation journal".into(),
+            reason: e.to_string(),
+        })?;
+        let parse = |v: Value| {
+            serde_json::from_value::<Rotation>(v).map_err(|e| Error::Load {
+                path: "rotation journal".into(),
+                reason: e.to_string(),
+            })
+        };
+        let mut active = BTreeMap::new();
+        for (_, v) in data.active {
+            let r = parse(v)?;
+            active.insert(r.tenant.clone(), r);
+        }
+        let history = data
+            .history
+            .into_iter()
+            .map(parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        *self.journal() = Journal {
+            format: 1,
+            active,
+            history,
+        };
+        Ok(())
     }
 
     /// Ask the monitor to run now (after a change).
@@ -211,27 +230,42 @@ impl Engine {
     }
 
     /// Persist `rotation` as the tenant's in-progress record (or move it to history when
-    /// finished). Commit point: after this returns, a restart resumes from `rotation.step`.
-    fn save(&self, rotation: &Rotation) -> Result<(), Error> {
-        let mut j = self.journal();
-        match rotation.step {
-            Step::Completed | Step::RolledBack | Step::Aborted => {
+    /// finished). Commit point: after this returns, a restart (of any replica) resumes from
+    /// `rotation.step`.
+    async fn save(&self, rotation: &Rotation) -> Result<(), Error> {
+        let finished = matches!(
+            rotation.step,
+            Step::Completed | Step::RolledBack | Step::Aborted
+        );
+        let (whole, value) = {
+            let mut j = self.journal();
+            if finished {
                 j.active.remove(&rotation.tenant);
                 j.history.push(rotation.clone());
                 let excess = j.history.len().saturating_sub(HISTORY);
                 j.history.drain(..excess);
-            }
-            _ => {
+            } else {
                 j.active.insert(rotation.tenant.clone(), rotation.clone());
             }
-        }
-        j.format = 1;
-        let bytes = serde_json::to_vec_pretty(&*j).unwrap_or_default();
-        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| Error::Persist {
-            path: self.path.display().to_string(),
-            source,
-        })?;
-        drop(j);
+            j.format = 1;
+            let to_value = |r: &Rotation| {
+                serde_json::to_value(r)
+                    .map_err(|e| Error::Persist(storage::Error::Invalid(e.to_string())))
+            };
+            let whole = JournalData {
+                active: j
+                    .active
+                    .iter()
+                    .map(|(t, r)| Ok((t.to_string(), to_value(r)?)))
+                    .collect::<Result<_, Error>>()?,
+                history: j.history.iter().map(to_value).collect::<Result<_, _>>()?,
+            };
+            (whole, to_value(rotation)?)
+        };
+        self.store
+            .save(&whole, rotation.tenant.as_str(), &value, finished)
+            .await
+            .map_err(Error::Persist)?;
         crash_point(rotation.step.as_str());
         Ok(())
     }
@@ -274,6 +308,7 @@ impl App {
     /// Start a rotation (or the first key of a tenant) and run it as far as it goes.
     pub async fn rotation_start(&self, start: Start) -> Result<Rotation, Error> {
         let _op = self.rotation.op.lock().await;
+        let _lease = self.tenant_lease(&start.tenant).await?;
         let snap = self.keys.snapshot();
         let versions = snap.tenant(&start.tenant);
         if let Some(r) = self.rotation.in_progress(&start.tenant) {
@@ -355,7 +390,7 @@ impl App {
             tracing::warn!(tenant = %start.tenant, "recovering a tenant without an active key by a rotation to a new version");
         }
         self.record(e).await?;
-        self.rotation.save(&rotation)?;
+        self.rotation.save(&rotation).await?;
         self.metrics.rotations.with_label_values(&["started"]).inc();
         tracing::info!(tenant = %rotation.tenant, to_version = rotation.to_version, trigger = ?rotation.trigger, "rotation started");
         let result = self.advance(rotation, &start.actor).await;
@@ -388,7 +423,7 @@ impl App {
                     rotation.attempts = 0;
                     rotation.last_error = None;
                     rotation.next_attempt_at = None;
-                    self.rotation.save(&rotation)?;
+                    self.rotation.save(&rotation).await?;
                     if rotation.step == Step::Completed {
                         self.metrics
                             .rotations
@@ -411,7 +446,7 @@ impl App {
                     rotation.last_error = Some(reason.clone());
                     rotation.next_attempt_at = Some(now + backoff.as_secs().max(1));
                     rotation.updated_at = now;
-                    self.rotation.save(&rotation)?;
+                    self.rotation.save(&rotation).await?;
                     self.metrics
                         .rotations
                         .with_label_values(&["failed_attempt"])
@@ -559,6 +594,7 @@ impl App {
                         has_private_key: true,
                         retiring_until: None,
                     })
+                    .await
                     .map_err(|e| e.to_string())?;
                 r.step = Step::Staged;
             }
@@ -589,7 +625,10 @@ impl App {
                     "previous_retiring_until": old.as_ref().map(|_| pki::rfc3339(until)),
                 }));
                 self.record(e).await.map_err(|e| e.to_string())?;
-                self.keys.set_states(&changes).map_err(|e| e.to_string())?;
+                self.keys
+                    .set_states(&changes)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 r.step = Step::Completed;
             }
             Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => {}
@@ -608,6 +647,7 @@ impl App {
         request_id: Option<String>,
     ) -> Result<Rotation, Error> {
         let _op = self.rotation.op.lock().await;
+        let _lease = self.tenant_lease(tenant).await?;
         if self.dynamic.load().rotation.issuer != Issuer::Manual {
             return Err(Error::Conflict("rotation.issuer is \"hsm-ca\": certificates are issued by the internal CA, not imported".into()));
         }
@@ -636,7 +676,7 @@ impl App {
         r.certificate_pem = Some(info.to_pem());
         r.step = Step::CertificateReceived;
         r.updated_at = self.clock.unix();
-        self.rotation.save(&r)?;
+        self.rotation.save(&r).await?;
         let result = self.advance(r, actor).await;
         self.refresh_metrics();
         result
@@ -698,6 +738,7 @@ impl App {
         request_id: Option<String>,
     ) -> Result<Rotation, Error> {
         let _op = self.rotation.op.lock().await;
+        let _lease = self.tenant_lease(tenant).await?;
         let now = self.clock.unix();
         if let Some(mut r) = self.rotation.in_progress(tenant) {
             // Not active yet: abort, destroying the new private key.
@@ -722,6 +763,7 @@ impl App {
             if self.keys.snapshot().version(&r.new_key_id()).is_some() {
                 self.keys
                     .set_states(&[(r.new_key_id(), KeyState::Retired, None)])
+                    .await
                     .map_err(|e| Error::Step {
                         step: "abort",
                         reason: e.to_string(),
@@ -729,7 +771,7 @@ impl App {
             }
             r.step = Step::Aborted;
             r.updated_at = now;
-            self.rotation.save(&r)?;
+            self.rotation.save(&r).await?;
             self.metrics.rotations.with_label_values(&["aborted"]).inc();
             self.refresh_metrics();
             return Ok(r);
@@ -784,6 +826,7 @@ impl App {
                 (previous.key_id.clone(), KeyState::Active, None),
                 (current.key_id.clone(), KeyState::Retired, None),
             ])
+            .await
             .map_err(|e| Error::Step {
                 step: "rollback",
                 reason: e.to_string(),
@@ -792,7 +835,7 @@ impl App {
         if let Err(e) = self.hsm.call(move |s| s.destroy_private_key(&id)).await {
             tracing::error!(error = %e, "rolled-back key's private key not destroyed yet; the monitor retries");
         }
-        self.rotation.save(&r)?;
+        self.rotation.save(&r).await?;
         self.metrics
             .rotations
             .with_label_values(&["rolled_back"])
@@ -825,6 +868,17 @@ impl App {
             if !(due || (v.state == KeyState::Retired && v.has_private_key)) {
                 continue;
             }
+            // Another replica may have retired it meanwhile: look again under the lease.
+            let Ok(_lease) = self.tenant_lease(v.key_id.tenant()).await else {
+                continue;
+            };
+            let Some(v) = self.keys.snapshot().version(&v.key_id).cloned() else {
+                continue;
+            };
+            let due = v.state == KeyState::Retiring && v.retiring_until.is_some_and(|t| t <= now);
+            if !(due || (v.state == KeyState::Retired && v.has_private_key)) {
+                continue;
+            }
             let id = v.token_id();
             if let Err(err) = self.hsm.call(move |s| s.destroy_private_key(&id)).await {
                 tracing::error!(key_id = %v.key_id, error = %err, "cannot destroy a retired private key; will retry");
@@ -848,6 +902,7 @@ impl App {
             match self
                 .keys
                 .set_states(&[(v.key_id.clone(), KeyState::Retired, None)])
+                .await
             {
                 Ok(()) if due => {
                     self.metrics.rotations.with_label_values(&["retired"]).inc();
@@ -857,6 +912,20 @@ impl App {
                 Err(err) => tracing::error!(error = %err, "cannot persist a retirement"),
             }
         }
+    }
+
+    /// Hold `tenant`'s rotation lease (one replica at a time) and read the shared state as it
+    /// is now, before acting on it.
+    async fn tenant_lease(&self, tenant: &TenantId) -> Result<storage::LeaseGuard, Error> {
+        let guard = self
+            .leases
+            .lock(&format!("rotation:{tenant}"))
+            .await
+            .map_err(Error::Persist)?;
+        self.reload_shared_state()
+            .await
+            .map_err(|e| Error::SharedState(e.to_string()))?;
+        Ok(guard)
     }
 
     /// Tenants whose active certificate entered `renew_before` and have no rotation running.
@@ -900,6 +969,16 @@ impl App {
         let _op = self.rotation.op.lock().await;
         let now = self.clock.unix();
         for r in self.rotation.all_in_progress() {
+            if r.step == Step::AwaitingCertificate || r.next_attempt_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            // Another replica may be running it: look again under the tenant's lease.
+            let Ok(_lease) = self.tenant_lease(&r.tenant).await else {
+                continue;
+            };
+            let Some(r) = self.rotation.in_progress(&r.tenant) else {
+                continue;
+            };
             if r.step == Step::AwaitingCertificate || r.next_attempt_at.is_some_and(|t| t > now) {
                 continue;
             }

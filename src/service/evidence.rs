@@ -67,7 +67,7 @@ pub struct IndexedEntry {
 impl App {
     /// Every entry with `transaction_id` the caller may read (its tenants; the admin and audit
     /// roles: all), each with an inclusion proof to the latest signed checkpoint.
-    pub fn transaction(
+    pub async fn transaction(
         &self,
         caller: &Caller,
         transaction_id: &str,
@@ -85,15 +85,15 @@ impl App {
         let signed = checkpoint.as_ref().map_or(0, |c| c.tree_size);
         let mut entries = Vec::new();
         let mut pending = Vec::new();
-        for index in self.log.transaction_entries(transaction_id) {
+        for index in self.log.transaction_entries(transaction_id).await? {
             // Checkpointed entries are read once, with their proof; newer ones on their own.
             let proof = match &checkpoint {
-                Some(cp) if index < signed => Some(self.log.prove_with(index, cp.clone())?),
+                Some(cp) if index < signed => Some(self.log.prove_with(index, cp.clone()).await?),
                 _ => None,
             };
             let bytes = match &proof {
                 Some(p) => std::borrow::Cow::Borrowed(p.entry.as_slice()),
-                None => std::borrow::Cow::Owned(self.log.entry(index)?),
+                None => std::borrow::Cow::Owned(self.log.entry(index).await?),
             };
             let entry: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
@@ -122,7 +122,11 @@ impl App {
     }
 
     /// A page of `tenant`'s entries with `since <= time < until`, after `cursor`.
-    pub fn tenant_entries(&self, caller: &Caller, q: &EntriesQuery) -> Result<EntriesPage, Error> {
+    pub async fn tenant_entries(
+        &self,
+        caller: &Caller,
+        q: &EntriesQuery,
+    ) -> Result<EntriesPage, Error> {
         let raw = q
             .tenant
             .as_deref()
@@ -165,17 +169,15 @@ impl App {
             .unwrap_or(DEFAULT_PAGE);
         let page = self
             .log
-            .tenant_entries(tenant.as_str(), since, until, after, limit);
-        let entries = page
-            .indexes
-            .into_iter()
-            .map(|index| {
-                let bytes = self.log.entry(index)?;
-                let entry =
-                    serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
-                Ok(IndexedEntry { index, entry })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+            .tenant_entries(tenant.as_str(), since, until, after, limit)
+            .await?;
+        let mut entries = Vec::with_capacity(page.indexes.len());
+        for index in page.indexes {
+            let bytes = self.log.entry(index).await?;
+            let entry =
+                serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
+            entries.push(IndexedEntry { index, entry });
+        }
         Ok(EntriesPage {
             tenant: tenant.to_string(),
             entries,
@@ -186,14 +188,14 @@ impl App {
     /// A self-contained evidence bundle of the transaction's checkpointed entries the caller may
     /// read (only `tenant`'s, if given): proofs, checkpoint and its timestamp, certificates,
     /// their CA and the log key.
-    pub fn transaction_bundle(
+    pub async fn transaction_bundle(
         &self,
         caller: &Caller,
         transaction_id: &str,
         tenant: Option<&str>,
     ) -> Result<crate::audit::bundle::Bundle, Error> {
         use crate::audit::bundle::{Bundle, BundleCheckpoint, BundleEntry, BundleLog, FORMAT};
-        let view = self.transaction(caller, transaction_id)?;
+        let view = self.transaction(caller, transaction_id).await?;
         let note = view.checkpoint.clone().ok_or_else(|| {
             Error::NotFound("no checkpoint has been signed yet; retry shortly".into())
         })?;

@@ -23,7 +23,7 @@ pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};
 
 use crate::audit::{self, CheckpointSigner, EvidenceLog};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, DynamicConfig, Issuer, Role};
+use crate::config::{Config, DynamicConfig, Issuer, Role, StorageConfig};
 use crate::domain::TenantId;
 use crate::hsm::{self, CA_KEY_ID, Hsm, LOG_ANCHOR_LABEL, LOG_KEY_ID, LOG_MAC_KEY_ID, TokenSigner};
 use crate::keys::{self, Registry};
@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::pki::{self, CertInfo};
 use crate::policy::{self, Policies};
 use crate::rotation::{self, Engine};
+use crate::storage;
 use crate::tls::ClientIdentity;
 
 use idempotency::Idempotency;
@@ -136,7 +137,12 @@ pub struct App {
     limiters: policy::Limiters,
     pub hsm: Hsm,
     pub keys: Arc<Registry>,
-    pub log: Arc<EvidenceLog>,
+    pub log: Arc<storage::Log>,
+    /// Cross-replica locks (rotations); local no-ops with the file backend.
+    pub leases: Arc<dyn storage::Leases>,
+    /// The PostgreSQL backend, when configured: idempotency claims, state changes.
+    pub postgres: Option<Arc<storage::postgres::PgLog>>,
+    pub db: Option<Arc<storage::postgres::Db>>,
     pub metrics: Arc<Metrics>,
     pub idempotency: Idempotency<SignResponse, Error>,
     pub clock: Arc<dyn Clock>,
@@ -202,6 +208,8 @@ pub enum StartError {
     Rotation(#[from] rotation::Error),
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("storage: {0}")]
+    Storage(#[from] storage::Error),
 }
 
 /// How the evidence log is opened.
@@ -237,19 +245,64 @@ impl App {
             hsm: hsm.clone(),
             public: log_public,
         });
-        let opts = audit::Options {
-            dir: config.audit.dir.clone(),
-            origin: config.audit.origin.clone(),
-            fsync: config.audit.fsync,
-            max_group_entries: config.audit.max_group_entries,
-            accept_restore: opening == LogOpening::AcceptRestore,
+        let accept_restore = opening == LogOpening::AcceptRestore;
+        let (log, keys_store, journal, leases, postgres, db): (
+            Arc<storage::Log>,
+            Arc<dyn storage::KeyStateStore>,
+            Arc<dyn storage::JournalStore>,
+            Arc<dyn storage::Leases>,
+            _,
+            _,
+        ) = match &config.storage {
+            StorageConfig::File => {
+                let opts = audit::Options {
+                    dir: config.audit.dir.clone(),
+                    origin: config.audit.origin.clone(),
+                    fsync: config.audit.fsync,
+                    max_group_entries: config.audit.max_group_entries,
+                    accept_restore,
+                };
+                let log_metrics = Arc::clone(&metrics);
+                let log = tokio::task::spawn_blocking(move || {
+                    EvidenceLog::open(opts, Arc::clone(&log_keys) as _, log_keys, log_metrics)
+                })
+                .await??;
+                metrics.storage_up.set(1);
+                let state = Arc::new(storage::FileState::new(&config.state_dir));
+                (
+                    Arc::new(storage::Log::File(Arc::new(log))),
+                    Arc::clone(&state) as _,
+                    state as _,
+                    Arc::new(storage::ProcessLeases) as _,
+                    None,
+                    None,
+                )
+            }
+            StorageConfig::Postgres(pg) => {
+                let db = storage::postgres::Db::connect(pg, Arc::clone(&metrics)).await?;
+                let log = storage::postgres::PgLog::open(
+                    Arc::clone(&db),
+                    storage::postgres::Options {
+                        origin: config.audit.origin.clone(),
+                        max_group_entries: config.audit.max_group_entries,
+                        accept_restore,
+                    },
+                    Arc::clone(&log_keys) as _,
+                    log_keys,
+                    Arc::clone(&metrics),
+                )
+                .await?;
+                let state = Arc::new(storage::postgres::PgState::new(Arc::clone(&db)));
+                (
+                    Arc::new(storage::Log::Postgres(Arc::clone(&log))),
+                    Arc::clone(&state) as _,
+                    state as _,
+                    Arc::new(storage::postgres::PgLeases::new(Arc::clone(&db))) as _,
+                    Some(log),
+                    Some(db),
+                )
+            }
         };
-        let log_metrics = Arc::clone(&metrics);
-        let log = tokio::task::spawn_blocking(move || {
-            EvidenceLog::open(opts, Arc::clone(&log_keys) as _, log_keys, log_metrics)
-        })
-        .await??;
-        let log = Arc::new(log);
 
         let ca = match config.dynamic.rotation.issuer {
             Issuer::HsmCa => Some(Arc::new(
@@ -260,7 +313,7 @@ impl App {
         let keys = Arc::new(
             Registry::load(
                 &hsm,
-                &config.state_dir,
+                keys_store,
                 config.dynamic.rotation.grace,
                 clock.unix(),
             )
@@ -273,7 +326,7 @@ impl App {
             move || evictions.inc(),
         );
         let limiters = policy::Limiters::default();
-        let rotation = Engine::load(&config.state_dir)?;
+        let rotation = Engine::load(journal).await?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let app = Arc::new(Self {
             dynamic: ArcSwap::from_pointee(config.dynamic.clone()),
@@ -286,6 +339,9 @@ impl App {
             hsm,
             keys,
             log,
+            leases,
+            postgres,
+            db,
             metrics,
             idempotency,
             clock,
@@ -334,16 +390,21 @@ impl App {
             let stop = self.shutdown.subscribe();
             tasks.push(tokio::spawn(timestamping::run(app, cfg, stop)));
         }
+        if let (Some(db), Some(pg)) = (&self.db, &self.postgres) {
+            db.spawn_watchers(self.shutdown.subscribe());
+            pg.start_leading();
+            let app = Arc::clone(self);
+            let stop = self.shutdown.subscribe();
+            tasks.push(tokio::spawn(
+                async move { app.follow_shared_state(stop).await },
+            ));
+        }
     }
 
     /// Sign a checkpoint now if the tree grew (and queue it for an RFC 3161 timestamp).
     pub async fn checkpoint(&self) -> Result<Option<Arc<audit::StoredCheckpoint>>, Error> {
-        let log = Arc::clone(&self.log);
         let now = self.clock.unix();
-        let signed = tokio::task::spawn_blocking(move || log.checkpoint_blocking(now))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(Error::from)?;
+        let signed = self.log.checkpoint(now).await?;
         if let Some(cp) = &signed
             && self.config.audit.timestamping.is_some()
         {
@@ -449,13 +510,18 @@ impl App {
             "tree_size_before_this_entry": self.log.tree_size(),
         }));
         self.log.append(vec![e]).await?;
-        self.checkpoint().await?;
+        // Re-anchors the log (with PostgreSQL, whichever replica leads).
+        self.log.checkpoint_now(self.clock.unix()).await?;
         Ok(findings)
     }
 
-    /// Fill the idempotency cache from the log's entries inside the retention window.
+    /// Fill the idempotency cache from the log's entries inside the retention window (file
+    /// backend; with PostgreSQL the records are in the database and read on demand).
     async fn rebuild_idempotency(&self) -> Result<(), StartError> {
-        let log = Arc::clone(&self.log);
+        let storage::Log::File(log) = &*self.log else {
+            return Ok(());
+        };
+        let log = Arc::clone(log);
         let now = self.clock.unix();
         let retention = self.config.audit.idempotency_retention.as_secs();
         let cutoff = now.saturating_sub(retention);
@@ -495,6 +561,60 @@ impl App {
                 "idempotency records restored from the evidence log"
             );
         }
+        Ok(())
+    }
+
+    /// With PostgreSQL: pick up other replicas' key-state and journal changes (NOTIFY, and the
+    /// state version polled every second), and expire old idempotency records (the leader).
+    async fn follow_shared_state(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let (Some(db), Some(pg)) = (&self.db, &self.postgres) else {
+            return;
+        };
+        let mut changes = db.state_changes();
+        let mut seen: Option<i64> = None;
+        let mut last_expiry = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+            match db.state_version().await {
+                Ok(v) if seen != Some(v) => match self.reload_shared_state().await {
+                    Ok(()) => {
+                        seen = Some(v);
+                        self.refresh_metrics();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reload the shared state; will retry")
+                    }
+                },
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot read the shared state version"),
+            }
+            if pg.is_leader() && last_expiry.elapsed() > Duration::from_secs(60) {
+                last_expiry = std::time::Instant::now();
+                if let Err(e) = pg
+                    .expire_claims(self.config.audit.idempotency_retention)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot expire idempotency records");
+                }
+            }
+        }
+    }
+
+    /// With several replicas: read key states (and the token) and the rotation journal again,
+    /// as another replica may have changed them. Nothing to do with the file backend.
+    pub async fn reload_shared_state(&self) -> Result<(), StartError> {
+        if self.db.is_none() {
+            return Ok(());
+        }
+        self.rotation.reload().await?;
+        let grace = self.dynamic.load().rotation.grace;
+        self.keys
+            .reload(&self.hsm, grace, self.clock.unix())
+            .await?;
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 //! replay of an idempotent request is byte-identical to the first answer.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -22,6 +22,7 @@ use crate::audit::{Receipt, merkle};
 use crate::domain::{DigestAlgorithm, KeyId, PolicyId, SIGNATURE_ALGORITHM, Sha256Digest};
 use crate::keys::KeyVersion;
 use crate::policy::{Policies, Policy};
+use crate::storage::postgres::Claim;
 
 const MAX_TRANSACTION_ID: usize = 256;
 const MAX_SIGNER_BYTES: usize = 8 * 1024;
@@ -400,13 +401,51 @@ impl App {
             return self.sign_and_record(caller, &ready).await;
         };
         let request_sha256 = idem.request_sha256.clone();
-        let cache_key = (caller.identity.identity.clone(), idem.key_sha256);
+        let key_sha256 = idem.key_sha256;
+        let cache_key = (caller.identity.identity.clone(), key_sha256);
         let begun = self.idempotency.begin(cache_key, || {
             // Runs as its own task: a client that hangs up cannot cancel the signature, the
             // append or the record half-way.
             let (app, caller, request_sha256) =
                 (Arc::clone(self), caller.clone(), request_sha256.clone());
             async move {
+                // With several replicas the database decides who signs: one claim per key.
+                if let Some(pg) = &app.postgres {
+                    let client = caller.identity.identity.as_str();
+                    let lease = match &app.config.storage {
+                        crate::config::StorageConfig::Postgres(c) => c.claim_lease,
+                        crate::config::StorageConfig::File => Duration::from_secs(10),
+                    };
+                    let claim = pg
+                        .claim(client, &key_sha256, &request_sha256, lease)
+                        .await
+                        .map_err(|e| Arc::new(Error::Audit(e)))?;
+                    match claim {
+                        Claim::Owned => {}
+                        Claim::Recorded {
+                            request_sha256: recorded,
+                            index,
+                        } => {
+                            let response = app.replay_entry(index).await.map_err(Arc::new)?;
+                            return Ok(Fresh {
+                                request_sha256: recorded,
+                                index,
+                                response: Arc::new(response),
+                            });
+                        }
+                        Claim::Conflict => return Err(Arc::new(Error::IdempotencyConflict)),
+                    }
+                    let signed = app.sign_and_record(&caller, &ready).await;
+                    if signed.is_err() {
+                        pg.release(client, &key_sha256).await;
+                    }
+                    let response = signed.map_err(Arc::new)?;
+                    return Ok(Fresh {
+                        request_sha256,
+                        index: response.receipt.index,
+                        response: Arc::new(response),
+                    });
+                }
                 let response = app
                     .sign_and_record(&caller, &ready)
                     .await
@@ -419,7 +458,7 @@ impl App {
             }
         });
         let fresh = match begun {
-            Begin::Recorded(record) => return self.replay(&record, &request_sha256),
+            Begin::Recorded(record) => return self.replay(&record, &request_sha256).await,
             Begin::Pending(pending) => pending.await.map_err(Error::Shared)?,
         };
         if fresh.request_sha256 != request_sha256 {
@@ -429,16 +468,21 @@ impl App {
     }
 
     /// Answer a recorded idempotent request from its durable entry, exactly as the first time.
-    fn replay(&self, record: &Record, request_sha256: &str) -> Result<SignResponse, Error> {
+    async fn replay(&self, record: &Record, request_sha256: &str) -> Result<SignResponse, Error> {
         if record.request_sha256 != request_sha256 {
             return Err(Error::IdempotencyConflict);
         }
-        let bytes = self.log.entry(record.index)?;
+        self.replay_entry(record.index).await
+    }
+
+    /// The response recorded in entry `index`, byte for byte as it was first given.
+    async fn replay_entry(&self, index: u64) -> Result<SignResponse, Error> {
+        let bytes = self.log.entry(index).await?;
         let entry: Entry =
             serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
         let receipt = Receipt {
             log_origin: self.log.origin().to_owned(),
-            index: record.index,
+            index,
             leaf_hash: B64.encode(merkle::leaf_hash(&bytes)),
         };
         let certificate = entry
@@ -477,7 +521,7 @@ impl App {
                 }
                 Err(crate::audit::Error::Superseded(v)) if attempt < MAX_RESIGN => {
                     attempt += 1;
-                    key = self.superseding_key(&v)?;
+                    key = self.superseding_key(&v).await?;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -485,7 +529,7 @@ impl App {
     }
 
     /// The version the log made active, to sign again with after a `Superseded` refusal.
-    fn superseding_key(
+    async fn superseding_key(
         &self,
         v: &crate::audit::order::Violation,
     ) -> Result<Arc<KeyVersion>, Error> {
@@ -496,7 +540,16 @@ impl App {
             .parse()
             .map_err(|e: crate::domain::ParseError| Error::Internal(e.to_string()))?;
         let min = self.dynamic.load().rotation.min_remaining_validity;
-        Ok(self.keys.signing_version(&key_id, self.clock.unix(), min)?)
+        match self.keys.signing_version(&key_id, self.clock.unix(), min) {
+            Err(crate::keys::Error::UnknownKey(_)) if self.db.is_some() => {
+                // Another replica activated a version this one has not loaded yet.
+                self.reload_shared_state()
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                Ok(self.keys.signing_version(&key_id, self.clock.unix(), min)?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Sign several prepared items in one token call and record them in one append.
@@ -563,7 +616,7 @@ impl App {
                 }
                 Err(crate::audit::Error::Superseded(v)) if attempt < MAX_RESIGN => {
                     attempt += 1;
-                    let active = match self.superseding_key(&v) {
+                    let active = match self.superseding_key(&v).await {
                         Ok(k) => k,
                         Err(e) => return fail_all(items, e),
                     };

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -29,6 +31,8 @@ pub struct Signet {
     pub api: SocketAddr,
     pub metrics: SocketAddr,
     pub env: Vec<(String, String)>,
+    /// Suffix of this process's ready file and log (replicas share one installation).
+    pub name: String,
 }
 
 pub struct Init {
@@ -86,6 +90,7 @@ impl Signet {
             api: "127.0.0.1:0".parse().unwrap(),
             metrics: "127.0.0.1:0".parse().unwrap(),
             env: Vec::new(),
+            name: String::new(),
         };
         // Tests run faster with short intervals.
         s.edit_config(|c| {
@@ -104,6 +109,20 @@ impl Signet {
         s
     }
 
+    /// Another process of this installation (same configuration, token and storage): a
+    /// replica. Start it with [`Signet::start`].
+    pub fn replica(&self, name: &str) -> Signet {
+        Signet {
+            tmp: tempfile::tempdir().expect("tempdir"),
+            dir: self.dir.clone(),
+            child: None,
+            api: "127.0.0.1:0".parse().unwrap(),
+            metrics: "127.0.0.1:0".parse().unwrap(),
+            env: self.env.clone(),
+            name: format!("-{name}"),
+        }
+    }
+
     pub fn config(&self) -> PathBuf {
         self.dir.join("signet.toml")
     }
@@ -116,12 +135,12 @@ impl Signet {
     /// Start `signet serve` and wait until it accepts requests.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let ready = self.dir.join("ready.json");
+        let ready = self.dir.join(format!("ready{}.json", self.name));
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("serve.log"))
+            .open(self.dir.join(format!("serve{}.log", self.name)))
             .expect("log file");
         let mut cmd = Command::new(BIN);
         cmd.args([
@@ -258,7 +277,8 @@ impl Signet {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join(format!("serve{}.log", self.name)))
+            .unwrap_or_default()
     }
 
     /// Run the CLI against this installation.

@@ -1,0 +1,405 @@
+//! The storage seam: where the evidence log, idempotency records, key states, the rotation
+//! journal and leadership live.
+//!
+//! Two backends:
+//! - `file` (the default, one process): the evidence log of [`crate::audit::EvidenceLog`] in
+//!   `[audit].dir`, `keys.json` and `rotations.json` in `[state].dir`. Idempotency is decided in
+//!   memory (the log entry carries the key's hash), and there is no one else to lead.
+//! - `postgres` ([`postgres`]): any number of replicas against one database. The database
+//!   sequences entries (one transaction per group, under a row lock), holds idempotency claims,
+//!   key states and the rotation journal, and fences the checkpoint signer.
+//!
+//! The seam is a few small traits ([`KeyStateStore`], [`JournalStore`], [`Leases`]) plus
+//! [`Log`], the evidence log whichever backend holds it. Must not name axum or cryptoki.
+
+pub mod postgres;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use p256::ecdsa::VerifyingKey;
+use serde_json::Value;
+
+use crate::audit::{self, EntryProof, Receipt, StoredCheckpoint, index::Page, merkle::Hash};
+
+/// A storage failure, with what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database did not answer or failed the statement: retry later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The configuration cannot work (URL, CA file, TLS).
+    #[error("{0}")]
+    Config(String),
+    /// Stored data that does not parse or contradicts itself.
+    #[error("stored state is invalid: {0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl From<Error> for audit::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io { path, source } => audit::Error::Io { path, source },
+            Error::Invalid(m) => audit::Error::Inconsistent(m),
+            other => audit::Error::Storage(other.to_string()),
+        }
+    }
+}
+
+/// Key version states (`key_id` → the registry's record as JSON).
+pub trait KeyStateStore: Send + Sync {
+    /// Every recorded version; empty if nothing was ever stored.
+    fn load(&self) -> BoxFuture<'_, Result<BTreeMap<String, Value>, Error>>;
+    /// Persist: `all` is the whole map after the change, `changed` the versions that differ.
+    /// Durable when this returns.
+    fn save<'a>(
+        &'a self,
+        all: &'a BTreeMap<String, Value>,
+        changed: &'a [String],
+    ) -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// The rotation journal: in-progress rotations by tenant, and the last finished ones.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JournalData {
+    pub active: BTreeMap<String, Value>,
+    pub history: Vec<Value>,
+}
+
+pub trait JournalStore: Send + Sync {
+    fn load(&self) -> BoxFuture<'_, Result<JournalData, Error>>;
+    /// Persist one rotation's new step. `whole` is the journal after the change (the file
+    /// backend rewrites it); `tenant`/`rotation` is what changed, `finished` moves it to history.
+    fn save<'a>(
+        &'a self,
+        whole: &'a JournalData,
+        tenant: &'a str,
+        rotation: &'a Value,
+        finished: bool,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// A lock held across replicas until the guard is dropped (a replica that dies releases it).
+pub type LeaseGuard = Box<dyn Send + Sync>;
+
+pub trait Leases: Send + Sync {
+    /// Wait for the named lock (up to a bounded time) and hold it until the guard is dropped.
+    fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LeaseGuard, Error>>;
+}
+
+/// The file backend's state: `keys.json` and `rotations.json` in `[state].dir`.
+pub struct FileState {
+    dir: PathBuf,
+}
+
+impl FileState {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn read_json<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> Result<T, Error> {
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+            Err(source) => Err(Error::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn write_json(&self, name: &str, value: &impl serde::Serialize) -> Result<(), Error> {
+        let path = self.dir.join(name);
+        let bytes = serde_json::to_vec_pretty(value)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        crate::fsutil::write_atomic(&path, &bytes).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct KeysFile {
+    #[serde(default)]
+    format: u32,
+    #[serde(default)]
+    versions: BTreeMap<String, Value>,
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct JournalFile {
+    #[serde(default)]
+    format: u32,
+    #[serde(default)]
+    active: BTreeMap<String, Value>,
+    #[serde(default)]
+    history: Vec<Value>,
+}
+
+pub const KEYS_FILE: &str = "keys.json";
+pub const JOURNAL_FILE: &str = "rotations.json";
+
+impl KeyStateStore for FileState {
+    fn load(&self) -> BoxFuture<'_, Result<BTreeMap<String, Value>, Error>> {
+        Box::pin(async move { Ok(self.read_json::<KeysFile>(KEYS_FILE)?.versions) })
+    }
+    fn save<'a>(
+        &'a self,
+        all: &'a BTreeMap<String, Value>,
+        _changed: &'a [String],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.write_json(
+                KEYS_FILE,
+                &KeysFile {
+                    format: 1,
+                    versions: all.clone(),
+                },
+            )
+        })
+    }
+}
+
+impl JournalStore for FileState {
+    fn load(&self) -> BoxFuture<'_, Result<JournalData, Error>> {
+        Box::pin(async move {
+            let f = self.read_json::<JournalFile>(JOURNAL_FILE)?;
+            Ok(JournalData {
+                active: f.active,
+                history: f.history,
+            })
+        })
+    }
+    fn save<'a>(
+        &'a self,
+        whole: &'a JournalData,
+        _tenant: &'a str,
+        _rotation: &'a Value,
+        _finished: bool,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.write_json(
+                JOURNAL_FILE,
+                &JournalFile {
+                    format: 1,
+                    active: whole.active.clone(),
+                    history: whole.history.clone(),
+                },
+            )
+        })
+    }
+}
+
+/// One process holds the `LOCK` of the evidence log: every lease is already its own.
+pub struct ProcessLeases;
+
+impl Leases for ProcessLeases {
+    fn lock<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<LeaseGuard, Error>> {
+        Box::pin(async { Ok(Box::new(()) as LeaseGuard) })
+    }
+}
+
+/// The storage of one running service.
+pub struct Storage {
+    pub log: Arc<Log>,
+    pub keys: Arc<dyn KeyStateStore>,
+    pub journal: Arc<dyn JournalStore>,
+    pub leases: Arc<dyn Leases>,
+    /// The database, with the PostgreSQL backend.
+    pub db: Option<Arc<postgres::Db>>,
+}
+
+/// The evidence log, whichever backend holds it. Entry formats, receipts, proofs and
+/// checkpoints are the same in both.
+pub enum Log {
+    File(Arc<audit::EvidenceLog>),
+    Postgres(Arc<postgres::PgLog>),
+}
+
+impl Log {
+    /// Append entries (indexes are assigned here) and return once they are durable.
+    pub async fn append(&self, entries: Vec<audit::Entry>) -> Result<Vec<Receipt>, audit::Error> {
+        match self {
+            Log::File(l) => l.append(entries).await,
+            Log::Postgres(l) => l.append(entries).await,
+        }
+    }
+
+    pub fn origin(&self) -> &str {
+        match self {
+            Log::File(l) => l.origin(),
+            Log::Postgres(l) => l.origin(),
+        }
+    }
+
+    pub fn is_writable(&self) -> bool {
+        match self {
+            Log::File(l) => l.is_writable(),
+            Log::Postgres(l) => l.is_writable(),
+        }
+    }
+
+    pub fn tree_size(&self) -> u64 {
+        match self {
+            Log::File(l) => l.tree_size(),
+            Log::Postgres(l) => l.tree_size(),
+        }
+    }
+
+    pub fn public_key(&self) -> VerifyingKey {
+        match self {
+            Log::File(l) => l.public_key(),
+            Log::Postgres(l) => l.public_key(),
+        }
+    }
+
+    pub fn latest_checkpoint(&self) -> Option<Arc<StoredCheckpoint>> {
+        match self {
+            Log::File(l) => l.latest_checkpoint(),
+            Log::Postgres(l) => l.latest_checkpoint(),
+        }
+    }
+
+    pub fn restore_findings(&self) -> &[String] {
+        match self {
+            Log::File(l) => l.restore_findings(),
+            Log::Postgres(l) => l.restore_findings(),
+        }
+    }
+
+    /// The canonical bytes of entry `index`.
+    pub async fn entry(&self, index: u64) -> Result<Vec<u8>, audit::Error> {
+        match self {
+            Log::File(l) => l.entry(index),
+            Log::Postgres(l) => l.entry(index).await,
+        }
+    }
+
+    /// Entry `index` with its inclusion proof against the latest signed checkpoint.
+    pub async fn prove(&self, index: u64) -> Result<EntryProof, audit::Error> {
+        let checkpoint = self
+            .latest_checkpoint()
+            .ok_or(audit::Error::NotYetCheckpointed { index, size: 0 })?;
+        self.prove_with(index, checkpoint).await
+    }
+
+    /// Entry `index` with its inclusion proof against `checkpoint` (one of this log's).
+    pub async fn prove_with(
+        &self,
+        index: u64,
+        checkpoint: Arc<StoredCheckpoint>,
+    ) -> Result<EntryProof, audit::Error> {
+        match self {
+            Log::File(l) => l.prove_with(index, checkpoint),
+            Log::Postgres(l) => l.prove_with(index, checkpoint).await,
+        }
+    }
+
+    /// A C2SP tlog-tiles hash tile of the latest signed checkpoint's tree.
+    pub fn hash_tile(&self, level: u8, n: u64, width: u16) -> Option<Vec<u8>> {
+        match self {
+            Log::File(l) => l.hash_tile(level, n, width),
+            Log::Postgres(l) => l.hash_tile(level, n, width),
+        }
+    }
+
+    /// A C2SP tlog-tiles entry bundle of the latest signed checkpoint's tree.
+    pub async fn entry_bundle(&self, n: u64, width: u16) -> Result<Option<Vec<u8>>, audit::Error> {
+        match self {
+            Log::File(l) => l.entry_bundle(n, width),
+            Log::Postgres(l) => l.entry_bundle(n, width).await,
+        }
+    }
+
+    /// The entries that carry `transaction_id`, in log order.
+    pub async fn transaction_entries(
+        &self,
+        transaction_id: &str,
+    ) -> Result<Vec<u64>, audit::Error> {
+        match self {
+            Log::File(l) => Ok(l.transaction_entries(transaction_id)),
+            Log::Postgres(l) => l.transaction_entries(transaction_id).await,
+        }
+    }
+
+    /// A page of `tenant`'s entries in a time window (µs since the epoch), after a cursor.
+    pub async fn tenant_entries(
+        &self,
+        tenant: &str,
+        since_us: i64,
+        until_us: i64,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, audit::Error> {
+        match self {
+            Log::File(l) => Ok(l.tenant_entries(tenant, since_us, until_us, after, limit)),
+            Log::Postgres(l) => {
+                l.tenant_entries(tenant, since_us, until_us, after, limit)
+                    .await
+            }
+        }
+    }
+
+    /// RFC 6962 consistency proof between two sizes covered by the latest checkpoint.
+    pub fn consistency(&self, from: u64, to: u64) -> Result<Vec<Hash>, audit::Error> {
+        match self {
+            Log::File(l) => l.consistency(from, to),
+            Log::Postgres(l) => l.consistency(from, to),
+        }
+    }
+
+    pub fn root(&self, size: u64) -> Result<Hash, audit::Error> {
+        match self {
+            Log::File(l) => l.root(size),
+            Log::Postgres(l) => l.root(size),
+        }
+    }
+
+    /// Sign a checkpoint if the tree grew. With PostgreSQL only the leader does; the others
+    /// return `None` (and pick the leader's checkpoints up).
+    pub async fn checkpoint(
+        &self,
+        now_unix: u64,
+    ) -> Result<Option<Arc<StoredCheckpoint>>, audit::Error> {
+        match self {
+            Log::File(l) => {
+                let l = Arc::clone(l);
+                tokio::task::spawn_blocking(move || l.checkpoint_blocking(now_unix))
+                    .await
+                    .map_err(|e| audit::Error::Sign(e.to_string()))?
+            }
+            Log::Postgres(l) => l.checkpoint(now_unix, false).await,
+        }
+    }
+
+    /// Sign a checkpoint now whoever leads (an operator command: `audit accept-restore`).
+    pub async fn checkpoint_now(
+        &self,
+        now_unix: u64,
+    ) -> Result<Option<Arc<StoredCheckpoint>>, audit::Error> {
+        match self {
+            Log::Postgres(l) => l.checkpoint(now_unix, true).await,
+            Log::File(_) => self.checkpoint(now_unix).await,
+        }
+    }
+
+    /// Stop appending after the queued appends are durable. Idempotent.
+    pub fn close(&self) {
+        match self {
+            Log::File(l) => l.close(),
+            Log::Postgres(l) => l.close(),
+        }
+    }
+}
