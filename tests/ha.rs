@@ -327,3 +327,396 @@ async fn an_idempotency_key_is_signed_once_across_replicas() {
         "20 rounds and one crash test, each signed once"
     );
 }
+
+/// Wait until exactly one of `replicas` leads; its position.
+async fn leader(replicas: &[&Signet]) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut found = Vec::new();
+        for (i, s) in replicas.iter().enumerate() {
+            if s.metric("signet_storage_checkpoint_leader").await == 1.0 {
+                found.push(i);
+            }
+        }
+        if found.len() == 1 {
+            return found[0];
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leaders: {found:?}\n{}",
+            logs(replicas)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_replicas_and_the_leader_under_load_loses_nothing_and_leadership_moves() {
+    let pg = Postgres::start();
+    let mut a = init_postgres(&pg, "kill");
+    a.start();
+    let mut b = a.replica("b");
+    b.start();
+    let mut c = a.replica("c");
+    c.start();
+    let mut replicas = vec![a, b, c];
+    let first = leader(&replicas.iter().collect::<Vec<_>>()).await;
+    let loads: Vec<Load> = replicas.iter().map(|s| s.load(2)).collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The leader dies mid-load.
+    replicas[first].kill9();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != first).collect();
+    let second = leader(&survivors.iter().map(|i| &replicas[*i]).collect::<Vec<_>>()).await;
+    let new_leader = survivors[second];
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // And a follower too.
+    let other = survivors[1 - second];
+    replicas[other].kill9();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut acknowledged = Vec::new();
+    for (i, l) in loads.into_iter().enumerate() {
+        let r = l.finish().await;
+        if i == new_leader {
+            assert!(r.failed.is_empty(), "the survivor kept serving: {:?}", r.failed);
+        } else {
+            // Only the connection to the killed process broke.
+            assert!(r.failed.iter().all(|f| f.starts_with("connection")), "{:?}", r.failed);
+        }
+        acknowledged.extend(r.ok);
+    }
+    let survivor = &replicas[new_leader];
+    // The new leader signs checkpoints covering everything acknowledged.
+    let max_index = acknowledged
+        .iter()
+        .map(|r| r["receipt"]["index"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    checkpoint(survivor, max_index + 1).await;
+    let entries = exported_entries(survivor, &survivor.dir.join("export-kill"));
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e["index"], i as u64);
+    }
+    let mut recorded: BTreeMap<&str, u64> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e["event"] == "signature") {
+        assert!(
+            recorded
+                .insert(e["signature"].as_str().unwrap(), e["index"].as_u64().unwrap())
+                .is_none()
+        );
+    }
+    for r in &acknowledged {
+        assert_eq!(
+            recorded.get(r["signature"].as_str().unwrap()),
+            Some(&r["receipt"]["index"].as_u64().unwrap()),
+            "acknowledged signature lost: {r}"
+        );
+    }
+    assert_eq!(cli_json(survivor, &["audit", "verify"])["ok"], true);
+    // A killed replica comes back and joins.
+    replicas[first].start();
+    let (st, _) = replicas[first]
+        .sign("payroll-app", sign_body("payroll-esign", b"after restart"))
+        .await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_crash_under_load_gives_503s_then_recovers_without_restart() {
+    let pg = Postgres::start();
+    let mut a = init_postgres(&pg, "crash");
+    a.start();
+    let mut b = a.replica("b");
+    b.start();
+    let loads = [a.load(2), b.load(2)];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pg.kill9();
+    a.eventually("readyz red while the database is down", Duration::from_secs(20), || async {
+        a.readyz().await == 503
+    })
+    .await;
+    let (st, h, v) = b
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body("payroll-esign", b"while down")),
+            &[],
+        )
+        .await;
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(v["type"], "urn:signet:problem:storage-unavailable");
+    assert!(h.contains_key("retry-after"));
+    assert_eq!(a.metric("signet_storage_up").await, 0.0);
+    pg.restart();
+    for s in [&a, &b] {
+        s.eventually("signing again after the database is back", Duration::from_secs(30), || async {
+            s.sign("payroll-app", sign_body("payroll-esign", b"back")).await.0 == 200
+        })
+        .await;
+        s.eventually("readyz green again", Duration::from_secs(10), || async {
+            s.readyz().await == 200
+        })
+        .await;
+        assert_eq!(s.metric("signet_storage_up").await, 1.0);
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut acknowledged = Vec::new();
+    for l in loads {
+        let r = l.finish().await;
+        assert!(
+            r.failed.iter().all(|f| f.contains("storage-unavailable")),
+            "only 503 storage-unavailable while down: {:?}",
+            r.failed
+        );
+        acknowledged.extend(r.ok);
+    }
+    let entries = exported_entries(&a, &a.dir.join("export-crash"));
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e["index"], i as u64, "indexes are contiguous");
+    }
+    let recorded: BTreeMap<&str, u64> = entries
+        .iter()
+        .filter(|e| e["event"] == "signature")
+        .map(|e| (e["signature"].as_str().unwrap(), e["index"].as_u64().unwrap()))
+        .collect();
+    for r in &acknowledged {
+        assert_eq!(
+            recorded.get(r["signature"].as_str().unwrap()),
+            Some(&r["receipt"]["index"].as_u64().unwrap()),
+            "acknowledged signature lost: {r}"
+        );
+    }
+    assert_eq!(cli_json(&a, &["audit", "verify"])["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
+    let primary = Postgres::start();
+    let mut a = init_postgres(&primary, "failover");
+    let standby = primary.standby();
+    primary.psql(
+        "postgres",
+        "ALTER SYSTEM SET synchronous_standby_names = '*'",
+    );
+    primary.psql("postgres", "SELECT pg_reload_conf()");
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/failover?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let single = primary.url("failover");
+    a.edit_config(|c| c.replace(&single, &url));
+    a.start();
+    let mut b = a.replica("b");
+    b.start();
+    let loads = [a.load(2), b.load(2)];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    primary.kill9();
+    standby.promote();
+    for s in [&a, &b] {
+        s.eventually("signing on the promoted standby", Duration::from_secs(30), || async {
+            s.sign("payroll-app", sign_body("payroll-esign", b"after failover")).await.0 == 200
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut acknowledged = Vec::new();
+    for l in loads {
+        let r = l.finish().await;
+        assert!(
+            r.failed.iter().all(|f| f.contains("storage-unavailable")),
+            "{:?}",
+            r.failed
+        );
+        acknowledged.extend(r.ok);
+    }
+    assert!(!acknowledged.is_empty());
+    let entries = exported_entries(&a, &a.dir.join("export-failover"));
+    let recorded: BTreeMap<&str, u64> = entries
+        .iter()
+        .filter(|e| e["event"] == "signature")
+        .map(|e| (e["signature"].as_str().unwrap(), e["index"].as_u64().unwrap()))
+        .collect();
+    for r in &acknowledged {
+        assert_eq!(
+            recorded.get(r["signature"].as_str().unwrap()),
+            Some(&r["receipt"]["index"].as_u64().unwrap()),
+            "acknowledged signature lost in the failover: {r}"
+        );
+    }
+    assert_eq!(cli_json(&a, &["audit", "verify"])["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_started_on_one_replica_switches_every_replica() {
+    let pg = Postgres::start();
+    let mut a = init_postgres(&pg, "rotation");
+    a.start();
+    let mut b = a.replica("b");
+    b.start();
+    let mut c = a.replica("c");
+    c.start();
+    let loads = [b.load(2), c.load(2)];
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (st, _, v) = a
+        .call(
+            "admin",
+            Method::POST,
+            "/v1/admin/rotations",
+            Some(serde_json::json!({"tenant": "payroll", "reason": "ha rotation"})),
+            &[],
+        )
+        .await;
+    assert!((200..300).contains(&st), "{st} {v}");
+    assert_eq!(v["step"], "completed", "{v}");
+    let activated = std::time::Instant::now();
+    for s in [&b, &c] {
+        s.eventually("the other replicas sign with v2", Duration::from_secs(10), || async {
+            let (st, v) = s.sign("payroll-app", sign_body("payroll-esign", b"which key")).await;
+            st == 200 && v["key_id"] == "payroll/v2"
+        })
+        .await;
+    }
+    let switch = activated.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for l in loads {
+        let r = l.finish().await;
+        assert!(r.failed.is_empty(), "{:?}\n{}", r.failed, logs(&[&a, &b, &c]));
+        for keys in r.keys_per_worker {
+            assert!(
+                keys == ["payroll/v1", "payroll/v2"] || keys == ["payroll/v2"],
+                "never v1 after v2 on one connection: {keys:?}"
+            );
+        }
+    }
+    // In the log: no payroll/v1 signature after the entry that activated v2.
+    let entries = exported_entries(&a, &a.dir.join("export-rotation"));
+    let activation = entries
+        .iter()
+        .position(|e| e["event"] == "key_activated" && e["key_id"] == "payroll/v2")
+        .expect("activation entry");
+    assert!(
+        entries[activation..]
+            .iter()
+            .all(|e| !(e["event"] == "signature" && e["key_id"] == "payroll/v1")),
+        "a retired version signed after its retirement entry"
+    );
+    assert!(entries[..activation].iter().any(|e| e["key_id"] == "payroll/v1"));
+    assert_eq!(cli_json(&a, &["audit", "verify"])["ok"], true);
+    // The rotation ran once: one rotation_started, one key_created for v2.
+    let started = entries
+        .iter()
+        .filter(|e| e["event"] == "rotation_started" && e["reason"] == "ha rotation")
+        .count();
+    let created = entries
+        .iter()
+        .filter(|e| e["event"] == "key_created" && e["key_id"] == "payroll/v2")
+        .count();
+    assert_eq!((started, created), (1, 1));
+    eprintln!("replicas switched to v2 within {switch:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log() {
+    // A file-backend installation with history.
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let mut responses = Vec::new();
+    for i in 0..10 {
+        let (st, r) = s
+            .sign("payroll-app", sign_body("payroll-esign", format!("old {i}").as_bytes()))
+            .await;
+        assert_eq!(st, 200);
+        responses.push(r);
+    }
+    let (st, _, idem) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body("payroll-esign", b"keyed")),
+            &[("idempotency-key", "before-migration")],
+        )
+        .await;
+    assert_eq!(st, 200);
+    let old_cp = checkpoint(&s, 19).await;
+    let old_size = old_cp["tree_size"].as_u64().unwrap();
+    let index = responses[4]["receipt"]["index"].as_u64().unwrap();
+    let (_, _, old_proof) = s
+        .call("auditor", Method::GET, &format!("/v1/audit/entries/{index}"), None, &[])
+        .await;
+    s.stop();
+
+    let pg = Postgres::start();
+    let url = pg.database("migrated");
+    s.edit_config(|c| with_postgres(c, &url));
+    let report = cli_json(&s, &["storage", "migrate", "--from", s.audit_dir().to_str().unwrap()]);
+    assert_eq!(report["report"]["tree_size"], old_size);
+    let old_root = old_cp["checkpoint"].as_str().unwrap().lines().nth(2).unwrap();
+    assert_eq!(report["report"]["root"], old_root, "same root as the file log");
+    // Refused a second time: the database holds a log now.
+    let out = Command::new(BIN)
+        .args(["--config", s.config().to_str().unwrap(), "storage", "migrate", "--from"])
+        .arg(s.audit_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds an evidence log"));
+
+    s.start();
+    // The old checkpoint is still the log's, the old proof is served identically.
+    let (_, _, proof) = s
+        .call("auditor", Method::GET, &format!("/v1/audit/entries/{index}"), None, &[])
+        .await;
+    assert_eq!(proof["proof"], old_proof["proof"]);
+    // The log grows from where the file log ended, consistent with the old checkpoint.
+    let (st, r) = s.sign("payroll-app", sign_body("payroll-esign", b"new")).await;
+    assert_eq!(st, 200);
+    let new_index = r["receipt"]["index"].as_u64().unwrap();
+    let new_cp = checkpoint(&s, new_index + 1).await;
+    let (st, _, c) = s
+        .call(
+            "auditor",
+            Method::GET,
+            &format!(
+                "/v1/audit/consistency?from={old_size}&to={}",
+                new_cp["tree_size"].as_u64().unwrap()
+            ),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["root_from"], old_root);
+    // An idempotent request from before the migration replays from the database.
+    let (st, _, again) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body("payroll-esign", b"keyed")),
+            &[("idempotency-key", "before-migration")],
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(again, idem);
+    // Old receipts verify offline against the new log's latest checkpoint.
+    let work = s.dir.join("migrated-receipts");
+    std::fs::create_dir_all(&work).unwrap();
+    let (_, _, latest_proof) = s
+        .call("auditor", Method::GET, &format!("/v1/audit/entries/{index}"), None, &[])
+        .await;
+    std::fs::write(work.join("r.json"), responses[4].to_string()).unwrap();
+    std::fs::write(work.join("p.proof"), latest_proof["proof"].as_str().unwrap()).unwrap();
+    std::fs::write(work.join("key.pem"), new_cp["log_public_key"].as_str().unwrap()).unwrap();
+    let out = Command::new(BIN)
+        .args(["receipt", "verify", "--receipt"])
+        .arg(work.join("r.json"))
+        .arg("--proof")
+        .arg(work.join("p.proof"))
+        .arg("--log-key")
+        .arg(work.join("key.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(cli_json(&s, &["audit", "verify"])["ok"], true);
+}

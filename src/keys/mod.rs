@@ -174,6 +174,10 @@ pub struct Registry {
     store: Arc<dyn KeyStateStore>,
     /// The records as last persisted or loaded; guarded by the writer lock with mutations.
     write: tokio::sync::Mutex<BTreeMap<String, VersionRecord>>,
+    /// Store states derived for versions without a record (one process). With several
+    /// replicas only a rotation writes states: a replica deriving from a view taken in the
+    /// middle of another replica's rotation step must not overwrite what that step stores.
+    persist_derived: bool,
 }
 
 impl Registry {
@@ -181,6 +185,7 @@ impl Registry {
     pub async fn load(
         hsm: &Hsm,
         store: Arc<dyn KeyStateStore>,
+        shared: bool,
         grace: Duration,
         now: u64,
     ) -> Result<Self, Error> {
@@ -188,22 +193,25 @@ impl Registry {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             store,
             write: tokio::sync::Mutex::new(BTreeMap::new()),
+            persist_derived: !shared,
         };
         registry.reload(hsm, grace, now).await?;
         Ok(registry)
     }
 
-    /// Read the token and the stored states again (another replica changed them). Persists
-    /// states derived for versions that have none yet.
+    /// Read the token and the stored states again (another replica changed them). With one
+    /// process, persists states derived for versions that have none yet.
     pub async fn reload(&self, hsm: &Hsm, grace: Duration, now: u64) -> Result<(), Error> {
         let mut persisted = self.write.lock().await;
         let stored = read_records(self.store.as_ref()).await?;
         let found = hsm.call(scan_token).await?;
         let (snapshot, records) = reconcile(found, &stored, grace, now);
-        if records != stored {
+        if self.persist_derived && records != stored {
             self.persist(&records, &stored).await?;
+            *persisted = records;
+        } else {
+            *persisted = stored;
         }
-        *persisted = records;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }

@@ -314,6 +314,7 @@ impl App {
             Registry::load(
                 &hsm,
                 keys_store,
+                db.is_some(),
                 config.dynamic.rotation.grace,
                 clock.unix(),
             )

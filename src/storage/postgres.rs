@@ -243,7 +243,9 @@ impl Db {
 
     /// A pooled connection; a failure marks the database down.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
-        self.pool.get().await.map_err(|e| self.failed(e))
+        let c = self.pool.get().await.map_err(|e| self.failed(e))?;
+        self.mark(true);
+        Ok(c)
     }
 
     /// Record a failure: a lost connection marks the database down until a health check

@@ -220,6 +220,11 @@ impl Postgres {
         }
         std::thread::sleep(Duration::from_millis(300));
         let _ = std::fs::remove_file(self.data.join("postmaster.pid"));
+        let _ = std::fs::remove_file(
+            self._tmp
+                .path()
+                .join(format!(".s.PGSQL.{}.lock", self.port)),
+        );
     }
 
     /// Start again after [`Postgres::kill9`] (crash recovery replays the WAL).
@@ -252,8 +257,6 @@ impl Postgres {
                 "-R",
                 "-X",
                 "stream",
-                "--application-name",
-                "standby1",
             ],
         );
         assert!(
