@@ -377,10 +377,18 @@ async fn killing_replicas_and_the_leader_under_load_loses_nothing_and_leadership
     for (i, l) in loads.into_iter().enumerate() {
         let r = l.finish().await;
         if i == new_leader {
-            assert!(r.failed.is_empty(), "the survivor kept serving: {:?}", r.failed);
+            assert!(
+                r.failed.is_empty(),
+                "the survivor kept serving: {:?}",
+                r.failed
+            );
         } else {
             // Only the connection to the killed process broke.
-            assert!(r.failed.iter().all(|f| f.starts_with("connection")), "{:?}", r.failed);
+            assert!(
+                r.failed.iter().all(|f| f.starts_with("connection")),
+                "{:?}",
+                r.failed
+            );
         }
         acknowledged.extend(r.ok);
     }
@@ -400,7 +408,10 @@ async fn killing_replicas_and_the_leader_under_load_loses_nothing_and_leadership
     for e in entries.iter().filter(|e| e["event"] == "signature") {
         assert!(
             recorded
-                .insert(e["signature"].as_str().unwrap(), e["index"].as_u64().unwrap())
+                .insert(
+                    e["signature"].as_str().unwrap(),
+                    e["index"].as_u64().unwrap()
+                )
                 .is_none()
         );
     }
@@ -430,9 +441,11 @@ async fn a_database_crash_under_load_gives_503s_then_recovers_without_restart() 
     let loads = [a.load(2), b.load(2)];
     tokio::time::sleep(Duration::from_millis(1500)).await;
     pg.kill9();
-    a.eventually("readyz red while the database is down", Duration::from_secs(20), || async {
-        a.readyz().await == 503
-    })
+    a.eventually(
+        "readyz red while the database is down",
+        Duration::from_secs(20),
+        || async { a.readyz().await == 503 },
+    )
     .await;
     let (st, h, v) = b
         .call(
@@ -449,9 +462,16 @@ async fn a_database_crash_under_load_gives_503s_then_recovers_without_restart() 
     assert_eq!(a.metric("signet_storage_up").await, 0.0);
     pg.restart();
     for s in [&a, &b] {
-        s.eventually("signing again after the database is back", Duration::from_secs(30), || async {
-            s.sign("payroll-app", sign_body("payroll-esign", b"back")).await.0 == 200
-        })
+        s.eventually(
+            "signing again after the database is back",
+            Duration::from_secs(30),
+            || async {
+                s.sign("payroll-app", sign_body("payroll-esign", b"back"))
+                    .await
+                    .0
+                    == 200
+            },
+        )
         .await;
         s.eventually("readyz green again", Duration::from_secs(10), || async {
             s.readyz().await == 200
@@ -477,7 +497,12 @@ async fn a_database_crash_under_load_gives_503s_then_recovers_without_restart() 
     let recorded: BTreeMap<&str, u64> = entries
         .iter()
         .filter(|e| e["event"] == "signature")
-        .map(|e| (e["signature"].as_str().unwrap(), e["index"].as_u64().unwrap()))
+        .map(|e| {
+            (
+                e["signature"].as_str().unwrap(),
+                e["index"].as_u64().unwrap(),
+            )
+        })
         .collect();
     for r in &acknowledged {
         assert_eq!(
@@ -510,14 +535,26 @@ async fn failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
     b.start();
     let loads = [a.load(2), b.load(2)];
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t = std::time::Instant::now();
     primary.kill9();
     standby.promote();
     for s in [&a, &b] {
-        s.eventually("signing on the promoted standby", Duration::from_secs(30), || async {
-            s.sign("payroll-app", sign_body("payroll-esign", b"after failover")).await.0 == 200
-        })
+        s.eventually(
+            "signing on the promoted standby",
+            Duration::from_secs(30),
+            || async {
+                s.sign("payroll-app", sign_body("payroll-esign", b"after failover"))
+                    .await
+                    .0
+                    == 200
+            },
+        )
         .await;
     }
+    eprintln!(
+        "replicas signing on the promoted standby {:?} after the primary was killed",
+        t.elapsed()
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut acknowledged = Vec::new();
     for l in loads {
@@ -534,7 +571,12 @@ async fn failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
     let recorded: BTreeMap<&str, u64> = entries
         .iter()
         .filter(|e| e["event"] == "signature")
-        .map(|e| (e["signature"].as_str().unwrap(), e["index"].as_u64().unwrap()))
+        .map(|e| {
+            (
+                e["signature"].as_str().unwrap(),
+                e["index"].as_u64().unwrap(),
+            )
+        })
         .collect();
     for r in &acknowledged {
         assert_eq!(
@@ -570,17 +612,28 @@ async fn a_rotation_started_on_one_replica_switches_every_replica() {
     assert_eq!(v["step"], "completed", "{v}");
     let activated = std::time::Instant::now();
     for s in [&b, &c] {
-        s.eventually("the other replicas sign with v2", Duration::from_secs(10), || async {
-            let (st, v) = s.sign("payroll-app", sign_body("payroll-esign", b"which key")).await;
-            st == 200 && v["key_id"] == "payroll/v2"
-        })
+        s.eventually(
+            "the other replicas sign with v2",
+            Duration::from_secs(10),
+            || async {
+                let (st, v) = s
+                    .sign("payroll-app", sign_body("payroll-esign", b"which key"))
+                    .await;
+                st == 200 && v["key_id"] == "payroll/v2"
+            },
+        )
         .await;
     }
     let switch = activated.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     for l in loads {
         let r = l.finish().await;
-        assert!(r.failed.is_empty(), "{:?}\n{}", r.failed, logs(&[&a, &b, &c]));
+        assert!(
+            r.failed.is_empty(),
+            "{:?}\n{}",
+            r.failed,
+            logs(&[&a, &b, &c])
+        );
         for keys in r.keys_per_worker {
             assert!(
                 keys == ["payroll/v1", "payroll/v2"] || keys == ["payroll/v2"],
@@ -600,7 +653,11 @@ async fn a_rotation_started_on_one_replica_switches_every_replica() {
             .all(|e| !(e["event"] == "signature" && e["key_id"] == "payroll/v1")),
         "a retired version signed after its retirement entry"
     );
-    assert!(entries[..activation].iter().any(|e| e["key_id"] == "payroll/v1"));
+    assert!(
+        entries[..activation]
+            .iter()
+            .any(|e| e["key_id"] == "payroll/v1")
+    );
     assert_eq!(cli_json(&a, &["audit", "verify"])["ok"], true);
     // The rotation ran once: one rotation_started, one key_created for v2.
     let started = entries
@@ -623,7 +680,10 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
     let mut responses = Vec::new();
     for i in 0..10 {
         let (st, r) = s
-            .sign("payroll-app", sign_body("payroll-esign", format!("old {i}").as_bytes()))
+            .sign(
+                "payroll-app",
+                sign_body("payroll-esign", format!("old {i}").as_bytes()),
+            )
             .await;
         assert_eq!(st, 200);
         responses.push(r);
@@ -642,20 +702,48 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
     let old_size = old_cp["tree_size"].as_u64().unwrap();
     let index = responses[4]["receipt"]["index"].as_u64().unwrap();
     let (_, _, old_proof) = s
-        .call("auditor", Method::GET, &format!("/v1/audit/entries/{index}"), None, &[])
+        .call(
+            "auditor",
+            Method::GET,
+            &format!("/v1/audit/entries/{index}"),
+            None,
+            &[],
+        )
         .await;
     s.stop();
 
     let pg = Postgres::start();
     let url = pg.database("migrated");
     s.edit_config(|c| with_postgres(c, &url));
-    let report = cli_json(&s, &["storage", "migrate", "--from", s.audit_dir().to_str().unwrap()]);
+    let report = cli_json(
+        &s,
+        &[
+            "storage",
+            "migrate",
+            "--from",
+            s.audit_dir().to_str().unwrap(),
+        ],
+    );
     assert_eq!(report["report"]["tree_size"], old_size);
-    let old_root = old_cp["checkpoint"].as_str().unwrap().lines().nth(2).unwrap();
-    assert_eq!(report["report"]["root"], old_root, "same root as the file log");
+    let old_root = old_cp["checkpoint"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .nth(2)
+        .unwrap();
+    assert_eq!(
+        report["report"]["root"], old_root,
+        "same root as the file log"
+    );
     // Refused a second time: the database holds a log now.
     let out = Command::new(BIN)
-        .args(["--config", s.config().to_str().unwrap(), "storage", "migrate", "--from"])
+        .args([
+            "--config",
+            s.config().to_str().unwrap(),
+            "storage",
+            "migrate",
+            "--from",
+        ])
         .arg(s.audit_dir())
         .output()
         .unwrap();
@@ -665,11 +753,19 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
     s.start();
     // The old checkpoint is still the log's, the old proof is served identically.
     let (_, _, proof) = s
-        .call("auditor", Method::GET, &format!("/v1/audit/entries/{index}"), None, &[])
+        .call(
+            "auditor",
+            Method::GET,
+            &format!("/v1/audit/entries/{index}"),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(proof["proof"], old_proof["proof"]);
     // The log grows from where the file log ended, consistent with the old checkpoint.
-    let (st, r) = s.sign("payroll-app", sign_body("payroll-esign", b"new")).await;
+    let (st, r) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"new"))
+        .await;
     assert_eq!(st, 200);
     let new_index = r["receipt"]["index"].as_u64().unwrap();
     let new_cp = checkpoint(&s, new_index + 1).await;
@@ -703,11 +799,25 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
     let work = s.dir.join("migrated-receipts");
     std::fs::create_dir_all(&work).unwrap();
     let (_, _, latest_proof) = s
-        .call("auditor", Method::GET, &format!("/v1/audit/entries/{index}"), None, &[])
+        .call(
+            "auditor",
+            Method::GET,
+            &format!("/v1/audit/entries/{index}"),
+            None,
+            &[],
+        )
         .await;
     std::fs::write(work.join("r.json"), responses[4].to_string()).unwrap();
-    std::fs::write(work.join("p.proof"), latest_proof["proof"].as_str().unwrap()).unwrap();
-    std::fs::write(work.join("key.pem"), new_cp["log_public_key"].as_str().unwrap()).unwrap();
+    std::fs::write(
+        work.join("p.proof"),
+        latest_proof["proof"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        work.join("key.pem"),
+        new_cp["log_public_key"].as_str().unwrap(),
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["receipt", "verify", "--receipt"])
         .arg(work.join("r.json"))
@@ -717,6 +827,10 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
         .arg(work.join("key.pem"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(cli_json(&s, &["audit", "verify"])["ok"], true);
 }

@@ -541,9 +541,9 @@ impl App {
             .map_err(|e: crate::domain::ParseError| Error::Internal(e.to_string()))?;
         let min = self.dynamic.load().rotation.min_remaining_validity;
         match self.keys.signing_version(&key_id, self.clock.unix(), min) {
-            Err(
-                crate::keys::Error::UnknownKey(_) | crate::keys::Error::NoActiveKey(_),
-            ) if self.db.is_some() => {
+            Err(crate::keys::Error::UnknownKey(_) | crate::keys::Error::NoActiveKey(_))
+                if self.db.is_some() =>
+            {
                 // Another replica activated a version this one has not loaded (or not loaded
                 // with its certificate) yet.
                 self.reload_shared_state()

@@ -257,6 +257,8 @@ impl Postgres {
                 "-R",
                 "-X",
                 "stream",
+                "-c",
+                "fast",
             ],
         );
         assert!(
