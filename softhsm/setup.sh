@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what Signet needs on Debian: SoftHSM (the development/test token), OpenSC
 # (pkcs11-tool), openssl and curl. With --test, also what the test suite uses: Prometheus'
-# promtool, systemd-analyze, strace and Python (deploy artefact checks, schemathesis). Safe to run repeatedly.
+# promtool, systemd-analyze, strace, PostgreSQL (the HA tests start their own clusters with its
+# initdb/pg_ctl; the cluster the package may create is not used) and Python (deploy artefact
+# checks, schemathesis). Safe to run repeatedly.
 #
 # The token itself is not created here: `signet serve --dev` / `signet dev init` create it in
 # their own data directory with their own SOFTHSM2_CONF, and change nothing global.
@@ -9,7 +11,7 @@ set -euo pipefail
 
 pkgs=(softhsm2 opensc openssl curl ca-certificates)
 if [ "${1:-}" = "--test" ]; then
-  pkgs+=(prometheus systemd python3 python3-venv python3-pip strace)
+  pkgs+=(prometheus systemd python3 python3-venv python3-pip strace postgresql procps)
 fi
 
 missing=()
