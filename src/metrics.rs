@@ -184,7 +184,7 @@ impl Metrics {
             )),
             storage_leader: reg!(gauge(
                 "signet_storage_checkpoint_leader",
-                "1 on the replica that currently signs checkpoints."
+                "1 on the replica that currently signs checkpoints (always 1 with the file backend)."
             )),
             certificate_not_after: reg!(gauge_vec(
                 "signet_certificate_not_after_timestamp_seconds",

