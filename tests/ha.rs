@@ -1,6 +1,8 @@
 //! High availability on PostgreSQL: several `signet serve` replicas, one token, one database,
 //! one evidence log. Each test starts its own PostgreSQL (tests/common/pg.rs).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -359,7 +361,7 @@ async fn killing_replicas_and_the_leader_under_load_loses_nothing_and_leadership
     b.start();
     let mut c = a.replica("c");
     c.start();
-    let mut replicas = vec![a, b, c];
+    let mut replicas = [a, b, c];
     let first = leader(&replicas.iter().collect::<Vec<_>>()).await;
     let loads: Vec<Load> = replicas.iter().map(|s| s.load(2)).collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -246,14 +246,14 @@ impl App {
             public: log_public,
         });
         let accept_restore = opening == LogOpening::AcceptRestore;
-        let (log, keys_store, journal, leases, postgres, db): (
-            Arc<storage::Log>,
-            Arc<dyn storage::KeyStateStore>,
-            Arc<dyn storage::JournalStore>,
-            Arc<dyn storage::Leases>,
-            _,
-            _,
-        ) = match &config.storage {
+        let storage::Storage {
+            log,
+            keys: keys_store,
+            journal,
+            leases,
+            db,
+            postgres,
+        } = match &config.storage {
             StorageConfig::File => {
                 let opts = audit::Options {
                     dir: config.audit.dir.clone(),
@@ -271,14 +271,14 @@ impl App {
                 // The one process signs every checkpoint.
                 metrics.storage_leader.set(1);
                 let state = Arc::new(storage::FileState::new(&config.state_dir));
-                (
-                    Arc::new(storage::Log::File(Arc::new(log))),
-                    Arc::clone(&state) as _,
-                    state as _,
-                    Arc::new(storage::ProcessLeases) as _,
-                    None,
-                    None,
-                )
+                storage::Storage {
+                    log: Arc::new(storage::Log::File(Arc::new(log))),
+                    keys: Arc::clone(&state) as _,
+                    journal: state as _,
+                    leases: Arc::new(storage::ProcessLeases),
+                    db: None,
+                    postgres: None,
+                }
             }
             StorageConfig::Postgres(pg) => {
                 let db = storage::postgres::Db::connect(pg, Arc::clone(&metrics)).await?;
@@ -295,14 +295,14 @@ impl App {
                 )
                 .await?;
                 let state = Arc::new(storage::postgres::PgState::new(Arc::clone(&db)));
-                (
-                    Arc::new(storage::Log::Postgres(Arc::clone(&log))),
-                    Arc::clone(&state) as _,
-                    state as _,
-                    Arc::new(storage::postgres::PgLeases::new(Arc::clone(&db))) as _,
-                    Some(log),
-                    Some(db),
-                )
+                storage::Storage {
+                    log: Arc::new(storage::Log::Postgres(Arc::clone(&log))),
+                    keys: Arc::clone(&state) as _,
+                    journal: state as _,
+                    leases: Arc::new(storage::postgres::PgLeases::new(Arc::clone(&db))),
+                    db: Some(db),
+                    postgres: Some(log),
+                }
             }
         };
 

@@ -217,8 +217,9 @@ pub struct Storage {
     pub keys: Arc<dyn KeyStateStore>,
     pub journal: Arc<dyn JournalStore>,
     pub leases: Arc<dyn Leases>,
-    /// The database, with the PostgreSQL backend.
+    /// The database and its log, with the PostgreSQL backend.
     pub db: Option<Arc<postgres::Db>>,
+    pub postgres: Option<Arc<postgres::PgLog>>,
 }
 
 /// The evidence log, whichever backend holds it. Entry formats, receipts, proofs and

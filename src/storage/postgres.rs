@@ -763,7 +763,7 @@ impl PgLog {
         // Idempotency claims this group relies on, locked until COMMIT.
         let claimed: Vec<(String, Vec<u8>)> =
             requests.iter().flatten().filter_map(claim_key).collect();
-        let mut holders: HashMap<(String, Vec<u8>), (Option<String>, Option<i64>)> = HashMap::new();
+        let mut holders: ClaimHolders = HashMap::new();
         if !claimed.is_empty() {
             let (clients, keys): (Vec<String>, Vec<Vec<u8>>) = claimed.iter().cloned().unzip();
             for r in tx
@@ -1407,6 +1407,9 @@ impl Drop for PgLog {
         let _ = self.stop.send(true);
     }
 }
+
+/// (client, key hash) → (holder, recorded entry index) of the claims a group relies on.
+type ClaimHolders = HashMap<(String, Vec<u8>), (Option<String>, Option<i64>)>;
 
 /// What one sequencing transaction did, per request.
 struct Sequenced {
