@@ -8,9 +8,16 @@
 //! log with fsync and group commit). The raw rate is a tight `C_Sign(CKM_ECDSA)` loop on one
 //! session pinned to CPU 0. Signet is pinned to CPU 0 (`taskset -c 0`), the load generator to
 //! CPU 1; clients use keep-alive mutual TLS. Reported: requests/s, latency percentiles, and the
-//! ratio to the raw rate; then the start-up time of a log with a million entries.
+//! ratio to the raw rate; then the same log moved into PostgreSQL (`signet storage migrate`)
+//! and served by 1, 2 and 3 replicas (all on CPU 0, the load on CPU 1, PostgreSQL unpinned),
+//! beside the file backend's figures of the same run (`--no-postgres` skips this); then the
+//! start-up time of a log with a million entries.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/pg.rs"]
+#[allow(dead_code)]
+mod pg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -87,9 +94,13 @@ fn main() {
         "scenario", "signatures/s", "of raw", "p50 ms", "p90 ms", "p99 ms"
     );
     let mut best_single = 0.0f64;
+    let mut file_single16 = 0.0f64;
     for conc in [1, 4, 16, 64] {
         let r = load_run(&dir, &api, conc, 0, secs);
         best_single = best_single.max(r.rate);
+        if conc == 16 {
+            file_single16 = r.rate;
+        }
         r.print(&format!("single, {conc} connections"), raw_rate);
     }
     for (conc, streams) in [(4, 16), (2, 64)] {
@@ -98,9 +109,13 @@ fn main() {
         r.print(&format!("single, h2 {conc}x{streams} streams"), raw_rate);
     }
     let mut best_batch = 0.0f64;
+    let mut file_batch64 = 0.0f64;
     for (conc, batch) in [(2, 64), (4, 128)] {
         let r = load_run(&dir, &api, conc, batch, secs);
         best_batch = best_batch.max(r.rate);
+        if batch == 64 {
+            file_batch64 = r.rate;
+        }
         r.print(&format!("batch {batch}, {conc} connections"), raw_rate);
     }
     let metrics = ready["metrics"].as_str().unwrap().to_owned();
@@ -127,7 +142,13 @@ fn main() {
     );
     stop(&mut server);
 
-    // 3. Start-up with a large log.
+    // 3. The same log in PostgreSQL, served by 1, 2 and 3 replicas.
+    if !args.iter().any(|a| a == "--no-postgres") {
+        println!();
+        postgres_replicas(&dir, secs, raw_rate, file_single16, file_batch64);
+    }
+
+    // 4. Start-up with a large log.
     let n: u64 = if quick { 200_000 } else { 1_000_000 };
     println!();
     startup(&dir, n);
@@ -210,12 +231,87 @@ fn run_self(args: &[&str], cpu: &str, env: &[(&str, PathBuf)]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Phase 3: a PostgreSQL cluster of the benchmark's own, the development log migrated into it,
+/// then 1, 2 and 3 replicas (CPU 0) under load from CPU 1, aggregate signatures/s.
+fn postgres_replicas(dir: &Path, secs: u64, raw_rate: f64, file_single: f64, file_batch: f64) {
+    let db = pg::Postgres::start();
+    let url = db.database("bench");
+    let config = dir.join("signet-pg.toml");
+    let text = std::fs::read_to_string(dir.join("signet.toml")).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["storage", "migrate", "--from"])
+        .arg(dir.join("audit"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "PostgreSQL backend (one local PostgreSQL, fsync and synchronous_commit on; replicas on CPU 0):"
+    );
+    println!(
+        "{:<36} {:>12} {:>8} {:>9} {:>9}",
+        "scenario", "signatures/s", "of raw", "of file", "p99 ms"
+    );
+    for n in 1..=3usize {
+        let mut children = Vec::new();
+        let mut apis = Vec::new();
+        for i in 0..n {
+            let ready = dir.join(format!("ready-pg{i}.json"));
+            children.push(start_with(&config, &ready));
+            let r: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+            apis.push(r["api"].as_str().unwrap().to_owned());
+        }
+        for (name, conc, batch, file) in [
+            ("single, 16 connections", 16, 0, file_single),
+            ("batch 64, 2 connections", 2, 64, file_batch),
+        ] {
+            // The connections spread over the replicas; one load process per replica, all on
+            // CPU 1, measured over the same window.
+            let per = (conc / n).max(1);
+            let runs: Vec<RunResult> = std::thread::scope(|s| {
+                let handles: Vec<_> = apis
+                    .iter()
+                    .map(|api| s.spawn(move || load_run(dir, api, per, batch, secs)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let rate: f64 = runs.iter().map(|r| r.rate).sum();
+            let p99 = runs.iter().map(|r| r.p99).fold(0.0, f64::max);
+            println!(
+                "{:<36} {:>12.0} {:>7.0}% {:>8.0}% {:>9.2}",
+                format!("{n} replica{}, {name}", if n > 1 { "s" } else { "" }),
+                rate,
+                100.0 * rate / raw_rate,
+                100.0 * rate / file.max(1.0),
+                p99
+            );
+        }
+        for mut c in children {
+            stop(&mut c);
+        }
+    }
+}
+
 fn start(dir: &Path) -> Child {
-    let ready = dir.join("ready.json");
+    start_with(&dir.join("signet.toml"), &dir.join("ready.json"))
+}
+
+fn start_with(config: &Path, ready: &Path) -> Child {
+    let ready = ready.to_path_buf();
     let _ = std::fs::remove_file(&ready);
     let child = Command::new("taskset")
         .args(["-c", "0", BIN, "--config"])
-        .arg(dir.join("signet.toml"))
+        .arg(config)
         .args(["serve", "--ready-file"])
         .arg(&ready)
         .env("SIGNET_LOG", "warn")
