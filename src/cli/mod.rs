@@ -110,6 +110,24 @@ pub fn run(cli: Cli) -> Result<()> {
                     config.hsm.module.display()
                 );
             }
+            if let signet::config::StorageConfig::Postgres(pg) = &config.storage {
+                if let signet::config::UrlSource::File(f) = &pg.url {
+                    std::fs::read_to_string(f).with_context(|| {
+                        format!(
+                            "configuration key `storage.url_file`: cannot read {}",
+                            f.display()
+                        )
+                    })?;
+                }
+                if let Some(ca) = &pg.ca_file {
+                    std::fs::read(ca).with_context(|| {
+                        format!(
+                            "configuration key `storage.ca_file`: cannot read {}",
+                            ca.display()
+                        )
+                    })?;
+                }
+            }
             println!(
                 "configuration OK: {} clients, {} policies",
                 config.dynamic.clients.len(),

@@ -11,7 +11,8 @@
 //! tenant without an active key. The monitor also retires versions whose grace has ended
 //! (destroys the private key, keeps the certificate) and exports the expiry metrics.
 //!
-//! Never touches HTTP; reached through `service`.
+//! An engine that owns its dependencies ([`Deps`]); never touches HTTP or the service layer
+//! (the service holds an `Arc<Engine>` and calls it).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -23,14 +24,19 @@ use sha2::{Digest, Sha256};
 use signature::hazmat::PrehashVerifier;
 
 use crate::audit::entry::{Actor, Entry, event};
+use crate::clock::Clock;
+use crate::config::DynamicConfig;
 use crate::config::Issuer;
 use crate::domain::{KeyId, TenantId};
+use crate::hsm::Hsm;
 use crate::hsm::{CA_KEY_ID, TokenSigner};
+use crate::keys::Registry;
 use crate::keys::{KeyState, KeyVersion};
+use crate::metrics::Metrics;
 use crate::metrics::ROTATION_STATES;
 use crate::pki::{self, CertInfo};
-use crate::service::App;
-use crate::storage::{self, JournalData, JournalStore};
+use crate::storage::{self, JournalData, JournalStore, Leases};
+use arc_swap::ArcSwap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -151,7 +157,33 @@ struct Journal {
 
 const HISTORY: usize = 200;
 
+/// What a rotation acts on: the token, the registry, the evidence log, the CA, the clock and
+/// the reloadable settings (shared with the service, which owns none of the workflow).
+pub struct Deps {
+    pub hsm: Hsm,
+    pub keys: Arc<Registry>,
+    pub log: Arc<storage::Log>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    pub dynamic: Arc<ArcSwap<DynamicConfig>>,
+    /// The CA tenant certificates must chain to (internal for hsm-ca, a file for manual).
+    pub ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
+    /// One actor per tenant across replicas.
+    pub leases: Arc<dyn Leases>,
+    /// Several replicas share the state (PostgreSQL): reload it before acting.
+    pub shared: bool,
+}
+
 pub struct Engine {
+    hsm: Hsm,
+    keys: Arc<Registry>,
+    log: Arc<storage::Log>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    dynamic: Arc<ArcSwap<DynamicConfig>>,
+    ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
+    leases: Arc<dyn Leases>,
+    shared: bool,
     store: Arc<dyn JournalStore>,
     /// Guarded by `op` for writers; readers take a clone.
     journal: Mutex<Journal>,
@@ -162,8 +194,28 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub async fn load(store: Arc<dyn JournalStore>) -> Result<Self, Error> {
+    pub async fn load(store: Arc<dyn JournalStore>, deps: Deps) -> Result<Self, Error> {
+        let Deps {
+            hsm,
+            keys,
+            log,
+            metrics,
+            clock,
+            dynamic,
+            ca,
+            leases,
+            shared,
+        } = deps;
         let engine = Self {
+            hsm,
+            keys,
+            log,
+            metrics,
+            clock,
+            dynamic,
+            ca,
+            leases,
+            shared,
             store,
             journal: Mutex::new(Journal::default()),
             op: tokio::sync::Mutex::new(()),
@@ -304,14 +356,14 @@ pub struct Start {
     pub emergency: bool,
 }
 
-impl App {
+impl Engine {
     /// Start a rotation (or the first key of a tenant) and run it as far as it goes.
     pub async fn rotation_start(&self, start: Start) -> Result<Rotation, Error> {
-        let _op = self.rotation.op.lock().await;
+        let _op = self.op.lock().await;
         let _lease = self.tenant_lease(&start.tenant).await?;
         let snap = self.keys.snapshot();
         let versions = snap.tenant(&start.tenant);
-        if let Some(r) = self.rotation.in_progress(&start.tenant) {
+        if let Some(r) = self.in_progress(&start.tenant) {
             return Err(Error::Conflict(format!(
                 "a rotation of tenant {} is already in progress (to v{}, step {})",
                 start.tenant,
@@ -390,7 +442,7 @@ impl App {
             tracing::warn!(tenant = %start.tenant, "recovering a tenant without an active key by a rotation to a new version");
         }
         self.record(e).await?;
-        self.rotation.save(&rotation).await?;
+        self.save(&rotation).await?;
         self.metrics.rotations.with_label_values(&["started"]).inc();
         tracing::info!(tenant = %rotation.tenant, to_version = rotation.to_version, trigger = ?rotation.trigger, "rotation started");
         let result = self.advance(rotation, &start.actor).await;
@@ -423,7 +475,7 @@ impl App {
                     rotation.attempts = 0;
                     rotation.last_error = None;
                     rotation.next_attempt_at = None;
-                    self.rotation.save(&rotation).await?;
+                    self.save(&rotation).await?;
                     if rotation.step == Step::Completed {
                         self.metrics
                             .rotations
@@ -431,7 +483,7 @@ impl App {
                             .inc();
                         tracing::info!(tenant = %rotation.tenant, key_id = %rotation.new_key_id(), "rotation completed");
                         // Retire what is due (at once for an emergency rotation).
-                        self.rotation.wake();
+                        self.wake();
                         return Ok(rotation);
                     }
                 }
@@ -446,7 +498,7 @@ impl App {
                     rotation.last_error = Some(reason.clone());
                     rotation.next_attempt_at = Some(now + backoff.as_secs().max(1));
                     rotation.updated_at = now;
-                    self.rotation.save(&rotation).await?;
+                    self.save(&rotation).await?;
                     self.metrics
                         .rotations
                         .with_label_values(&["failed_attempt"])
@@ -646,12 +698,12 @@ impl App {
         reason: Option<String>,
         request_id: Option<String>,
     ) -> Result<Rotation, Error> {
-        let _op = self.rotation.op.lock().await;
+        let _op = self.op.lock().await;
         let _lease = self.tenant_lease(tenant).await?;
         if self.dynamic.load().rotation.issuer != Issuer::Manual {
             return Err(Error::Conflict("rotation.issuer is \"hsm-ca\": certificates are issued by the internal CA, not imported".into()));
         }
-        let mut r = self.rotation.in_progress(tenant).filter(|r| r.step == Step::AwaitingCertificate).ok_or_else(|| {
+        let mut r = self.in_progress(tenant).filter(|r| r.step == Step::AwaitingCertificate).ok_or_else(|| {
             Error::Conflict(format!("no rotation of tenant {tenant} is awaiting a certificate; run `signet certs csr --tenant {tenant}` first"))
         })?;
         let der = pki::parse_pem_or_der(pem).map_err(Error::Rejected)?;
@@ -676,7 +728,7 @@ impl App {
         r.certificate_pem = Some(info.to_pem());
         r.step = Step::CertificateReceived;
         r.updated_at = self.clock.unix();
-        self.rotation.save(&r).await?;
+        self.save(&r).await?;
         let result = self.advance(r, actor).await;
         self.refresh_metrics();
         result
@@ -691,7 +743,7 @@ impl App {
         reason: String,
         request_id: Option<String>,
     ) -> Result<String, Error> {
-        if let Some(r) = self.rotation.in_progress(tenant) {
+        if let Some(r) = self.in_progress(tenant) {
             return r.csr_pem.ok_or_else(|| {
                 Error::Conflict(format!(
                     "the rotation of tenant {tenant} has no CSR yet (step {})",
@@ -737,10 +789,10 @@ impl App {
         reason: String,
         request_id: Option<String>,
     ) -> Result<Rotation, Error> {
-        let _op = self.rotation.op.lock().await;
+        let _op = self.op.lock().await;
         let _lease = self.tenant_lease(tenant).await?;
         let now = self.clock.unix();
-        if let Some(mut r) = self.rotation.in_progress(tenant) {
+        if let Some(mut r) = self.in_progress(tenant) {
             // Not active yet: abort, destroying the new private key.
             let id = r.new_key_id().to_string();
             let idc = id.clone();
@@ -771,7 +823,7 @@ impl App {
             }
             r.step = Step::Aborted;
             r.updated_at = now;
-            self.rotation.save(&r).await?;
+            self.save(&r).await?;
             self.metrics.rotations.with_label_values(&["aborted"]).inc();
             self.refresh_metrics();
             return Ok(r);
@@ -835,7 +887,7 @@ impl App {
         if let Err(e) = self.hsm.call(move |s| s.destroy_private_key(&id)).await {
             tracing::error!(error = %e, "rolled-back key's private key not destroyed yet; the monitor retries");
         }
-        self.rotation.save(&r).await?;
+        self.save(&r).await?;
         self.metrics
             .rotations
             .with_label_values(&["rolled_back"])
@@ -860,7 +912,7 @@ impl App {
 
     /// Retire versions whose grace ended; make sure retired versions hold no private key.
     async fn retire_due(&self) {
-        let _op = self.rotation.op.lock().await;
+        let _op = self.op.lock().await;
         let now = self.clock.unix();
         let actor = scheduler_actor();
         for v in self.keys.snapshot().all() {
@@ -922,10 +974,29 @@ impl App {
             .lock(&format!("rotation:{tenant}"))
             .await
             .map_err(Error::Persist)?;
-        self.reload_shared_state()
-            .await
-            .map_err(|e| Error::SharedState(e.to_string()))?;
+        self.reload_shared_state().await?;
         Ok(guard)
+    }
+
+    /// With several replicas: read key states (and the token) and the rotation journal again,
+    /// as another replica may have changed them. Nothing to do with the file backend.
+    pub async fn reload_shared_state(&self) -> Result<(), Error> {
+        if !self.shared {
+            return Ok(());
+        }
+        self.reload().await?;
+        let grace = self.dynamic.load().rotation.grace;
+        self.keys
+            .reload(&self.hsm, grace, self.clock.unix())
+            .await
+            .map_err(|e| Error::SharedState(e.to_string()))
+    }
+
+    /// Manual issuer: (re)read `rotation.ca_certificate`.
+    pub fn reload_manual_ca(&self) {
+        if let Some(ca) = load_ca_file(&self.dynamic.load().rotation.ca_certificate) {
+            self.ca.store(Arc::new(Some(ca)));
+        }
     }
 
     /// Tenants whose active certificate entered `renew_before` and have no rotation running.
@@ -935,7 +1006,7 @@ impl App {
         let snap = self.keys.snapshot();
         let mut out = Vec::new();
         for (tenant, _) in snap.tenants() {
-            if self.rotation.in_progress(tenant).is_some() {
+            if self.in_progress(tenant).is_some() {
                 continue;
             }
             let Some(active) = snap.active(tenant) else {
@@ -966,9 +1037,9 @@ impl App {
 
     /// Resume rotations interrupted by a crash, or whose failed step's backoff elapsed.
     async fn resume_rotations(&self) {
-        let _op = self.rotation.op.lock().await;
+        let _op = self.op.lock().await;
         let now = self.clock.unix();
-        for r in self.rotation.all_in_progress() {
+        for r in self.all_in_progress() {
             if r.step == Step::AwaitingCertificate || r.next_attempt_at.is_some_and(|t| t > now) {
                 continue;
             }
@@ -976,7 +1047,7 @@ impl App {
             let Ok(_lease) = self.tenant_lease(&r.tenant).await else {
                 continue;
             };
-            let Some(r) = self.rotation.in_progress(&r.tenant) else {
+            let Some(r) = self.in_progress(&r.tenant) else {
                 continue;
             };
             if r.step == Step::AwaitingCertificate || r.next_attempt_at.is_some_and(|t| t > now) {
@@ -1027,7 +1098,6 @@ impl App {
             snap.tenants().map(|(t, _)| t.clone()).collect();
         for t in tenants {
             let current = self
-                .rotation
                 .in_progress(&t)
                 .map(|r| r.state_label(now, cfg.overdue_after))
                 .unwrap_or("idle");
@@ -1114,6 +1184,24 @@ impl App {
     }
 }
 
+/// Read a CA certificate file (PEM or DER); `None` (logged) if it is missing or invalid.
+pub fn load_ca_file(path: &std::path::Path) -> Option<Arc<CertInfo>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "rotation.ca_certificate is not readable; certificate imports will be refused");
+            return None;
+        }
+    };
+    match pki::parse_pem_or_der(&bytes).and_then(|d| CertInfo::parse(&d)) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "rotation.ca_certificate is not a certificate");
+            None
+        }
+    }
+}
+
 fn subject_of(cert: &x509_cert::Certificate) -> x509_cert::name::Name {
     cert.tbs_certificate().subject().clone()
 }
@@ -1131,13 +1219,13 @@ impl FromDerBytes for x509_cert::Certificate {
 
 /// The monitor task: a pass at start (resuming interrupted rotations), then every
 /// `rotation.check_interval` or when woken.
-pub async fn monitor(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn monitor(engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
-        app.rotation_tick().await;
-        let interval = app.dynamic.load().rotation.check_interval;
+        engine.rotation_tick().await;
+        let interval = engine.dynamic.load().rotation.check_interval;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = app.rotation.wake.notified() => {}
+            _ = engine.wake.notified() => {}
             _ = stop.changed() => break,
         }
     }

@@ -182,7 +182,7 @@ impl App {
             due_at: None,
             emergency: req.emergency && trigger == Trigger::Manual,
         };
-        Ok(self.rotation_start(start).await?)
+        Ok(self.rotation.rotation_start(start).await?)
     }
 
     pub async fn admin_rollback(
@@ -194,6 +194,7 @@ impl App {
         let t = tenant(&req.tenant)?;
         let reason = reason(req.reason)?;
         Ok(self
+            .rotation
             .rotation_rollback(&t, &caller.actor(), reason, Some(caller.request_id.clone()))
             .await?)
     }
@@ -208,6 +209,7 @@ impl App {
             .unwrap_or_else(|| "certificate request".to_owned());
         let reason = self::reason(Some(reason))?;
         Ok(self
+            .rotation
             .rotation_csr(&t, &caller.actor(), reason, Some(caller.request_id.clone()))
             .await?)
     }
@@ -221,6 +223,7 @@ impl App {
         let t = tenant(&req.tenant)?;
         let reason = req.reason.map(|r| self::reason(Some(r))).transpose()?;
         Ok(self
+            .rotation
             .rotation_import(
                 &t,
                 req.certificate.as_bytes(),

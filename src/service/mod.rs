@@ -131,7 +131,7 @@ impl Caller {
 /// Application state shared by every request and background task.
 pub struct App {
     pub config: Config,
-    pub dynamic: ArcSwap<DynamicConfig>,
+    pub dynamic: Arc<ArcSwap<DynamicConfig>>,
     pub policies: Arc<ArcSwap<Policies>>,
     /// Rate limiter state, kept across reloads.
     limiters: policy::Limiters,
@@ -146,11 +146,12 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub idempotency: Idempotency<SignResponse, Error>,
     pub clock: Arc<dyn Clock>,
-    pub rotation: Engine,
+    /// The rotation workflow; it shares `dynamic`, `ca`, the registry, the log and the token.
+    pub rotation: Arc<Engine>,
     /// RFC 3161 timestamps of checkpoints (stored, and pending with `[audit.timestamping]`).
     pub timestamps: timestamping::Timestamps,
     /// The CA tenant certificates must chain to (internal for hsm-ca, a file for manual).
-    pub ca: ArcSwap<Option<Arc<CertInfo>>>,
+    pub ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -310,7 +311,7 @@ impl App {
             Issuer::HsmCa => Some(Arc::new(
                 ensure_internal_ca(&hsm, &config, clock.as_ref()).await?,
             )),
-            Issuer::Manual => load_ca_file(&config.dynamic.rotation.ca_certificate),
+            Issuer::Manual => rotation::load_ca_file(&config.dynamic.rotation.ca_certificate),
         };
         let keys = Arc::new(
             Registry::load(
@@ -329,10 +330,28 @@ impl App {
             move || evictions.inc(),
         );
         let limiters = policy::Limiters::default();
-        let rotation = Engine::load(journal).await?;
+        let dynamic = Arc::new(ArcSwap::from_pointee(config.dynamic.clone()));
+        let ca = Arc::new(ArcSwap::from_pointee(ca));
+        let rotation = Arc::new(
+            Engine::load(
+                journal,
+                rotation::Deps {
+                    hsm: hsm.clone(),
+                    keys: Arc::clone(&keys),
+                    log: Arc::clone(&log),
+                    metrics: Arc::clone(&metrics),
+                    clock: Arc::clone(&clock),
+                    dynamic: Arc::clone(&dynamic),
+                    ca: Arc::clone(&ca),
+                    leases: Arc::clone(&leases),
+                    shared: db.is_some(),
+                },
+            )
+            .await?,
+        );
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let app = Arc::new(Self {
-            dynamic: ArcSwap::from_pointee(config.dynamic.clone()),
+            dynamic,
             policies: Arc::new(ArcSwap::from_pointee(Policies::with_limiters(
                 &config.dynamic,
                 &limiters,
@@ -350,7 +369,7 @@ impl App {
             clock,
             rotation,
             timestamps: timestamping::Timestamps::default(),
-            ca: ArcSwap::from_pointee(ca),
+            ca,
             shutdown,
             tasks: std::sync::Mutex::new(Vec::new()),
         });
@@ -385,9 +404,9 @@ impl App {
         }));
         let app = Arc::clone(self);
         let stop = self.shutdown.subscribe();
-        tasks.push(tokio::spawn(
-            async move { rotation::monitor(app, stop).await },
-        ));
+        tasks.push(tokio::spawn(async move {
+            rotation::monitor(Arc::clone(&app.rotation), stop).await
+        }));
         if let Some(cfg) = self.config.audit.timestamping.clone() {
             let app = Arc::clone(self);
             let stop = self.shutdown.subscribe();
@@ -464,9 +483,7 @@ impl App {
 
     /// Manual issuer: (re)read `rotation.ca_certificate`.
     pub fn reload_manual_ca(&self) {
-        if let Some(ca) = load_ca_file(&self.dynamic.load().rotation.ca_certificate) {
-            self.ca.store(Arc::new(Some(ca)));
-        }
+        self.rotation.reload_manual_ca();
     }
 
     /// Record a configuration reload as evidence: who, and the policies now in force (their
@@ -609,16 +626,13 @@ impl App {
 
     /// With several replicas: read key states (and the token) and the rotation journal again,
     /// as another replica may have changed them. Nothing to do with the file backend.
-    pub async fn reload_shared_state(&self) -> Result<(), StartError> {
-        if self.db.is_none() {
-            return Ok(());
-        }
-        self.rotation.reload().await?;
-        let grace = self.dynamic.load().rotation.grace;
-        self.keys
-            .reload(&self.hsm, grace, self.clock.unix())
-            .await?;
-        Ok(())
+    pub async fn reload_shared_state(&self) -> Result<(), rotation::Error> {
+        self.rotation.reload_shared_state().await
+    }
+
+    /// Export expiry and rotation metrics from the registry and the journal.
+    pub fn refresh_metrics(&self) {
+        self.rotation.refresh_metrics();
     }
 
     /// The tenant's configured existence: named by a policy or a client, or holding keys.
@@ -686,21 +700,4 @@ async fn ensure_internal_ca(
         })?;
     }
     Ok(ca)
-}
-
-fn load_ca_file(path: &std::path::Path) -> Option<Arc<CertInfo>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "rotation.ca_certificate is not readable; certificate imports will be refused");
-            return None;
-        }
-    };
-    match pki::parse_pem_or_der(&bytes).and_then(|d| CertInfo::parse(&d)) {
-        Ok(c) => Some(Arc::new(c)),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "rotation.ca_certificate is not a certificate");
-            None
-        }
-    }
 }
