@@ -93,6 +93,7 @@ fn configmap_toml(text: &str) -> String {
         .nth(1)
         .unwrap()
         .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| l.strip_prefix("    ").unwrap_or(l))
         .collect::<Vec<_>>()
         .join("\n")
