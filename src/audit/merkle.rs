@@ -154,12 +154,8 @@ impl Tree {
                 have: self.len(),
             });
         }
-        if index >= size {
-            return Err(ProofError::IndexOutOfRange { index, size });
-        }
-        let mut out = Vec::new();
-        self.path(index, 0, size, &mut out);
-        Ok(out)
+        let Ok(proof) = inclusion_proof(&mut &*self, index, size)?;
+        Ok(proof)
     }
 
     /// Consistency proof between the trees of sizes `from` and `to`.
@@ -170,68 +166,135 @@ impl Tree {
                 have: self.len(),
             });
         }
-        if from == 0 || from > to {
-            return Err(ProofError::BadRange { from, to });
-        }
-        let mut out = Vec::new();
-        self.subproof(from, 0, to, true, &mut out);
-        Ok(out)
+        let Ok(proof) = consistency_proof(&mut &*self, from, to)?;
+        Ok(proof)
     }
 
     /// MTH(D[start:end]).
     fn subtree(&self, start: u64, end: u64) -> Hash {
-        let n = end - start;
-        if n.is_power_of_two() && start.is_multiple_of(n) {
-            let level = n.trailing_zeros() as usize;
-            if let Some(h) = self
-                .levels
-                .get(level)
-                .and_then(|l| l.get((start >> level) as usize))
-            {
-                return *h;
-            }
-        }
-        let k = split_point(n);
-        node_hash(
-            &self.subtree(start, start + k),
-            &self.subtree(start + k, end),
-        )
+        let Ok(h) = subtree(&mut &*self, start, end);
+        h
     }
+}
 
-    /// RFC 6962 PATH(m, D[start:end]), appended bottom-up.
-    fn path(&self, m: u64, start: u64, end: u64, out: &mut Vec<Hash>) {
-        let n = end - start;
-        if n <= 1 {
-            return;
-        }
-        let k = split_point(n);
-        if m < k {
-            self.path(m, start, start + k, out);
-            out.push(self.subtree(start + k, end));
-        } else {
-            self.path(m - k, start + k, end, out);
-            out.push(self.subtree(start, start + k));
-        }
-    }
+/// Where the hashes of complete, aligned subtrees come from: the in-memory [`Tree`], or
+/// C2SP tiles (`super::tiled`). The RFC 6962 algorithms below only ever ask for those.
+pub trait Nodes {
+    type Error;
+    /// The hash of leaves `[index·2^level, (index+1)·2^level)`, a complete subtree.
+    fn node(&mut self, level: u32, index: u64) -> Result<Hash, Self::Error>;
+}
 
-    /// RFC 6962 SUBPROOF(m, D[start:end], b).
-    fn subproof(&self, m: u64, start: u64, end: u64, complete: bool, out: &mut Vec<Hash>) {
-        let n = end - start;
-        if m == n {
-            if !complete {
-                out.push(self.subtree(start, end));
-            }
-            return;
-        }
-        let k = split_point(n);
-        if m <= k {
-            self.subproof(m, start, start + k, complete, out);
-            out.push(self.subtree(start + k, end));
-        } else {
-            self.subproof(m - k, start + k, end, false, out);
-            out.push(self.subtree(start, start + k));
-        }
+impl Nodes for &Tree {
+    type Error = std::convert::Infallible;
+    fn node(&mut self, level: u32, index: u64) -> Result<Hash, Self::Error> {
+        // Callers only ask for complete subtrees of the tree's leaves: the level holds them.
+        Ok(self
+            .levels
+            .get(level as usize)
+            .and_then(|l| l.get(index as usize))
+            .copied()
+            .unwrap_or_else(empty_root))
     }
+}
+
+/// MTH(D[start:end]) (start < end): complete aligned subtrees straight from `nodes`.
+pub fn subtree<N: Nodes>(nodes: &mut N, start: u64, end: u64) -> Result<Hash, N::Error> {
+    let n = end - start;
+    if n.is_power_of_two() && start.is_multiple_of(n) {
+        let level = n.trailing_zeros();
+        return nodes.node(level, start >> level);
+    }
+    let k = split_point(n);
+    let left = subtree(nodes, start, start + k)?;
+    let right = subtree(nodes, start + k, end)?;
+    Ok(node_hash(&left, &right))
+}
+
+/// The root of the first `size` leaves (the empty root for 0).
+pub fn root<N: Nodes>(nodes: &mut N, size: u64) -> Result<Hash, N::Error> {
+    if size == 0 {
+        return Ok(empty_root());
+    }
+    subtree(nodes, 0, size)
+}
+
+/// Inclusion proof of leaf `index` in the tree of the first `size` leaves.
+#[allow(clippy::type_complexity)]
+pub fn inclusion_proof<N: Nodes>(
+    nodes: &mut N,
+    index: u64,
+    size: u64,
+) -> Result<Result<Vec<Hash>, N::Error>, ProofError> {
+    if index >= size {
+        return Err(ProofError::IndexOutOfRange { index, size });
+    }
+    let mut out = Vec::new();
+    Ok(path(nodes, index, 0, size, &mut out).map(|()| out))
+}
+
+/// Consistency proof between the trees of sizes `from` and `to`.
+#[allow(clippy::type_complexity)]
+pub fn consistency_proof<N: Nodes>(
+    nodes: &mut N,
+    from: u64,
+    to: u64,
+) -> Result<Result<Vec<Hash>, N::Error>, ProofError> {
+    if from == 0 || from > to {
+        return Err(ProofError::BadRange { from, to });
+    }
+    let mut out = Vec::new();
+    Ok(subproof(nodes, from, 0, to, true, &mut out).map(|()| out))
+}
+
+/// RFC 6962 PATH(m, D[start:end]), appended bottom-up.
+fn path<N: Nodes>(
+    nodes: &mut N,
+    m: u64,
+    start: u64,
+    end: u64,
+    out: &mut Vec<Hash>,
+) -> Result<(), N::Error> {
+    let n = end - start;
+    if n <= 1 {
+        return Ok(());
+    }
+    let k = split_point(n);
+    if m < k {
+        path(nodes, m, start, start + k, out)?;
+        out.push(subtree(nodes, start + k, end)?);
+    } else {
+        path(nodes, m - k, start + k, end, out)?;
+        out.push(subtree(nodes, start, start + k)?);
+    }
+    Ok(())
+}
+
+/// RFC 6962 SUBPROOF(m, D[start:end], b).
+fn subproof<N: Nodes>(
+    nodes: &mut N,
+    m: u64,
+    start: u64,
+    end: u64,
+    complete: bool,
+    out: &mut Vec<Hash>,
+) -> Result<(), N::Error> {
+    let n = end - start;
+    if m == n {
+        if !complete {
+            out.push(subtree(nodes, start, end)?);
+        }
+        return Ok(());
+    }
+    let k = split_point(n);
+    if m <= k {
+        subproof(nodes, m, start, start + k, complete, out)?;
+        out.push(subtree(nodes, start + k, end)?);
+    } else {
+        subproof(nodes, m - k, start + k, end, false, out)?;
+        out.push(subtree(nodes, start, start + k)?);
+    }
+    Ok(())
 }
 
 /// The largest power of two strictly below `n` (n ≥ 2).

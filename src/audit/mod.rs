@@ -20,6 +20,7 @@ pub mod index;
 pub mod merkle;
 pub mod note;
 pub mod order;
+pub mod tiled;
 pub mod tiles;
 pub mod timestamp;
 pub mod verify;

@@ -530,7 +530,10 @@ async fn tlog_tile(
         return not_found();
     };
     let body = match tile {
-        TileRef::Hashes { level, n, width } => s.app.log.hash_tile(level, n, width),
+        TileRef::Hashes { level, n, width } => match s.app.log.hash_tile(level, n, width).await {
+            Ok(b) => b,
+            Err(e) => return fail(e.into(), &caller.request_id),
+        },
         TileRef::Entries { n, width } => {
             if !Policies::may_read_all_evidence(&caller.client) {
                 return fail(
@@ -592,14 +595,14 @@ async fn consistency(
         (Ok(f), Ok(t)) => (f, t),
         (Err(e), _) | (_, Err(e)) => return fail(e, &caller.request_id),
     };
-    match s.app.log.consistency(from, to) {
+    match s.app.log.consistency(from, to).await {
         Ok(proof) => ok(
             StatusCode::OK,
             &serde_json::json!({
                 "from": from,
                 "to": to,
-                "root_from": s.app.log.root(from).ok().map(|h| B64.encode(h)),
-                "root_to": s.app.log.root(to).ok().map(|h| B64.encode(h)),
+                "root_from": s.app.log.root(from).await.ok().map(|h| B64.encode(h)),
+                "root_to": s.app.log.root(to).await.ok().map(|h| B64.encode(h)),
                 "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
                 "checkpoint": s.app.log.latest_checkpoint().map(|c| c.note.clone()),
             }),

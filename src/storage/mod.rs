@@ -309,10 +309,15 @@ impl Log {
     }
 
     /// A C2SP tlog-tiles hash tile of the latest signed checkpoint's tree.
-    pub fn hash_tile(&self, level: u8, n: u64, width: u16) -> Option<Vec<u8>> {
+    pub async fn hash_tile(
+        &self,
+        level: u8,
+        n: u64,
+        width: u16,
+    ) -> Result<Option<Vec<u8>>, audit::Error> {
         match self {
-            Log::File(l) => l.hash_tile(level, n, width),
-            Log::Postgres(l) => l.hash_tile(level, n, width),
+            Log::File(l) => Ok(l.hash_tile(level, n, width)),
+            Log::Postgres(l) => l.hash_tile(level, n, width).await,
         }
     }
 
@@ -354,17 +359,17 @@ impl Log {
     }
 
     /// RFC 6962 consistency proof between two sizes covered by the latest checkpoint.
-    pub fn consistency(&self, from: u64, to: u64) -> Result<Vec<Hash>, audit::Error> {
+    pub async fn consistency(&self, from: u64, to: u64) -> Result<Vec<Hash>, audit::Error> {
         match self {
             Log::File(l) => l.consistency(from, to),
-            Log::Postgres(l) => l.consistency(from, to),
+            Log::Postgres(l) => l.consistency(from, to).await,
         }
     }
 
-    pub fn root(&self, size: u64) -> Result<Hash, audit::Error> {
+    pub async fn root(&self, size: u64) -> Result<Hash, audit::Error> {
         match self {
             Log::File(l) => l.root(size),
-            Log::Postgres(l) => l.root(size),
+            Log::Postgres(l) => l.root(size).await,
         }
     }
 

@@ -15,8 +15,13 @@
 //!   paused former leader whose view is stale cannot publish an older or conflicting head.
 //!   The signed head is also kept in the token (the anchor), as with the file backend.
 //!
-//! Every replica follows the log (LISTEN `signet_log` plus a poll): it keeps the leaves in
-//! memory for proofs and tiles, and checks each checkpoint it picks up against them.
+//! The tree is stored as C2SP tlog-tiles in `signet_tiles` (full tiles of 256 hashes, written
+//! by whichever replica completes one; identical whoever does). Every replica follows the log
+//! (LISTEN `signet_log` plus a poll) and keeps only the right edge of the tree in memory (at
+//! most 255 hashes per tile level) and a bounded cache of tiles: memory is O(log n), and
+//! opening reads O(log n) tiles whatever the log's size. Each checkpoint a replica picks up is
+//! checked against the tiles before it is served; each entry served is checked against its
+//! leaf hash.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +42,7 @@ use super::{Error, JournalData, JournalStore, KeyStateStore, LeaseGuard, Leases}
 use crate::audit::anchor::{Anchor, TokenAnchor, TreeHead};
 use crate::audit::merkle::{self, Hash, Tree};
 use crate::audit::note::{self, Checkpoint, TlogProof};
+use crate::audit::tiled::{self, Edge, Missing, Tile, TileId, TileNodes};
 use crate::audit::{
     self, CheckpointSigner, Entry, EntryProof, Receipt, StoredCheckpoint, index, order,
 };
@@ -73,6 +79,12 @@ CREATE INDEX IF NOT EXISTS signet_entries_transaction ON signet_entries (transac
     WHERE transaction_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS signet_entries_tenant ON signet_entries (tenant, idx)
     WHERE tenant IS NOT NULL;
+CREATE TABLE IF NOT EXISTS signet_tiles (
+    level smallint NOT NULL,
+    idx bigint NOT NULL,
+    hashes bytea NOT NULL,
+    PRIMARY KEY (level, idx)
+);
 CREATE TABLE IF NOT EXISTS signet_checkpoints (
     tree_size bigint PRIMARY KEY,
     signed_at bigint NOT NULL,
@@ -122,6 +134,9 @@ DROP TRIGGER IF EXISTS signet_checkpoints_append_only ON signet_checkpoints;
 CREATE TRIGGER signet_checkpoints_append_only BEFORE UPDATE OR DELETE OR TRUNCATE
     ON signet_checkpoints FOR EACH STATEMENT EXECUTE FUNCTION signet_append_only();
 "#;
+
+/// Full tiles kept in memory per replica (8 KiB each).
+const TILE_CACHE: u64 = 4096;
 
 /// History rows kept in `signet_rotation_history`.
 const HISTORY: i64 = 200;
@@ -438,9 +453,12 @@ pub struct PgLog {
     signer: Arc<dyn CheckpointSigner>,
     token: Arc<dyn TokenAnchor>,
     metrics: Arc<Metrics>,
-    /// The leaves of the log as far as this replica has read them (the follower and this
-    /// replica's own commits extend it; only ever in index order).
-    tree: RwLock<Tree>,
+    /// The right edge of the tree as far as this replica has read the log (the follower and
+    /// this replica's own commits extend it, only ever in index order). Replaced, not
+    /// mutated, so a computation holds one consistent edge.
+    edge: RwLock<Arc<Edge>>,
+    /// Full tiles recently used (immutable), bounded.
+    tiles: moka::sync::Cache<TileId, Tile>,
     latest: RwLock<Option<Arc<StoredCheckpoint>>>,
     restore_findings: Vec<String>,
     queue: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
@@ -524,7 +542,8 @@ impl PgLog {
             signer,
             token,
             metrics,
-            tree: RwLock::new(Tree::new()),
+            edge: RwLock::new(Arc::new(Edge::new())),
+            tiles: moka::sync::Cache::new(TILE_CACHE),
             latest: RwLock::new(None),
             restore_findings: Vec::new(),
             queue: Mutex::new(None),
@@ -534,6 +553,8 @@ impl PgLog {
             checkpointing: tokio::sync::Mutex::new(()),
             stop,
         });
+        let edge = log.load_edge().await?;
+        *write(&log.edge) = Arc::new(edge);
         log.catch_up().await?;
         let findings = log.check_anchors().await?;
         if !findings.is_empty() && !opts.accept_restore {
@@ -567,18 +588,15 @@ impl PgLog {
             .map_err(|e| self.db.failed(e))?;
         let (size, root): (i64, Vec<u8>) = (row.get(0), row.get(1));
         let size = size as u64;
-        {
-            let tree = read(&self.tree);
-            if size > tree.len() {
-                findings.push(format!(
-                    "the log holds {} entries but its published tree head covers {size}: entries were removed",
-                    tree.len()
-                ));
-            } else if tree.root(size).ok().map(|r| r.to_vec()) != Some(root) {
-                findings.push(format!(
-                    "the root hash at size {size} differs from the published tree head: entries were rewritten"
-                ));
-            }
+        let len = self.tree_size();
+        if size > len {
+            findings.push(format!(
+                "the log holds {len} entries but its published tree head covers {size}: entries were removed"
+            ));
+        } else if self.root(size).await?.to_vec() != root {
+            findings.push(format!(
+                "the root hash at size {size} differs from the published tree head: entries were rewritten"
+            ));
         }
         let token = Arc::clone(&self.token);
         let anchors = tokio::task::spawn_blocking(move || token.load())
@@ -596,14 +614,13 @@ impl PgLog {
                     a.origin, self.origin
                 )));
             }
-            let tree = read(&self.tree);
-            if tree.len() < a.size {
+            let len = self.tree_size();
+            if len < a.size {
                 findings.push(format!(
-                    "the database holds {} entries but the token's anchor covers {}: an older copy of the database was restored, or entries were removed",
-                    tree.len(),
+                    "the database holds {len} entries but the token's anchor covers {}: an older copy of the database was restored, or entries were removed",
                     a.size
                 ));
-            } else if a.root_hash().ok() != tree.root(a.size).ok() {
+            } else if a.root_hash().ok() != Some(self.root(a.size).await?) {
                 findings.push(format!(
                     "the root hash at size {} differs from the token's anchor: entries were rewritten",
                     a.size
@@ -632,7 +649,174 @@ impl PgLog {
     }
 
     pub fn tree_size(&self) -> u64 {
-        read(&self.tree).len()
+        read(&self.edge).size()
+    }
+
+    fn edge(&self) -> Arc<Edge> {
+        Arc::clone(&read(&self.edge))
+    }
+
+    /// Run an RFC 6962 computation over the tree: a pass that learns which full tiles it needs,
+    /// then the computation with them (from the cache, the database, or rebuilt from below).
+    async fn with_nodes<T>(
+        &self,
+        edge: &Edge,
+        f: impl Fn(&mut TileNodes<'_>) -> Result<T, Missing>,
+    ) -> Result<T, audit::Error> {
+        let none = HashMap::new();
+        let mut collect = TileNodes::collecting(edge, &none);
+        let _ = f(&mut collect);
+        let mut fetched = HashMap::new();
+        for id in collect.missing() {
+            fetched.insert(id, self.tile(id).await?);
+        }
+        f(&mut TileNodes::new(edge, &fetched)).map_err(|Missing(id)| {
+            audit::Error::Inconsistent(format!("tile {id:?} could not be read"))
+        })
+    }
+
+    /// A full tile: cached, stored, or built from the level below (and stored).
+    fn tile(&self, id: TileId) -> BoxFuture<'_, Result<Tile, audit::Error>> {
+        Box::pin(async move {
+            if let Some(t) = self.tiles.get(&id) {
+                return Ok(t);
+            }
+            let (level, index) = id;
+            let c = self.db.client().await?;
+            let stored: Option<Vec<u8>> = c
+                .query_opt(
+                    "SELECT hashes FROM signet_tiles WHERE level = $1 AND idx = $2",
+                    &[&(level as i16), &(index as i64)],
+                )
+                .await
+                .map_err(|e| self.db.failed(e))?
+                .map(|r| r.get(0));
+            drop(c);
+            let tile = match stored {
+                Some(bytes) => Arc::new(decode_hashes(&bytes).ok_or_else(|| {
+                    audit::Error::Inconsistent(format!("tile {id:?} is malformed"))
+                })?),
+                None => {
+                    let built = self.build_tile(id).await?;
+                    self.store_tiles(std::slice::from_ref(&(id, Arc::clone(&built))))
+                        .await;
+                    built
+                }
+            };
+            if tile.len() != tiled::WIDTH {
+                return Err(audit::Error::Inconsistent(format!(
+                    "tile {id:?} holds {} hashes",
+                    tile.len()
+                )));
+            }
+            self.tiles.insert(id, Arc::clone(&tile));
+            Ok(tile)
+        })
+    }
+
+    /// A full tile nobody stored yet (a log migrated or written before tiles): from the
+    /// leaves, or from the 256 tiles below it.
+    async fn build_tile(&self, (level, index): TileId) -> Result<Tile, audit::Error> {
+        let width = tiled::WIDTH as u64;
+        let hashes = if level == 0 {
+            let c = self.db.client().await?;
+            let first = index * width;
+            let rows = c
+                .query(
+                    "SELECT leaf FROM signet_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                    &[&(first as i64), &((first + width) as i64)],
+                )
+                .await
+                .map_err(|e| self.db.failed(e))?;
+            rows.iter()
+                .map(|r| Hash::try_from(r.get::<_, &[u8]>(0)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| audit::Error::Inconsistent("a malformed leaf hash".into()))?
+        } else {
+            let mut out = Vec::with_capacity(tiled::WIDTH);
+            for j in 0..width {
+                out.push(tiled::tile_root(
+                    &self.tile((level - 1, index * width + j)).await?,
+                ));
+            }
+            out
+        };
+        if hashes.len() != tiled::WIDTH {
+            return Err(audit::Error::Inconsistent(format!(
+                "tile ({level}, {index}) is not complete"
+            )));
+        }
+        Ok(Arc::new(hashes))
+    }
+
+    /// Keep completed tiles (cache and database); a failure only costs a rebuild later.
+    async fn store_tiles(&self, tiles: &[(TileId, Tile)]) {
+        if tiles.is_empty() {
+            return;
+        }
+        for (id, t) in tiles {
+            self.tiles.insert(*id, Arc::clone(t));
+        }
+        if let Ok(c) = self.db.client().await
+            && let Err(e) = insert_tiles(&**c, &mut tiles.to_vec()).await
+        {
+            tracing::debug!(error = %e, "cannot store tiles; they are rebuilt when needed");
+        }
+    }
+
+    /// The right edge of the committed log, from O(log n) rows and tiles.
+    async fn load_edge(&self) -> Result<Edge, audit::Error> {
+        let c = self.db.client().await?;
+        let size = c
+            .query_one("SELECT next_index FROM signet_log WHERE id = 1", &[])
+            .await
+            .map_err(|e| self.db.failed(e))?
+            .get::<_, i64>(0) as u64;
+        let width = tiled::WIDTH as u64;
+        let first = size - size % width;
+        let leaves = c
+            .query(
+                "SELECT leaf FROM signet_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                &[&(first as i64), &(size as i64)],
+            )
+            .await
+            .map_err(|e| self.db.failed(e))?;
+        drop(c);
+        let mut partial = vec![
+            leaves
+                .iter()
+                .map(|r| Hash::try_from(r.get::<_, &[u8]>(0)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| audit::Error::Inconsistent("a malformed leaf hash".into()))?,
+        ];
+        for level in 1..tiled::levels(size) {
+            let count = tiled::hashes_at(size, level);
+            let mut row = Vec::new();
+            for j in count - count % width..count {
+                row.push(tiled::tile_root(&self.tile((level - 1, j)).await?));
+            }
+            partial.push(row);
+        }
+        Edge::from_partials(size, partial).map_err(|e| audit::Error::Inconsistent(e.to_string()))
+    }
+
+    /// Append leaves read in order after `edge`'s size; store the tiles they complete.
+    async fn extend(&self, base: u64, leaves: &[Hash]) {
+        let completed = {
+            let mut guard = write(&self.edge);
+            if guard.size() != base {
+                return;
+            }
+            let mut edge = (**guard).clone();
+            let mut completed = Vec::new();
+            for l in leaves {
+                completed.extend(edge.push(*l));
+            }
+            self.metrics.audit_tree_size.set(edge.size() as i64);
+            *guard = Arc::new(edge);
+            completed
+        };
+        self.store_tiles(&completed).await;
     }
 
     pub fn public_key(&self) -> VerifyingKey {
@@ -716,15 +900,7 @@ impl PgLog {
                     .observe(started.elapsed().as_secs_f64());
                 if !s.leaves.is_empty() {
                     self.metrics.audit_group_size.observe(s.leaves.len() as f64);
-                    {
-                        let mut tree = write(&self.tree);
-                        if tree.len() == s.base {
-                            for l in &s.leaves {
-                                tree.push(*l);
-                            }
-                            self.metrics.audit_tree_size.set(tree.len() as i64);
-                        }
-                    }
+                    self.extend(s.base, &s.leaves).await;
                     self.db.log_changed.send_modify(|v| *v += 1);
                 }
                 for ev in &s.events {
@@ -944,29 +1120,26 @@ impl PgLog {
         let _g = self.following.lock().await;
         let c = self.db.client().await?;
         loop {
-            let from = self.tree_size() as i64;
+            let from = self.tree_size();
             let rows = c
                 .query(
                     "SELECT idx, leaf FROM signet_entries WHERE idx >= $1 ORDER BY idx LIMIT 50000",
-                    &[&from],
+                    &[&(from as i64)],
                 )
                 .await
                 .map_err(|e| self.db.failed(e))?;
             let n = rows.len();
-            {
-                let mut tree = write(&self.tree);
-                for r in rows {
-                    let (idx, leaf): (i64, Vec<u8>) = (r.get(0), r.get(1));
-                    if idx as u64 != tree.len() {
-                        break;
-                    }
-                    let leaf = Hash::try_from(leaf.as_slice()).map_err(|_| {
-                        audit::Error::Inconsistent(format!("entry {idx} has a malformed leaf hash"))
-                    })?;
-                    tree.push(leaf);
+            let mut leaves = Vec::with_capacity(n);
+            for r in rows {
+                let (idx, leaf): (i64, &[u8]) = (r.get(0), r.get(1));
+                if idx as u64 != from + leaves.len() as u64 {
+                    break;
                 }
-                self.metrics.audit_tree_size.set(tree.len() as i64);
+                leaves.push(Hash::try_from(leaf).map_err(|_| {
+                    audit::Error::Inconsistent(format!("entry {idx} has a malformed leaf hash"))
+                })?);
             }
+            self.extend(from, &leaves).await;
             if n < 50000 {
                 break;
             }
@@ -988,13 +1161,23 @@ impl PgLog {
             if self
                 .latest_checkpoint()
                 .is_none_or(|l| l.tree_size < cp.tree_size)
+                && cp.tree_size <= self.tree_size()
             {
-                audit::check_against_checkpoint(
-                    &read(&self.tree),
-                    &cp,
-                    &self.origin,
-                    &self.signer.public_key(),
-                )?;
+                // Signed by the log key, and its root is the tree's at its size.
+                let parsed =
+                    note::verify_checkpoint(&cp.note, &self.origin, &self.signer.public_key())
+                        .map_err(|e| {
+                            audit::Error::Inconsistent(format!(
+                                "checkpoint at size {}: {e}",
+                                cp.tree_size
+                            ))
+                        })?;
+                if parsed.size != cp.tree_size || self.root(parsed.size).await? != parsed.root {
+                    return Err(audit::Error::Inconsistent(format!(
+                        "the signed checkpoint at size {} does not match the stored tree",
+                        cp.tree_size
+                    )));
+                }
                 self.publish(Arc::new(cp));
             }
         }
@@ -1082,13 +1265,12 @@ impl PgLog {
             .await
             .map_err(|e| self.db.failed(e))?;
         let published = head.get::<_, i64>(0) as u64;
-        let (size, root) = {
-            let tree = read(&self.tree);
-            (tree.len(), tree.root(tree.len())?)
-        };
+        let edge = self.edge();
+        let size = edge.size();
         if size <= published {
             return Ok(None);
         }
+        let root = self.with_nodes(&edge, |n| merkle::root(n, size)).await?;
         let cp = Checkpoint {
             origin: self.origin.clone(),
             size,
@@ -1295,14 +1477,23 @@ impl PgLog {
                 }
             });
         }
-        let (hashes, leaf_hash) = {
-            let tree = read(&self.tree);
-            (
-                tree.inclusion_proof(index, checkpoint.tree_size)?,
-                tree.leaf(index).ok_or(audit::Error::NoSuchEntry(index))?,
-            )
-        };
+        let size = checkpoint.tree_size;
+        let (hashes, leaf_hash) = self
+            .with_nodes(&self.edge(), |n| {
+                let leaf = merkle::Nodes::node(n, 0, index)?;
+                Ok(match merkle::inclusion_proof(n, index, size) {
+                    Ok(proof) => Ok((proof?, leaf)),
+                    Err(e) => Err(e),
+                })
+            })
+            .await??;
         let entry = self.entry(index).await?;
+        // The database's copy of the entry must be the one the tree commits to.
+        if merkle::leaf_hash(&entry) != leaf_hash {
+            return Err(audit::Error::Inconsistent(format!(
+                "entry {index} in the database differs from its leaf hash in the tree"
+            )));
+        }
         let proof = TlogProof {
             extra: Some(entry.clone()),
             index,
@@ -1318,9 +1509,30 @@ impl PgLog {
         })
     }
 
-    pub fn hash_tile(&self, level: u8, n: u64, width: u16) -> Option<Vec<u8>> {
-        let size = self.latest_checkpoint()?.tree_size;
-        audit::tiles::hash_tile(&read(&self.tree), size, level, n, width)
+    pub async fn hash_tile(
+        &self,
+        level: u8,
+        n: u64,
+        width: u16,
+    ) -> Result<Option<Vec<u8>>, audit::Error> {
+        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
+            return Ok(None);
+        };
+        let level = u32::from(level);
+        let available = tiled::hashes_at(size, level)
+            .saturating_sub(n.saturating_mul(tiled::WIDTH as u64))
+            .min(tiled::WIDTH as u64);
+        if width == 0 || u64::from(width) > available {
+            return Ok(None);
+        }
+        let edge = self.edge();
+        let (edge_tile, partial) = edge.partial(level);
+        let hashes: Vec<Hash> = if n == edge_tile {
+            partial.to_vec()
+        } else {
+            self.tile((level, n)).await?.to_vec()
+        };
+        Ok(hashes.get(..usize::from(width)).map(|h| h.concat()))
     }
 
     pub async fn entry_bundle(&self, n: u64, width: u16) -> Result<Option<Vec<u8>>, audit::Error> {
@@ -1386,7 +1598,7 @@ impl PgLog {
         })
     }
 
-    pub fn consistency(&self, from: u64, to: u64) -> Result<Vec<Hash>, audit::Error> {
+    pub async fn consistency(&self, from: u64, to: u64) -> Result<Vec<Hash>, audit::Error> {
         let signed = self.latest_checkpoint().map_or(0, |c| c.tree_size);
         if to > signed {
             return Err(audit::Error::NotYetCheckpointed {
@@ -1394,11 +1606,33 @@ impl PgLog {
                 size: signed,
             });
         }
-        Ok(read(&self.tree).consistency_proof(from, to)?)
+        let edge = self.edge();
+        if to > edge.size() {
+            return Err(audit::Error::Proof(merkle::ProofError::SizeOutOfRange {
+                size: to,
+                have: edge.size(),
+            }));
+        }
+        Ok(self
+            .with_nodes(&edge, |n| {
+                Ok(match merkle::consistency_proof(n, from, to) {
+                    Ok(proof) => Ok(proof?),
+                    Err(e) => Err(e),
+                })
+            })
+            .await??)
     }
 
-    pub fn root(&self, size: u64) -> Result<Hash, audit::Error> {
-        Ok(read(&self.tree).root(size)?)
+    /// The root of the first `size` leaves.
+    pub async fn root(&self, size: u64) -> Result<Hash, audit::Error> {
+        let edge = self.edge();
+        if size > edge.size() {
+            return Err(audit::Error::Proof(merkle::ProofError::SizeOutOfRange {
+                size,
+                have: edge.size(),
+            }));
+        }
+        self.with_nodes(&edge, |n| merkle::root(n, size)).await
     }
 }
 
@@ -1460,6 +1694,14 @@ impl Rows {
         self.time_us.truncate(n);
         self.claims.truncate(claims);
     }
+}
+
+/// Hashes stored back to back (a tile's `hashes` column).
+fn decode_hashes(bytes: &[u8]) -> Option<Vec<Hash>> {
+    if !bytes.len().is_multiple_of(32) {
+        return None;
+    }
+    bytes.chunks(32).map(|c| Hash::try_from(c).ok()).collect()
 }
 
 /// The idempotency key an entry records: (client identity, SHA-256 of the key).
@@ -1800,6 +2042,8 @@ pub async fn migrate(
     })?;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut tree = Tree::new();
+    let mut edge = Edge::new();
+    let mut tiles: Vec<(TileId, Tile)> = Vec::new();
     let mut active = order::ActiveVersions::default();
     let mut rows = Rows::default();
     let mut line = Vec::new();
@@ -1831,13 +2075,20 @@ pub async fn migrate(
             ));
         }
         tree.push(leaf);
+        tiles.extend(edge.push(leaf));
         if rows.len() >= 2000 {
             insert_rows(&tx, &mut rows, &batch)
+                .await
+                .map_err(|e| db.failed(e))?;
+            insert_tiles(&*tx, &mut tiles)
                 .await
                 .map_err(|e| db.failed(e))?;
         }
     }
     insert_rows(&tx, &mut rows, &batch)
+        .await
+        .map_err(|e| db.failed(e))?;
+    insert_tiles(&*tx, &mut tiles)
         .await
         .map_err(|e| db.failed(e))?;
     let size = tree.len();
@@ -1916,6 +2167,30 @@ pub async fn migrate(
         root: B64.encode(head_root),
         tree_size: head,
     })
+}
+
+/// Store full tiles (deterministic: a tile already there is the same).
+async fn insert_tiles<C: tokio_postgres::GenericClient>(
+    c: &C,
+    tiles: &mut Vec<(TileId, Tile)>,
+) -> Result<(), tokio_postgres::Error> {
+    if tiles.is_empty() {
+        return Ok(());
+    }
+    let (mut levels, mut indexes, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+    for ((level, index), t) in tiles.drain(..) {
+        levels.push(level as i16);
+        indexes.push(index as i64);
+        bodies.push(t.concat());
+    }
+    c.execute(
+        "INSERT INTO signet_tiles (level, idx, hashes)
+         SELECT * FROM unnest($1::int2[], $2::int8[], $3::bytea[])
+         ON CONFLICT (level, idx) DO NOTHING",
+        &[&levels, &indexes, &bodies],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn insert_rows(

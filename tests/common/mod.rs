@@ -859,3 +859,33 @@ pub fn strings(v: &Value) -> Vec<String> {
         .map(|h| h.as_str().expect("a string").to_owned())
         .collect()
 }
+
+/// Tiles fetched from the service, served to an independent implementation (the `tlog_tiles`
+/// crate, a port of Go's sumdb/tlog) by their C2SP path.
+pub struct FetchedTiles(pub std::collections::HashMap<String, Vec<u8>>);
+
+impl tlog_tiles::TileReader for FetchedTiles {
+    fn height(&self) -> u8 {
+        8
+    }
+    fn read_tiles(&self, tiles: &[tlog_tiles::Tile]) -> Result<Vec<Vec<u8>>, tlog_tiles::Error> {
+        tiles
+            .iter()
+            .map(|t| {
+                // Its paths carry the height (`tile/8/L/N`); C2SP's do not (`tile/L/N`).
+                let path = t.path().replacen("tile/8/", "", 1);
+                self.0
+                    .get(&path)
+                    .cloned()
+                    .ok_or(tlog_tiles::Error::IndexesNotInTree)
+            })
+            .collect()
+    }
+    fn save_tiles(&self, _: &[tlog_tiles::Tile], _: &[Vec<u8>]) {}
+}
+
+pub async fn get_bytes(s: &Signet, client: &str, path: &str) -> (u16, Vec<u8>) {
+    let mut c = s.connect(client).await;
+    let (st, _, b) = c.request(Method::GET, path, &[], None).await.unwrap();
+    (st.as_u16(), b.to_vec())
+}
