@@ -948,3 +948,61 @@ async fn the_tree_lives_in_database_tiles_that_an_independent_implementation_ver
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reach_the_database_over_tls_verified_against_ca_file() {
+    let pg = Postgres::start();
+    let mut a = init_postgres(&pg, "tls");
+    let ca = pg.enable_tls();
+    // The same database by name, over TLS: sslmode from the URL is raised to "require".
+    let plain = pg.url("tls");
+    let named = format!("postgresql://postgres@localhost:{}/tls", pg.port);
+    a.edit_config(|c| {
+        c.replace(&plain, &named).replace(
+            "backend = \"postgres\"",
+            &format!("backend = \"postgres\"\nca_file = \"{}\"", ca.display()),
+        )
+    });
+    a.start();
+    let (st, r) = a
+        .sign("payroll-app", sign_body("payroll-esign", b"over tls"))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let ssl = pg.psql(
+        "tls",
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'signet' AND s.ssl",
+    );
+    assert_ne!(ssl, "0", "Signet's sessions use TLS");
+    a.stop();
+
+    // Another CA: the server certificate does not verify, and start-up says so.
+    let other = a.dir.join("other-ca");
+    std::fs::create_dir_all(&other).unwrap();
+    openssl_ca(&other, "ca", "/CN=not the database CA");
+    a.edit_config(|c| {
+        c.replace(
+            &ca.display().to_string(),
+            &other.join("ca.pem").display().to_string(),
+        )
+    });
+    let err = a.start_refused();
+    assert!(
+        err.contains("TLS handshake") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    // A URL that asks for TLS without ca_file is a configuration error, not a plaintext fallback.
+    a.edit_config(|c| {
+        let mut out = String::new();
+        for line in c.lines() {
+            if line.starts_with("ca_file = ") && line.contains("other-ca") {
+                continue;
+            }
+            out.push_str(&line.replace(&named, &format!("{named}?sslmode=require")));
+            out.push('\n');
+        }
+        out
+    });
+    let err = a.start_refused();
+    assert!(err.contains("storage.ca_file"), "{err}");
+}

@@ -156,7 +156,7 @@ impl From<tokio_postgres::Error> for Failed {
                 .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"))
         };
         Self {
-            message: e.to_string(),
+            message: with_causes(&e),
             connection,
         }
     }
@@ -165,10 +165,25 @@ impl From<tokio_postgres::Error> for Failed {
 impl From<deadpool_postgres::PoolError> for Failed {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         Self {
-            message: e.to_string(),
+            message: with_causes(&e),
             connection: true,
         }
     }
+}
+
+/// An error and its causes ("error performing TLS handshake: invalid peer certificate: ...").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    message
 }
 
 /// The database: a connection pool, dedicated connections (LISTEN, locks), and whether it

@@ -112,6 +112,100 @@ impl Postgres {
         pg
     }
 
+    /// Turn TLS on with a server certificate for `localhost` issued by a fresh CA; returns the
+    /// CA's PEM file (what `storage.ca_file` names). Takes effect on reload.
+    pub fn enable_tls(&self) -> PathBuf {
+        let dir = self.data.clone();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ca.key",
+        ]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-subj",
+            "/CN=test database CA",
+            "-days",
+            "2",
+            "-out",
+            "ca.crt",
+        ]);
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "server.key",
+        ]);
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            "server.key",
+            "-subj",
+            "/CN=localhost",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
+        for f in ["server.key", "server.crt", "ca.crt"] {
+            self.own(&dir.join(f));
+        }
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let conf = dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).unwrap();
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        std::thread::sleep(Duration::from_millis(500));
+        let ca = self._tmp.path().join("database-ca.pem");
+        std::fs::copy(dir.join("ca.crt"), &ca).unwrap();
+        ca
+    }
+
     fn own(&self, p: &Path) {
         if let Some((uid, gid)) = self.user {
             std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
