@@ -94,27 +94,32 @@ fn exported_entries(s: &Signet, dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Every acknowledged signature is in the log exactly once, at its receipt's index, and the
-/// indexes are contiguous.
-fn assert_exactly_once(entries: &[Value], acknowledged: &[Value]) {
+/// The indexes are contiguous, no signature is recorded twice, and every acknowledged
+/// signature is in the log at its receipt's index.
+fn assert_acknowledged_recorded(entries: &[Value], acknowledged: &[Value]) {
     for (i, e) in entries.iter().enumerate() {
         assert_eq!(e["index"], i as u64, "indexes are contiguous");
     }
-    let mut by_signature: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    let mut recorded: BTreeMap<&str, u64> = BTreeMap::new();
     for e in entries.iter().filter(|e| e["event"] == "signature") {
-        by_signature
-            .entry(e["signature"].as_str().unwrap())
-            .or_default()
-            .push(e["index"].as_u64().unwrap());
+        let first = recorded.insert(
+            e["signature"].as_str().unwrap(),
+            e["index"].as_u64().unwrap(),
+        );
+        assert!(first.is_none(), "recorded twice: {e}");
     }
     for r in acknowledged {
-        let index = r["receipt"]["index"].as_u64().unwrap();
-        let at = by_signature
-            .get(r["signature"].as_str().unwrap())
-            .unwrap_or_else(|| panic!("acknowledged signature missing from the log: {r}"));
-        assert_eq!(at, &vec![index], "recorded once, at its receipt's index");
+        assert_eq!(
+            recorded.get(r["signature"].as_str().unwrap()),
+            Some(&r["receipt"]["index"].as_u64().unwrap()),
+            "acknowledged signature lost: {r}"
+        );
     }
-    // No request failed, so nothing but the acknowledged signatures was recorded.
+}
+
+/// [`assert_acknowledged_recorded`], and no request failed, so nothing else was signed.
+fn assert_exactly_once(entries: &[Value], acknowledged: &[Value]) {
+    assert_acknowledged_recorded(entries, acknowledged);
     let signatures = entries.iter().filter(|e| e["event"] == "signature").count();
     assert_eq!(
         signatures,
@@ -403,27 +408,7 @@ async fn killing_replicas_and_the_leader_under_load_loses_nothing_and_leadership
         .unwrap();
     checkpoint(survivor, max_index + 1).await;
     let entries = exported_entries(survivor, &survivor.dir.join("export-kill"));
-    for (i, e) in entries.iter().enumerate() {
-        assert_eq!(e["index"], i as u64);
-    }
-    let mut recorded: BTreeMap<&str, u64> = BTreeMap::new();
-    for e in entries.iter().filter(|e| e["event"] == "signature") {
-        assert!(
-            recorded
-                .insert(
-                    e["signature"].as_str().unwrap(),
-                    e["index"].as_u64().unwrap()
-                )
-                .is_none()
-        );
-    }
-    for r in &acknowledged {
-        assert_eq!(
-            recorded.get(r["signature"].as_str().unwrap()),
-            Some(&r["receipt"]["index"].as_u64().unwrap()),
-            "acknowledged signature lost: {r}"
-        );
-    }
+    assert_acknowledged_recorded(&entries, &acknowledged);
     assert_eq!(cli_json(survivor, &["audit", "verify"])["ok"], true);
     // A killed replica comes back and joins.
     replicas[first].start();
@@ -496,23 +481,7 @@ async fn a_database_crash_under_load_gives_503s_then_recovers_without_restart() 
     for (i, e) in entries.iter().enumerate() {
         assert_eq!(e["index"], i as u64, "indexes are contiguous");
     }
-    let recorded: BTreeMap<&str, u64> = entries
-        .iter()
-        .filter(|e| e["event"] == "signature")
-        .map(|e| {
-            (
-                e["signature"].as_str().unwrap(),
-                e["index"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    for r in &acknowledged {
-        assert_eq!(
-            recorded.get(r["signature"].as_str().unwrap()),
-            Some(&r["receipt"]["index"].as_u64().unwrap()),
-            "acknowledged signature lost: {r}"
-        );
-    }
+    assert_acknowledged_recorded(&entries, &acknowledged);
     assert_eq!(cli_json(&a, &["audit", "verify"])["ok"], true);
 }
 
@@ -570,23 +539,7 @@ async fn failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
     }
     assert!(!acknowledged.is_empty());
     let entries = exported_entries(&a, &a.dir.join("export-failover"));
-    let recorded: BTreeMap<&str, u64> = entries
-        .iter()
-        .filter(|e| e["event"] == "signature")
-        .map(|e| {
-            (
-                e["signature"].as_str().unwrap(),
-                e["index"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    for r in &acknowledged {
-        assert_eq!(
-            recorded.get(r["signature"].as_str().unwrap()),
-            Some(&r["receipt"]["index"].as_u64().unwrap()),
-            "acknowledged signature lost in the failover: {r}"
-        );
-    }
+    assert_acknowledged_recorded(&entries, &acknowledged);
     assert_eq!(cli_json(&a, &["audit", "verify"])["ok"], true);
 }
 

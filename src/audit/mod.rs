@@ -199,6 +199,32 @@ pub struct EntryProof {
     pub proof: TlogProof,
 }
 
+impl EntryProof {
+    /// Entry `index` (its canonical bytes and leaf hash) with its inclusion proof `hashes`
+    /// against `checkpoint`, also as a C2SP tlog-proof.
+    pub fn new(
+        index: u64,
+        entry: Vec<u8>,
+        leaf_hash: Hash,
+        hashes: Vec<Hash>,
+        checkpoint: Arc<StoredCheckpoint>,
+    ) -> Self {
+        let proof = TlogProof {
+            extra: Some(entry.clone()),
+            index,
+            hashes,
+            checkpoint: checkpoint.note.clone(),
+        };
+        Self {
+            index,
+            entry,
+            leaf_hash,
+            checkpoint,
+            proof,
+        }
+    }
+}
+
 /// Options for opening the log.
 pub struct Options {
     pub dir: PathBuf,
@@ -524,19 +550,7 @@ impl EvidenceLog {
             )
         };
         let entry = self.entry(index)?;
-        let proof = TlogProof {
-            extra: Some(entry.clone()),
-            index,
-            hashes,
-            checkpoint: checkpoint.note.clone(),
-        };
-        Ok(EntryProof {
-            index,
-            entry,
-            leaf_hash,
-            checkpoint,
-            proof,
-        })
+        Ok(EntryProof::new(index, entry, leaf_hash, hashes, checkpoint))
     }
 
     /// RFC 6962 consistency proof between tree sizes `from` and `to`, both at most the latest

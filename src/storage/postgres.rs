@@ -41,7 +41,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::{Error, JournalData, JournalStore, KeyStateStore, LeaseGuard, Leases};
 use crate::audit::anchor::{Anchor, TokenAnchor, TreeHead};
 use crate::audit::merkle::{self, Hash, Tree};
-use crate::audit::note::{self, Checkpoint, TlogProof};
+use crate::audit::note::{self, Checkpoint};
 use crate::audit::tiled::{self, Edge, Missing, Tile, TileId, TileNodes};
 use crate::audit::{
     self, CheckpointSigner, Entry, EntryProof, Receipt, StoredCheckpoint, index, order,
@@ -734,19 +734,7 @@ impl PgLog {
     async fn build_tile(&self, (level, index): TileId) -> Result<Tile, audit::Error> {
         let width = tiled::WIDTH as u64;
         let hashes = if level == 0 {
-            let c = self.db.client().await?;
-            let first = index * width;
-            let rows = c
-                .query(
-                    "SELECT leaf FROM signet_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
-                    &[&(first as i64), &((first + width) as i64)],
-                )
-                .await
-                .map_err(|e| self.db.failed(e))?;
-            rows.iter()
-                .map(|r| Hash::try_from(r.get::<_, &[u8]>(0)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| audit::Error::Inconsistent("a malformed leaf hash".into()))?
+            self.leaves(index * width, (index + 1) * width).await?
         } else {
             let mut out = Vec::with_capacity(tiled::WIDTH);
             for j in 0..width {
@@ -762,6 +750,22 @@ impl PgLog {
             )));
         }
         Ok(Arc::new(hashes))
+    }
+
+    /// The leaf hashes of entries `from..to` that exist, in order.
+    async fn leaves(&self, from: u64, to: u64) -> Result<Vec<Hash>, audit::Error> {
+        let c = self.db.client().await?;
+        let rows = c
+            .query(
+                "SELECT leaf FROM signet_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                &[&(from as i64), &(to as i64)],
+            )
+            .await
+            .map_err(|e| self.db.failed(e))?;
+        rows.iter()
+            .map(|r| Hash::try_from(r.get::<_, &[u8]>(0)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| audit::Error::Inconsistent("a malformed leaf hash".into()))
     }
 
     /// Keep completed tiles (cache and database); a failure only costs a rebuild later.
@@ -787,23 +791,9 @@ impl PgLog {
             .await
             .map_err(|e| self.db.failed(e))?
             .get::<_, i64>(0) as u64;
-        let width = tiled::WIDTH as u64;
-        let first = size - size % width;
-        let leaves = c
-            .query(
-                "SELECT leaf FROM signet_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
-                &[&(first as i64), &(size as i64)],
-            )
-            .await
-            .map_err(|e| self.db.failed(e))?;
         drop(c);
-        let mut partial = vec![
-            leaves
-                .iter()
-                .map(|r| Hash::try_from(r.get::<_, &[u8]>(0)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| audit::Error::Inconsistent("a malformed leaf hash".into()))?,
-        ];
+        let width = tiled::WIDTH as u64;
+        let mut partial = vec![self.leaves(size - size % width, size).await?];
         for level in 1..tiled::levels(size) {
             let count = tiled::hashes_at(size, level);
             let mut row = Vec::new();
@@ -1509,19 +1499,7 @@ impl PgLog {
                 "entry {index} in the database differs from its leaf hash in the tree"
             )));
         }
-        let proof = TlogProof {
-            extra: Some(entry.clone()),
-            index,
-            hashes,
-            checkpoint: checkpoint.note.clone(),
-        };
-        Ok(EntryProof {
-            index,
-            entry,
-            leaf_hash,
-            checkpoint,
-            proof,
-        })
+        Ok(EntryProof::new(index, entry, leaf_hash, hashes, checkpoint))
     }
 
     pub async fn hash_tile(
