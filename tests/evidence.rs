@@ -69,23 +69,6 @@ fn leaves(s: &Signet) -> Vec<[u8; 32]> {
         .collect()
 }
 
-async fn checkpoint(s: &Signet, min_size: u64) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, _, v) = s
-            .call("auditor", Method::GET, "/v1/audit/checkpoint", None, &[])
-            .await;
-        if v["tree_size"].as_u64().unwrap_or(0) >= min_size && v["checkpoint"].is_string() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no checkpoint covering {min_size} entries: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts() {
     let mut s = Signet::init(Init::default());
@@ -98,12 +81,12 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
         assert_eq!(status, 200);
         responses.push(r);
     }
-    let first = checkpoint(&s, 0).await;
+    let first = s.checkpoint_covering(0).await;
     let first_size = first["tree_size"].as_u64().unwrap();
     let last_index = responses.last().unwrap()["receipt"]["index"]
         .as_u64()
         .unwrap();
-    let cp = checkpoint(&s, last_index + 1).await;
+    let cp = s.checkpoint_covering(last_index + 1).await;
     let key = VerifyingKey::from_public_key_pem(cp["log_public_key"].as_str().unwrap()).unwrap();
     let (origin, size, root) = check_note(cp["checkpoint"].as_str().unwrap(), &key);
     assert_eq!(origin, "signet.dev/evidence");

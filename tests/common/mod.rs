@@ -373,6 +373,26 @@ impl Signet {
         }
     }
 
+    /// The latest checkpoint as served (`GET /v1/audit/checkpoint`), once it covers
+    /// `min_size` entries.
+    pub async fn checkpoint_covering(&self, min_size: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, _, v) = self
+                .call("auditor", Method::GET, "/v1/audit/checkpoint", None, &[])
+                .await;
+            if v["tree_size"].as_u64().unwrap_or(0) >= min_size && v["checkpoint"].is_string() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint covering {min_size} entries: {v}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn audit_dir(&self) -> PathBuf {
         self.dir.join("audit")
     }
