@@ -56,6 +56,20 @@ fn cli_json(s: &Signet, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `POST /v1/sign` as `payroll-app` with an `Idempotency-Key`: status and body.
+async fn sign_keyed(s: &Signet, data: &[u8], key: &str) -> (u16, Value) {
+    let (st, _, v) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body("payroll-esign", data)),
+            &[("idempotency-key", key)],
+        )
+        .await;
+    (st, v)
+}
+
 /// The service logs of several replicas, for a failure message.
 fn logs(replicas: &[&Signet]) -> String {
     replicas
@@ -303,38 +317,14 @@ async fn an_idempotency_key_is_signed_once_across_replicas() {
         );
     }
     // A different request under a used key: 409, on any replica.
-    let (st, _, v) = b
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign",
-            Some(sign_body("payroll-esign", b"something else")),
-            &[("idempotency-key", "idem-3")],
-        )
-        .await;
+    let (st, v) = sign_keyed(&b, b"something else", "idem-3").await;
     assert_eq!(st, 409, "{v}");
 
     // A replica killed; a retry on another one gets the recorded answer.
-    let (st, _, first) = a
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign",
-            Some(sign_body("payroll-esign", b"before the crash")),
-            &[("idempotency-key", "crash-1")],
-        )
-        .await;
+    let (st, first) = sign_keyed(&a, b"before the crash", "crash-1").await;
     assert_eq!(st, 200);
     a.kill9();
-    let (st, _, again) = c
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign",
-            Some(sign_body("payroll-esign", b"before the crash")),
-            &[("idempotency-key", "crash-1")],
-        )
-        .await;
+    let (st, again) = sign_keyed(&c, b"before the crash", "crash-1").await;
     assert_eq!(st, 200);
     assert_eq!(first, again);
 
@@ -600,15 +590,7 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
         assert_eq!(st, 200);
         responses.push(r);
     }
-    let (st, _, idem) = s
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign",
-            Some(sign_body("payroll-esign", b"keyed")),
-            &[("idempotency-key", "before-migration")],
-        )
-        .await;
+    let (st, idem) = sign_keyed(&s, b"keyed", "before-migration").await;
     assert_eq!(st, 200);
     let old_cp = s.checkpoint_covering(19).await;
     let old_size = old_cp["tree_size"].as_u64().unwrap();
@@ -696,15 +678,7 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
     assert_eq!(st, 200, "{c}");
     assert_eq!(c["root_from"], old_root);
     // An idempotent request from before the migration replays from the database.
-    let (st, _, again) = s
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign",
-            Some(sign_body("payroll-esign", b"keyed")),
-            &[("idempotency-key", "before-migration")],
-        )
-        .await;
+    let (st, again) = sign_keyed(&s, b"keyed", "before-migration").await;
     assert_eq!(st, 200);
     assert_eq!(again, idem);
     // Old receipts verify offline against the new log's latest checkpoint.
