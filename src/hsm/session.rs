@@ -59,11 +59,8 @@ impl TokenSession<'_> {
         digest: &[u8; 32],
         expected: &VerifyingKey,
     ) -> Result<Vec<u8>, Error> {
-        use signature::hazmat::PrehashVerifier;
         let der = self.sign_prehashed(id, digest)?;
-        let ok = p256::ecdsa::DerSignature::from_bytes(&der)
-            .is_ok_and(|sig| expected.verify_prehash(digest, &sig).is_ok());
-        if !ok {
+        if !crate::pki::verify::verifies_prehash(expected, digest, &der) {
             tracing::error!(key_id = %id, "the token signed with another key than asked for; signature discarded, handle cache emptied");
             self.handles.invalidate_all();
             return Err(Error::WrongKey(id.to_owned()));

@@ -4,6 +4,8 @@
 //!
 //! Pure: no files, no token, no clock (callers pass `now`), so the CLI can use it offline.
 
+pub mod verify;
+
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
