@@ -927,11 +927,15 @@ impl PgLog {
         let mut c = self.db.client().await.map_err(before)?;
         let db = &self.db;
         let tx = c.transaction().await.map_err(|e| before(db.failed(e)))?;
-        let row = tx
-            .query_one(
+        // Statements are prepared once per connection (deadpool's cache): one round trip each.
+        let lock = tx
+            .prepare_cached(
                 "SELECT next_index, last_leaf, active FROM signet_log WHERE id = 1 FOR UPDATE",
-                &[],
             )
+            .await
+            .map_err(|e| before(db.failed(e)))?;
+        let row = tx
+            .query_one(&lock, &[])
             .await
             .map_err(|e| before(db.failed(e)))?;
         let base = row.get::<_, i64>(0) as u64;
@@ -947,13 +951,16 @@ impl PgLog {
         let mut holders: ClaimHolders = HashMap::new();
         if !claimed.is_empty() {
             let (clients, keys): (Vec<String>, Vec<Vec<u8>>) = claimed.iter().cloned().unzip();
-            for r in tx
-                .query(
+            let claims = tx
+                .prepare_cached(
                     "SELECT client, key_hash, holder, entry_index FROM signet_idempotency
                      WHERE (client, key_hash) IN (SELECT * FROM unnest($1::text[], $2::bytea[]))
                      FOR UPDATE",
-                    &[&clients, &keys],
                 )
+                .await
+                .map_err(|e| before(db.failed(e)))?;
+            for r in tx
+                .query(&claims, &[&clients, &keys])
                 .await
                 .map_err(|e| before(db.failed(e)))?
             {
@@ -1052,13 +1059,17 @@ impl PgLog {
         insert_rows(&tx, &mut rows, batch)
             .await
             .map_err(|e| before(db.failed(e)))?;
-        tx.execute(
-            "UPDATE signet_log SET next_index = $1, last_leaf = $2, active = $3 WHERE id = 1",
-            &[&(next as i64), &last, &active_json],
-        )
-        .await
-        .map_err(|e| before(db.failed(e)))?;
-        tx.execute("SELECT pg_notify('signet_log', '')", &[])
+        // Advance the coordinator row and notify the other replicas (delivered at COMMIT).
+        let advance = tx
+            .prepare_cached(
+                "WITH advanced AS (
+                     UPDATE signet_log SET next_index = $1, last_leaf = $2, active = $3
+                     WHERE id = 1 RETURNING 1)
+                 SELECT pg_notify('signet_log', '') FROM advanced",
+            )
+            .await
+            .map_err(|e| before(db.failed(e)))?;
+        tx.query(&advance, &[&(next as i64), &last, &active_json])
             .await
             .map_err(|e| before(db.failed(e)))?;
         crash_point("before-commit");
@@ -2195,10 +2206,15 @@ async fn insert_rows(
         return Ok(());
     }
     let batch_ids = vec![batch.to_owned(); rows.len()];
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO signet_entries (idx, leaf, body, batch, tenant, transaction_id, time_us)
+             SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::text[], $5::text[],
+                                  $6::text[], $7::int8[])",
+        )
+        .await?;
     tx.execute(
-        "INSERT INTO signet_entries (idx, leaf, body, batch, tenant, transaction_id, time_us)
-         SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::text[], $5::text[],
-                              $6::text[], $7::int8[])",
+        &insert,
         &[
             &rows.idx,
             &rows.leaf,
@@ -2218,14 +2234,15 @@ async fn insert_rows(
             h.push(hash);
             i.push(index);
         }
-        tx.execute(
-            "INSERT INTO signet_idempotency (client, key_hash, request_sha256, entry_index)
-             SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[])
-             ON CONFLICT (client, key_hash) DO UPDATE
-             SET entry_index = EXCLUDED.entry_index, holder = NULL, lease_until = NULL",
-            &[&c, &k, &h, &i],
-        )
-        .await?;
+        let record = tx
+            .prepare_cached(
+                "INSERT INTO signet_idempotency (client, key_hash, request_sha256, entry_index)
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[])
+                 ON CONFLICT (client, key_hash) DO UPDATE
+                 SET entry_index = EXCLUDED.entry_index, holder = NULL, lease_until = NULL",
+            )
+            .await?;
+        tx.execute(&record, &[&c, &k, &h, &i]).await?;
     }
     *rows = Rows::default();
     Ok(())
