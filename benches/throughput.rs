@@ -294,7 +294,8 @@ fn instructions(dir: &Path) {
     let ready = dir.join("ready.json");
     let _ = std::fs::remove_file(&ready);
     let out = dir.join("callgrind.signet");
-    let mut server = Command::new("valgrind")
+    let mut server = Command::new("valgrind");
+    server
         .args(["--tool=callgrind", "--quiet"])
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(BIN)
@@ -306,17 +307,8 @@ fn instructions(dir: &Path) {
         // Set here (as the configuration spells it), Signet does not re-execute itself to set
         // it, which valgrind would not follow.
         .env("SOFTHSM2_CONF", dir.join("./softhsm2.conf"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !ready.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(600),
-            "signet did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        .stdout(Stdio::null());
+    let mut server = spawn_until_ready(&mut server, &ready);
     let api =
         serde_json::from_str::<Value>(&std::fs::read_to_string(&ready).unwrap()).unwrap()["api"]
             .as_str()
@@ -704,16 +696,21 @@ fn start(dir: &Path) -> Child {
 fn start_with(config: &Path, ready: &Path) -> Child {
     let ready = ready.to_path_buf();
     let _ = std::fs::remove_file(&ready);
-    let child = Command::new("taskset")
+    let mut child = Command::new("taskset");
+    child
         .args(["-c", "0", BIN, "--config"])
         .arg(config)
         .args(["serve", "--ready-file"])
         .arg(&ready)
         .env("SIGNET_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::inherit());
+    spawn_until_ready(&mut child, &ready)
+}
+
+/// Start `signet serve` and wait for its ready file.
+fn spawn_until_ready(cmd: &mut Command, ready: &Path) -> Child {
+    let child = cmd.spawn().unwrap();
     let t = Instant::now();
     while !ready.exists() {
         assert!(
