@@ -13,30 +13,8 @@ use std::time::Duration;
 use hyper::Method;
 use serde_json::Value;
 
-use common::pg::Postgres;
+use common::pg::{Postgres, with_postgres};
 use common::*;
-
-/// Point a development configuration at a PostgreSQL database.
-fn with_postgres(config: String, url: &str) -> String {
-    format!("{config}\n[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n")
-}
-
-/// A development installation (made with the file backend, as `signet dev init` does), moved
-/// into database `db` with `signet storage migrate`.
-fn init_postgres(pg: &Postgres, db: &str) -> Signet {
-    let url = pg.database(db);
-    let s = Signet::init(Init {
-        edit: Some(Box::new(move |c| with_postgres(c, &url))),
-        ..Default::default()
-    });
-    let from = s.audit_dir();
-    let report = cli_json(
-        &s,
-        &["storage", "migrate", "--from", from.to_str().unwrap()],
-    );
-    assert_eq!(report["ok"], true, "{report}");
-    s
-}
 
 /// `signet --json --config CONFIG ARGS...`, which must succeed; its JSON output.
 fn cli_json(s: &Signet, args: &[&str]) -> Value {

@@ -449,3 +449,56 @@ async fn an_exported_bundle_verifies_offline_explains_itself_and_refuses_each_ta
         assert!(text.contains(reason), "{name}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_replicas_on_postgres_the_leader_timestamps_and_every_replica_serves_the_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tsa = tmp.path().join("tsa");
+    make_tsa(&tsa);
+    let port = serve_tsa(tsa.clone(), Arc::new(AtomicBool::new(false))).await;
+    let db = common::pg::Postgres::start();
+    let mut a = init_postgres(&db, "stamps");
+    let section = format!(
+        "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/tsa\"\nca_file = \"{}\"\n\n[state]",
+        tsa.join("tsa-ca.pem").display()
+    );
+    a.edit_config(|c| c.replace("[state]", &section));
+    a.start();
+    let mut b = a.replica("b");
+    b.start();
+    for s in [&a, &b] {
+        let (st, _) = s
+            .sign("payroll-app", sign_body("payroll-esign", s.name.as_bytes()))
+            .await;
+        assert_eq!(st, 200);
+    }
+    let n: u64 = db
+        .psql("stamps", "SELECT next_index FROM signet_log")
+        .parse()
+        .unwrap();
+    // Both replicas serve a checkpoint covering both signatures, with a token that verifies.
+    for s in [&a, &b] {
+        s.eventually(
+            "a timestamped checkpoint",
+            Duration::from_secs(20),
+            || async { stamped(s, n).await.is_some() },
+        )
+        .await;
+        let cp = stamped(s, n).await.unwrap();
+        let out = openssl_verifies(&tsa, &cp);
+        assert!(out.contains("Verification: OK"), "{out}");
+    }
+    // Stored once per checkpoint in the database, asked for by one replica (the leader).
+    let stored: u64 = db
+        .psql("stamps", "SELECT count(*) FROM signet_timestamps")
+        .parse()
+        .unwrap();
+    let checkpoints: u64 = db
+        .psql("stamps", "SELECT count(*) FROM signet_checkpoints")
+        .parse()
+        .unwrap();
+    assert!(stored >= 1 && stored <= checkpoints);
+    let asked = a.metric("signet_tsa_requests_total{outcome=\"ok\"}").await
+        + b.metric("signet_tsa_requests_total{outcome=\"ok\"}").await;
+    assert_eq!(asked as u64, stored, "each checkpoint timestamped once");
+}

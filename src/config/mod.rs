@@ -1011,12 +1011,6 @@ mod raw {
 
             let state_dir = path(self.state.dir.as_deref().unwrap_or(Path::new("state")));
             let storage = check_storage(&self.storage, &path)?;
-            if matches!(storage, StorageConfig::Postgres(_)) && audit.timestamping.is_some() {
-                return Err(ConfigError::new(
-                    "audit.timestamping",
-                    "is not available with storage.backend = \"postgres\" yet (timestamps are kept beside a file log)",
-                ));
-            }
 
             // [[clients]]
             let mut clients = Vec::new();

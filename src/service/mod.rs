@@ -150,6 +150,8 @@ pub struct App {
     pub rotation: Arc<Engine>,
     /// RFC 3161 timestamps of checkpoints (stored, and pending with `[audit.timestamping]`).
     pub timestamps: timestamping::Timestamps,
+    /// Where they are stored (beside the file log, or in the database).
+    pub timestamp_store: Arc<dyn storage::TimestampStore>,
     /// The CA tenant certificates must chain to (internal for hsm-ca, a file for manual).
     pub ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -252,6 +254,7 @@ impl App {
             keys: keys_store,
             journal,
             leases,
+            timestamps: timestamp_store,
             db,
             postgres,
         } = match &config.storage {
@@ -277,6 +280,7 @@ impl App {
                     keys: Arc::clone(&state) as _,
                     journal: state as _,
                     leases: Arc::new(storage::ProcessLeases),
+                    timestamps: Arc::new(storage::FileTimestamps::new(&config.audit.dir)),
                     db: None,
                     postgres: None,
                 }
@@ -299,7 +303,8 @@ impl App {
                 storage::Storage {
                     log: Arc::new(storage::Log::Postgres(Arc::clone(&log))),
                     keys: Arc::clone(&state) as _,
-                    journal: state as _,
+                    journal: Arc::clone(&state) as _,
+                    timestamps: state as _,
                     leases: Arc::new(storage::postgres::PgLeases::new(Arc::clone(&db))),
                     db: Some(db),
                     postgres: Some(log),
@@ -369,17 +374,13 @@ impl App {
             clock,
             rotation,
             timestamps: timestamping::Timestamps::default(),
+            timestamp_store,
             ca,
             shutdown,
             tasks: std::sync::Mutex::new(Vec::new()),
         });
         app.rebuild_idempotency().await?;
-        timestamping::restore(&app).map_err(|e| {
-            StartError::Audit(audit::Error::Io {
-                path: app.config.audit.dir.display().to_string(),
-                source: e,
-            })
-        })?;
+        timestamping::restore(&app).await?;
         app.metrics.config_last_reload_success.set(1);
         Ok(app)
     }

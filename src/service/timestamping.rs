@@ -1,8 +1,9 @@
 //! RFC 3161 timestamps of checkpoints (`[audit.timestamping]`): a task asks the TSA for a
-//! token for every signed checkpoint, in order, stores it beside the checkpoints, and keeps
-//! asking with backoff while the TSA is down. Signing never waits for it.
+//! token for every signed checkpoint, in order, stores it (beside the file log, or in the
+//! database), and keeps asking with backoff while the TSA is down. Signing never waits for it.
+//! With several replicas only the checkpoint leader asks; the others read what it stored.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -57,6 +58,24 @@ impl Timestamps {
             .cloned()
     }
 
+    /// Forget the queue (another replica leads: it asks the TSA).
+    fn clear_pending(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// The largest checkpoint size with a stored timestamp.
+    fn latest_stamped(&self) -> Option<u64> {
+        self.stamped
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .next_back()
+            .copied()
+    }
+
     fn pop(&self) {
         self.pending
             .lock()
@@ -82,12 +101,25 @@ pub async fn run(
         .and_then(|oid| der::Encode::to_der(&oid).ok());
     let mut backoff = Duration::from_secs(1);
     loop {
+        if let Some(pg) = &app.postgres {
+            // Several replicas: pick up what the leader stored; only the leader asks the TSA,
+            // for every checkpoint still without a token (also those of a former leader).
+            if let Err(e) = follow_stored(&app, pg.is_leader()).await {
+                tracing::debug!(error = %e, "cannot read the stored timestamps yet");
+            }
+        }
         app.metrics
             .audit_timestamps_pending
             .set(app.timestamps.pending_len() as i64);
         let Some((size, note)) = app.timestamps.front() else {
+            let wait = if app.postgres.is_some() {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_secs(3600)
+            };
             tokio::select! {
                 _ = app.timestamps.wake.notified() => continue,
+                _ = tokio::time::sleep(wait) => continue,
                 _ = stop.changed() => return,
             }
         };
@@ -102,12 +134,8 @@ pub async fn run(
         match result {
             Ok(resp) => {
                 let stored = StoredTimestamp::new(size, note.as_bytes(), &resp);
-                let dir = app.config.audit.dir.clone();
-                let s = stored.clone();
-                let written =
-                    tokio::task::spawn_blocking(move || timestamp::append(&dir, &s)).await;
-                match written {
-                    Ok(Ok(())) => {
+                match app.timestamp_store.append(&stored).await {
+                    Ok(()) => {
                         app.timestamps.insert(&stored);
                         app.timestamps.pop();
                         app.metrics.tsa_requests.with_label_values(&["ok"]).inc();
@@ -115,11 +143,8 @@ pub async fn run(
                         tracing::info!(tree_size = size, "checkpoint timestamped by the TSA");
                         continue;
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "cannot store a timestamp; will retry")
-                    }
                     Err(e) => {
-                        tracing::error!(error = %e, "timestamp store task failed; will retry")
+                        tracing::error!(error = %e, "cannot store a timestamp; will retry")
                     }
                 }
             }
@@ -173,21 +198,33 @@ async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, St
 }
 
 /// Load stored timestamps, and queue the checkpoints that have none (oldest first).
-pub fn restore(app: &App) -> Result<(), std::io::Error> {
-    let dir = &app.config.audit.dir;
-    let stored = timestamp::load(dir)?;
-    let have: BTreeSet<u64> = stored.iter().map(|t| t.tree_size).collect();
-    for t in &stored {
-        app.timestamps.insert(t);
+pub async fn restore(app: &App) -> Result<(), crate::storage::Error> {
+    for t in app.timestamp_store.load_since(None).await? {
+        app.timestamps.insert(&t);
     }
     if app.config.audit.timestamping.is_some() {
-        let checkpoints = crate::audit::read_checkpoints(&dir.join(crate::audit::CHECKPOINTS_FILE))
-            .map_err(std::io::Error::other)?;
-        for cp in checkpoints
-            .into_iter()
-            .filter(|c| !have.contains(&c.tree_size))
-        {
-            app.timestamps.enqueue(cp.tree_size, cp.note);
+        for (size, note) in app.timestamp_store.unstamped().await? {
+            app.timestamps.enqueue(size, note);
+        }
+    }
+    Ok(())
+}
+
+/// With PostgreSQL: load the timestamps stored since the last look; the leader, when its queue
+/// is empty, queues every checkpoint still without one; the others queue nothing.
+async fn follow_stored(app: &App, leader: bool) -> Result<(), crate::storage::Error> {
+    for t in app
+        .timestamp_store
+        .load_since(app.timestamps.latest_stamped())
+        .await?
+    {
+        app.timestamps.insert(&t);
+    }
+    if !leader {
+        app.timestamps.clear_pending();
+    } else if app.timestamps.pending_len() == 0 {
+        for (size, note) in app.timestamp_store.unstamped().await? {
+            app.timestamps.enqueue(size, note);
         }
     }
     Ok(())

@@ -22,6 +22,7 @@ use futures::future::BoxFuture;
 use p256::ecdsa::VerifyingKey;
 use serde_json::Value;
 
+use crate::audit::timestamp::StoredTimestamp;
 use crate::audit::{self, EntryProof, Receipt, StoredCheckpoint, index::Page, merkle::Hash};
 
 /// A storage failure, with what failed.
@@ -84,6 +85,71 @@ pub trait JournalStore: Send + Sync {
         rotation: &'a Value,
         finished: bool,
     ) -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// RFC 3161 timestamps of checkpoints (`[audit.timestamping]`).
+pub trait TimestampStore: Send + Sync {
+    /// Stored timestamps of checkpoints larger than `after` (all with `None`).
+    fn load_since(&self, after: Option<u64>) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>>;
+    /// Store one, durably. Storing one that exists already is not an error.
+    fn append<'a>(&'a self, t: &'a StoredTimestamp) -> BoxFuture<'a, Result<(), Error>>;
+    /// Signed checkpoints without a timestamp yet, oldest first: (tree size, note).
+    fn unstamped(&self) -> BoxFuture<'_, Result<Vec<(u64, String)>, Error>>;
+}
+
+/// The file backend's timestamps: `timestamps.jsonl` beside the log.
+pub struct FileTimestamps {
+    dir: PathBuf,
+}
+
+impl FileTimestamps {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> Error {
+        Error::Io {
+            path: self.dir.display().to_string(),
+            source,
+        }
+    }
+}
+
+impl TimestampStore for FileTimestamps {
+    fn load_since(&self, after: Option<u64>) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>> {
+        Box::pin(async move {
+            let mut all = audit::timestamp::load(&self.dir).map_err(|e| self.io(e))?;
+            all.retain(|t| after.is_none_or(|a| t.tree_size > a));
+            Ok(all)
+        })
+    }
+    fn append<'a>(&'a self, t: &'a StoredTimestamp) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let (dir, t) = (self.dir.clone(), t.clone());
+            tokio::task::spawn_blocking(move || audit::timestamp::append(&dir, &t))
+                .await
+                .map_err(|e| self.io(std::io::Error::other(e)))?
+                .map_err(|e| self.io(e))
+        })
+    }
+    fn unstamped(&self) -> BoxFuture<'_, Result<Vec<(u64, String)>, Error>> {
+        Box::pin(async move {
+            let have: std::collections::BTreeSet<u64> = audit::timestamp::load(&self.dir)
+                .map_err(|e| self.io(e))?
+                .iter()
+                .map(|t| t.tree_size)
+                .collect();
+            let checkpoints = audit::read_checkpoints(&self.dir.join(audit::CHECKPOINTS_FILE))
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            Ok(checkpoints
+                .into_iter()
+                .filter(|c| !have.contains(&c.tree_size))
+                .map(|c| (c.tree_size, c.note))
+                .collect())
+        })
+    }
 }
 
 /// A lock held across replicas until the guard is dropped (a replica that dies releases it).
@@ -217,6 +283,7 @@ pub struct Storage {
     pub keys: Arc<dyn KeyStateStore>,
     pub journal: Arc<dyn JournalStore>,
     pub leases: Arc<dyn Leases>,
+    pub timestamps: Arc<dyn TimestampStore>,
     /// The database and its log, with the PostgreSQL backend.
     pub db: Option<Arc<postgres::Db>>,
     pub postgres: Option<Arc<postgres::PgLog>>,

@@ -38,11 +38,12 @@ use tokio_postgres::AsyncMessage;
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{Error, JournalData, JournalStore, KeyStateStore, LeaseGuard, Leases};
+use super::{Error, JournalData, JournalStore, KeyStateStore, LeaseGuard, Leases, TimestampStore};
 use crate::audit::anchor::{Anchor, TokenAnchor, TreeHead};
 use crate::audit::merkle::{self, Hash, Tree};
 use crate::audit::note::{self, Checkpoint};
 use crate::audit::tiled::{self, Edge, Missing, Tile, TileId, TileNodes};
+use crate::audit::timestamp::StoredTimestamp;
 use crate::audit::{
     self, CheckpointSigner, Entry, EntryProof, Receipt, StoredCheckpoint, index, order,
 };
@@ -89,6 +90,11 @@ CREATE TABLE IF NOT EXISTS signet_checkpoints (
     tree_size bigint PRIMARY KEY,
     signed_at bigint NOT NULL,
     note text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS signet_timestamps (
+    tree_size bigint PRIMARY KEY,
+    note_sha256 text NOT NULL,
+    response text NOT NULL
 );
 CREATE TABLE IF NOT EXISTS signet_tree_head (
     id smallint PRIMARY KEY CHECK (id = 1),
@@ -1858,6 +1864,64 @@ impl JournalStore for PgState {
             }
             bump_state(&tx).await.map_err(|e| self.db.failed(e))?;
             tx.commit().await.map_err(|e| self.db.failed(e))
+        })
+    }
+}
+
+impl TimestampStore for PgState {
+    fn load_since(&self, after: Option<u64>) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>> {
+        Box::pin(async move {
+            let c = self.db.client().await?;
+            let after = after.map_or(-1, |a| a as i64);
+            let rows = c
+                .query(
+                    "SELECT tree_size, note_sha256, response FROM signet_timestamps
+                     WHERE tree_size > $1 ORDER BY tree_size",
+                    &[&after],
+                )
+                .await
+                .map_err(|e| self.db.failed(e))?;
+            Ok(rows
+                .into_iter()
+                .map(|r| StoredTimestamp {
+                    tree_size: r.get::<_, i64>(0) as u64,
+                    note_sha256: r.get(1),
+                    response: r.get(2),
+                })
+                .collect())
+        })
+    }
+
+    fn append<'a>(&'a self, t: &'a StoredTimestamp) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let c = self.db.client().await?;
+            c.execute(
+                "INSERT INTO signet_timestamps (tree_size, note_sha256, response)
+                 VALUES ($1, $2, $3) ON CONFLICT (tree_size) DO NOTHING",
+                &[&(t.tree_size as i64), &t.note_sha256, &t.response],
+            )
+            .await
+            .map_err(|e| self.db.failed(e))?;
+            Ok(())
+        })
+    }
+
+    fn unstamped(&self) -> BoxFuture<'_, Result<Vec<(u64, String)>, Error>> {
+        Box::pin(async move {
+            let c = self.db.client().await?;
+            let rows = c
+                .query(
+                    "SELECT c.tree_size, c.note FROM signet_checkpoints c
+                     LEFT JOIN signet_timestamps t USING (tree_size)
+                     WHERE t.tree_size IS NULL ORDER BY c.tree_size",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.db.failed(e))?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)))
+                .collect())
         })
     }
 }

@@ -909,3 +909,26 @@ pub async fn get_bytes(s: &Signet, client: &str, path: &str) -> (u16, Vec<u8>) {
     let (st, _, b) = c.request(Method::GET, path, &[], None).await.unwrap();
     (st.as_u16(), b.to_vec())
 }
+
+/// A development installation (made with the file backend, as `signet dev init` does), moved
+/// into database `db` with `signet storage migrate`.
+pub fn init_postgres(pg: &pg::Postgres, db: &str) -> Signet {
+    let url = pg.database(db);
+    let s = Signet::init(Init {
+        edit: Some(Box::new(move |c| pg::with_postgres(c, &url))),
+        ..Default::default()
+    });
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(s.config())
+        .args(["storage", "migrate", "--from"])
+        .arg(s.audit_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "storage migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s
+}

@@ -386,3 +386,8 @@ impl Drop for Postgres {
         );
     }
 }
+
+/// Point a development configuration at a PostgreSQL database.
+pub fn with_postgres(config: String, url: &str) -> String {
+    format!("{config}\n[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n")
+}
