@@ -868,3 +868,113 @@ async fn replicas_reach_the_database_over_tls_verified_against_ca_file() {
     let err = a.start_refused();
     assert!(err.contains("storage.ca_file"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_from_an_older_backup_is_refused_until_accepted() {
+    let pg = Postgres::start();
+    let mut a = init_postgres(&pg, "restore");
+    a.start();
+    let (st, _) = a
+        .sign(
+            "payroll-app",
+            sign_body("payroll-esign", b"before the backup"),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let size_then = a.checkpoint_covering(9).await["tree_size"]
+        .as_u64()
+        .unwrap();
+    a.stop();
+    // A backup taken now (the append-only triggers come back with it)...
+    let dump = a.dir.join("backup.sql");
+    let out = Command::new("pg_dump")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-f",
+        ])
+        .arg(&dump)
+        .arg("restore")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...then more signatures, checkpointed (the token's anchor moves on)...
+    a.start();
+    for i in 0..3 {
+        let (st, _) = a
+            .sign(
+                "payroll-app",
+                sign_body("payroll-esign", format!("after {i}").as_bytes()),
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    a.checkpoint_covering(size_then + 3).await;
+    a.stop();
+    // ...and the database is put back from the backup: Signet refuses it.
+    pg.psql("postgres", "DROP DATABASE restore");
+    pg.psql("postgres", "CREATE DATABASE restore");
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-q",
+            "-d",
+        ])
+        .arg("restore")
+        .arg("-f")
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = a.start_refused();
+    assert!(
+        err.contains("token's anchor covers") && err.contains("evidence-log-restore.md"),
+        "{err}"
+    );
+    // The operator accepts it deliberately: evidenced, re-anchored, and Signet starts.
+    let report = cli_json(
+        &a,
+        &[
+            "audit",
+            "accept-restore",
+            "--reason",
+            "restored the database from last night's backup",
+        ],
+    );
+    assert_eq!(report["restored"], true, "{report}");
+    a.start();
+    let entries = exported_entries(&a, &a.dir.join("export-restore"));
+    let restored = entries
+        .iter()
+        .find(|e| e["event"] == "log_restored")
+        .expect("a log_restored entry");
+    assert_eq!(
+        restored["reason"],
+        "restored the database from last night's backup"
+    );
+    let (st, _) = a
+        .sign(
+            "payroll-app",
+            sign_body("payroll-esign", b"after the restore"),
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(cli_json(&a, &["audit", "verify"])["ok"], true);
+}
