@@ -124,6 +124,16 @@ fn main() {
         }
         r.print(&format!("batch {batch}, {conc} connections"), raw_rate);
     }
+    // Latency below saturation: single requests paced to half the best rate, against the
+    // disk's own fdatasync latency in the same run.
+    let half = best_single / 2.0;
+    let paced = load_run_paced(&dir, &api, 16, secs, half);
+    paced.print(&format!("single, paced to {half:.0}/s"), raw_rate);
+    let (sync_p50, sync_p99) = fdatasync_latency(&dir, secs);
+    println!(
+        "disk fdatasync alone: p50 {sync_p50:.2} ms, p99 {sync_p99:.2} ms; Signet's p99 at half its best rate is {:.1}x that (bar: 1.5x)",
+        paced.p99 / sync_p99.max(1e-6)
+    );
     let metrics = ready["metrics"].as_str().unwrap().to_owned();
     let m = http_get(&metrics, "/metrics");
     let group = metric(&m, "signet_audit_group_commit_entries_sum")
@@ -213,19 +223,39 @@ fn load_run_with(
     secs: u64,
     streams: usize,
 ) -> RunResult {
-    let out = run_self(
-        &[
-            "--load",
-            &dir.display().to_string(),
-            api,
-            &conc.to_string(),
-            &batch.to_string(),
-            &secs.to_string(),
-            &streams.to_string(),
-        ],
-        "1",
-        &[],
-    );
+    load_run_extra(dir, api, conc, batch, secs, streams, &[])
+}
+
+/// Single requests paced to `rate` per second in all (latency below saturation).
+fn load_run_paced(dir: &Path, api: &str, conc: usize, secs: u64, rate: f64) -> RunResult {
+    load_run_extra(dir, api, conc, 0, secs, 0, &[&format!("rate:{rate}")])
+}
+
+fn load_run_extra(
+    dir: &Path,
+    api: &str,
+    conc: usize,
+    batch: usize,
+    secs: u64,
+    streams: usize,
+    extra: &[&str],
+) -> RunResult {
+    let mut args = vec![
+        "--load".to_owned(),
+        dir.display().to_string(),
+        api.to_owned(),
+        conc.to_string(),
+        batch.to_string(),
+        secs.to_string(),
+        streams.to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_result(&run_self(&args, "1", &[]))
+}
+
+/// A load child's JSON line.
+fn run_result(out: &str) -> RunResult {
     let v: Value =
         serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("load output: {out}"));
     RunResult {
@@ -234,6 +264,30 @@ fn load_run_with(
         p90: v["p90_ms"].as_f64().unwrap(),
         p99: v["p99_ms"].as_f64().unwrap(),
     }
+}
+
+/// The disk's own latency: 1 KiB appended and fdatasync'ed in a loop on the evidence log's
+/// file system, for `secs`. (p50, p99) in ms.
+fn fdatasync_latency(dir: &Path, secs: u64) -> (f64, f64) {
+    use std::io::Write;
+    let path = dir.join("audit/fdatasync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        let s = Instant::now();
+        f.write_all(&[b'x'; 1024]).unwrap();
+        f.sync_data().unwrap();
+        lat.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = std::fs::remove_file(&path);
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    (pct(0.5), pct(0.99))
 }
 
 fn run_self(args: &[&str], cpu: &str, env: &[(&str, PathBuf)]) -> String {
@@ -544,13 +598,7 @@ api_addr = "https://127.0.0.1:{port}"
             "1",
             &[],
         );
-        let v: Value = serde_json::from_str(out.trim()).unwrap();
-        RunResult {
-            rate: v["rate"].as_f64().unwrap(),
-            p50: v["p50_ms"].as_f64().unwrap(),
-            p90: v["p90_ms"].as_f64().unwrap(),
-            p99: v["p99_ms"].as_f64().unwrap(),
-        }
+        run_result(&out)
     });
     stop(&mut server);
     result
@@ -807,10 +855,15 @@ fn load(args: &[String]) {
     };
     // 0: HTTP/1.1, one request in flight per connection; N: HTTP/2 with N streams each.
     let streams: usize = args.get(7).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // `rate:R`: pace the requests to R per second in all (each worker waits its turn).
+    let rate: Option<f64> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("rate:"))
+        .map(|r| r.parse().unwrap());
     // `openbao:TOKEN`: the peer, OpenBao Transit's sign endpoint, with that token.
     let bao_token: Option<String> = args
-        .get(8)
-        .and_then(|a| a.strip_prefix("openbao:"))
+        .iter()
+        .find_map(|a| a.strip_prefix("openbao:"))
         .map(str::to_owned);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -840,11 +893,21 @@ fn load(args: &[String]) {
         for (w, mut c) in clients.into_iter().enumerate() {
             let stop = Arc::clone(&stop);
             let bao_token = bao_token.clone();
+            // Each of the `workers` connections sends one request per `interval` when paced.
+            let workers = conc.max(1) * streams.max(1);
+            let interval = rate.map(|r| Duration::from_secs_f64(workers as f64 / r.max(1.0)));
             tasks.push(tokio::spawn(async move {
                 // (completion time, latency in ms, signatures)
                 let mut done: Vec<(Instant, f64, u64)> = Vec::new();
                 let mut i = 0u64;
+                // Staggered, so the paced workers do not fire in bursts.
+                let mut next = Instant::now()
+                    + interval.map_or(Duration::ZERO, |e| e.mul_f64(w as f64 / workers as f64));
                 while !stop.load(Ordering::Relaxed) && count.is_none_or(|n| i < n) {
+                    if let Some(every) = interval {
+                        next += every;
+                        tokio::time::sleep_until(next.into()).await;
+                    }
                     let digest = Sha256::digest(format!("{w}-{i}"));
                     let body = if let Some(_token) = &bao_token {
                         use base64::Engine;
