@@ -228,8 +228,14 @@ impl Db {
         pg.application_name("signet");
         pg.connect_timeout(Duration::from_secs(5));
         pg.keepalives_idle(Duration::from_secs(10));
-        // A session that dies mid-transaction releases its row locks soon.
-        pg.options("-c idle_in_transaction_session_timeout=15000 -c lock_timeout=10000");
+        // A session that dies mid-transaction releases its row locks soon. Options the URL
+        // gives come after ours, so an operator's own settings win.
+        let ours = "-c idle_in_transaction_session_timeout=15000 -c lock_timeout=10000";
+        let options = match pg.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{ours} {theirs}"),
+            _ => ours.to_owned(),
+        };
+        pg.options(options);
         let tls = tls_config(cfg, &mut pg)?;
         let manager = deadpool_postgres::Manager::from_config(
             pg.clone(),
