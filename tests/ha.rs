@@ -494,7 +494,7 @@ async fn a_rotation_started_on_one_replica_switches_every_replica() {
         )
         .await;
     assert!((200..300).contains(&st), "{st} {v}");
-    assert_eq!(v["step"], "completed", "{v}");
+    assert_eq!(v["step"], "completed", "{v}\n{}", logs(&[&a, &b, &c]));
     let activated = std::time::Instant::now();
     for s in [&b, &c] {
         s.eventually(

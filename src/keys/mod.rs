@@ -199,6 +199,17 @@ impl Registry {
         Ok(registry)
     }
 
+    /// Read the token again if the stored states changed since this registry last read or
+    /// wrote them (another replica rotated). The token is not scanned otherwise: a scan while
+    /// another process is creating a key pair can catch its objects half made (SoftHSM).
+    pub async fn refresh(&self, hsm: &Hsm, grace: Duration, now: u64) -> Result<(), Error> {
+        let stored = read_records(self.store.as_ref()).await?;
+        if *self.write.lock().await == stored {
+            return Ok(());
+        }
+        self.reload(hsm, grace, now).await
+    }
+
     /// Read the token and the stored states again (another replica changed them). With one
     /// process, persists states derived for versions that have none yet.
     pub async fn reload(&self, hsm: &Hsm, grace: Duration, now: u64) -> Result<(), Error> {

@@ -987,7 +987,7 @@ impl Engine {
         self.reload().await?;
         let grace = self.dynamic.load().rotation.grace;
         self.keys
-            .reload(&self.hsm, grace, self.clock.unix())
+            .refresh(&self.hsm, grace, self.clock.unix())
             .await
             .map_err(|e| Error::SharedState(e.to_string()))
     }
