@@ -227,6 +227,51 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
     assert!(!verify("bad-leaf.json").status.success());
     // And the whole directory verifies.
     s.audit_verify(Some(&work.join("log-key.pem")));
+    // The configured backend's log, exported in the file format and verified elsewhere, and
+    // verified in place through the configuration.
+    let export = s.dir.join("exported");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(s.config())
+        .args(["audit", "export"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(export.join("entries.jsonl")).unwrap(),
+        std::fs::read(s.audit_dir().join("entries.jsonl")).unwrap()
+    );
+    let out = Command::new(BIN)
+        .args(["--json", "audit", "verify"])
+        .arg(&export)
+        .arg("--key")
+        .arg(work.join("log-key.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(s.config())
+        .args(["--json", "audit", "verify", "--key"])
+        .arg(work.join("log-key.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["report"]["entries"].as_u64().unwrap() as usize, all.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
