@@ -246,18 +246,7 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
         std::fs::read(export.join("entries.jsonl")).unwrap(),
         std::fs::read(s.audit_dir().join("entries.jsonl")).unwrap()
     );
-    let out = Command::new(BIN)
-        .args(["--json", "audit", "verify"])
-        .arg(&export)
-        .arg("--key")
-        .arg(work.join("log-key.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    audit_verify_dir(&export, Some(&work.join("log-key.pem")));
     let out = Command::new(BIN)
         .arg("--config")
         .arg(s.config())

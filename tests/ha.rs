@@ -48,6 +48,17 @@ async fn sign_keyed(s: &Signet, data: &[u8], key: &str) -> (u16, Value) {
     (st, v)
 }
 
+/// A migrated installation in database `db`, started as three replicas `a`, `b`, `c`.
+fn three_replicas(pg: &Postgres, db: &str) -> (Signet, Signet, Signet) {
+    let mut a = init_postgres(pg, db);
+    a.start();
+    let mut b = a.replica("b");
+    b.start();
+    let mut c = a.replica("c");
+    c.start();
+    (a, b, c)
+}
+
 /// The service logs of several replicas, for a failure message.
 fn logs(replicas: &[&Signet]) -> String {
     replicas
@@ -134,12 +145,7 @@ fn assert_exactly_once(entries: &[Value], acknowledged: &[Value]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_one_log_under_concurrent_load() {
     let pg = Postgres::start();
-    let mut a = init_postgres(&pg, "three");
-    a.start();
-    let mut b = a.replica("b");
-    b.start();
-    let mut c = a.replica("c");
-    c.start();
+    let (a, b, c) = three_replicas(&pg, "three");
     let loads = [a.load(3), b.load(3), c.load(3)];
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut acknowledged = Vec::new();
@@ -230,18 +236,7 @@ async fn three_replicas_share_one_log_under_concurrent_load() {
         entries.len() as u64
     );
     // The offline copy verifies with the file-format verifier too.
-    let out = Command::new(BIN)
-        .args(["--json", "audit", "verify"])
-        .arg(a.dir.join("export"))
-        .arg("--key")
-        .arg(work.join("log-key.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    audit_verify_dir(&a.dir.join("export"), Some(&work.join("log-key.pem")));
     // The sequencing state in the database agrees with the log.
     assert_eq!(
         pg.psql("three", "SELECT next_index FROM signet_log"),
@@ -252,12 +247,7 @@ async fn three_replicas_share_one_log_under_concurrent_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idempotency_key_is_signed_once_across_replicas() {
     let pg = Postgres::start();
-    let mut a = init_postgres(&pg, "idem");
-    a.start();
-    let mut b = a.replica("b");
-    b.start();
-    let mut c = a.replica("c");
-    c.start();
+    let (mut a, b, c) = three_replicas(&pg, "idem");
 
     // The same key sent to three replicas at once, 20 times over: one signature each.
     for round in 0..20 {
@@ -344,12 +334,7 @@ async fn leader(replicas: &[&Signet]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_replicas_and_the_leader_under_load_loses_nothing_and_leadership_moves() {
     let pg = Postgres::start();
-    let mut a = init_postgres(&pg, "kill");
-    a.start();
-    let mut b = a.replica("b");
-    b.start();
-    let mut c = a.replica("c");
-    c.start();
+    let (a, b, c) = three_replicas(&pg, "kill");
     let mut replicas = [a, b, c];
     let first = leader(&replicas.iter().collect::<Vec<_>>()).await;
     let loads: Vec<Load> = replicas.iter().map(|s| s.load(2)).collect();
@@ -476,12 +461,7 @@ async fn failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotation_started_on_one_replica_switches_every_replica() {
     let pg = Postgres::start();
-    let mut a = init_postgres(&pg, "rotation");
-    a.start();
-    let mut b = a.replica("b");
-    b.start();
-    let mut c = a.replica("c");
-    c.start();
+    let (a, b, c) = three_replicas(&pg, "rotation");
     let loads = [b.load(2), c.load(2)];
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (st, _, v) = a

@@ -703,21 +703,25 @@ impl Signet {
 
     /// `signet --json audit verify` on this installation's log; panics unless it verifies.
     pub fn audit_verify(&self, key: Option<&Path>) -> Value {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--json", "audit", "verify"])
-            .arg(self.audit_dir());
-        if let Some(k) = key {
-            cmd.arg("--key").arg(k);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "audit verify failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        audit_verify_dir(&self.audit_dir(), key)
     }
+}
+
+/// `signet --json audit verify DIR [--key KEY]`; panics unless the log in DIR verifies.
+pub fn audit_verify_dir(dir: &Path, key: Option<&Path>) -> Value {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--json", "audit", "verify"]).arg(dir);
+    if let Some(k) = key {
+        cmd.arg("--key").arg(k);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "audit verify failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 impl Load {
