@@ -1,19 +1,38 @@
-//! Lookup indexes over the evidence log, so auditors' questions never scan the log: the
-//! entries of a transaction ID, and each tenant's entries in log order with their times.
+//! Lookup indexes over the file backend's evidence log, so auditors' questions never scan the
+//! log and nothing per entry is held in memory: the entries of a transaction ID, and each
+//! tenant's entries in log order with their times.
 //!
-//! Held in memory beside the tree (built at start-up, extended by the writer after each
-//! commit). Pure: no I/O.
+//! Files under `index/` (derived from `entries.jsonl`, rebuilt from it when in doubt):
+//! - `tx/<hhh>`: one of 4,096 buckets chosen by SHA-256 of the transaction ID; 16-byte
+//!   records (8 more bytes of that hash, the entry index), in log order. A lookup reads one
+//!   bucket; the caller confirms each candidate against the entry itself.
+//! - `tenant/<hash>`: one file per tenant (named by SHA-256 of its name); 24-byte records
+//!   (entry index, entry time in µs, running maximum of those times), in log order. Entry
+//!   times are almost, not strictly, in log order: the running maximum makes the first entry
+//!   of a time window a binary search away.
+//! - `through`: every record of an entry below this size is durable. The writer appends
+//!   records after each commit; the checkpointer fsyncs the files it touched and then moves
+//!   `through`. At start-up records at or past `through`, and any torn or out-of-order tail a
+//!   crash left, are dropped and those entries indexed again.
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// Entries of one tenant in log order, with their times (µs since the epoch) and the running
-/// maximum of those times (entry times are almost, not strictly, in log order).
-#[derive(Debug, Default)]
-struct TenantEntries {
-    index: Vec<u64>,
-    time_us: Vec<i64>,
-    max_time_us: Vec<i64>,
-}
+use sha2::{Digest, Sha256};
+
+pub const INDEX_DIR: &str = "index";
+const THROUGH_FILE: &str = "through";
+const TX_DIR: &str = "tx";
+const TENANT_DIR: &str = "tenant";
+const TX_RECORD: usize = 16;
+const TENANT_RECORD: usize = 24;
+
+/// How far past `until` a page keeps looking for entries written slightly out of time order.
+const TIME_SLACK_US: i64 = 60_000_000;
 
 /// What an entry contributes to the indexes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,15 +43,6 @@ pub struct Indexed {
     pub time_us: i64,
 }
 
-/// How far past `until` a page keeps looking for entries written slightly out of time order.
-const TIME_SLACK_US: i64 = 60_000_000;
-
-#[derive(Debug, Default)]
-pub struct Index {
-    by_transaction: HashMap<String, Vec<u64>>,
-    by_tenant: HashMap<String, TenantEntries>,
-}
-
 /// One page of a tenant's entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -41,44 +51,156 @@ pub struct Page {
     pub next_cursor: Option<u64>,
 }
 
+pub struct Index {
+    dir: PathBuf,
+    /// Files appended to since `through` last moved.
+    dirty: Mutex<BTreeSet<PathBuf>>,
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn i64_at(b: &[u8], at: usize) -> i64 {
+    u64_at(b, at) as i64
+}
+
+fn tx_hash(transaction_id: &str) -> [u8; 32] {
+    Sha256::digest(transaction_id.as_bytes()).into()
+}
+
 impl Index {
-    /// Index entry `index` (entries are added in log order).
-    pub fn add(&mut self, index: u64, fields: Indexed) {
-        if let Some(t) = fields.transaction_id {
-            self.by_transaction.entry(t).or_default().push(index);
-        }
-        if let Some(tenant) = fields.tenant {
-            let e = self.by_tenant.entry(tenant).or_default();
-            let max = e.max_time_us.last().copied().unwrap_or(i64::MIN);
-            e.index.push(index);
-            e.time_us.push(fields.time_us);
-            e.max_time_us.push(max.max(fields.time_us));
-        }
+    /// Open the indexes under `audit_dir`; returns them and their durable size (`through`).
+    pub fn open(audit_dir: &Path) -> io::Result<(Self, u64)> {
+        let dir = audit_dir.join(INDEX_DIR);
+        crate::fsutil::create_private_dir(&dir.join(TX_DIR))?;
+        crate::fsutil::create_private_dir(&dir.join(TENANT_DIR))?;
+        let through = std::fs::read_to_string(dir.join(THROUGH_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        Ok((
+            Self {
+                dir,
+                dirty: Mutex::new(BTreeSet::new()),
+            },
+            through,
+        ))
     }
 
-    /// Forget entries from `size` on (a failed commit's, or a cut tail's).
-    pub fn truncate(&mut self, size: u64) {
-        for v in self.by_transaction.values_mut() {
-            v.retain(|&i| i < size);
-        }
-        self.by_transaction.retain(|_, v| !v.is_empty());
-        for e in self.by_tenant.values_mut() {
-            let keep = e.index.partition_point(|&i| i < size);
-            e.index.truncate(keep);
-            e.time_us.truncate(keep);
-            e.max_time_us.truncate(keep);
-        }
+    fn tx_path(&self, hash: &[u8; 32]) -> PathBuf {
+        let bucket = (u16::from(hash[0]) << 4) | u16::from(hash[1] >> 4);
+        self.dir.join(TX_DIR).join(format!("{bucket:03x}"))
     }
 
-    /// The entries that carry `transaction_id`, in log order.
-    pub fn transaction(&self, transaction_id: &str) -> &[u64] {
-        self.by_transaction
-            .get(transaction_id)
-            .map_or(&[], Vec::as_slice)
+    fn tenant_path(&self, tenant: &str) -> PathBuf {
+        let h = Sha256::digest(tenant.as_bytes());
+        self.dir.join(TENANT_DIR).join(hex::encode(&h[..16]))
+    }
+
+    /// Drop every record of an entry at or past `from`, and whatever torn or out-of-order
+    /// tail a crash left, in every index file; the caller indexes entries `from..` again.
+    pub fn repair(&self, from: u64) -> io::Result<()> {
+        // Records from `from` on are rewritten without fsync: not durable until `sync`.
+        crate::fsutil::write_atomic(&self.dir.join(THROUGH_FILE), from.to_string().as_bytes())?;
+        for (sub, rec, at) in [(TX_DIR, TX_RECORD, 8), (TENANT_DIR, TENANT_RECORD, 0)] {
+            for e in std::fs::read_dir(self.dir.join(sub))? {
+                let path = e?.path();
+                if path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                {
+                    continue;
+                }
+                repair_file(&path, rec, at, from)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Index entries (in log order, after every entry indexed so far).
+    pub fn add(&self, batch: &[(u64, Indexed)]) -> io::Result<()> {
+        let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+        let mut buf = |path: PathBuf| -> usize {
+            match files.iter().position(|(p, _)| *p == path) {
+                Some(i) => i,
+                None => {
+                    files.push((path, Vec::new()));
+                    files.len() - 1
+                }
+            }
+        };
+        let mut tenant_rows: Vec<(usize, u64, i64)> = Vec::new();
+        let mut tx_rows: Vec<(usize, [u8; 32], u64)> = Vec::new();
+        for (index, f) in batch {
+            if let Some(t) = &f.transaction_id {
+                let h = tx_hash(t);
+                tx_rows.push((buf(self.tx_path(&h)), h, *index));
+            }
+            if let Some(t) = &f.tenant {
+                tenant_rows.push((buf(self.tenant_path(t)), *index, f.time_us));
+            }
+        }
+        for (file, h, index) in tx_rows {
+            let b = &mut files[file].1;
+            b.extend_from_slice(&h[8..16]);
+            b.extend_from_slice(&index.to_le_bytes());
+        }
+        let mut max: Vec<Option<i64>> = vec![None; files.len()];
+        for (file, index, time) in tenant_rows {
+            let m = match max[file] {
+                Some(m) => m,
+                None => last_max(&files[file].0)?,
+            };
+            let m = m.max(time);
+            max[file] = Some(m);
+            let b = &mut files[file].1;
+            b.extend_from_slice(&index.to_le_bytes());
+            b.extend_from_slice(&time.to_le_bytes());
+            b.extend_from_slice(&m.to_le_bytes());
+        }
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        for (path, bytes) in files {
+            let mut f = crate::fsutil::open_durable(
+                &path,
+                OpenOptions::new().create(true).append(true).mode(0o600),
+            )?;
+            f.write_all(&bytes)?;
+            dirty.insert(path);
+        }
+        Ok(())
+    }
+
+    /// Make every record written so far durable and say so for entries below `through`
+    /// (every entry below it must have been added).
+    pub fn sync(&self, through: u64) -> io::Result<()> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        for path in &dirty {
+            File::open(path)?.sync_data()?;
+        }
+        crate::fsutil::write_atomic(&self.dir.join(THROUGH_FILE), through.to_string().as_bytes())
+    }
+
+    /// Entries that may carry `transaction_id`, in log order: confirm each against the entry.
+    pub fn transaction(&self, transaction_id: &str) -> io::Result<Vec<u64>> {
+        let h = tx_hash(transaction_id);
+        let data = match std::fs::read(self.tx_path(&h)) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(data
+            .chunks_exact(TX_RECORD)
+            .filter(|r| r[..8] == h[8..16])
+            .map(|r| u64_at(r, 8))
+            .collect())
     }
 
     /// Up to `limit` entries of `tenant` with `since_us <= time < until_us`, after entry
-    /// `after` (exclusive), in log order. Stable while the log grows: a cursor is an index.
+    /// `after` (exclusive) and below `size`, in log order. Stable while the log grows: a
+    /// cursor is an index.
     pub fn tenant_page(
         &self,
         tenant: &str,
@@ -86,36 +208,144 @@ impl Index {
         until_us: i64,
         after: Option<u64>,
         limit: usize,
-    ) -> Page {
-        let Some(e) = self.by_tenant.get(tenant) else {
-            return Page {
-                indexes: Vec::new(),
-                next_cursor: None,
-            };
+        size: u64,
+    ) -> io::Result<Page> {
+        let mut page = Page {
+            indexes: Vec::new(),
+            next_cursor: None,
         };
+        let file = match File::open(self.tenant_path(tenant)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(page),
+            Err(e) => return Err(e),
+        };
+        let records = TenantFile::new(file)?;
         // Every entry before `from_time` is older than `since` (the running maximum says so).
-        let from_time = e.max_time_us.partition_point(|&t| t < since_us);
-        let from_cursor = after.map_or(0, |a| e.index.partition_point(|&i| i <= a));
-        let mut indexes = Vec::new();
-        for pos in from_time.max(from_cursor)..e.index.len() {
-            let t = e.time_us[pos];
-            if t >= until_us.saturating_add(TIME_SLACK_US) {
-                break;
-            }
-            if t >= since_us && t < until_us {
-                indexes.push(e.index[pos]);
-                if indexes.len() == limit {
-                    return Page {
-                        next_cursor: Some(e.index[pos]),
-                        indexes,
-                    };
+        let from_time = records.partition_point(|r| r.max_time_us < since_us)?;
+        let from_cursor = match after {
+            Some(a) => records.partition_point(|r| r.index <= a)?,
+            None => 0,
+        };
+        let mut pos = from_time.max(from_cursor);
+        while pos < records.len {
+            for r in records.chunk(pos)? {
+                pos += 1;
+                if r.time_us >= until_us.saturating_add(TIME_SLACK_US) || r.index >= size {
+                    return Ok(page);
+                }
+                if r.time_us >= since_us && r.time_us < until_us {
+                    page.indexes.push(r.index);
+                    if page.indexes.len() == limit {
+                        page.next_cursor = Some(r.index);
+                        return Ok(page);
+                    }
                 }
             }
         }
-        Page {
-            indexes,
-            next_cursor: None,
+        Ok(page)
+    }
+}
+
+/// The running maximum in a tenant file's last record (`i64::MIN` when empty).
+fn last_max(path: &Path) -> io::Result<i64> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(i64::MIN),
+        Err(e) => return Err(e),
+    };
+    let n = f.metadata()?.len() / TENANT_RECORD as u64;
+    if n == 0 {
+        return Ok(i64::MIN);
+    }
+    let mut b = [0u8; TENANT_RECORD];
+    f.read_exact_at(&mut b, (n - 1) * TENANT_RECORD as u64)?;
+    Ok(i64_at(&b, 16))
+}
+
+fn repair_file(path: &Path, rec: usize, at: usize, from: u64) -> io::Result<()> {
+    let f = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = f.metadata()?.len();
+    let rec64 = rec as u64;
+    let mut n = len / rec64;
+    let index_at = |i: u64| -> io::Result<u64> {
+        let mut b = vec![0u8; rec];
+        f.read_exact_at(&mut b, i * rec64)?;
+        Ok(u64_at(&b, at))
+    };
+    while n > 0 {
+        let last = index_at(n - 1)?;
+        let before = if n > 1 { Some(index_at(n - 2)?) } else { None };
+        if last >= from || before.is_some_and(|b| last <= b) {
+            n -= 1;
+        } else {
+            break;
         }
+    }
+    if n * rec64 != len {
+        f.set_len(n * rec64)?;
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+struct TenantRecord {
+    index: u64,
+    time_us: i64,
+    max_time_us: i64,
+}
+
+impl TenantRecord {
+    fn parse(b: &[u8]) -> Self {
+        Self {
+            index: u64_at(b, 0),
+            time_us: i64_at(b, 8),
+            max_time_us: i64_at(b, 16),
+        }
+    }
+}
+
+struct TenantFile {
+    file: File,
+    len: u64,
+}
+
+impl TenantFile {
+    fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len() / TENANT_RECORD as u64;
+        Ok(Self { file, len })
+    }
+
+    fn get(&self, pos: u64) -> io::Result<TenantRecord> {
+        let mut b = [0u8; TENANT_RECORD];
+        self.file
+            .read_exact_at(&mut b, pos * TENANT_RECORD as u64)?;
+        Ok(TenantRecord::parse(&b))
+    }
+
+    /// Up to 256 records from `pos`.
+    fn chunk(&self, pos: u64) -> io::Result<Vec<TenantRecord>> {
+        let n = (self.len - pos).min(256) as usize;
+        let mut b = vec![0u8; n * TENANT_RECORD];
+        self.file
+            .read_exact_at(&mut b, pos * TENANT_RECORD as u64)?;
+        Ok(b.chunks_exact(TENANT_RECORD)
+            .map(TenantRecord::parse)
+            .collect())
+    }
+
+    /// The first position whose record fails `pred` (records are ordered so that `pred`
+    /// holds on a prefix).
+    fn partition_point(&self, pred: impl Fn(&TenantRecord) -> bool) -> io::Result<u64> {
+        let (mut lo, mut hi) = (0u64, self.len);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if pred(&self.get(mid)?) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
     }
 }
 
@@ -129,52 +359,83 @@ pub fn parse_time_us(s: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
-    fn add(ix: &mut Index, i: u64, tenant: &str, tx: Option<&str>, t: i64) {
-        ix.add(
+    fn add(ix: &Index, i: u64, tenant: &str, tx: Option<&str>, t: i64) {
+        ix.add(&[(
             i,
             Indexed {
                 tenant: Some(tenant.into()),
                 transaction_id: tx.map(Into::into),
                 time_us: t,
             },
-        );
+        )])
+        .unwrap();
+    }
+
+    fn page(ix: &Index, since: i64, until: i64, after: Option<u64>, limit: usize) -> Page {
+        ix.tenant_page("a", since, until, after, limit, u64::MAX)
+            .unwrap()
     }
 
     #[test]
-    fn transactions_and_tenant_pages() {
-        let mut ix = Index::default();
+    fn transactions_and_tenant_pages_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ix, through) = Index::open(dir.path()).unwrap();
+        assert_eq!(through, 0);
         // Tenant a at times 10, 20, 15 (slightly out of order), 30, 40; tenant b between.
-        add(&mut ix, 0, "a", Some("t1"), 10);
-        add(&mut ix, 1, "b", Some("t1"), 11);
-        add(&mut ix, 2, "a", None, 20);
-        add(&mut ix, 3, "a", Some("t2"), 15);
-        add(&mut ix, 4, "a", None, 30);
-        add(&mut ix, 5, "a", Some("t1"), 40);
-        assert_eq!(ix.transaction("t1"), &[0, 1, 5]);
-        assert_eq!(ix.transaction("none"), &[] as &[u64]);
+        add(&ix, 0, "a", Some("t1"), 10);
+        add(&ix, 1, "b", Some("t1"), 11);
+        add(&ix, 2, "a", None, 20);
+        add(&ix, 3, "a", Some("t2"), 15);
+        add(&ix, 4, "a", None, 30);
+        add(&ix, 5, "a", Some("t1"), 40);
+        assert_eq!(ix.transaction("t1").unwrap(), vec![0, 1, 5]);
+        assert!(ix.transaction("none").unwrap().is_empty());
         // since 15, until 35: entries 2 (20), 3 (15), 4 (30) in log order.
-        let p = ix.tenant_page("a", 15, 35, None, 10);
+        let p = page(&ix, 15, 35, None, 10);
         assert_eq!((p.indexes, p.next_cursor), (vec![2, 3, 4], None));
         // Pages of 2 with a cursor; the cursor stays valid while the log grows.
-        let p1 = ix.tenant_page("a", i64::MIN, i64::MAX, None, 2);
+        let p1 = page(&ix, i64::MIN, i64::MAX, None, 2);
         assert_eq!((p1.indexes.clone(), p1.next_cursor), (vec![0, 2], Some(2)));
-        add(&mut ix, 6, "a", None, 50);
-        let p2 = ix.tenant_page("a", i64::MIN, i64::MAX, p1.next_cursor, 2);
+        add(&ix, 6, "a", None, 50);
+        let p2 = page(&ix, i64::MIN, i64::MAX, p1.next_cursor, 2);
         assert_eq!((p2.indexes, p2.next_cursor), (vec![3, 4], Some(4)));
-        let p3 = ix.tenant_page("a", i64::MIN, i64::MAX, Some(4), 2);
+        let p3 = page(&ix, i64::MIN, i64::MAX, Some(4), 2);
         assert_eq!((p3.indexes, p3.next_cursor), (vec![5, 6], Some(6)));
+        assert!(page(&ix, i64::MIN, i64::MAX, Some(6), 2).indexes.is_empty());
         assert!(
-            ix.tenant_page("a", i64::MIN, i64::MAX, Some(6), 2)
+            ix.tenant_page("c", 0, 100, None, 2, u64::MAX)
+                .unwrap()
                 .indexes
                 .is_empty()
         );
-        assert!(ix.tenant_page("c", 0, 100, None, 2).indexes.is_empty());
-        ix.truncate(4);
-        assert_eq!(ix.transaction("t1"), &[0, 1]);
+        // Entries past the log's size are not served.
         assert_eq!(
-            ix.tenant_page("a", i64::MIN, i64::MAX, None, 10).indexes,
+            ix.tenant_page("a", i64::MIN, i64::MAX, None, 10, 4)
+                .unwrap()
+                .indexes,
             vec![0, 2, 3]
         );
+
+        // Durable through 4; entries 4.. are indexed again after a crash that left a torn
+        // record and zeroes behind.
+        ix.sync(4).unwrap();
+        let tenant = ix.tenant_path("a");
+        let mut f = OpenOptions::new().append(true).open(&tenant).unwrap();
+        f.write_all(&[0u8; TENANT_RECORD + 5]).unwrap();
+        drop((ix, f));
+        let (ix, through) = Index::open(dir.path()).unwrap();
+        assert_eq!(through, 4);
+        ix.repair(through).unwrap();
+        assert_eq!(ix.transaction("t1").unwrap(), vec![0, 1]);
+        assert_eq!(
+            page(&ix, i64::MIN, i64::MAX, None, 10).indexes,
+            vec![0, 2, 3]
+        );
+        add(&ix, 4, "a", Some("t1"), 12);
+        assert_eq!(ix.transaction("t1").unwrap(), vec![0, 1, 4]);
+        // The running maximum continues from the durable records (20), so a window from 19
+        // still finds entry 2 first.
+        assert_eq!(page(&ix, 19, 100, None, 10).indexes, vec![2]);
         assert_eq!(
             parse_time_us("1970-01-01T00:00:01.000002Z"),
             Some(1_000_002)

@@ -6,10 +6,17 @@
 //! - `log-key.pem`: the checkpoint key's public half, for convenience (verify with a copy
 //!   you trust).
 //! - `LOCK`: held by the one process that may write.
+//! - Derived from `entries.jsonl`, and rebuilt from it when missing or in doubt:
+//!   `entries.idx` (where each entry ends), `tile/` (the tree as C2SP tlog-tiles: full tiles
+//!   of 256 hashes), `index/` (transaction and tenant lookups), `active-versions.json` (the
+//!   tenants' active key versions as of the last checkpoint).
 //!
 //! One writer thread owns the append handle and does group commit: it takes every request
 //! waiting, writes them in one `write`, makes them durable with one `fdatasync`, then adds
-//! their leaves to the in-memory tree and answers. A signature is only returned after this.
+//! their leaves to the tree's right edge and answers. A signature is only returned after this.
+//! Memory is O(log n): the right edge of the tree (at most 255 hashes per tile level) and a
+//! bounded tile cache; start-up reads O(log n) tiles and the entries written since the last
+//! checkpoint, whatever the log's size.
 //!
 //! Must not name axum or cryptoki: the token signs checkpoints through [`CheckpointSigner`].
 
@@ -19,14 +26,17 @@ pub mod entry;
 pub mod index;
 pub mod merkle;
 pub mod note;
+pub mod offsets;
 pub mod order;
 pub mod tiled;
+pub mod tilefiles;
 pub mod tiles;
 pub mod timestamp;
 pub mod verify;
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Seek, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,8 +50,11 @@ use serde::{Deserialize, Serialize};
 
 use anchor::{Anchor, TailHead, TailWriter, TokenAnchor, TreeHead};
 pub use entry::{Actor, Entry};
-use merkle::{Hash, Tree};
+use merkle::Hash;
 use note::{Checkpoint, TlogProof};
+use offsets::{OFFSETS_FILE, Offsets};
+use tiled::{Edge, Missing, Tile, TileId, TileNodes};
+use tilefiles::TileFiles;
 
 use crate::config::FsyncPolicy;
 use crate::metrics::Metrics;
@@ -200,28 +213,49 @@ pub struct EntryProof {
 }
 
 impl EntryProof {
-    /// Entry `index` (its canonical bytes and leaf hash) with its inclusion proof `hashes`
-    /// against `checkpoint`, also as a C2SP tlog-proof.
-    pub fn new(
+    /// Entry `index` (its canonical bytes, as stored) with its inclusion proof `hashes` and
+    /// `leaf_hash`, both computed from the stored tree, against `checkpoint`, also as a C2SP
+    /// tlog-proof. Nothing is served that a client would reject: the stored entry must hash to
+    /// the tree's leaf, and the proof must lead to the checkpoint's signed root (a damaged
+    /// entry, tile or row is refused here).
+    pub fn checked(
         index: u64,
         entry: Vec<u8>,
         leaf_hash: Hash,
         hashes: Vec<Hash>,
         checkpoint: Arc<StoredCheckpoint>,
-    ) -> Self {
+    ) -> Result<Self, Error> {
+        if merkle::leaf_hash(&entry) != leaf_hash {
+            return Err(Error::Inconsistent(format!(
+                "the stored entry {index} differs from its leaf hash in the tree; run `signet audit verify`"
+            )));
+        }
+        let signed = note::SignedNote::parse(&checkpoint.note)
+            .and_then(|n| Checkpoint::parse_body(&n.text))
+            .map_err(|e| {
+                Error::Inconsistent(format!("checkpoint at size {}: {e}", checkpoint.tree_size))
+            })?;
+        merkle::verify_inclusion(&leaf_hash, index, signed.size, &hashes, &signed.root).map_err(
+            |e| {
+                Error::Inconsistent(format!(
+                    "the stored tree's proof of entry {index} does not lead to the checkpoint at size {} ({e}): a stored tile is damaged; run `signet audit verify`",
+                    signed.size
+                ))
+            },
+        )?;
         let proof = TlogProof {
             extra: Some(entry.clone()),
             index,
             hashes,
             checkpoint: checkpoint.note.clone(),
         };
-        Self {
+        Ok(Self {
             index,
             entry,
             leaf_hash,
             checkpoint,
             proof,
-        }
+        })
     }
 }
 
@@ -246,15 +280,14 @@ pub struct EvidenceLog {
 }
 
 struct Inner {
-    dir: PathBuf,
     origin: String,
     signer: Arc<dyn CheckpointSigner>,
     token: Arc<dyn TokenAnchor>,
     metrics: Arc<Metrics>,
     /// Shared by the writer (appends after fsync) and readers (proofs).
     state: RwLock<State>,
-    /// A read-only handle for `read_at`.
-    reader: File,
+    /// The entries, their offsets, the tiles and the lookup indexes.
+    store: Store,
     writable: AtomicBool,
     latest: RwLock<Option<Arc<StoredCheckpoint>>>,
     /// Serialises checkpoint signing.
@@ -262,12 +295,25 @@ struct Inner {
     _lock: File,
 }
 
-/// The durable part of the log as of the last commit.
+/// The durable part of the log as of the last commit: O(log n), whatever the log's size.
 struct State {
-    tree: Tree,
-    offsets: Vec<u64>,
+    /// The tree's right edge; everything left of it is in full tiles.
+    edge: Arc<Edge>,
+    /// The newest entry's leaf hash (the next entry links to it).
+    last_leaf: Option<Hash>,
     file_len: u64,
-    /// Transaction and tenant lookups over the same entries.
+    /// The tenants' active versions as of `edge.size()` (saved with each checkpoint).
+    active: Arc<order::ActiveVersions>,
+}
+
+/// Where the log's bytes are: `entries.jsonl` (the only source of truth) and what is derived
+/// from it (`entries.idx`, `tile/`, `index/`).
+struct Store {
+    dir: PathBuf,
+    /// A read-only handle on `entries.jsonl` for `read_at`.
+    reader: File,
+    offsets: Offsets,
+    tiles: TileFiles,
     index: index::Index,
 }
 
@@ -279,9 +325,162 @@ enum Request {
     Stop,
 }
 
+impl Store {
+    fn io(&self) -> impl FnOnce(io::Error) -> Error + '_ {
+        io_err(&self.dir)
+    }
+
+    /// The bytes of entries `from..to` (each without its newline), from one read.
+    fn entries(&self, from: u64, to: u64) -> Result<Vec<Vec<u8>>, Error> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let bounds = self.offsets.bounds(from, to).map_err(self.io())?;
+        let (first, last) = (bounds[0], bounds[bounds.len() - 1]);
+        let mut data = vec![0u8; last.saturating_sub(first) as usize];
+        self.reader
+            .read_exact_at(&mut data, first)
+            .map_err(self.io())?;
+        bounds
+            .windows(2)
+            .zip(from..)
+            .map(|(w, i)| {
+                let (s, e) = ((w[0] - first) as usize, (w[1] - first) as usize);
+                match data.get(s..e) {
+                    Some([line @ .., b'\n']) => Ok(line.to_vec()),
+                    _ => Err(Error::Inconsistent(format!(
+                        "{OFFSETS_FILE} does not point at entry {i} in {ENTRIES_FILE}"
+                    ))),
+                }
+            })
+            .collect()
+    }
+
+    fn entry(&self, index: u64) -> Result<Vec<u8>, Error> {
+        let mut v = self.entries(index, index + 1)?;
+        v.pop().ok_or(Error::NoSuchEntry(index))
+    }
+
+    /// A full tile: cached, on disk, or built from the entries (level 0) or the 256 tiles below
+    /// it (and kept).
+    fn tile(&self, id: TileId) -> Result<Tile, Error> {
+        if let Some(t) = self.tiles.get(id) {
+            return Ok(t);
+        }
+        let (level, n) = id;
+        let width = tiled::WIDTH as u64;
+        let hashes: Vec<Hash> = if level == 0 {
+            self.entries(n * width, (n + 1) * width)?
+                .iter()
+                .map(|e| merkle::leaf_hash(e))
+                .collect()
+        } else {
+            (0..width)
+                .map(|j| Ok(tiled::tile_root(&self.tile((level - 1, n * width + j))?)))
+                .collect::<Result<_, Error>>()?
+        };
+        if hashes.len() != tiled::WIDTH {
+            return Err(Error::Inconsistent(format!("tile {id:?} is not complete")));
+        }
+        let tile = Arc::new(hashes);
+        self.tiles.put(vec![(id, Arc::clone(&tile))]);
+        Ok(tile)
+    }
+
+    /// Run an RFC 6962 computation over the tree: a pass that learns which full tiles it needs,
+    /// then the computation with them.
+    fn with_nodes<T>(
+        &self,
+        edge: &Edge,
+        f: impl Fn(&mut TileNodes<'_>) -> Result<T, Missing>,
+    ) -> Result<T, Error> {
+        let none = HashMap::new();
+        let mut collect = TileNodes::collecting(edge, &none);
+        let _ = f(&mut collect);
+        let mut fetched = HashMap::new();
+        for id in collect.missing() {
+            fetched.insert(id, self.tile(id)?);
+        }
+        f(&mut TileNodes::new(edge, &fetched))
+            .map_err(|Missing(id)| Error::Inconsistent(format!("tile {id:?} could not be read")))
+    }
+
+    fn root(&self, edge: &Edge, size: u64) -> Result<Hash, Error> {
+        if size > edge.size() {
+            return Err(Error::Proof(merkle::ProofError::SizeOutOfRange {
+                size,
+                have: edge.size(),
+            }));
+        }
+        self.with_nodes(edge, |n| merkle::root(n, size))
+    }
+
+    fn leaf(&self, edge: &Edge, index: u64) -> Result<Hash, Error> {
+        self.with_nodes(edge, |n| merkle::Nodes::node(n, 0, index))
+    }
+
+    /// The right edge of the first `size` entries, from O(log n) entries and tiles.
+    fn load_edge(&self, size: u64) -> Result<Edge, Error> {
+        let width = tiled::WIDTH as u64;
+        let mut partial = vec![
+            self.entries(size - size % width, size)?
+                .iter()
+                .map(|e| merkle::leaf_hash(e))
+                .collect::<Vec<_>>(),
+        ];
+        for level in 1..tiled::levels(size) {
+            let count = tiled::hashes_at(size, level);
+            let row = (count - count % width..count)
+                .map(|j| Ok(tiled::tile_root(&self.tile((level - 1, j))?)))
+                .collect::<Result<Vec<_>, Error>>()?;
+            partial.push(row);
+        }
+        Edge::from_partials(size, partial).map_err(|e| Error::Inconsistent(e.to_string()))
+    }
+
+    /// Index entries `from..to` again (after a crash, or a failed index write).
+    fn reindex(&self, from: u64, to: u64) -> Result<(), Error> {
+        let mut at = from;
+        while at < to {
+            let end = (at + 4096).min(to);
+            let batch: Vec<(u64, index::Indexed)> = self
+                .entries(at, end)?
+                .iter()
+                .zip(at..)
+                .filter_map(|(e, i)| {
+                    serde_json::from_slice::<IndexFields>(e)
+                        .ok()
+                        .map(|f| (i, indexed(&f.time, f.tenant, f.transaction_id)))
+                })
+                .collect();
+            self.index.add(&batch).map_err(self.io())?;
+            at = end;
+        }
+        Ok(())
+    }
+}
+
+/// The active versions saved with each checkpoint, as of entry count `through`.
+#[derive(Serialize, Deserialize)]
+struct SavedActive {
+    through: u64,
+    active: order::ActiveVersions,
+}
+
+const ACTIVE_FILE: &str = "active-versions.json";
+
+fn read_active(dir: &Path) -> Option<SavedActive> {
+    serde_json::from_slice(&std::fs::read(dir.join(ACTIVE_FILE)).ok()?).ok()
+}
+
 impl EvidenceLog {
     /// Open (or create) the log, recover from a crash, and check it against the last signed
     /// checkpoint. Fails if another process holds it or it does not match its checkpoint.
+    ///
+    /// Start-up reads O(log n) tiles and only the entries written since the last checkpoint,
+    /// whatever the log's size; it reads the whole log only when the files derived from it
+    /// (`entries.idx`, `tile/`, `index/`, the saved active versions) are missing or disagree
+    /// with the signed checkpoint (a log written before they existed, or damaged).
     pub fn open(
         opts: Options,
         signer: Arc<dyn CheckpointSigner>,
@@ -320,17 +519,56 @@ impl EvidenceLog {
         .map_err(io_err(&log_path))?;
         let checkpoints = read_checkpoints(&dir.join(CHECKPOINTS_FILE))?;
         let latest = checkpoints.last().cloned().map(Arc::new);
+        drop(checkpoints);
         let signed_size = latest.as_ref().map_or(0, |c| c.tree_size);
         let anchors = Anchors::load(&dir, &opts.origin, token.as_ref(), opts.accept_restore)?;
-        let recovered = recover_entries(&log_path, &mut log, signed_size, anchors.acknowledged())?;
-        let mut tree = Tree::new();
-        for h in &recovered.leaves {
-            tree.push(*h);
+        let (index, indexed_through) = index::Index::open(&dir).map_err(io_err(&dir))?;
+        let store = Store {
+            reader: File::open(&log_path).map_err(io_err(&log_path))?,
+            offsets: Offsets::open(&dir).map_err(io_err(&dir))?,
+            tiles: TileFiles::open(&dir).map_err(io_err(&dir))?,
+            index,
+            dir: dir.clone(),
+        };
+        let signed = match &latest {
+            Some(cp) => Some(
+                note::verify_checkpoint(&cp.note, &opts.origin, &signer.public_key()).map_err(
+                    |e| Error::Inconsistent(format!("checkpoint at size {}: {e}", cp.tree_size)),
+                )?,
+            ),
+            None => None,
+        };
+        let mut targets = vec![signed_size];
+        targets.extend(anchors.anchor.as_ref().map(|a| a.size));
+        targets.extend(anchors.acknowledged());
+        let recovery = Recovery {
+            store: &store,
+            log_path: &log_path,
+            signed_size,
+            acknowledged: anchors.acknowledged(),
+            targets,
+        };
+        let mut recovered = match recovery.fast(&mut log, signed.as_ref(), indexed_through)? {
+            Some(r) => r,
+            None => recovery.full(&mut log)?,
+        };
+        let size = recovered.edge.size();
+        if let Some(parsed) = &signed {
+            if parsed.size > size {
+                return Err(Error::Inconsistent(format!(
+                    "the signed checkpoint covers {} entries but only {size} are on disk",
+                    parsed.size
+                )));
+            }
+            if recovered.root(&store, parsed.size)? != parsed.root {
+                return Err(Error::Inconsistent(format!(
+                    "root hash at size {} differs from the signed one",
+                    parsed.size
+                )));
+            }
         }
-        if let Some(cp) = &latest {
-            check_against_checkpoint(&tree, cp, &opts.origin, &signer.public_key())?;
-        }
-        let mut restore_findings = anchors.check(&tree, signed_size);
+        let mut restore_findings =
+            anchors.check(size, signed_size, |s| recovered.root(&store, s).ok());
         if let Some(a) = anchors
             .anchor
             .as_ref()
@@ -344,6 +582,9 @@ impl EvidenceLog {
         if !restore_findings.is_empty() && !opts.accept_restore {
             return Err(Error::AnchorMismatch(restore_findings.join("; ")));
         }
+        // What was rebuilt is durable before anything is served from it.
+        store.offsets.sync().map_err(io_err(store.offsets.path()))?;
+        store.index.sync(size).map_err(io_err(&dir))?;
         let fsync = opts.fsync;
         let mut tail = TailWriter::open(
             &dir,
@@ -351,10 +592,10 @@ impl EvidenceLog {
             anchors.tail,
             fsync == FsyncPolicy::Always,
         )?;
-        if anchors.tail.is_none_or(|t| t.head.size != tree.len()) {
+        if anchors.tail.is_none_or(|t| t.head.size != size) {
             let head = TreeHead {
-                size: tree.len(),
-                root: tree.root(tree.len())?,
+                size,
+                root: recovered.edge.root().map_err(missing)?,
             };
             tail.write(head, token.as_ref())?;
         }
@@ -364,41 +605,40 @@ impl EvidenceLog {
         if anchors.anchor.is_none() || opts.accept_restore {
             let head = TreeHead {
                 size: signed_size,
-                root: tree.root(signed_size)?,
+                root: recovered.root(&store, signed_size)?,
             };
             token
                 .store(&Anchor::new(&opts.origin, head).encode())
                 .map_err(|e| Error::Token(e.to_string()))?;
         }
-        let (offsets, active, lookups) = (recovered.offsets, recovered.active, recovered.index);
         let file_len = log.metadata().map_err(io_err(&log_path))?.len();
         tracing::info!(
-            entries = tree.len(),
+            entries = size,
             checkpoint = signed_size,
+            entries_read = recovered.read,
             millis = started.elapsed().as_millis() as u64,
             "evidence log opened"
         );
-        let reader = File::open(&log_path).map_err(io_err(&log_path))?;
 
-        metrics.audit_tree_size.set(tree.len() as i64);
+        metrics.audit_tree_size.set(size as i64);
         metrics.audit_writable.set(1);
         if let Some(cp) = &latest {
             metrics.audit_checkpoint_size.set(cp.tree_size as i64);
             metrics.audit_last_checkpoint.set(cp.signed_at as i64);
         }
+        let active = std::mem::take(&mut recovered.active);
         let inner = Arc::new(Inner {
-            dir,
             origin: opts.origin,
             signer,
             token,
             metrics,
             state: RwLock::new(State {
-                tree,
-                offsets,
+                edge: Arc::new(recovered.edge),
+                last_leaf: recovered.last_leaf,
                 file_len,
-                index: lookups,
+                active: Arc::new(active.clone()),
             }),
-            reader,
+            store,
             writable: AtomicBool::new(true),
             latest: RwLock::new(latest),
             checkpointing: Mutex::new(()),
@@ -410,7 +650,12 @@ impl EvidenceLog {
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
-                let mut sink = Sink { log, tail, fsync };
+                let mut sink = Sink {
+                    log,
+                    tail,
+                    fsync,
+                    unindexed: None,
+                };
                 writer_main(w, &mut sink, rx, max_group, active)
             })
             .map_err(io_err(&log_path))?;
@@ -445,7 +690,11 @@ impl EvidenceLog {
     }
 
     pub fn tree_size(&self) -> u64 {
-        read(&self.inner.state).tree.len()
+        self.edge().size()
+    }
+
+    fn edge(&self) -> Arc<Edge> {
+        Arc::clone(&read(&self.inner.state).edge)
     }
 
     pub fn public_key(&self) -> VerifyingKey {
@@ -458,19 +707,10 @@ impl EvidenceLog {
 
     /// The canonical bytes of entry `index`.
     pub fn entry(&self, index: u64) -> Result<Vec<u8>, Error> {
-        let (start, end) = {
-            let st = read(&self.inner.state);
-            let i = usize::try_from(index).map_err(|_| Error::NoSuchEntry(index))?;
-            let start = *st.offsets.get(i).ok_or(Error::NoSuchEntry(index))?;
-            let end = st.offsets.get(i + 1).copied().unwrap_or(st.file_len);
-            (start, end)
-        };
-        let mut buf = vec![0u8; (end - start).saturating_sub(1) as usize];
-        self.inner
-            .reader
-            .read_exact_at(&mut buf, start)
-            .map_err(io_err(&self.inner.dir))?;
-        Ok(buf)
+        if index >= self.tree_size() {
+            return Err(Error::NoSuchEntry(index));
+        }
+        self.inner.store.entry(index)
     }
 
     /// Entry `index` with its inclusion proof against the latest signed checkpoint.
@@ -483,9 +723,22 @@ impl EvidenceLog {
 
     /// A C2SP tlog-tiles hash tile of the latest signed checkpoint's tree: tile level `level`,
     /// index `n`, `width` hashes (256 for a full tile). `None` if that tile does not exist (yet).
-    pub fn hash_tile(&self, level: u8, n: u64, width: u16) -> Option<Vec<u8>> {
-        let size = self.latest_checkpoint()?.tree_size;
-        tiles::hash_tile(&read(&self.inner.state).tree, size, level, n, width)
+    pub fn hash_tile(&self, level: u8, n: u64, width: u16) -> Result<Option<Vec<u8>>, Error> {
+        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
+            return Ok(None);
+        };
+        let level = u32::from(level);
+        if width == 0 || u64::from(width) > tiled::available(size, level, n) {
+            return Ok(None);
+        }
+        let edge = self.edge();
+        let (edge_tile, partial) = edge.partial(level);
+        let hashes: Vec<Hash> = if n == edge_tile {
+            partial.to_vec()
+        } else {
+            self.inner.store.tile((level, n))?.to_vec()
+        };
+        Ok(hashes.get(..usize::from(width)).map(|h| h.concat()))
     }
 
     /// A C2SP tlog-tiles entry bundle: entries `n·256 ..` (`width` of them) of the latest signed
@@ -494,23 +747,33 @@ impl EvidenceLog {
         let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
             return Ok(None);
         };
-        let first = n.saturating_mul(256);
-        let available = size.saturating_sub(first).min(256);
-        if width == 0 || u64::from(width) > available {
+        if width == 0 || u64::from(width) > tiled::available(size, 0, n) {
             return Ok(None);
         }
-        let entries = (first..first + u64::from(width))
-            .map(|i| self.entry(i))
-            .collect::<Result<Vec<_>, _>>()?;
+        let first = n * tiled::WIDTH as u64;
+        let entries = self.inner.store.entries(first, first + u64::from(width))?;
         tiles::entry_bundle(first, &entries).map(Some)
     }
 
     /// The entries that carry `transaction_id`, in log order.
-    pub fn transaction_entries(&self, transaction_id: &str) -> Vec<u64> {
-        read(&self.inner.state)
+    pub fn transaction_entries(&self, transaction_id: &str) -> Result<Vec<u64>, Error> {
+        let size = self.tree_size();
+        let store = &self.inner.store;
+        let mut out = Vec::new();
+        for i in store
             .index
             .transaction(transaction_id)
-            .to_vec()
+            .map_err(store.io())?
+        {
+            // The bucket holds a hash prefix: the entry itself says whether it is this one.
+            if i < size
+                && serde_json::from_slice::<IndexFields>(&store.entry(i)?)
+                    .is_ok_and(|f| f.transaction_id.as_deref() == Some(transaction_id))
+            {
+                out.push(i);
+            }
+        }
+        Ok(out)
     }
 
     /// A page of `tenant`'s entries in a time window (µs since the epoch), after a cursor.
@@ -521,10 +784,12 @@ impl EvidenceLog {
         until_us: i64,
         after: Option<u64>,
         limit: usize,
-    ) -> index::Page {
-        read(&self.inner.state)
+    ) -> Result<index::Page, Error> {
+        let store = &self.inner.store;
+        store
             .index
-            .tenant_page(tenant, since_us, until_us, after, limit)
+            .tenant_page(tenant, since_us, until_us, after, limit, self.tree_size())
+            .map_err(store.io())
     }
 
     /// Entry `index` with its inclusion proof against `checkpoint` (one of this log's).
@@ -533,24 +798,23 @@ impl EvidenceLog {
         index: u64,
         checkpoint: Arc<StoredCheckpoint>,
     ) -> Result<EntryProof, Error> {
-        if index >= self.tree_size() {
+        let edge = self.edge();
+        if index >= edge.size() {
             return Err(Error::NoSuchEntry(index));
         }
-        if index >= checkpoint.tree_size {
-            return Err(Error::NotYetCheckpointed {
-                index,
-                size: checkpoint.tree_size,
-            });
+        let size = checkpoint.tree_size;
+        if index >= size {
+            return Err(Error::NotYetCheckpointed { index, size });
         }
-        let (hashes, leaf_hash) = {
-            let st = read(&self.inner.state);
-            (
-                st.tree.inclusion_proof(index, checkpoint.tree_size)?,
-                st.tree.leaf(index).ok_or(Error::NoSuchEntry(index))?,
-            )
-        };
-        let entry = self.entry(index)?;
-        Ok(EntryProof::new(index, entry, leaf_hash, hashes, checkpoint))
+        let store = &self.inner.store;
+        let (hashes, leaf_hash) = store.with_nodes(&edge, |n| {
+            let leaf = merkle::Nodes::node(n, 0, index)?;
+            Ok(match merkle::inclusion_proof(n, index, size) {
+                Ok(proof) => Ok((proof?, leaf)),
+                Err(e) => Err(e),
+            })
+        })??;
+        EntryProof::checked(index, store.entry(index)?, leaf_hash, hashes, checkpoint)
     }
 
     /// RFC 6962 consistency proof between tree sizes `from` and `to`, both at most the latest
@@ -563,12 +827,24 @@ impl EvidenceLog {
                 size: signed,
             });
         }
-        Ok(read(&self.inner.state).tree.consistency_proof(from, to)?)
+        let edge = self.edge();
+        if to > edge.size() {
+            return Err(Error::Proof(merkle::ProofError::SizeOutOfRange {
+                size: to,
+                have: edge.size(),
+            }));
+        }
+        Ok(self.inner.store.with_nodes(&edge, |n| {
+            Ok(match merkle::consistency_proof(n, from, to) {
+                Ok(proof) => Ok(proof?),
+                Err(e) => Err(e),
+            })
+        })??)
     }
 
     /// Root hash at `size` (for the API's convenience).
     pub fn root(&self, size: u64) -> Result<Hash, Error> {
-        Ok(read(&self.inner.state).tree.root(size)?)
+        self.inner.store.root(&self.edge(), size)
     }
 
     /// Sign a checkpoint for the current tree if it grew since the last one (or none exists).
@@ -582,16 +858,28 @@ impl EvidenceLog {
             .checkpointing
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let (size, root) = {
+        let (edge, active) = {
             let st = read(&self.inner.state);
-            let size = st.tree.len();
-            (size, st.tree.root(size)?)
+            (Arc::clone(&st.edge), Arc::clone(&st.active))
         };
+        let size = edge.size();
+        let root = edge.root().map_err(missing)?;
         if let Some(latest) = self.latest_checkpoint()
             && latest.tree_size == size
         {
             return Ok(None);
         }
+        // What start-up trusts below a checkpoint is durable before the checkpoint is.
+        let store = &self.inner.store;
+        store.offsets.sync().map_err(io_err(store.offsets.path()))?;
+        store.index.sync(size).map_err(store.io())?;
+        let saved = serde_json::to_vec(&SavedActive {
+            through: size,
+            active: (*active).clone(),
+        })
+        .map_err(|e| Error::Serialize(e.to_string()))?;
+        let active_path = store.dir.join(ACTIVE_FILE);
+        crate::fsutil::write_atomic(&active_path, &saved).map_err(io_err(&active_path))?;
         let cp = Checkpoint {
             origin: self.inner.origin.clone(),
             size,
@@ -609,7 +897,7 @@ impl EvidenceLog {
             note,
         };
         let line = serde_json::to_string(&stored).map_err(|e| Error::Serialize(e.to_string()))?;
-        let path = self.inner.dir.join(CHECKPOINTS_FILE);
+        let path = store.dir.join(CHECKPOINTS_FILE);
         let mut f = crate::fsutil::open_durable(
             &path,
             OpenOptions::new().create(true).append(true).mode(0o600),
@@ -649,12 +937,14 @@ impl EvidenceLog {
         Ok(())
     }
 
-    /// Stop the writer after the queued appends are durable. Idempotent.
+    /// Stop the writer after the queued appends are durable, and write out the tiles it
+    /// completed. Idempotent.
     pub fn close(&self) {
         let _ = self.queue.send(Request::Stop);
         if let Some(t) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
+        self.inner.store.tiles.close();
     }
 }
 
@@ -662,6 +952,10 @@ impl Drop for EvidenceLog {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+fn missing(Missing(id): Missing) -> Error {
+    Error::Inconsistent(format!("tile {id:?} is not on the tree's edge"))
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -677,6 +971,9 @@ struct Sink {
     log: File,
     tail: TailWriter,
     fsync: FsyncPolicy,
+    /// The first acknowledged entry whose lookup records could not be written (they are
+    /// written again before the next group's).
+    unindexed: Option<u64>,
 }
 
 /// The writer thread: group commit.
@@ -744,18 +1041,14 @@ fn commit(
     buf.clear();
     // The order state as of this group; becomes `active` only once the group is durable.
     let mut staged: Option<order::ActiveVersions> = None;
-    let (base_index, base_len, mut previous) = {
+    let (edge, base_len, mut previous) = {
         let st = read(&inner.state);
-        let n = st.tree.len();
-        (
-            n,
-            st.file_len,
-            n.checked_sub(1).and_then(|i| st.tree.leaf(i)),
-        )
+        (Arc::clone(&st.edge), st.file_len, st.last_leaf)
     };
+    let base_index = edge.size();
     let mut next = base_index;
     let mut leaves = Vec::new();
-    let mut offsets = Vec::new();
+    let mut ends = Vec::new();
     let mut receipts: Vec<Result<Vec<Receipt>, Error>> = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
     let mut events: Vec<String> = Vec::new();
@@ -781,9 +1074,9 @@ fn commit(
                 Ok(bytes) => {
                     let leaf = merkle::leaf_hash(&bytes);
                     previous = Some(leaf);
-                    offsets.push(base_len + buf.len() as u64);
                     buf.extend_from_slice(&bytes);
                     buf.push(b'\n');
+                    ends.push(base_len + buf.len() as u64);
                     leaves.push(leaf);
                     out.push(Receipt {
                         log_origin: inner.origin.clone(),
@@ -805,7 +1098,7 @@ fn commit(
             Some(err) => {
                 // Drop this request's entries only; the others in the group go ahead.
                 buf.truncate(mark.0);
-                offsets.truncate(mark.2);
+                ends.truncate(mark.2);
                 leaves.truncate(mark.2);
                 events.truncate(events.len() - (next - mark.1) as usize);
                 lookups.retain(|(i, _)| *i < mark.1);
@@ -817,11 +1110,17 @@ fn commit(
         }
     }
 
-    // Commit point 1: after write_all + fdatasync the entries in `buf` are durable.
+    // Commit point 1: after write_all + fdatasync the entries in `buf` are durable; their end
+    // offsets follow in `entries.idx`.
     // Commit point 2 (acknowledgement): the tail head for the new size, MACed in the token, is
     // durable. Only then are the entries published and answered. On a failure the entries file
     // is cut back to `base_len`; at start-up, complete entries beyond the tail head are cut the
     // same way (they were never acknowledged), and a torn final write is cut.
+    let mut grown = (*edge).clone();
+    let mut completed = Vec::new();
+    for l in &leaves {
+        completed.extend(grown.push(*l));
+    }
     let result = (|| -> Result<(), String> {
         if buf.is_empty() {
             return Ok(());
@@ -835,9 +1134,14 @@ fn commit(
                 .audit_fsync_duration
                 .observe(t.elapsed().as_secs_f64());
         }
+        inner
+            .store
+            .offsets
+            .append(&ends)
+            .map_err(|e| format!("{OFFSETS_FILE}: {e}"))?;
         let head = TreeHead {
-            size: base_index + leaves.len() as u64,
-            root: read(&inner.state).tree.root_with(&leaves),
+            size: grown.size(),
+            root: grown.root().map_err(|e| missing(e).to_string())?,
         };
         sink.tail
             .write(head, inner.token.as_ref())
@@ -852,16 +1156,18 @@ fn commit(
         if let Err(t) = sink.log.set_len(base_len) {
             tracing::error!(error = %t, "cannot cut the failed append back off the evidence log");
         }
+        if let Err(t) = inner.store.offsets.truncate(base_index) {
+            tracing::error!(error = %t, "cannot cut the failed append back off {OFFSETS_FILE}");
+        }
         // The tail head may now claim the cut entries: put the previous head back.
-        let previous = read(&inner.state)
-            .tree
-            .root(base_index)
-            .map(|root| TreeHead {
-                size: base_index,
-                root,
-            });
-        if let Ok(head) = previous
-            && let Err(e) = sink.tail.write(head, inner.token.as_ref())
+        if let Ok(root) = edge.root()
+            && let Err(e) = sink.tail.write(
+                TreeHead {
+                    size: base_index,
+                    root,
+                },
+                inner.token.as_ref(),
+            )
         {
             tracing::error!(error = %e, "cannot restore the tail head after a failed append");
         }
@@ -871,20 +1177,20 @@ fn commit(
         return;
     }
 
-    if let Some(s) = staged {
-        *active = s;
-    }
+    index_group(inner, sink, base_index, &lookups);
+    inner.store.tiles.put(completed);
     {
         let mut st = write(&inner.state);
-        for l in &leaves {
-            st.tree.push(*l);
+        if let Some(s) = staged {
+            st.active = Arc::new(s.clone());
+            *active = s;
         }
-        st.offsets.extend_from_slice(&offsets);
+        st.edge = Arc::new(grown);
+        if let Some(l) = leaves.last() {
+            st.last_leaf = Some(*l);
+        }
         st.file_len = base_len + buf.len() as u64;
-        for (i, fields) in lookups {
-            st.index.add(i, fields);
-        }
-        inner.metrics.audit_tree_size.set(st.tree.len() as i64);
+        inner.metrics.audit_tree_size.set(st.edge.size() as i64);
     }
     if !inner.writable.swap(true, Ordering::AcqRel) {
         tracing::info!("evidence log writable again");
@@ -900,6 +1206,26 @@ fn commit(
     }
     for (reply, r) in replies.into_iter().zip(receipts) {
         let _ = reply.send(r);
+    }
+}
+
+/// Write an acknowledged group's lookup records (and any an earlier failure left out). A
+/// failure here loses nothing: the entries are durable, and their records are written again
+/// before the next group's, or at the next start.
+fn index_group(inner: &Inner, sink: &mut Sink, base_index: u64, lookups: &[(u64, index::Indexed)]) {
+    let store = &inner.store;
+    let result = match sink.unindexed {
+        Some(from) => store.reindex(from, base_index),
+        None => Ok(()),
+    }
+    .and_then(|()| store.index.add(lookups).map_err(store.io()));
+    match result {
+        Ok(()) => sink.unindexed = None,
+        Err(e) => {
+            inner.metrics.audit_write_errors.inc();
+            tracing::error!(error = %e, "cannot write the lookup indexes; retried with the next group");
+            sink.unindexed.get_or_insert(base_index);
+        }
     }
 }
 
@@ -920,14 +1246,6 @@ fn probe_writable(inner: &Inner, log: &mut File) {
     }
 }
 
-/// Leaves, offsets and the tenants' active versions recovered at start-up.
-struct Recovered {
-    leaves: Vec<Hash>,
-    offsets: Vec<u64>,
-    active: order::ActiveVersions,
-    index: index::Index,
-}
-
 /// The fields the lookup indexes need, read without parsing a whole entry.
 #[derive(Deserialize)]
 struct IndexFields {
@@ -946,88 +1264,236 @@ fn indexed(time: &str, tenant: Option<String>, transaction_id: Option<String>) -
     }
 }
 
-/// Read every entry, hash it, and bring the file back to the last acknowledged entry.
-///
-/// Entries below `signed_size` are only hashed: the caller compares the root with the signed
-/// checkpoint, which proves them unchanged. Entries after it are parsed and checked (canonical,
-/// dense indexes, hash links); a complete line that fails is corruption and start-up stops.
-/// What is cut: a torn final write (no newline), and complete entries beyond `acknowledged`
-/// (the tail head's size: written, but the process died before they were acknowledged).
-fn recover_entries(
-    path: &Path,
-    log: &mut File,
+/// The tree, the tenants' active versions and what else start-up recovered.
+struct Recovered {
+    edge: Edge,
+    last_leaf: Option<Hash>,
+    active: order::ActiveVersions,
+    /// Roots at the sizes start-up checks (the checkpoint's, the anchors'), taken while the
+    /// scan passed them.
+    roots: HashMap<u64, Hash>,
+    /// How many entries start-up read.
+    read: u64,
+}
+
+impl Recovered {
+    fn root(&self, store: &Store, size: u64) -> Result<Hash, Error> {
+        match self.roots.get(&size) {
+            Some(r) => Ok(*r),
+            None => store.root(&self.edge, size),
+        }
+    }
+}
+
+/// Bringing the log back at start-up.
+struct Recovery<'a> {
+    store: &'a Store,
+    log_path: &'a Path,
+    /// The latest signed checkpoint's size.
     signed_size: u64,
+    /// The tail head's size: entries beyond it were never acknowledged.
     acknowledged: Option<u64>,
-) -> Result<Recovered, Error> {
-    let data_len = log.metadata().map_err(io_err(path))?.len();
-    let f = File::open(path).map_err(io_err(path))?;
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    let (mut leaves, mut offsets) = (Vec::new(), Vec::new());
-    let mut active = order::ActiveVersions::default();
-    let mut lookups = index::Index::default();
-    let mut pos = 0u64;
-    let mut unacknowledged = 0u64;
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = r.read_until(b'\n', &mut line).map_err(io_err(path))?;
-        if n == 0 || line.last() != Some(&b'\n') {
-            break;
+    /// Sizes whose roots start-up checks.
+    targets: Vec<u64>,
+}
+
+impl Recovery<'_> {
+    /// Start from the tiles at the last checkpoint and read only the entries after it (and
+    /// those the derived files were not yet durable for). `None` when the derived files cannot
+    /// be trusted: then the whole log is read ([`Self::full`]).
+    fn fast(
+        &self,
+        log: &mut File,
+        signed: Option<&Checkpoint>,
+        indexed_through: u64,
+    ) -> Result<Option<Recovered>, Error> {
+        let (Some(signed), Some(saved)) = (signed, read_active(&self.store.dir)) else {
+            return Ok(None);
+        };
+        let size = signed.size;
+        let offsets = &self.store.offsets;
+        let data_len = log.metadata().map_err(io_err(self.log_path))?.len();
+        let sane = size > 0
+            && offsets.count().is_ok_and(|c| c >= size)
+            && offsets.end(size - 1).is_ok_and(|end| {
+                let mut b = [0u8; 1];
+                end <= data_len
+                    && self.store.reader.read_exact_at(&mut b, end - 1).is_ok()
+                    && b[0] == b'\n'
+            });
+        if !sane {
+            tracing::warn!(
+                "{OFFSETS_FILE} does not cover the last checkpoint; reading the whole log"
+            );
+            return Ok(None);
         }
-        let index = offsets.len() as u64;
-        if acknowledged.is_some_and(|a| index >= a) {
-            unacknowledged += 1;
-            continue;
+        let edge = match self.store.load_edge(size) {
+            Ok(e) if e.root().ok() == Some(signed.root) => e,
+            Ok(_) => {
+                tracing::warn!(
+                    "the tiles disagree with the last checkpoint; rebuilding them from the whole log"
+                );
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot rebuild the tree's edge from the tiles; reading the whole log");
+                return Ok(None);
+            }
+        };
+        let from = indexed_through.min(size).min(saved.through);
+        offsets.truncate(size).map_err(io_err(offsets.path()))?;
+        let last_leaf = Some(self.store.leaf(&edge, size - 1)?);
+        let recovered = self.scan(log, from, edge, last_leaf, saved.active)?;
+        if saved.through > recovered.edge.size() {
+            tracing::warn!(
+                saved = saved.through,
+                "the saved active versions are newer than the log; reading the whole log"
+            );
+            return Ok(None);
         }
-        line.pop();
-        if index >= signed_size {
-            let e = entry::parse_stored(&line, index)
-                .and_then(|e| {
-                    let want = leaves.last().map(|h: &Hash| B64.encode(h));
-                    if e.previous_leaf_hash == want {
-                        Ok(e)
-                    } else {
-                        Err(entry::EntryError::BrokenChain)
-                    }
-                })
-                .map_err(|e| Error::Corrupt {
-                    file: ENTRIES_FILE,
-                    line: index + 1,
-                    reason: format!("entry {index} {e}"),
-                })?;
-            active.record(&e);
-            lookups.add(index, indexed(&e.time, e.tenant, e.transaction_id));
-        } else {
-            if order::may_be_activation(&line)
-                && let Ok(e) = serde_json::from_slice::<Entry>(&line)
+        Ok(Some(recovered))
+    }
+
+    /// Read the whole log, rebuilding every derived file.
+    fn full(&self, log: &mut File) -> Result<Recovered, Error> {
+        let tiles = self.store.dir.join(tilefiles::TILE_DIR);
+        if tiles.exists() {
+            std::fs::remove_dir_all(&tiles).map_err(io_err(&tiles))?;
+        }
+        self.store
+            .offsets
+            .truncate(0)
+            .map_err(io_err(self.store.offsets.path()))?;
+        self.scan(log, 0, Edge::new(), None, order::ActiveVersions::default())
+    }
+
+    /// Read entries from `from` on. Entries below `edge`'s size (already in the tree) are
+    /// only indexed and their activations recorded; entries from it on are parsed and checked
+    /// (canonical, dense indexes, hash links; a complete line that fails is corruption and
+    /// start-up stops), added to the tree, `entries.idx` and the tiles. What is cut: a torn
+    /// final write (no newline), and complete entries beyond the tail head's size (written,
+    /// but the process died before they were acknowledged).
+    fn scan(
+        &self,
+        log: &mut File,
+        from: u64,
+        mut edge: Edge,
+        mut last_leaf: Option<Hash>,
+        mut active: order::ActiveVersions,
+    ) -> Result<Recovered, Error> {
+        let path = self.log_path;
+        let store = self.store;
+        let data_len = log.metadata().map_err(io_err(path))?.len();
+        let mut pos = store.offsets.start(from).map_err(io_err(path))?;
+        let checked_from = edge.size();
+        store.index.repair(from).map_err(store.io())?;
+        let f = File::open(path).map_err(io_err(path))?;
+        let mut r = BufReader::with_capacity(1 << 20, f);
+        r.seek(io::SeekFrom::Start(pos)).map_err(io_err(path))?;
+        let mut roots = HashMap::new();
+        let take_root = |edge: &Edge, roots: &mut HashMap<u64, Hash>| {
+            if self.targets.contains(&edge.size())
+                && let Ok(root) = edge.root()
             {
-                active.record(&e);
+                roots.insert(edge.size(), root);
             }
-            // Below the checkpoint the root check proves the line; only index it.
-            if let Ok(f) = serde_json::from_slice::<IndexFields>(&line) {
-                lookups.add(index, indexed(&f.time, f.tenant, f.transaction_id));
+        };
+        take_root(&edge, &mut roots);
+        let mut index = from;
+        let mut unacknowledged = 0u64;
+        let mut line = Vec::new();
+        let mut lookups = Vec::new();
+        let mut ends = Vec::new();
+        let mut completed = Vec::new();
+        loop {
+            line.clear();
+            let n = r.read_until(b'\n', &mut line).map_err(io_err(path))?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            if self.acknowledged.is_some_and(|a| index >= a) {
+                unacknowledged += 1;
+                continue;
+            }
+            line.pop();
+            if index >= self.signed_size.max(checked_from) {
+                let e = entry::parse_stored(&line, index)
+                    .and_then(|e| {
+                        let want = last_leaf.map(|h| B64.encode(h));
+                        if e.previous_leaf_hash == want {
+                            Ok(e)
+                        } else {
+                            Err(entry::EntryError::BrokenChain)
+                        }
+                    })
+                    .map_err(|e| Error::Corrupt {
+                        file: ENTRIES_FILE,
+                        line: index + 1,
+                        reason: format!("entry {index} {e}"),
+                    })?;
+                active.record(&e);
+                lookups.push((index, indexed(&e.time, e.tenant, e.transaction_id)));
+            } else {
+                if order::may_be_activation(&line)
+                    && let Ok(e) = serde_json::from_slice::<Entry>(&line)
+                {
+                    active.record(&e);
+                }
+                // Below the checkpoint the root check proves the line; only index it.
+                if let Ok(f) = serde_json::from_slice::<IndexFields>(&line) {
+                    lookups.push((index, indexed(&f.time, f.tenant, f.transaction_id)));
+                }
+            }
+            pos += n as u64;
+            if index >= checked_from {
+                let leaf = merkle::leaf_hash(&line);
+                last_leaf = Some(leaf);
+                ends.push(pos);
+                completed.extend(edge.push(leaf));
+                take_root(&edge, &mut roots);
+            }
+            index += 1;
+            if lookups.len() >= 4096 {
+                self.flush(&mut lookups, &mut ends, &mut completed)?;
             }
         }
-        offsets.push(pos);
-        leaves.push(merkle::leaf_hash(&line));
-        pos += n as u64;
+        self.flush(&mut lookups, &mut ends, &mut completed)?;
+        if pos < data_len {
+            tracing::warn!(
+                bytes = data_len - pos,
+                unacknowledged_entries = unacknowledged,
+                entries = edge.size(),
+                "cutting a torn or unacknowledged tail off the evidence log"
+            );
+            log.set_len(pos).map_err(io_err(path))?;
+            log.sync_all().map_err(io_err(path))?;
+        }
+        Ok(Recovered {
+            edge,
+            last_leaf,
+            active,
+            roots,
+            read: index - from,
+        })
     }
-    if pos < data_len {
-        tracing::warn!(
-            bytes = data_len - pos,
-            unacknowledged_entries = unacknowledged,
-            entries = offsets.len(),
-            "cutting a torn or unacknowledged tail off the evidence log"
-        );
-        log.set_len(pos).map_err(io_err(path))?;
-        log.sync_all().map_err(io_err(path))?;
+
+    fn flush(
+        &self,
+        lookups: &mut Vec<(u64, index::Indexed)>,
+        ends: &mut Vec<u64>,
+        completed: &mut Vec<(TileId, Tile)>,
+    ) -> Result<(), Error> {
+        let store = self.store;
+        store.index.add(lookups).map_err(store.io())?;
+        store
+            .offsets
+            .append(ends)
+            .map_err(io_err(store.offsets.path()))?;
+        store.tiles.put(std::mem::take(completed));
+        lookups.clear();
+        ends.clear();
+        Ok(())
     }
-    Ok(Recovered {
-        leaves,
-        offsets,
-        active,
-        index: lookups,
-    })
 }
 
 /// The anchors read at start-up: the token's signed tree head and the tail head.
@@ -1083,18 +1549,19 @@ impl Anchors {
         self.tail.map(|t| t.head.size)
     }
 
-    /// What about `tree` (checked against its latest checkpoint, of `signed_size`) differs
-    /// from the anchors. Empty when it matches.
-    fn check(&self, tree: &Tree, signed_size: u64) -> Vec<String> {
+    /// What about the log (`len` entries, checked against its latest checkpoint of
+    /// `signed_size`; `root` gives its root at a size) differs from the anchors. Empty when it
+    /// matches.
+    fn check(&self, len: u64, signed_size: u64, root: impl Fn(u64) -> Option<Hash>) -> Vec<String> {
         let mut out: Vec<String> = self.tail_problem.iter().cloned().collect();
         if let Some(a) = &self.anchor {
-            if tree.len() < a.size {
+            if len < a.size {
                 out.push(format!(
                     "the log holds {} entries but the token's anchor covers {}: entries were removed or an older copy was restored",
-                    tree.len(),
+                    len,
                     a.size
                 ));
-            } else if a.root_hash().ok() != tree.root(a.size).ok() {
+            } else if a.root_hash().ok() != root(a.size) {
                 out.push(format!(
                     "the root hash at size {} differs from the token's anchor: entries below {} were rewritten",
                     a.size, a.size
@@ -1114,14 +1581,14 @@ impl Anchors {
             }
         }
         if let Some(t) = &self.tail {
-            if tree.len() < t.head.size {
+            if len < t.head.size {
                 out.push(format!(
                     "the log holds {} entries but {} were acknowledged ({}): acknowledged entries were removed",
-                    tree.len(),
+                    len,
                     t.head.size,
                     anchor::TAIL_HEAD_FILE
                 ));
-            } else if tree.root(t.head.size).ok() != Some(t.head.root) {
+            } else if root(t.head.size) != Some(t.head.root) {
                 out.push(format!(
                     "entries below {} differ from the acknowledged tail head ({}): an entry after the last checkpoint was edited",
                     t.head.size,
@@ -1176,31 +1643,6 @@ pub fn read_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Error> {
         f.sync_all().map_err(io_err(path))?;
     }
     Ok(out)
-}
-
-pub(crate) fn check_against_checkpoint(
-    tree: &Tree,
-    cp: &StoredCheckpoint,
-    origin: &str,
-    key: &VerifyingKey,
-) -> Result<(), Error> {
-    let parsed = note::verify_checkpoint(&cp.note, origin, key)
-        .map_err(|e| Error::Inconsistent(format!("checkpoint at size {}: {e}", cp.tree_size)))?;
-    if parsed.size > tree.len() {
-        return Err(Error::Inconsistent(format!(
-            "the signed checkpoint covers {} entries but only {} are on disk",
-            parsed.size,
-            tree.len()
-        )));
-    }
-    let root = tree.root(parsed.size)?;
-    if root != parsed.root {
-        return Err(Error::Inconsistent(format!(
-            "root hash at size {} differs from the signed one",
-            parsed.size
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1380,6 +1822,118 @@ mod tests {
         ));
         let failure = verify::verify_dir(dir.path(), &key.public_key()).unwrap_err();
         assert_eq!(failure.first_bad_entry, Some(5), "{failure}");
+    }
+
+    async fn checkpoint(log: &Arc<EvidenceLog>) -> Arc<StoredCheckpoint> {
+        let l = Arc::clone(log);
+        tokio::task::spawn_blocking(move || l.checkpoint_blocking(1))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    }
+
+    fn assert_proves(log: &EvidenceLog, key: &SoftSigner, index: u64) {
+        let p = log.prove(index).unwrap();
+        let parsed =
+            note::verify_checkpoint(&p.checkpoint.note, "test.example/log", &key.public_key())
+                .unwrap();
+        merkle::verify_inclusion(
+            &merkle::leaf_hash(&p.entry),
+            index,
+            parsed.size,
+            &p.proof.hashes,
+            &parsed.root,
+        )
+        .unwrap();
+    }
+
+    /// A log of several tiles opens from its tiles and the entries after the last checkpoint;
+    /// an entry altered below the checkpoint is refused when it is served; derived files that
+    /// are lost are rebuilt from the entries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_of_many_tiles_opens_from_its_tiles_and_rebuilds_what_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = soft_token();
+        let log = Arc::new(open(dir.path(), &key).unwrap());
+        for chunk in 0..20 {
+            let batch = (0..100).map(|i| entry(chunk * 100 + i)).collect();
+            log.append(batch).await.unwrap();
+        }
+        let cp = checkpoint(&log).await;
+        assert_eq!(cp.tree_size, 2000);
+        let root = log.root(2000).unwrap();
+        let proof_700 = log.prove(700).unwrap().proof.hashes;
+        let tx_1234 = log.transaction_entries("tx-1234").unwrap();
+        assert_eq!(tx_1234, vec![1234]);
+        log.append(vec![entry(2000), entry(2001)]).await.unwrap();
+        log.close();
+        drop(log);
+        // Seven full tiles of leaves are on disk at their C2SP paths.
+        for n in 0..7 {
+            let t = std::fs::read(dir.path().join(format!("tile/0/{n:03}"))).unwrap();
+            assert_eq!(t.len(), 256 * 32);
+        }
+
+        // Entry 10 is altered below the checkpoint: start-up reads only entries 1792.. (the
+        // last checkpoint's partial tile and the unsigned tail), so it opens; the entry is
+        // refused when served, and `audit verify` names it.
+        let path = dir.path().join(ENTRIES_FILE);
+        let original = std::fs::read(&path).unwrap();
+        let altered =
+            String::from_utf8(original.clone())
+                .unwrap()
+                .replacen("\"tx-10\"", "\"tx-XX\"", 1);
+        std::fs::write(&path, &altered).unwrap();
+        let log = Arc::new(open(dir.path(), &key).unwrap());
+        assert_eq!(log.tree_size(), 2002);
+        assert_eq!(log.root(2000).unwrap(), root);
+        assert_eq!(log.prove(700).unwrap().proof.hashes, proof_700);
+        assert_proves(&log, &key, 1999);
+        assert!(
+            matches!(log.prove(10), Err(Error::Inconsistent(m)) if m.contains("entry 10")),
+            "an altered entry is never served with a proof"
+        );
+        assert_eq!(log.transaction_entries("tx-1234").unwrap(), tx_1234);
+        log.close();
+        drop(log);
+        let failure = verify::verify_dir(dir.path(), &key.public_key()).unwrap_err();
+        assert_eq!(failure.first_bad_entry, Some(10), "{failure}");
+
+        // Without its tiles the whole log is read again: the alteration stops the start.
+        std::fs::remove_dir_all(dir.path().join("tile")).unwrap();
+        assert!(matches!(
+            open(dir.path(), &key),
+            Err(Error::Inconsistent(_))
+        ));
+
+        // The untouched log with every derived file lost opens, rebuilds them, and serves the
+        // same roots, proofs and lookups.
+        std::fs::write(&path, &original).unwrap();
+        for derived in [OFFSETS_FILE, ACTIVE_FILE] {
+            std::fs::remove_file(dir.path().join(derived)).unwrap();
+        }
+        std::fs::remove_dir_all(dir.path().join(index::INDEX_DIR)).unwrap();
+        let log = Arc::new(open(dir.path(), &key).unwrap());
+        assert_eq!(log.tree_size(), 2002);
+        assert_eq!(log.root(2000).unwrap(), root);
+        assert_eq!(log.prove(700).unwrap().proof.hashes, proof_700);
+        assert_proves(&log, &key, 10);
+        assert_eq!(log.transaction_entries("tx-1234").unwrap(), tx_1234);
+        let cp = checkpoint(&log).await;
+        assert_eq!(cp.tree_size, 2002);
+        assert_proves(&log, &key, 2001);
+        // A damaged tile disagrees with the checkpoint at start-up: the tiles are rebuilt from
+        // the entries.
+        log.close();
+        drop(log);
+        let tile = dir.path().join("tile/0/003");
+        let good = std::fs::read(&tile).unwrap();
+        std::fs::write(&tile, [0u8; 256 * 32]).unwrap();
+        let log = open(dir.path(), &key).unwrap();
+        assert_proves(&log, &key, 800);
+        log.close();
+        assert_eq!(std::fs::read(&tile).unwrap(), good);
     }
 
     fn keyed(ev: &str, key_id: &str) -> Entry {

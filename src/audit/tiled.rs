@@ -98,6 +98,11 @@ impl Edge {
         completed
     }
 
+    /// The root of the whole tree: its complete subtrees are all on the edge.
+    pub fn root(&self) -> Result<Hash, Missing> {
+        super::merkle::root(&mut TileNodes::new(self, &HashMap::new()), self.size)
+    }
+
     /// The bytes of the O(log n) state this edge holds (for the metrics and the tests).
     pub fn hashes_held(&self) -> usize {
         self.partial.iter().map(Vec::len).sum()
@@ -107,6 +112,14 @@ impl Edge {
 /// How many hashes exist at tree level 8·`level` in a tree of `size` leaves.
 pub fn hashes_at(size: u64, level: u32) -> u64 {
     size.checked_shr(HEIGHT * level).unwrap_or(0)
+}
+
+/// How many hashes tile `n` of tile level `level` holds in a tree of `size` leaves (0 if
+/// it does not exist).
+pub fn available(size: u64, level: u32, n: u64) -> u64 {
+    hashes_at(size, level)
+        .saturating_sub(n.saturating_mul(WIDTH as u64))
+        .min(WIDTH as u64)
 }
 
 /// Tile levels a tree of `size` leaves has hashes on.
@@ -232,6 +245,7 @@ mod tests {
                     tree.root(size).unwrap(),
                     "root n={n} size={size}"
                 );
+                assert_eq!(edge.root().unwrap(), tree.root(n).unwrap());
                 for index in [0, size / 2, size - 1] {
                     let mut nodes = TileNodes::new(&edge, &tiles);
                     let got = merkle::inclusion_proof(&mut nodes, index, size)

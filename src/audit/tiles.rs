@@ -3,20 +3,6 @@
 //! `x001/x234/067`). Pure: the log serves the tiles ([`super::EvidenceLog::hash_tile`]).
 
 use super::Error;
-use super::merkle::Tree;
-
-/// Hash tile `level`/`n` (`width` hashes, 256 for a full one) of `tree` at `size`, or `None`
-/// if that tile does not exist at that size.
-pub fn hash_tile(tree: &Tree, size: u64, level: u8, n: u64, width: u16) -> Option<Vec<u8>> {
-    let tree_level = 8 * usize::from(level);
-    let complete = size.checked_shr(u32::try_from(tree_level).ok()?)?;
-    let available = complete.checked_sub(n.checked_mul(256)?)?.min(256);
-    if width == 0 || u64::from(width) > available {
-        return None;
-    }
-    let hashes = tree.level_hashes(tree_level, n * 256, u64::from(width))?;
-    Some(hashes.concat())
-}
 
 /// An entry bundle: each entry (the first is entry `first`) as a big-endian u16 length and
 /// its canonical bytes.

@@ -383,7 +383,7 @@ impl Log {
         width: u16,
     ) -> Result<Option<Vec<u8>>, audit::Error> {
         match self {
-            Log::File(l) => Ok(l.hash_tile(level, n, width)),
+            Log::File(l) => l.hash_tile(level, n, width),
             Log::Postgres(l) => l.hash_tile(level, n, width).await,
         }
     }
@@ -402,7 +402,7 @@ impl Log {
         transaction_id: &str,
     ) -> Result<Vec<u64>, audit::Error> {
         match self {
-            Log::File(l) => Ok(l.transaction_entries(transaction_id)),
+            Log::File(l) => l.transaction_entries(transaction_id),
             Log::Postgres(l) => l.transaction_entries(transaction_id).await,
         }
     }
@@ -417,7 +417,7 @@ impl Log {
         limit: usize,
     ) -> Result<Page, audit::Error> {
         match self {
-            Log::File(l) => Ok(l.tenant_entries(tenant, since_us, until_us, after, limit)),
+            Log::File(l) => l.tenant_entries(tenant, since_us, until_us, after, limit),
             Log::Postgres(l) => {
                 l.tenant_entries(tenant, since_us, until_us, after, limit)
                     .await

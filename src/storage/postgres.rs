@@ -1516,13 +1516,7 @@ impl PgLog {
             })
             .await??;
         let entry = self.entry(index).await?;
-        // The database's copy of the entry must be the one the tree commits to.
-        if merkle::leaf_hash(&entry) != leaf_hash {
-            return Err(audit::Error::Inconsistent(format!(
-                "entry {index} in the database differs from its leaf hash in the tree"
-            )));
-        }
-        Ok(EntryProof::new(index, entry, leaf_hash, hashes, checkpoint))
+        EntryProof::checked(index, entry, leaf_hash, hashes, checkpoint)
     }
 
     pub async fn hash_tile(
@@ -1535,10 +1529,7 @@ impl PgLog {
             return Ok(None);
         };
         let level = u32::from(level);
-        let available = tiled::hashes_at(size, level)
-            .saturating_sub(n.saturating_mul(tiled::WIDTH as u64))
-            .min(tiled::WIDTH as u64);
-        if width == 0 || u64::from(width) > available {
+        if width == 0 || u64::from(width) > tiled::available(size, level, n) {
             return Ok(None);
         }
         let edge = self.edge();
