@@ -339,4 +339,30 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     // Tiles beyond the signed tree do not exist.
     let (st, _) = get_bytes(&s, "payroll-app", "/v1/audit/tlog/tile/0/005").await;
     assert_eq!(st, 404);
+
+    // The full tiles are files at their C2SP paths under the audit directory, and a restart
+    // reads the tree from them: only the entries after the last checkpoint are read again,
+    // and every tile is served byte for byte as before.
+    assert!(s.stop().success());
+    let on_disk = std::fs::read(s.audit_dir().join("tile/0/000")).unwrap();
+    assert_eq!(on_disk, reader.0["0/000"]);
+    s.start();
+    let opened = s
+        .log()
+        .lines()
+        .rfind(|l| l.contains("evidence log opened"))
+        .unwrap()
+        .to_owned();
+    let read: u64 = opened
+        .split_once("entries_read=")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{opened}"));
+    assert!(read < 256, "start-up read {read} of {n} entries: {opened}");
+    for (path, before) in &reader.0 {
+        let (st, body) = get_bytes(&s, "payroll-app", &format!("/v1/audit/tlog/tile/{path}")).await;
+        assert_eq!((st, &body), (200, before), "{path}");
+    }
+    let (st, again) = get_bytes(&s, "auditor", "/v1/audit/tlog/tile/entries/000").await;
+    assert_eq!((st, again), (200, full));
 }

@@ -131,15 +131,41 @@ async fn a_corrupted_checkpoint_line_is_refused_not_cut() {
     sign_some(&s, "doc", 2).await;
     assert!(s.stop().success());
     let path = s.audit_dir().join("checkpoints.jsonl");
-    let mut data = std::fs::read(&path).unwrap();
-    data[0] = b'X';
+    let original = std::fs::read(&path).unwrap();
+    let lines = line_count(&path);
+    assert!(lines >= 2, "{lines}");
+    // Start-up reads the last checkpoint from the end of the file: a damaged last line is
+    // refused, and named.
+    let mut data = original.clone();
+    let last_line = original[..original.len() - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .unwrap()
+        + 1;
+    data[last_line] = b'X';
     std::fs::write(&path, &data).unwrap();
     let err = s.start_refused();
     assert!(
-        err.contains("checkpoints.jsonl line 1 is complete but invalid"),
+        err.contains(&format!(
+            "checkpoints.jsonl line {lines} is complete but invalid"
+        )),
         "{err}"
     );
     assert_eq!(std::fs::read(&path).unwrap(), data, "nothing was cut");
+    // An earlier damaged line is not read at start-up; `audit verify` names it.
+    let mut data = original.clone();
+    data[0] = b'X';
+    std::fs::write(&path, &data).unwrap();
+    let (ok, out) = verify_cmd(&s, &[]);
+    assert!(!ok && out.contains("line 1"), "{out}");
+    // A torn final line is cut.
+    let mut torn = original.clone();
+    torn.extend_from_slice(b"{\"tree_size\":");
+    std::fs::write(&path, &torn).unwrap();
+    s.start();
+    assert!(s.stop().success());
+    assert!(std::fs::read(&path).unwrap().starts_with(&original));
+    assert!(std::fs::read(&path).unwrap().ends_with(b"\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

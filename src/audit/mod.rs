@@ -517,9 +517,7 @@ impl EvidenceLog {
                 .mode(0o600),
         )
         .map_err(io_err(&log_path))?;
-        let checkpoints = read_checkpoints(&dir.join(CHECKPOINTS_FILE))?;
-        let latest = checkpoints.last().cloned().map(Arc::new);
-        drop(checkpoints);
+        let latest = read_latest_checkpoint(&dir.join(CHECKPOINTS_FILE))?.map(Arc::new);
         let signed_size = latest.as_ref().map_or(0, |c| c.tree_size);
         let anchors = Anchors::load(&dir, &opts.origin, token.as_ref(), opts.accept_restore)?;
         let (index, indexed_through) = index::Index::open(&dir).map_err(io_err(&dir))?;
@@ -924,15 +922,19 @@ impl EvidenceLog {
 
     /// Visit entries from the newest backwards until `visit` returns false.
     pub fn scan_backwards(&self, mut visit: impl FnMut(u64, &Entry) -> bool) -> Result<(), Error> {
-        let n = self.tree_size();
-        for index in (0..n).rev() {
-            let bytes = self.entry(index)?;
-            let Ok(entry) = serde_json::from_slice::<Entry>(&bytes) else {
-                continue;
-            };
-            if !visit(index, &entry) {
-                break;
+        let mut end = self.tree_size();
+        while end > 0 {
+            let start = end.saturating_sub(1024);
+            let chunk = self.inner.store.entries(start, end)?;
+            for (index, bytes) in (start..end).rev().zip(chunk.iter().rev()) {
+                let Ok(entry) = serde_json::from_slice::<Entry>(bytes) else {
+                    continue;
+                };
+                if !visit(index, &entry) {
+                    return Ok(());
+                }
             }
+            end = start;
         }
         Ok(())
     }
@@ -1598,6 +1600,63 @@ impl Anchors {
         }
         out
     }
+}
+
+/// The last checkpoint in `checkpoints.jsonl`, read from the end of the file (start-up does
+/// not grow with the number of checkpoints); a torn final line is cut. A complete last line
+/// that does not parse is corruption (`signet audit verify` checks every line).
+pub fn read_latest_checkpoint(path: &Path) -> Result<Option<StoredCheckpoint>, Error> {
+    let f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let len = f.metadata().map_err(io_err(path))?.len();
+    // Read backwards until the tail holds the last complete line whole.
+    let (mut start, mut tail) = (len, Vec::new());
+    let (line_start, line_end) = loop {
+        if let Some(end) = tail.iter().rposition(|&b| b == b'\n') {
+            match tail[..end].iter().rposition(|&b| b == b'\n') {
+                Some(p) => break (Some(p + 1), Some(end)),
+                None if start == 0 => break (Some(0), Some(end)),
+                None => {}
+            }
+        } else if start == 0 {
+            break (None, None);
+        }
+        let from = start.saturating_sub(1 << 16);
+        let mut chunk = vec![0u8; (start - from) as usize];
+        f.read_exact_at(&mut chunk, from).map_err(io_err(path))?;
+        chunk.extend_from_slice(&tail);
+        (start, tail) = (from, chunk);
+    };
+    let complete = line_end.map_or(start, |e| start + e as u64 + 1);
+    if complete < len {
+        tracing::warn!(
+            bytes = len - complete,
+            "cutting a torn final line off the checkpoint file"
+        );
+        f.set_len(complete).map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
+    }
+    let (Some(a), Some(b)) = (line_start, line_end) else {
+        return Ok(None);
+    };
+    serde_json::from_slice::<StoredCheckpoint>(&tail[a..b])
+        .map(Some)
+        .map_err(|e| {
+            // Only on this error path: which line it is.
+            let mut before = vec![0u8; (start + a as u64) as usize];
+            let line = match f.read_exact_at(&mut before, 0) {
+                Ok(()) => before.iter().filter(|&&c| c == b'\n').count() as u64 + 1,
+                Err(_) => 0,
+            };
+            Error::Corrupt {
+                file: CHECKPOINTS_FILE,
+                line,
+                reason: e.to_string(),
+            }
+        })
 }
 
 /// Read `checkpoints.jsonl`, cutting a torn final line; a complete line that does not parse is

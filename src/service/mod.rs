@@ -546,11 +546,13 @@ impl App {
         let now = self.clock.unix();
         let retention = self.config.audit.idempotency_retention.as_secs();
         let cutoff = now.saturating_sub(retention);
+        // The cache holds at most this many: older records would only be evicted again.
+        let max = usize::try_from(self.config.audit.idempotency_max_records).unwrap_or(usize::MAX);
         let found = tokio::task::spawn_blocking(move || {
             let mut found = Vec::new();
             log.scan_backwards(|index, e| {
                 let t = crate::clock::parse_rfc3339(&e.time).unwrap_or(0);
-                if t < cutoff {
+                if t < cutoff || found.len() >= max {
                     return false;
                 }
                 if let (Some(k), Some(r)) = (&e.idempotency_key_sha256, &e.request_sha256)
