@@ -969,9 +969,11 @@ fn load(args: &[String]) {
     });
 }
 
-/// Write `n` synthetic entries (a valid hash chain, no checkpoint yet), then time start-up:
-/// first with every entry parsed and checked (no checkpoint covers them), then, after the
-/// shutdown checkpoint, the common case (entries only hashed and compared with the checkpoint).
+/// Write `n` synthetic entries (a valid hash chain, no checkpoint yet), then time start-up
+/// and the resident memory once ready: first with every entry parsed and checked (no
+/// checkpoint covers them, no tiles yet: they are written), then, after the shutdown
+/// checkpoint, the common case (the tree's edge from the tiles, entries since the checkpoint),
+/// and once more after a second of signing.
 fn startup(dir: &Path, n: u64) {
     use base64::Engine;
     use signet::audit::entry::{Actor, Entry, event};
@@ -982,6 +984,11 @@ fn startup(dir: &Path, n: u64) {
     // throughput phases).
     let _ = std::fs::remove_file(audit.join("tail-head"));
     let _ = std::fs::remove_file(audit.join("timestamps.jsonl"));
+    // And the files derived from the previous log (tiles, offsets, indexes, saved versions).
+    let _ = std::fs::remove_file(audit.join("entries.idx"));
+    let _ = std::fs::remove_file(audit.join("active-versions.json"));
+    let _ = std::fs::remove_dir_all(audit.join("tile"));
+    let _ = std::fs::remove_dir_all(audit.join("index"));
     forget_anchor(dir);
     let mut out =
         std::io::BufWriter::new(std::fs::File::create(audit.join("entries.jsonl")).unwrap());
@@ -1025,13 +1032,31 @@ fn startup(dir: &Path, n: u64) {
         generating.elapsed().as_secs_f64()
     );
     for label in [
-        "no checkpoint (every entry parsed and checked)",
-        "after the shutdown checkpoint (hash and compare)",
+        "first start: no checkpoint, no tiles (reads every entry)",
+        "after the shutdown checkpoint (tiles + entries since)",
+        "again, after one second of signing",
     ] {
         let t = Instant::now();
         let mut child = start(dir);
         let took = t.elapsed();
-        println!("  {label:<52} ready in {:.2}s", took.as_secs_f64());
+        let rss_mb = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .map_or(0.0, |kb| kb / 1024.0);
+        println!(
+            "  {label:<56} ready in {:.2}s, resident {rss_mb:.0} MB",
+            took.as_secs_f64()
+        );
+        if label.starts_with("after") {
+            let ready: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).unwrap())
+                    .unwrap();
+            load_run(dir, ready["api"].as_str().unwrap(), 4, 0, 1);
+        }
         stop(&mut child);
     }
 }

@@ -1,21 +1,24 @@
 //! Lookup indexes over the file backend's evidence log, so auditors' questions never scan the
-//! log and nothing per entry is held in memory: the entries of a transaction ID, and each
-//! tenant's entries in log order with their times.
+//! log and memory does not grow with it: the entries of a transaction ID, and each tenant's
+//! entries in log order with their times.
 //!
 //! Files under `index/` (derived from `entries.jsonl`, rebuilt from it when in doubt):
-//! - `tx/<hhh>`: one of 4,096 buckets chosen by SHA-256 of the transaction ID; 16-byte
-//!   records (8 more bytes of that hash, the entry index), in log order. A lookup reads one
-//!   bucket; the caller confirms each candidate against the entry itself.
+//! - `tx/<hh>`: one of 256 buckets chosen by SHA-256 of the transaction ID; 16-byte records
+//!   (8 more bytes of that hash, the entry index), in log order. A lookup reads one bucket;
+//!   the caller confirms each candidate against the entry itself.
 //! - `tenant/<hash>`: one file per tenant (named by SHA-256 of its name); 24-byte records
 //!   (entry index, entry time in µs, running maximum of those times), in log order. Entry
 //!   times are almost, not strictly, in log order: the running maximum makes the first entry
 //!   of a time window a binary search away.
-//! - `through`: every record of an entry below this size is durable. The writer appends
-//!   records after each commit; the checkpointer fsyncs the files it touched and then moves
-//!   `through`. At start-up records at or past `through`, and any torn or out-of-order tail a
-//!   crash left, are dropped and those entries indexed again.
+//! - `through`: every record of an entry below this size is durable.
+//!
+//! The writer adds an acknowledged group's records in memory (nothing on the signing path
+//! touches these files); the checkpointer writes them out, fsyncs the files it touched and
+//! then moves `through`, before it signs the checkpoint. Queries read the files and the
+//! records not written yet. At start-up records at or past `through`, and any torn or
+//! out-of-order tail a crash left, are dropped and those entries indexed again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -53,8 +56,10 @@ pub struct Page {
 
 pub struct Index {
     dir: PathBuf,
-    /// Files appended to since `through` last moved.
-    dirty: Mutex<BTreeSet<PathBuf>>,
+    /// Records added but not yet written to the files, in log order.
+    pending: Mutex<Vec<(u64, Indexed)>>,
+    /// One writer of the files at a time.
+    flushing: Mutex<()>,
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -84,15 +89,15 @@ impl Index {
         Ok((
             Self {
                 dir,
-                dirty: Mutex::new(BTreeSet::new()),
+                pending: Mutex::new(Vec::new()),
+                flushing: Mutex::new(()),
             },
             through,
         ))
     }
 
     fn tx_path(&self, hash: &[u8; 32]) -> PathBuf {
-        let bucket = (u16::from(hash[0]) << 4) | u16::from(hash[1] >> 4);
-        self.dir.join(TX_DIR).join(format!("{bucket:03x}"))
+        self.dir.join(TX_DIR).join(format!("{:02x}", hash[0]))
     }
 
     fn tenant_path(&self, tenant: &str) -> PathBuf {
@@ -120,65 +125,95 @@ impl Index {
         Ok(())
     }
 
-    /// Index entries (in log order, after every entry indexed so far).
-    pub fn add(&self, batch: &[(u64, Indexed)]) -> io::Result<()> {
-        let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
-        let mut buf = |path: PathBuf| -> usize {
-            match files.iter().position(|(p, _)| *p == path) {
-                Some(i) => i,
-                None => {
-                    files.push((path, Vec::new()));
-                    files.len() - 1
-                }
-            }
-        };
-        let mut tenant_rows: Vec<(usize, u64, i64)> = Vec::new();
-        let mut tx_rows: Vec<(usize, [u8; 32], u64)> = Vec::new();
-        for (index, f) in batch {
-            if let Some(t) = &f.transaction_id {
-                let h = tx_hash(t);
-                tx_rows.push((buf(self.tx_path(&h)), h, *index));
-            }
-            if let Some(t) = &f.tenant {
-                tenant_rows.push((buf(self.tenant_path(t)), *index, f.time_us));
-            }
-        }
-        for (file, h, index) in tx_rows {
-            let b = &mut files[file].1;
-            b.extend_from_slice(&h[8..16]);
-            b.extend_from_slice(&index.to_le_bytes());
-        }
-        let mut max: Vec<Option<i64>> = vec![None; files.len()];
-        for (file, index, time) in tenant_rows {
-            let m = match max[file] {
-                Some(m) => m,
-                None => last_max(&files[file].0)?,
-            };
-            let m = m.max(time);
-            max[file] = Some(m);
-            let b = &mut files[file].1;
-            b.extend_from_slice(&index.to_le_bytes());
-            b.extend_from_slice(&time.to_le_bytes());
-            b.extend_from_slice(&m.to_le_bytes());
-        }
-        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        for (path, bytes) in files {
-            let mut f = crate::fsutil::open_durable(
-                &path,
-                OpenOptions::new().create(true).append(true).mode(0o600),
-            )?;
-            f.write_all(&bytes)?;
-            dirty.insert(path);
-        }
-        Ok(())
+    /// Index entries (in log order, after every entry indexed so far). In memory until the
+    /// next [`Self::sync`] (or [`Self::flush`]).
+    pub fn add(&self, batch: Vec<(u64, Indexed)>) {
+        self.pending_records().extend(batch);
     }
 
-    /// Make every record written so far durable and say so for entries below `through`
-    /// (every entry below it must have been added).
+    /// How many records wait to be written.
+    pub fn pending(&self) -> usize {
+        self.pending_records().len()
+    }
+
+    fn pending_records(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Indexed)>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write the records added so far to the files (not durably); returns the files written.
+    /// Safe to repeat after a failure: a record already in its file is not written again.
+    pub fn flush(&self) -> io::Result<BTreeSet<PathBuf>> {
+        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let batch: Vec<(u64, Indexed)> = self.pending_records().clone();
+        let mut files: HashMap<PathBuf, Vec<Row>> = HashMap::new();
+        for (index, f) in &batch {
+            if let Some(t) = &f.transaction_id {
+                let h = tx_hash(t);
+                files
+                    .entry(self.tx_path(&h))
+                    .or_default()
+                    .push((*index, Some(h), 0));
+            }
+            if let Some(t) = &f.tenant {
+                files
+                    .entry(self.tenant_path(t))
+                    .or_default()
+                    .push((*index, None, f.time_us));
+            }
+        }
+        let mut created = false;
+        for (path, records) in &files {
+            let tenant = records.first().is_some_and(|r| r.1.is_none());
+            let (rec, at) = if tenant {
+                (TENANT_RECORD, 0)
+            } else {
+                (TX_RECORD, 8)
+            };
+            let (last_index, mut max) = match last_record(path, rec)? {
+                Some(b) => (
+                    Some(u64_at(&b, at)),
+                    if tenant { i64_at(&b, 16) } else { 0 },
+                ),
+                None => (None, i64::MIN),
+            };
+            let mut bytes = Vec::with_capacity(records.len() * rec);
+            for (index, hash, time) in records {
+                if last_index.is_some_and(|l| *index <= l) {
+                    continue;
+                }
+                match hash {
+                    Some(h) => bytes.extend_from_slice(&h[8..16]),
+                    None => {
+                        max = max.max(*time);
+                        bytes.extend_from_slice(&index.to_le_bytes());
+                        bytes.extend_from_slice(&time.to_le_bytes());
+                        bytes.extend_from_slice(&max.to_le_bytes());
+                        continue;
+                    }
+                }
+                bytes.extend_from_slice(&index.to_le_bytes());
+            }
+            created |= !path.exists();
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)?;
+            f.write_all(&bytes)?;
+        }
+        if created {
+            crate::fsutil::sync_dir(&self.dir.join(TX_DIR))?;
+            crate::fsutil::sync_dir(&self.dir.join(TENANT_DIR))?;
+        }
+        self.pending_records().drain(..batch.len());
+        Ok(files.into_keys().collect())
+    }
+
+    /// Write every record added so far, make the files durable, and say so for entries below
+    /// `through` (every entry below it must have been added).
     pub fn sync(&self, through: u64) -> io::Result<()> {
-        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
-        for path in &dirty {
-            File::open(path)?.sync_data()?;
+        for path in self.flush()? {
+            File::open(&path)?.sync_data()?;
         }
         crate::fsutil::write_atomic(&self.dir.join(THROUGH_FILE), through.to_string().as_bytes())
     }
@@ -188,14 +223,24 @@ impl Index {
         let h = tx_hash(transaction_id);
         let data = match std::fs::read(self.tx_path(&h)) {
             Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
-        Ok(data
+        let mut out: Vec<u64> = data
             .chunks_exact(TX_RECORD)
             .filter(|r| r[..8] == h[8..16])
             .map(|r| u64_at(r, 8))
-            .collect())
+            .collect();
+        out.extend(
+            self.pending_records()
+                .iter()
+                .filter(|(_, f)| f.transaction_id.as_deref() == Some(transaction_id))
+                .map(|(i, _)| *i),
+        );
+        // A record being flushed is in both.
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 
     /// Up to `limit` entries of `tenant` with `since_us <= time < until_us`, after entry
@@ -210,56 +255,106 @@ impl Index {
         limit: usize,
         size: u64,
     ) -> io::Result<Page> {
-        let mut page = Page {
-            indexes: Vec::new(),
-            next_cursor: None,
+        let mut page = Paging {
+            page: Page {
+                indexes: Vec::new(),
+                next_cursor: None,
+            },
+            last: after,
+            since_us,
+            until_us,
+            limit,
+            size,
         };
-        let file = match File::open(self.tenant_path(tenant)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(page),
-            Err(e) => return Err(e),
-        };
-        let records = TenantFile::new(file)?;
-        // Every entry before `from_time` is older than `since` (the running maximum says so).
-        let from_time = records.partition_point(|r| r.max_time_us < since_us)?;
-        let from_cursor = match after {
-            Some(a) => records.partition_point(|r| r.index <= a)?,
-            None => 0,
-        };
-        let mut pos = from_time.max(from_cursor);
-        while pos < records.len {
-            for r in records.chunk(pos)? {
-                pos += 1;
-                if r.time_us >= until_us.saturating_add(TIME_SLACK_US) || r.index >= size {
-                    return Ok(page);
-                }
-                if r.time_us >= since_us && r.time_us < until_us {
-                    page.indexes.push(r.index);
-                    if page.indexes.len() == limit {
-                        page.next_cursor = Some(r.index);
-                        return Ok(page);
+        match File::open(self.tenant_path(tenant)) {
+            Ok(file) => {
+                let records = TenantFile::new(file)?;
+                // Every entry before `from_time` is older than `since` (the running maximum
+                // says so).
+                let from_time = records.partition_point(|r| r.max_time_us < since_us)?;
+                let from_cursor = match after {
+                    Some(a) => records.partition_point(|r| r.index <= a)?,
+                    None => 0,
+                };
+                let mut pos = from_time.max(from_cursor);
+                while pos < records.len {
+                    for r in records.chunk(pos)? {
+                        pos += 1;
+                        if page.take(r.index, r.time_us) {
+                            return Ok(page.page);
+                        }
                     }
                 }
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        Ok(page)
+        // Then the records not written yet (later entries).
+        let pending: Vec<(u64, i64)> = self
+            .pending_records()
+            .iter()
+            .filter(|(_, f)| f.tenant.as_deref() == Some(tenant))
+            .map(|(i, f)| (*i, f.time_us))
+            .collect();
+        for (index, time) in pending {
+            if page.take(index, time) {
+                break;
+            }
+        }
+        Ok(page.page)
     }
 }
 
-/// The running maximum in a tenant file's last record (`i64::MIN` when empty).
-fn last_max(path: &Path) -> io::Result<i64> {
+/// A record to write: entry index, the transaction ID's hash (tx buckets) or none (tenant
+/// files), entry time.
+type Row = (u64, Option<[u8; 32]>, i64);
+
+/// A tenant page being filled, record by record in log order.
+struct Paging {
+    page: Page,
+    /// The last index considered (or the cursor): records up to it are skipped.
+    last: Option<u64>,
+    since_us: i64,
+    until_us: i64,
+    limit: usize,
+    size: u64,
+}
+
+impl Paging {
+    /// Consider one record; true when the page is complete.
+    fn take(&mut self, index: u64, time_us: i64) -> bool {
+        if time_us >= self.until_us.saturating_add(TIME_SLACK_US) || index >= self.size {
+            return true;
+        }
+        if self.last.is_some_and(|l| index <= l) {
+            return false;
+        }
+        self.last = Some(index);
+        if time_us >= self.since_us && time_us < self.until_us {
+            self.page.indexes.push(index);
+            if self.page.indexes.len() == self.limit {
+                self.page.next_cursor = Some(index);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// The last whole record of an index file, if any.
+fn last_record(path: &Path, rec: usize) -> io::Result<Option<Vec<u8>>> {
     let f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(i64::MIN),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let n = f.metadata()?.len() / TENANT_RECORD as u64;
+    let n = f.metadata()?.len() / rec as u64;
     if n == 0 {
-        return Ok(i64::MIN);
+        return Ok(None);
     }
-    let mut b = [0u8; TENANT_RECORD];
-    f.read_exact_at(&mut b, (n - 1) * TENANT_RECORD as u64)?;
-    Ok(i64_at(&b, 16))
+    let mut b = vec![0u8; rec];
+    f.read_exact_at(&mut b, (n - 1) * rec as u64)?;
+    Ok(Some(b))
 }
 
 fn repair_file(path: &Path, rec: usize, at: usize, from: u64) -> io::Result<()> {
@@ -360,15 +455,14 @@ mod tests {
     use super::*;
 
     fn add(ix: &Index, i: u64, tenant: &str, tx: Option<&str>, t: i64) {
-        ix.add(&[(
+        ix.add(vec![(
             i,
             Indexed {
                 tenant: Some(tenant.into()),
                 transaction_id: tx.map(Into::into),
                 time_us: t,
             },
-        )])
-        .unwrap();
+        )]);
     }
 
     fn page(ix: &Index, since: i64, until: i64, after: Option<u64>, limit: usize) -> Page {
@@ -386,6 +480,9 @@ mod tests {
         add(&ix, 1, "b", Some("t1"), 11);
         add(&ix, 2, "a", None, 20);
         add(&ix, 3, "a", Some("t2"), 15);
+        // Entries 0-3 are in the files, the later ones only in memory: queries see both.
+        assert_eq!(ix.flush().unwrap().len(), 4);
+        assert_eq!(ix.pending(), 0);
         add(&ix, 4, "a", None, 30);
         add(&ix, 5, "a", Some("t1"), 40);
         assert_eq!(ix.transaction("t1").unwrap(), vec![0, 1, 5]);
@@ -433,6 +530,15 @@ mod tests {
         );
         add(&ix, 4, "a", Some("t1"), 12);
         assert_eq!(ix.transaction("t1").unwrap(), vec![0, 1, 4]);
+        // A flush repeated after a failure writes nothing twice.
+        ix.flush().unwrap();
+        add(&ix, 4, "a", Some("t1"), 12);
+        ix.flush().unwrap();
+        assert_eq!(ix.transaction("t1").unwrap(), vec![0, 1, 4]);
+        assert_eq!(
+            std::fs::metadata(&tenant).unwrap().len(),
+            4 * TENANT_RECORD as u64
+        );
         // The running maximum continues from the durable records (20), so a window from 19
         // still finds entry 2 first.
         assert_eq!(page(&ix, 19, 100, None, 10).indexes, vec![2]);

@@ -437,27 +437,6 @@ impl Store {
         }
         Edge::from_partials(size, partial).map_err(|e| Error::Inconsistent(e.to_string()))
     }
-
-    /// Index entries `from..to` again (after a crash, or a failed index write).
-    fn reindex(&self, from: u64, to: u64) -> Result<(), Error> {
-        let mut at = from;
-        while at < to {
-            let end = (at + 4096).min(to);
-            let batch: Vec<(u64, index::Indexed)> = self
-                .entries(at, end)?
-                .iter()
-                .zip(at..)
-                .filter_map(|(e, i)| {
-                    serde_json::from_slice::<IndexFields>(e)
-                        .ok()
-                        .map(|f| (i, indexed(&f.time, f.tenant, f.transaction_id)))
-                })
-                .collect();
-            self.index.add(&batch).map_err(self.io())?;
-            at = end;
-        }
-        Ok(())
-    }
 }
 
 /// The active versions saved with each checkpoint, as of entry count `through`.
@@ -648,12 +627,7 @@ impl EvidenceLog {
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
-                let mut sink = Sink {
-                    log,
-                    tail,
-                    fsync,
-                    unindexed: None,
-                };
+                let mut sink = Sink { log, tail, fsync };
                 writer_main(w, &mut sink, rx, max_group, active)
             })
             .map_err(io_err(&log_path))?;
@@ -973,9 +947,6 @@ struct Sink {
     log: File,
     tail: TailWriter,
     fsync: FsyncPolicy,
-    /// The first acknowledged entry whose lookup records could not be written (they are
-    /// written again before the next group's).
-    unindexed: Option<u64>,
 }
 
 /// The writer thread: group commit.
@@ -1179,7 +1150,7 @@ fn commit(
         return;
     }
 
-    index_group(inner, sink, base_index, &lookups);
+    inner.store.index.add(lookups);
     inner.store.tiles.put(completed);
     {
         let mut st = write(&inner.state);
@@ -1208,26 +1179,6 @@ fn commit(
     }
     for (reply, r) in replies.into_iter().zip(receipts) {
         let _ = reply.send(r);
-    }
-}
-
-/// Write an acknowledged group's lookup records (and any an earlier failure left out). A
-/// failure here loses nothing: the entries are durable, and their records are written again
-/// before the next group's, or at the next start.
-fn index_group(inner: &Inner, sink: &mut Sink, base_index: u64, lookups: &[(u64, index::Indexed)]) {
-    let store = &inner.store;
-    let result = match sink.unindexed {
-        Some(from) => store.reindex(from, base_index),
-        None => Ok(()),
-    }
-    .and_then(|()| store.index.add(lookups).map_err(store.io()));
-    match result {
-        Ok(()) => sink.unindexed = None,
-        Err(e) => {
-            inner.metrics.audit_write_errors.inc();
-            tracing::error!(error = %e, "cannot write the lookup indexes; retried with the next group");
-            sink.unindexed.get_or_insert(base_index);
-        }
     }
 }
 
@@ -1358,10 +1309,7 @@ impl Recovery<'_> {
 
     /// Read the whole log, rebuilding every derived file.
     fn full(&self, log: &mut File) -> Result<Recovered, Error> {
-        let tiles = self.store.dir.join(tilefiles::TILE_DIR);
-        if tiles.exists() {
-            std::fs::remove_dir_all(&tiles).map_err(io_err(&tiles))?;
-        }
+        self.store.tiles.clear().map_err(self.store.io())?;
         self.store
             .offsets
             .truncate(0)
@@ -1486,13 +1434,15 @@ impl Recovery<'_> {
         completed: &mut Vec<(TileId, Tile)>,
     ) -> Result<(), Error> {
         let store = self.store;
-        store.index.add(lookups).map_err(store.io())?;
+        store.index.add(std::mem::take(lookups));
+        if store.index.pending() >= 1 << 16 {
+            store.index.flush().map_err(store.io())?;
+        }
         store
             .offsets
             .append(ends)
             .map_err(io_err(store.offsets.path()))?;
         store.tiles.put(std::mem::take(completed));
-        lookups.clear();
         ends.clear();
         Ok(())
     }

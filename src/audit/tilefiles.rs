@@ -17,24 +17,37 @@ pub const TILE_DIR: &str = "tile";
 /// Full tiles kept in memory (8 KiB each).
 const CACHE: u64 = 4096;
 
+enum Job {
+    Write(TileId, Tile),
+    /// Answered once every earlier write is done.
+    Barrier(crossbeam_channel::Sender<()>),
+}
+
 pub struct TileFiles {
     dir: PathBuf,
     cache: moka::sync::Cache<TileId, Tile>,
-    queue: Mutex<Option<crossbeam_channel::Sender<(TileId, Tile)>>>,
+    queue: Mutex<Option<crossbeam_channel::Sender<Job>>>,
     persister: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl TileFiles {
     pub fn open(audit_dir: &Path) -> std::io::Result<Self> {
         let dir = audit_dir.join(TILE_DIR);
-        let (tx, rx) = crossbeam_channel::unbounded::<(TileId, Tile)>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let d = dir.clone();
         let persister = std::thread::Builder::new()
             .name("audit-tiles".into())
             .spawn(move || {
-                for (id, tile) in rx {
-                    if let Err(e) = write_tile(&d, id, &tile) {
-                        tracing::warn!(error = %e, level = id.0, index = id.1, "cannot write a tile; it is rebuilt when needed");
+                for job in rx {
+                    match job {
+                        Job::Write(id, tile) => {
+                            if let Err(e) = write_tile(&d, id, &tile) {
+                                tracing::warn!(error = %e, level = id.0, index = id.1, "cannot write a tile; it is rebuilt when needed");
+                            }
+                        }
+                        Job::Barrier(done) => {
+                            let _ = done.send(());
+                        }
                     }
                 }
             })?;
@@ -63,8 +76,28 @@ impl TileFiles {
         for (id, tile) in completed {
             self.cache.insert(id, Arc::clone(&tile));
             if let Some(q) = queue.as_ref() {
-                let _ = q.send((id, tile));
+                let _ = q.send(Job::Write(id, tile));
             }
+        }
+    }
+
+    /// Forget every tile, cached and on disk (before they are all built again from the
+    /// entries). Waits for the writes already queued, so none lands after the removal.
+    pub fn clear(&self) -> std::io::Result<()> {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        if let Some(q) = self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = q.send(Job::Barrier(done));
+            let _ = wait.recv();
+        }
+        self.cache.invalidate_all();
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
         }
     }
 
