@@ -572,7 +572,7 @@ impl EvidenceLog {
         if anchors.tail.is_none_or(|t| t.head.size != size) {
             let head = TreeHead {
                 size,
-                root: recovered.edge.root().map_err(missing)?,
+                root: recovered.edge.root(),
             };
             tail.write(head, token.as_ref())?;
         }
@@ -835,7 +835,7 @@ impl EvidenceLog {
             (Arc::clone(&st.edge), Arc::clone(&st.active))
         };
         let size = edge.size();
-        let root = edge.root().map_err(missing)?;
+        let root = edge.root();
         if let Some(latest) = self.latest_checkpoint()
             && latest.tree_size == size
         {
@@ -928,10 +928,6 @@ impl Drop for EvidenceLog {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-fn missing(Missing(id): Missing) -> Error {
-    Error::Inconsistent(format!("tile {id:?} is not on the tree's edge"))
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -1114,7 +1110,7 @@ fn commit(
             .map_err(|e| format!("{OFFSETS_FILE}: {e}"))?;
         let head = TreeHead {
             size: grown.size(),
-            root: grown.root().map_err(|e| missing(e).to_string())?,
+            root: grown.root(),
         };
         sink.tail
             .write(head, inner.token.as_ref())
@@ -1133,15 +1129,13 @@ fn commit(
             tracing::error!(error = %t, "cannot cut the failed append back off {OFFSETS_FILE}");
         }
         // The tail head may now claim the cut entries: put the previous head back.
-        if let Ok(root) = edge.root()
-            && let Err(e) = sink.tail.write(
-                TreeHead {
-                    size: base_index,
-                    root,
-                },
-                inner.token.as_ref(),
-            )
-        {
+        if let Err(e) = sink.tail.write(
+            TreeHead {
+                size: base_index,
+                root: edge.root(),
+            },
+            inner.token.as_ref(),
+        ) {
             tracing::error!(error = %e, "cannot restore the tail head after a failed append");
         }
         for reply in replies {
@@ -1281,7 +1275,7 @@ impl Recovery<'_> {
             return Ok(None);
         }
         let edge = match self.store.load_edge(size) {
-            Ok(e) if e.root().ok() == Some(signed.root) => e,
+            Ok(e) if e.root() == signed.root => e,
             Ok(_) => {
                 tracing::warn!(
                     "the tiles disagree with the last checkpoint; rebuilding them from the whole log"
@@ -1342,10 +1336,8 @@ impl Recovery<'_> {
         r.seek(io::SeekFrom::Start(pos)).map_err(io_err(path))?;
         let mut roots = HashMap::new();
         let take_root = |edge: &Edge, roots: &mut HashMap<u64, Hash>| {
-            if self.targets.contains(&edge.size())
-                && let Ok(root) = edge.root()
-            {
-                roots.insert(edge.size(), root);
+            if self.targets.contains(&edge.size()) {
+                roots.insert(edge.size(), edge.root());
             }
         };
         take_root(&edge, &mut roots);

@@ -1298,7 +1298,7 @@ impl PgLog {
         if size <= published {
             return Ok(None);
         }
-        let root = self.with_nodes(&edge, |n| merkle::root(n, size)).await?;
+        let root = edge.root();
         let cp = Checkpoint {
             origin: self.origin.clone(),
             size,
