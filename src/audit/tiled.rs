@@ -102,13 +102,19 @@ impl Edge {
 
     /// Append a leaf; returns the tiles it completed, lowest level first.
     pub fn push(&mut self, leaf: Hash) -> Vec<(TileId, Tile)> {
+        // Merge the new leaf with the peaks it completes; the subtree roots passed at heights
+        // 8, 16, … are the roots of the tiles this leaf completes.
         let mut peak = leaf;
-        let mut height = 0;
+        let mut height = 0u32;
+        let mut tile_roots = Vec::new();
         while self.size & (1u64 << height) != 0 {
             // A peak exists for every bit set in `size`.
             let left = self.peaks.pop().unwrap_or_default();
             peak = node_hash(&left, &peak);
             height += 1;
+            if height.is_multiple_of(HEIGHT) {
+                tile_roots.push(peak);
+            }
         }
         self.peaks.push(peak);
         self.size += 1;
@@ -125,7 +131,10 @@ impl Edge {
                 break;
             }
             let full = std::mem::take(row);
-            hash = tile_root(&full);
+            hash = match tile_roots.get(level as usize) {
+                Some(root) => *root,
+                None => tile_root(&full),
+            };
             let index = hashes_at(self.size, level) / WIDTH as u64 - 1;
             completed.push(((level, index), Arc::new(full)));
             level += 1;
