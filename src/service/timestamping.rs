@@ -15,6 +15,9 @@ use super::App;
 use crate::audit::timestamp::{self, StoredTimestamp};
 use crate::config::TimestampingConfig;
 
+/// How many timestamps (the newest) are kept in memory.
+const KEPT_IN_MEMORY: usize = 64;
+
 /// Timestamps held in memory: base64 `TimeStampResp` by checkpoint size, and the checkpoints
 /// still waiting for one. Each guarded by its lock; none held across an `.await`.
 #[derive(Default)]
@@ -34,11 +37,14 @@ impl Timestamps {
             .cloned()
     }
 
+    /// Keep a stored timestamp. Only the newest few are kept in memory: the API serves the
+    /// latest checkpoint's (the files or the database keep them all).
     pub fn insert(&self, t: &StoredTimestamp) {
-        self.stamped
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(t.tree_size, Arc::from(t.response.as_str()));
+        let mut stamped = self.stamped.write().unwrap_or_else(|e| e.into_inner());
+        stamped.insert(t.tree_size, Arc::from(t.response.as_str()));
+        while stamped.len() > KEPT_IN_MEMORY {
+            stamped.pop_first();
+        }
     }
 
     /// Queue a checkpoint (size, note) for timestamping.
