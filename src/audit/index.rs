@@ -110,6 +110,7 @@ impl Index {
     pub fn repair(&self, from: u64) -> io::Result<()> {
         // Records from `from` on are rewritten without fsync: not durable until `sync`.
         crate::fsutil::write_atomic(&self.dir.join(THROUGH_FILE), from.to_string().as_bytes())?;
+        self.pending_records().retain(|(i, _)| *i < from);
         for (sub, rec, at) in [(TX_DIR, TX_RECORD, 8), (TENANT_DIR, TENANT_RECORD, 0)] {
             for e in std::fs::read_dir(self.dir.join(sub))? {
                 let path = e?.path();
@@ -169,7 +170,7 @@ impl Index {
             } else {
                 (TX_RECORD, 8)
             };
-            let (last_index, mut max) = match last_record(path, rec)? {
+            let (mut last_index, mut max) = match last_record(path, rec)? {
                 Some(b) => (
                     Some(u64_at(&b, at)),
                     if tenant { i64_at(&b, 16) } else { 0 },
@@ -181,6 +182,7 @@ impl Index {
                 if last_index.is_some_and(|l| *index <= l) {
                     continue;
                 }
+                last_index = Some(*index);
                 match hash {
                     Some(h) => bytes.extend_from_slice(&h[8..16]),
                     None => {
