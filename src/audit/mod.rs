@@ -665,7 +665,8 @@ impl EvidenceLog {
         self.edge().size()
     }
 
-    fn edge(&self) -> Arc<Edge> {
+    /// The right edge of the committed tree.
+    pub fn edge(&self) -> Arc<Edge> {
         Arc::clone(&read(&self.inner.state).edge)
     }
 
@@ -693,38 +694,18 @@ impl EvidenceLog {
         self.prove_with(index, checkpoint)
     }
 
-    /// A C2SP tlog-tiles hash tile of the latest signed checkpoint's tree: tile level `level`,
-    /// index `n`, `width` hashes (256 for a full tile). `None` if that tile does not exist (yet).
-    pub fn hash_tile(&self, level: u8, n: u64, width: u16) -> Result<Option<Vec<u8>>, Error> {
-        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
-            return Ok(None);
-        };
-        let level = u32::from(level);
-        if width == 0 || u64::from(width) > tiled::available(size, level, n) {
-            return Ok(None);
-        }
-        let edge = self.edge();
-        let (edge_tile, partial) = edge.partial(level);
-        let hashes: Vec<Hash> = if n == edge_tile {
-            partial.to_vec()
-        } else {
-            self.inner.store.tile((level, n))?.to_vec()
-        };
-        Ok(hashes.get(..usize::from(width)).map(|h| h.concat()))
+    /// Full tile `id` of the tree (from the cache, its file, or rebuilt).
+    pub fn tile(&self, id: TileId) -> Result<Tile, Error> {
+        self.inner.store.tile(id)
     }
 
-    /// A C2SP tlog-tiles entry bundle: entries `n·256 ..` (`width` of them) of the latest signed
-    /// checkpoint's tree, each as a big-endian u16 length and the canonical entry.
-    pub fn entry_bundle(&self, n: u64, width: u16) -> Result<Option<Vec<u8>>, Error> {
-        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
-            return Ok(None);
-        };
-        if width == 0 || u64::from(width) > tiled::available(size, 0, n) {
-            return Ok(None);
+    /// The canonical bytes of entries `first..first + count` (all below the tree's size).
+    pub fn entries(&self, first: u64, count: u64) -> Result<Vec<Vec<u8>>, Error> {
+        let to = first.saturating_add(count);
+        if to > self.tree_size() {
+            return Err(Error::NoSuchEntry(to - 1));
         }
-        let first = n * tiled::WIDTH as u64;
-        let entries = self.inner.store.entries(first, first + u64::from(width))?;
-        tiles::entry_bundle(first, &entries).map(Some)
+        self.inner.store.entries(first, to)
     }
 
     /// The entries that carry `transaction_id`, in log order.

@@ -23,7 +23,7 @@ use p256::ecdsa::VerifyingKey;
 use serde_json::Value;
 
 use crate::audit::timestamp::StoredTimestamp;
-use crate::audit::{self, EntryProof, Receipt, StoredCheckpoint, index::Page, merkle::Hash};
+use crate::audit::{self, EntryProof, Receipt, StoredCheckpoint, index::Page, merkle::Hash, tiled};
 
 /// A storage failure, with what failed.
 #[derive(Debug, thiserror::Error)]
@@ -375,25 +375,55 @@ impl Log {
         }
     }
 
-    /// A C2SP tlog-tiles hash tile of the latest signed checkpoint's tree.
+    /// A C2SP tlog-tiles hash tile of the latest signed checkpoint's tree: tile level `level`,
+    /// index `n`, `width` hashes (256 for a full tile). `None` if that tile does not exist (yet).
     pub async fn hash_tile(
         &self,
         level: u8,
         n: u64,
         width: u16,
     ) -> Result<Option<Vec<u8>>, audit::Error> {
-        match self {
-            Log::File(l) => l.hash_tile(level, n, width),
-            Log::Postgres(l) => l.hash_tile(level, n, width).await,
+        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
+            return Ok(None);
+        };
+        let level = u32::from(level);
+        if width == 0 || u64::from(width) > tiled::available(size, level, n) {
+            return Ok(None);
         }
+        let edge = match self {
+            Log::File(l) => l.edge(),
+            Log::Postgres(l) => l.edge(),
+        };
+        // Tiles are prefix-stable: the edge's partial tile, taken at a larger size, starts
+        // with the hashes the checkpoint's tree has.
+        let (edge_tile, partial) = edge.partial(level);
+        let hashes: Vec<Hash> = if n == edge_tile {
+            partial.to_vec()
+        } else {
+            match self {
+                Log::File(l) => l.tile((level, n))?,
+                Log::Postgres(l) => l.tile((level, n)).await?,
+            }
+            .to_vec()
+        };
+        Ok(hashes.get(..usize::from(width)).map(|h| h.concat()))
     }
 
-    /// A C2SP tlog-tiles entry bundle of the latest signed checkpoint's tree.
+    /// A C2SP tlog-tiles entry bundle: entries `n·256 ..` (`width` of them) of the latest signed
+    /// checkpoint's tree, each as a big-endian u16 length and the canonical entry.
     pub async fn entry_bundle(&self, n: u64, width: u16) -> Result<Option<Vec<u8>>, audit::Error> {
-        match self {
-            Log::File(l) => l.entry_bundle(n, width),
-            Log::Postgres(l) => l.entry_bundle(n, width).await,
+        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
+            return Ok(None);
+        };
+        if width == 0 || u64::from(width) > tiled::available(size, 0, n) {
+            return Ok(None);
         }
+        let first = n * tiled::WIDTH as u64;
+        let entries = match self {
+            Log::File(l) => l.entries(first, u64::from(width))?,
+            Log::Postgres(l) => l.entries(first, u64::from(width)).await?,
+        };
+        audit::tiles::entry_bundle(first, &entries).map(Some)
     }
 
     /// The entries that carry `transaction_id`, in log order.

@@ -679,7 +679,8 @@ impl PgLog {
         read(&self.edge).size()
     }
 
-    fn edge(&self) -> Arc<Edge> {
+    /// The right edge of the committed tree.
+    pub(crate) fn edge(&self) -> Arc<Edge> {
         Arc::clone(&read(&self.edge))
     }
 
@@ -703,7 +704,7 @@ impl PgLog {
     }
 
     /// A full tile: cached, stored, or built from the level below (and stored).
-    fn tile(&self, id: TileId) -> BoxFuture<'_, Result<Tile, audit::Error>> {
+    pub(crate) fn tile(&self, id: TileId) -> BoxFuture<'_, Result<Tile, audit::Error>> {
         Box::pin(async move {
             if let Some(t) = self.tiles.get(&id) {
                 return Ok(t);
@@ -1517,42 +1518,6 @@ impl PgLog {
             .await??;
         let entry = self.entry(index).await?;
         EntryProof::checked(index, entry, leaf_hash, hashes, checkpoint)
-    }
-
-    pub async fn hash_tile(
-        &self,
-        level: u8,
-        n: u64,
-        width: u16,
-    ) -> Result<Option<Vec<u8>>, audit::Error> {
-        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
-            return Ok(None);
-        };
-        let level = u32::from(level);
-        if width == 0 || u64::from(width) > tiled::available(size, level, n) {
-            return Ok(None);
-        }
-        let edge = self.edge();
-        let (edge_tile, partial) = edge.partial(level);
-        let hashes: Vec<Hash> = if n == edge_tile {
-            partial.to_vec()
-        } else {
-            self.tile((level, n)).await?.to_vec()
-        };
-        Ok(hashes.get(..usize::from(width)).map(|h| h.concat()))
-    }
-
-    pub async fn entry_bundle(&self, n: u64, width: u16) -> Result<Option<Vec<u8>>, audit::Error> {
-        let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
-            return Ok(None);
-        };
-        let first = n.saturating_mul(256);
-        let available = size.saturating_sub(first).min(256);
-        if width == 0 || u64::from(width) > available {
-            return Ok(None);
-        }
-        let entries = self.entries(first, u64::from(width)).await?;
-        audit::tiles::entry_bundle(first, &entries).map(Some)
     }
 
     pub async fn transaction_entries(
