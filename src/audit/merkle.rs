@@ -103,49 +103,6 @@ impl Tree {
         Ok(self.subtree(0, size))
     }
 
-    /// The hashes of the complete subtrees of 2^`level` leaves numbered `start..start + count`
-    /// (C2SP tlog-tiles: a tile at tile level L holds tree level 8·L), if all exist.
-    pub fn level_hashes(&self, level: usize, start: u64, count: u64) -> Option<Vec<Hash>> {
-        let row = self.levels.get(level)?;
-        let start = usize::try_from(start).ok()?;
-        let end = start.checked_add(usize::try_from(count).ok()?)?;
-        row.get(start..end).map(<[Hash]>::to_vec)
-    }
-
-    /// Root hash of this tree with `extra` leaves appended, without changing the tree:
-    /// O(log n + k). (RFC 6962's root is the right fold of the perfect subtrees that make up
-    /// the tree, largest first.)
-    pub fn root_with(&self, extra: &[Hash]) -> Hash {
-        let size = self.len();
-        // (height, hash) of the perfect subtrees of the first `size` leaves, largest first.
-        let mut peaks: Vec<(u32, Hash)> = Vec::new();
-        let mut start = 0u64;
-        for height in (0..64u32).rev() {
-            if size & (1u64 << height) != 0 {
-                let level = &self.levels[height as usize];
-                peaks.push((height, level[(start >> height) as usize]));
-                start += 1u64 << height;
-            }
-        }
-        for leaf in extra {
-            peaks.push((0, *leaf));
-            while let [.., (ha, a), (hb, b)] = peaks[..]
-                && ha == hb
-            {
-                peaks.truncate(peaks.len() - 2);
-                peaks.push((ha + 1, node_hash(&a, &b)));
-            }
-        }
-        let mut it = peaks.into_iter().rev();
-        let Some((_, mut root)) = it.next() else {
-            return empty_root();
-        };
-        for (_, left) in it {
-            root = node_hash(&left, &root);
-        }
-        root
-    }
-
     /// Inclusion proof of leaf `index` in the tree of the first `size` leaves.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
         if size > self.len() {
@@ -457,25 +414,13 @@ mod tests {
     }
 
     #[test]
-    fn root_with_extra_leaves_equals_the_root_of_the_longer_tree() {
-        let all = leaves(40);
-        for base in 0..=20usize {
-            let mut t = Tree::new();
-            for l in &all[..base] {
-                t.push(*l);
-            }
-            for extra in 0..=20usize {
-                let want = if base + extra == 0 {
-                    empty_root()
-                } else {
-                    mth(&all[..base + extra])
-                };
-                assert_eq!(
-                    t.root_with(&all[base..base + extra]),
-                    want,
-                    "{base}+{extra}"
-                );
-            }
+    fn the_edge_root_equals_the_reference_root_at_every_size() {
+        let all = leaves(600);
+        let mut edge = super::super::tiled::Edge::new();
+        assert_eq!(edge.root(), empty_root());
+        for n in 1..=all.len() {
+            edge.push(all[n - 1]);
+            assert_eq!(edge.root(), mth(&all[..n]), "size {n}");
         }
     }
 
