@@ -365,4 +365,37 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     }
     let (st, again) = get_bytes(&s, "auditor", "/v1/audit/tlog/tile/entries/000").await;
     assert_eq!((st, again), (200, full));
+
+    // Entry 10 altered in place on disk (same length, far below the checkpoint): start-up does
+    // not read it, but it is never served with a proof, and `audit verify` names it.
+    assert!(s.stop().success());
+    let path = s.audit_dir().join("entries.jsonl");
+    let mut lines: Vec<String> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let at = lines[10].find("\"signature\":\"").unwrap() + 13;
+    let flipped = if &lines[10][at..=at] == "A" { "B" } else { "A" };
+    lines[10].replace_range(at..=at, flipped);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    s.start();
+    let (st, _, p) = s
+        .call("auditor", Method::GET, "/v1/audit/entries/10", None, &[])
+        .await;
+    assert_eq!(st, 500, "{p}");
+    assert_eq!(p["type"], "urn:signet:problem:evidence-inconsistent", "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("entry 10"), "{p}");
+    let (st, _, p) = s
+        .call("auditor", Method::GET, "/v1/audit/entries/290", None, &[])
+        .await;
+    assert_eq!(st, 200, "{p}");
+    assert!(s.stop().success());
+    let out = s.cli(&["audit", "verify", s.audit_dir().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("entry 10")
+            || String::from_utf8_lossy(&out.stderr).contains("entry 10"),
+        "{out:?}"
+    );
 }

@@ -223,6 +223,16 @@ fn audit_problem(e: &audit::Error, request_id: &str) -> Problem {
             request_id,
         )
         .retry_after(1),
+        audit::Error::Inconsistent(_) => {
+            tracing::error!(request_id, error = %e, "stored evidence does not match its checkpoint");
+            Problem::new(
+                S::INTERNAL_SERVER_ERROR,
+                "evidence-inconsistent",
+                "The stored evidence does not match its signed checkpoint",
+                e.to_string(),
+                request_id,
+            )
+        }
         audit::Error::Proof(_) => Problem::new(
             S::BAD_REQUEST,
             "invalid-range",
@@ -308,6 +318,10 @@ mod tests {
                 503,
             ),
             (Error::Audit(audit::Error::NoSuchEntry(5)), 404),
+            (
+                Error::Audit(audit::Error::Inconsistent("entry 5".into())),
+                500,
+            ),
             (Error::Rotation(rotation::Error::Conflict("x".into())), 409),
             (Error::Internal("boom".into()), 500),
         ];
