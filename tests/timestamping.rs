@@ -172,7 +172,7 @@ fn openssl_verifies(dir: &Path, cp: &serde_json::Value) -> String {
 async fn checkpoints_get_rfc3161_timestamps_and_a_tsa_outage_never_blocks_signing() {
     let tmp = tempfile::tempdir().unwrap();
     let down = Arc::new(AtomicBool::new(false));
-    let (tsa, s) = signet_with_tsa(
+    let (tsa, mut s) = signet_with_tsa(
         tmp.path(),
         Arc::clone(&down),
         "policy = \"1.2.3.4.1\"\ntimeout = \"5s\"\n",
@@ -223,6 +223,16 @@ async fn checkpoints_get_rfc3161_timestamps_and_a_tsa_outage_never_blocks_signin
         },
     )
     .await;
+    // A restart while the TSA is still down: the checkpoints still waiting are found again
+    // (from the end of the files) and queued.
+    assert!(s.stop().success());
+    s.start();
+    s.eventually(
+        "waiting checkpoints queued again after the restart",
+        Duration::from_secs(15),
+        || async { s.metric("signet_audit_timestamps_pending").await >= 1.0 },
+    )
+    .await;
     // Back up: the waiting checkpoints get their tokens.
     down.store(false, Ordering::SeqCst);
     let n = s.entries().len() as u64;
@@ -232,6 +242,19 @@ async fn checkpoints_get_rfc3161_timestamps_and_a_tsa_outage_never_blocks_signin
     .await;
     let cp = stamped(&s, n).await.unwrap();
     assert!(openssl_verifies(&tsa, &cp).contains("Verification: OK"));
+    // Every checkpoint got exactly one token, in order.
+    let sizes = |file: &str| -> Vec<u64> {
+        std::fs::read_to_string(s.audit_dir().join(file))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["tree_size"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(sizes("timestamps.jsonl"), sizes("checkpoints.jsonl"));
     // Served with transaction trails too.
     let (_, _, v) = s
         .call(

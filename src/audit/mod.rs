@@ -1525,6 +1525,49 @@ impl Anchors {
     }
 }
 
+/// Visit the complete lines of `f` (each without its newline, with the offset where it
+/// starts) from the last one backwards, until `visit` returns false; reads only as much of
+/// the file as that needs. Returns the length up to the last newline (a torn final line, if
+/// any, is after it).
+pub fn lines_from_end(f: &File, mut visit: impl FnMut(u64, &[u8]) -> bool) -> io::Result<u64> {
+    let len = f.metadata()?.len();
+    // `buf` holds the file from `start` up to the end of the line visited last.
+    let (mut start, mut buf) = (len, Vec::new());
+    let mut complete = None;
+    loop {
+        match buf.iter().rposition(|&b| b == b'\n') {
+            Some(end) if complete.is_none() => {
+                complete = Some(start + end as u64 + 1);
+                buf.truncate(end + 1);
+            }
+            _ => {}
+        }
+        if complete.is_some() {
+            // Every whole line at the end of `buf`: after the previous newline, or from the
+            // file's start.
+            while let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
+                let from = match buf[..end].iter().rposition(|&b| b == b'\n') {
+                    Some(p) => p + 1,
+                    None if start == 0 => 0,
+                    None => break,
+                };
+                if !visit(start + from as u64, &buf[from..end]) {
+                    return Ok(complete.unwrap_or(0));
+                }
+                buf.truncate(from);
+            }
+        }
+        if start == 0 {
+            return Ok(complete.unwrap_or(0));
+        }
+        let from = start.saturating_sub(1 << 16);
+        let mut chunk = vec![0u8; (start - from) as usize];
+        f.read_exact_at(&mut chunk, from)?;
+        chunk.extend_from_slice(&buf);
+        (start, buf) = (from, chunk);
+    }
+}
+
 /// The last checkpoint in `checkpoints.jsonl`, read from the end of the file (start-up does
 /// not grow with the number of checkpoints); a torn final line is cut. A complete last line
 /// that does not parse is corruption (`signet audit verify` checks every line).
@@ -1535,25 +1578,12 @@ pub fn read_latest_checkpoint(path: &Path) -> Result<Option<StoredCheckpoint>, E
         Err(e) => return Err(io_err(path)(e)),
     };
     let len = f.metadata().map_err(io_err(path))?.len();
-    // Read backwards until the tail holds the last complete line whole.
-    let (mut start, mut tail) = (len, Vec::new());
-    let (line_start, line_end) = loop {
-        if let Some(end) = tail.iter().rposition(|&b| b == b'\n') {
-            match tail[..end].iter().rposition(|&b| b == b'\n') {
-                Some(p) => break (Some(p + 1), Some(end)),
-                None if start == 0 => break (Some(0), Some(end)),
-                None => {}
-            }
-        } else if start == 0 {
-            break (None, None);
-        }
-        let from = start.saturating_sub(1 << 16);
-        let mut chunk = vec![0u8; (start - from) as usize];
-        f.read_exact_at(&mut chunk, from).map_err(io_err(path))?;
-        chunk.extend_from_slice(&tail);
-        (start, tail) = (from, chunk);
-    };
-    let complete = line_end.map_or(start, |e| start + e as u64 + 1);
+    let mut last: Option<(u64, Vec<u8>)> = None;
+    let complete = lines_from_end(&f, |at, line| {
+        last = Some((at, line.to_vec()));
+        false
+    })
+    .map_err(io_err(path))?;
     if complete < len {
         tracing::warn!(
             bytes = len - complete,
@@ -1562,14 +1592,14 @@ pub fn read_latest_checkpoint(path: &Path) -> Result<Option<StoredCheckpoint>, E
         f.set_len(complete).map_err(io_err(path))?;
         f.sync_all().map_err(io_err(path))?;
     }
-    let (Some(a), Some(b)) = (line_start, line_end) else {
+    let Some((at, line)) = last else {
         return Ok(None);
     };
-    serde_json::from_slice::<StoredCheckpoint>(&tail[a..b])
+    serde_json::from_slice::<StoredCheckpoint>(&line)
         .map(Some)
         .map_err(|e| {
             // Only on this error path: which line it is.
-            let mut before = vec![0u8; (start + a as u64) as usize];
+            let mut before = vec![0u8; at as usize];
             let line = match f.read_exact_at(&mut before, 0) {
                 Ok(()) => before.iter().filter(|&&c| c == b'\n').count() as u64 + 1,
                 Err(_) => 0,
@@ -1939,6 +1969,41 @@ mod tests {
         assert_proves(&log, &key, 800);
         log.close();
         assert_eq!(std::fs::read(&tile).unwrap(), good);
+    }
+
+    #[test]
+    fn lines_are_read_from_the_end_across_chunks_and_a_torn_tail_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines");
+        let lines: Vec<String> = (0..20_000)
+            .map(|i| format!("line {i} {}", "x".repeat(i % 50)))
+            .collect();
+        let mut data = lines.join("\n").into_bytes();
+        data.extend_from_slice(b"\n\ntorn");
+        std::fs::write(&path, &data).unwrap();
+        let f = File::open(&path).unwrap();
+        let mut seen: Vec<(u64, String)> = Vec::new();
+        let complete = lines_from_end(&f, |at, l| {
+            seen.push((at, String::from_utf8(l.to_vec()).unwrap()));
+            true
+        })
+        .unwrap();
+        assert_eq!(complete, data.len() as u64 - 4);
+        seen.reverse();
+        assert_eq!(seen.len(), lines.len() + 1, "and the empty line");
+        assert_eq!(seen.last().unwrap().1, "");
+        for (i, (at, l)) in seen.iter().take(lines.len()).enumerate() {
+            assert_eq!(l, &lines[i]);
+            assert_eq!(&data[*at as usize..*at as usize + l.len()], l.as_bytes());
+        }
+        // Stopping early reads only the end.
+        let mut n = 0;
+        lines_from_end(&f, |_, _| {
+            n += 1;
+            n < 3
+        })
+        .unwrap();
+        assert_eq!(n, 3);
     }
 
     fn keyed(ev: &str, key_id: &str) -> Entry {

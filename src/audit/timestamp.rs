@@ -283,6 +283,27 @@ pub fn load(dir: &Path) -> io::Result<Vec<StoredTimestamp>> {
     Ok(out)
 }
 
+/// The newest `n` timestamps, oldest first, read from the end of `timestamps.jsonl`.
+pub fn load_latest(dir: &Path, n: usize) -> io::Result<Vec<StoredTimestamp>> {
+    let f = match std::fs::File::open(dir.join(TIMESTAMPS_FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    super::lines_from_end(&f, |at, line| {
+        match serde_json::from_slice::<StoredTimestamp>(line) {
+            Ok(t) => out.push(t),
+            Err(e) => {
+                tracing::warn!(offset = at, error = %e, "ignoring an unreadable line of timestamps.jsonl");
+            }
+        }
+        out.len() < n
+    })?;
+    out.reverse();
+    Ok(out)
+}
+
 /// Append a timestamp durably.
 pub fn append(dir: &Path, t: &StoredTimestamp) -> io::Result<()> {
     let path = dir.join(TIMESTAMPS_FILE);

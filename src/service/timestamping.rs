@@ -205,7 +205,7 @@ async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, St
 
 /// Load stored timestamps, and queue the checkpoints that have none (oldest first).
 pub async fn restore(app: &App) -> Result<(), crate::storage::Error> {
-    for t in app.timestamp_store.load_since(None).await? {
+    for t in app.timestamp_store.latest(KEPT_IN_MEMORY).await? {
         app.timestamps.insert(&t);
     }
     if app.config.audit.timestamping.is_some() {

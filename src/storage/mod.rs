@@ -91,6 +91,8 @@ pub trait JournalStore: Send + Sync {
 pub trait TimestampStore: Send + Sync {
     /// Stored timestamps of checkpoints larger than `after` (all with `None`).
     fn load_since(&self, after: Option<u64>) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>>;
+    /// The newest `n` stored timestamps, oldest first.
+    fn latest(&self, n: usize) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>>;
     /// Store one, durably. Storing one that exists already is not an error.
     fn append<'a>(&'a self, t: &'a StoredTimestamp) -> BoxFuture<'a, Result<(), Error>>;
     /// Signed checkpoints without a timestamp yet, oldest first: (tree size, note).
@@ -134,20 +136,57 @@ impl TimestampStore for FileTimestamps {
                 .map_err(|e| self.io(e))
         })
     }
+    fn latest(&self, n: usize) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>> {
+        Box::pin(async move {
+            let dir = self.dir.clone();
+            tokio::task::spawn_blocking(move || audit::timestamp::load_latest(&dir, n))
+                .await
+                .map_err(|e| self.io(std::io::Error::other(e)))?
+                .map_err(|e| self.io(e))
+        })
+    }
+    /// Tokens are requested in checkpoint order, so the checkpoints without one are those
+    /// after the newest stamped: read from the end of both files, not all of them.
     fn unstamped(&self) -> BoxFuture<'_, Result<Vec<(u64, String)>, Error>> {
         Box::pin(async move {
-            let have: std::collections::BTreeSet<u64> = audit::timestamp::load(&self.dir)
-                .map_err(|e| self.io(e))?
-                .iter()
-                .map(|t| t.tree_size)
-                .collect();
-            let checkpoints = audit::read_checkpoints(&self.dir.join(audit::CHECKPOINTS_FILE))
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-            Ok(checkpoints
-                .into_iter()
-                .filter(|c| !have.contains(&c.tree_size))
-                .map(|c| (c.tree_size, c.note))
-                .collect())
+            let dir = self.dir.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<(u64, String)>, Error> {
+                let io = |e| Error::Io {
+                    path: dir.display().to_string(),
+                    source: e,
+                };
+                let newest = audit::timestamp::load_latest(&dir, 1)
+                    .map_err(io)?
+                    .first()
+                    .map(|t| t.tree_size);
+                let f = match std::fs::File::open(dir.join(audit::CHECKPOINTS_FILE)) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(io(e)),
+                };
+                let (mut out, mut bad) = (Vec::new(), None);
+                audit::lines_from_end(&f, |_, line| {
+                    match serde_json::from_slice::<StoredCheckpoint>(line) {
+                        Ok(c) if newest.is_none_or(|m| c.tree_size > m) => {
+                            out.push((c.tree_size, c.note));
+                            true
+                        }
+                        Ok(_) => false,
+                        Err(e) => {
+                            bad = Some(e.to_string());
+                            false
+                        }
+                    }
+                })
+                .map_err(io)?;
+                if let Some(e) = bad {
+                    return Err(Error::Invalid(format!("{}: {e}", audit::CHECKPOINTS_FILE)));
+                }
+                out.reverse();
+                Ok(out)
+            })
+            .await
+            .map_err(|e| self.io(std::io::Error::other(e)))?
         })
     }
 }

@@ -1843,13 +1843,25 @@ impl TimestampStore for PgState {
                 )
                 .await
                 .map_err(|e| self.db.failed(e))?;
+            Ok(rows.into_iter().map(|r| stored_timestamp(&r)).collect())
+        })
+    }
+
+    fn latest(&self, n: usize) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>> {
+        Box::pin(async move {
+            let c = self.db.client().await?;
+            let rows = c
+                .query(
+                    "SELECT tree_size, note_sha256, response FROM signet_timestamps
+                     ORDER BY tree_size DESC LIMIT $1",
+                    &[&(n as i64)],
+                )
+                .await
+                .map_err(|e| self.db.failed(e))?;
             Ok(rows
                 .into_iter()
-                .map(|r| StoredTimestamp {
-                    tree_size: r.get::<_, i64>(0) as u64,
-                    note_sha256: r.get(1),
-                    response: r.get(2),
-                })
+                .rev()
+                .map(|r| stored_timestamp(&r))
                 .collect())
         })
     }
@@ -1885,6 +1897,15 @@ impl TimestampStore for PgState {
                 .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)))
                 .collect())
         })
+    }
+}
+
+/// A row of `signet_timestamps` (tree_size, note_sha256, response).
+fn stored_timestamp(r: &tokio_postgres::Row) -> StoredTimestamp {
+    StoredTimestamp {
+        tree_size: r.get::<_, i64>(0) as u64,
+        note_sha256: r.get(1),
+        response: r.get(2),
     }
 }
 
