@@ -275,6 +275,8 @@ pub struct EvidenceLog {
     inner: Arc<Inner>,
     /// What differed from the anchors when opened with `accept_restore` (empty otherwise).
     restore_findings: Vec<String>,
+    /// How many entries opening read.
+    entries_read: u64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     queue: crossbeam_channel::Sender<Request>,
 }
@@ -448,8 +450,51 @@ struct SavedActive {
 
 const ACTIVE_FILE: &str = "active-versions.json";
 
-fn read_active(dir: &Path) -> Option<SavedActive> {
-    serde_json::from_slice(&std::fs::read(dir.join(ACTIVE_FILE)).ok()?).ok()
+/// `active-versions.json`: the saved versions as a JSON string, and an HMAC over it computed
+/// in the token (like `tail-head`), so a copy edited on disk is not trusted.
+#[derive(Serialize, Deserialize)]
+struct ActiveFile {
+    payload: String,
+    mac: String,
+}
+
+fn active_mac_message(origin: &str, payload: &str) -> Vec<u8> {
+    format!("signet active versions v1\n{origin}\n{payload}").into_bytes()
+}
+
+fn write_active(
+    dir: &Path,
+    origin: &str,
+    token: &dyn TokenAnchor,
+    saved: &SavedActive,
+) -> Result<(), Error> {
+    let payload = serde_json::to_string(saved).map_err(|e| Error::Serialize(e.to_string()))?;
+    let mac = token
+        .mac(&active_mac_message(origin, &payload))
+        .map_err(|e| Error::Token(e.to_string()))?;
+    let file = serde_json::to_vec(&ActiveFile {
+        payload,
+        mac: B64.encode(mac),
+    })
+    .map_err(|e| Error::Serialize(e.to_string()))?;
+    let path = dir.join(ACTIVE_FILE);
+    crate::fsutil::write_atomic(&path, &file).map_err(io_err(&path))
+}
+
+/// The saved active versions, if present and their MAC verifies.
+fn read_active(dir: &Path, origin: &str, token: &dyn TokenAnchor) -> Option<SavedActive> {
+    use subtle::ConstantTimeEq;
+    let file: ActiveFile =
+        serde_json::from_slice(&std::fs::read(dir.join(ACTIVE_FILE)).ok()?).ok()?;
+    let want = token.mac(&active_mac_message(origin, &file.payload)).ok()?;
+    let got = B64.decode(&file.mac).unwrap_or_default();
+    if !bool::from(got.as_slice().ct_eq(&want)) {
+        tracing::warn!(
+            "{ACTIVE_FILE} does not verify with the token's MAC key; reading the whole log"
+        );
+        return None;
+    }
+    serde_json::from_str(&file.payload).ok()
 }
 
 impl EvidenceLog {
@@ -521,6 +566,8 @@ impl EvidenceLog {
         let recovery = Recovery {
             store: &store,
             log_path: &log_path,
+            origin: &opts.origin,
+            token: token.as_ref(),
             signed_size,
             acknowledged: anchors.acknowledged(),
             targets,
@@ -562,6 +609,15 @@ impl EvidenceLog {
         // What was rebuilt is durable before anything is served from it.
         store.offsets.sync().map_err(io_err(store.offsets.path()))?;
         store.index.sync(size).map_err(io_err(&dir))?;
+        write_active(
+            &dir,
+            &opts.origin,
+            token.as_ref(),
+            &SavedActive {
+                through: size,
+                active: recovered.active.clone(),
+            },
+        )?;
         let fsync = opts.fsync;
         let mut tail = TailWriter::open(
             &dir,
@@ -634,6 +690,7 @@ impl EvidenceLog {
         Ok(Self {
             inner,
             restore_findings,
+            entries_read: recovered.read,
             writer: Mutex::new(Some(writer)),
             queue,
         })
@@ -642,6 +699,12 @@ impl EvidenceLog {
     /// What differed from the anchors when opened with `accept_restore`.
     pub fn restore_findings(&self) -> &[String] {
         &self.restore_findings
+    }
+
+    /// How many entries opening the log read (the entries since the last checkpoint, or all
+    /// of them when the derived files could not be trusted).
+    pub fn entries_read_at_open(&self) -> u64 {
+        self.entries_read
     }
 
     /// Append entries (indexes are assigned here) and return once they are durable.
@@ -826,13 +889,15 @@ impl EvidenceLog {
         let store = &self.inner.store;
         store.offsets.sync().map_err(io_err(store.offsets.path()))?;
         store.index.sync(size).map_err(store.io())?;
-        let saved = serde_json::to_vec(&SavedActive {
-            through: size,
-            active: (*active).clone(),
-        })
-        .map_err(|e| Error::Serialize(e.to_string()))?;
-        let active_path = store.dir.join(ACTIVE_FILE);
-        crate::fsutil::write_atomic(&active_path, &saved).map_err(io_err(&active_path))?;
+        write_active(
+            &store.dir,
+            &self.inner.origin,
+            self.inner.token.as_ref(),
+            &SavedActive {
+                through: size,
+                active: (*active).clone(),
+            },
+        )?;
         let cp = Checkpoint {
             origin: self.inner.origin.clone(),
             size,
@@ -1217,6 +1282,8 @@ impl Recovered {
 struct Recovery<'a> {
     store: &'a Store,
     log_path: &'a Path,
+    origin: &'a str,
+    token: &'a dyn TokenAnchor,
     /// The latest signed checkpoint's size.
     signed_size: u64,
     /// The tail head's size: entries beyond it were never acknowledged.
@@ -1235,7 +1302,10 @@ impl Recovery<'_> {
         signed: Option<&Checkpoint>,
         indexed_through: u64,
     ) -> Result<Option<Recovered>, Error> {
-        let (Some(signed), Some(saved)) = (signed, read_active(&self.store.dir)) else {
+        let (Some(signed), Some(saved)) = (
+            signed,
+            read_active(&self.store.dir, self.origin, self.token),
+        ) else {
             return Ok(None);
         };
         let size = signed.size;
@@ -1898,6 +1968,7 @@ mod tests {
                 .replacen("\"tx-10\"", "\"tx-XX\"", 1);
         std::fs::write(&path, &altered).unwrap();
         let log = Arc::new(open(dir.path(), &key).unwrap());
+        assert_eq!(log.entries_read_at_open(), 2, "only the unsigned tail");
         assert_eq!(log.tree_size(), 2002);
         assert_eq!(log.root(2000).unwrap(), root);
         assert_eq!(log.prove(700).unwrap().proof.hashes, proof_700);
@@ -1944,11 +2015,7 @@ mod tests {
             through: 1_000_000,
             active: order::ActiveVersions::default(),
         };
-        std::fs::write(
-            dir.path().join(ACTIVE_FILE),
-            serde_json::to_vec(&saved).unwrap(),
-        )
-        .unwrap();
+        write_active(dir.path(), "test.example/log", key.1.as_ref(), &saved).unwrap();
         let log = Arc::new(open(dir.path(), &key).unwrap());
         let tx_dir = dir.path().join("index/tx");
         let records: u64 = std::fs::read_dir(&tx_dir)
@@ -1957,6 +2024,21 @@ mod tests {
             .sum();
         assert_eq!(records, 2004 * 16, "one record per entry");
         assert_eq!(log.transaction_entries("tx-2003").unwrap(), vec![2003]);
+
+        // Saved versions edited on disk do not verify with the token's MAC: not trusted, the
+        // whole log is read.
+        log.close();
+        drop(log);
+        let path_active = dir.path().join(ACTIVE_FILE);
+        let text = std::fs::read_to_string(&path_active).unwrap();
+        assert!(text.contains("2004"), "{text}");
+        std::fs::write(&path_active, text.replacen("2004", "2000", 1)).unwrap();
+        let log = Arc::new(open(dir.path(), &key).unwrap());
+        assert_eq!(log.entries_read_at_open(), 2004);
+        log.close();
+        drop(log);
+        let log = Arc::new(open(dir.path(), &key).unwrap());
+        assert!(log.entries_read_at_open() < 256);
 
         // A damaged tile disagrees with the checkpoint at start-up: the tiles are rebuilt from
         // the entries.
