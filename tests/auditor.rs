@@ -22,7 +22,7 @@ async fn sign_tx(s: &Signet, client: &str, policy: &str, tx: &str, doc: &str) {
 }
 
 async fn get(s: &Signet, client: &str, path: &str) -> (u16, Value) {
-    let (st, _, v) = s.call(client, Method::GET, path, None, &[]).await;
+    let (st, v) = s.get(client, path).await;
     (st, v)
 }
 
@@ -104,7 +104,7 @@ async fn a_transaction_trail_is_complete_proved_and_scoped_to_the_callers_tenant
     };
     let leaves = leaves(&s);
     // The auditor sees every entry of txn-a, both tenants, each proved to one checkpoint.
-    let (st, v) = get(&s, "auditor", "/v1/audit/transactions/txn-a").await;
+    let (st, v) = s.get("auditor", "/v1/audit/transactions/txn-a").await;
     assert_eq!(st, 200, "{v}");
     let got = entry_indexes(&v);
     assert_eq!(got, expect("txn-a", None));
@@ -141,7 +141,7 @@ async fn a_transaction_trail_is_complete_proved_and_scoped_to_the_callers_tenant
         );
     }
     // A client sees its own tenant's part only — never another tenant's data.
-    let (st, v) = get(&s, "payroll-app", "/v1/audit/transactions/txn-a").await;
+    let (st, v) = s.get("payroll-app", "/v1/audit/transactions/txn-a").await;
     assert_eq!(st, 200);
     let got = entry_indexes(&v);
     assert_eq!(got, expect("txn-a", Some("payroll")));
@@ -149,16 +149,16 @@ async fn a_transaction_trail_is_complete_proved_and_scoped_to_the_callers_tenant
         !v.to_string().contains(&digest_hex(b"a purchase order")),
         "another tenant's digest leaked: {v}"
     );
-    let (_, v) = get(&s, "payroll-app", "/v1/audit/transactions/txn-p").await;
+    let (_, v) = s.get("payroll-app", "/v1/audit/transactions/txn-p").await;
     assert!(v["entries"].as_array().unwrap().is_empty(), "{v}");
-    let (_, v) = get(&s, "auditor", "/v1/audit/transactions/txn-b").await;
+    let (_, v) = s.get("auditor", "/v1/audit/transactions/txn-b").await;
     assert_eq!(v["entries"].as_array().unwrap().len(), 1);
-    let (_, v) = get(&s, "auditor", "/v1/audit/transactions/unknown").await;
+    let (_, v) = s.get("auditor", "/v1/audit/transactions/unknown").await;
     assert!(v["entries"].as_array().unwrap().is_empty());
     // And it survives a restart (the index is rebuilt from the log).
     assert!(s.stop().success());
     s.start();
-    let (_, v) = get(&s, "auditor", "/v1/audit/transactions/txn-a").await;
+    let (_, v) = s.get("auditor", "/v1/audit/transactions/txn-a").await;
     assert_eq!(v["entries"].as_array().unwrap().len(), 4);
 }
 
@@ -194,7 +194,7 @@ async fn a_tenants_entries_page_stably_while_the_log_grows() {
         .map(|e| e["index"].as_u64().unwrap())
         .collect();
     let q = format!("/v1/audit/entries?tenant=payroll&since={start}&limit=3");
-    let (st, p1) = get(&s, "payroll-app", &q).await;
+    let (st, p1) = s.get("payroll-app", &q).await;
     assert_eq!(st, 200, "{p1}");
     assert_eq!(entry_indexes(&p1), payroll[..3]);
     // The log grows between pages: the next pages continue where the first stopped.
@@ -202,7 +202,7 @@ async fn a_tenants_entries_page_stably_while_the_log_grows() {
     let mut seen = entry_indexes(&p1);
     let mut cursor = p1["next_cursor"].as_str().unwrap().to_owned();
     loop {
-        let (_, p) = get(&s, "payroll-app", &format!("{q}&cursor={cursor}")).await;
+        let (_, p) = s.get("payroll-app", &format!("{q}&cursor={cursor}")).await;
         seen.extend(entry_indexes(&p));
         match p["next_cursor"].as_str() {
             Some(c) => cursor = c.to_owned(),
@@ -217,15 +217,17 @@ async fn a_tenants_entries_page_stably_while_the_log_grows() {
             .all(|i| s.entries()[*i as usize]["tenant"] == "payroll")
     );
     // A window that ends before the first signature is empty.
-    let (_, p) = get(
-        &s,
-        "payroll-app",
-        &format!("/v1/audit/entries?tenant=payroll&since=2000-01-01T00:00:00Z&until={start}"),
-    )
-    .await;
+    let (_, p) = s
+        .get(
+            "payroll-app",
+            &format!("/v1/audit/entries?tenant=payroll&since=2000-01-01T00:00:00Z&until={start}"),
+        )
+        .await;
     assert!(entry_indexes(&p).iter().all(|i| !payroll.contains(i)));
     // Another tenant's entries: 403. Bad input: 400.
-    let (st, p) = get(&s, "payroll-app", "/v1/audit/entries?tenant=procurement").await;
+    let (st, p) = s
+        .get("payroll-app", "/v1/audit/entries?tenant=procurement")
+        .await;
     assert_eq!(
         (st, p["type"].as_str()),
         (403, Some("urn:signet:problem:forbidden"))
@@ -236,16 +238,15 @@ async fn a_tenants_entries_page_stably_while_the_log_grows() {
         "tenant=payroll&cursor=x",
         "since=2026-01-01T00:00:00Z",
     ] {
-        let (st, p) = get(&s, "payroll-app", &format!("/v1/audit/entries?{bad}")).await;
+        let (st, p) = s
+            .get("payroll-app", &format!("/v1/audit/entries?{bad}"))
+            .await;
         assert_eq!(st, 400, "{bad}: {p}");
     }
     // The audit role reads any tenant.
-    let (st, p) = get(
-        &s,
-        "auditor",
-        "/v1/audit/entries?tenant=procurement&limit=1000",
-    )
-    .await;
+    let (st, p) = s
+        .get("auditor", "/v1/audit/entries?tenant=procurement&limit=1000")
+        .await;
     assert_eq!(st, 200);
     assert!(entry_indexes(&p).len() >= 7);
 }
@@ -380,15 +381,11 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     lines[10].replace_range(at..=at, flipped);
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     s.start();
-    let (st, _, p) = s
-        .call("auditor", Method::GET, "/v1/audit/entries/10", None, &[])
-        .await;
+    let (st, p) = s.get("auditor", "/v1/audit/entries/10").await;
     assert_eq!(st, 500, "{p}");
     assert_eq!(p["type"], "urn:signet:problem:evidence-inconsistent", "{p}");
     assert!(p["detail"].as_str().unwrap().contains("entry 10"), "{p}");
-    let (st, _, p) = s
-        .call("auditor", Method::GET, "/v1/audit/entries/290", None, &[])
-        .await;
+    let (st, p) = s.get("auditor", "/v1/audit/entries/290").await;
     assert_eq!(st, 200, "{p}");
     assert!(s.stop().success());
     let out = s.cli(&["audit", "verify", s.audit_dir().to_str().unwrap()]);

@@ -99,14 +99,8 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
 
     for (i, r) in responses.iter().enumerate() {
         let index = r["receipt"]["index"].as_u64().unwrap();
-        let (status, _, e) = s
-            .call(
-                "payroll-app",
-                Method::GET,
-                &format!("/v1/audit/entries/{index}"),
-                None,
-                &[],
-            )
+        let (status, e) = s
+            .get("payroll-app", &format!("/v1/audit/entries/{index}"))
             .await;
         assert_eq!(status, 200, "{e}");
         let entry = &e["entry"];
@@ -151,13 +145,10 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
 
     // Consistency from the first checkpoint to the latest, checked against RFC 6962 PROOF().
     if first_size > 0 && first_size < size {
-        let (status, _, c) = s
-            .call(
+        let (status, c) = s
+            .get(
                 "auditor",
-                Method::GET,
                 &format!("/v1/audit/consistency?from={first_size}&to={size}"),
-                None,
-                &[],
             )
             .await;
         assert_eq!(status, 200, "{c}");
@@ -178,14 +169,8 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
     std::fs::create_dir_all(&work).unwrap();
     let r = &responses[3];
     let index = r["receipt"]["index"].as_u64().unwrap();
-    let (_, _, e) = s
-        .call(
-            "payroll-app",
-            Method::GET,
-            &format!("/v1/audit/entries/{index}"),
-            None,
-            &[],
-        )
+    let (_, e) = s
+        .get("payroll-app", &format!("/v1/audit/entries/{index}"))
         .await;
     std::fs::write(work.join("response.json"), r.to_string()).unwrap();
     std::fs::write(work.join("entry.tlog-proof"), e["proof"].as_str().unwrap()).unwrap();

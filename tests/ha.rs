@@ -181,14 +181,8 @@ async fn three_replicas_share_one_log_under_concurrent_load() {
     {
         let index = r["receipt"]["index"].as_u64().unwrap();
         assert!(index < size);
-        let (status, _, e) = b
-            .call(
-                "auditor",
-                Method::GET,
-                &format!("/v1/audit/entries/{index}"),
-                None,
-                &[],
-            )
+        let (status, e) = b
+            .get("auditor", &format!("/v1/audit/entries/{index}"))
             .await;
         assert_eq!(status, 200, "{e}");
         assert_eq!(e["entry"]["signature"], r["signature"]);
@@ -214,9 +208,7 @@ async fn three_replicas_share_one_log_under_concurrent_load() {
         );
     }
     for s in [&a, &b, &c] {
-        let (_, _, v) = s
-            .call("auditor", Method::GET, "/v1/audit/checkpoint", None, &[])
-            .await;
+        let (_, v) = s.get("auditor", "/v1/audit/checkpoint").await;
         assert!(v["tree_size"].as_u64().unwrap() >= size);
     }
     // Exactly one replica signs checkpoints.
@@ -558,14 +550,8 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
     let old_cp = s.checkpoint_covering(19).await;
     let old_size = old_cp["tree_size"].as_u64().unwrap();
     let index = responses[4]["receipt"]["index"].as_u64().unwrap();
-    let (_, _, old_proof) = s
-        .call(
-            "auditor",
-            Method::GET,
-            &format!("/v1/audit/entries/{index}"),
-            None,
-            &[],
-        )
+    let (_, old_proof) = s
+        .get("auditor", &format!("/v1/audit/entries/{index}"))
         .await;
     s.stop();
 
@@ -609,14 +595,8 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
 
     s.start();
     // The old checkpoint is still the log's, the old proof is served identically.
-    let (_, _, proof) = s
-        .call(
-            "auditor",
-            Method::GET,
-            &format!("/v1/audit/entries/{index}"),
-            None,
-            &[],
-        )
+    let (_, proof) = s
+        .get("auditor", &format!("/v1/audit/entries/{index}"))
         .await;
     assert_eq!(proof["proof"], old_proof["proof"]);
     // The log grows from where the file log ended, consistent with the old checkpoint.
@@ -626,16 +606,13 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
     assert_eq!(st, 200);
     let new_index = r["receipt"]["index"].as_u64().unwrap();
     let new_cp = s.checkpoint_covering(new_index + 1).await;
-    let (st, _, c) = s
-        .call(
+    let (st, c) = s
+        .get(
             "auditor",
-            Method::GET,
             &format!(
                 "/v1/audit/consistency?from={old_size}&to={}",
                 new_cp["tree_size"].as_u64().unwrap()
             ),
-            None,
-            &[],
         )
         .await;
     assert_eq!(st, 200, "{c}");
@@ -647,14 +624,8 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
     // Old receipts verify offline against the new log's latest checkpoint.
     let work = s.dir.join("migrated-receipts");
     std::fs::create_dir_all(&work).unwrap();
-    let (_, _, latest_proof) = s
-        .call(
-            "auditor",
-            Method::GET,
-            &format!("/v1/audit/entries/{index}"),
-            None,
-            &[],
-        )
+    let (_, latest_proof) = s
+        .get("auditor", &format!("/v1/audit/entries/{index}"))
         .await;
     std::fs::write(work.join("r.json"), responses[4].to_string()).unwrap();
     std::fs::write(
@@ -752,14 +723,8 @@ async fn the_tree_lives_in_database_tiles_that_an_independent_implementation_ver
     // Inclusion proofs across tile boundaries, checked by the independent code.
     let entries = exported_entries(&b, &b.dir.join("export-tiles"));
     for index in [0u64, 255, 256, 511, 512, n - 1] {
-        let (st, _, e) = b
-            .call(
-                "auditor",
-                Method::GET,
-                &format!("/v1/audit/entries/{index}"),
-                None,
-                &[],
-            )
+        let (st, e) = b
+            .get("auditor", &format!("/v1/audit/entries/{index}"))
             .await;
         assert_eq!(st, 200, "{e}");
         let canonical = serde_json_canonicalizer::to_vec(&entries[index as usize]).unwrap();
@@ -780,9 +745,7 @@ async fn the_tree_lives_in_database_tiles_that_an_independent_implementation_ver
         "SET session_replication_role = replica; \
          UPDATE signet_entries SET body = convert_to(replace(convert_from(body, 'UTF8'), 'payroll-esign', 'payroll-esigX'), 'UTF8') WHERE idx = 300",
     );
-    let (st, _, e) = b
-        .call("auditor", Method::GET, "/v1/audit/entries/300", None, &[])
-        .await;
+    let (st, e) = b.get("auditor", "/v1/audit/entries/300").await;
     assert_ne!(st, 200, "{e}");
     let out = Command::new(BIN)
         .args(["--config", b.config().to_str().unwrap(), "audit", "verify"])

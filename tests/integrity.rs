@@ -14,7 +14,6 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
-use hyper::Method;
 use serde_json::Value;
 use signet::audit::{Entry, merkle};
 
@@ -79,9 +78,7 @@ async fn a_rewritten_log_with_its_checkpoints_deleted_is_refused_at_start() {
     // The auditor keeps a checkpoint that covers every entry so far.
     let mut cp = Value::Null;
     for _ in 0..100 {
-        let (_, _, v) = s
-            .call("auditor", Method::GET, "/v1/audit/checkpoint", None, &[])
-            .await;
+        let (_, v) = s.get("auditor", "/v1/audit/checkpoint").await;
         if v["tree_size"].as_u64() >= Some(n) {
             cp = v;
             break;
@@ -344,22 +341,14 @@ async fn receipt_files(s: &Signet) -> ReceiptFiles {
     let path = format!("/v1/audit/entries/{index}");
     let mut e = Value::Null;
     for _ in 0..100 {
-        let (st, _, v) = s.call("payroll-app", Method::GET, &path, None, &[]).await;
+        let (st, v) = s.get("payroll-app", &path).await;
         if st == 200 {
             e = v;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, _, cp) = s
-        .call(
-            "payroll-app",
-            Method::GET,
-            "/v1/audit/checkpoint",
-            None,
-            &[],
-        )
-        .await;
+    let (_, cp) = s.get("payroll-app", "/v1/audit/checkpoint").await;
     let dir = s.dir.join("receipt");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("response.json"), r.to_string()).unwrap();

@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use hyper::Method;
 
 /// The pkcs11-tool paragraph of the private key labelled `label`.
 fn private_key_block(objects: &str, label: &str) -> Option<String> {
@@ -129,9 +128,7 @@ async fn keys_create_in_process_and_online_and_the_token_alone_rebuilds_the_regi
         .await;
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["key_id"], "payroll/v1");
-    let (_, _, k) = s
-        .call("admin", Method::GET, "/v1/admin/keys", None, &[])
-        .await;
+    let (_, k) = s.get("admin", "/v1/admin/keys").await;
     let states: Vec<(String, String)> = k["keys"]
         .as_array()
         .unwrap()

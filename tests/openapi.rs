@@ -13,16 +13,13 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use hyper::Method;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_contract_violation() {
     let mut s = Signet::init(Init::default());
     s.start();
     // The document served is the one in the repository.
-    let (st, _, served) = s
-        .call("auditor", Method::GET, "/v1/openapi.json", None, &[])
-        .await;
+    let (st, served) = s.get("auditor", "/v1/openapi.json").await;
     assert_eq!(st, 200);
     let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.yaml"))
         .unwrap();

@@ -51,9 +51,7 @@ fn rotation_config(
 }
 
 async fn status(s: &Signet, tenant: &str) -> Value {
-    let (st, _, v) = s
-        .call("admin", Method::GET, "/v1/admin/rotations", None, &[])
-        .await;
+    let (st, v) = s.get("admin", "/v1/admin/rotations").await;
     assert_eq!(st, 200, "{v}");
     v["tenants"]
         .as_array()
@@ -121,9 +119,7 @@ async fn scheduled_rotation_renews_before_expiry_retires_after_grace_and_never_p
     // Retirement destroyed v1's private key and kept its certificate for verification.
     assert_eq!(private_keys_labelled(&s, "payroll/v1"), 0);
     assert_eq!(private_keys_labelled(&s, "payroll/v2"), 1);
-    let (_, _, k) = s
-        .call("payroll-app", Method::GET, "/v1/keys/payroll", None, &[])
-        .await;
+    let (_, k) = s.get("payroll-app", "/v1/keys/payroll").await;
     let v1 = k["keys"]
         .as_array()
         .unwrap()
@@ -748,9 +744,7 @@ async fn expiry_metrics_equal_the_certificates() {
         "metrics test",
     ]);
     let m = s.metrics_text().await;
-    let (_, _, keys) = s
-        .call("admin", Method::GET, "/v1/admin/keys", None, &[])
-        .await;
+    let (_, keys) = s.get("admin", "/v1/admin/keys").await;
     for k in keys["keys"].as_array().unwrap() {
         let pem = k["certificate"].as_str().unwrap();
         let info =

@@ -157,15 +157,7 @@ async fn clients_may_sign_only_for_their_tenants() {
     let (status, _) = s.sign("auditor", sign_body("payroll-esign", b"x")).await;
     assert_eq!(status, 403);
     // Keys of another tenant are not visible, nor usable for verification.
-    let (status, _, _) = s
-        .call(
-            "payroll-app",
-            Method::GET,
-            "/v1/keys/procurement",
-            None,
-            &[],
-        )
-        .await;
+    let (status, _) = s.get("payroll-app", "/v1/keys/procurement").await;
     assert_eq!(status, 403);
     let v = json!({"key_id": "procurement/v1", "digest": digest_hex(b"x"), "signature": r["signature"]});
     let (status, _, _) = s
@@ -754,9 +746,7 @@ async fn bad_input_gets_a_precise_problem_and_changes_nothing() {
 async fn keys_and_verify_endpoints() {
     let mut s = Signet::init(Init::default());
     s.start();
-    let (status, _, k) = s
-        .call("payroll-app", Method::GET, "/v1/keys/payroll", None, &[])
-        .await;
+    let (status, k) = s.get("payroll-app", "/v1/keys/payroll").await;
     assert_eq!(status, 200, "{k}");
     let v1 = &k["keys"][0];
     assert_eq!(v1["key_id"], "payroll/v1");

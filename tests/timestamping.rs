@@ -18,7 +18,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
-use hyper::Method;
 use hyper_util::rt::TokioIo;
 
 /// A TSA: a CA, a timestamping certificate and an `openssl ts` configuration in `dir`.
@@ -139,9 +138,7 @@ async fn signet_with_tsa(tmp: &Path, down: Arc<AtomicBool>, extra: &str) -> (Pat
 
 /// The latest checkpoint, if it covers `size` entries and has its timestamp.
 async fn stamped(s: &Signet, size: u64) -> Option<serde_json::Value> {
-    let (_, _, cp) = s
-        .call("auditor", Method::GET, "/v1/audit/checkpoint", None, &[])
-        .await;
+    let (_, cp) = s.get("auditor", "/v1/audit/checkpoint").await;
     (cp["tree_size"].as_u64() >= Some(size) && cp["timestamp"].is_string()).then_some(cp)
 }
 
@@ -256,14 +253,8 @@ async fn checkpoints_get_rfc3161_timestamps_and_a_tsa_outage_never_blocks_signin
     };
     assert_eq!(sizes("timestamps.jsonl"), sizes("checkpoints.jsonl"));
     // Served with transaction trails too.
-    let (_, _, v) = s
-        .call(
-            "auditor",
-            Method::GET,
-            "/v1/audit/transactions/nothing-here",
-            None,
-            &[],
-        )
+    let (_, v) = s
+        .get("auditor", "/v1/audit/transactions/nothing-here")
         .await;
     assert!(v["checkpoint_timestamp"].is_string(), "{v}");
 }

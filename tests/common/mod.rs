@@ -335,6 +335,12 @@ impl Signet {
         call_on(&mut c, method, path, body, headers).await
     }
 
+    /// `GET path` as `client` on a fresh connection; status and JSON body.
+    pub async fn get(&self, client: &str, path: &str) -> (u16, Value) {
+        let (st, _, v) = self.call(client, Method::GET, path, None, &[]).await;
+        (st, v)
+    }
+
     pub async fn sign(&self, client: &str, body: Value) -> (u16, Value) {
         let (s, _, v) = self
             .call(client, Method::POST, "/v1/sign", Some(body), &[])
