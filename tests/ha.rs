@@ -835,25 +835,7 @@ async fn a_database_restored_from_an_older_backup_is_refused_until_accepted() {
     a.stop();
     // A backup taken now (the append-only triggers come back with it)...
     let dump = a.dir.join("backup.sql");
-    let out = Command::new("pg_dump")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-f",
-        ])
-        .arg(&dump)
-        .arg("restore")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pg.dump("restore", &dump);
     // ...then more signatures, checkpointed (the token's anchor moves on)...
     a.start();
     for i in 0..3 {
@@ -870,27 +852,7 @@ async fn a_database_restored_from_an_older_backup_is_refused_until_accepted() {
     // ...and the database is put back from the backup: Signet refuses it.
     pg.psql("postgres", "DROP DATABASE restore");
     pg.psql("postgres", "CREATE DATABASE restore");
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-q",
-            "-d",
-        ])
-        .arg("restore")
-        .arg("-f")
-        .arg(&dump)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pg.restore("restore", &dump);
     let err = a.start_refused();
     assert!(
         err.contains("token's anchor covers") && err.contains("evidence-log-restore.md"),

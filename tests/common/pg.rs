@@ -116,78 +116,30 @@ impl Postgres {
     /// CA's PEM file (what `storage.ca_file` names). Takes effect on reload.
     pub fn enable_tls(&self) -> PathBuf {
         let dir = self.data.clone();
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        openssl(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "ca.key",
-        ]);
-        openssl(&[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-subj",
-            "/CN=test database CA",
-            "-days",
-            "2",
-            "-out",
-            "ca.crt",
-        ]);
-        openssl(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "server.key",
-        ]);
-        openssl(&[
-            "req",
-            "-new",
-            "-key",
-            "server.key",
-            "-subj",
-            "/CN=localhost",
-            "-out",
-            "server.csr",
-        ]);
+        super::openssl_ca(&dir, "ca", "/CN=test database CA");
+        super::openssl_key_and_csr(&dir, "server", "/CN=localhost");
         std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.crt",
-        ]);
-        for f in ["server.key", "server.crt", "ca.crt"] {
+        super::openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "server.crt",
+            ],
+        );
+        for f in ["server.key", "server.crt", "ca.pem"] {
             self.own(&dir.join(f));
         }
         std::fs::set_permissions(
@@ -202,7 +154,7 @@ impl Postgres {
         self.psql("postgres", "SELECT pg_reload_conf()");
         std::thread::sleep(Duration::from_millis(500));
         let ca = self._tmp.path().join("database-ca.pem");
-        std::fs::copy(dir.join("ca.crt"), &ca).unwrap();
+        std::fs::copy(dir.join("ca.pem"), &ca).unwrap();
         ca
     }
 
@@ -263,30 +215,50 @@ impl Postgres {
 
     /// Run SQL; returns the output (unaligned, tuples only).
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
+        self.client(
+            "psql",
+            &["-d", db, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
+        )
+        .trim()
+        .to_owned()
+    }
+
+    /// `pg_dump` of `db` into `file`.
+    pub fn dump(&self, db: &str, file: &Path) {
+        self.client("pg_dump", &["-f", file.to_str().unwrap(), db]);
+    }
+
+    /// Run the SQL of `file` (a dump) in `db`.
+    pub fn restore(&self, db: &str, file: &Path) {
+        self.client(
+            "psql",
+            &[
+                "-q",
                 "-v",
                 "ON_ERROR_STOP=1",
-                "-At",
-                "-c",
-                sql,
-            ])
+                "-d",
+                db,
+                "-f",
+                file.to_str().unwrap(),
+            ],
+        );
+    }
+
+    /// A client tool connected to this server as `postgres`; panics with its stderr on
+    /// failure; returns stdout.
+    fn client(&self, tool: &str, args: &[&str]) -> String {
+        let port = self.port.to_string();
+        let out = Command::new(tool)
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+            .args(args)
             .output()
-            .expect("psql");
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
         assert!(
             out.status.success(),
-            "psql `{sql}`: {}",
+            "{tool} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The postmaster's PID.
