@@ -15,6 +15,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/common/openssl.rs"]
+#[allow(dead_code)]
+mod openssl;
 #[path = "../tests/common/pg.rs"]
 #[allow(dead_code)]
 mod pg;
@@ -495,56 +498,14 @@ fn openbao(dir: &Path, secs: u64) -> Result<RunResult, String> {
     let work = dir.join("openbao");
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let tls = dir.join("tls");
-    let openssl = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(&work)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    };
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "bao.key",
-        "-out",
-        "bao.csr",
-        "-subj",
-        "/CN=localhost",
-    ])?;
-    std::fs::write(
-        work.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .map_err(|e| e.to_string())?;
-    let (ca, ca_key) = (tls.join("ca.pem"), tls.join("ca.key"));
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "bao.csr",
-        "-CA",
-        ca.to_str().unwrap(),
-        "-CAkey",
-        ca_key.to_str().unwrap(),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "bao.pem",
-    ])?;
+    let ca = tls.join("ca.pem");
+    openssl::openssl_server_cert(
+        &work,
+        "bao",
+        &ca,
+        &tls.join("ca.key"),
+        "DNS:localhost,IP:127.0.0.1",
+    );
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?

@@ -4,7 +4,11 @@
 
 #![allow(dead_code)]
 
+pub mod openssl;
 pub mod pg;
+
+#[allow(unused_imports)]
+pub use openssl::{openssl, openssl_ca, openssl_key_and_csr, openssl_server_cert};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -744,58 +748,6 @@ impl Load {
     }
 }
 
-/// A new P-256 key `NAME.key` and a CSR `NAME.csr` for `subject`, in `dir`.
-pub fn openssl_key_and_csr(dir: &Path, name: &str, subject: &str) {
-    let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            subject,
-        ],
-    );
-}
-
-/// A self-signed P-256 CA `NAME.pem` with its key `NAME.key`, valid for two days, in `dir`.
-pub fn openssl_ca(dir: &Path, name: &str, subject: &str) {
-    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-subj",
-            subject,
-            "-days",
-            "2",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ],
-    );
-}
-
 /// Whether a command succeeded, and its stdout and stderr together.
 pub fn outcome(out: Output) -> (bool, String) {
     (
@@ -806,21 +758,6 @@ pub fn outcome(out: Output) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-/// Run openssl in `dir`; panics with its stderr on failure; returns stdout.
-pub fn openssl(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Signet {

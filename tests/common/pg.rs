@@ -116,30 +116,15 @@ impl Postgres {
     /// CA's PEM file (what `storage.ca_file` names). Takes effect on reload.
     pub fn enable_tls(&self) -> PathBuf {
         let dir = self.data.clone();
-        super::openssl_ca(&dir, "ca", "/CN=test database CA");
-        super::openssl_key_and_csr(&dir, "server", "/CN=localhost");
-        std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-        super::openssl(
+        super::openssl::openssl_ca(&dir, "ca", "/CN=test database CA");
+        super::openssl::openssl_server_cert(
             &dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-                "-out",
-                "server.crt",
-            ],
+            "server",
+            &dir.join("ca.pem"),
+            &dir.join("ca.key"),
+            "DNS:localhost",
         );
-        for f in ["server.key", "server.crt", "ca.pem"] {
+        for f in ["server.key", "server.pem", "ca.pem"] {
             self.own(&dir.join(f));
         }
         std::fs::set_permissions(
@@ -149,7 +134,7 @@ impl Postgres {
         .unwrap();
         let conf = dir.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap();
-        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        text.push_str("\nssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n");
         std::fs::write(&conf, text).unwrap();
         self.psql("postgres", "SELECT pg_reload_conf()");
         std::thread::sleep(Duration::from_millis(500));
