@@ -215,17 +215,12 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
     // The configured backend's log, exported in the file format and verified elsewhere, and
     // verified in place through the configuration.
     let export = s.dir.join("exported");
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(s.config())
-        .args(["audit", "export"])
-        .arg(&export)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(s.config())
+            .args(["audit", "export"])
+            .arg(&export),
     );
     assert_eq!(
         std::fs::read(export.join("entries.jsonl")).unwrap(),

@@ -192,19 +192,14 @@ async fn three_replicas_share_one_log_under_concurrent_load() {
             e["proof"].as_str().unwrap(),
         )
         .unwrap();
-        let out = Command::new(BIN)
-            .args(["receipt", "verify", "--receipt"])
-            .arg(work.join(format!("r{n}.json")))
-            .arg("--proof")
-            .arg(work.join(format!("p{n}.proof")))
-            .arg("--log-key")
-            .arg(work.join("log-key.pem"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new(BIN)
+                .args(["receipt", "verify", "--receipt"])
+                .arg(work.join(format!("r{n}.json")))
+                .arg("--proof")
+                .arg(work.join(format!("p{n}.proof")))
+                .arg("--log-key")
+                .arg(work.join("log-key.pem")),
         );
     }
     for s in [&a, &b, &c] {
@@ -638,19 +633,14 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
         new_cp["log_public_key"].as_str().unwrap(),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["receipt", "verify", "--receipt"])
-        .arg(work.join("r.json"))
-        .arg("--proof")
-        .arg(work.join("p.proof"))
-        .arg("--log-key")
-        .arg(work.join("key.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(BIN)
+            .args(["receipt", "verify", "--receipt"])
+            .arg(work.join("r.json"))
+            .arg("--proof")
+            .arg(work.join("p.proof"))
+            .arg("--log-key")
+            .arg(work.join("key.pem")),
     );
     assert_eq!(cli_json(&s, &["audit", "verify"])["ok"], true);
 }

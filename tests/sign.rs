@@ -44,16 +44,11 @@ async fn sign_returns_a_signature_that_verifies_with_the_returned_certificate() 
 
     // The certificate chains to the internal CA (checked by openssl).
     std::fs::write(s.dir.join("leaf.pem"), cert).unwrap();
-    let out = Command::new("openssl")
-        .args(["verify", "-CAfile"])
-        .arg(s.dir.join("hsm-ca.pem"))
-        .arg(s.dir.join("leaf.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(s.dir.join("hsm-ca.pem"))
+            .arg(s.dir.join("leaf.pem")),
     );
 
     // The evidence entry records who, what, when, how.

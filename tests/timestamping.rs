@@ -89,17 +89,12 @@ async fn serve_tsa(dir: PathBuf, down: Arc<AtomicBool>) -> u16 {
                             let body = req.into_body().collect().await?.to_bytes();
                             let name = format!("q{}", rand::random::<u64>());
                             std::fs::write(dir.join(format!("{name}.tsq")), &body).unwrap();
-                            let out = std::process::Command::new("openssl")
-                                .args(["ts", "-reply", "-config", "tsa.cnf", "-queryfile"])
-                                .arg(format!("{name}.tsq"))
-                                .args(["-out", &format!("{name}.tsr")])
-                                .current_dir(&dir)
-                                .output()
-                                .unwrap();
-                            assert!(
-                                out.status.success(),
-                                "{}",
-                                String::from_utf8_lossy(&out.stderr)
+                            run_ok(
+                                std::process::Command::new("openssl")
+                                    .args(["ts", "-reply", "-config", "tsa.cnf", "-queryfile"])
+                                    .arg(format!("{name}.tsq"))
+                                    .args(["-out", &format!("{name}.tsr")])
+                                    .current_dir(&dir),
                             );
                             let resp = std::fs::read(dir.join(format!("{name}.tsr"))).unwrap();
                             Ok(hyper::Response::builder()

@@ -748,6 +748,17 @@ impl Load {
     }
 }
 
+/// Run `cmd`; panics with its stderr unless it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Whether a command succeeded, and its stdout and stderr together.
 pub fn outcome(out: Output) -> (bool, String) {
     (
