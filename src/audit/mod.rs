@@ -304,7 +304,8 @@ struct State {
     /// The newest entry's leaf hash (the next entry links to it).
     last_leaf: Option<Hash>,
     file_len: u64,
-    /// The tenants' active versions as of `edge.size()` (saved with each checkpoint).
+    /// The tenants' active versions as of `edge.size()`: the writer's order check reads them,
+    /// and each checkpoint saves them.
     active: Arc<order::ActiveVersions>,
 }
 
@@ -659,7 +660,6 @@ impl EvidenceLog {
             metrics.audit_checkpoint_size.set(cp.tree_size as i64);
             metrics.audit_last_checkpoint.set(cp.signed_at as i64);
         }
-        let active = std::mem::take(&mut recovered.active);
         let inner = Arc::new(Inner {
             origin: opts.origin,
             signer,
@@ -669,7 +669,7 @@ impl EvidenceLog {
                 edge: Arc::new(recovered.edge),
                 last_leaf: recovered.last_leaf,
                 file_len,
-                active: Arc::new(active.clone()),
+                active: Arc::new(std::mem::take(&mut recovered.active)),
             }),
             store,
             writable: AtomicBool::new(true),
@@ -684,7 +684,7 @@ impl EvidenceLog {
             .name("audit-writer".into())
             .spawn(move || {
                 let mut sink = Sink { log, tail, fsync };
-                writer_main(w, &mut sink, rx, max_group, active)
+                writer_main(w, &mut sink, rx, max_group)
             })
             .map_err(io_err(&log_path))?;
         Ok(Self {
@@ -997,7 +997,6 @@ fn writer_main(
     sink: &mut Sink,
     rx: crossbeam_channel::Receiver<Request>,
     max_group: usize,
-    mut active: order::ActiveVersions,
 ) {
     let mut buf = Vec::with_capacity(1 << 16);
     let mut stopping = false;
@@ -1031,7 +1030,7 @@ fn writer_main(
         if group.is_empty() {
             continue;
         }
-        commit(&inner, sink, group, &mut buf, &mut active);
+        commit(&inner, sink, group, &mut buf);
     }
     // Answer anything still queued after a stop.
     while let Ok(Request::Append { reply, .. }) = rx.try_recv() {
@@ -1046,19 +1045,18 @@ type Group = Vec<(
 
 /// Sequence one group: assign indexes and hash links, refuse requests whose signatures were
 /// made with a replaced version (the order rule), write, fsync, publish, answer.
-fn commit(
-    inner: &Inner,
-    sink: &mut Sink,
-    group: Group,
-    buf: &mut Vec<u8>,
-    active: &mut order::ActiveVersions,
-) {
+fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec<u8>) {
     buf.clear();
     // The order state as of this group; becomes `active` only once the group is durable.
     let mut staged: Option<order::ActiveVersions> = None;
-    let (edge, base_len, mut previous) = {
+    let (edge, base_len, mut previous, active) = {
         let st = read(&inner.state);
-        (Arc::clone(&st.edge), st.file_len, st.last_leaf)
+        (
+            Arc::clone(&st.edge),
+            st.file_len,
+            st.last_leaf,
+            Arc::clone(&st.active),
+        )
     };
     let base_index = edge.size();
     let mut next = base_index;
@@ -1077,13 +1075,13 @@ fn commit(
         for mut e in entries {
             e.index = next;
             e.previous_leaf_hash = previous.map(|h| B64.encode(h));
-            let order = staged.as_ref().unwrap_or(active);
+            let order = staged.as_ref().unwrap_or(&active);
             if let Err(v) = order.check(&e) {
                 failed = Some(Error::Superseded(v));
                 break;
             }
             if order::activation(&e).is_some() {
-                staged.get_or_insert_with(|| active.clone()).record(&e);
+                staged.get_or_insert_with(|| (*active).clone()).record(&e);
             }
             match e.canonical() {
                 Ok(bytes) => {
@@ -1195,8 +1193,7 @@ fn commit(
     {
         let mut st = write(&inner.state);
         if let Some(s) = staged {
-            st.active = Arc::new(s.clone());
-            *active = s;
+            st.active = Arc::new(s);
         }
         st.edge = Arc::new(grown);
         if let Some(l) = leaves.last() {
