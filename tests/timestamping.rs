@@ -24,33 +24,13 @@ use hyper_util::rt::TokioIo;
 fn make_tsa(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     openssl_ca(dir, "tsa-ca", "/CN=Test TSA CA");
-    openssl_key_and_csr(dir, "tsa", "/CN=Test TSA");
-    std::fs::write(
-        dir.join("tsa.ext"),
-        "[x]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=critical,timeStamping\n",
-    )
-    .unwrap();
-    openssl(
+    openssl_issue(
         dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "tsa.csr",
-            "-CA",
-            "tsa-ca.pem",
-            "-CAkey",
-            "tsa-ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "tsa.ext",
-            "-extensions",
-            "x",
-            "-out",
-            "tsa.pem",
-        ],
+        "tsa",
+        "/CN=Test TSA",
+        &dir.join("tsa-ca.pem"),
+        &dir.join("tsa-ca.key"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=critical,timeStamping\n",
     );
     std::fs::write(dir.join("tsaserial"), "01\n").unwrap();
     std::fs::write(

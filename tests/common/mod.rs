@@ -8,7 +8,7 @@ pub mod openssl;
 pub mod pg;
 
 #[allow(unused_imports)]
-pub use openssl::{openssl, openssl_ca, openssl_key_and_csr, openssl_server_cert};
+pub use openssl::{openssl, openssl_ca, openssl_issue, openssl_key_and_csr, openssl_server_cert};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

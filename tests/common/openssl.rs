@@ -4,48 +4,42 @@
 use std::path::Path;
 use std::process::Command;
 
+/// `openssl req` making a new P-256 key `NAME.key` (unencrypted) for `subject`, writing
+/// `out`, with `extra` arguments.
+fn req_with_new_key(dir: &Path, name: &str, subject: &str, out: &str, extra: &[&str]) {
+    let key = format!("{name}.key");
+    let mut args = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        out,
+        "-subj",
+        subject,
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args);
+}
+
 /// A new P-256 key `NAME.key` and a CSR `NAME.csr` for `subject`, in `dir`.
 pub fn openssl_key_and_csr(dir: &Path, name: &str, subject: &str) {
-    let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            subject,
-        ],
-    );
+    req_with_new_key(dir, name, subject, &format!("{name}.csr"), &["-new"]);
 }
 
 /// A self-signed P-256 CA `NAME.pem` with its key `NAME.key`, valid for two days, in `dir`.
 pub fn openssl_ca(dir: &Path, name: &str, subject: &str) {
-    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
-    openssl(
+    req_with_new_key(
         dir,
+        name,
+        subject,
+        &format!("{name}.pem"),
         &[
-            "req",
             "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-subj",
-            subject,
             "-days",
             "2",
             "-addext",
@@ -71,17 +65,20 @@ pub fn openssl(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A P-256 server key `NAME.key` and certificate `NAME.pem` (subject `/CN=localhost`,
-/// subjectAltName `san`, e.g. `DNS:localhost`) issued by the CA `ca_pem` with key `ca_key`,
-/// valid for two days, in `dir`.
-pub fn openssl_server_cert(dir: &Path, name: &str, ca_pem: &Path, ca_key: &Path, san: &str) {
-    openssl_key_and_csr(dir, name, "/CN=localhost");
+/// A P-256 key `NAME.key` and certificate `NAME.pem` for `subject` with the X.509v3
+/// extensions `extensions` (config lines, e.g. `subjectAltName=DNS:localhost`), issued by the
+/// CA `ca_pem` with key `ca_key`, valid for two days, in `dir`.
+pub fn openssl_issue(
+    dir: &Path,
+    name: &str,
+    subject: &str,
+    ca_pem: &Path,
+    ca_key: &Path,
+    extensions: &str,
+) {
+    openssl_key_and_csr(dir, name, subject);
     let ext = format!("{name}.ext");
-    std::fs::write(
-        dir.join(&ext),
-        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
-    )
-    .unwrap();
+    std::fs::write(dir.join(&ext), extensions).unwrap();
     openssl(
         dir,
         &[
@@ -101,5 +98,19 @@ pub fn openssl_server_cert(dir: &Path, name: &str, ca_pem: &Path, ca_key: &Path,
             "-out",
             &format!("{name}.pem"),
         ],
+    );
+}
+
+/// A P-256 server key `NAME.key` and certificate `NAME.pem` (subject `/CN=localhost`,
+/// subjectAltName `san`, e.g. `DNS:localhost`) issued by the CA `ca_pem` with key `ca_key`,
+/// valid for two days, in `dir`.
+pub fn openssl_server_cert(dir: &Path, name: &str, ca_pem: &Path, ca_key: &Path, san: &str) {
+    openssl_issue(
+        dir,
+        name,
+        "/CN=localhost",
+        ca_pem,
+        ca_key,
+        &format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
     );
 }
