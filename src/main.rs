@@ -9,6 +9,10 @@ fn main() -> std::process::ExitCode {
     init_tracing(&args.log_format);
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<cli::Unverified>().is_some() => {
+            eprintln!("{e:#}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

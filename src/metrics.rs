@@ -39,6 +39,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub idempotency_evictions: IntCounter,
     pub tsa_requests: IntCounterVec,
+    pub tsa_rejections: IntCounterVec,
     pub audit_timestamps_pending: IntGauge,
     pub config_last_reload_success: IntGauge,
     pub ready: IntGauge,
@@ -129,8 +130,13 @@ impl Metrics {
             )),
             tsa_requests: reg!(counter_vec(
                 "signet_tsa_requests_total",
-                "RFC 3161 timestamp requests for checkpoints, by outcome (ok, error).",
+                "RFC 3161 timestamp requests for checkpoints, by outcome: ok (verified and stored), error (no usable answer: unreachable, HTTP error, timeout), rejected (an answer that failed verification; never stored).",
                 &["outcome"]
+            )),
+            tsa_rejections: reg!(counter_vec(
+                "signet_tsa_rejections_total",
+                "TSA answers refused by verification, by reason (untrusted, bad_signature, wrong_imprint, wrong_nonce, too_large, malformed, ...).",
+                &["reason"]
             )),
             audit_timestamps_pending: reg!(gauge(
                 "signet_audit_timestamps_pending",
@@ -243,8 +249,12 @@ impl Metrics {
             "unavailable",
             "not_found",
             "stuck_worker",
+            "wrong_key",
         ] {
             self.hsm_errors.with_label_values(&[kind]);
+        }
+        for outcome in ["ok", "error", "rejected"] {
+            self.tsa_requests.with_label_values(&[outcome]);
         }
         for outcome in [
             "started",

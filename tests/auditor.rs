@@ -387,12 +387,182 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     assert!(p["detail"].as_str().unwrap().contains("entry 10"), "{p}");
     let (st, p) = s.get("auditor", "/v1/audit/entries/290").await;
     assert_eq!(st, 200, "{p}");
+    // Every other read path refuses it too: the tenant listing and the entry bundle (each
+    // entry checked against its leaf, the tile against the signed root).
+    let (st, p) = s
+        .get("auditor", "/v1/audit/entries?tenant=payroll&limit=50")
+        .await;
+    assert_eq!(st, 500, "{p}");
+    assert_eq!(p["type"], "urn:signet:problem:evidence-inconsistent", "{p}");
+    let (st, body) = get_bytes(&s, "auditor", "/v1/audit/tlog/tile/entries/000").await;
+    assert_eq!(st, 500, "{}", String::from_utf8_lossy(&body));
+    // A page that does not hold entry 10 is served.
+    let (st, p) = s
+        .get(
+            "auditor",
+            "/v1/audit/entries?tenant=payroll&cursor=200&limit=5",
+        )
+        .await;
+    assert_eq!(st, 200, "{p}");
+    // `audit verify` names it in every form: the directory with a key, the configured log with
+    // the token's key and anchor.
+    let key = s.dir.join("trusted-log-key.pem");
+    std::fs::write(
+        &key,
+        std::fs::read(s.audit_dir().join("log-key.pem")).unwrap(),
+    )
+    .unwrap();
     assert!(s.stop().success());
-    let out = s.cli(&["audit", "verify", s.audit_dir().to_str().unwrap()]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("entry 10")
-            || String::from_utf8_lossy(&out.stderr).contains("entry 10"),
-        "{out:?}"
+    for args in [
+        vec![
+            "audit",
+            "verify",
+            s.audit_dir().to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        vec!["audit", "verify"],
+    ] {
+        let out = s.cli(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("FAILED at entry 10"),
+            "{args:?}: {out:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_rewritten_and_re_signed_with_another_key_never_verifies() {
+    use p256::ecdsa::SigningKey;
+    use signet::audit::entry::Entry;
+    let mut s = Signet::init(Init::default());
+    s.start();
+    for i in 0..5 {
+        sign_tx(
+            &s,
+            "payroll-app",
+            "payroll-esign",
+            &format!("tx-{i}"),
+            &format!("doc {i}"),
+        )
+        .await;
+    }
+    assert!(s.stop().success());
+    let key = s.dir.join("trusted-log-key.pem");
+    std::fs::write(
+        &key,
+        std::fs::read(s.audit_dir().join("log-key.pem")).unwrap(),
+    )
+    .unwrap();
+    s.audit_verify(Some(&key));
+
+    // A forger rewrites one entry, relinks the hash chain, and signs a checkpoint over the
+    // rewritten log with a key of their own, which they put in log-key.pem.
+    let dir = s.audit_dir();
+    let text = std::fs::read_to_string(dir.join("entries.jsonl")).unwrap();
+    let mut entries: Vec<Entry> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let target = entries.len() - 2;
+    entries[target].digest.as_mut().unwrap().value = digest_hex(b"a forged document");
+    let mut lines = Vec::new();
+    let mut leaves: Vec<[u8; 32]> = Vec::new();
+    for e in &mut entries {
+        e.previous_leaf_hash = leaves.last().map(|h| B64.encode(h));
+        let line = e.canonical().unwrap();
+        leaves.push(rfc6962::leaf(&line));
+        lines.push(String::from_utf8(line).unwrap());
+    }
+    std::fs::write(dir.join("entries.jsonl"), lines.join("\n") + "\n").unwrap();
+    let forger = SigningKey::from_slice(&[42u8; 32]).unwrap();
+    let cp = signet::audit::note::Checkpoint {
+        origin: text_origin(&dir),
+        size: leaves.len() as u64,
+        root: rfc6962::mth(&leaves),
+    };
+    let sig: p256::ecdsa::Signature = signature::Signer::sign(&forger, cp.body().as_bytes());
+    let note = signet::audit::note::signed_checkpoint(
+        &cp,
+        forger.verifying_key(),
+        sig.to_der().as_bytes().to_vec(),
     );
+    let stored = json!({"tree_size": cp.size, "signed_at": 1, "note": note});
+    std::fs::write(dir.join("checkpoints.jsonl"), format!("{stored}\n")).unwrap();
+    std::fs::write(
+        dir.join("log-key.pem"),
+        signet::pki::public_key_pem(forger.verifying_key()),
+    )
+    .unwrap();
+
+    // With only the key found beside the data, everything "checks out": never VERIFIED.
+    let out = s.cli(&["--json", "audit", "verify", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"], "unverified", "{v}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("UNVERIFIED: no trust anchor for the log key")
+    );
+    // With the auditor's key, or the token's (--config), it is refused.
+    for args in [
+        vec![
+            "--json",
+            "audit",
+            "verify",
+            dir.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        vec!["--json", "audit", "verify"],
+    ] {
+        let out = s.cli(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["verdict"], "refused", "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("checkpoint at size"),
+            "{args:?}: {v}"
+        );
+    }
+    // And the service itself refuses to start on it.
+    let refused = s.start_refused();
+    assert!(refused.contains("signet audit verify"), "{refused}");
+}
+
+/// The origin of the log in `dir`, from its last checkpoint.
+fn text_origin(dir: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(dir.join("checkpoints.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    last["note"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_parameter_given_twice_is_a_problem_document() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let (st, headers, p) = s
+        .call(
+            "auditor",
+            Method::GET,
+            "/v1/audit/entries?tenant=payroll&tenant=hr",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(st, 400, "{p}");
+    assert_eq!(
+        headers.get("content-type").unwrap(),
+        "application/problem+json",
+        "{headers:?}"
+    );
+    assert_eq!(p["type"], "urn:signet:problem:invalid-request", "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("tenant"), "{p}");
 }

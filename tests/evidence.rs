@@ -180,26 +180,40 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
     )
     .unwrap();
     s.stop();
-    let verify = |receipt: &str| {
-        Command::new(BIN)
-            .args(["receipt", "verify", "--receipt"])
+    let ca = s.dir.join("hsm-ca.pem");
+    let verify_with = |receipt: &str, ca: Option<&std::path::Path>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["receipt", "verify", "--receipt"])
             .arg(work.join(receipt))
             .arg("--proof")
             .arg(work.join("entry.tlog-proof"))
             .arg("--log-key")
-            .arg(work.join("log-key.pem"))
-            .output()
-            .unwrap()
+            .arg(work.join("log-key.pem"));
+        if let Some(ca) = ca {
+            cmd.arg("--ca").arg(ca);
+        }
+        cmd.output().unwrap()
     };
+    let verify = |receipt: &str| verify_with(receipt, Some(&ca));
     let out = verify("response.json");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("VERIFIED"), "{text}");
+    assert!(text.contains("the signature verifies with the certificate the entry names"));
+    // Without the CA the certificate is not anchored: everything checks out, but the verdict is
+    // UNVERIFIED (exit 2), never VERIFIED.
+    let out = verify_with("response.json", None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("UNVERIFIED"));
     assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains("the signature verifies with the certificate the entry names")
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no trust anchor for the signing certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     // Tampered receipts fail: another signature, another index.
     let mut bad = r.clone();
@@ -226,7 +240,7 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
         std::fs::read(export.join("entries.jsonl")).unwrap(),
         std::fs::read(s.audit_dir().join("entries.jsonl")).unwrap()
     );
-    audit_verify_dir(&export, Some(&work.join("log-key.pem")));
+    audit_verify_dir(&export, &work.join("log-key.pem"));
     let out = Command::new(BIN)
         .arg("--config")
         .arg(s.config())

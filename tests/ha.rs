@@ -199,7 +199,9 @@ async fn three_replicas_share_one_log_under_concurrent_load() {
                 .arg("--proof")
                 .arg(work.join(format!("p{n}.proof")))
                 .arg("--log-key")
-                .arg(work.join("log-key.pem")),
+                .arg(work.join("log-key.pem"))
+                .arg("--ca")
+                .arg(a.dir.join("hsm-ca.pem")),
         );
     }
     for s in [&a, &b, &c] {
@@ -223,7 +225,7 @@ async fn three_replicas_share_one_log_under_concurrent_load() {
         entries.len() as u64
     );
     // The offline copy verifies with the file-format verifier too.
-    audit_verify_dir(&a.dir.join("export"), Some(&work.join("log-key.pem")));
+    audit_verify_dir(&a.dir.join("export"), &work.join("log-key.pem"));
     // The sequencing state in the database agrees with the log.
     assert_eq!(
         pg.psql("three", "SELECT next_index FROM signet_log"),
@@ -640,7 +642,9 @@ async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log(
             .arg("--proof")
             .arg(work.join("p.proof"))
             .arg("--log-key")
-            .arg(work.join("key.pem")),
+            .arg(work.join("key.pem"))
+            .arg("--ca")
+            .arg(s.dir.join("hsm-ca.pem")),
     );
     assert_eq!(cli_json(&s, &["audit", "verify"])["ok"], true);
 }

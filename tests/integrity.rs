@@ -109,10 +109,19 @@ async fn a_rewritten_log_with_its_checkpoints_deleted_is_refused_at_start() {
         err.contains("checkpoints were removed") && err.contains("evidence-log-restore.md"),
         "{err}"
     );
-    // Offline, without an anchor, the rewritten log is self-consistent; the checkpoint the
-    // auditor kept shows the rewrite.
+    // Offline, without an anchor, the rewritten log is merely self-consistent: UNVERIFIED, never
+    // VERIFIED. The token's anchor (--config) and the checkpoint the auditor kept show the
+    // rewrite.
     let (ok, out) = verify_cmd(&s, &[]);
-    assert!(ok, "{out}");
+    assert!(!ok && out.starts_with("UNVERIFIED"), "{out}");
+    let out = s.cli(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "the log's root at size {n} differs from the token's anchor"
+        )),
+        "{out:?}"
+    );
     let (ok, out) = verify_cmd(&s, &["--anchor", kept.to_str().unwrap()]);
     assert!(!ok);
     assert!(
@@ -403,9 +412,24 @@ async fn receipts_are_bound_to_their_certificate_and_document() {
     );
     assert!(ok, "{out}");
     assert!(out.contains("it covers the expected digest"), "{out}");
-    assert!(out.contains("chains to the CA given"), "{out}");
-    let (ok, out) = f.verify("response.json", &["--digest", &digest_hex(&f.document)]);
+    assert!(out.contains("chains to the CA you gave"), "{out}");
+    assert!(out.starts_with("VERIFIED"), "{out}");
+    let (ok, out) = f.verify(
+        "response.json",
+        &[
+            "--digest",
+            &digest_hex(&f.document),
+            "--ca",
+            ca.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "{out}");
+    // Without --ca the certificate is not anchored: never VERIFIED.
+    let (ok, out) = f.verify("response.json", &["--digest", &digest_hex(&f.document)]);
+    assert!(
+        !ok && out.contains("UNVERIFIED: no trust anchor for the signing certificate"),
+        "{out}"
+    );
 
     // Another digest or document: refused, naming both digests.
     let (ok, out) = f.verify("response.json", &["--digest", &digest_hex(b"x")]);
@@ -427,8 +451,11 @@ async fn receipts_are_bound_to_their_certificate_and_document() {
     assert!(!ok);
     assert!(out.contains("the signature was NOT checked"), "{out}");
     let (ok, out) = f.verify("no-cert.json", &["--no-certificate"]);
-    assert!(ok, "{out}");
-    assert!(out.contains("NOT checked"), "{out}");
+    assert!(!ok, "inclusion alone is not a verified signature: {out}");
+    assert!(
+        out.starts_with("UNVERIFIED") && out.contains("NOT checked"),
+        "{out}"
+    );
 
     // A look-alike: same serial and public key, another issuer and subject, expired.
     let d = &f.dir;

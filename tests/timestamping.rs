@@ -235,19 +235,27 @@ async fn checkpoints_get_rfc3161_timestamps_and_a_tsa_outage_never_blocks_signin
 }
 
 /// `signet bundle verify` in a network namespace of its own (no network at all), if the
-/// machine allows one (root); otherwise plainly.
+/// machine allows one (root); otherwise plainly. With the installation's log key, CA and the
+/// TSA's CA as trust anchors.
 fn bundle_verify(s: &Signet, tsa: &Path, file: &Path, extra: &[&str]) -> (bool, String) {
-    let args = |cmd: &mut std::process::Command| {
-        cmd.args(["bundle", "verify"])
-            .arg(file)
-            .arg("--ca")
-            .arg(s.dir.join("hsm-ca.pem"))
-            .arg("--log-key")
-            .arg(s.audit_dir().join("log-key.pem"))
-            .arg("--tsa-ca")
-            .arg(tsa.join("tsa-ca.pem"))
-            .args(extra);
-    };
+    let ca = s.dir.join("hsm-ca.pem");
+    let key = s.audit_dir().join("log-key.pem");
+    let tsa_ca = tsa.join("tsa-ca.pem");
+    let mut args = vec![
+        "--ca",
+        ca.to_str().unwrap(),
+        "--log-key",
+        key.to_str().unwrap(),
+        "--tsa-ca",
+        tsa_ca.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (code, text) = bundle_verify_bare(file, &args);
+    (code == Some(0), text)
+}
+
+/// `signet bundle verify FILE ARGS` offline: exit code and output.
+fn bundle_verify_bare(file: &Path, args: &[&str]) -> (Option<i32>, String) {
     let isolated = std::process::Command::new("unshare")
         .args(["--net", "true"])
         .status()
@@ -259,8 +267,10 @@ fn bundle_verify(s: &Signet, tsa: &Path, file: &Path, extra: &[&str]) -> (bool, 
     } else {
         std::process::Command::new(BIN)
     };
-    args(&mut cmd);
-    outcome(cmd.output().unwrap())
+    cmd.args(["bundle", "verify"]).arg(file).args(args);
+    let out = cmd.output().unwrap();
+    let code = out.status.code();
+    (code, outcome(out).1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,7 +321,8 @@ async fn an_exported_bundle_verifies_offline_explains_itself_and_refuses_each_ta
         "Test TSA",
         "ada@example.com",
         "chains to the TSA CA you supplied",
-        "the key you supplied",
+        "the log key you supplied",
+        "these 4 entries are every entry of this transaction",
     ] {
         assert!(text.contains(fact), "missing `{fact}` in:\n{text}");
     }
@@ -428,7 +439,54 @@ async fn an_exported_bundle_verifies_offline_explains_itself_and_refuses_each_ta
                 der[last] ^= 0x01;
                 b["checkpoint"]["timestamp"] = serde_json::json!(B64.encode(der));
             }),
-            "the TSA's signature over the timestamp does not verify (altered)",
+            "the TSA's signature over the token does not verify",
+        ),
+        (
+            "cut to one entry",
+            Box::new(|b| {
+                let first = b["entries"][0].clone();
+                b["entries"] = serde_json::json!([first]);
+            }),
+            "the bundle lacks entries",
+        ),
+        (
+            "duplicated entry",
+            Box::new(|b| {
+                let first = b["entries"][0].clone();
+                b["entries"].as_array_mut().unwrap().insert(0, first);
+            }),
+            "is listed twice",
+        ),
+        (
+            "reordered entries",
+            Box::new(|b| b["entries"].as_array_mut().unwrap().swap(0, 1)),
+            "not in log order",
+        ),
+        (
+            "a statement shortened with the entries",
+            Box::new(|b| {
+                b["entries"].as_array_mut().unwrap().pop();
+                b["completeness"]["statement"]["entries"]
+                    .as_array_mut()
+                    .unwrap()
+                    .pop();
+            }),
+            "the completeness statement is not signed by the log key",
+        ),
+        (
+            "no statement",
+            Box::new(|b| {
+                b.as_object_mut().unwrap().remove("completeness");
+            }),
+            "must carry its completeness statement",
+        ),
+        (
+            "too many entries",
+            Box::new(|b| {
+                let first = b["entries"][0].clone();
+                b["entries"] = serde_json::json!(vec![first; 10_001]);
+            }),
+            "more than the 10000 a bundle may hold",
         ),
     ];
     for (name, edit, reason) in cases {
@@ -437,6 +495,96 @@ async fn an_exported_bundle_verifies_offline_explains_itself_and_refuses_each_ta
         assert!(!ok, "tampered {name} accepted:\n{text}");
         assert!(text.contains(reason), "{name}: {text}");
     }
+    // A file larger than any bundle is refused unread.
+    let huge = s.dir.join("huge.json");
+    std::fs::write(&huge, vec![b' '; 33 << 20]).unwrap();
+    let (ok, text) = bundle_verify(&s, &tsa, &huge, &[]);
+    assert!(!ok && text.contains("larger than 32 MiB"), "{text}");
+
+    // Without trust anchors: everything is checked, but the verdict is UNVERIFIED (exit 2),
+    // each missing anchor is named, and the account states nothing as verified.
+    let (code, text) = bundle_verify_bare(&file, &[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.starts_with("Evidence for transaction \"contract-77\" — UNVERIFIED"),
+        "{text}"
+    );
+    for missing in [
+        "UNVERIFIED: no trust anchor for the log key",
+        "UNVERIFIED: no trust anchor for the time-stamping authority",
+        "UNVERIFIED: no trust anchor for the signing certificates",
+        "NOT one you supplied",
+        "NOT checked against a TSA CA you trust",
+        "The file claims",
+    ] {
+        assert!(text.contains(missing), "missing `{missing}` in:\n{text}");
+    }
+    assert!(
+        !text.contains("— VERIFIED") && !text.contains("attests that"),
+        "{text}"
+    );
+    let (code, json) = bundle_verify_bare(&file, &["--json"]);
+    assert_eq!(code, Some(2));
+    let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!(v["verdict"], "unverified", "{v}");
+    // All anchors but the TSA's: still UNVERIFIED, and the time is a claim.
+    let ca = s.dir.join("hsm-ca.pem");
+    let key = s.audit_dir().join("log-key.pem");
+    let (code, text) = bundle_verify_bare(
+        &file,
+        &[
+            "--ca",
+            ca.to_str().unwrap(),
+            "--log-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("NOT checked against a TSA CA you trust"),
+        "{text}"
+    );
+    assert!(!text.contains("attests that"), "{text}");
+    // A bundle of the old format (no completeness statement): never VERIFIED.
+    let v1 = tamper("v1", &|b| {
+        b["format"] = serde_json::json!("signet-evidence-bundle/v1");
+        b.as_object_mut().unwrap().remove("completeness");
+    });
+    let (ok, text) = bundle_verify(&s, &tsa, &v1, &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("does NOT prove that it holds every entry"),
+        "{text}"
+    );
+
+    // A bundle made entirely by someone else (their own Signet: log key, CA, certificates) for
+    // the same transaction ID: refused with our anchors; UNVERIFIED without any.
+    let mut other = Signet::init(Init::default());
+    other.start();
+    let mut body = sign_body("payroll-esign", b"employment contract");
+    body["transaction_id"] = serde_json::json!("contract-77");
+    assert_eq!(other.sign("payroll-app", body).await.0, 200);
+    other
+        .checkpoint_covering(other.entries().len() as u64)
+        .await;
+    let forged = s.dir.join("forged.json");
+    other.cli_ok(&[
+        "audit",
+        "export",
+        "--transaction",
+        "contract-77",
+        "--out",
+        forged.to_str().unwrap(),
+    ]);
+    let (ok, text) = bundle_verify(&s, &tsa, &forged, &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("the checkpoint does not verify with the log key"),
+        "{text}"
+    );
+    let (code, text) = bundle_verify_bare(&forged, &[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(!text.contains("— VERIFIED"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -490,4 +638,262 @@ async fn with_replicas_on_postgres_the_leader_timestamps_and_every_replica_serve
     let asked = a.metric("signet_tsa_requests_total{outcome=\"ok\"}").await
         + b.metric("signet_tsa_requests_total{outcome=\"ok\"}").await;
     assert_eq!(asked as u64, stored, "each checkpoint timestamped once");
+}
+
+/// What the hostile TSA answers to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// A real token from a TSA whose CA Signet does not trust (same subject names).
+    Untrusted,
+    /// Not a token: a granted status and an OCTET STRING holding the digest and nonce bytes.
+    UnsignedBlob,
+    /// A signed token over another hash, with the requested digest and nonce appended.
+    OtherHashAppended,
+    /// A signed token over another hash.
+    OtherHash,
+    /// A signed token over the right hash with another nonce (a replayed answer).
+    WrongNonce,
+    /// 256 MiB of zeros.
+    Huge,
+    Garbage,
+    /// No answer until long after Signet's timeout.
+    Hang,
+    Good,
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// `openssl ts -reply` of the TSA in `dir` to the query `tsq`.
+fn ts_reply(dir: &Path, tsq: &[u8]) -> Vec<u8> {
+    let name = format!("q{}", rand::random::<u64>());
+    std::fs::write(dir.join(format!("{name}.tsq")), tsq).unwrap();
+    run_ok(
+        std::process::Command::new("openssl")
+            .args(["ts", "-reply", "-config", "tsa.cnf", "-queryfile"])
+            .arg(format!("{name}.tsq"))
+            .args(["-out", &format!("{name}.tsr")])
+            .current_dir(dir),
+    );
+    std::fs::read(dir.join(format!("{name}.tsr"))).unwrap()
+}
+
+/// A query made by openssl itself (its own nonce) for a SHA-256 digest.
+fn ts_query(dir: &Path, digest: &[u8]) -> Vec<u8> {
+    let out = run_ok(
+        std::process::Command::new("openssl")
+            .args(["ts", "-query", "-sha256", "-cert", "-digest"])
+            .arg(hex::encode(digest))
+            .current_dir(dir),
+    );
+    out.stdout
+}
+
+/// Serve a TSA that answers each request with the next scripted answer, then `Good`.
+#[allow(clippy::too_many_lines)]
+async fn serve_hostile_tsa(
+    good: PathBuf,
+    rogue: PathBuf,
+    script: Arc<std::sync::Mutex<std::collections::VecDeque<Answer>>>,
+) -> u16 {
+    use sha2::Digest;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (good, rogue, script) = (good.clone(), rogue.clone(), Arc::clone(&script));
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (good, rogue, script) =
+                            (good.clone(), rogue.clone(), Arc::clone(&script));
+                        async move {
+                            let query = req.into_body().collect().await?.to_bytes();
+                            // The requested digest: the first 32-byte OCTET STRING of the query.
+                            let at = query.windows(2).position(|w| w == [0x04, 0x20]).unwrap() + 2;
+                            let digest = query[at..at + 32].to_vec();
+                            let answer = script.lock().unwrap().pop_front().unwrap_or(Answer::Good);
+                            let body: Body = match answer {
+                                Answer::Good => {
+                                    Full::new(Bytes::from(ts_reply(&good, &query))).boxed()
+                                }
+                                Answer::Untrusted => {
+                                    Full::new(Bytes::from(ts_reply(&rogue, &query))).boxed()
+                                }
+                                Answer::UnsignedBlob => {
+                                    let mut inner = vec![0x04, (digest.len() + 8) as u8];
+                                    inner.extend_from_slice(&digest);
+                                    inner.extend_from_slice(
+                                        &query[query.len() - 11..query.len() - 3],
+                                    );
+                                    let mut resp = vec![
+                                        0x30,
+                                        (inner.len() + 5) as u8,
+                                        0x30,
+                                        0x03,
+                                        0x02,
+                                        0x01,
+                                        0x00,
+                                    ];
+                                    resp.extend(inner);
+                                    Full::new(Bytes::from(resp)).boxed()
+                                }
+                                Answer::OtherHash | Answer::OtherHashAppended => {
+                                    let other = sha2::Sha256::digest(b"another checkpoint");
+                                    let mut resp = ts_reply(&good, &ts_query(&good, &other));
+                                    if answer == Answer::OtherHashAppended {
+                                        resp.extend_from_slice(&digest);
+                                        resp.extend_from_slice(&query[query.len() - 11..]);
+                                    }
+                                    Full::new(Bytes::from(resp)).boxed()
+                                }
+                                Answer::WrongNonce => Full::new(Bytes::from(ts_reply(
+                                    &good,
+                                    &ts_query(&good, &digest),
+                                )))
+                                .boxed(),
+                                Answer::Huge => {
+                                    let chunks = futures::stream::iter((0..256).map(|_| {
+                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                            Bytes::from(vec![0u8; 1 << 20]),
+                                        ))
+                                    }));
+                                    http_body_util::StreamBody::new(chunks).boxed()
+                                }
+                                Answer::Garbage => {
+                                    Full::new(Bytes::from_static(b"this is not DER")).boxed()
+                                }
+                                Answer::Hang => {
+                                    tokio::time::sleep(Duration::from_secs(30)).await;
+                                    Full::new(Bytes::new()).boxed()
+                                }
+                            };
+                            Ok::<_, hyper::Error>(
+                                hyper::Response::builder()
+                                    .header("content-type", "application/timestamp-reply")
+                                    .body(body)
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_fail_verification_are_never_stored_and_the_checkpoint_waits_for_a_good_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (good, rogue) = (tmp.path().join("tsa"), tmp.path().join("rogue"));
+    make_tsa(&good);
+    make_tsa(&rogue);
+    let bad = [
+        Answer::Untrusted,
+        Answer::UnsignedBlob,
+        Answer::OtherHashAppended,
+        Answer::OtherHash,
+        Answer::WrongNonce,
+        Answer::Huge,
+        Answer::Garbage,
+        Answer::Hang,
+    ];
+    let script = Arc::new(std::sync::Mutex::new(bad.into_iter().collect()));
+    let port = serve_hostile_tsa(good.clone(), rogue, Arc::clone(&script)).await;
+    let section = format!(
+        "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/tsa\"\nca_file = \"{}\"\npolicy = \"1.2.3.4.1\"\ntimeout = \"2s\"\nretry_max_interval = \"200ms\"\n\n[state]",
+        good.join("tsa-ca.pem").display()
+    );
+    let mut s = Signet::init(Init {
+        edit: Some(Box::new(move |c: String| c.replace("[state]", &section))),
+        ..Init::default()
+    });
+    s.start();
+    let (st, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"first"))
+        .await;
+    assert_eq!(st, 200);
+    // Signing goes on while every bad answer is refused.
+    let mut i = 0;
+    while !script.lock().unwrap().is_empty() {
+        let (st, _) = s
+            .sign(
+                "payroll-app",
+                sign_body("payroll-esign", format!("meanwhile {i}").as_bytes()),
+            )
+            .await;
+        assert_eq!(st, 200, "a hostile TSA never blocks signing");
+        i += 1;
+        assert!(i < 400, "the TSA was not asked for every scripted answer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = s.entries().len() as u64;
+    s.eventually("a good token stored", Duration::from_secs(30), || async {
+        s.metric("signet_audit_timestamps_pending").await == 0.0 && stamped(&s, n).await.is_some()
+    })
+    .await;
+    for (reason, at_least) in [
+        ("untrusted", 1.0),
+        ("malformed", 3.0),
+        ("wrong_imprint", 1.0),
+        ("wrong_nonce", 1.0),
+        ("too_large", 1.0),
+    ] {
+        let got = s
+            .metric(&format!(
+                "signet_tsa_rejections_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
+        assert!(
+            got >= at_least,
+            "{reason}: {got}\n{}",
+            s.metrics_text().await
+        );
+    }
+    assert!(
+        s.metric("signet_tsa_requests_total{outcome=\"rejected\"}")
+            .await
+            >= 7.0
+    );
+    assert!(
+        s.metric("signet_tsa_requests_total{outcome=\"error\"}")
+            .await
+            >= 1.0,
+        "the hang timed out"
+    );
+    assert!(s.log().contains("TSA answer refused"));
+    // The 256 MiB answer was refused after 64 KiB: memory never grew with it.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kb < 200 * 1024, "peak resident memory {peak_kb} kB");
+    // Only good tokens were stored: one per checkpoint, each accepted by `openssl ts -verify`.
+    let checkpoints: Vec<serde_json::Value> =
+        std::fs::read_to_string(s.audit_dir().join("checkpoints.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let stored: Vec<serde_json::Value> =
+        std::fs::read_to_string(s.audit_dir().join("timestamps.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(stored.len(), checkpoints.len(), "one token per checkpoint");
+    for (t, cp) in stored.iter().zip(&checkpoints) {
+        assert_eq!(t["tree_size"], cp["tree_size"]);
+        let cp = serde_json::json!({"checkpoint": cp["note"], "timestamp": t["response"]});
+        let out = openssl_verifies(&good, &cp);
+        assert!(out.contains("Verification: OK"), "{out}");
+    }
 }

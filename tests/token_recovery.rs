@@ -218,3 +218,61 @@ async fn a_pin_from_the_environment_does_not_stay_in_the_process_environment() {
     // Re-executed once; the PIN came through the pipe.
     assert!(environ.contains("SIGNET_PIN_FD="));
 }
+
+#[cfg(feature = "insecure-test-hooks")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_signed_with_another_key_is_never_written_or_anchored() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let (status, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"before"))
+        .await;
+    assert_eq!(status, 200);
+    let first = s.checkpoint_covering(s.entries().len() as u64).await;
+    let lines = |s: &Signet| {
+        std::fs::read_to_string(s.audit_dir().join("checkpoints.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let before = lines(&s);
+    // The log key's cached handle now names the internal CA's key.
+    s.inject_fault(json!({
+        "fault": "plant_stale_handle",
+        "key_id": "_signet/evidence-log/v1",
+        "other": "_signet/ca/v1"
+    }))
+    .await;
+    let (status, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"grows the tree"))
+        .await;
+    assert_eq!(status, 200);
+    s.eventually(
+        "a checkpoint signature refused as wrong_key",
+        Duration::from_secs(10),
+        || async {
+            s.metric("signet_hsm_errors_total{kind=\"wrong_key\"}")
+                .await
+                >= 1.0
+        },
+    )
+    .await;
+    // The handle cache was emptied: the next checkpoint is signed with the log key.
+    let n = s.entries().len() as u64;
+    let latest = s.checkpoint_covering(n).await;
+    assert_ne!(latest["checkpoint"], first["checkpoint"]);
+    assert_eq!(
+        lines(&s),
+        before + 1,
+        "exactly one new checkpoint line: the refused signature left none"
+    );
+    // Every stored checkpoint verifies with the log key from the token (kept by the test).
+    let key = s.dir.join("trusted-log-key.pem");
+    std::fs::write(&key, latest["log_public_key"].as_str().unwrap()).unwrap();
+    let v = s.audit_verify(Some(&key));
+    assert_eq!(v["verdict"], "verified", "{v}");
+    assert!(
+        s.log()
+            .contains("the token signed with another key than asked for")
+    );
+}

@@ -1,23 +1,53 @@
 //! Evidence bundles: one self-contained file with a transaction's entries, their `tlog-proof`s
 //! to one signed checkpoint, that checkpoint's RFC 3161 timestamp, the signing certificates
-//! and their CA, and the log key; and its offline verification, which explains the evidence in
-//! plain words (`signet audit export --transaction`, `signet bundle verify`).
+//! and their CA, the log key, and a statement signed with the log key that the entries are
+//! *all* of the transaction's entries as of the checkpoint; and its offline verification,
+//! which explains the evidence in plain words (`signet audit export --transaction`,
+//! `signet bundle verify`).
+//!
+//! Completeness: the log key signs a [`TransactionStatement`] (origin, checkpoint size and
+//! root, transaction ID, the tenants it covers, and the index of every entry of that
+//! transaction in those tenants below the checkpoint, in log order), over
+//! SHA-256([`STATEMENT_DOMAIN`] ‖ JCS(statement)). The domain holds a NUL byte, which no signed
+//! note may hold, so the statement can never pass for a checkpoint signature and vice versa.
+//! A verifier checks the statement's signature with the log key it trusts, that it names the
+//! bundle's checkpoint, and that the bundle holds exactly the entries it lists: an entry
+//! dropped, duplicated or reordered is refused. The statement is as complete as Signet's
+//! transaction index; each entry it lists is proved by the tree.
+//!
+//! Verdicts: `verified` only when every fact was checked against a trust anchor the verifier
+//! gave (the log key; the CA of the signing certificates, when there are signatures; the TSA
+//! CA, when there is a timestamp) and completeness is proved; `unverified` when everything
+//! checked out but some of it only against keys the file supplies itself (anyone can make such
+//! a file); `refused` when anything does not check out.
 //!
 //! Pure: no token, no network, no service state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 use spki::DecodePublicKey;
 
 use super::entry::{self, Entry};
 use super::merkle;
 use super::note::{self, TlogProof};
-use super::timestamp::{self, TimestampInfo};
+use super::timestamp::{self, TimestampInfo, TsaAnchors};
+pub use super::verify::Verdict;
 use crate::pki::CertInfo;
 
-pub const FORMAT: &str = "signet-evidence-bundle/v1";
+pub const FORMAT: &str = "signet-evidence-bundle/v2";
+/// Bundles written before completeness statements: still checked, never `verified`.
+pub const FORMAT_V1: &str = "signet-evidence-bundle/v1";
+/// Domain separation of the completeness statement's signature.
+pub const STATEMENT_DOMAIN: &[u8] = b"signet transaction statement v1\0";
+/// Limits of what a verifier reads: a bundle file, and the entries and certificates in it.
+pub const MAX_BUNDLE_BYTES: u64 = 32 << 20;
+pub const MAX_BUNDLE_ENTRIES: usize = 10_000;
+pub const MAX_BUNDLE_CERTIFICATES: usize = 256;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +61,10 @@ pub struct Bundle {
     /// PEM of every signing certificate the entries name.
     pub certificates: Vec<String>,
     pub entries: Vec<BundleEntry>,
+    /// Proof that `entries` are every entry of the transaction (in scope) as of the
+    /// checkpoint (format v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completeness: Option<Completeness>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,23 +92,70 @@ pub struct BundleEntry {
     pub proof: String,
 }
 
-/// What the verifier trusts, given on the command line; the bundle's own copies otherwise.
+/// What the log key signs about a transaction as of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransactionStatement {
+    pub origin: String,
+    pub tree_size: u64,
+    /// Base64 root hash of the checkpoint.
+    pub root_hash: String,
+    pub transaction_id: String,
+    /// The tenants whose entries are covered (sorted); `None`: every tenant.
+    pub tenants: Option<Vec<String>>,
+    /// Every entry of the transaction in those tenants below `tree_size`, in log order.
+    pub entries: Vec<u64>,
+}
+
+impl TransactionStatement {
+    /// The bytes the log key signs (SHA-256 of them, as for checkpoints).
+    pub fn signed_message(&self) -> Result<Vec<u8>, String> {
+        let jcs = serde_json_canonicalizer::to_vec(self).map_err(|e| e.to_string())?;
+        Ok([STATEMENT_DOMAIN, &jcs].concat())
+    }
+
+    /// Whether an entry of `tenant` is in this statement's scope.
+    fn covers(&self, tenant: Option<&str>) -> bool {
+        match (&self.tenants, tenant) {
+            (None, _) => true,
+            (Some(ts), Some(t)) => ts.iter().any(|x| x == t),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Completeness {
+    pub statement: TransactionStatement,
+    /// Base64 DER ECDSA signature by the log key over [`TransactionStatement::signed_message`].
+    pub signature: String,
+}
+
+/// What the verifier trusts, given on the command line. Missing anchors are replaced by the
+/// bundle's own copies, so everything is still checked, but the verdict is then `unverified`.
 #[derive(Default)]
 pub struct Trust {
     pub log_key: Option<VerifyingKey>,
     pub cas: Vec<CertInfo>,
-    pub tsa_ca: Option<CertInfo>,
+    pub tsa_ca: Option<TsaAnchors>,
 }
 
-/// The verified account of a bundle.
+/// The checked account of a bundle.
 #[derive(Debug, Clone, Serialize)]
 pub struct Account {
+    pub verdict: Verdict,
+    /// What was not anchored (or proved), each saying what to pass: why `unverified`.
+    pub unverified: Vec<String>,
     pub transaction_id: String,
     pub log_origin: String,
     pub checkpoint_size: u64,
-    /// "given" when the log key / CA came from the verifier, "bundle" when taken on trust.
+    /// "given" when the log key / CA came from the verifier, "bundle" when taken from the file.
     pub log_key_source: &'static str,
     pub ca_source: &'static str,
+    /// The statement that the entries are the whole transaction as of the checkpoint, if the
+    /// bundle has one (it verified).
+    pub completeness: Option<TransactionStatement>,
     pub timestamp: Option<TimestampInfo>,
     pub entries: Vec<EntryAccount>,
 }
@@ -100,37 +181,102 @@ pub struct EntryAccount {
     pub reason: Option<String>,
 }
 
-/// Verify everything in `bundle` against `trust`; the first problem, precisely, otherwise.
+/// Read a bundle file, within [`MAX_BUNDLE_BYTES`].
+pub fn read(path: &std::path::Path) -> Result<Bundle, String> {
+    use std::io::Read;
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut text = String::new();
+    f.take(MAX_BUNDLE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_BUNDLE_BYTES {
+        return Err(format!(
+            "{} is larger than {} MiB: not a bundle Signet writes",
+            path.display(),
+            MAX_BUNDLE_BYTES >> 20
+        ));
+    }
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not an evidence bundle: {e}", path.display()))
+}
+
+/// Check everything in `bundle`: the first problem, precisely, as `Err` (the verdict is then
+/// `refused`); otherwise the account, `verified` or `unverified`.
 pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, String> {
-    if bundle.format != FORMAT {
+    if bundle.format != FORMAT && bundle.format != FORMAT_V1 {
         return Err(format!("not a {FORMAT} file (format `{}`)", bundle.format));
     }
+    if bundle.entries.is_empty() {
+        return Err("the bundle holds no entries".into());
+    }
+    if bundle.entries.len() > MAX_BUNDLE_ENTRIES {
+        return Err(format!(
+            "the bundle holds {} entries, more than the {MAX_BUNDLE_ENTRIES} a bundle may hold",
+            bundle.entries.len()
+        ));
+    }
+    if bundle.certificates.len() + bundle.ca_certificates.len() > MAX_BUNDLE_CERTIFICATES {
+        return Err(format!(
+            "the bundle holds more than {MAX_BUNDLE_CERTIFICATES} certificates"
+        ));
+    }
+    // Listed once each, in log order: a duplicate or a reordering is refused before any work.
+    for pair in bundle.entries.windows(2) {
+        if pair[1].index == pair[0].index {
+            return Err(format!("entry {} is listed twice", pair[0].index));
+        }
+        if pair[1].index < pair[0].index {
+            return Err(format!(
+                "entry {} is listed after entry {}: the entries are not in log order",
+                pair[1].index, pair[0].index
+            ));
+        }
+    }
+    let mut unverified = Vec::new();
     let (log_key, log_key_source) = match trust.log_key {
         Some(k) => (k, "given"),
-        None => (
-            VerifyingKey::from_public_key_pem(bundle.log.public_key.trim())
-                .map_err(|e| format!("the bundle's log key is not a P-256 PEM key: {e}"))?,
-            "bundle",
-        ),
+        None => {
+            unverified.push(
+                "no trust anchor for the log key: pass --log-key with a copy you obtained independently"
+                    .to_owned(),
+            );
+            (
+                VerifyingKey::from_public_key_pem(bundle.log.public_key.trim())
+                    .map_err(|e| format!("the bundle's log key is not a P-256 PEM key: {e}"))?,
+                "bundle",
+            )
+        }
     };
     let cp = note::verify_checkpoint(&bundle.checkpoint.note, &bundle.log.origin, &log_key)
         .map_err(|e| format!("the checkpoint does not verify with the log key: {e}"))?;
-    let timestamp = bundle
-        .checkpoint
-        .timestamp
-        .as_deref()
-        .map(|t| {
-            use base64::Engine;
-            let der = base64::engine::general_purpose::STANDARD
+    let completeness = check_completeness(bundle, &cp, &log_key)?;
+    if completeness.is_none() {
+        unverified.push(format!(
+            "the bundle does not prove that it holds every entry of the transaction (format `{}`): export it again with this version",
+            bundle.format
+        ));
+    }
+    let timestamp = match bundle.checkpoint.timestamp.as_deref() {
+        None => None,
+        Some(t) => {
+            let der = B64
                 .decode(t)
                 .map_err(|_| "the timestamp is not base64".to_owned())?;
-            timestamp::verify_response(
-                &der,
-                bundle.checkpoint.note.as_bytes(),
-                trust.tsa_ca.as_ref(),
-            )
-        })
-        .transpose()?;
+            let expected = timestamp::Expected {
+                note: bundle.checkpoint.note.as_bytes(),
+                ..Default::default()
+            };
+            let info = timestamp::verify(&der, &expected, trust.tsa_ca.as_ref())
+                .map_err(|e| format!("the checkpoint's timestamp: {e}"))?;
+            if !info.chain_checked {
+                unverified.push(
+                    "no trust anchor for the time-stamping authority: pass --tsa-ca".to_owned(),
+                );
+            }
+            Some(info)
+        }
+    };
     let (cas, ca_source) = if trust.cas.is_empty() {
         let cas = bundle
             .ca_certificates
@@ -146,22 +292,94 @@ pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, String> {
         .iter()
         .map(|p| parse_cert(p).map(|c| (c.fingerprint_sha256.clone(), c)))
         .collect::<Result<_, _>>()?;
-    if bundle.entries.is_empty() {
-        return Err("the bundle holds no entries".into());
-    }
     let mut entries = Vec::new();
     for be in &bundle.entries {
-        entries.push(verify_entry(be, bundle, &cp, &cas, &certificates)?);
+        let account = verify_entry(be, bundle, &cp, &cas, &certificates)?;
+        if let Some(st) = &completeness
+            && !st.covers(account.tenant.as_deref())
+        {
+            return Err(format!(
+                "entry {} belongs to tenant {:?}, outside the tenants the statement covers",
+                account.index, account.tenant
+            ));
+        }
+        entries.push(account);
+    }
+    if ca_source == "bundle" && entries.iter().any(|e| e.signature_verified) {
+        unverified.push(
+            "no trust anchor for the signing certificates: pass --ca with the issuing CA you trust"
+                .to_owned(),
+        );
     }
     Ok(Account {
+        verdict: if unverified.is_empty() {
+            Verdict::Verified
+        } else {
+            Verdict::Unverified
+        },
+        unverified,
         transaction_id: bundle.transaction_id.clone(),
         log_origin: cp.origin,
         checkpoint_size: cp.size,
         log_key_source,
         ca_source,
+        completeness,
         timestamp,
         entries,
     })
+}
+
+/// The completeness statement, if the bundle has one: signed by the log key, about this
+/// checkpoint and transaction, listing exactly the bundle's entries.
+fn check_completeness(
+    bundle: &Bundle,
+    cp: &note::Checkpoint,
+    log_key: &VerifyingKey,
+) -> Result<Option<TransactionStatement>, String> {
+    let Some(c) = &bundle.completeness else {
+        return if bundle.format == FORMAT {
+            Err(format!(
+                "a {FORMAT} bundle must carry its completeness statement"
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    let st = &c.statement;
+    let sig = B64
+        .decode(&c.signature)
+        .map_err(|_| "the completeness statement's signature is not base64".to_owned())?;
+    let digest: [u8; 32] = sha2::Sha256::digest(st.signed_message()?).into();
+    if !crate::pki::verify::verifies_prehash(log_key, &digest, &sig) {
+        return Err("the completeness statement is not signed by the log key".into());
+    }
+    if st.origin != cp.origin || st.tree_size != cp.size || st.root_hash != B64.encode(cp.root) {
+        return Err(
+            "the completeness statement is about another checkpoint than the bundle's".into(),
+        );
+    }
+    if st.transaction_id != bundle.transaction_id {
+        return Err("the completeness statement is about another transaction".into());
+    }
+    let held: Vec<u64> = bundle.entries.iter().map(|e| e.index).collect();
+    if held != st.entries {
+        let listed: BTreeSet<u64> = st.entries.iter().copied().collect();
+        let have: BTreeSet<u64> = held.iter().copied().collect();
+        let missing: Vec<u64> = listed.difference(&have).copied().collect();
+        let extra: Vec<u64> = have.difference(&listed).copied().collect();
+        return Err(if !missing.is_empty() {
+            format!(
+                "the bundle lacks entries {missing:?} of the transaction: the log key's statement lists {} entries, the bundle holds {}",
+                st.entries.len(),
+                held.len()
+            )
+        } else if !extra.is_empty() {
+            format!("the bundle holds entries {extra:?} that the log key's statement does not list")
+        } else {
+            "the bundle's entries are not in the order of the log key's statement".into()
+        });
+    }
+    Ok(Some(st.clone()))
 }
 
 fn verify_entry(
@@ -250,43 +468,98 @@ fn parse_cert(pem: &str) -> Result<CertInfo, String> {
         .map_err(|e| format!("a certificate in the bundle is not readable: {e}"))
 }
 
-/// The account in plain English, for a reviewer who does not know Signet.
+/// The account in plain English, for a reviewer who does not know Signet. Only what was
+/// checked against the reader's own trust anchors is stated as fact; the rest is stated as
+/// what the file claims.
 pub fn explain(a: &Account) -> String {
-    let mut out = format!(
-        "Evidence for transaction \"{}\" — VERIFIED\n\n",
-        a.transaction_id
-    );
-    out.push_str(&format!(
-        "The evidence log \"{}\" holds {} entries for this transaction. A checkpoint of the log \
-         covering its first {} entries is signed by the log's key ({}), and each entry below is \
-         proved to be part of it: the log has not been altered up to that checkpoint.\n",
-        a.log_origin,
-        a.entries.len(),
-        a.checkpoint_size,
-        if a.log_key_source == "given" {
-            "the key you supplied"
-        } else {
-            "the key included in this file — compare it with one you obtained independently"
-        }
-    ));
-    match &a.timestamp {
-        Some(t) => out.push_str(&format!(
-            "An independent time-stamping authority ({}) attests that this checkpoint existed at \
-             {}{}.\n",
-            t.tsa,
-            t.time,
-            if t.chain_checked {
-                ", and its certificate chains to the TSA CA you supplied"
-            } else {
-                " (its certificate was not checked against a TSA CA: pass --tsa-ca)"
+    let anchored_log = a.log_key_source == "given";
+    let mut out = match a.verdict {
+        Verdict::Verified => format!(
+            "Evidence for transaction \"{}\" — VERIFIED\n\n",
+            a.transaction_id
+        ),
+        _ => {
+            let mut head = format!(
+                "Evidence for transaction \"{}\" — UNVERIFIED\n",
+                a.transaction_id
+            );
+            for u in &a.unverified {
+                head.push_str(&format!("UNVERIFIED: {u}.\n"));
             }
+            head.push_str(
+                "What could be checked is below; what rests on keys this file supplies itself is \
+                 a claim, not evidence: anyone can make such a file.\n\n",
+            );
+            head
+        }
+    };
+    let claim = |fact: &str| {
+        if anchored_log {
+            fact.to_owned()
+        } else {
+            format!(
+                "The file claims: {}{}",
+                &fact[..1].to_lowercase(),
+                &fact[1..]
+            )
+        }
+    };
+    out.push_str(&format!(
+        "A checkpoint of the evidence log \"{}\" covering its first {} entries is signed by {}, and \
+         each entry below is proved to be part of it{}.\n",
+        a.log_origin,
+        a.checkpoint_size,
+        if anchored_log {
+            "the log key you supplied"
+        } else {
+            "a key included in this file (NOT one you supplied: pass --log-key)"
+        },
+        if anchored_log {
+            ": the log has not been altered up to that checkpoint"
+        } else {
+            ""
+        },
+    ));
+    match &a.completeness {
+        Some(st) => out.push_str(&claim(&format!(
+            "The log key also signed that these {} entries are every entry of this transaction{} \
+             up to that checkpoint: none was left out.\n",
+            st.entries.len(),
+            match &st.tenants {
+                None => String::new(),
+                Some(ts) => format!(" for tenant(s) {}", ts.join(", ")),
+            }
+        ))),
+        None => out.push_str(
+            "This file does NOT prove that it holds every entry of the transaction: entries may \
+             have been left out.\n",
+        ),
+    }
+    match &a.timestamp {
+        Some(t) if t.chain_checked => out.push_str(&format!(
+            "A time-stamping authority ({}), whose certificate chains to the TSA CA you supplied, \
+             attests that this checkpoint existed at {}.\n",
+            t.tsa, t.time
+        )),
+        Some(t) => out.push_str(&format!(
+            "The checkpoint carries a timestamp claiming {}, signed by a certificate that names \
+             itself \"{}\". It was NOT checked against a TSA CA you trust (pass --tsa-ca): it is \
+             a claim, not evidence of the time.\n",
+            t.time, t.tsa
         )),
         None => out.push_str("The checkpoint carries no third-party timestamp.\n"),
     }
     for e in &a.entries {
         out.push_str(&format!(
-            "\nEntry {} ({}), recorded at {} by Signet's clock:\n",
-            e.index, e.event, e.time
+            "\nEntry {} ({}), recorded at {} by Signet's clock{}:\n",
+            e.index,
+            e.event,
+            e.time,
+            if anchored_log {
+                ""
+            } else {
+                " (as the file claims)"
+            }
         ));
         out.push_str(&format!(
             "  Requested by {} (certificate subject \"{}\", SHA-256 {}).\n",
@@ -311,10 +584,13 @@ pub fn explain(a: &Account) -> String {
             ));
         }
         if e.signature_verified {
-            out.push_str(
+            out.push_str(if a.ca_source == "given" {
                 "  The signature verifies with that certificate, which chains to the issuing CA \
-                 and was valid at the time.\n",
-            );
+                 you supplied and was valid at the time.\n"
+            } else {
+                "  The signature verifies with that certificate, which chains to a CA included in \
+                 this file (NOT one you supplied: pass --ca).\n"
+            });
         }
         if let Some(s) = &e.signer {
             out.push_str(&format!("  Signer evidence recorded: {s}.\n"));
@@ -322,11 +598,6 @@ pub fn explain(a: &Account) -> String {
         if let Some(r) = &e.reason {
             out.push_str(&format!("  Reason given: {r}.\n"));
         }
-    }
-    if a.ca_source == "bundle" {
-        out.push_str(
-            "\nNote: the issuing CA was taken from this file; pass --ca with a copy you trust.\n",
-        );
     }
     out
 }
@@ -379,6 +650,9 @@ mod tests {
     #[test]
     fn html_escapes_what_clients_sent() {
         let account = Account {
+            verdict: Verdict::Verified,
+            unverified: vec![],
+            completeness: None,
             transaction_id: "<tx>".into(),
             log_origin: "o".into(),
             checkpoint_size: 1,

@@ -1360,24 +1360,27 @@ impl Recovery<'_> {
     }
 
     /// Read entries from `from` on. Entries below `edge`'s size (already in the tree) are
-    /// only indexed and their activations recorded; entries from it on are parsed and checked
-    /// (canonical, dense indexes, hash links; a complete line that fails is corruption and
-    /// start-up stops), added to the tree, `entries.idx` and the tiles. What is cut: a torn
-    /// final write (no newline), and complete entries beyond the tail head's size (written,
-    /// but the process died before they were acknowledged).
+    /// only indexed and their activations recorded. Entries from it on go through the log's
+    /// one streaming check ([`verify::LogCheck`]): those past the signed checkpoint fully
+    /// (canonical, dense indexes, hash links, signing order; a complete line that fails is
+    /// corruption and start-up stops), those below it by their leaf alone (the checkpoint's
+    /// root, checked after the scan, proves them); all are added to the tree, `entries.idx`
+    /// and the tiles. What is cut: a torn final write (no newline), and complete entries beyond
+    /// the tail head's size (written, but the process died before they were acknowledged).
     fn scan(
         &self,
         log: &mut File,
         from: u64,
-        mut edge: Edge,
-        mut last_leaf: Option<Hash>,
-        mut active: order::ActiveVersions,
+        edge: Edge,
+        last_leaf: Option<Hash>,
+        active: order::ActiveVersions,
     ) -> Result<Recovered, Error> {
         let path = self.log_path;
         let store = self.store;
         let data_len = log.metadata().map_err(io_err(path))?.len();
         let mut pos = store.offsets.start(from).map_err(io_err(path))?;
         let checked_from = edge.size();
+        let mut check = verify::LogCheck::resume(edge, last_leaf, active);
         store.index.repair(from).map_err(store.io())?;
         let f = File::open(path).map_err(io_err(path))?;
         let mut r = BufReader::with_capacity(1 << 20, f);
@@ -1388,7 +1391,7 @@ impl Recovery<'_> {
                 roots.insert(edge.size(), edge.root());
             }
         };
-        take_root(&edge, &mut roots);
+        take_root(check.edge(), &mut roots);
         let mut index = from;
         let mut unacknowledged = 0u64;
         let mut line = Vec::new();
@@ -1406,41 +1409,34 @@ impl Recovery<'_> {
                 continue;
             }
             line.pop();
-            if index >= self.signed_size.max(checked_from) {
-                let e = entry::parse_stored(&line, index)
-                    .and_then(|e| {
-                        let want = last_leaf.map(|h| B64.encode(h));
-                        if e.previous_leaf_hash == want {
-                            Ok(e)
-                        } else {
-                            Err(entry::EntryError::BrokenChain)
-                        }
-                    })
-                    .map_err(|e| Error::Corrupt {
-                        file: ENTRIES_FILE,
-                        line: index + 1,
-                        reason: format!("entry {index} {e}"),
-                    })?;
-                active.record(&e);
-                lookups.push((index, indexed(&e.time, e.tenant, e.transaction_id)));
-            } else {
+            pos += n as u64;
+            if index < checked_from {
+                // Already in the tree: index it and note its activation.
                 if order::may_be_activation(&line)
                     && let Ok(e) = serde_json::from_slice::<Entry>(&line)
                 {
-                    active.record(&e);
+                    check.record_activation(&e);
                 }
-                // Below the checkpoint the root check proves the line; only index it.
+                if let Ok(f) = serde_json::from_slice::<IndexFields>(&line) {
+                    lookups.push((index, indexed(&f.time, f.tenant, f.transaction_id)));
+                }
+            } else if index >= self.signed_size {
+                let (e, tiles) = check.check(&line).map_err(|f| Error::Corrupt {
+                    file: ENTRIES_FILE,
+                    line: index + 1,
+                    reason: f.message,
+                })?;
+                completed.extend(tiles);
+                lookups.push((index, indexed(&e.time, e.tenant, e.transaction_id)));
+            } else {
+                completed.extend(check.covered(&line));
                 if let Ok(f) = serde_json::from_slice::<IndexFields>(&line) {
                     lookups.push((index, indexed(&f.time, f.tenant, f.transaction_id)));
                 }
             }
-            pos += n as u64;
             if index >= checked_from {
-                let leaf = merkle::leaf_hash(&line);
-                last_leaf = Some(leaf);
                 ends.push(pos);
-                completed.extend(edge.push(leaf));
-                take_root(&edge, &mut roots);
+                take_root(check.edge(), &mut roots);
             }
             index += 1;
             if lookups.len() >= 4096 {
@@ -1448,6 +1444,7 @@ impl Recovery<'_> {
             }
         }
         self.flush(&mut lookups, &mut ends, &mut completed)?;
+        let (edge, last_leaf, active) = check.into_parts();
         if pos < data_len {
             tracing::warn!(
                 bytes = data_len - pos,

@@ -1,9 +1,18 @@
-//! Offline verification, for auditors: a whole log directory, or one receipt.
+//! Offline verification, for auditors: a whole log from any source, or one receipt.
+//!
+//! One streaming check of a log ([`LogCheck`]): each entry canonical, at its index, linked to
+//! the one before, in signing order, added to the tree's right edge (O(log n) memory, whatever
+//! the log's size). Start-up recovery runs the same check over the entries it must read;
+//! [`verify_log`] runs it over a [`LogSource`] (a directory, the PostgreSQL database, the
+//! tlog-tiles API) and checks every stored checkpoint's signature and root as the stream
+//! passes its size, then the anchors the auditor gave.
 //!
 //! Pure apart from reading the files it is given: no token, no network, no service state.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -11,18 +20,74 @@ use p256::ecdsa::{DerSignature, VerifyingKey};
 use serde::Serialize;
 use signature::hazmat::PrehashVerifier;
 
+use super::anchor::Anchor;
 use super::entry::{self, Entry, EntryError};
-use super::merkle::{self, Tree};
+use super::merkle::{self, Hash};
 use super::note::{self, TlogProof};
-use super::order::ActiveVersions;
+use super::order::{self, ActiveVersions};
+use super::tiled::{Edge, Tile, TileId};
 use super::{CHECKPOINTS_FILE, ENTRIES_FILE, Receipt, StoredCheckpoint};
 use crate::pki::CertInfo;
+
+/// An entry line longer than this is refused (entries are a few KiB; requests are capped far
+/// below it).
+pub const MAX_ENTRY_BYTES: usize = 16 << 20;
+
+/// The outcome of a verification: `verified` only on a success fully anchored in what the
+/// verifier trusts; `unverified` when everything checked out against material found beside
+/// the data; `refused` when anything did not check out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Verified,
+    Unverified,
+    Refused,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Verified => "verified",
+            Verdict::Unverified => "unverified",
+            Verdict::Refused => "refused",
+        }
+    }
+}
+
+/// Where the log key a log is checked with came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    /// The auditor's own copy (`--key`).
+    Given,
+    /// The token's log key (`--config`).
+    Token,
+    /// A key stored beside the data (`log-key.pem`, the database): anyone who rewrote the log
+    /// could have replaced it, so the verdict is at best `unverified`.
+    BesideTheData,
+}
+
+/// What a log is checked against.
+pub struct LogTrust {
+    pub key: VerifyingKey,
+    pub key_source: KeySource,
+    /// A checkpoint note the auditor kept (`--anchor`): the log must still have its root at its
+    /// size, so it only grew since.
+    pub kept_checkpoint: Option<String>,
+    /// The anchor kept in the token (with `--config`): the same, for the latest checkpoint the
+    /// service signed.
+    pub token_anchor: Option<Anchor>,
+}
 
 /// A log that verified.
 #[derive(Debug, Clone, Serialize)]
 pub struct DirReport {
+    pub verdict: Verdict,
+    pub key_source: KeySource,
     /// The size of the checkpoint given with `--anchor`, which the log matches.
     pub anchor_size: Option<u64>,
+    /// The size of the token's anchor, which the log matches.
+    pub token_anchor_size: Option<u64>,
     pub entries: u64,
     pub checkpoints: usize,
     pub latest_checkpoint_size: u64,
@@ -41,13 +106,13 @@ pub struct DirFailure {
 }
 
 impl DirFailure {
-    fn entry(index: u64, message: String) -> Self {
+    pub fn entry(index: u64, message: String) -> Self {
         Self {
             first_bad_entry: Some(index),
             message,
         }
     }
-    fn other(message: String) -> Self {
+    pub fn other(message: String) -> Self {
         Self {
             first_bad_entry: None,
             message,
@@ -55,35 +120,56 @@ impl DirFailure {
     }
 }
 
-/// Recompute every entry's hash, the hash chain, the tree, and every checkpoint signature.
-pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailure> {
-    verify_dir_anchored(dir, key, None)
+/// The streaming check of a log's entries, in order. O(log n) memory: the right edge of the
+/// tree, the last leaf, each tenant's active version.
+#[derive(Default)]
+pub struct LogCheck {
+    edge: Edge,
+    last_leaf: Option<Hash>,
+    active: ActiveVersions,
+    events: BTreeMap<String, u64>,
 }
 
-/// [`verify_dir`], and check the log against a checkpoint note the auditor kept (`anchor`):
-/// the log must hold at least its size and have its root there, so it only grew since.
-pub fn verify_dir_anchored(
-    dir: &Path,
-    key: &VerifyingKey,
-    anchor: Option<&str>,
-) -> Result<DirReport, DirFailure> {
-    let entries_path = dir.join(ENTRIES_FILE);
-    let data = std::fs::read(&entries_path)
-        .map_err(|e| DirFailure::other(format!("cannot read {}: {e}", entries_path.display())))?;
-    let mut tree = Tree::new();
-    let mut events: BTreeMap<String, u64> = BTreeMap::new();
-    let mut active = ActiveVersions::default();
-    let mut rest: &[u8] = &data;
-    while !rest.is_empty() {
-        let index = tree.len();
-        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-            return Err(DirFailure::entry(
-                index,
-                format!("entry {index} is truncated (the file ends mid-entry)"),
-            ));
-        };
-        let line = &rest[..nl];
-        rest = &rest[nl + 1..];
+impl LogCheck {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Continue after entries already checked: the tree's edge at their size, the last leaf,
+    /// and the active versions they made.
+    pub fn resume(edge: Edge, last_leaf: Option<Hash>, active: ActiveVersions) -> Self {
+        Self {
+            edge,
+            last_leaf,
+            active,
+            events: BTreeMap::new(),
+        }
+    }
+
+    /// Entries checked so far (the index of the next).
+    pub fn size(&self) -> u64 {
+        self.edge.size()
+    }
+
+    pub fn edge(&self) -> &Edge {
+        &self.edge
+    }
+
+    pub fn last_leaf(&self) -> Option<Hash> {
+        self.last_leaf
+    }
+
+    /// The tree's edge, the last leaf and the active versions.
+    pub fn into_parts(self) -> (Edge, Option<Hash>, ActiveVersions) {
+        (self.edge, self.last_leaf, self.active)
+    }
+
+    /// Check the next entry (its canonical line, without the newline): it parses as a
+    /// canonical entry holding its own index, links to the entry before by its leaf hash, and
+    /// keeps the signing order (no signature with a version after another was activated).
+    /// Returns the entry and the tiles its leaf completed.
+    pub fn check(&mut self, line: &[u8]) -> Result<(Entry, Vec<(TileId, Tile)>), DirFailure> {
+        let index = self.size();
         let e: Entry = entry::parse_stored(line, index).map_err(|err| match err {
             EntryError::WrongIndex { found, .. } => DirFailure::entry(
                 index,
@@ -91,11 +177,7 @@ pub fn verify_dir_anchored(
             ),
             other => DirFailure::entry(index, format!("entry {index} {other}")),
         })?;
-        let want = index
-            .checked_sub(1)
-            .and_then(|i| tree.leaf(i))
-            .map(|h| B64.encode(h));
-        if e.previous_leaf_hash != want {
+        if e.previous_leaf_hash != self.last_leaf.map(|h| B64.encode(h)) {
             let bad = index.saturating_sub(1);
             return Err(DirFailure::entry(
                 bad,
@@ -104,147 +186,360 @@ pub fn verify_dir_anchored(
                 ),
             ));
         }
-        active.observe(&e).map_err(|v| {
+        self.active.observe(&e).map_err(|v| {
             DirFailure::entry(
                 index,
                 format!("entry {index} breaks the signing order: {v}"),
             )
         })?;
-        *events.entry(e.event.clone()).or_default() += 1;
-        tree.push(merkle::leaf_hash(line));
+        *self.events.entry(e.event.clone()).or_default() += 1;
+        let tiles = self.push_leaf(line);
+        Ok((e, tiles))
     }
 
-    let cp_path = dir.join(CHECKPOINTS_FILE);
-    let cp_data = match std::fs::read(&cp_path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            return Err(DirFailure::other(format!(
-                "cannot read {}: {e}",
-                cp_path.display()
-            )));
+    /// Add an entry below a signed checkpoint whose root the caller checks (start-up): only its
+    /// leaf and, if it is one, its activation.
+    pub fn covered(&mut self, line: &[u8]) -> Vec<(TileId, Tile)> {
+        if order::may_be_activation(line)
+            && let Ok(e) = serde_json::from_slice::<Entry>(line)
+        {
+            self.active.record(&e);
         }
-    };
+        self.push_leaf(line)
+    }
+
+    /// Note an activation of an entry that is already in the tree (start-up re-reads entries
+    /// below its edge only for their lookups and activations).
+    pub fn record_activation(&mut self, e: &Entry) {
+        self.active.record(e);
+    }
+
+    fn push_leaf(&mut self, line: &[u8]) -> Vec<(TileId, Tile)> {
+        let leaf = merkle::leaf_hash(line);
+        self.last_leaf = Some(leaf);
+        self.edge.push(leaf)
+    }
+}
+
+/// A log to verify, read in order: its entries and its stored checkpoints (ascending size).
+pub trait LogSource {
+    /// The next entry's canonical bytes, or `None` after the last.
+    fn next_entry(&mut self) -> Result<Option<Vec<u8>>, DirFailure>;
+    /// The next stored checkpoint with its position for messages ("checkpoint line N"), or
+    /// `None` after the last.
+    fn next_checkpoint(&mut self) -> Result<Option<(u64, StoredCheckpoint)>, DirFailure>;
+}
+
+/// Recompute every entry's hash, the hash chain, the signing order and the tree, and check
+/// every stored checkpoint's signature and root (as the stream passes its size) and the
+/// anchors in `trust`. Names the first entry that does not match.
+pub fn verify_log(src: &mut dyn LogSource, trust: &LogTrust) -> Result<DirReport, DirFailure> {
+    let key = &trust.key;
+    let kept = trust
+        .kept_checkpoint
+        .as_deref()
+        .map(|text| kept_checkpoint(text, key))
+        .transpose()?;
+    let token_anchor = trust
+        .token_anchor
+        .as_ref()
+        .map(|a| {
+            a.root_hash()
+                .map(|root| (a.size, root))
+                .map_err(DirFailure::other)
+        })
+        .transpose()?;
+    let mut check = LogCheck::new();
     let mut origin: Option<String> = None;
     let mut last_good = 0u64;
     let mut count = 0usize;
-    for (n, line) in cp_data.split(|&b| b == b'\n').enumerate() {
-        if line.is_empty() {
-            continue;
+    let mut next_cp = src.next_checkpoint()?;
+    loop {
+        while let Some((n, cp)) = next_cp.take_if(|(_, cp)| cp.tree_size <= check.size()) {
+            check_checkpoint(n, &cp, &check, &mut origin, &mut last_good, key)?;
+            count += 1;
+            next_cp = src.next_checkpoint()?;
         }
-        let stored: StoredCheckpoint = serde_json::from_slice(line).map_err(|e| {
-            DirFailure::other(format!("checkpoint line {} is not valid JSON: {e}", n + 1))
-        })?;
-        let body = note::SignedNote::parse(&stored.note)
-            .and_then(|sn| note::Checkpoint::parse_body(&sn.text))
-            .map_err(|e| DirFailure::other(format!("checkpoint line {}: {e}", n + 1)))?;
-        let o = origin.get_or_insert_with(|| body.origin.clone());
-        if body.origin != *o {
+        if let Some((size, root)) = &kept
+            && *size == check.size()
+            && check.edge().root() != *root
+        {
             return Err(DirFailure::other(format!(
-                "checkpoint line {} has origin `{}`, expected `{o}`",
-                n + 1,
+                "the log's root at size {size} differs from the anchor you kept: entries below {size} were rewritten"
+            )));
+        }
+        if let Some((size, root)) = &token_anchor
+            && *size == check.size()
+            && check.edge().root() != *root
+        {
+            return Err(DirFailure::other(format!(
+                "the log's root at size {size} differs from the token's anchor: entries below {size} were rewritten"
+            )));
+        }
+        match src.next_entry()? {
+            Some(line) => {
+                check.check(&line)?;
+            }
+            None => break,
+        }
+    }
+    let len = check.size();
+    if let Some((_, cp)) = next_cp {
+        return Err(DirFailure::entry(
+            len,
+            format!(
+                "the signed checkpoint covers {} entries but the log holds {len}: entry {len} onwards is missing (truncated)",
+                cp.tree_size
+            ),
+        ));
+    }
+    if let Some((size, _)) = &kept
+        && *size > len
+    {
+        return Err(DirFailure::entry(
+            len,
+            format!(
+                "the log holds {len} entries but the anchor you kept covers {size}: the log was truncated or rolled back"
+            ),
+        ));
+    }
+    if let Some(a) = &trust.token_anchor {
+        if origin.as_ref().is_some_and(|o| *o != a.origin) {
+            return Err(DirFailure::other(format!(
+                "the token anchors log `{}`, this log is `{}`",
+                a.origin,
+                origin.as_deref().unwrap_or_default()
+            )));
+        }
+        if a.size > len {
+            return Err(DirFailure::entry(
+                len,
+                format!(
+                    "the log holds {len} entries but the token's anchor covers {}: the log was truncated or rolled back",
+                    a.size
+                ),
+            ));
+        }
+        if a.size > last_good {
+            return Err(DirFailure::other(format!(
+                "the checkpoints end at size {last_good} but the token's anchor holds the checkpoint at size {}: checkpoints were removed",
+                a.size
+            )));
+        }
+    }
+    if let (Some(o), Some(text)) = (&origin, &trust.kept_checkpoint) {
+        let body = note::SignedNote::parse(text)
+            .and_then(|sn| note::Checkpoint::parse_body(&sn.text))
+            .map_err(|e| DirFailure::other(format!("the anchor is not a checkpoint note: {e}")))?;
+        if *o != body.origin {
+            return Err(DirFailure::other(format!(
+                "the anchor is a checkpoint of log `{}`, this log is `{o}`",
                 body.origin
             )));
         }
-        note::verify_checkpoint(&stored.note, o, key)
-            .map_err(|e| DirFailure::other(format!("checkpoint at size {}: {e}", body.size)))?;
-        if body.size != stored.tree_size {
-            return Err(DirFailure::other(format!(
-                "checkpoint line {}: stored size differs from the signed size",
-                n + 1
-            )));
-        }
-        if body.size < last_good {
-            return Err(DirFailure::other(format!(
-                "checkpoint at size {} follows one at size {last_good}: the log shrank",
-                body.size
-            )));
-        }
-        if body.size > tree.len() {
-            return Err(DirFailure::entry(
-                tree.len(),
-                format!(
-                    "the signed checkpoint covers {} entries but the log holds {}: entry {} onwards is missing (truncated)",
-                    body.size,
-                    tree.len(),
-                    tree.len()
-                ),
-            ));
-        }
-        let root = tree
-            .root(body.size)
-            .map_err(|e| DirFailure::other(e.to_string()))?;
-        if root != body.root {
-            return Err(DirFailure::entry(
-                last_good,
-                format!(
-                    "entries {last_good}..{} do not match the signed checkpoint at size {} (altered, with the hash chain rewritten)",
-                    body.size - 1,
-                    body.size
-                ),
-            ));
-        }
-        last_good = body.size;
-        count += 1;
     }
-    let anchor_size = match anchor {
-        None => None,
-        Some(text) => Some(check_kept_anchor(&tree, text, origin.as_deref(), key)?),
-    };
     Ok(DirReport {
-        anchor_size,
-        entries: tree.len(),
+        verdict: match trust.key_source {
+            KeySource::BesideTheData => Verdict::Unverified,
+            KeySource::Given | KeySource::Token => Verdict::Verified,
+        },
+        key_source: trust.key_source,
+        anchor_size: kept.map(|(s, _)| s),
+        token_anchor_size: trust.token_anchor.as_ref().map(|a| a.size),
+        entries: len,
         checkpoints: count,
         latest_checkpoint_size: last_good,
-        unsigned_tail: tree.len() - last_good,
+        unsigned_tail: len - last_good,
         origin,
-        events,
+        events: check.events,
     })
 }
 
-/// The log extends the checkpoint the auditor kept: same root at its size.
-fn check_kept_anchor(
-    tree: &Tree,
-    note_text: &str,
-    origin: Option<&str>,
+/// One stored checkpoint, at the moment the entry stream reached its size: its signature with
+/// the log key, its origin, its order, its root.
+fn check_checkpoint(
+    n: u64,
+    stored: &StoredCheckpoint,
+    check: &LogCheck,
+    origin: &mut Option<String>,
+    last_good: &mut u64,
     key: &VerifyingKey,
-) -> Result<u64, DirFailure> {
-    let body = note::SignedNote::parse(note_text)
+) -> Result<(), DirFailure> {
+    let body = note::SignedNote::parse(&stored.note)
         .and_then(|sn| note::Checkpoint::parse_body(&sn.text))
-        .map_err(|e| DirFailure::other(format!("the anchor is not a checkpoint note: {e}")))?;
-    if let Some(o) = origin
-        && o != body.origin
-    {
+        .map_err(|e| DirFailure::other(format!("checkpoint line {n}: {e}")))?;
+    let o = origin.get_or_insert_with(|| body.origin.clone());
+    if body.origin != *o {
         return Err(DirFailure::other(format!(
-            "the anchor is a checkpoint of log `{}`, this log is `{o}`",
+            "checkpoint line {n} has origin `{}`, expected `{o}`",
             body.origin
         )));
     }
-    note::verify_checkpoint(note_text, &body.origin, key).map_err(|e| {
-        DirFailure::other(format!(
-            "the anchor's signature does not verify with the log key: {e}"
-        ))
-    })?;
-    if body.size > tree.len() {
+    note::verify_checkpoint(&stored.note, o, key)
+        .map_err(|e| DirFailure::other(format!("checkpoint at size {}: {e}", body.size)))?;
+    if body.size != stored.tree_size {
+        return Err(DirFailure::other(format!(
+            "checkpoint line {n}: stored size differs from the signed size"
+        )));
+    }
+    if body.size < *last_good {
+        return Err(DirFailure::other(format!(
+            "checkpoint at size {} follows one at size {last_good}: the log shrank",
+            body.size
+        )));
+    }
+    if check.edge().root() != body.root {
         return Err(DirFailure::entry(
-            tree.len(),
+            *last_good,
             format!(
-                "the log holds {} entries but the anchor you kept covers {}: the log was truncated or rolled back",
-                tree.len(),
+                "entries {last_good}..{} do not match the signed checkpoint at size {} (altered, with the hash chain rewritten)",
+                body.size.saturating_sub(1),
                 body.size
             ),
         ));
     }
-    let root = tree
-        .root(body.size)
-        .map_err(|e| DirFailure::other(e.to_string()))?;
-    if root != body.root {
-        return Err(DirFailure::other(format!(
-            "the log's root at size {} differs from the anchor you kept: entries below {} were rewritten",
-            body.size, body.size
-        )));
+    *last_good = body.size;
+    Ok(())
+}
+
+/// The size and root of a checkpoint the auditor kept, once its signature verifies.
+fn kept_checkpoint(text: &str, key: &VerifyingKey) -> Result<(u64, Hash), DirFailure> {
+    let body = note::SignedNote::parse(text)
+        .and_then(|sn| note::Checkpoint::parse_body(&sn.text))
+        .map_err(|e| DirFailure::other(format!("the anchor is not a checkpoint note: {e}")))?;
+    note::verify_checkpoint(text, &body.origin, key).map_err(|e| {
+        DirFailure::other(format!(
+            "the anchor's signature does not verify with the log key: {e}"
+        ))
+    })?;
+    Ok((body.size, body.root))
+}
+
+/// A log directory in the file format: `entries.jsonl` and `checkpoints.jsonl`, read line by
+/// line.
+pub struct DirSource {
+    entries: BufReader<File>,
+    entries_path: PathBuf,
+    next_index: u64,
+    checkpoints: Option<BufReader<File>>,
+    checkpoints_path: PathBuf,
+    line: u64,
+}
+
+impl DirSource {
+    pub fn open(dir: &Path) -> Result<Self, DirFailure> {
+        let entries_path = dir.join(ENTRIES_FILE);
+        let f = File::open(&entries_path).map_err(|e| {
+            DirFailure::other(format!("cannot read {}: {e}", entries_path.display()))
+        })?;
+        let checkpoints_path = dir.join(CHECKPOINTS_FILE);
+        let checkpoints = match File::open(&checkpoints_path) {
+            Ok(f) => Some(BufReader::new(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(DirFailure::other(format!(
+                    "cannot read {}: {e}",
+                    checkpoints_path.display()
+                )));
+            }
+        };
+        Ok(Self {
+            entries: BufReader::with_capacity(1 << 20, f),
+            entries_path,
+            next_index: 0,
+            checkpoints,
+            checkpoints_path,
+            line: 0,
+        })
     }
-    Ok(body.size)
+}
+
+/// One line of `r` (without its newline) of at most `max` bytes; `Ok(None)` at the end;
+/// `Err(true)` for a final line without a newline, `Err(false)` for one too long.
+fn read_line(
+    r: &mut BufReader<File>,
+    max: usize,
+) -> Result<Option<Vec<u8>>, Result<bool, std::io::Error>> {
+    let mut line = Vec::new();
+    let n = r
+        .by_ref()
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(Err)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(Ok(line.len() <= max));
+    }
+    line.pop();
+    Ok(Some(line))
+}
+
+impl LogSource for DirSource {
+    fn next_entry(&mut self) -> Result<Option<Vec<u8>>, DirFailure> {
+        let index = self.next_index;
+        let line = read_line(&mut self.entries, MAX_ENTRY_BYTES).map_err(|e| match e {
+            Ok(true) => DirFailure::entry(
+                index,
+                format!("entry {index} is truncated (the file ends mid-entry)"),
+            ),
+            Ok(false) => DirFailure::entry(
+                index,
+                format!("entry {index} is longer than {MAX_ENTRY_BYTES} bytes"),
+            ),
+            Err(e) => {
+                DirFailure::other(format!("cannot read {}: {e}", self.entries_path.display()))
+            }
+        })?;
+        self.next_index += line.is_some() as u64;
+        Ok(line)
+    }
+
+    fn next_checkpoint(&mut self) -> Result<Option<(u64, StoredCheckpoint)>, DirFailure> {
+        let Some(r) = self.checkpoints.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            self.line += 1;
+            let n = self.line;
+            let line = match read_line(r, super::note::MAX_NOTE_BYTES * 2) {
+                Ok(None) => return Ok(None),
+                Ok(Some(l)) => l,
+                Err(Ok(_)) => {
+                    return Err(DirFailure::other(format!(
+                        "checkpoint line {n} is torn or too long"
+                    )));
+                }
+                Err(Err(e)) => {
+                    return Err(DirFailure::other(format!(
+                        "cannot read {}: {e}",
+                        self.checkpoints_path.display()
+                    )));
+                }
+            };
+            if line.is_empty() {
+                continue;
+            }
+            let stored: StoredCheckpoint = serde_json::from_slice(&line).map_err(|e| {
+                DirFailure::other(format!("checkpoint line {n} is not valid JSON: {e}"))
+            })?;
+            return Ok(Some((n, stored)));
+        }
+    }
+}
+
+/// [`verify_log`] over a directory, with `key` given by the auditor.
+pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailure> {
+    verify_log(
+        &mut DirSource::open(dir)?,
+        &LogTrust {
+            key: *key,
+            key_source: KeySource::Given,
+            kept_checkpoint: None,
+            token_anchor: None,
+        },
+    )
 }
 
 /// What `signet receipt verify` is given.

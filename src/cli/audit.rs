@@ -11,28 +11,42 @@ use serde_json::Value;
 use spki::DecodePublicKey;
 
 use signet::audit::note::TlogProof;
-use signet::audit::verify::{ReceiptInputs, verify_dir_anchored, verify_receipt};
+use signet::audit::verify::{
+    DirFailure, DirReport, DirSource, KeySource, LogSource, LogTrust, ReceiptInputs, Verdict,
+    verify_log, verify_receipt,
+};
 use signet::audit::{LOG_KEY_FILE, Receipt};
 use signet::pki::{self, CertInfo};
 
-use super::{Cli, ensure_module_environment, load_config, local_caller, runtime};
+use super::{Cli, Unverified, ensure_module_environment, load_config, local_caller, runtime};
+
+/// Inputs of the verifiers larger than this are refused unread (receipts, proofs, keys and
+/// certificates are a few KiB).
+const MAX_SMALL_INPUT: u64 = 1 << 20;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Recompute every entry hash, the hash chain, the tree and every checkpoint signature;
-    /// name the first entry that does not match.
+    /// name the first entry that does not match. Exit 0 only when verified against a log key
+    /// you trust (`--key`, or the token's with `--config`); 2 when everything checked out but
+    /// only against the key stored beside the data (UNVERIFIED); 1 when refused.
     Verify {
-        /// The evidence log directory. Without it: the log of the configured storage backend
-        /// (`--config`): `[audit].dir`, or the PostgreSQL database (exported to a temporary
-        /// directory and verified the same way).
+        /// An evidence log directory (file format). Without it: the log of the configured
+        /// storage backend (`--config`: `[audit].dir`, or the PostgreSQL database, read in
+        /// place), checked with the token's log key and against the token's anchor.
         dir: Option<PathBuf>,
-        /// The log's public key (PEM). Default: DIR/log-key.pem (use a copy you trust for audits).
+        /// The log's public key (PEM, or the JSON of GET /v1/audit/checkpoint): a copy you
+        /// trust. Without it, DIR/log-key.pem is used and the verdict is at best UNVERIFIED.
         #[arg(long)]
         key: Option<PathBuf>,
         /// A checkpoint you kept earlier (the signed note, or the JSON of
         /// GET /v1/audit/checkpoint): the log must still have its root at its size.
         #[arg(long)]
         anchor: Option<PathBuf>,
+        /// Verify the log a running service serves (C2SP tlog-tiles API), through the `[cli]`
+        /// section's client certificate (admin or audit role), against the latest checkpoint.
+        #[arg(long, conflicts_with = "dir")]
+        remote: bool,
     },
     /// Write a transaction's self-contained evidence bundle: its entries with their proofs, the
     /// signed checkpoint and its RFC 3161 timestamp, the signing certificates and their CA, and
@@ -82,6 +96,7 @@ pub enum BundleCommand {
         #[arg(long)]
         log_key: Option<PathBuf>,
         /// The CA (PEM) of the time-stamping authority, to check the timestamp's certificate.
+        /// Without it a bundle with a timestamp is at best UNVERIFIED.
         #[arg(long)]
         tsa_ca: Option<PathBuf>,
         /// Also write the account as a standalone HTML page.
@@ -108,7 +123,8 @@ pub enum ReceiptCommand {
         #[arg(long)]
         certificate: Option<PathBuf>,
         /// The CA certificate (PEM) the signing certificate must chain to; also checks its
-        /// key usage and that it was valid at the entry's time.
+        /// key usage and that it was valid at the entry's time. Without it the verdict is at
+        /// best UNVERIFIED.
         #[arg(long)]
         ca: Option<PathBuf>,
         /// The SHA-256 digest (hex) you expect the receipt to cover.
@@ -117,15 +133,21 @@ pub enum ReceiptCommand {
         /// The document you expect the receipt to cover (hashed here with SHA-256).
         #[arg(long)]
         document: Option<PathBuf>,
-        /// Succeed without a certificate, checking only that the entry is in the log.
+        /// Check only that the entry is in the log, without a certificate (the verdict is then
+        /// UNVERIFIED: the signature is not checked).
         #[arg(long)]
         no_certificate: bool,
     },
 }
 
 pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
-    let (dir, key, anchor) = match cmd {
-        AuditCommand::Verify { dir, key, anchor } => (dir, key, anchor),
+    let (dir, key, anchor, remote) = match cmd {
+        AuditCommand::Verify {
+            dir,
+            key,
+            anchor,
+            remote,
+        } => (dir, key, anchor, *remote),
         AuditCommand::AcceptRestore { reason } => return accept_restore(cli, reason),
         AuditCommand::Export {
             dir,
@@ -140,80 +162,212 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
             };
         }
     };
-    let Some(dir) = dir else {
-        return verify_configured(cli, key.as_deref(), anchor.as_deref());
-    };
-    let anchor_text = anchor.as_deref().map(read_checkpoint_note).transpose()?;
-    let key_path = key.clone().unwrap_or_else(|| dir.join(LOG_KEY_FILE));
-    let log_key = read_public_key(&key_path)?;
-    if key.is_none() && !cli.json {
-        eprintln!(
-            "note: using {}; for an audit, pass --key with a copy of the log key you trust",
-            key_path.display()
-        );
+    let kept_checkpoint = anchor.as_deref().map(read_checkpoint_note).transpose()?;
+    let given = key.as_deref().map(read_public_key).transpose()?;
+    if remote {
+        return verify_remote(cli, given, kept_checkpoint);
     }
+    let Some(dir) = dir else {
+        return verify_configured(cli, given, kept_checkpoint);
+    };
+    let trust = match given {
+        Some(key) => LogTrust {
+            key,
+            key_source: KeySource::Given,
+            kept_checkpoint,
+            token_anchor: None,
+        },
+        None => LogTrust {
+            key: read_public_key(&dir.join(LOG_KEY_FILE))?,
+            key_source: KeySource::BesideTheData,
+            kept_checkpoint,
+            token_anchor: None,
+        },
+    };
+    let result = DirSource::open(dir).and_then(|mut src| verify_log(&mut src, &trust));
     report_verification(
         cli,
-        verify_dir_anchored(dir, &log_key, anchor_text.as_deref()),
+        result,
+        &format!("{}", dir.join(LOG_KEY_FILE).display()),
     )
 }
 
-/// `signet audit verify` without DIR: the configured backend's log.
-fn verify_configured(cli: &Cli, key: Option<&Path>, anchor: Option<&Path>) -> Result<()> {
+/// `signet audit verify` without DIR: the configured backend's log, read in place, checked
+/// with the token's log key (or `--key`) and against the token's anchor.
+fn verify_configured(
+    cli: &Cli,
+    given: Option<VerifyingKey>,
+    kept_checkpoint: Option<String>,
+) -> Result<()> {
     let config = load_config(cli)?;
-    let pg = match &config.storage {
-        signet::config::StorageConfig::File => {
-            let dir = config.audit.dir.clone();
-            let log_key = read_public_key(
-                &key.map(Path::to_path_buf)
-                    .unwrap_or_else(|| dir.join(LOG_KEY_FILE)),
-            )?;
-            let anchor_text = anchor.map(read_checkpoint_note).transpose()?;
-            return report_verification(
-                cli,
-                verify_dir_anchored(&dir, &log_key, anchor_text.as_deref()),
-            );
-        }
-        signet::config::StorageConfig::Postgres(pg) => pg.clone(),
-    };
-    let tmp = tempdir_in_target()?;
-    let rt = runtime()?;
-    let exported = rt.block_on(async {
-        let db = signet::storage::postgres::Db::connect(
-            &pg,
-            std::sync::Arc::new(signet::metrics::Metrics::new()),
-        )
-        .await?;
-        signet::storage::postgres::export(&db, &tmp).await
-    });
-    let result = exported
-        .context("cannot read the log from the database")
-        .and_then(|_| {
-            let log_key = read_public_key(
-                &key.map(Path::to_path_buf)
-                    .unwrap_or_else(|| tmp.join(LOG_KEY_FILE)),
-            )?;
-            if key.is_none() && !cli.json {
-                eprintln!(
-                    "note: using the log key recorded in the database; for an audit, pass --key with a copy you trust"
-                );
+    let trust = match given {
+        Some(key) => LogTrust {
+            key,
+            key_source: KeySource::Given,
+            kept_checkpoint,
+            token_anchor: None,
+        },
+        None => {
+            ensure_module_environment(&config)?;
+            let (key, anchor) = signet::service::token_log_trust(&config)
+                .context("cannot read the log key and anchor from the token (or pass --key)")?;
+            LogTrust {
+                key,
+                key_source: KeySource::Token,
+                kept_checkpoint,
+                token_anchor: anchor,
             }
-            let anchor_text = anchor.map(read_checkpoint_note).transpose()?;
-            report_verification(
-                cli,
-                verify_dir_anchored(&tmp, &log_key, anchor_text.as_deref()),
-            )
-        });
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+        }
+    };
+    let result = match &config.storage {
+        signet::config::StorageConfig::File => {
+            DirSource::open(&config.audit.dir).and_then(|mut src| verify_log(&mut src, &trust))
+        }
+        signet::config::StorageConfig::Postgres(pg) => {
+            let rt = runtime()?;
+            let db = rt
+                .block_on(signet::storage::postgres::Db::connect(
+                    pg,
+                    std::sync::Arc::new(signet::metrics::Metrics::new()),
+                ))
+                .context("cannot connect to the database")?;
+            let mut src = signet::storage::postgres::PgSource::new(rt.handle().clone(), db);
+            verify_log(&mut src, &trust)
+        }
+    };
+    report_verification(cli, result, "the token")
 }
 
-/// A private temporary directory (the export holds signer evidence).
-fn tempdir_in_target() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("signet-verify-{}", uuid::Uuid::new_v4()));
-    signet::fsutil::create_private_dir(&dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
+/// `signet audit verify --remote`: the log a running service serves as C2SP tlog-tiles (entry
+/// bundles up to its latest checkpoint), through the `[cli]` client certificate.
+fn verify_remote(
+    cli: &Cli,
+    given: Option<VerifyingKey>,
+    kept_checkpoint: Option<String>,
+) -> Result<()> {
+    let config = load_config(cli)?;
+    let cli_cfg = config.cli.as_ref().ok_or_else(|| {
+        anyhow!("--remote needs a [cli] section (url, cert, key, ca) with an admin or audit client certificate")
+    })?;
+    let tls = signet::client::ClientTls::new(&cli_cfg.ca, Some(&cli_cfg.cert), Some(&cli_cfg.key))?;
+    let rt = runtime()?;
+    let conn = rt.block_on(signet::client::Connection::connect_url(&tls, &cli_cfg.url))?;
+    let mut src = TlogSource {
+        rt: rt.handle().clone(),
+        conn,
+        size: 0,
+        next: 0,
+        entries: Default::default(),
+        checkpoint: None,
+    };
+    let note = src.get_text("/v1/audit/tlog/checkpoint")?;
+    let (key, key_source) = match given {
+        Some(k) => (k, KeySource::Given),
+        None => {
+            let v: Value = serde_json::from_str(&src.get_text("/v1/audit/checkpoint")?)
+                .context("GET /v1/audit/checkpoint")?;
+            let pem = v["log_public_key"]
+                .as_str()
+                .ok_or_else(|| anyhow!("GET /v1/audit/checkpoint: no log_public_key"))?;
+            (
+                VerifyingKey::from_public_key_pem(pem.trim())
+                    .map_err(|e| anyhow!("the served log key: {e}"))?,
+                KeySource::BesideTheData,
+            )
+        }
+    };
+    let size = signet::audit::note::SignedNote::parse(&note)
+        .and_then(|n| signet::audit::note::Checkpoint::parse_body(&n.text))
+        .map_err(|e| anyhow!("the served checkpoint: {e}"))?
+        .size;
+    src.size = size;
+    src.checkpoint = Some(signet::audit::StoredCheckpoint {
+        tree_size: size,
+        signed_at: 0,
+        note,
+    });
+    let trust = LogTrust {
+        key,
+        key_source,
+        kept_checkpoint,
+        token_anchor: None,
+    };
+    let result = verify_log(&mut src, &trust);
+    report_verification(cli, result, "the service's answer")
+}
+
+/// A served log as a [`LogSource`]: entry bundles up to the latest checkpoint's size.
+struct TlogSource {
+    rt: tokio::runtime::Handle,
+    conn: signet::client::Connection,
+    size: u64,
+    next: u64,
+    entries: std::collections::VecDeque<Vec<u8>>,
+    checkpoint: Option<signet::audit::StoredCheckpoint>,
+}
+
+impl TlogSource {
+    fn get(&mut self, path: &str) -> Result<Vec<u8>> {
+        let (status, _, body) =
+            self.rt
+                .block_on(self.conn.request(hyper::Method::GET, path, &[], None))?;
+        if !status.is_success() {
+            bail!(
+                "GET {path}: {} {}",
+                status.as_u16(),
+                String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            );
+        }
+        Ok(body.to_vec())
+    }
+
+    fn get_text(&mut self, path: &str) -> Result<String> {
+        String::from_utf8(self.get(path)?).map_err(|_| anyhow!("GET {path}: not UTF-8"))
+    }
+}
+
+impl LogSource for TlogSource {
+    fn next_entry(&mut self) -> Result<Option<Vec<u8>>, DirFailure> {
+        use signet::audit::tiles::{TileRef, render};
+        if self.entries.is_empty() && self.next < self.size {
+            let n = self.next / 256;
+            let width = (self.size - n * 256).min(256) as u16;
+            let path = format!(
+                "/v1/audit/tlog/tile/{}",
+                render(TileRef::Entries { n, width })
+            );
+            let body = self
+                .get(&path)
+                .map_err(|e| DirFailure::other(format!("{e:#}")))?;
+            let mut rest = body.as_slice();
+            while rest.len() >= 2 {
+                let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let entry = rest.get(2..2 + len).ok_or_else(|| {
+                    DirFailure::other(format!("{path}: an entry runs past the bundle's end"))
+                })?;
+                self.entries.push_back(entry.to_vec());
+                rest = &rest[2 + len..];
+            }
+            if !rest.is_empty() || self.entries.len() != usize::from(width) {
+                return Err(DirFailure::entry(
+                    n * 256,
+                    format!("{path} does not hold {width} entries"),
+                ));
+            }
+        }
+        let e = self.entries.pop_front();
+        self.next += e.is_some() as u64;
+        Ok(e)
+    }
+
+    fn next_checkpoint(
+        &mut self,
+    ) -> Result<Option<(u64, signet::audit::StoredCheckpoint)>, DirFailure> {
+        Ok(self.checkpoint.take().map(|c| (1, c)))
+    }
 }
 
 /// `signet audit export DIR`: the configured backend's whole log in the file format.
@@ -274,19 +428,57 @@ fn export_log(cli: &Cli, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Print a log verification and end as its verdict says: `verified` exits 0, `unverified` 2,
+/// `refused` 1. `key_place` says where the key came from when it was not the auditor's.
 fn report_verification(
     cli: &Cli,
-    result: Result<signet::audit::verify::DirReport, signet::audit::verify::DirFailure>,
+    result: Result<DirReport, DirFailure>,
+    key_place: &str,
 ) -> Result<()> {
     match result {
         Ok(r) => {
+            let unverified = (r.verdict == Verdict::Unverified).then(|| {
+                format!(
+                    "UNVERIFIED: no trust anchor for the log key: the log checked out against the key stored beside it ({key_place}), which whoever rewrote the log could have replaced; pass --key with a copy you trust, or --config to use the token's"
+                )
+            });
             if cli.json {
-                println!("{}", serde_json::json!({"ok": true, "report": r}));
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "verdict": r.verdict,
+                        "ok": r.verdict == Verdict::Verified,
+                        "report": r,
+                        "unverified": unverified,
+                    })
+                );
             } else {
                 println!(
-                    "OK: {} entries, {} checkpoints, latest checkpoint covers {} entries ({} newer entries not yet checkpointed)",
-                    r.entries, r.checkpoints, r.latest_checkpoint_size, r.unsigned_tail
+                    "{}: {} entries, {} checkpoints, latest checkpoint covers {} entries ({} newer entries not yet checkpointed)",
+                    if r.verdict == Verdict::Verified {
+                        "VERIFIED"
+                    } else {
+                        "UNVERIFIED"
+                    },
+                    r.entries,
+                    r.checkpoints,
+                    r.latest_checkpoint_size,
+                    r.unsigned_tail
                 );
+                println!(
+                    "  checkpoint signatures checked with {}",
+                    match r.key_source {
+                        KeySource::Given => "the log key you gave (--key)",
+                        KeySource::Token => "the log key in the token",
+                        KeySource::BesideTheData =>
+                            "the key stored beside the log (NOT a trust anchor)",
+                    }
+                );
+                if let Some(n) = r.token_anchor_size {
+                    println!(
+                        "  the log matches the token's anchor (size {n}): nothing before it was changed or removed"
+                    );
+                }
                 if let Some(n) = r.anchor_size {
                     println!(
                         "  the log extends the checkpoint you kept (size {n}): nothing before it was changed"
@@ -296,13 +488,16 @@ fn report_verification(
                     println!("  {ev}: {n}");
                 }
             }
-            Ok(())
+            match unverified {
+                Some(u) => Err(Unverified(u).into()),
+                None => Ok(()),
+            }
         }
         Err(f) => {
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"ok": false, "first_bad_entry": f.first_bad_entry, "error": f.message})
+                    serde_json::json!({"verdict": Verdict::Refused, "ok": false, "first_bad_entry": f.first_bad_entry, "error": f.message})
                 );
             }
             match f.first_bad_entry {
@@ -332,9 +527,23 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
                 .0,
         ),
         (None, Some(p)) => {
+            // Hashed as it is read: a document may be large.
             use sha2::Digest;
-            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-            Some(sha2::Sha256::digest(&bytes).into())
+            let mut f =
+                std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                use std::io::Read;
+                let n = f
+                    .read(&mut buf)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            Some(h.finalize().into())
         }
         (None, None) => None,
     };
@@ -347,8 +556,7 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
             .unwrap_or_else(|| receipt_json.clone()),
     )
     .context("the receipt file holds neither a sign response nor a receipt")?;
-    let proof_text = std::fs::read_to_string(proof)
-        .with_context(|| format!("cannot read {}", proof.display()))?;
+    let proof_text = read_small_text(proof)?;
     let (proof_text, entry) = match serde_json::from_str::<Value>(&proof_text) {
         Ok(v) => {
             let p = v["proof"]
@@ -384,53 +592,82 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
         expected_digest,
         signature: receipt_json["signature"].as_str().map(str::to_owned),
     };
-    match verify_receipt(&inputs) {
-        Ok(rep) => {
-            if cli.json {
-                println!("{}", serde_json::json!({"ok": true, "report": rep}));
-            } else {
-                println!(
-                    "OK: entry {} of log {} is included in the signed checkpoint of size {}",
-                    rep.index, rep.log_origin, rep.checkpoint_size
-                );
-                println!(
-                    "  event {}, time {}, key {}, policy {}",
-                    rep.event,
-                    rep.time,
-                    rep.key_id.as_deref().unwrap_or("-"),
-                    rep.policy_id.as_deref().unwrap_or("-")
-                );
-                if rep.digest_checked {
-                    println!(
-                        "  it covers the expected digest {}",
-                        rep.digest.as_deref().unwrap_or("-")
-                    );
-                }
-                if rep.signature_checked {
-                    println!(
-                        "  the signature verifies with the certificate the entry names (SHA-256 {})",
-                        rep.certificate_sha256.as_deref().unwrap_or("-")
-                    );
-                } else {
-                    println!(
-                        "  the signature was NOT checked (--no-certificate): this shows only that the entry is in the log"
-                    );
-                }
-                if rep.chain_checked {
-                    println!(
-                        "  the certificate chains to the CA given, may sign, and was valid at {}",
-                        rep.time
-                    );
-                }
-            }
-            Ok(())
-        }
+    let result = verify_receipt(&inputs);
+    let rep = match result {
+        Ok(rep) => rep,
         Err(e) => {
             if cli.json {
-                println!("{}", serde_json::json!({"ok": false, "error": e}));
+                println!(
+                    "{}",
+                    serde_json::json!({"verdict": Verdict::Refused, "ok": false, "error": e})
+                );
             }
             bail!("receipt verification FAILED: {e}")
         }
+    };
+    let mut unverified = Vec::new();
+    if !rep.signature_checked {
+        unverified.push(
+            "the signature was NOT checked (--no-certificate): this shows only that the entry is in the log"
+                .to_owned(),
+        );
+    } else if !rep.chain_checked {
+        unverified.push(
+            "no trust anchor for the signing certificate: pass --ca with the issuing CA you trust"
+                .to_owned(),
+        );
+    }
+    let verdict = if unverified.is_empty() {
+        Verdict::Verified
+    } else {
+        Verdict::Unverified
+    };
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"verdict": verdict, "ok": verdict == Verdict::Verified, "report": rep, "unverified": unverified})
+        );
+    } else {
+        println!(
+            "{}: entry {} of log {} is included in the checkpoint of size {} signed by the log key you gave",
+            if verdict == Verdict::Verified {
+                "VERIFIED"
+            } else {
+                "UNVERIFIED"
+            },
+            rep.index,
+            rep.log_origin,
+            rep.checkpoint_size
+        );
+        println!(
+            "  event {}, time {}, key {}, policy {}",
+            rep.event,
+            rep.time,
+            rep.key_id.as_deref().unwrap_or("-"),
+            rep.policy_id.as_deref().unwrap_or("-")
+        );
+        if rep.digest_checked {
+            println!(
+                "  it covers the expected digest {}",
+                rep.digest.as_deref().unwrap_or("-")
+            );
+        }
+        if rep.signature_checked {
+            println!(
+                "  the signature verifies with the certificate the entry names (SHA-256 {})",
+                rep.certificate_sha256.as_deref().unwrap_or("-")
+            );
+        }
+        if rep.chain_checked {
+            println!(
+                "  the certificate chains to the CA you gave, may sign, and was valid at {}",
+                rep.time
+            );
+        }
+    }
+    match unverified.is_empty() {
+        true => Ok(()),
+        false => Err(Unverified(format!("UNVERIFIED: {}", unverified.join("; "))).into()),
     }
 }
 
@@ -462,9 +699,10 @@ fn export(cli: &Cli, transaction: &str, tenant: Option<String>, out: &Path) -> R
     Ok(())
 }
 
-/// `signet bundle verify`.
+/// `signet bundle verify`: 0 only when verified against the anchors given; 2 when
+/// UNVERIFIED (some facts rest on keys the file supplies itself); 1 when refused.
 pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
-    use signet::audit::bundle::{self, Bundle, Trust};
+    use signet::audit::bundle::{self, Trust};
     let BundleCommand::Verify {
         file,
         ca,
@@ -472,13 +710,9 @@ pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
         tsa_ca,
         html,
     } = cmd;
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let b: Bundle = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not an evidence bundle", file.display()))?;
     let cas = match ca {
         Some(p) => {
-            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let bytes = read_small(p)?;
             let chain = x509_chain(&bytes)?;
             if chain.is_empty() {
                 bail!("{}: no certificate", p.display());
@@ -490,27 +724,40 @@ pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
     let trust = Trust {
         log_key: log_key.as_deref().map(read_public_key).transpose()?,
         cas,
-        tsa_ca: tsa_ca.as_deref().map(read_cert).transpose()?,
+        tsa_ca: tsa_ca
+            .as_deref()
+            .map(signet::audit::timestamp::TsaAnchors::load)
+            .transpose()
+            .map_err(|e| anyhow!("--tsa-ca: {e}"))?,
     };
-    match bundle::verify(&b, &trust) {
-        Ok(account) => {
-            if let Some(path) = html {
-                std::fs::write(path, bundle::explain_html(&account))
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
-            if cli.json {
-                println!("{}", serde_json::json!({"ok": true, "account": account}));
-            } else {
-                print!("{}", bundle::explain(&account));
-            }
-            Ok(())
-        }
+    let result = bundle::read(file).and_then(|b| bundle::verify(&b, &trust));
+    let account = match result {
+        Ok(a) => a,
         Err(e) => {
             if cli.json {
-                println!("{}", serde_json::json!({"ok": false, "error": e}));
+                println!(
+                    "{}",
+                    serde_json::json!({"verdict": Verdict::Refused, "ok": false, "error": e})
+                );
             }
             bail!("bundle verification FAILED: {e}")
         }
+    };
+    if let Some(path) = html {
+        std::fs::write(path, bundle::explain_html(&account))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"verdict": account.verdict, "ok": account.verdict == Verdict::Verified, "account": account, "unverified": account.unverified})
+        );
+    } else {
+        print!("{}", bundle::explain(&account));
+    }
+    match account.verdict {
+        Verdict::Verified => Ok(()),
+        _ => Err(Unverified(format!("UNVERIFIED: {}", account.unverified.join("; "))).into()),
     }
 }
 
@@ -571,8 +818,7 @@ fn accept_restore(cli: &Cli, reason: &str) -> Result<()> {
 
 /// A checkpoint note from a file: the note itself, or the JSON of GET /v1/audit/checkpoint.
 fn read_checkpoint_note(p: &Path) -> Result<String> {
-    let text =
-        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let text = read_small_text(p)?;
     match serde_json::from_str::<Value>(&text) {
         Ok(v) => v["checkpoint"]
             .as_str()
@@ -582,15 +828,36 @@ fn read_checkpoint_note(p: &Path) -> Result<String> {
     }
 }
 
+/// A small input file (receipt, proof, key, certificate, kept checkpoint), refused unread when
+/// larger than [`MAX_SMALL_INPUT`].
+fn read_small(p: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_SMALL_INPUT + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", p.display()))?;
+    if bytes.len() as u64 > MAX_SMALL_INPUT {
+        bail!(
+            "{} is larger than {} KiB: not a receipt, proof, key or certificate",
+            p.display(),
+            MAX_SMALL_INPUT >> 10
+        );
+    }
+    Ok(bytes)
+}
+
+fn read_small_text(p: &Path) -> Result<String> {
+    String::from_utf8(read_small(p)?).map_err(|_| anyhow!("{} is not UTF-8 text", p.display()))
+}
+
 fn read_json(p: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let text = read_small_text(p)?;
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
 }
 
 fn read_public_key(p: &Path) -> Result<VerifyingKey> {
-    let text =
-        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let text = read_small_text(p)?;
     let pem = match serde_json::from_str::<Value>(&text) {
         Ok(v) => v["log_public_key"]
             .as_str()
@@ -603,6 +870,6 @@ fn read_public_key(p: &Path) -> Result<VerifyingKey> {
 }
 
 fn read_cert(p: &Path) -> Result<CertInfo> {
-    let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let bytes = read_small(p)?;
     Ok(CertInfo::parse(&pki::parse_pem_or_der(&bytes)?)?)
 }

@@ -99,35 +99,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Storage(c) => storage::storage(&cli, c),
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli)?;
-            let policies = Arc::new(arc_swap::ArcSwap::from_pointee(
-                signet::policy::Policies::new(&config.dynamic),
-            ));
-            signet::tls::server_config(&config.server, &config.dynamic.clients, policies)?;
+            preflight(&config)?;
             signet::hsm::read_pin(&config.hsm.pin).context("hsm PIN")?;
-            if !config.hsm.module.exists() {
-                bail!(
-                    "configuration key `hsm.module`: {} does not exist",
-                    config.hsm.module.display()
-                );
-            }
-            if let signet::config::StorageConfig::Postgres(pg) = &config.storage {
-                if let signet::config::UrlSource::File(f) = &pg.url {
-                    std::fs::read_to_string(f).with_context(|| {
-                        format!(
-                            "configuration key `storage.url_file`: cannot read {}",
-                            f.display()
-                        )
-                    })?;
-                }
-                if let Some(ca) = &pg.ca_file {
-                    std::fs::read(ca).with_context(|| {
-                        format!(
-                            "configuration key `storage.ca_file`: cannot read {}",
-                            ca.display()
-                        )
-                    })?;
-                }
-            }
             println!(
                 "configuration OK: {} clients, {} policies",
                 config.dynamic.clients.len(),
@@ -136,6 +109,55 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A verifier's verdict short of `verified` (everything checked out, but not all of it
+/// against the verifier's own trust anchors): the process exits with status 2, a refusal with
+/// 1.
+#[derive(Debug)]
+pub struct Unverified(pub String);
+
+impl std::fmt::Display for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unverified {}
+
+/// Check the files the configuration names (TLS certificates, keys and client CAs, the
+/// PKCS#11 module, the database URL and CA files) before any state is opened, so a mistake is
+/// reported by its configuration key, not as a symptom in the token or the evidence log.
+pub fn preflight(config: &Config) -> Result<()> {
+    let policies = Arc::new(arc_swap::ArcSwap::from_pointee(
+        signet::policy::Policies::new(&config.dynamic),
+    ));
+    signet::tls::server_config(&config.server, &config.dynamic.clients, policies)?;
+    if !config.hsm.module.exists() {
+        bail!(
+            "configuration key `hsm.module`: {} does not exist",
+            config.hsm.module.display()
+        );
+    }
+    if let signet::config::StorageConfig::Postgres(pg) = &config.storage {
+        if let signet::config::UrlSource::File(f) = &pg.url {
+            std::fs::read_to_string(f).with_context(|| {
+                format!(
+                    "configuration key `storage.url_file`: cannot read {}",
+                    f.display()
+                )
+            })?;
+        }
+        if let Some(ca) = &pg.ca_file {
+            std::fs::read(ca).with_context(|| {
+                format!(
+                    "configuration key `storage.ca_file`: cannot read {}",
+                    ca.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Which configuration file to use.

@@ -10,7 +10,7 @@ use signet::config::Config;
 use signet::dev;
 use signet::service::{AdminRequest, App};
 
-use super::{Cli, ensure_module_environment, load_config, local_caller, runtime};
+use super::{Cli, ensure_module_environment, load_config, local_caller, preflight, runtime};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -71,11 +71,13 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
             );
         }
         let config = Config::load(&dev::config_path(&args.data_dir))?;
+        preflight(&config)?;
         ensure_module_environment(&config)?;
         provision(&args.data_dir, &config)?;
         (config, Some(args.data_dir.clone()))
     } else {
         let config = load_config(cli)?;
+        preflight(&config)?;
         ensure_module_environment(&config)?;
         (config, None)
     };

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 
-use signet::audit::verify::verify_dir;
+use signet::audit::verify::{DirSource, KeySource, LogTrust, verify_log};
 use signet::config::StorageConfig;
 
-use super::{Cli, load_config, runtime};
+use super::{Cli, ensure_module_environment, load_config, runtime};
 
 #[derive(Subcommand)]
 pub enum StorageCommand {
@@ -41,19 +41,27 @@ pub fn storage(cli: &Cli, cmd: &StorageCommand) -> Result<()> {
             from.display()
         );
     }
-    let key_path = from.join(signet::audit::LOG_KEY_FILE);
-    let key_pem = std::fs::read_to_string(&key_path)
-        .with_context(|| format!("cannot read {}", key_path.display()))?;
-    let key =
-        <p256::ecdsa::VerifyingKey as spki::DecodePublicKey>::from_public_key_pem(key_pem.trim())
-            .map_err(|e| anyhow!("{}: {e}", key_path.display()))?;
+    // The log must verify with the token's log key (never a key stored beside the data): the
+    // key that signed its checkpoints and will sign the database's next ones.
+    ensure_module_environment(&config)?;
+    let (key, _) = signet::service::token_log_trust(&config)
+        .context("cannot read the evidence log key from the token")?;
+    let key_pem = signet::pki::public_key_pem(&key);
     // Only a log that verifies is moved.
-    let checked = verify_dir(from, &key).map_err(|f| {
-        anyhow!(
-            "{} does not verify, nothing was migrated: {f}",
-            from.display()
-        )
-    })?;
+    let trust = LogTrust {
+        key,
+        key_source: KeySource::Token,
+        kept_checkpoint: None,
+        token_anchor: None,
+    };
+    let checked = DirSource::open(from)
+        .and_then(|mut src| verify_log(&mut src, &trust))
+        .map_err(|f| {
+            anyhow!(
+                "{} does not verify with the token's log key, nothing was migrated: {f}",
+                from.display()
+            )
+        })?;
     if let Some(origin) = &checked.origin
         && origin != &config.audit.origin
     {

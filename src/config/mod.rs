@@ -192,10 +192,16 @@ pub struct TimestampingConfig {
     pub tsa_url: String,
     /// The CA (PEM) that issued the TSA's certificate: what auditors verify tokens against.
     pub ca_file: PathBuf,
-    /// The TSA policy to ask for (dotted OID), if any.
-    pub policy: Option<String>,
+    /// Its certificates, read when the configuration is checked: every answer must chain to
+    /// one of them before it is stored.
+    pub anchors: crate::audit::timestamp::TsaAnchors,
+    /// The TSA policy to ask for, if any; answers must name it.
+    pub policy: Option<der::oid::ObjectIdentifier>,
     /// Deadline of one request.
     pub timeout: Duration,
+    /// Longest wait between attempts for a checkpoint the TSA did not stamp (failures back off
+    /// from 1 s, doubling, up to this).
+    pub retry_max_interval: Duration,
 }
 
 /// Clients, policies, limits and rotation settings: reloaded on SIGHUP.
@@ -515,6 +521,7 @@ mod raw {
         ca_file: PathBuf,
         policy: Option<String>,
         timeout: Option<String>,
+        retry_max_interval: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -555,15 +562,16 @@ mod raw {
     }
 
     /// A dotted OID, normalised.
-    fn oid(key: &str, value: &Option<String>) -> Result<Option<String>, ConfigError> {
+    fn oid(
+        key: &str,
+        value: &Option<String>,
+    ) -> Result<Option<der::oid::ObjectIdentifier>, ConfigError> {
         value
             .as_deref()
             .map(|v| {
-                der::oid::ObjectIdentifier::new(v)
-                    .map(|o| o.to_string())
-                    .map_err(|e| {
-                        ConfigError::new(key.to_owned(), format!("`{v}` is not a dotted OID: {e}"))
-                    })
+                der::oid::ObjectIdentifier::new(v).map_err(|e| {
+                    ConfigError::new(key.to_owned(), format!("`{v}` is not a dotted OID: {e}"))
+                })
             })
             .transpose()
     }
@@ -996,12 +1004,29 @@ mod raw {
                             }
                             t.tsa_url.clone()
                         },
-                        ca_file: certificate_file("audit.timestamping.ca_file", path(&t.ca_file))?,
+                        anchors: crate::audit::timestamp::TsaAnchors::load(&path(&t.ca_file))
+                            .map_err(|e| ConfigError::new("audit.timestamping.ca_file", e))?,
+                        ca_file: path(&t.ca_file),
                         policy: oid("audit.timestamping.policy", &t.policy)?,
                         timeout: dur("audit.timestamping.timeout", &t.timeout, "10s")?,
+                        retry_max_interval: dur(
+                            "audit.timestamping.retry_max_interval",
+                            &t.retry_max_interval,
+                            "5m",
+                        )?,
                     }),
                 },
             };
+            if audit
+                .timestamping
+                .as_ref()
+                .is_some_and(|t| t.retry_max_interval < Duration::from_millis(100))
+            {
+                return Err(ConfigError::new(
+                    "audit.timestamping.retry_max_interval",
+                    "must be at least 100ms",
+                ));
+            }
             if audit.checkpoint_interval < Duration::from_millis(100) {
                 return Err(ConfigError::new(
                     "audit.checkpoint_interval",
@@ -1174,7 +1199,8 @@ mod raw {
                 required_extended_key_usage: oid(
                     "rotation.required_extended_key_usage",
                     &r.required_extended_key_usage,
-                )?,
+                )?
+                .map(|o| o.to_string()),
             };
             if rotation.renew_before >= rotation.validity {
                 return Err(ConfigError::new(

@@ -34,10 +34,11 @@ impl signature::Keypair for TokenSigner {
 impl signature::Signer<DerSignature> for TokenSigner {
     fn try_sign(&self, msg: &[u8]) -> Result<DerSignature, signature::Error> {
         let digest: [u8; 32] = Sha256::digest(msg).into();
-        let id = self.id.clone();
+        let (id, public) = (self.id.clone(), self.public);
+        // Checked like every token signature: never a certificate or CSR signed by another key.
         let der = self
             .hsm
-            .call_blocking(move |s| s.sign_prehashed(&id, &digest))
+            .call_blocking(move |s| s.sign_prehashed_checked(&id, &digest, &public))
             .map_err(signature::Error::from_source)?;
         DerSignature::from_bytes(&der).map_err(|_| signature::Error::new())
     }

@@ -162,6 +162,26 @@ impl FromRequestParts<ApiState> for Ctx {
 /// A JSON body with problem-document rejections (400, 413, 415).
 pub struct JsonBody<T>(pub T);
 
+/// A query string, parsed into `T`; anything it cannot parse (a parameter given twice, an
+/// unknown value) is a 400 problem document naming it, like every other bad input.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequestParts<ApiState> for QueryParams<T> {
+    type Rejection = Problem;
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Problem> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(Self(q)),
+            Err(e) => Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-request",
+                "Invalid request",
+                format!("query string: {}", e.body_text()),
+                &rid(parts),
+            )),
+        }
+    }
+}
+
 impl<T: DeserializeOwned> FromRequest<ApiState> for JsonBody<T> {
     type Rejection = Problem;
     async fn from_request(req: Request, state: &ApiState) -> Result<Self, Problem> {
@@ -471,7 +491,7 @@ async fn transaction_bundle(
     State(s): State<ApiState>,
     Ctx(caller): Ctx,
     Path(id): Path<String>,
-    Query(q): Query<BundleQuery>,
+    QueryParams(q): QueryParams<BundleQuery>,
 ) -> Response {
     respond(
         StatusCode::OK,
@@ -485,7 +505,7 @@ async fn transaction_bundle(
 async fn entries(
     State(s): State<ApiState>,
     Ctx(caller): Ctx,
-    Query(q): Query<crate::service::EntriesQuery>,
+    QueryParams(q): QueryParams<crate::service::EntriesQuery>,
 ) -> Response {
     respond(
         StatusCode::OK,
@@ -581,7 +601,7 @@ struct ConsistencyQuery {
 async fn consistency(
     State(s): State<ApiState>,
     Ctx(caller): Ctx,
-    Query(q): Query<ConsistencyQuery>,
+    QueryParams(q): QueryParams<ConsistencyQuery>,
 ) -> Response {
     let parse = |v: &Option<String>, name: &'static str| {
         v.as_deref()

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{App, Caller, Error};
 use crate::audit::index::parse_time_us;
+use crate::audit::note;
 use crate::policy::Policies;
 
 const MAX_TRANSACTION_ID: usize = 256;
@@ -194,7 +195,10 @@ impl App {
         transaction_id: &str,
         tenant: Option<&str>,
     ) -> Result<crate::audit::bundle::Bundle, Error> {
-        use crate::audit::bundle::{Bundle, BundleCheckpoint, BundleEntry, BundleLog, FORMAT};
+        use crate::audit::bundle::{
+            Bundle, BundleCheckpoint, BundleEntry, BundleLog, Completeness, FORMAT,
+            MAX_BUNDLE_ENTRIES, TransactionStatement,
+        };
         let view = self.transaction(caller, transaction_id).await?;
         let note = view.checkpoint.clone().ok_or_else(|| {
             Error::NotFound("no checkpoint has been signed yet; retry shortly".into())
@@ -216,6 +220,44 @@ impl App {
                 }
             )));
         }
+        if entries.len() > MAX_BUNDLE_ENTRIES {
+            return Err(Error::invalid(
+                "transaction_id",
+                format!(
+                    "the transaction has {} entries, more than the {MAX_BUNDLE_ENTRIES} a bundle may hold; export it per tenant",
+                    entries.len()
+                ),
+            ));
+        }
+        // The log key states that these are all of the transaction's entries (in the tenants
+        // the bundle covers) as of the checkpoint: a verifier refuses a bundle missing one.
+        let signed = note::SignedNote::parse(&note)
+            .and_then(|n| note::Checkpoint::parse_body(&n.text))
+            .map_err(|e| Error::Internal(format!("the latest checkpoint: {e}")))?;
+        let tenants = match tenant {
+            Some(t) => Some(vec![t.to_owned()]),
+            None if Policies::may_read_all_evidence(&caller.client) => None,
+            None => Some(
+                caller
+                    .client
+                    .tenants
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect(),
+            ),
+        };
+        let statement = TransactionStatement {
+            origin: signed.origin,
+            tree_size: signed.size,
+            root_hash: B64.encode(signed.root),
+            transaction_id: transaction_id.to_owned(),
+            tenants,
+            entries: entries.iter().map(|e| e.index).collect(),
+        };
+        let signature = B64.encode(
+            self.sign_with_log_key(&statement.signed_message().map_err(Error::Internal)?)
+                .await?,
+        );
         let snap = self.keys.snapshot();
         let mut certificates: Vec<String> = Vec::new();
         for e in &entries {
@@ -255,6 +297,10 @@ impl App {
                     proof: e.proof.clone(),
                 })
                 .collect(),
+            completeness: Some(Completeness {
+                statement,
+                signature,
+            }),
         })
     }
 

@@ -188,12 +188,43 @@ impl CheckpointSigner for TokenLogKeys {
     fn public_key(&self) -> VerifyingKey {
         self.public
     }
+    /// Checked like every token signature: a signature that does not verify with the log's
+    /// public key (a stale handle naming another key of the token) is a `wrong_key` token error
+    /// and never becomes a checkpoint.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
         let digest: [u8; 32] = Sha256::digest(message).into();
+        let public = self.public;
         self.hsm
-            .call_blocking(move |s| s.sign_prehashed(LOG_KEY_ID, &digest))
+            .call_blocking(move |s| s.sign_prehashed_checked(LOG_KEY_ID, &digest, &public))
             .map_err(|e| e.to_string())
     }
+}
+
+/// What the token holds about the evidence log, for an auditor's check of the log
+/// (`signet audit verify --config`): the log key's public half and the latest anchor (the
+/// signed tree head the service kept outside the log). Opens the token, reads, closes; creates
+/// nothing.
+pub fn token_log_trust(
+    config: &Config,
+) -> Result<(VerifyingKey, Option<audit::anchor::Anchor>), StartError> {
+    let hsm = Hsm::start(&config.hsm, Arc::new(Metrics::new()))?;
+    let read = (|| {
+        let key = hsm
+            .call_blocking(|s| s.public_key(LOG_KEY_ID))?
+            .ok_or_else(|| hsm::Error::NotFound(format!("the evidence log key {LOG_KEY_ID}")))?;
+        let anchors = hsm.call_blocking(|s| s.data_objects(LOG_ANCHOR_LABEL))?;
+        Ok::<_, hsm::Error>((key, anchors))
+    })();
+    hsm.shutdown();
+    let (key, anchors) = read?;
+    let anchor = anchors
+        .iter()
+        .map(|b| audit::anchor::Anchor::decode(b))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartError::Audit(audit::Error::Token(e)))?
+        .into_iter()
+        .max_by_key(|a| a.size);
+    Ok((key, anchor))
 }
 
 /// Why the service could not start. Each names what to fix.
@@ -383,6 +414,18 @@ impl App {
         timestamping::restore(&app).await?;
         app.metrics.config_last_reload_success.set(1);
         Ok(app)
+    }
+
+    /// A DER ECDSA signature by the log key over SHA-256(`message`), checked with the log's
+    /// public key before it is used (statements the log makes besides checkpoints: the
+    /// completeness of a bundle; callers domain-separate `message`).
+    pub async fn sign_with_log_key(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
+        let digest: [u8; 32] = Sha256::digest(message).into();
+        let public = self.log.public_key();
+        Ok(self
+            .hsm
+            .call(move |s| s.sign_prehashed_checked(LOG_KEY_ID, &digest, &public))
+            .await?)
     }
 
     /// Start the checkpoint signer and the rotation monitor.

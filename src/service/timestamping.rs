@@ -95,17 +95,16 @@ impl Timestamps {
 }
 
 /// The timestamping task: until `stop`, take the oldest checkpoint without a token and get it.
+/// An answer is verified completely before it is stored ([`timestamp::verify`]); one that
+/// fails is counted by reason, logged and never stored, and the checkpoint stays first in the
+/// queue, asked for again with backoff.
 pub async fn run(
     app: Arc<App>,
     cfg: TimestampingConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let policy = cfg
-        .policy
-        .as_deref()
-        .and_then(|p| der::oid::ObjectIdentifier::new(p).ok())
-        .and_then(|oid| der::Encode::to_der(&oid).ok());
-    let mut backoff = Duration::from_secs(1);
+    let first_backoff = Duration::from_secs(1).min(cfg.retry_max_interval);
+    let mut backoff = first_backoff;
     loop {
         if let Some(pg) = &app.postgres {
             // Several replicas: pick up what the leader stored; only the leader asks the TSA,
@@ -129,78 +128,116 @@ pub async fn run(
                 _ = stop.changed() => return,
             }
         };
-        let nonce: u64 = rand::random::<u64>() >> 1;
-        let req = timestamp::request(note.as_bytes(), nonce, policy.as_deref());
-        let result = match post(&cfg.tsa_url, req, cfg.timeout).await {
-            Ok(resp) => timestamp::check_response(&resp, note.as_bytes(), nonce)
-                .map_err(|e| e.to_string())
-                .map(|()| resp),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(resp) => {
-                let stored = StoredTimestamp::new(size, note.as_bytes(), &resp);
-                match app.timestamp_store.append(&stored).await {
-                    Ok(()) => {
-                        app.timestamps.insert(&stored);
-                        app.timestamps.pop();
-                        app.metrics.tsa_requests.with_label_values(&["ok"]).inc();
-                        backoff = Duration::from_secs(1);
-                        tracing::info!(tree_size = size, "checkpoint timestamped by the TSA");
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot store a timestamp; will retry")
-                    }
+        match stamp(&app, &cfg, size, &note).await {
+            Ok(stored) => match app.timestamp_store.append(&stored).await {
+                Ok(()) => {
+                    app.timestamps.insert(&stored);
+                    app.timestamps.pop();
+                    app.metrics.tsa_requests.with_label_values(&["ok"]).inc();
+                    backoff = first_backoff;
+                    tracing::info!(tree_size = size, "checkpoint timestamped by the TSA");
+                    continue;
                 }
-            }
-            Err(e) => {
+                Err(e) => tracing::error!(error = %e, "cannot store a timestamp; will retry"),
+            },
+            Err(Failure::Exchange(e)) => {
                 app.metrics.tsa_requests.with_label_values(&["error"]).inc();
                 tracing::warn!(tree_size = size, error = %e, retry_in = ?backoff, "TSA request failed; signing continues, will retry");
+            }
+            Err(Failure::Rejected(e)) => {
+                app.metrics
+                    .tsa_requests
+                    .with_label_values(&["rejected"])
+                    .inc();
+                app.metrics
+                    .tsa_rejections
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                tracing::error!(tree_size = size, reason = e.reason(), error = %e, retry_in = ?backoff, "TSA answer refused: not stored; the checkpoint stays queued");
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(300));
+        backoff = (backoff * 2).min(cfg.retry_max_interval);
     }
 }
 
-/// POST a `TimeStampReq` to the TSA over plain HTTP; the DER answer.
-async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("tsa_url: {e}"))?;
-    let host = uri.host().ok_or("tsa_url has no host")?.to_owned();
+/// Why a checkpoint did not get a timestamp this time.
+enum Failure {
+    /// No usable answer (unreachable, HTTP error, timeout, too large).
+    Exchange(String),
+    /// An answer that failed verification.
+    Rejected(timestamp::TimestampError),
+}
+
+/// Ask the TSA for a token over `note` and verify it: what to store, or why not.
+async fn stamp(
+    app: &App,
+    cfg: &TimestampingConfig,
+    size: u64,
+    note: &str,
+) -> Result<StoredTimestamp, Failure> {
+    let nonce: u64 = rand::random::<u64>() >> 1;
+    let req = timestamp::request(note.as_bytes(), nonce, cfg.policy);
+    let asked_at = app.clock.unix();
+    let resp = post(&cfg.tsa_url, req, cfg.timeout).await?;
+    let expected = timestamp::Expected {
+        note: note.as_bytes(),
+        nonce: Some(nonce),
+        policy: cfg.policy,
+        not_before: Some(asked_at),
+        not_after: Some(app.clock.unix()),
+    };
+    timestamp::verify(&resp, &expected, Some(&cfg.anchors)).map_err(Failure::Rejected)?;
+    Ok(StoredTimestamp::new(size, note.as_bytes(), &resp))
+}
+
+/// POST a `TimeStampReq` to the TSA over plain HTTP; the DER answer. The whole exchange is
+/// bounded by `timeout`, and the answer by [`timestamp::MAX_RESPONSE_BYTES`] (a larger one is
+/// refused as soon as it is announced or read, never buffered).
+async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, Failure> {
+    let failed = |e: String| Failure::Exchange(e);
+    let uri: hyper::Uri = url.parse().map_err(|e| failed(format!("tsa_url: {e}")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| failed("tsa_url has no host".into()))?
+        .to_owned();
     let port = uri.port_u16().unwrap_or(80);
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
-            .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+            .map_err(|e| failed(format!("connect {host}:{port}: {e}")))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         tokio::spawn(conn);
         let req = hyper::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header("host", host.as_str())
             .header("content-type", "application/timestamp-query")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
+            .map_err(|e| failed(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
             .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+            .map_err(|e| failed(e.to_string()))?;
+        let status = resp.status();
         if !status.is_success() {
-            return Err(format!("the TSA answered HTTP {status}"));
+            return Err(failed(format!("the TSA answered HTTP {status}")));
         }
-        Ok(bytes.to_vec())
+        let limited = http_body_util::Limited::new(resp.into_body(), timestamp::MAX_RESPONSE_BYTES);
+        match limited.collect().await {
+            Ok(b) => Ok(b.to_bytes().to_vec()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(Failure::Rejected(timestamp::TimestampError::TooLarge))
+            }
+            Err(e) => Err(failed(e.to_string())),
+        }
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|_| failed(format!("no complete answer within {timeout:?}")))?
 }
 
 /// Load stored timestamps, and queue the checkpoints that have none (oldest first).

@@ -386,11 +386,109 @@ impl Log {
         }
     }
 
-    /// The canonical bytes of entry `index`.
+    /// The canonical bytes of entry `index`, checked like every entry Signet serves: below the
+    /// latest checkpoint, against its leaf and the proof to the signed root
+    /// ([`EntryProof::checked`]); after it, against its leaf in the tree. A stored entry that
+    /// differs is `Inconsistent` (500 `evidence-inconsistent`), never served.
     pub async fn entry(&self, index: u64) -> Result<Vec<u8>, audit::Error> {
+        self.wait_for_entry(index).await?;
+        if let Some(cp) = self.latest_checkpoint()
+            && index < cp.tree_size
+        {
+            return Ok(self.prove_with(index, cp).await?.entry);
+        }
+        Ok(self.entries(index, 1).await?.remove(0))
+    }
+
+    /// Entries `first..first + count` (all below the tree's size), each checked against its
+    /// leaf in the tree; the tree's leaves below the latest checkpoint are checked against the
+    /// signed root (one inclusion proof per level-0 tile covers every leaf of the tile).
+    pub async fn entries(&self, first: u64, count: u64) -> Result<Vec<Vec<u8>>, audit::Error> {
+        let stored = match self {
+            Log::File(l) => l.entries(first, count)?,
+            Log::Postgres(l) => l.entries(first, count).await?,
+        };
+        let leaves = self.leaves(first, count).await?;
+        for (i, (e, leaf)) in (first..).zip(stored.iter().zip(&leaves)) {
+            if audit::merkle::leaf_hash(e) != *leaf {
+                return Err(audit::Error::Inconsistent(format!(
+                    "the stored entry {i} differs from its leaf hash in the tree; run `signet audit verify`"
+                )));
+            }
+        }
+        if let Some(cp) = self.latest_checkpoint()
+            && count > 0
+        {
+            let width = tiled::WIDTH as u64;
+            for n in first / width..=(first + count - 1) / width {
+                let i = (n * width).max(first);
+                if i < cp.tree_size {
+                    self.prove_with(i, Arc::clone(&cp)).await?;
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    /// The tree's leaf hashes of entries `first..first + count`: level-0 tiles, and the edge's
+    /// partial tile.
+    async fn leaves(&self, first: u64, count: u64) -> Result<Vec<Hash>, audit::Error> {
+        let edge = self.edge();
+        let end = first.saturating_add(count);
+        if end > edge.size() {
+            return Err(audit::Error::NoSuchEntry(end - 1));
+        }
+        let (edge_tile, partial) = edge.partial(0);
+        let width = tiled::WIDTH as u64;
+        let mut out = Vec::with_capacity(count as usize);
+        let mut i = first;
+        while i < end {
+            let n = i / width;
+            let full;
+            let tile: &[Hash] = if n == edge_tile {
+                partial
+            } else {
+                full = self.tile((0, n)).await?;
+                &full
+            };
+            let (lo, hi) = (
+                (i - n * width) as usize,
+                ((end - n * width).min(width)) as usize,
+            );
+            out.extend_from_slice(tile.get(lo..hi).ok_or_else(|| {
+                audit::Error::Inconsistent(format!("the tree's tile 0/{n} is short"))
+            })?);
+            i = n * width + hi as u64;
+        }
+        Ok(out)
+    }
+
+    /// With several replicas an entry another replica just wrote may not be in this replica's
+    /// tree yet: wait a moment for the follower.
+    async fn wait_for_entry(&self, index: u64) -> Result<(), audit::Error> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while index >= self.tree_size() {
+            if matches!(self, Log::File(_)) || std::time::Instant::now() >= deadline {
+                return Err(audit::Error::NoSuchEntry(index));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// The right edge of the committed tree.
+    fn edge(&self) -> Arc<tiled::Edge> {
         match self {
-            Log::File(l) => l.entry(index),
-            Log::Postgres(l) => l.entry(index).await,
+            Log::File(l) => l.edge(),
+            Log::Postgres(l) => l.edge(),
+        }
+    }
+
+    /// A full tile of the tree.
+    async fn tile(&self, id: tiled::TileId) -> Result<tiled::Tile, audit::Error> {
+        match self {
+            Log::File(l) => l.tile(id),
+            Log::Postgres(l) => l.tile(id).await,
         }
     }
 
@@ -429,27 +527,21 @@ impl Log {
         if width == 0 || u64::from(width) > tiled::available(size, level, n) {
             return Ok(None);
         }
-        let edge = match self {
-            Log::File(l) => l.edge(),
-            Log::Postgres(l) => l.edge(),
-        };
+        let edge = self.edge();
         // Tiles are prefix-stable: the edge's partial tile, taken at a larger size, starts
         // with the hashes the checkpoint's tree has.
         let (edge_tile, partial) = edge.partial(level);
         let hashes: Vec<Hash> = if n == edge_tile {
             partial.to_vec()
         } else {
-            match self {
-                Log::File(l) => l.tile((level, n))?,
-                Log::Postgres(l) => l.tile((level, n)).await?,
-            }
-            .to_vec()
+            self.tile((level, n)).await?.to_vec()
         };
         Ok(hashes.get(..usize::from(width)).map(|h| h.concat()))
     }
 
     /// A C2SP tlog-tiles entry bundle: entries `n·256 ..` (`width` of them) of the latest signed
-    /// checkpoint's tree, each as a big-endian u16 length and the canonical entry.
+    /// checkpoint's tree, each as a big-endian u16 length and the canonical entry; every entry
+    /// checked against its leaf and the tile against the signed root ([`Self::entries`]).
     pub async fn entry_bundle(&self, n: u64, width: u16) -> Result<Option<Vec<u8>>, audit::Error> {
         let Some(size) = self.latest_checkpoint().map(|c| c.tree_size) else {
             return Ok(None);
@@ -458,10 +550,7 @@ impl Log {
             return Ok(None);
         }
         let first = n * tiled::WIDTH as u64;
-        let entries = match self {
-            Log::File(l) => l.entries(first, u64::from(width))?,
-            Log::Postgres(l) => l.entries(first, u64::from(width)).await?,
-        };
+        let entries = self.entries(first, u64::from(width)).await?;
         audit::tiles::entry_bundle(first, &entries).map(Some)
     }
 

@@ -2043,6 +2043,110 @@ pub async fn export(db: &Db, dir: &std::path::Path) -> Result<ExportReport, Erro
     })
 }
 
+/// The database's evidence log as a [`LogSource`](crate::audit::verify::LogSource), for
+/// `signet audit verify --config`: entries and checkpoints read page by page (memory does not
+/// grow with the log), straight from the tables, without an export. Blocking: call it from a
+/// thread that is not a runtime worker (it waits on `rt`).
+pub struct PgSource {
+    rt: tokio::runtime::Handle,
+    db: Arc<Db>,
+    entries: std::collections::VecDeque<Vec<u8>>,
+    next_idx: u64,
+    checkpoints: std::collections::VecDeque<StoredCheckpoint>,
+    checkpoints_after: i64,
+    checkpoint_n: u64,
+}
+
+const SOURCE_PAGE: i64 = 2000;
+
+impl PgSource {
+    pub fn new(rt: tokio::runtime::Handle, db: Arc<Db>) -> Self {
+        Self {
+            rt,
+            db,
+            entries: Default::default(),
+            next_idx: 0,
+            checkpoints: Default::default(),
+            checkpoints_after: -1,
+            checkpoint_n: 0,
+        }
+    }
+
+    fn failure(&self, e: Error) -> crate::audit::verify::DirFailure {
+        crate::audit::verify::DirFailure::other(format!(
+            "cannot read the log from the database: {e}"
+        ))
+    }
+}
+
+impl crate::audit::verify::LogSource for PgSource {
+    fn next_entry(&mut self) -> Result<Option<Vec<u8>>, crate::audit::verify::DirFailure> {
+        if self.entries.is_empty() {
+            let (db, from) = (
+                Arc::clone(&self.db),
+                self.next_idx + self.entries.len() as u64,
+            );
+            let rows = self
+                .rt
+                .block_on(async move {
+                    let c = db.client().await?;
+                    c.query(
+                        "SELECT idx, body FROM signet_entries WHERE idx >= $1 ORDER BY idx LIMIT $2",
+                        &[&(from as i64), &SOURCE_PAGE],
+                    )
+                    .await
+                    .map_err(|e| db.failed(e))
+                })
+                .map_err(|e| self.failure(e))?;
+            for (k, r) in rows.iter().enumerate() {
+                let at = from + k as u64;
+                if r.get::<_, i64>(0) as u64 != at {
+                    return Err(crate::audit::verify::DirFailure::entry(
+                        at,
+                        format!("entry {at} is missing from the database (an entry was removed)"),
+                    ));
+                }
+                self.entries.push_back(r.get(1));
+            }
+        }
+        let e = self.entries.pop_front();
+        self.next_idx += e.is_some() as u64;
+        Ok(e)
+    }
+
+    fn next_checkpoint(
+        &mut self,
+    ) -> Result<Option<(u64, StoredCheckpoint)>, crate::audit::verify::DirFailure> {
+        if self.checkpoints.is_empty() {
+            let (db, after) = (Arc::clone(&self.db), self.checkpoints_after);
+            let rows = self
+                .rt
+                .block_on(async move {
+                    let c = db.client().await?;
+                    c.query(
+                        "SELECT tree_size, signed_at, note FROM signet_checkpoints WHERE tree_size > $1 ORDER BY tree_size LIMIT $2",
+                        &[&after, &SOURCE_PAGE],
+                    )
+                    .await
+                    .map_err(|e| db.failed(e))
+                })
+                .map_err(|e| self.failure(e))?;
+            for r in rows {
+                self.checkpoints_after = r.get(0);
+                self.checkpoints.push_back(StoredCheckpoint {
+                    tree_size: r.get::<_, i64>(0) as u64,
+                    signed_at: r.get::<_, i64>(1) as u64,
+                    note: r.get(2),
+                });
+            }
+        }
+        Ok(self.checkpoints.pop_front().map(|c| {
+            self.checkpoint_n += 1;
+            (self.checkpoint_n, c)
+        }))
+    }
+}
+
 /// What `signet storage migrate` imported.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MigrateReport {

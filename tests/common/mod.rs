@@ -711,27 +711,43 @@ impl Signet {
         Load { stop, handles }
     }
 
-    /// `signet --json audit verify` on this installation's log; panics unless it verifies.
+    /// `signet --json audit verify` on this installation's log; panics unless the verdict is
+    /// `verified`. With `key`, the directory with that key (`audit verify DIR --key KEY`);
+    /// without, the configured log with the token's log key and anchor (`--config`).
     pub fn audit_verify(&self, key: Option<&Path>) -> Value {
-        audit_verify_dir(&self.audit_dir(), key)
+        match key {
+            Some(k) => audit_verify_dir(&self.audit_dir(), k),
+            None => {
+                let out = self.cli(&["--json", "audit", "verify"]);
+                verified(out)
+            }
+        }
     }
 }
 
-/// `signet --json audit verify DIR [--key KEY]`; panics unless the log in DIR verifies.
-pub fn audit_verify_dir(dir: &Path, key: Option<&Path>) -> Value {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["--json", "audit", "verify"]).arg(dir);
-    if let Some(k) = key {
-        cmd.arg("--key").arg(k);
-    }
-    let out = cmd.output().unwrap();
+/// `signet --json audit verify DIR --key KEY`; panics unless the verdict is `verified`.
+pub fn audit_verify_dir(dir: &Path, key: &Path) -> Value {
+    let out = Command::new(BIN)
+        .args(["--json", "audit", "verify"])
+        .arg(dir)
+        .arg("--key")
+        .arg(key)
+        .output()
+        .unwrap();
+    verified(out)
+}
+
+/// The JSON a verifier printed; panics unless it exited 0 with verdict `verified`.
+fn verified(out: Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "audit verify failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        "audit verify failed:\n{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let v: Value = serde_json::from_str(text.lines().next().unwrap_or_default()).unwrap();
+    assert_eq!(v["verdict"], "verified", "{v}");
+    v
 }
 
 impl Load {
