@@ -340,6 +340,18 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     // Tiles beyond the signed tree do not exist.
     let (st, _) = get_bytes(&s, "payroll-app", "/v1/audit/tlog/tile/0/005").await;
     assert_eq!(st, 404);
+    // `audit verify --remote` checks the served log (entry bundles up to the latest checkpoint)
+    // with the streaming verifier: VERIFIED with the auditor's key, UNVERIFIED with the key the
+    // service serves.
+    let key = s.dir.join("trusted-log-key.pem");
+    std::fs::write(&key, std::fs::read(s.audit_dir().join("log-key.pem")).unwrap()).unwrap();
+    let out = s.cli(&["--json", "audit", "verify", "--remote", "--key", key.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(out.status.success(), "{v} {out:?}");
+    assert_eq!(v["verdict"], "verified");
+    assert!(v["report"]["entries"].as_u64().unwrap() >= 256, "{v}");
+    let out = s.cli(&["--json", "audit", "verify", "--remote"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 
     // The full tiles are files at their C2SP paths under the audit directory, and a restart
     // reads the tree from them: only the entries after the last checkpoint are read again,
@@ -387,6 +399,9 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     assert!(p["detail"].as_str().unwrap().contains("entry 10"), "{p}");
     let (st, p) = s.get("auditor", "/v1/audit/entries/290").await;
     assert_eq!(st, 200, "{p}");
+    // The served log no longer verifies remotely either.
+    let out = s.cli(&["audit", "verify", "--remote", "--key", key.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     // Every other read path refuses it too: the tenant listing and the entry bundle (each
     // entry checked against its leaf, the tile against the signed root).
     let (st, p) = s

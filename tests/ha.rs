@@ -740,7 +740,18 @@ async fn the_tree_lives_in_database_tiles_that_an_independent_implementation_ver
          UPDATE signet_entries SET body = convert_to(replace(convert_from(body, 'UTF8'), 'payroll-esign', 'payroll-esigX'), 'UTF8') WHERE idx = 300",
     );
     let (st, e) = b.get("auditor", "/v1/audit/entries/300").await;
-    assert_ne!(st, 200, "{e}");
+    assert_eq!(st, 500, "{e}");
+    assert_eq!(e["type"], "urn:signet:problem:evidence-inconsistent", "{e}");
+    // Every read path refuses it: the tenant listing through it, and its entry bundle.
+    let (st, p) = b
+        .get("auditor", "/v1/audit/entries?tenant=payroll&cursor=290&limit=50")
+        .await;
+    assert_eq!(st, 500, "{p}");
+    assert_eq!(p["type"], "urn:signet:problem:evidence-inconsistent", "{p}");
+    let (st, _) = get_bytes(&b, "auditor", "/v1/audit/tlog/tile/entries/001").await;
+    assert_eq!(st, 500);
+    let (st, _) = get_bytes(&b, "auditor", "/v1/audit/tlog/tile/entries/000").await;
+    assert_eq!(st, 200, "a bundle without the rewritten entry is served");
     let out = Command::new(BIN)
         .args(["--config", b.config().to_str().unwrap(), "audit", "verify"])
         .output()

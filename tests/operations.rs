@@ -648,3 +648,21 @@ async fn client_and_tenant_rate_limits_span_policies_and_survive_a_reload() {
             >= 1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_configuration_is_named_before_any_state_is_opened() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    assert!(s.stop().success());
+    // The evidence directory is emptied (the token still anchors the old log) and the server
+    // certificate the configuration names is missing: the configuration key is the error, not
+    // the anchor, and nothing was opened or created in the evidence directory.
+    let audit = s.audit_dir();
+    std::fs::remove_dir_all(&audit).unwrap();
+    std::fs::create_dir(&audit).unwrap();
+    s.edit_config(|c| c.replace("cert = \"tls/server.pem\"", "cert = \"tls/missing.pem\""));
+    let err = s.start_refused();
+    assert!(err.contains("server.cert"), "{err}");
+    assert!(!err.contains("anchor"), "{err}");
+    assert_eq!(std::fs::read_dir(&audit).unwrap().count(), 0, "nothing opened");
+}
