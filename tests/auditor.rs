@@ -344,8 +344,19 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     // with the streaming verifier: VERIFIED with the auditor's key, UNVERIFIED with the key the
     // service serves.
     let key = s.dir.join("trusted-log-key.pem");
-    std::fs::write(&key, std::fs::read(s.audit_dir().join("log-key.pem")).unwrap()).unwrap();
-    let out = s.cli(&["--json", "audit", "verify", "--remote", "--key", key.to_str().unwrap()]);
+    std::fs::write(
+        &key,
+        std::fs::read(s.audit_dir().join("log-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let out = s.cli(&[
+        "--json",
+        "audit",
+        "verify",
+        "--remote",
+        "--key",
+        key.to_str().unwrap(),
+    ]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert!(out.status.success(), "{v} {out:?}");
     assert_eq!(v["verdict"], "verified");
@@ -400,7 +411,13 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
     let (st, p) = s.get("auditor", "/v1/audit/entries/290").await;
     assert_eq!(st, 200, "{p}");
     // The served log no longer verifies remotely either.
-    let out = s.cli(&["audit", "verify", "--remote", "--key", key.to_str().unwrap()]);
+    let out = s.cli(&[
+        "audit",
+        "verify",
+        "--remote",
+        "--key",
+        key.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     // Every other read path refuses it too: the tenant listing and the entry bundle (each
     // entry checked against its leaf, the tile against the signed root).

@@ -206,6 +206,13 @@ async fn every_signature_is_evidence_with_proofs_an_independent_verifier_accepts
     assert!(text.contains("the signature verifies with the certificate the entry names"));
     // Without the CA the certificate is not anchored: everything checks out, but the verdict is
     // UNVERIFIED (exit 2), never VERIFIED.
+    // A proof saved with `jq -r` (one newline more) verifies the same.
+    std::fs::write(
+        work.join("entry.tlog-proof"),
+        format!("{}\n", e["proof"].as_str().unwrap()),
+    )
+    .unwrap();
+    assert!(verify("response.json").status.success());
     let out = verify_with("response.json", None);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("UNVERIFIED"));

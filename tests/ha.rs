@@ -744,7 +744,10 @@ async fn the_tree_lives_in_database_tiles_that_an_independent_implementation_ver
     assert_eq!(e["type"], "urn:signet:problem:evidence-inconsistent", "{e}");
     // Every read path refuses it: the tenant listing through it, and its entry bundle.
     let (st, p) = b
-        .get("auditor", "/v1/audit/entries?tenant=payroll&cursor=290&limit=50")
+        .get(
+            "auditor",
+            "/v1/audit/entries?tenant=payroll&cursor=290&limit=50",
+        )
         .await;
     assert_eq!(st, 500, "{p}");
     assert_eq!(p["type"], "urn:signet:problem:evidence-inconsistent", "{p}");

@@ -664,5 +664,9 @@ async fn a_broken_configuration_is_named_before_any_state_is_opened() {
     let err = s.start_refused();
     assert!(err.contains("server.cert"), "{err}");
     assert!(!err.contains("anchor"), "{err}");
-    assert_eq!(std::fs::read_dir(&audit).unwrap().count(), 0, "nothing opened");
+    assert_eq!(
+        std::fs::read_dir(&audit).unwrap().count(),
+        0,
+        "nothing opened"
+    );
 }

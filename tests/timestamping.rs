@@ -99,6 +99,13 @@ async fn signet_with_tsa(tmp: &Path, down: Arc<AtomicBool>, extra: &str) -> (Pat
     let tsa = tmp.join("tsa");
     make_tsa(&tsa);
     let port = serve_tsa(tsa.clone(), down).await;
+    let s = start_with_tsa(port, &tsa, extra);
+    (tsa, s)
+}
+
+/// A started Signet that asks the TSA on `port`, trusting the CA in `tsa`, with `extra` lines in
+/// `[audit.timestamping]`.
+fn start_with_tsa(port: u16, tsa: &Path, extra: &str) -> Signet {
     let section = format!(
         "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/tsa\"\nca_file = \"{}\"\n{extra}\n[state]",
         tsa.join("tsa-ca.pem").display()
@@ -108,7 +115,7 @@ async fn signet_with_tsa(tmp: &Path, down: Arc<AtomicBool>, extra: &str) -> (Pat
         ..Init::default()
     });
     s.start();
-    (tsa, s)
+    s
 }
 
 /// The latest checkpoint, if it covers `size` entries and has its timestamp.
@@ -806,15 +813,11 @@ async fn answers_that_fail_verification_are_never_stored_and_the_checkpoint_wait
     ];
     let script = Arc::new(std::sync::Mutex::new(bad.into_iter().collect()));
     let port = serve_hostile_tsa(good.clone(), rogue, Arc::clone(&script)).await;
-    let section = format!(
-        "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/tsa\"\nca_file = \"{}\"\npolicy = \"1.2.3.4.1\"\ntimeout = \"2s\"\nretry_max_interval = \"200ms\"\n\n[state]",
-        good.join("tsa-ca.pem").display()
+    let s = start_with_tsa(
+        port,
+        &good,
+        "policy = \"1.2.3.4.1\"\ntimeout = \"2s\"\nretry_max_interval = \"200ms\"\n",
     );
-    let mut s = Signet::init(Init {
-        edit: Some(Box::new(move |c: String| c.replace("[state]", &section))),
-        ..Init::default()
-    });
-    s.start();
     let (st, _) = s
         .sign("payroll-app", sign_body("payroll-esign", b"first"))
         .await;

@@ -79,6 +79,24 @@ pub struct LogTrust {
     pub token_anchor: Option<Anchor>,
 }
 
+impl LogTrust {
+    /// Check with `key` (from `source`), and no anchor yet.
+    pub fn new(key: VerifyingKey, key_source: KeySource) -> Self {
+        Self {
+            key,
+            key_source,
+            kept_checkpoint: None,
+            token_anchor: None,
+        }
+    }
+
+    /// Also against a checkpoint the auditor kept.
+    pub fn kept(mut self, note: Option<String>) -> Self {
+        self.kept_checkpoint = note;
+        self
+    }
+}
+
 /// A log that verified.
 #[derive(Debug, Clone, Serialize)]
 pub struct DirReport {
@@ -533,12 +551,7 @@ impl LogSource for DirSource {
 pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<DirReport, DirFailure> {
     verify_log(
         &mut DirSource::open(dir)?,
-        &LogTrust {
-            key: *key,
-            key_source: KeySource::Given,
-            kept_checkpoint: None,
-            token_anchor: None,
-        },
+        &LogTrust::new(*key, KeySource::Given),
     )
 }
 

@@ -171,19 +171,13 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
         return verify_configured(cli, given, kept_checkpoint);
     };
     let trust = match given {
-        Some(key) => LogTrust {
-            key,
-            key_source: KeySource::Given,
-            kept_checkpoint,
-            token_anchor: None,
-        },
-        None => LogTrust {
-            key: read_public_key(&dir.join(LOG_KEY_FILE))?,
-            key_source: KeySource::BesideTheData,
-            kept_checkpoint,
-            token_anchor: None,
-        },
-    };
+        Some(key) => LogTrust::new(key, KeySource::Given),
+        None => LogTrust::new(
+            read_public_key(&dir.join(LOG_KEY_FILE))?,
+            KeySource::BesideTheData,
+        ),
+    }
+    .kept(kept_checkpoint);
     let result = DirSource::open(dir).and_then(|mut src| verify_log(&mut src, &trust));
     report_verification(
         cli,
@@ -201,24 +195,18 @@ fn verify_configured(
 ) -> Result<()> {
     let config = load_config(cli)?;
     let trust = match given {
-        Some(key) => LogTrust {
-            key,
-            key_source: KeySource::Given,
-            kept_checkpoint,
-            token_anchor: None,
-        },
+        Some(key) => LogTrust::new(key, KeySource::Given),
         None => {
             ensure_module_environment(&config)?;
             let (key, anchor) = signet::service::token_log_trust(&config)
                 .context("cannot read the log key and anchor from the token (or pass --key)")?;
             LogTrust {
-                key,
-                key_source: KeySource::Token,
-                kept_checkpoint,
                 token_anchor: anchor,
+                ..LogTrust::new(key, KeySource::Token)
             }
         }
-    };
+    }
+    .kept(kept_checkpoint);
     let result = match &config.storage {
         signet::config::StorageConfig::File => {
             DirSource::open(&config.audit.dir).and_then(|mut src| verify_log(&mut src, &trust))
@@ -286,12 +274,7 @@ fn verify_remote(
         signed_at: 0,
         note,
     });
-    let trust = LogTrust {
-        key,
-        key_source,
-        kept_checkpoint,
-        token_anchor: None,
-    };
+    let trust = LogTrust::new(key, key_source).kept(kept_checkpoint);
     let result = verify_log(&mut src, &trust);
     report_verification(cli, result, "the service's answer")
 }
@@ -571,6 +554,12 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
             (p, entry)
         }
         Err(_) => (proof_text, None),
+    };
+    // A proof saved with `jq -r` carries one newline more than the proof: harmless, since
+    // everything in it is checked against the signed checkpoint.
+    let proof_text = match proof_text.strip_suffix("\n\n") {
+        Some(p) => format!("{p}\n"),
+        None => proof_text,
     };
     let parsed = TlogProof::parse(&proof_text).map_err(|e| anyhow!("{}: {e}", proof.display()))?;
     let log_key = read_public_key(log_key)?;

@@ -48,12 +48,7 @@ pub fn storage(cli: &Cli, cmd: &StorageCommand) -> Result<()> {
         .context("cannot read the evidence log key from the token")?;
     let key_pem = signet::pki::public_key_pem(&key);
     // Only a log that verifies is moved.
-    let trust = LogTrust {
-        key,
-        key_source: KeySource::Token,
-        kept_checkpoint: None,
-        token_anchor: None,
-    };
+    let trust = LogTrust::new(key, KeySource::Token);
     let checked = DirSource::open(from)
         .and_then(|mut src| verify_log(&mut src, &trust))
         .map_err(|f| {
