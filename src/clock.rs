@@ -66,6 +66,12 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     u64::try_from(t.unix_timestamp()).ok()
 }
 
+/// Parse an RFC 3339 time to microseconds since the epoch.
+pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1000).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

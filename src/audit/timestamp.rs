@@ -1,7 +1,8 @@
 //! RFC 3161 timestamps of checkpoints: the request Signet sends a TSA, the verification of the
-//! answer, and `timestamps.jsonl` beside the checkpoints (one line per timestamped checkpoint:
-//! its size, the SHA-256 of its note, and the TSA's whole `TimeStampResp`, which
-//! `openssl ts -verify -data NOTE -in RESP -CAfile TSA-CA` checks).
+//! answer, and the stored form ([`StoredTimestamp`]: the checkpoint's size, the SHA-256 of its
+//! note, and the TSA's whole `TimeStampResp`, which
+//! `openssl ts -verify -data NOTE -in RESP -CAfile TSA-CA` checks; one line of
+//! `timestamps.jsonl` in the file format).
 //!
 //! An answer is parsed with typed ASN.1 (RFC 3161 and CMS structures through `der`), never
 //! searched for bytes, and [`verify`] checks all of it before anything is stored: granted
@@ -11,11 +12,8 @@
 //! the configured TSA CA, each certificate valid at the stamped time; the `TSTInfo` covers
 //! SHA-256 of the note, echoes the nonce, and names the policy asked for.
 //!
-//! One timestamp per checkpoint covers every entry under it. Pure apart from the file.
+//! One timestamp per checkpoint covers every entry under it. Pure.
 
-use std::fs::OpenOptions;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use base64::Engine;
@@ -701,63 +699,6 @@ fn generalized_time(any: &Any) -> Result<(String, u64), TimestampError> {
     );
     let unix = crate::clock::parse_rfc3339(&rfc).ok_or_else(bad)?;
     Ok((rfc, unix))
-}
-
-/// Every stored timestamp (a torn final line is ignored; so is a line that does not parse,
-/// with a warning: timestamps are evidence about checkpoints, not the log itself).
-pub fn load(dir: &Path) -> io::Result<Vec<StoredTimestamp>> {
-    let data = match std::fs::read(dir.join(TIMESTAMPS_FILE)) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = Vec::new();
-    for (n, line) in data.split_inclusive(|&b| b == b'\n').enumerate() {
-        if line.last() != Some(&b'\n') {
-            break;
-        }
-        match serde_json::from_slice::<StoredTimestamp>(&line[..line.len() - 1]) {
-            Ok(t) => out.push(t),
-            Err(e) => {
-                tracing::warn!(line = n + 1, error = %e, "ignoring an unreadable line of timestamps.jsonl");
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The newest `n` timestamps, oldest first, read from the end of `timestamps.jsonl`.
-pub fn load_latest(dir: &Path, n: usize) -> io::Result<Vec<StoredTimestamp>> {
-    let f = match std::fs::File::open(dir.join(TIMESTAMPS_FILE)) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = Vec::new();
-    super::lines_from_end(&f, |at, line| {
-        match serde_json::from_slice::<StoredTimestamp>(line) {
-            Ok(t) => out.push(t),
-            Err(e) => {
-                tracing::warn!(offset = at, error = %e, "ignoring an unreadable line of timestamps.jsonl");
-            }
-        }
-        out.len() < n
-    })?;
-    out.reverse();
-    Ok(out)
-}
-
-/// Append a timestamp durably.
-pub fn append(dir: &Path, t: &StoredTimestamp) -> io::Result<()> {
-    let path = dir.join(TIMESTAMPS_FILE);
-    let mut f = crate::fsutil::open_durable(
-        &path,
-        OpenOptions::new().create(true).append(true).mode(0o600),
-    )?;
-    let mut line = serde_json::to_vec(t).map_err(io::Error::other)?;
-    line.push(b'\n');
-    f.write_all(&line)?;
-    f.sync_data()
 }
 
 impl StoredTimestamp {

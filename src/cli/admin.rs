@@ -377,10 +377,8 @@ pub(super) fn exec(cli: &Cli, op: Op) -> Result<Value> {
     let config = load_config(cli)?;
     // With PostgreSQL every replica is a writer: use a running one's API when the CLI has a
     // client certificate, otherwise act in-process as one more replica.
-    let service_running = match &config.storage {
-        signet::config::StorageConfig::File => signet::audit::is_locked(&config.audit.dir),
-        signet::config::StorageConfig::Postgres(_) => config.cli.is_some(),
-    };
+    let service_running = signet::storage::transfer::held_by_a_running_service(&config)
+        || (config.storage.is_shared() && config.cli.is_some());
     if service_running {
         online(&config, op)
     } else {

@@ -207,22 +207,9 @@ fn verify_configured(
         }
     }
     .kept(kept_checkpoint);
-    let result = match &config.storage {
-        signet::config::StorageConfig::File => {
-            DirSource::open(&config.audit.dir).and_then(|mut src| verify_log(&mut src, &trust))
-        }
-        signet::config::StorageConfig::Postgres(pg) => {
-            let rt = runtime()?;
-            let db = rt
-                .block_on(signet::storage::postgres::Db::connect(
-                    pg,
-                    std::sync::Arc::new(signet::metrics::Metrics::new()),
-                ))
-                .context("cannot connect to the database")?;
-            let mut src = signet::storage::postgres::PgSource::new(rt.handle().clone(), db);
-            verify_log(&mut src, &trust)
-        }
-    };
+    let rt = runtime()?;
+    let result = signet::storage::transfer::log_source(&config, &rt)
+        .and_then(|mut src| verify_log(src.as_mut(), &trust));
     report_verification(cli, result, "the token")
 }
 
@@ -356,45 +343,7 @@ impl LogSource for TlogSource {
 /// `signet audit export DIR`: the configured backend's whole log in the file format.
 fn export_log(cli: &Cli, dir: &Path) -> Result<()> {
     let config = load_config(cli)?;
-    let report = match &config.storage {
-        signet::config::StorageConfig::File => {
-            let src = &config.audit.dir;
-            signet::fsutil::create_private_dir(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let mut entries = 0u64;
-            for name in [
-                signet::audit::ENTRIES_FILE,
-                signet::audit::CHECKPOINTS_FILE,
-                LOG_KEY_FILE,
-                signet::audit::timestamp::TIMESTAMPS_FILE,
-            ] {
-                let from = src.join(name);
-                if !from.exists() {
-                    continue;
-                }
-                let bytes = std::fs::read(&from)
-                    .with_context(|| format!("cannot read {}", from.display()))?;
-                if name == signet::audit::ENTRIES_FILE {
-                    entries = bytes.iter().filter(|b| **b == b'\n').count() as u64;
-                }
-                signet::fsutil::write_atomic(&dir.join(name), &bytes)
-                    .with_context(|| format!("cannot write {}", dir.join(name).display()))?;
-            }
-            serde_json::json!({"entries": entries})
-        }
-        signet::config::StorageConfig::Postgres(pg) => {
-            let rt = runtime()?;
-            let r = rt.block_on(async {
-                let db = signet::storage::postgres::Db::connect(
-                    pg,
-                    std::sync::Arc::new(signet::metrics::Metrics::new()),
-                )
-                .await?;
-                signet::storage::postgres::export(&db, dir).await
-            })?;
-            serde_json::to_value(r)?
-        }
-    };
+    let report = runtime()?.block_on(signet::storage::transfer::export(&config, dir))?;
     if cli.json {
         println!(
             "{}",
@@ -403,7 +352,7 @@ fn export_log(cli: &Cli, dir: &Path) -> Result<()> {
     } else {
         println!(
             "wrote the evidence log ({} entries) to {}; verify it with `signet audit verify {}`",
-            report["entries"],
+            report.entries,
             dir.display(),
             dir.display()
         );
@@ -769,7 +718,7 @@ fn accept_restore(cli: &Cli, reason: &str) -> Result<()> {
     let config = load_config(cli)?;
     ensure_module_environment(&config)?;
     let dir = config.audit.dir.clone();
-    if signet::audit::is_locked(&dir) {
+    if signet::storage::transfer::dir_in_use(&dir) {
         bail!(
             "the evidence log in {} is in use: stop the service first",
             dir.display()

@@ -1,13 +1,11 @@
 //! `signet storage migrate`: move a file-backend installation into PostgreSQL.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 
 use signet::audit::verify::{DirSource, KeySource, LogTrust, verify_log};
-use signet::config::StorageConfig;
 
 use super::{Cli, ensure_module_environment, load_config, runtime};
 
@@ -30,12 +28,12 @@ pub enum StorageCommand {
 pub fn storage(cli: &Cli, cmd: &StorageCommand) -> Result<()> {
     let StorageCommand::Migrate { from, state_from } = cmd;
     let config = load_config(cli)?;
-    let StorageConfig::Postgres(pg) = &config.storage else {
+    if !config.storage.is_shared() {
         bail!(
             "configuration key `storage.backend`: migrate moves a file log into PostgreSQL; set backend = \"postgres\" with url_file in the configuration given with --config"
         );
-    };
-    if signet::audit::is_locked(from) {
+    }
+    if signet::storage::transfer::dir_in_use(from) {
         bail!(
             "the evidence log in {} is in use: stop the service first",
             from.display()
@@ -67,19 +65,12 @@ pub fn storage(cli: &Cli, cmd: &StorageCommand) -> Result<()> {
     }
     let state_dir = state_from.clone().unwrap_or(config.state_dir.clone());
     let rt = runtime()?;
-    let report = rt.block_on(async {
-        let db =
-            signet::storage::postgres::Db::connect(pg, Arc::new(signet::metrics::Metrics::new()))
-                .await?;
-        signet::storage::postgres::migrate(
-            &db,
-            from,
-            &state_dir,
-            &config.audit.origin,
-            key_pem.trim_end(),
-        )
-        .await
-    })?;
+    let report = rt.block_on(signet::storage::transfer::migrate(
+        &config,
+        from,
+        &state_dir,
+        key_pem.trim_end(),
+    ))?;
     if cli.json {
         println!("{}", serde_json::json!({"ok": true, "report": report}));
     } else {

@@ -163,6 +163,13 @@ pub enum StorageConfig {
     Postgres(PostgresConfig),
 }
 
+impl StorageConfig {
+    /// Whether several replicas may share this storage.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, StorageConfig::Postgres(_))
+    }
+}
+
 /// `[storage] backend = "postgres"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PostgresConfig {

@@ -7,8 +7,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
 use super::{App, Caller, Error};
-use crate::audit::index::parse_time_us;
 use crate::audit::note;
+use crate::clock::parse_rfc3339_micros as parse_time_us;
 use crate::policy::Policies;
 
 const MAX_TRANSACTION_ID: usize = 256;

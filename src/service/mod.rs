@@ -21,9 +21,9 @@ pub use admin::{AdminRequest, ImportRequest, KeyView, TenantStatus, VersionView}
 pub use evidence::{EntriesPage, EntriesQuery, IndexedEntry, ProvedEntry, TransactionView};
 pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};
 
-use crate::audit::{self, CheckpointSigner, EvidenceLog};
+use crate::audit::{self, CheckpointSigner};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, DynamicConfig, Issuer, Role, StorageConfig};
+use crate::config::{Config, DynamicConfig, Issuer, Role};
 use crate::domain::TenantId;
 use crate::hsm::{self, CA_KEY_ID, Hsm, LOG_ANCHOR_LABEL, LOG_KEY_ID, LOG_MAC_KEY_ID, TokenSigner};
 use crate::keys::{self, Registry};
@@ -141,8 +141,10 @@ pub struct App {
     /// Cross-replica locks (rotations); local no-ops with the file backend.
     pub leases: Arc<dyn storage::Leases>,
     /// The PostgreSQL backend, when configured: idempotency claims, state changes.
-    pub postgres: Option<Arc<storage::postgres::PgLog>>,
-    pub db: Option<Arc<storage::postgres::Db>>,
+    /// Idempotency claims across replicas (the file backend owns every key).
+    pub claims: Arc<dyn storage::Claims>,
+    /// The other replicas sharing the storage, if any.
+    pub replicas: Arc<dyn storage::Replicas>,
     pub metrics: Arc<Metrics>,
     pub idempotency: Idempotency<SignResponse, Error>,
     pub clock: Arc<dyn Clock>,
@@ -246,6 +248,15 @@ pub enum StartError {
     Storage(#[from] storage::Error),
 }
 
+impl From<storage::OpenError> for StartError {
+    fn from(e: storage::OpenError) -> Self {
+        match e {
+            storage::OpenError::Log(e) => StartError::Audit(e),
+            storage::OpenError::Backend(e) => StartError::Storage(e),
+        }
+    }
+}
+
 /// How the evidence log is opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogOpening {
@@ -286,62 +297,16 @@ impl App {
             journal,
             leases,
             timestamps: timestamp_store,
-            db,
-            postgres,
-        } = match &config.storage {
-            StorageConfig::File => {
-                let opts = audit::Options {
-                    dir: config.audit.dir.clone(),
-                    origin: config.audit.origin.clone(),
-                    fsync: config.audit.fsync,
-                    max_group_entries: config.audit.max_group_entries,
-                    accept_restore,
-                };
-                let log_metrics = Arc::clone(&metrics);
-                let log = tokio::task::spawn_blocking(move || {
-                    EvidenceLog::open(opts, Arc::clone(&log_keys) as _, log_keys, log_metrics)
-                })
-                .await??;
-                metrics.storage_up.set(1);
-                // The one process signs every checkpoint.
-                metrics.storage_leader.set(1);
-                let state = Arc::new(storage::FileState::new(&config.state_dir));
-                storage::Storage {
-                    log: Arc::new(storage::Log::File(Arc::new(log))),
-                    keys: Arc::clone(&state) as _,
-                    journal: state as _,
-                    leases: Arc::new(storage::ProcessLeases),
-                    timestamps: Arc::new(storage::FileTimestamps::new(&config.audit.dir)),
-                    db: None,
-                    postgres: None,
-                }
-            }
-            StorageConfig::Postgres(pg) => {
-                let db = storage::postgres::Db::connect(pg, Arc::clone(&metrics)).await?;
-                let log = storage::postgres::PgLog::open(
-                    Arc::clone(&db),
-                    storage::postgres::Options {
-                        origin: config.audit.origin.clone(),
-                        max_group_entries: config.audit.max_group_entries,
-                        accept_restore,
-                    },
-                    Arc::clone(&log_keys) as _,
-                    log_keys,
-                    Arc::clone(&metrics),
-                )
-                .await?;
-                let state = Arc::new(storage::postgres::PgState::new(Arc::clone(&db)));
-                storage::Storage {
-                    log: Arc::new(storage::Log::Postgres(Arc::clone(&log))),
-                    keys: Arc::clone(&state) as _,
-                    journal: Arc::clone(&state) as _,
-                    timestamps: state as _,
-                    leases: Arc::new(storage::postgres::PgLeases::new(Arc::clone(&db))),
-                    db: Some(db),
-                    postgres: Some(log),
-                }
-            }
-        };
+            claims,
+            replicas,
+        } = storage::open(
+            &config,
+            Arc::clone(&log_keys) as _,
+            log_keys,
+            Arc::clone(&metrics),
+            accept_restore,
+        )
+        .await?;
 
         let ca = match config.dynamic.rotation.issuer {
             Issuer::HsmCa => Some(Arc::new(
@@ -353,7 +318,7 @@ impl App {
             Registry::load(
                 &hsm,
                 keys_store,
-                db.is_some(),
+                replicas.shared(),
                 config.dynamic.rotation.grace,
                 clock.unix(),
             )
@@ -380,7 +345,7 @@ impl App {
                     dynamic: Arc::clone(&dynamic),
                     ca: Arc::clone(&ca),
                     leases: Arc::clone(&leases),
-                    shared: db.is_some(),
+                    shared: replicas.shared(),
                 },
             )
             .await?,
@@ -398,8 +363,8 @@ impl App {
             keys,
             log,
             leases,
-            postgres,
-            db,
+            claims,
+            replicas,
             metrics,
             idempotency,
             clock,
@@ -456,9 +421,8 @@ impl App {
             let stop = self.shutdown.subscribe();
             tasks.push(tokio::spawn(timestamping::run(app, cfg, stop)));
         }
-        if let (Some(db), Some(pg)) = (&self.db, &self.postgres) {
-            db.spawn_watchers(self.shutdown.subscribe());
-            pg.start_leading();
+        if self.replicas.shared() {
+            self.replicas.start(self.shutdown.subscribe());
             let app = Arc::clone(self);
             let stop = self.shutdown.subscribe();
             tasks.push(tokio::spawn(
@@ -633,10 +597,8 @@ impl App {
     /// With PostgreSQL: pick up other replicas' key-state and journal changes (NOTIFY, and the
     /// state version polled every second), and expire old idempotency records (the leader).
     async fn follow_shared_state(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let (Some(db), Some(pg)) = (&self.db, &self.postgres) else {
-            return;
-        };
-        let mut changes = db.state_changes();
+        let replicas = &self.replicas;
+        let mut changes = replicas.state_changes();
         let mut seen: Option<i64> = None;
         let mut last_expiry = std::time::Instant::now();
         loop {
@@ -645,7 +607,7 @@ impl App {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.changed() => return,
             }
-            match db.state_version().await {
+            match replicas.state_version().await {
                 Ok(v) if seen != Some(v) => match self.reload_shared_state().await {
                     Ok(()) => {
                         seen = Some(v);
@@ -658,10 +620,11 @@ impl App {
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "cannot read the shared state version"),
             }
-            if pg.is_leader() && last_expiry.elapsed() > Duration::from_secs(60) {
+            if replicas.is_leader() && last_expiry.elapsed() > Duration::from_secs(60) {
                 last_expiry = std::time::Instant::now();
-                if let Err(e) = pg
-                    .expire_claims(self.config.audit.idempotency_retention)
+                if let Err(e) = self
+                    .claims
+                    .expire(self.config.audit.idempotency_retention)
                     .await
                 {
                     tracing::warn!(error = %e, "cannot expire idempotency records");

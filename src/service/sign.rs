@@ -6,7 +6,7 @@
 //! replay of an idempotent request is byte-identical to the first answer.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -22,7 +22,7 @@ use crate::audit::{Receipt, merkle};
 use crate::domain::{DigestAlgorithm, KeyId, PolicyId, SIGNATURE_ALGORITHM, Sha256Digest};
 use crate::keys::KeyVersion;
 use crate::policy::{Policies, Policy};
-use crate::storage::postgres::Claim;
+use crate::storage::Claim;
 
 const MAX_TRANSACTION_ID: usize = 256;
 const MAX_SIGNER_BYTES: usize = 8 * 1024;
@@ -409,47 +409,33 @@ impl App {
             let (app, caller, request_sha256) =
                 (Arc::clone(self), caller.clone(), request_sha256.clone());
             async move {
-                // With several replicas the database decides who signs: one claim per key.
-                if let Some(pg) = &app.postgres {
-                    let client = caller.identity.identity.as_str();
-                    let lease = match &app.config.storage {
-                        crate::config::StorageConfig::Postgres(c) => c.claim_lease,
-                        crate::config::StorageConfig::File => Duration::from_secs(10),
-                    };
-                    let claim = pg
-                        .claim(client, &key_sha256, &request_sha256, lease)
-                        .await
-                        .map_err(|e| Arc::new(Error::Audit(e)))?;
-                    match claim {
-                        Claim::Owned => {}
-                        Claim::Recorded {
+                // With several replicas the storage decides who signs: one claim per key.
+                let client = caller.identity.identity.as_str();
+                let claim = app
+                    .claims
+                    .claim(client, &key_sha256, &request_sha256)
+                    .await
+                    .map_err(|e| Arc::new(Error::Audit(e)))?;
+                match claim {
+                    Claim::Owned => {}
+                    Claim::Recorded {
+                        request_sha256: recorded,
+                        index,
+                    } => {
+                        let response = app.replay_entry(index).await.map_err(Arc::new)?;
+                        return Ok(Fresh {
                             request_sha256: recorded,
                             index,
-                        } => {
-                            let response = app.replay_entry(index).await.map_err(Arc::new)?;
-                            return Ok(Fresh {
-                                request_sha256: recorded,
-                                index,
-                                response: Arc::new(response),
-                            });
-                        }
-                        Claim::Conflict => return Err(Arc::new(Error::IdempotencyConflict)),
+                            response: Arc::new(response),
+                        });
                     }
-                    let signed = app.sign_and_record(&caller, &ready).await;
-                    if signed.is_err() {
-                        pg.release(client, &key_sha256).await;
-                    }
-                    let response = signed.map_err(Arc::new)?;
-                    return Ok(Fresh {
-                        request_sha256,
-                        index: response.receipt.index,
-                        response: Arc::new(response),
-                    });
+                    Claim::Conflict => return Err(Arc::new(Error::IdempotencyConflict)),
                 }
-                let response = app
-                    .sign_and_record(&caller, &ready)
-                    .await
-                    .map_err(Arc::new)?;
+                let signed = app.sign_and_record(&caller, &ready).await;
+                if signed.is_err() {
+                    app.claims.release(client, &key_sha256).await;
+                }
+                let response = signed.map_err(Arc::new)?;
                 Ok(Fresh {
                     request_sha256,
                     index: response.receipt.index,
@@ -542,7 +528,7 @@ impl App {
         let min = self.dynamic.load().rotation.min_remaining_validity;
         match self.keys.signing_version(&key_id, self.clock.unix(), min) {
             Err(crate::keys::Error::UnknownKey(_) | crate::keys::Error::NoActiveKey(_))
-                if self.db.is_some() =>
+                if self.replicas.shared() =>
             {
                 // Another replica activated a version this one has not loaded (or not loaded
                 // with its certificate) yet.

@@ -106,10 +106,10 @@ pub async fn run(
     let first_backoff = Duration::from_secs(1).min(cfg.retry_max_interval);
     let mut backoff = first_backoff;
     loop {
-        if let Some(pg) = &app.postgres {
+        if app.replicas.shared() {
             // Several replicas: pick up what the leader stored; only the leader asks the TSA,
             // for every checkpoint still without a token (also those of a former leader).
-            if let Err(e) = follow_stored(&app, pg.is_leader()).await {
+            if let Err(e) = follow_stored(&app, app.replicas.is_leader()).await {
                 tracing::debug!(error = %e, "cannot read the stored timestamps yet");
             }
         }
@@ -117,7 +117,7 @@ pub async fn run(
             .audit_timestamps_pending
             .set(app.timestamps.pending_len() as i64);
         let Some((size, note)) = app.timestamps.front() else {
-            let wait = if app.postgres.is_some() {
+            let wait = if app.replicas.shared() {
                 Duration::from_secs(2)
             } else {
                 Duration::from_secs(3600)

@@ -12,10 +12,11 @@
 //! The seam is a few small traits ([`KeyStateStore`], [`JournalStore`], [`Leases`]) plus
 //! [`Log`], the evidence log whichever backend holds it. Must not name axum or cryptoki.
 
+pub mod file;
 pub mod postgres;
+pub mod transfer;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -23,7 +24,7 @@ use p256::ecdsa::VerifyingKey;
 use serde_json::Value;
 
 use crate::audit::timestamp::StoredTimestamp;
-use crate::audit::{self, EntryProof, Receipt, StoredCheckpoint, index::Page, merkle::Hash, tiled};
+use crate::audit::{self, EntryProof, Receipt, StoredCheckpoint, merkle::Hash, tiled};
 
 /// A storage failure, with what failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,96 +100,12 @@ pub trait TimestampStore: Send + Sync {
     fn unstamped(&self) -> BoxFuture<'_, Result<Vec<(u64, String)>, Error>>;
 }
 
-/// The file backend's timestamps: `timestamps.jsonl` beside the log.
-pub struct FileTimestamps {
-    dir: PathBuf,
-}
-
-impl FileTimestamps {
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn io(&self, source: std::io::Error) -> Error {
-        Error::Io {
-            path: self.dir.display().to_string(),
-            source,
-        }
-    }
-}
-
-impl TimestampStore for FileTimestamps {
-    fn load_since(&self, after: Option<u64>) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>> {
-        Box::pin(async move {
-            let mut all = audit::timestamp::load(&self.dir).map_err(|e| self.io(e))?;
-            all.retain(|t| after.is_none_or(|a| t.tree_size > a));
-            Ok(all)
-        })
-    }
-    fn append<'a>(&'a self, t: &'a StoredTimestamp) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move {
-            let (dir, t) = (self.dir.clone(), t.clone());
-            tokio::task::spawn_blocking(move || audit::timestamp::append(&dir, &t))
-                .await
-                .map_err(|e| self.io(std::io::Error::other(e)))?
-                .map_err(|e| self.io(e))
-        })
-    }
-    fn latest(&self, n: usize) -> BoxFuture<'_, Result<Vec<StoredTimestamp>, Error>> {
-        Box::pin(async move {
-            let dir = self.dir.clone();
-            tokio::task::spawn_blocking(move || audit::timestamp::load_latest(&dir, n))
-                .await
-                .map_err(|e| self.io(std::io::Error::other(e)))?
-                .map_err(|e| self.io(e))
-        })
-    }
-    /// Tokens are requested in checkpoint order, so the checkpoints without one are those
-    /// after the newest stamped: read from the end of both files, not all of them.
-    fn unstamped(&self) -> BoxFuture<'_, Result<Vec<(u64, String)>, Error>> {
-        Box::pin(async move {
-            let dir = self.dir.clone();
-            tokio::task::spawn_blocking(move || -> Result<Vec<(u64, String)>, Error> {
-                let io = |e| Error::Io {
-                    path: dir.display().to_string(),
-                    source: e,
-                };
-                let newest = audit::timestamp::load_latest(&dir, 1)
-                    .map_err(io)?
-                    .first()
-                    .map(|t| t.tree_size);
-                let f = match std::fs::File::open(dir.join(audit::CHECKPOINTS_FILE)) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-                    Err(e) => return Err(io(e)),
-                };
-                let (mut out, mut bad) = (Vec::new(), None);
-                audit::lines_from_end(&f, |_, line| {
-                    match serde_json::from_slice::<StoredCheckpoint>(line) {
-                        Ok(c) if newest.is_none_or(|m| c.tree_size > m) => {
-                            out.push((c.tree_size, c.note));
-                            true
-                        }
-                        Ok(_) => false,
-                        Err(e) => {
-                            bad = Some(e.to_string());
-                            false
-                        }
-                    }
-                })
-                .map_err(io)?;
-                if let Some(e) = bad {
-                    return Err(Error::Invalid(format!("{}: {e}", audit::CHECKPOINTS_FILE)));
-                }
-                out.reverse();
-                Ok(out)
-            })
-            .await
-            .map_err(|e| self.io(std::io::Error::other(e)))?
-        })
-    }
+/// One page of a tenant's entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub indexes: Vec<u64>,
+    /// Pass as `after` for the next page; `None` when this page was the last one so far.
+    pub next_cursor: Option<u64>,
 }
 
 /// A lock held across replicas until the guard is dropped (a replica that dies releases it).
@@ -199,139 +116,92 @@ pub trait Leases: Send + Sync {
     fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LeaseGuard, Error>>;
 }
 
-/// The file backend's state: `keys.json` and `rotations.json` in `[state].dir`.
-pub struct FileState {
-    dir: PathBuf,
+/// An idempotency key's fate with several replicas, decided by the storage before signing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This replica holds the key: sign, and the sequencing transaction records it.
+    Owned,
+    /// Already recorded: answer from entry `index` (or 409 if `request_sha256` differs).
+    Recorded { request_sha256: String, index: u64 },
+    /// The key is in use, right now, for a different request.
+    Conflict,
 }
 
-impl FileState {
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn read_json<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> Result<T, Error> {
-        let path = self.dir.join(name);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
-            Err(source) => Err(Error::Io {
-                path: path.display().to_string(),
-                source,
-            }),
-        }
-    }
-
-    fn write_json(&self, name: &str, value: &impl serde::Serialize) -> Result<(), Error> {
-        let path = self.dir.join(name);
-        let bytes = serde_json::to_vec_pretty(value)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-        crate::fsutil::write_atomic(&path, &bytes).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })
-    }
-}
-
-#[derive(Default, serde::Serialize, serde::Deserialize)]
-struct KeysFile {
-    #[serde(default)]
-    format: u32,
-    #[serde(default)]
-    versions: BTreeMap<String, Value>,
-}
-
-#[derive(Default, serde::Serialize, serde::Deserialize)]
-struct JournalFile {
-    #[serde(default)]
-    format: u32,
-    #[serde(default)]
-    active: BTreeMap<String, Value>,
-    #[serde(default)]
-    history: Vec<Value>,
-}
-
-pub const KEYS_FILE: &str = "keys.json";
-pub const JOURNAL_FILE: &str = "rotations.json";
-
-impl KeyStateStore for FileState {
-    fn load(&self) -> BoxFuture<'_, Result<BTreeMap<String, Value>, Error>> {
-        Box::pin(async move { Ok(self.read_json::<KeysFile>(KEYS_FILE)?.versions) })
-    }
-    fn save<'a>(
+/// Idempotency claims across replicas. One process (the file backend) owns every key: the
+/// in-memory idempotency cache decides alone.
+pub trait Claims: Send + Sync {
+    /// Claim `(client, key)` for a request (`request_sha256`) before signing it.
+    fn claim<'a>(
         &'a self,
-        all: &'a BTreeMap<String, Value>,
-        _changed: &'a [String],
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move {
-            self.write_json(
-                KEYS_FILE,
-                &KeysFile {
-                    format: 1,
-                    versions: all.clone(),
-                },
-            )
-        })
-    }
+        client: &'a str,
+        key: &'a [u8; 32],
+        request_sha256: &'a str,
+    ) -> BoxFuture<'a, Result<Claim, audit::Error>>;
+    /// Give a claim up after the attempt failed (nothing was recorded).
+    fn release<'a>(&'a self, client: &'a str, key: &'a [u8; 32]) -> BoxFuture<'a, ()>;
+    /// Forget claims older than `retention` (the leader, now and then); how many.
+    fn expire(&self, retention: std::time::Duration) -> BoxFuture<'_, Result<u64, audit::Error>>;
 }
 
-impl JournalStore for FileState {
-    fn load(&self) -> BoxFuture<'_, Result<JournalData, Error>> {
-        Box::pin(async move {
-            let f = self.read_json::<JournalFile>(JOURNAL_FILE)?;
-            Ok(JournalData {
-                active: f.active,
-                history: f.history,
-            })
-        })
-    }
-    fn save<'a>(
-        &'a self,
-        whole: &'a JournalData,
-        _tenant: &'a str,
-        _rotation: &'a Value,
-        _finished: bool,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move {
-            self.write_json(
-                JOURNAL_FILE,
-                &JournalFile {
-                    format: 1,
-                    active: whole.active.clone(),
-                    history: whole.history.clone(),
-                },
-            )
-        })
-    }
+/// The other replicas sharing this storage, if any.
+pub trait Replicas: Send + Sync {
+    /// Whether other replicas may change key states and the journal under this one.
+    fn shared(&self) -> bool;
+    /// Whether this replica signs checkpoints and asks the TSA (always, alone).
+    fn is_leader(&self) -> bool;
+    /// Start the background work: health checks, notifications, leader election.
+    fn start(&self, stop: tokio::sync::watch::Receiver<bool>);
+    /// Changes whenever another replica may have changed the shared state.
+    fn state_changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// The shared state's version, bumped by every change.
+    fn state_version(&self) -> BoxFuture<'_, Result<i64, Error>>;
 }
 
-/// One process holds the `LOCK` of the evidence log: every lease is already its own.
-pub struct ProcessLeases;
-
-impl Leases for ProcessLeases {
-    fn lock<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<LeaseGuard, Error>> {
-        Box::pin(async { Ok(Box::new(()) as LeaseGuard) })
-    }
-}
-
-/// The storage of one running service.
+/// The storage of one running service: one seam per concern, whichever backend holds it.
 pub struct Storage {
     pub log: Arc<Log>,
     pub keys: Arc<dyn KeyStateStore>,
     pub journal: Arc<dyn JournalStore>,
     pub leases: Arc<dyn Leases>,
     pub timestamps: Arc<dyn TimestampStore>,
-    /// The database and its log, with the PostgreSQL backend.
-    pub db: Option<Arc<postgres::Db>>,
-    pub postgres: Option<Arc<postgres::PgLog>>,
+    pub claims: Arc<dyn Claims>,
+    pub replicas: Arc<dyn Replicas>,
+}
+
+/// Why the storage could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The evidence log refused to open (inconsistent, anchors, I/O).
+    #[error(transparent)]
+    Log(#[from] audit::Error),
+    /// The backend itself (the database, its configuration).
+    #[error(transparent)]
+    Backend(#[from] Error),
+}
+
+/// Open the configured backend: the evidence log (recovered and checked against its
+/// anchors), key states, journal, leases, timestamps, claims and replicas.
+pub async fn open(
+    config: &crate::config::Config,
+    signer: Arc<dyn audit::CheckpointSigner>,
+    token: Arc<dyn audit::anchor::TokenAnchor>,
+    metrics: Arc<crate::metrics::Metrics>,
+    accept_restore: bool,
+) -> Result<Storage, OpenError> {
+    match &config.storage {
+        crate::config::StorageConfig::File => {
+            file::open(config, signer, token, metrics, accept_restore).await
+        }
+        crate::config::StorageConfig::Postgres(pg) => {
+            postgres::open(config, pg, signer, token, metrics, accept_restore).await
+        }
+    }
 }
 
 /// The evidence log, whichever backend holds it. Entry formats, receipts, proofs and
 /// checkpoints are the same in both.
 pub enum Log {
-    File(Arc<audit::EvidenceLog>),
+    File(Arc<file::FileLog>),
     Postgres(Arc<postgres::PgLog>),
 }
 

@@ -38,17 +38,106 @@ use tokio_postgres::AsyncMessage;
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{Error, JournalData, JournalStore, KeyStateStore, LeaseGuard, Leases, TimestampStore};
+use super::{
+    Claim, Claims, Error, JournalData, JournalStore, KeyStateStore, LeaseGuard, Leases, Replicas,
+    TimestampStore,
+};
 use crate::audit::anchor::{Anchor, TokenAnchor, TreeHead};
 use crate::audit::merkle::{self, Hash, Tree};
 use crate::audit::note::{self, Checkpoint};
 use crate::audit::tiled::{self, Edge, Missing, Tile, TileId, TileNodes};
 use crate::audit::timestamp::StoredTimestamp;
-use crate::audit::{
-    self, CheckpointSigner, Entry, EntryProof, Receipt, StoredCheckpoint, index, order,
-};
+use crate::audit::{self, CheckpointSigner, Entry, EntryProof, Receipt, StoredCheckpoint, order};
 use crate::config::{PostgresConfig, UrlSource};
 use crate::metrics::Metrics;
+
+/// Open the PostgreSQL backend: connect (creating or completing the schema), open the shared
+/// log (checked against the token's anchor and the published tree head), and the shared
+/// state, claims and replicas.
+pub(super) async fn open(
+    config: &crate::config::Config,
+    pg: &PostgresConfig,
+    signer: Arc<dyn CheckpointSigner>,
+    token: Arc<dyn TokenAnchor>,
+    metrics: Arc<Metrics>,
+    accept_restore: bool,
+) -> Result<super::Storage, super::OpenError> {
+    let db = Db::connect(pg, Arc::clone(&metrics)).await?;
+    let log = PgLog::open(
+        Arc::clone(&db),
+        Options {
+            origin: config.audit.origin.clone(),
+            max_group_entries: config.audit.max_group_entries,
+            accept_restore,
+        },
+        signer,
+        token,
+        metrics,
+    )
+    .await?;
+    let state = Arc::new(PgState::new(Arc::clone(&db)));
+    Ok(super::Storage {
+        log: Arc::new(super::Log::Postgres(Arc::clone(&log))),
+        keys: Arc::clone(&state) as _,
+        journal: Arc::clone(&state) as _,
+        timestamps: state as _,
+        leases: Arc::new(PgLeases::new(Arc::clone(&db))),
+        claims: Arc::new(PgClaims {
+            log: Arc::clone(&log),
+            lease: pg.claim_lease,
+        }),
+        replicas: Arc::new(PgReplicas { db, log }),
+    })
+}
+
+/// Idempotency claims in `signet_idempotency`, with leases of `[storage] claim_lease`.
+struct PgClaims {
+    log: Arc<PgLog>,
+    lease: Duration,
+}
+
+impl Claims for PgClaims {
+    fn claim<'a>(
+        &'a self,
+        client: &'a str,
+        key: &'a [u8; 32],
+        request_sha256: &'a str,
+    ) -> BoxFuture<'a, Result<Claim, audit::Error>> {
+        Box::pin(self.log.claim(client, key, request_sha256, self.lease))
+    }
+    fn release<'a>(&'a self, client: &'a str, key: &'a [u8; 32]) -> BoxFuture<'a, ()> {
+        Box::pin(self.log.release(client, key))
+    }
+    fn expire(&self, retention: Duration) -> BoxFuture<'_, Result<u64, audit::Error>> {
+        Box::pin(self.log.expire_claims(retention))
+    }
+}
+
+/// The replicas sharing the database: health and notification watchers, the checkpoint leader
+/// election, the shared-state version.
+struct PgReplicas {
+    db: Arc<Db>,
+    log: Arc<PgLog>,
+}
+
+impl Replicas for PgReplicas {
+    fn shared(&self) -> bool {
+        true
+    }
+    fn is_leader(&self) -> bool {
+        self.log.is_leader()
+    }
+    fn start(&self, stop: watch::Receiver<bool>) {
+        self.db.spawn_watchers(stop);
+        self.log.start_leading();
+    }
+    fn state_changes(&self) -> watch::Receiver<u64> {
+        self.db.state_changes()
+    }
+    fn state_version(&self) -> BoxFuture<'_, Result<i64, Error>> {
+        Box::pin(self.db.state_version())
+    }
+}
 
 /// Advisory lock keys (first half: "SIGN" in ASCII).
 const LOCK_CLASS: i32 = 0x5349_474e;
@@ -460,17 +549,6 @@ fn tls_config(
 struct Pending {
     entries: Vec<Entry>,
     reply: oneshot::Sender<Result<Vec<Receipt>, audit::Error>>,
-}
-
-/// The outcome of an idempotency claim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// This replica holds the key: sign, and the sequencing transaction records it.
-    Owned,
-    /// Already recorded: answer from entry `index` (or 409 if `request_sha256` differs).
-    Recorded { request_sha256: String, index: u64 },
-    /// The key is in use, right now, for a different request.
-    Conflict,
 }
 
 /// The evidence log in PostgreSQL, as one replica sees it.
@@ -1545,7 +1623,7 @@ impl PgLog {
         until_us: i64,
         after: Option<u64>,
         limit: usize,
-    ) -> Result<index::Page, audit::Error> {
+    ) -> Result<super::Page, audit::Error> {
         let c = self.db.client().await?;
         let after = after.map_or(-1, |a| a as i64);
         let rows = c
@@ -1564,7 +1642,7 @@ impl PgLog {
         let next_cursor = (indexes.len() == limit)
             .then(|| indexes.last().copied())
             .flatten();
-        Ok(index::Page {
+        Ok(super::Page {
             indexes,
             next_cursor,
         })
@@ -1652,7 +1730,7 @@ impl Rows {
         self.tenant.push(e.tenant.clone());
         self.transaction.push(e.transaction_id.clone());
         self.time_us
-            .push(index::parse_time_us(&e.time).unwrap_or(0));
+            .push(crate::clock::parse_rfc3339_micros(&e.time).unwrap_or(0));
     }
     fn len(&self) -> usize {
         self.idx.len()
@@ -1953,12 +2031,7 @@ impl Leases for PgLeases {
     }
 }
 
-/// What `signet audit export DIR` wrote.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ExportReport {
-    pub entries: u64,
-    pub checkpoints: u64,
-}
+use super::transfer::ExportReport;
 
 /// Write the whole log in the file backend's format (`entries.jsonl`, `checkpoints.jsonl`,
 /// `log-key.pem`) for offline verification with `signet audit verify DIR`.
@@ -2247,7 +2320,7 @@ pub async fn migrate(
         .await
         .map_err(|e| db.failed(e))?;
     let size = tree.len();
-    let checkpoints = audit::read_checkpoints(&audit_dir.join(audit::CHECKPOINTS_FILE))
+    let checkpoints = super::file::read_checkpoints(&audit_dir.join(audit::CHECKPOINTS_FILE))
         .map_err(|e| Error::Invalid(e.to_string()))?;
     for cp in &checkpoints {
         tx.execute(
@@ -2283,7 +2356,7 @@ pub async fn migrate(
     .await
     .map_err(|e| db.failed(e))?;
 
-    let state = super::FileState::new(state_dir);
+    let state = super::file::state::FileState::new(state_dir);
     let keys = KeyStateStore::load(&state).await?;
     for (id, record) in &keys {
         tx.execute(

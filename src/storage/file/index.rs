@@ -46,13 +46,7 @@ pub struct Indexed {
     pub time_us: i64,
 }
 
-/// One page of a tenant's entries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page {
-    pub indexes: Vec<u64>,
-    /// Pass as `after` for the next page; `None` when this page was the last one so far.
-    pub next_cursor: Option<u64>,
-}
+pub use crate::storage::Page;
 
 pub struct Index {
     dir: PathBuf,
@@ -446,11 +440,7 @@ impl TenantFile {
     }
 }
 
-/// RFC 3339 to µs since the epoch.
-pub fn parse_time_us(s: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1000).ok()
-}
+pub use crate::clock::parse_rfc3339_micros as parse_time_us;
 
 #[cfg(test)]
 mod tests {

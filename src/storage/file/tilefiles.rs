@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::merkle::Hash;
-use super::tiled::{Tile, TileId, WIDTH};
-use super::tiles::{self, TileRef};
+use crate::audit::tiled::{Tile, TileId, WIDTH};
+use crate::audit::tiles::{self, TileRef};
 
 pub const TILE_DIR: &str = "tile";
 /// Full tiles kept in memory (8 KiB each).
