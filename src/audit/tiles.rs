@@ -1,6 +1,6 @@
 //! C2SP tlog-tiles paths: `tile/<L>/<N>[.p/<W>]` and `tile/entries/<N>[.p/<W>]`, where `<N>` is
 //! written in groups of three digits, all but the last prefixed with `x` (1234067 →
-//! `x001/x234/067`). Pure: the log serves the tiles ([`super::EvidenceLog::hash_tile`]).
+//! `x001/x234/067`). Pure: storage serves the tiles (`storage::Log::hash_tile`).
 
 use super::Error;
 

@@ -28,11 +28,7 @@ pub enum StorageCommand {
 pub fn storage(cli: &Cli, cmd: &StorageCommand) -> Result<()> {
     let StorageCommand::Migrate { from, state_from } = cmd;
     let config = load_config(cli)?;
-    if !config.storage.is_shared() {
-        bail!(
-            "configuration key `storage.backend`: migrate moves a file log into PostgreSQL; set backend = \"postgres\" with url_file in the configuration given with --config"
-        );
-    }
+    signet::storage::transfer::check_migration_target(&config)?;
     if signet::storage::transfer::dir_in_use(from) {
         bail!(
             "the evidence log in {} is in use: stop the service first",

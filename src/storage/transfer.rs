@@ -82,6 +82,20 @@ fn export_files(src: &Path, dir: &Path) -> Result<ExportReport, Error> {
     Ok(report)
 }
 
+/// Whether the configured storage can receive a migrated log (a database).
+pub fn check_migration_target(config: &Config) -> Result<(), Error> {
+    match &config.storage {
+        StorageConfig::Postgres(_) => Ok(()),
+        StorageConfig::File => Err(migration_target_error()),
+    }
+}
+
+fn migration_target_error() -> Error {
+    Error::Config(
+        "configuration key `storage.backend`: migrate moves a file log into PostgreSQL; set backend = \"postgres\" with url_file in the configuration given with --config".into(),
+    )
+}
+
 /// Import the file log in `from` (verified by the caller), its key states and rotation journal
 /// (`state_from`) into the configured database, which must hold no log yet.
 pub async fn migrate(
@@ -91,9 +105,7 @@ pub async fn migrate(
     log_key_pem: &str,
 ) -> Result<MigrateReport, Error> {
     let StorageConfig::Postgres(pg) = &config.storage else {
-        return Err(Error::Config(
-            "configuration key `storage.backend`: migrate moves a file log into PostgreSQL; set backend = \"postgres\" with url_file in the configuration given with --config".into(),
-        ));
+        return Err(migration_target_error());
     };
     let db = postgres::Db::connect(pg, Arc::new(Metrics::new())).await?;
     postgres::migrate(&db, from, state_from, &config.audit.origin, log_key_pem).await
