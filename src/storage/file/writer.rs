@@ -1,0 +1,257 @@
+//! The writer thread: group commit (one write, one fdatasync for every request waiting), the
+//! tail head, and the signing-order check. The commit points are marked in [`commit`].
+
+use super::recovery::indexed;
+use super::*;
+
+/// What the writer thread writes to: the entries file and the tail head.
+pub(super) struct Sink {
+    pub(super) log: File,
+    pub(super) tail: TailWriter,
+    pub(super) fsync: FsyncPolicy,
+}
+
+/// The writer thread: group commit.
+pub(super) fn writer_main(
+    inner: Arc<Inner>,
+    sink: &mut Sink,
+    rx: crossbeam_channel::Receiver<Request>,
+    max_group: usize,
+) {
+    let mut buf = Vec::with_capacity(1 << 16);
+    let mut stopping = false;
+    while !stopping {
+        let first = match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(r) => r,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if !inner.writable.load(Ordering::Acquire) {
+                    probe_writable(&inner, &mut sink.log);
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
+        // Take everything waiting right now: one write, one fsync for all of it.
+        let mut group = Vec::new();
+        let mut count = 0;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Stop => stopping = true,
+                Request::Append { entries, reply } => {
+                    count += entries.len();
+                    group.push((entries, reply));
+                }
+            }
+            if count < max_group && !stopping {
+                next = rx.try_recv().ok();
+            }
+        }
+        if group.is_empty() {
+            continue;
+        }
+        commit(&inner, sink, group, &mut buf);
+    }
+    // Answer anything still queued after a stop.
+    while let Ok(Request::Append { reply, .. }) = rx.try_recv() {
+        let _ = reply.send(Err(Error::Closed));
+    }
+}
+
+pub(super) type Group = Vec<(
+    Vec<Entry>,
+    tokio::sync::oneshot::Sender<Result<Vec<Receipt>, Error>>,
+)>;
+
+/// Sequence one group: assign indexes and hash links, refuse requests whose signatures were
+/// made with a replaced version (the order rule), write, fsync, publish, answer.
+pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec<u8>) {
+    buf.clear();
+    // The order state as of this group; becomes `active` only once the group is durable.
+    let mut staged: Option<order::ActiveVersions> = None;
+    let (edge, base_len, mut previous, active) = {
+        let st = read(&inner.state);
+        (
+            Arc::clone(&st.edge),
+            st.file_len,
+            st.last_leaf,
+            Arc::clone(&st.active),
+        )
+    };
+    let base_index = edge.size();
+    let mut next = base_index;
+    let mut leaves = Vec::new();
+    let mut ends = Vec::new();
+    let mut receipts: Vec<Result<Vec<Receipt>, Error>> = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    let mut events: Vec<String> = Vec::new();
+    let mut lookups: Vec<(u64, index::Indexed)> = Vec::new();
+    for (entries, reply) in group {
+        replies.push(reply);
+        let mut out = Vec::with_capacity(entries.len());
+        let mark = (buf.len(), next, leaves.len(), previous);
+        let mut failed = None;
+        let staged_before = staged.clone();
+        for mut e in entries {
+            e.index = next;
+            e.previous_leaf_hash = previous.map(|h| B64.encode(h));
+            let order = staged.as_ref().unwrap_or(&active);
+            if let Err(v) = order.check(&e) {
+                failed = Some(Error::Superseded(v));
+                break;
+            }
+            if order::activation(&e).is_some() {
+                staged.get_or_insert_with(|| (*active).clone()).record(&e);
+            }
+            match e.canonical() {
+                Ok(bytes) => {
+                    let leaf = merkle::leaf_hash(&bytes);
+                    previous = Some(leaf);
+                    buf.extend_from_slice(&bytes);
+                    buf.push(b'\n');
+                    ends.push(base_len + buf.len() as u64);
+                    leaves.push(leaf);
+                    out.push(Receipt {
+                        log_origin: inner.origin.clone(),
+                        index: next,
+                        leaf_hash: B64.encode(leaf),
+                    });
+                    lookups.push((next, indexed(&e.time, e.tenant, e.transaction_id)));
+                    events.push(e.event);
+                    next += 1;
+                }
+                Err(err) => {
+                    failed = Some(Error::Serialize(err.to_string()));
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => receipts.push(Ok(out)),
+            Some(err) => {
+                // Drop this request's entries only; the others in the group go ahead.
+                buf.truncate(mark.0);
+                ends.truncate(mark.2);
+                leaves.truncate(mark.2);
+                events.truncate(events.len() - (next - mark.1) as usize);
+                lookups.retain(|(i, _)| *i < mark.1);
+                next = mark.1;
+                previous = mark.3;
+                staged = staged_before;
+                receipts.push(Err(err));
+            }
+        }
+    }
+
+    // Commit point 1: after write_all + fdatasync the entries in `buf` are durable; their end
+    // offsets follow in `entries.idx`.
+    // Commit point 2 (acknowledgement): the tail head for the new size, MACed in the token, is
+    // durable. Only then are the entries published and answered. On a failure the entries file
+    // is cut back to `base_len`; at start-up, complete entries beyond the tail head are cut the
+    // same way (they were never acknowledged), and a torn final write is cut.
+    let mut grown = (*edge).clone();
+    let mut completed = Vec::new();
+    for l in &leaves {
+        completed.extend(grown.push(*l));
+    }
+    let result = (|| -> Result<(), String> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        sink.log.write_all(buf).map_err(|e| e.to_string())?;
+        if sink.fsync == FsyncPolicy::Always {
+            let t = Instant::now();
+            sink.log.sync_data().map_err(|e| e.to_string())?;
+            inner
+                .metrics
+                .audit_fsync_duration
+                .observe(t.elapsed().as_secs_f64());
+        }
+        inner
+            .store
+            .offsets
+            .append(&ends)
+            .map_err(|e| format!("{OFFSETS_FILE}: {e}"))?;
+        let head = TreeHead {
+            size: grown.size(),
+            root: grown.root(),
+        };
+        sink.tail
+            .write(head, inner.token.as_ref())
+            .map_err(|e| e.to_string())
+    })();
+
+    if let Err(msg) = result {
+        inner.metrics.audit_write_errors.inc();
+        inner.writable.store(false, Ordering::Release);
+        inner.metrics.audit_writable.set(0);
+        tracing::error!(error = %msg, "evidence log append failed; signing is refused until it is writable again");
+        if let Err(t) = sink.log.set_len(base_len) {
+            tracing::error!(error = %t, "cannot cut the failed append back off the evidence log");
+        }
+        if let Err(t) = inner.store.offsets.truncate(base_index) {
+            tracing::error!(error = %t, "cannot cut the failed append back off {OFFSETS_FILE}");
+        }
+        // The tail head may now claim the cut entries: put the previous head back.
+        if let Err(e) = sink.tail.write(
+            TreeHead {
+                size: base_index,
+                root: edge.root(),
+            },
+            inner.token.as_ref(),
+        ) {
+            tracing::error!(error = %e, "cannot restore the tail head after a failed append");
+        }
+        for reply in replies {
+            let _ = reply.send(Err(Error::Unwritable(msg.clone())));
+        }
+        return;
+    }
+
+    inner.store.index.add(lookups);
+    inner.store.tiles.put(completed);
+    {
+        let mut st = write(&inner.state);
+        if let Some(s) = staged {
+            st.active = Arc::new(s);
+        }
+        st.edge = Arc::new(grown);
+        if let Some(l) = leaves.last() {
+            st.last_leaf = Some(*l);
+        }
+        st.file_len = base_len + buf.len() as u64;
+        inner.metrics.audit_tree_size.set(st.edge.size() as i64);
+    }
+    if !inner.writable.swap(true, Ordering::AcqRel) {
+        tracing::info!("evidence log writable again");
+    }
+    inner.metrics.audit_writable.set(1);
+    inner.metrics.audit_group_size.observe(leaves.len() as f64);
+    for ev in &events {
+        inner
+            .metrics
+            .audit_entries
+            .with_label_values(&[ev.as_str()])
+            .inc();
+    }
+    for (reply, r) in replies.into_iter().zip(receipts) {
+        let _ = reply.send(r);
+    }
+}
+
+/// While unwritable, try to append (and remove) 4 KiB at the end of the log: succeeds only
+/// when the log itself can grow again (disk space, quota, file size limit).
+pub(super) fn probe_writable(inner: &Inner, log: &mut File) {
+    let len = read(&inner.state).file_len;
+    let ok = (|| -> io::Result<()> {
+        log.write_all(&[b' '; 4096])?;
+        log.sync_data()?;
+        Ok(())
+    })();
+    let _ = log.set_len(len);
+    if ok.is_ok() {
+        inner.writable.store(true, Ordering::Release);
+        inner.metrics.audit_writable.set(1);
+        tracing::info!("evidence log writable again");
+    }
+}
