@@ -7,7 +7,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::service::Error;
+use crate::service::{Class, Error};
+#[cfg(test)]
 use crate::{audit, hsm, keys, policy, rotation};
 
 /// A problem document. `type` is a URN naming the problem (`urn:signet:problem:<slug>`).
@@ -50,219 +51,36 @@ impl Problem {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
-    /// Map a use-case error. Server-side failures are logged here with the request ID.
+    /// The problem document of a use-case error, from its one classification
+    /// ([`Error::classify`]). Server-side failures are logged here with the request ID; their
+    /// text never reaches the client.
     pub fn from_error(e: &Error, request_id: &str) -> Self {
         use StatusCode as S;
-        let p = |s, slug, title, detail: String| Problem::new(s, slug, title, detail, request_id);
-        let unavailable = |slug, title, detail: &str, retry| {
-            Problem::new(S::SERVICE_UNAVAILABLE, slug, title, detail, request_id).retry_after(retry)
+        let c = e.classify();
+        let status = match c.class {
+            Class::Invalid => S::BAD_REQUEST,
+            Class::Forbidden => S::FORBIDDEN,
+            Class::NotFound => S::NOT_FOUND,
+            Class::Conflict => S::CONFLICT,
+            Class::Rejected => S::UNPROCESSABLE_ENTITY,
+            Class::RateLimited => S::TOO_MANY_REQUESTS,
+            Class::Unavailable => S::SERVICE_UNAVAILABLE,
+            Class::Internal => S::INTERNAL_SERVER_ERROR,
         };
-        match e {
-            Error::Invalid { .. } => p(
-                S::BAD_REQUEST,
-                "invalid-request",
-                "Invalid request",
-                e.to_string(),
-            ),
-            Error::Policy(pe) => match pe {
-                policy::Error::UnknownPolicy(_) => p(
-                    S::NOT_FOUND,
-                    "unknown-policy",
-                    "Unknown policy",
-                    pe.to_string(),
-                ),
-                policy::Error::TenantNotAllowed { .. } => p(
-                    S::FORBIDDEN,
-                    "tenant-not-allowed",
-                    "Not allowed for this tenant",
-                    pe.to_string(),
-                ),
-                policy::Error::MissingRole { .. } => p(
-                    S::FORBIDDEN,
-                    "role-required",
-                    "Role required",
-                    pe.to_string(),
-                ),
-                policy::Error::DigestAlgorithmNotAllowed { .. } => p(
-                    S::BAD_REQUEST,
-                    "digest-algorithm-not-allowed",
-                    "Digest algorithm not allowed",
-                    pe.to_string(),
-                ),
-                policy::Error::IdempotencyKeyRequired(_) => p(
-                    S::BAD_REQUEST,
-                    "idempotency-key-required",
-                    "Idempotency-Key required",
-                    pe.to_string(),
-                ),
-                policy::Error::RateLimited { retry_after, .. } => p(
-                    S::TOO_MANY_REQUESTS,
-                    "rate-limited",
-                    "Rate limit exceeded",
-                    pe.to_string(),
-                )
-                .retry_after(retry_after.as_secs_f64().ceil() as u64),
-            },
-            Error::IdempotencyConflict => p(
-                S::CONFLICT,
-                "idempotency-key-reused",
-                "Idempotency-Key reused",
-                e.to_string(),
-            ),
-            Error::Keys(ke) => match ke {
-                keys::Error::NoActiveKey(_) => unavailable(
-                    "no-active-key",
-                    "No active signing key",
-                    &ke.to_string(),
-                    60,
-                ),
-                keys::Error::CertificateNotUsable { reason, .. } => {
-                    let slug = match reason {
-                        crate::pki::Error::Expired(_) => "certificate-expired",
-                        crate::pki::Error::NotYetValid(_) => "certificate-not-yet-valid",
-                        _ => "certificate-expiring",
-                    };
-                    unavailable(slug, "Signing certificate not usable", &ke.to_string(), 300)
-                }
-                keys::Error::UnknownKey(_) => {
-                    p(S::NOT_FOUND, "unknown-key", "Unknown key", ke.to_string())
-                }
-                other => internal(other, request_id),
-            },
-            Error::Hsm(he) => hsm_problem(he, request_id),
-            Error::Audit(ae) => audit_problem(ae, request_id),
-            Error::Rotation(re) => match re {
-                rotation::Error::Conflict(_) => p(
-                    S::CONFLICT,
-                    "rotation-conflict",
-                    "Not possible in the current state",
-                    re.to_string(),
-                ),
-                rotation::Error::Rejected(_) => p(
-                    S::UNPROCESSABLE_ENTITY,
-                    "certificate-rejected",
-                    "Certificate rejected",
-                    re.to_string(),
-                ),
-                rotation::Error::Audit(ae) => audit_problem(ae, request_id),
-                other => internal(other, request_id),
-            },
-            Error::NotFound(d) => p(S::NOT_FOUND, "not-found", "Not found", d.clone()),
-            Error::Forbidden(d) => p(S::FORBIDDEN, "forbidden", "Forbidden", d.clone()),
-            Error::Conflict(d) => p(S::CONFLICT, "conflict", "Conflict", d.clone()),
-            Error::Internal(_) => internal(e, request_id),
-            Error::Shared(inner) => Problem::from_error(inner, request_id),
+        if !c.public || c.class == Class::Internal {
+            tracing::error!(request_id, error = %e, problem = c.slug, "request failed");
+        }
+        let detail = match (c.public, c.detail) {
+            (_, Some(fixed)) => fixed.to_owned(),
+            (true, None) => e.to_string(),
+            (false, None) => "see the service log for this request ID".to_owned(),
+        };
+        let p = Problem::new(status, c.slug, c.title, detail, request_id);
+        match c.retry_after {
+            Some(s) => p.retry_after(s),
+            None => p,
         }
     }
-}
-
-fn hsm_problem(e: &hsm::Error, request_id: &str) -> Problem {
-    tracing::error!(request_id, error = %e, kind = e.kind(), "token call failed");
-    let (slug, title) = match e {
-        hsm::Error::Busy => ("token-busy", "Signing capacity exhausted"),
-        hsm::Error::Timeout(_) => ("token-timeout", "The token did not answer in time"),
-        hsm::Error::WrongKey(_) => (
-            "token-signature-mismatch",
-            "The token signed with an unexpected key; the signature was discarded",
-        ),
-        _ => ("token-unavailable", "The signing token is unavailable"),
-    };
-    let retry = if matches!(e, hsm::Error::Busy) { 1 } else { 5 };
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        slug,
-        title,
-        "retry later",
-        request_id,
-    )
-    .retry_after(retry)
-}
-
-fn audit_problem(e: &audit::Error, request_id: &str) -> Problem {
-    use StatusCode as S;
-    match e {
-        audit::Error::NoSuchEntry(_) => Problem::new(
-            S::NOT_FOUND,
-            "no-such-entry",
-            "No such entry",
-            e.to_string(),
-            request_id,
-        ),
-        audit::Error::NotYetCheckpointed { .. } => Problem::new(
-            S::NOT_FOUND,
-            "not-yet-checkpointed",
-            "Not yet covered by a checkpoint",
-            e.to_string(),
-            request_id,
-        )
-        .retry_after(10),
-        audit::Error::Superseded(_) => Problem::new(
-            S::SERVICE_UNAVAILABLE,
-            "key-rotating",
-            "The signing key is being rotated",
-            "the tenant's key was replaced while signing; retry",
-            request_id,
-        )
-        .retry_after(1),
-        audit::Error::Storage(_) => {
-            tracing::error!(request_id, error = %e, "storage unavailable");
-            Problem::new(
-                S::SERVICE_UNAVAILABLE,
-                "storage-unavailable",
-                "The database is unavailable",
-                "the evidence store does not answer; retry later",
-                request_id,
-            )
-            .retry_after(2)
-        }
-        audit::Error::ClaimLost => Problem::new(
-            S::SERVICE_UNAVAILABLE,
-            "idempotency-in-progress",
-            "Another replica is completing this request",
-            "retry with the same Idempotency-Key to get its answer",
-            request_id,
-        )
-        .retry_after(1),
-        audit::Error::Inconsistent(_) => {
-            tracing::error!(request_id, error = %e, "stored evidence does not match its checkpoint");
-            Problem::new(
-                S::INTERNAL_SERVER_ERROR,
-                "evidence-inconsistent",
-                "The stored evidence does not match its signed checkpoint",
-                e.to_string(),
-                request_id,
-            )
-        }
-        audit::Error::Proof(_) => Problem::new(
-            S::BAD_REQUEST,
-            "invalid-range",
-            "Invalid tree sizes",
-            e.to_string(),
-            request_id,
-        ),
-        _ => {
-            tracing::error!(request_id, error = %e, "evidence log unavailable");
-            Problem::new(
-                S::SERVICE_UNAVAILABLE,
-                "evidence-log-unavailable",
-                "The evidence log cannot record",
-                "retry later",
-                request_id,
-            )
-            .retry_after(5)
-        }
-    }
-}
-
-fn internal(e: &dyn std::fmt::Display, request_id: &str) -> Problem {
-    tracing::error!(request_id, error = %e, "internal error");
-    Problem::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "Internal error",
-        "see the service log for this request ID",
-        request_id,
-    )
 }
 
 impl IntoResponse for Problem {

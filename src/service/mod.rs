@@ -5,6 +5,7 @@
 //! problem documents. Never names `cryptoki` (the token is reached through `hsm`).
 
 mod admin;
+mod error;
 mod evidence;
 pub mod idempotency;
 mod sign;
@@ -18,6 +19,7 @@ use p256::ecdsa::VerifyingKey;
 use sha2::{Digest, Sha256};
 
 pub use admin::{AdminRequest, ImportRequest, KeyView, TenantStatus, VersionView};
+pub use error::{Class, Classified, Error};
 pub use evidence::{EntriesPage, EntriesQuery, IndexedEntry, ProvedEntry, TransactionView};
 pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};
 
@@ -35,75 +37,6 @@ use crate::storage;
 use crate::tls::ClientIdentity;
 
 use idempotency::Idempotency;
-
-/// Everything a use case can fail with. `http::problem` maps these to status codes.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-    #[error(transparent)]
-    Policy(#[from] policy::Error),
-    #[error("this Idempotency-Key was already used with a different request")]
-    IdempotencyConflict,
-    #[error(transparent)]
-    Keys(#[from] keys::Error),
-    #[error(transparent)]
-    Hsm(#[from] hsm::Error),
-    #[error(transparent)]
-    Audit(#[from] audit::Error),
-    #[error(transparent)]
-    Rotation(#[from] rotation::Error),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Internal(String),
-    /// An error shared by concurrent callers (idempotent requests coalesced into one).
-    #[error(transparent)]
-    Shared(Arc<Error>),
-}
-
-impl From<tokio::task::JoinError> for Error {
-    fn from(e: tokio::task::JoinError) -> Self {
-        Error::Internal(format!("signing task failed: {e}"))
-    }
-}
-
-impl Error {
-    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Error::Invalid {
-            field,
-            message: message.into(),
-        }
-    }
-
-    /// Bounded label for `signet_sign_requests_total{outcome}`.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            Error::Invalid { .. } => "invalid",
-            Error::Policy(policy::Error::UnknownPolicy(_)) => "unknown_policy",
-            Error::Policy(policy::Error::RateLimited { .. }) => "rate_limited",
-            Error::Policy(
-                policy::Error::DigestAlgorithmNotAllowed { .. }
-                | policy::Error::IdempotencyKeyRequired(_),
-            ) => "invalid",
-            Error::Policy(_) | Error::Forbidden(_) => "forbidden",
-            Error::IdempotencyConflict => "conflict",
-            Error::Keys(keys::Error::CertificateNotUsable { .. }) => "certificate_unusable",
-            Error::Keys(keys::Error::NoActiveKey(_)) => "no_active_key",
-            Error::Hsm(_) => "hsm_unavailable",
-            Error::Audit(_) => "audit_unavailable",
-            Error::Shared(e) => e.outcome(),
-            _ => "error",
-        }
-    }
-}
 
 /// The caller of a use case: the client certificate's identity and its configuration.
 #[derive(Debug, Clone)]
