@@ -37,6 +37,15 @@ pub struct TreeHead {
     pub root: Hash,
 }
 
+/// Why the token's anchor could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnchorError {
+    #[error("the token's log anchor is unreadable: {0}")]
+    Unreadable(String),
+    #[error("the token's log anchor holds a malformed root")]
+    MalformedRoot,
+}
+
 /// The anchor as stored in the token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,15 +70,14 @@ impl Anchor {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| format!("the token's log anchor is unreadable: {e}"))
+    pub fn decode(bytes: &[u8]) -> Result<Self, AnchorError> {
+        serde_json::from_slice(bytes).map_err(|e| AnchorError::Unreadable(e.to_string()))
     }
 
-    pub fn root_hash(&self) -> Result<Hash, String> {
+    pub fn root_hash(&self) -> Result<Hash, AnchorError> {
         B64.decode(&self.root)
             .ok()
             .and_then(|r| Hash::try_from(r.as_slice()).ok())
-            .ok_or_else(|| "the token's log anchor holds a malformed root".to_owned())
+            .ok_or(AnchorError::MalformedRoot)
     }
 }

@@ -36,7 +36,7 @@ use super::entry::{self, Entry};
 use super::merkle;
 use super::note::{self, TlogProof};
 use super::timestamp::{self, TimestampInfo, TsaAnchors};
-pub use super::verify::Verdict;
+pub use super::verify::{Refused, Verdict};
 use crate::pki::CertInfo;
 
 pub const FORMAT: &str = "signet-evidence-bundle/v2";
@@ -109,8 +109,8 @@ pub struct TransactionStatement {
 
 impl TransactionStatement {
     /// The bytes the log key signs (SHA-256 of them, as for checkpoints).
-    pub fn signed_message(&self) -> Result<Vec<u8>, String> {
-        let jcs = serde_json_canonicalizer::to_vec(self).map_err(|e| e.to_string())?;
+    pub fn signed_message(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let jcs = serde_json_canonicalizer::to_vec(self)?;
         Ok([STATEMENT_DOMAIN, &jcs].concat())
     }
 
@@ -182,7 +182,7 @@ pub struct EntryAccount {
 }
 
 /// Read a bundle file, within [`MAX_BUNDLE_BYTES`].
-pub fn read(path: &std::path::Path) -> Result<Bundle, String> {
+pub fn read(path: &std::path::Path) -> Result<Bundle, Refused> {
     use std::io::Read;
     let f =
         std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -195,17 +195,18 @@ pub fn read(path: &std::path::Path) -> Result<Bundle, String> {
             "{} is larger than {} MiB: not a bundle Signet writes",
             path.display(),
             MAX_BUNDLE_BYTES >> 20
-        ));
+        )
+        .into());
     }
-    serde_json::from_str(&text)
-        .map_err(|e| format!("{} is not an evidence bundle: {e}", path.display()))
+    Ok(serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not an evidence bundle: {e}", path.display()))?)
 }
 
 /// Check everything in `bundle`: the first problem, precisely, as `Err` (the verdict is then
 /// `refused`); otherwise the account, `verified` or `unverified`.
-pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, String> {
+pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, Refused> {
     if bundle.format != FORMAT && bundle.format != FORMAT_V1 {
-        return Err(format!("not a {FORMAT} file (format `{}`)", bundle.format));
+        return Err(format!("not a {FORMAT} file (format `{}`)", bundle.format).into());
     }
     if bundle.entries.is_empty() {
         return Err("the bundle holds no entries".into());
@@ -214,23 +215,25 @@ pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, String> {
         return Err(format!(
             "the bundle holds {} entries, more than the {MAX_BUNDLE_ENTRIES} a bundle may hold",
             bundle.entries.len()
-        ));
+        )
+        .into());
     }
     if bundle.certificates.len() + bundle.ca_certificates.len() > MAX_BUNDLE_CERTIFICATES {
-        return Err(format!(
-            "the bundle holds more than {MAX_BUNDLE_CERTIFICATES} certificates"
-        ));
+        return Err(
+            format!("the bundle holds more than {MAX_BUNDLE_CERTIFICATES} certificates").into(),
+        );
     }
     // Listed once each, in log order: a duplicate or a reordering is refused before any work.
     for pair in bundle.entries.windows(2) {
         if pair[1].index == pair[0].index {
-            return Err(format!("entry {} is listed twice", pair[0].index));
+            return Err(format!("entry {} is listed twice", pair[0].index).into());
         }
         if pair[1].index < pair[0].index {
             return Err(format!(
                 "entry {} is listed after entry {}: the entries are not in log order",
                 pair[1].index, pair[0].index
-            ));
+            )
+            .into());
         }
     }
     let mut unverified = Vec::new();
@@ -301,7 +304,8 @@ pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, String> {
             return Err(format!(
                 "entry {} belongs to tenant {:?}, outside the tenants the statement covers",
                 account.index, account.tenant
-            ));
+            )
+            .into());
         }
         entries.push(account);
     }
@@ -335,12 +339,10 @@ fn check_completeness(
     bundle: &Bundle,
     cp: &note::Checkpoint,
     log_key: &VerifyingKey,
-) -> Result<Option<TransactionStatement>, String> {
+) -> Result<Option<TransactionStatement>, Refused> {
     let Some(c) = &bundle.completeness else {
         return if bundle.format == FORMAT {
-            Err(format!(
-                "a {FORMAT} bundle must carry its completeness statement"
-            ))
+            Err(format!("a {FORMAT} bundle must carry its completeness statement").into())
         } else {
             Ok(None)
         };
@@ -349,7 +351,10 @@ fn check_completeness(
     let sig = B64
         .decode(&c.signature)
         .map_err(|_| "the completeness statement's signature is not base64".to_owned())?;
-    let digest: [u8; 32] = sha2::Sha256::digest(st.signed_message()?).into();
+    let message = st
+        .signed_message()
+        .map_err(|e| format!("the completeness statement: {e}"))?;
+    let digest: [u8; 32] = sha2::Sha256::digest(message).into();
     if !crate::pki::verify::verifies_prehash(log_key, &digest, &sig) {
         return Err("the completeness statement is not signed by the log key".into());
     }
@@ -367,7 +372,7 @@ fn check_completeness(
         let have: BTreeSet<u64> = held.iter().copied().collect();
         let missing: Vec<u64> = listed.difference(&have).copied().collect();
         let extra: Vec<u64> = have.difference(&listed).copied().collect();
-        return Err(if !missing.is_empty() {
+        return Err(Refused::from(if !missing.is_empty() {
             format!(
                 "the bundle lacks entries {missing:?} of the transaction: the log key's statement lists {} entries, the bundle holds {}",
                 st.entries.len(),
@@ -377,7 +382,7 @@ fn check_completeness(
             format!("the bundle holds entries {extra:?} that the log key's statement does not list")
         } else {
             "the bundle's entries are not in the order of the log key's statement".into()
-        });
+        }));
     }
     Ok(Some(st.clone()))
 }
@@ -388,17 +393,17 @@ fn verify_entry(
     cp: &note::Checkpoint,
     cas: &[CertInfo],
     certificates: &HashMap<String, CertInfo>,
-) -> Result<EntryAccount, String> {
+) -> Result<EntryAccount, Refused> {
     let i = be.index;
     let proof = TlogProof::parse(&be.proof)
         .map_err(|e| format!("entry {i}: the proof is malformed: {e}"))?;
     if proof.index != i {
-        return Err(format!("entry {i}: the proof is for entry {}", proof.index));
+        return Err(format!("entry {i}: the proof is for entry {}", proof.index).into());
     }
     if proof.checkpoint.trim_end() != bundle.checkpoint.note.trim_end() {
-        return Err(format!(
-            "entry {i}: the proof leads to another checkpoint than the bundle's"
-        ));
+        return Err(
+            format!("entry {i}: the proof leads to another checkpoint than the bundle's").into(),
+        );
     }
     let bytes = proof
         .extra
@@ -417,7 +422,8 @@ fn verify_entry(
         return Err(format!(
             "entry {i} belongs to another transaction ({:?})",
             e.transaction_id
-        ));
+        )
+        .into());
     }
     let mut cert_view = None;
     let mut signature_verified = false;
@@ -462,10 +468,10 @@ fn verify_entry(
     })
 }
 
-fn parse_cert(pem: &str) -> Result<CertInfo, String> {
-    crate::pki::parse_pem_or_der(pem.as_bytes())
+fn parse_cert(pem: &str) -> Result<CertInfo, Refused> {
+    Ok(crate::pki::parse_pem_or_der(pem.as_bytes())
         .and_then(|d| CertInfo::parse(&d))
-        .map_err(|e| format!("a certificate in the bundle is not readable: {e}"))
+        .map_err(|e| format!("a certificate in the bundle is not readable: {e}"))?)
 }
 
 /// The account in plain English, for a reviewer who does not know Signet. Only what was

@@ -35,7 +35,7 @@ pub const LOG_KEY_FILE: &str = "log-key.pem";
 pub trait CheckpointSigner: Send + Sync {
     fn public_key(&self) -> VerifyingKey;
     /// DER ECDSA P-256 signature over SHA-256(`message`).
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String>;
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, anchor::TokenFailure>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub enum Error {
     #[error(transparent)]
     Proof(#[from] merkle::ProofError),
     #[error("checkpoint signing failed: {0}")]
-    Sign(String),
+    Sign(#[source] anchor::TokenFailure),
     #[error("the evidence log is closed")]
     Closed,
     #[error("cannot serialise an entry: {0}")]

@@ -256,17 +256,23 @@ pub struct TsaAnchors(Vec<Certificate>);
 
 impl TsaAnchors {
     /// Every certificate of a PEM file.
-    pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
-        let certs = Certificate::load_pem_chain(pem).map_err(|e| e.to_string())?;
+    pub fn from_pem(pem: &[u8]) -> Result<Self, crate::pki::Error> {
+        let certs = Certificate::load_pem_chain(pem)
+            .map_err(|e| crate::pki::Error::Parse(e.to_string()))?;
         if certs.is_empty() {
-            return Err("no certificate in the file".into());
+            return Err(crate::pki::Error::Parse(
+                "no certificate in the file".into(),
+            ));
         }
         Ok(Self(certs))
     }
 
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, crate::pki::Error> {
+        let at = |e: &dyn std::fmt::Display| {
+            crate::pki::Error::Parse(format!("{}: {e}", path.display()))
+        };
+        let pem = std::fs::read(path).map_err(|e| at(&e))?;
+        Self::from_pem(&pem).map_err(|e| at(&e))
     }
 
     /// The subjects, for messages.
@@ -651,21 +657,16 @@ fn is_ca(cert: &Certificate) -> bool {
         .is_some_and(|(_, bc)| bc.ca)
 }
 
-fn within_validity(cert: &Certificate, at: u64) -> Result<(), String> {
+/// The certificate was valid at `at` (the stamped time).
+fn within_validity(cert: &Certificate, at: u64) -> Result<(), crate::pki::Error> {
     let v = cert.tbs_certificate().validity();
     let nb = v.not_before.to_unix_duration().as_secs();
     let na = v.not_after.to_unix_duration().as_secs();
     if at < nb {
-        return Err(format!(
-            "was not yet valid at the stamped time (notBefore {})",
-            crate::pki::rfc3339(nb)
-        ));
+        return Err(crate::pki::Error::NotYetValid(crate::pki::rfc3339(nb)));
     }
     if at > na {
-        return Err(format!(
-            "had expired at the stamped time (notAfter {})",
-            crate::pki::rfc3339(na)
-        ));
+        return Err(crate::pki::Error::Expired(crate::pki::rfc3339(na)));
     }
     Ok(())
 }

@@ -33,6 +33,28 @@ use crate::pki::CertInfo;
 /// below it).
 pub const MAX_ENTRY_BYTES: usize = 16 << 20;
 
+/// Why a verifier refused what it was given: the first check that failed, precisely (the
+/// verdict is then `refused`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refused {
+    pub reason: String,
+}
+
+impl From<String> for Refused {
+    fn from(reason: String) -> Self {
+        Self { reason }
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(reason: &str) -> Self {
+        Self {
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 /// The outcome of a verification: `verified` only on a success fully anchored in what the
 /// verifier trusts; `unverified` when everything checked out against material found beside
 /// the data; `refused` when anything did not check out.
@@ -264,7 +286,7 @@ pub fn verify_log(src: &mut dyn LogSource, trust: &LogTrust) -> Result<DirReport
         .map(|a| {
             a.root_hash()
                 .map(|root| (a.size, root))
-                .map_err(DirFailure::other)
+                .map_err(|e| DirFailure::other(e.to_string()))
         })
         .transpose()?;
     let mut check = LogCheck::new();
@@ -598,7 +620,7 @@ pub struct ReceiptReport {
 /// checkpoint signed by the log key, the certificate is the one the entry names (SHA-256
 /// fingerprint) and its signature verifies, and (as asked) the certificate chains to the CA
 /// and the entry covers the expected digest.
-pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
+pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, Refused> {
     let r = &input.receipt;
     let entry_bytes = match (&input.proof.extra, &input.entry) {
         (_, Some(e)) => e.clone(),
@@ -622,7 +644,8 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
         return Err(format!(
             "the proof is for index {}, the receipt for {}",
             input.proof.index, r.index
-        ));
+        )
+        .into());
     }
     let cp = note::verify_checkpoint(&input.proof.checkpoint, &r.log_origin, &input.log_key)
         .map_err(|e| format!("checkpoint: {e}"))?;
@@ -630,7 +653,8 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
         return Err(format!(
             "the checkpoint is from log `{}`, the receipt from `{}`",
             cp.origin, r.log_origin
-        ));
+        )
+        .into());
     }
     merkle::verify_inclusion(&leaf, r.index, cp.size, &input.proof.hashes, &cp.root)
         .map_err(|e| format!("inclusion proof: {e}"))?;
@@ -650,7 +674,8 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, String> {
                     return Err(format!(
                         "the receipt covers digest {}, not the expected {want}",
                         d.value
-                    ));
+                    )
+                    .into());
                 }
                 None => return Err("the entry records no digest".into()),
             }
@@ -689,7 +714,7 @@ pub(crate) fn check_signature_and_certificate(
     entry: &Entry,
     cert: &CertInfo,
     ca: Option<&CertInfo>,
-) -> Result<(), String> {
+) -> Result<(), Refused> {
     let (Some(sig_b64), Some(digest)) = (&entry.signature, &entry.digest) else {
         return Err("the entry is not a signature entry".into());
     };
@@ -699,7 +724,8 @@ pub(crate) fn check_signature_and_certificate(
             return Err(format!(
                 "the certificate given (SHA-256 {}) is not the one the entry names (SHA-256 {fp})",
                 cert.fingerprint_sha256
-            ));
+            )
+            .into());
         }
         // Entries written before `certificate_sha256` existed name only the serial: accept
         // the serial only together with a CA check.

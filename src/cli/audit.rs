@@ -537,7 +537,7 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"verdict": Verdict::Refused, "ok": false, "error": e})
+                    serde_json::json!({"verdict": Verdict::Refused, "ok": false, "error": e.reason})
                 );
             }
             bail!("receipt verification FAILED: {e}")
@@ -675,7 +675,7 @@ pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"verdict": Verdict::Refused, "ok": false, "error": e})
+                    serde_json::json!({"verdict": Verdict::Refused, "ok": false, "error": e.reason})
                 );
             }
             bail!("bundle verification FAILED: {e}")

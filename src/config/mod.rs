@@ -1012,7 +1012,9 @@ mod raw {
                             t.tsa_url.clone()
                         },
                         anchors: crate::audit::timestamp::TsaAnchors::load(&path(&t.ca_file))
-                            .map_err(|e| ConfigError::new("audit.timestamping.ca_file", e))?,
+                            .map_err(|e| {
+                                ConfigError::new("audit.timestamping.ca_file", e.to_string())
+                            })?,
                         ca_file: path(&t.ca_file),
                         policy: oid("audit.timestamping.policy", &t.policy)?,
                         timeout: dur("audit.timestamping.timeout", &t.timeout, "10s")?,

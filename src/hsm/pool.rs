@@ -181,9 +181,9 @@ pub fn read_pin(source: &PinSource) -> Result<SecretString, Error> {
             Ok(v) => v,
             // Re-executed without the variable: the PIN arrives on an inherited pipe.
             Err(_) => match std::env::var(PIN_FD_ENV) {
-                Ok(fd) => read_pin_pipe(&fd).map_err(|reason| Error::Pin {
+                Ok(fd) => read_pin_pipe(&fd).map_err(|e| Error::Pin {
                     source_name: source.to_string(),
-                    reason,
+                    reason: format!("{PIN_FD_ENV}: {e}"),
                 })?,
                 Err(_) => {
                     return Err(Error::Pin {
@@ -217,15 +217,18 @@ pub const PIN_FD_ENV: &str = "SIGNET_PIN_FD";
 
 /// Read the PIN from the inherited pipe `fd` (a number), through `/proc/self/fd` so no file
 /// descriptor is adopted by hand. The pipe holds it once: a second read finds it empty.
-fn read_pin_pipe(fd: &str) -> Result<String, String> {
-    let n: u32 = fd
-        .parse()
-        .map_err(|_| format!("{PIN_FD_ENV} is not a file descriptor number"))?;
-    let mut f = std::fs::File::open(format!("/proc/self/fd/{n}"))
-        .map_err(|e| format!("{PIN_FD_ENV}: {}", e.kind()))?;
+fn read_pin_pipe(fd: &str) -> Result<String, std::io::Error> {
+    let n: u32 = fd.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file descriptor number",
+        )
+    })?;
+    // Only the kind: the error's text could echo what was read.
+    let kind = |e: std::io::Error| std::io::Error::from(e.kind());
+    let mut f = std::fs::File::open(format!("/proc/self/fd/{n}")).map_err(kind)?;
     let mut pin = String::new();
-    std::io::Read::read_to_string(&mut f, &mut pin)
-        .map_err(|e| format!("{PIN_FD_ENV}: {}", e.kind()))?;
+    std::io::Read::read_to_string(&mut f, &mut pin).map_err(kind)?;
     Ok(pin)
 }
 

@@ -43,7 +43,7 @@ pub struct PeerIdentity(pub Arc<ClientIdentity>);
 pub struct ApiState {
     pub app: Arc<App>,
     /// Reload configuration and TLS material (SIGHUP does the same).
-    pub reload: Arc<dyn Fn() -> Result<String, String> + Send + Sync>,
+    pub reload: Arc<dyn Fn() -> Result<String, server::ReloadError> + Send + Sync>,
     /// Bytes of request bodies that may be buffered at once (`server.max_buffered_body_bytes`).
     pub body_budget: Arc<tokio::sync::Semaphore>,
 }
@@ -744,7 +744,7 @@ async fn admin_reload(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-configuration",
             "Configuration rejected; the previous one stays",
-            reason,
+            reason.to_string(),
             &caller.request_id,
         )
         .into_response(),

@@ -158,24 +158,31 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
     Ok(())
 }
 
+/// Why a reload was refused (the previous configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+}
+
 /// Reload clients, policies, rotation settings and TLS material; all or nothing.
 fn reloader(
     app: Arc<App>,
     tls_cfg: Arc<ArcSwap<TlsState>>,
     reloaded: watch::Sender<u64>,
-) -> Arc<dyn Fn() -> Result<String, String> + Send + Sync> {
+) -> Arc<dyn Fn() -> Result<String, ReloadError> + Send + Sync> {
     Arc::new(move || {
         let result = (|| {
-            let new = app.config.reload_dynamic().map_err(|e| e.to_string())?;
+            let new = app.config.reload_dynamic()?;
             // Validate the TLS material against the new clients before swapping anything in.
             let staged = Arc::new(ArcSwap::from_pointee(crate::policy::Policies::new(
                 &new.dynamic,
             )));
-            tls::server_config(&new.server, &new.dynamic.clients, staged)
-                .map_err(|e| e.to_string())?;
+            tls::server_config(&new.server, &new.dynamic.clients, staged)?;
             let fresh_tls =
-                tls::server_config(&new.server, &new.dynamic.clients, Arc::clone(&app.policies))
-                    .map_err(|e| e.to_string())?;
+                tls::server_config(&new.server, &new.dynamic.clients, Arc::clone(&app.policies))?;
             for (changed, key) in [
                 (
                     new.server.listen != app.config.server.listen,
@@ -212,7 +219,7 @@ fn reloader(
             tls_cfg.store(Arc::new(fresh_tls));
             // Established connections re-check their client certificate.
             reloaded.send_modify(|g| *g += 1);
-            Ok(summary)
+            Ok::<_, ReloadError>(summary)
         })();
         match &result {
             Ok(_) => {

@@ -255,8 +255,12 @@ impl App {
             entries: entries.iter().map(|e| e.index).collect(),
         };
         let signature = B64.encode(
-            self.sign_with_log_key(&statement.signed_message().map_err(Error::Internal)?)
-                .await?,
+            self.sign_with_log_key(
+                &statement
+                    .signed_message()
+                    .map_err(|e| Error::Internal(e.to_string()))?,
+            )
+            .await?,
         );
         let snap = self.keys.snapshot();
         let mut certificates: Vec<String> = Vec::new();

@@ -126,12 +126,12 @@ impl CheckpointSigner for TokenLogKeys {
     /// Checked like every token signature: a signature that does not verify with the log's
     /// public key (a stale handle naming another key of the token) is a `wrong_key` token error
     /// and never becomes a checkpoint.
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, audit::anchor::TokenFailure> {
         let digest: [u8; 32] = Sha256::digest(message).into();
         let public = self.public;
-        self.hsm
-            .call_blocking(move |s| s.sign_prehashed_checked(LOG_KEY_ID, &digest, &public))
-            .map_err(|e| e.to_string())
+        Ok(self
+            .hsm
+            .call_blocking(move |s| s.sign_prehashed_checked(LOG_KEY_ID, &digest, &public))?)
     }
 }
 
@@ -156,7 +156,7 @@ pub fn token_log_trust(
         .iter()
         .map(|b| audit::anchor::Anchor::decode(b))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StartError::Audit(audit::Error::Token(e)))?
+        .map_err(|e| StartError::Audit(audit::Error::Token(e.to_string())))?
         .into_iter()
         .max_by_key(|a| a.size);
     Ok((key, anchor))

@@ -479,7 +479,7 @@ impl Log {
                 let l = Arc::clone(l);
                 tokio::task::spawn_blocking(move || l.checkpoint_blocking(now_unix))
                     .await
-                    .map_err(|e| audit::Error::Sign(e.to_string()))?
+                    .map_err(|e| audit::Error::Sign(Box::new(e)))?
             }
             Log::Postgres(l) => l.checkpoint(now_unix, false).await,
         }

@@ -557,7 +557,7 @@ mod tests {
         fn public_key(&self) -> VerifyingKey {
             *self.0.verifying_key()
         }
-        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, crate::audit::anchor::TokenFailure> {
             let s: p256::ecdsa::Signature = signature::Signer::sign(&self.0, message);
             Ok(s.to_der().as_bytes().to_vec())
         }

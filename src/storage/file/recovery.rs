@@ -479,7 +479,7 @@ impl Anchors {
             .iter()
             .map(|b| Anchor::decode(b))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Token)?
+            .map_err(|e| Error::Token(e.to_string()))?
             .into_iter()
             .max_by_key(|a| a.size);
         if let Some(a) = &anchor

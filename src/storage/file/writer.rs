@@ -154,14 +154,15 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
     for l in &leaves {
         completed.extend(grown.push(*l));
     }
-    let result = (|| -> Result<(), String> {
+    let result = (|| -> Result<(), Error> {
         if buf.is_empty() {
             return Ok(());
         }
-        sink.log.write_all(buf).map_err(|e| e.to_string())?;
+        let entries = || io_err(Path::new(ENTRIES_FILE));
+        sink.log.write_all(buf).map_err(entries())?;
         if sink.fsync == FsyncPolicy::Always {
             let t = Instant::now();
-            sink.log.sync_data().map_err(|e| e.to_string())?;
+            sink.log.sync_data().map_err(entries())?;
             inner
                 .metrics
                 .audit_fsync_duration
@@ -171,14 +172,12 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
             .store
             .offsets
             .append(&ends)
-            .map_err(|e| format!("{OFFSETS_FILE}: {e}"))?;
+            .map_err(io_err(Path::new(OFFSETS_FILE)))?;
         let head = TreeHead {
             size: grown.size(),
             root: grown.root(),
         };
-        sink.tail
-            .write(head, inner.token.as_ref())
-            .map_err(|e| e.to_string())
+        Ok(sink.tail.write(head, inner.token.as_ref())?)
     })();
 
     if let Err(msg) = result {
@@ -203,7 +202,7 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
             tracing::error!(error = %e, "cannot restore the tail head after a failed append");
         }
         for reply in replies {
-            let _ = reply.send(Err(Error::Unwritable(msg.clone())));
+            let _ = reply.send(Err(Error::Unwritable(msg.to_string())));
         }
         return;
     }

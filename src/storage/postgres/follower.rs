@@ -186,7 +186,7 @@ impl PgLog {
         let body = cp.body();
         let sig = tokio::task::spawn_blocking(move || signer.sign(body.as_bytes()))
             .await
-            .map_err(|e| audit::Error::Sign(e.to_string()))?
+            .map_err(|e| audit::Error::Sign(Box::new(e)))?
             .map_err(audit::Error::Sign)?;
         let note = note::signed_checkpoint(&cp, &self.signer.public_key(), sig);
         let stored = StoredCheckpoint {
