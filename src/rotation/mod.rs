@@ -23,6 +23,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use signature::hazmat::PrehashVerifier;
 
+use der::Decode;
+
 use crate::audit::entry::{Actor, Entry, event};
 use crate::clock::Clock;
 use crate::config::DynamicConfig;
@@ -48,8 +50,12 @@ pub enum Error {
     Persist(storage::Error),
     #[error("cannot read the rotation journal {path}: {reason}")]
     Load { path: String, reason: String },
-    #[error("rotation step `{step}` failed: {reason}")]
-    Step { step: &'static str, reason: String },
+    #[error("rotation step `{step}` failed: {source}")]
+    Step {
+        step: &'static str,
+        #[source]
+        source: StepError,
+    },
     #[error(transparent)]
     Audit(#[from] crate::audit::Error),
     /// The shared state (other replicas' changes) could not be read before acting.
@@ -495,7 +501,7 @@ impl Engine {
                         .retry_initial
                         .saturating_mul(1u32 << rotation.attempts.min(16).saturating_sub(1))
                         .min(cfg.retry_max);
-                    rotation.last_error = Some(reason.clone());
+                    rotation.last_error = Some(reason.to_string());
                     rotation.next_attempt_at = Some(now + backoff.as_secs().max(1));
                     rotation.updated_at = now;
                     self.save(&rotation).await?;
@@ -511,181 +517,201 @@ impl Engine {
         }
     }
 
-    /// Do one step's action and its evidence; set the next step (the caller persists it).
-    async fn run_step(&self, r: &mut Rotation, actor: &Actor) -> Result<(), String> {
+    /// Do one step's action and its evidence, and move to the next step ([`next`]); the caller
+    /// persists it.
+    async fn run_step(&self, r: &mut Rotation, actor: &Actor) -> Result<(), StepError> {
+        let cfg = self.dynamic.load().rotation.clone();
+        let done = match r.step {
+            Step::Planned => self.generate_key(r, actor).await?,
+            Step::KeyGenerated => self.request_certificate(r, actor, &cfg).await?,
+            Step::CertificateReceived => self.stage(r, &cfg).await?,
+            Step::Staged => self.activate(r, actor, &cfg).await?,
+            Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => {
+                Done::Nothing
+            }
+        };
+        r.step = next(r.step, cfg.issuer, done);
+        Ok(())
+    }
+
+    /// `planned`: the new key pair in the token (idempotent by `CKA_ID`), `key_created`.
+    async fn generate_key(&self, r: &Rotation, actor: &Actor) -> Result<Done, StepError> {
+        let id = r.new_key_id().to_string();
+        let (label, idc) = (id.clone(), id.clone());
+        let public = self
+            .hsm
+            .call(move |s| s.ensure_p256_key_pair(&idc, &label))
+            .await?;
+        let mut e = self.rotation_entry(event::KEY_CREATED, actor, r, None);
+        e.key_id = Some(id);
+        e.details = Some(serde_json::json!({
+            "rotation_id": r.id,
+            "public_key_sha256": hex::encode(Sha256::digest(pki::public_key_pem(&public))),
+        }));
+        self.record(e).await?;
+        Ok(Done::Step)
+    }
+
+    /// `key_generated`: a CSR signed in the token; with the manual issuer it waits for the
+    /// certificate (`csr_created`), with the internal CA the certificate is issued now
+    /// (`certificate_issued`).
+    async fn request_certificate(
+        &self,
+        r: &mut Rotation,
+        actor: &Actor,
+        cfg: &crate::config::RotationConfig,
+    ) -> Result<Done, StepError> {
+        let id = r.new_key_id().to_string();
+        let public = self.token_public_key(&id).await?;
+        let subject = pki::name(
+            &format!("{} v{}", r.tenant, r.to_version),
+            &cfg.subject_organization,
+        )?;
+        let signer = TokenSigner::new(self.hsm.clone(), id.clone(), public);
+        let subj = subject.clone();
+        let csr = tokio::task::spawn_blocking(move || pki::csr(subj, &signer)).await??;
+        r.csr_pem = Some(pki::csr_pem(&csr));
+        if cfg.issuer == Issuer::Manual {
+            let mut e = self.rotation_entry(event::CSR_CREATED, actor, r, None);
+            e.key_id = Some(id);
+            self.record(e).await?;
+            return Ok(Done::Step);
+        }
+        let ca = self.ca.load_full();
+        let ca = ca
+            .as_ref()
+            .as_ref()
+            .ok_or(StepError::Missing("the internal CA is not available"))?;
+        let issuer = subject_of(&x509_cert::Certificate::from_der(&ca.der)?);
+        let ca_public = ca
+            .public_key
+            .ok_or(StepError::Missing("the internal CA key is not P-256"))?;
+        let ca_signer = TokenSigner::new(self.hsm.clone(), CA_KEY_ID, ca_public);
+        // Backdate a little for clock skew between Signet and relying parties; notAfter stays
+        // `validity` from now.
+        let skew = Duration::from_secs(60);
+        let not_before = self.clock.now() - skew;
+        let validity = cfg.validity + skew;
+        let der = tokio::task::spawn_blocking(move || {
+            pki::issue(
+                pki::Profile::DocumentSigning { subject, issuer },
+                &public,
+                not_before,
+                validity,
+                &ca_signer,
+            )
+        })
+        .await??;
+        let info = CertInfo::parse(&der)?;
+        let mut e = self.rotation_entry(event::CERTIFICATE_ISSUED, actor, r, None);
+        e.key_id = Some(id);
+        e.certificate_serial = Some(info.serial_hex.clone());
+        e.details = Some(serde_json::json!({
+            "rotation_id": r.id, "issuer": "hsm-ca",
+            "not_before": pki::rfc3339(info.not_before), "not_after": pki::rfc3339(info.not_after),
+        }));
+        self.record(e).await?;
+        r.certificate_pem = Some(info.to_pem());
+        Ok(Done::Step)
+    }
+
+    /// `certificate_received`: check the certificate (key, chain, validity), a test signature
+    /// in the token verified with it, store it in the token, and stage the version. An
+    /// imported certificate that no longer passes (it aged past the minimum while waiting) is
+    /// dropped: another one is awaited.
+    async fn stage(
+        &self,
+        r: &mut Rotation,
+        cfg: &crate::config::RotationConfig,
+    ) -> Result<Done, StepError> {
         let key_id = r.new_key_id();
         let id = key_id.to_string();
-        let cfg = self.dynamic.load().rotation.clone();
-        match r.step {
-            Step::Planned => {
-                let label = id.clone();
-                let idc = id.clone();
-                let public = self
-                    .hsm
-                    .call(move |s| s.ensure_p256_key_pair(&idc, &label))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut e = self.rotation_entry(event::KEY_CREATED, actor, r, None);
-                e.key_id = Some(id.clone());
-                e.details = Some(serde_json::json!({
-                    "rotation_id": r.id,
-                    "public_key_sha256": hex::encode(Sha256::digest(pki::public_key_pem(&public))),
-                }));
-                self.record(e).await.map_err(|e| e.to_string())?;
-                r.step = Step::KeyGenerated;
+        let pem = r.certificate_pem.clone().ok_or(StepError::Missing(
+            "no certificate recorded for this rotation",
+        ))?;
+        let der = pki::parse_pem_or_der(pem.as_bytes())?;
+        let public = self.token_public_key(&id).await?;
+        let info = match self.check_certificate(&der, &public, r) {
+            Ok(info) => info,
+            Err(Error::Rejected(reason)) if cfg.issuer == Issuer::Manual => {
+                tracing::error!(tenant = %r.tenant, %reason, "imported certificate refused; awaiting another");
+                r.certificate_pem = None;
+                return Ok(Done::CertificateRefused);
             }
-            Step::KeyGenerated => {
-                let public = self.token_public_key(&id).await?;
-                let subject = pki::name(
-                    &format!("{} v{}", r.tenant, r.to_version),
-                    &cfg.subject_organization,
-                )
-                .map_err(|e| e.to_string())?;
-                let signer = TokenSigner::new(self.hsm.clone(), id.clone(), public);
-                let subj = subject.clone();
-                let csr = tokio::task::spawn_blocking(move || pki::csr(subj, &signer))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                r.csr_pem = Some(pki::csr_pem(&csr));
-                match cfg.issuer {
-                    Issuer::Manual => {
-                        let mut e = self.rotation_entry(event::CSR_CREATED, actor, r, None);
-                        e.key_id = Some(id.clone());
-                        self.record(e).await.map_err(|e| e.to_string())?;
-                        r.step = Step::AwaitingCertificate;
-                    }
-                    Issuer::HsmCa => {
-                        let ca = self.ca.load_full();
-                        let ca = ca
-                            .as_ref()
-                            .as_ref()
-                            .ok_or("the internal CA is not available")?;
-                        let issuer = subject_of(&x509_cert::Certificate::from_der_bytes(&ca.der)?);
-                        let ca_public = ca.public_key.ok_or("the internal CA key is not P-256")?;
-                        let ca_signer = TokenSigner::new(self.hsm.clone(), CA_KEY_ID, ca_public);
-                        // Backdate a little for clock skew between Signet and relying parties;
-                        // notAfter stays `validity` from now.
-                        let skew = Duration::from_secs(60);
-                        let not_before = self.clock.now() - skew;
-                        let validity = cfg.validity + skew;
-                        let der = tokio::task::spawn_blocking(move || {
-                            pki::issue(
-                                pki::Profile::DocumentSigning { subject, issuer },
-                                &public,
-                                not_before,
-                                validity,
-                                &ca_signer,
-                            )
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
-                        let info = CertInfo::parse(&der).map_err(|e| e.to_string())?;
-                        let mut e = self.rotation_entry(event::CERTIFICATE_ISSUED, actor, r, None);
-                        e.key_id = Some(id.clone());
-                        e.certificate_serial = Some(info.serial_hex.clone());
-                        e.details = Some(serde_json::json!({
-                            "rotation_id": r.id, "issuer": "hsm-ca",
-                            "not_before": pki::rfc3339(info.not_before), "not_after": pki::rfc3339(info.not_after),
-                        }));
-                        self.record(e).await.map_err(|e| e.to_string())?;
-                        r.certificate_pem = Some(info.to_pem());
-                        r.step = Step::CertificateReceived;
-                    }
-                }
-            }
-            Step::CertificateReceived => {
-                let pem = r
-                    .certificate_pem
-                    .clone()
-                    .ok_or("no certificate recorded for this rotation")?;
-                let der = pki::parse_pem_or_der(pem.as_bytes()).map_err(|e| e.to_string())?;
-                let public = self.token_public_key(&id).await?;
-                let info = match self.check_certificate(&der, &public, r) {
-                    Ok(info) => info,
-                    Err(Error::Rejected(reason)) if cfg.issuer == Issuer::Manual => {
-                        // An imported certificate that no longer passes (it aged past the
-                        // minimum while waiting): ask for another one instead of retrying forever.
-                        tracing::error!(tenant = %r.tenant, %reason, "imported certificate refused; awaiting another");
-                        r.certificate_pem = None;
-                        r.step = Step::AwaitingCertificate;
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.to_string()),
-                };
-                // A test signature in the token, verified with the new certificate's key.
-                let probe: [u8; 32] =
-                    Sha256::digest(format!("signet rotation self-test {}", r.id)).into();
-                let idc = id.clone();
-                let der_sig = self
-                    .hsm
-                    .call(move |s| s.sign_prehashed(&idc, &probe))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let sig =
-                    p256::ecdsa::DerSignature::from_bytes(&der_sig).map_err(|e| e.to_string())?;
-                info.public_key
-                    .ok_or("certificate key is not P-256")?
-                    .verify_prehash(&probe, &sig)
-                    .map_err(|_| "the test signature does not verify with the new certificate")?;
-                let subject_der =
-                    pki::name_der(&subject_of(&x509_cert::Certificate::from_der_bytes(&der)?));
-                let (idc, d) = (id.clone(), der.clone());
-                self.hsm
-                    .call(move |s| s.store_certificate(&idc, &idc, &d, &subject_der))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.keys
-                    .upsert(KeyVersion {
-                        key_id: key_id.clone(),
-                        state: KeyState::Staged,
-                        public_key: public,
-                        certificate_pem: Some(Arc::from(info.to_pem())),
-                        certificate: Some(Arc::new(info)),
-                        has_private_key: true,
-                        retiring_until: None,
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                r.step = Step::Staged;
-            }
-            Step::Staged => {
-                let now = self.clock.unix();
-                let snap = self.keys.snapshot();
-                let mut changes = vec![(key_id.clone(), KeyState::Active, None)];
-                let old = snap
-                    .active(&r.tenant)
-                    .filter(|v| v.key_id != key_id)
-                    .map(|v| v.key_id.clone());
-                let until = if r.emergency {
-                    now
-                } else {
-                    now + cfg.grace.as_secs()
-                };
-                if let Some(old) = &old {
-                    changes.push((old.clone(), KeyState::Retiring, Some(until)));
-                }
-                let mut e = self.rotation_entry(event::KEY_ACTIVATED, actor, r, None);
-                e.key_id = Some(id.clone());
-                e.certificate_serial = snap
-                    .version(&key_id)
-                    .and_then(|v| v.certificate.as_ref().map(|c| c.serial_hex.clone()));
-                e.details = Some(serde_json::json!({
-                    "rotation_id": r.id,
-                    "previous_key_id": old.as_ref().map(|k| k.to_string()),
-                    "previous_retiring_until": old.as_ref().map(|_| pki::rfc3339(until)),
-                }));
-                self.record(e).await.map_err(|e| e.to_string())?;
-                self.keys
-                    .set_states(&changes)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                r.step = Step::Completed;
-            }
-            Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => {}
+            Err(Error::Rejected(reason)) => return Err(reason.into()),
+            Err(e) => return Err(StepError::Rotation(Box::new(e))),
+        };
+        let probe: [u8; 32] = Sha256::digest(format!("signet rotation self-test {}", r.id)).into();
+        let idc = id.clone();
+        let der_sig = self
+            .hsm
+            .call(move |s| s.sign_prehashed(&idc, &probe))
+            .await?;
+        let verified = p256::ecdsa::DerSignature::from_bytes(&der_sig)
+            .ok()
+            .zip(info.public_key)
+            .is_some_and(|(sig, key)| key.verify_prehash(&probe, &sig).is_ok());
+        if !verified {
+            return Err(StepError::Missing(
+                "the test signature does not verify with the new certificate",
+            ));
         }
-        Ok(())
+        let subject_der = pki::name_der(&subject_of(&x509_cert::Certificate::from_der(&der)?));
+        let (idc, d) = (id.clone(), der.clone());
+        self.hsm
+            .call(move |s| s.store_certificate(&idc, &idc, &d, &subject_der))
+            .await?;
+        self.keys
+            .upsert(KeyVersion {
+                key_id,
+                state: KeyState::Staged,
+                public_key: public,
+                certificate_pem: Some(Arc::from(info.to_pem())),
+                certificate: Some(Arc::new(info)),
+                has_private_key: true,
+                retiring_until: None,
+            })
+            .await?;
+        Ok(Done::Step)
+    }
+
+    /// `staged`: `key_activated`, then the new version active and the previous one retiring
+    /// (until now + grace, or now for an emergency rotation).
+    async fn activate(
+        &self,
+        r: &Rotation,
+        actor: &Actor,
+        cfg: &crate::config::RotationConfig,
+    ) -> Result<Done, StepError> {
+        let key_id = r.new_key_id();
+        let now = self.clock.unix();
+        let snap = self.keys.snapshot();
+        let mut changes = vec![(key_id.clone(), KeyState::Active, None)];
+        let old = snap
+            .active(&r.tenant)
+            .filter(|v| v.key_id != key_id)
+            .map(|v| v.key_id.clone());
+        let until = if r.emergency {
+            now
+        } else {
+            now + cfg.grace.as_secs()
+        };
+        if let Some(old) = &old {
+            changes.push((old.clone(), KeyState::Retiring, Some(until)));
+        }
+        let mut e = self.rotation_entry(event::KEY_ACTIVATED, actor, r, None);
+        e.key_id = Some(key_id.to_string());
+        e.certificate_serial = snap
+            .version(&key_id)
+            .and_then(|v| v.certificate.as_ref().map(|c| c.serial_hex.clone()));
+        e.details = Some(serde_json::json!({
+            "rotation_id": r.id,
+            "previous_key_id": old.as_ref().map(|k| k.to_string()),
+            "previous_retiring_until": old.as_ref().map(|_| pki::rfc3339(until)),
+        }));
+        self.record(e).await?;
+        self.keys.set_states(&changes).await?;
+        Ok(Done::Step)
     }
 
     /// Import a certificate for the rotation awaiting one. Refused with the reason, changing
@@ -710,7 +736,7 @@ impl Engine {
         let id = r.new_key_id().to_string();
         let public = self.token_public_key(&id).await.map_err(|e| Error::Step {
             step: "certificate_received",
-            reason: e,
+            source: e,
         })?;
         let info = self.check_certificate(&der, &public, &r)?;
         let mut e = self.rotation_entry(event::CERTIFICATE_IMPORTED, actor, &r, request_id);
@@ -723,7 +749,7 @@ impl Engine {
         }));
         self.record(e).await.map_err(|e| Error::Step {
             step: "certificate_received",
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         r.certificate_pem = Some(info.to_pem());
         r.step = Step::CertificateReceived;
@@ -801,7 +827,7 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Step {
                     step: "abort",
-                    reason: e.to_string(),
+                    source: e.into(),
                 })?;
             let mut e = self.rotation_entry(event::ROTATION_ROLLED_BACK, actor, &r, request_id);
             e.key_id = Some(id);
@@ -810,7 +836,7 @@ impl Engine {
                 Some(serde_json::json!({"rotation_id": r.id, "aborted_at_step": r.step.as_str()}));
             self.record(e).await.map_err(|e| Error::Step {
                 step: "abort",
-                reason: e.to_string(),
+                source: e.into(),
             })?;
             if self.keys.snapshot().version(&r.new_key_id()).is_some() {
                 self.keys
@@ -818,7 +844,7 @@ impl Engine {
                     .await
                     .map_err(|e| Error::Step {
                         step: "abort",
-                        reason: e.to_string(),
+                        source: e.into(),
                     })?;
             }
             r.step = Step::Aborted;
@@ -871,7 +897,7 @@ impl Engine {
         );
         self.record(e).await.map_err(|e| Error::Step {
             step: "rollback",
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         self.keys
             .set_states(&[
@@ -881,7 +907,7 @@ impl Engine {
             .await
             .map_err(|e| Error::Step {
                 step: "rollback",
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         let id = current.key_id.to_string();
         if let Err(e) = self.hsm.call(move |s| s.destroy_private_key(&id)).await {
@@ -1146,13 +1172,14 @@ impl Engine {
         Ok(info)
     }
 
-    async fn token_public_key(&self, id: &str) -> Result<p256::ecdsa::VerifyingKey, String> {
+    async fn token_public_key(&self, id: &str) -> Result<p256::ecdsa::VerifyingKey, StepError> {
         let idc = id.to_owned();
         self.hsm
             .call(move |s| s.public_key(&idc))
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("public key {id} is missing from the token"))
+            .await?
+            .ok_or(StepError::Missing(
+                "the new version's public key is missing from the token",
+            ))
     }
 
     fn rotation_entry(
@@ -1206,15 +1233,55 @@ fn subject_of(cert: &x509_cert::Certificate) -> x509_cert::name::Name {
     cert.tbs_certificate().subject().clone()
 }
 
-/// Helper: parse DER into a certificate, as a String error.
-trait FromDerBytes: Sized {
-    fn from_der_bytes(der: &[u8]) -> Result<Self, String>;
+/// What a step's action ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    /// The step's action is done: move on.
+    Step,
+    /// An imported certificate was refused: await another one.
+    CertificateRefused,
+    /// A waiting or finished rotation: nothing to do.
+    Nothing,
 }
 
-impl FromDerBytes for x509_cert::Certificate {
-    fn from_der_bytes(der: &[u8]) -> Result<Self, String> {
-        <x509_cert::Certificate as der::Decode>::from_der(der).map_err(|e| e.to_string())
+/// The step after `step` once its action ended with `done`, with `issuer`: the rotation's
+/// state machine, pure.
+fn next(step: Step, issuer: Issuer, done: Done) -> Step {
+    match (step, done) {
+        (_, Done::Nothing) => step,
+        (Step::Planned, Done::Step) => Step::KeyGenerated,
+        (Step::KeyGenerated, Done::Step) => match issuer {
+            Issuer::Manual => Step::AwaitingCertificate,
+            Issuer::HsmCa => Step::CertificateReceived,
+        },
+        (Step::CertificateReceived, Done::Step) => Step::Staged,
+        (Step::CertificateReceived, Done::CertificateRefused) => Step::AwaitingCertificate,
+        (Step::Staged, Done::Step) => Step::Completed,
+        // Nothing else moves: waiting and finished rotations stay where they are.
+        (other, _) => other,
     }
+}
+
+/// Why a rotation step failed (recorded as the rotation's `last_error`; the step is retried
+/// with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("token: {0}")]
+    Token(#[from] crate::hsm::Error),
+    #[error("evidence log: {0}")]
+    Log(#[from] crate::audit::Error),
+    #[error("key registry: {0}")]
+    Keys(#[from] crate::keys::Error),
+    #[error("{0}")]
+    Certificate(#[from] pki::Error),
+    #[error("malformed certificate: {0}")]
+    Der(#[from] der::Error),
+    #[error("a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Rotation(Box<Error>),
 }
 
 /// The monitor task: a pass at start (resuming interrupted rotations), then every
@@ -1227,6 +1294,42 @@ pub async fn monitor(engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver
             _ = tokio::time::sleep(interval) => {}
             _ = engine.wake.notified() => {}
             _ = stop.changed() => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_step_machine_moves_one_step_per_action_and_waits_where_it_must() {
+        use Done::{CertificateRefused as Refused, Nothing, Step as Did};
+        use Issuer::{HsmCa, Manual};
+        use Step::*;
+        let table = [
+            (Planned, HsmCa, Did, KeyGenerated),
+            (Planned, Manual, Did, KeyGenerated),
+            (KeyGenerated, HsmCa, Did, CertificateReceived),
+            (KeyGenerated, Manual, Did, AwaitingCertificate),
+            (CertificateReceived, HsmCa, Did, Staged),
+            (CertificateReceived, Manual, Did, Staged),
+            (CertificateReceived, Manual, Refused, AwaitingCertificate),
+            (Staged, HsmCa, Did, Completed),
+            (Staged, Manual, Did, Completed),
+            // Waiting and finished rotations never move by themselves.
+            (AwaitingCertificate, Manual, Nothing, AwaitingCertificate),
+            (Completed, HsmCa, Nothing, Completed),
+            (RolledBack, HsmCa, Nothing, RolledBack),
+            (Aborted, Manual, Nothing, Aborted),
+            (Planned, HsmCa, Nothing, Planned),
+        ];
+        for (step, issuer, done, want) in table {
+            assert_eq!(
+                next(step, issuer, done),
+                want,
+                "{step:?} {issuer:?} {done:?}"
+            );
         }
     }
 }
