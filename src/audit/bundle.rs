@@ -205,37 +205,7 @@ pub fn read(path: &std::path::Path) -> Result<Bundle, Refused> {
 /// Check everything in `bundle`: the first problem, precisely, as `Err` (the verdict is then
 /// `refused`); otherwise the account, `verified` or `unverified`.
 pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, Refused> {
-    if bundle.format != FORMAT && bundle.format != FORMAT_V1 {
-        return Err(format!("not a {FORMAT} file (format `{}`)", bundle.format).into());
-    }
-    if bundle.entries.is_empty() {
-        return Err("the bundle holds no entries".into());
-    }
-    if bundle.entries.len() > MAX_BUNDLE_ENTRIES {
-        return Err(format!(
-            "the bundle holds {} entries, more than the {MAX_BUNDLE_ENTRIES} a bundle may hold",
-            bundle.entries.len()
-        )
-        .into());
-    }
-    if bundle.certificates.len() + bundle.ca_certificates.len() > MAX_BUNDLE_CERTIFICATES {
-        return Err(
-            format!("the bundle holds more than {MAX_BUNDLE_CERTIFICATES} certificates").into(),
-        );
-    }
-    // Listed once each, in log order: a duplicate or a reordering is refused before any work.
-    for pair in bundle.entries.windows(2) {
-        if pair[1].index == pair[0].index {
-            return Err(format!("entry {} is listed twice", pair[0].index).into());
-        }
-        if pair[1].index < pair[0].index {
-            return Err(format!(
-                "entry {} is listed after entry {}: the entries are not in log order",
-                pair[1].index, pair[0].index
-            )
-            .into());
-        }
-    }
+    check_shape(bundle)?;
     let mut unverified = Vec::new();
     let (log_key, log_key_source) = match trust.log_key {
         Some(k) => (k, "given"),
@@ -260,26 +230,7 @@ pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, Refused> {
             bundle.format
         ));
     }
-    let timestamp = match bundle.checkpoint.timestamp.as_deref() {
-        None => None,
-        Some(t) => {
-            let der = B64
-                .decode(t)
-                .map_err(|_| "the timestamp is not base64".to_owned())?;
-            let expected = timestamp::Expected {
-                note: bundle.checkpoint.note.as_bytes(),
-                ..Default::default()
-            };
-            let info = timestamp::verify(&der, &expected, trust.tsa_ca.as_ref())
-                .map_err(|e| format!("the checkpoint's timestamp: {e}"))?;
-            if !info.chain_checked {
-                unverified.push(
-                    "no trust anchor for the time-stamping authority: pass --tsa-ca".to_owned(),
-                );
-            }
-            Some(info)
-        }
-    };
+    let timestamp = check_timestamp(bundle, trust, &mut unverified)?;
     let (cas, ca_source) = if trust.cas.is_empty() {
         let cas = bundle
             .ca_certificates
@@ -330,6 +281,72 @@ pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, Refused> {
         completeness,
         timestamp,
         entries,
+    })
+}
+
+/// The format, the bounds, and every entry listed once, in log order: a duplicate or a
+/// reordering is refused before any work.
+fn check_shape(bundle: &Bundle) -> Result<(), Refused> {
+    if bundle.format != FORMAT && bundle.format != FORMAT_V1 {
+        return Err(format!("not a {FORMAT} file (format `{}`)", bundle.format).into());
+    }
+    if bundle.entries.is_empty() {
+        return Err("the bundle holds no entries".into());
+    }
+    if bundle.entries.len() > MAX_BUNDLE_ENTRIES {
+        return Err(format!(
+            "the bundle holds {} entries, more than the {MAX_BUNDLE_ENTRIES} a bundle may hold",
+            bundle.entries.len()
+        )
+        .into());
+    }
+    if bundle.certificates.len() + bundle.ca_certificates.len() > MAX_BUNDLE_CERTIFICATES {
+        return Err(
+            format!("the bundle holds more than {MAX_BUNDLE_CERTIFICATES} certificates").into(),
+        );
+    }
+    // Listed once each, in log order: a duplicate or a reordering is refused before any work.
+    for pair in bundle.entries.windows(2) {
+        if pair[1].index == pair[0].index {
+            return Err(format!("entry {} is listed twice", pair[0].index).into());
+        }
+        if pair[1].index < pair[0].index {
+            return Err(format!(
+                "entry {} is listed after entry {}: the entries are not in log order",
+                pair[1].index, pair[0].index
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint's RFC 3161 timestamp, if any, checked completely (its chain against the TSA
+/// CA, when given).
+fn check_timestamp(
+    bundle: &Bundle,
+    trust: &Trust,
+    unverified: &mut Vec<String>,
+) -> Result<Option<TimestampInfo>, Refused> {
+    Ok(match bundle.checkpoint.timestamp.as_deref() {
+        None => None,
+        Some(t) => {
+            let der = B64
+                .decode(t)
+                .map_err(|_| "the timestamp is not base64".to_owned())?;
+            let expected = timestamp::Expected {
+                note: bundle.checkpoint.note.as_bytes(),
+                ..Default::default()
+            };
+            let info = timestamp::verify(&der, &expected, trust.tsa_ca.as_ref())
+                .map_err(|e| format!("the checkpoint's timestamp: {e}"))?;
+            if !info.chain_checked {
+                unverified.push(
+                    "no trust anchor for the time-stamping authority: pass --tsa-ca".to_owned(),
+                );
+            }
+            Some(info)
+        }
     })
 }
 
@@ -478,8 +495,17 @@ fn parse_cert(pem: &str) -> Result<CertInfo, Refused> {
 /// checked against the reader's own trust anchors is stated as fact; the rest is stated as
 /// what the file claims.
 pub fn explain(a: &Account) -> String {
-    let anchored_log = a.log_key_source == "given";
-    let mut out = match a.verdict {
+    let mut out = explain_verdict(a);
+    explain_log(a, &mut out);
+    for e in &a.entries {
+        explain_entry(a, e, &mut out);
+    }
+    out
+}
+
+/// The first lines: the verdict, and for an unverified bundle every missing anchor.
+fn explain_verdict(a: &Account) -> String {
+    match a.verdict {
         Verdict::Verified => format!(
             "Evidence for transaction \"{}\" — VERIFIED\n\n",
             a.transaction_id
@@ -498,7 +524,12 @@ pub fn explain(a: &Account) -> String {
             );
             head
         }
-    };
+    }
+}
+
+/// The log, the completeness statement and the timestamp, as facts or as claims.
+fn explain_log(a: &Account, out: &mut String) {
+    let anchored_log = a.log_key_source == "given";
     let claim = |fact: &str| {
         if anchored_log {
             fact.to_owned()
@@ -555,57 +586,59 @@ pub fn explain(a: &Account) -> String {
         )),
         None => out.push_str("The checkpoint carries no third-party timestamp.\n"),
     }
-    for e in &a.entries {
-        out.push_str(&format!(
-            "\nEntry {} ({}), recorded at {} by Signet's clock{}:\n",
-            e.index,
-            e.event,
-            e.time,
-            if anchored_log {
-                ""
-            } else {
-                " (as the file claims)"
-            }
-        ));
-        out.push_str(&format!(
-            "  Requested by {} (certificate subject \"{}\", SHA-256 {}).\n",
-            e.actor, e.actor_subject, e.actor_certificate_sha256
-        ));
-        if let Some(d) = &e.digest {
-            out.push_str(&format!("  Document digest: {d}.\n"));
+}
+
+/// One entry, in plain words.
+fn explain_entry(a: &Account, e: &EntryAccount, out: &mut String) {
+    let anchored_log = a.log_key_source == "given";
+    out.push_str(&format!(
+        "\nEntry {} ({}), recorded at {} by Signet's clock{}:\n",
+        e.index,
+        e.event,
+        e.time,
+        if anchored_log {
+            ""
+        } else {
+            " (as the file claims)"
         }
-        if let Some(p) = &e.policy_id {
-            out.push_str(&format!(
-                "  Under policy \"{p}\" of tenant \"{}\", legal standard: {}.\n",
-                e.tenant.as_deref().unwrap_or("-"),
-                e.legal_standard.as_deref().unwrap_or("-")
-            ));
-        }
-        if let Some(k) = &e.key_id {
-            out.push_str(&format!(
-                "  Signed with key {k}, certificate \"{}\" (serial {}, SHA-256 {}).\n",
-                e.certificate_subject.as_deref().unwrap_or("-"),
-                e.certificate_serial.as_deref().unwrap_or("-"),
-                e.certificate_sha256.as_deref().unwrap_or("-")
-            ));
-        }
-        if e.signature_verified {
-            out.push_str(if a.ca_source == "given" {
-                "  The signature verifies with that certificate, which chains to the issuing CA \
-                 you supplied and was valid at the time.\n"
-            } else {
-                "  The signature verifies with that certificate, which chains to a CA included in \
-                 this file (NOT one you supplied: pass --ca).\n"
-            });
-        }
-        if let Some(s) = &e.signer {
-            out.push_str(&format!("  Signer evidence recorded: {s}.\n"));
-        }
-        if let Some(r) = &e.reason {
-            out.push_str(&format!("  Reason given: {r}.\n"));
-        }
+    ));
+    out.push_str(&format!(
+        "  Requested by {} (certificate subject \"{}\", SHA-256 {}).\n",
+        e.actor, e.actor_subject, e.actor_certificate_sha256
+    ));
+    if let Some(d) = &e.digest {
+        out.push_str(&format!("  Document digest: {d}.\n"));
     }
-    out
+    if let Some(p) = &e.policy_id {
+        out.push_str(&format!(
+            "  Under policy \"{p}\" of tenant \"{}\", legal standard: {}.\n",
+            e.tenant.as_deref().unwrap_or("-"),
+            e.legal_standard.as_deref().unwrap_or("-")
+        ));
+    }
+    if let Some(k) = &e.key_id {
+        out.push_str(&format!(
+            "  Signed with key {k}, certificate \"{}\" (serial {}, SHA-256 {}).\n",
+            e.certificate_subject.as_deref().unwrap_or("-"),
+            e.certificate_serial.as_deref().unwrap_or("-"),
+            e.certificate_sha256.as_deref().unwrap_or("-")
+        ));
+    }
+    if e.signature_verified {
+        out.push_str(if a.ca_source == "given" {
+            "  The signature verifies with that certificate, which chains to the issuing CA \
+             you supplied and was valid at the time.\n"
+        } else {
+            "  The signature verifies with that certificate, which chains to a CA included in \
+             this file (NOT one you supplied: pass --ca).\n"
+        });
+    }
+    if let Some(s) = &e.signer {
+        out.push_str(&format!("  Signer evidence recorded: {s}.\n"));
+    }
+    if let Some(r) = &e.reason {
+        out.push_str(&format!("  Reason given: {r}.\n"));
+    }
 }
 
 /// The same account as a standalone HTML page (every value escaped: signer evidence and

@@ -343,12 +343,38 @@ pub fn verify_log(src: &mut dyn LogSource, trust: &LogTrust) -> Result<DirReport
             ),
         ));
     }
+    check_anchors_at_end(trust, origin.as_deref(), len, last_good)?;
+    Ok(DirReport {
+        verdict: match trust.key_source {
+            KeySource::BesideTheData => Verdict::Unverified,
+            KeySource::Given | KeySource::Token => Verdict::Verified,
+        },
+        key_source: trust.key_source,
+        anchor_size: kept.map(|(s, _)| s),
+        token_anchor_size: trust.token_anchor.as_ref().map(|a| a.size),
+        entries: len,
+        checkpoints: count,
+        latest_checkpoint_size: last_good,
+        unsigned_tail: len - last_good,
+        origin,
+        events: check.events,
+    })
+}
+
+/// After the stream: the token's anchor and the kept checkpoint are of this log, and the log
+/// (and its checkpoints) reach the token's anchor.
+fn check_anchors_at_end(
+    trust: &LogTrust,
+    origin: Option<&str>,
+    len: u64,
+    last_good: u64,
+) -> Result<(), DirFailure> {
     if let Some(a) = &trust.token_anchor {
-        if origin.as_ref().is_some_and(|o| *o != a.origin) {
+        if origin.is_some_and(|o| o != a.origin) {
             return Err(DirFailure::other(format!(
                 "the token anchors log `{}`, this log is `{}`",
                 a.origin,
-                origin.as_deref().unwrap_or_default()
+                origin.unwrap_or_default()
             )));
         }
         if a.size > len {
@@ -367,32 +393,18 @@ pub fn verify_log(src: &mut dyn LogSource, trust: &LogTrust) -> Result<DirReport
             )));
         }
     }
-    if let (Some(o), Some(text)) = (&origin, &trust.kept_checkpoint) {
+    if let (Some(o), Some(text)) = (origin, &trust.kept_checkpoint) {
         let body = note::SignedNote::parse(text)
             .and_then(|sn| note::Checkpoint::parse_body(&sn.text))
             .map_err(|e| DirFailure::other(format!("the anchor is not a checkpoint note: {e}")))?;
-        if *o != body.origin {
+        if o != body.origin {
             return Err(DirFailure::other(format!(
                 "the anchor is a checkpoint of log `{}`, this log is `{o}`",
                 body.origin
             )));
         }
     }
-    Ok(DirReport {
-        verdict: match trust.key_source {
-            KeySource::BesideTheData => Verdict::Unverified,
-            KeySource::Given | KeySource::Token => Verdict::Verified,
-        },
-        key_source: trust.key_source,
-        anchor_size: kept.map(|(s, _)| s),
-        token_anchor_size: trust.token_anchor.as_ref().map(|a| a.size),
-        entries: len,
-        checkpoints: count,
-        latest_checkpoint_size: last_good,
-        unsigned_tail: len - last_good,
-        origin,
-        events: check.events,
-    })
+    Ok(())
 }
 
 /// One stored checkpoint, at the moment the entry stream reached its size: its signature with

@@ -451,34 +451,7 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
         document,
         no_certificate,
     } = cmd;
-    let expected_digest = match (digest, document) {
-        (Some(h), _) => Some(
-            h.trim()
-                .parse::<signet::domain::Sha256Digest>()
-                .map_err(|e| anyhow!("--digest: {e}"))?
-                .0,
-        ),
-        (None, Some(p)) => {
-            // Hashed as it is read: a document may be large.
-            use sha2::Digest;
-            let mut f =
-                std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
-            let mut h = sha2::Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                use std::io::Read;
-                let n = f
-                    .read(&mut buf)
-                    .with_context(|| format!("cannot read {}", p.display()))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            Some(h.finalize().into())
-        }
-        (None, None) => None,
-    };
+    let expected_digest = expected_digest(digest.as_deref(), document.as_deref())?;
     let ca = ca.as_deref().map(read_cert).transpose()?;
     let receipt_json: Value = read_json(receipt)?;
     let r: Receipt = serde_json::from_value(
@@ -488,29 +461,7 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
             .unwrap_or_else(|| receipt_json.clone()),
     )
     .context("the receipt file holds neither a sign response nor a receipt")?;
-    let proof_text = read_small_text(proof)?;
-    let (proof_text, entry) = match serde_json::from_str::<Value>(&proof_text) {
-        Ok(v) => {
-            let p = v["proof"]
-                .as_str()
-                .ok_or_else(|| anyhow!("{}: JSON without a `proof` field", proof.display()))?
-                .to_owned();
-            let entry = v
-                .get("entry")
-                .filter(|e| e.is_object())
-                .map(serde_json_canonicalizer::to_vec)
-                .transpose()?;
-            (p, entry)
-        }
-        Err(_) => (proof_text, None),
-    };
-    // A proof saved with `jq -r` carries one newline more than the proof: harmless, since
-    // everything in it is checked against the signed checkpoint.
-    let proof_text = match proof_text.strip_suffix("\n\n") {
-        Some(p) => format!("{p}\n"),
-        None => proof_text,
-    };
-    let parsed = TlogProof::parse(&proof_text).map_err(|e| anyhow!("{}: {e}", proof.display()))?;
+    let (parsed, entry) = read_proof(proof)?;
     let log_key = read_public_key(log_key)?;
     let cert = match certificate {
         Some(p) => Some(read_cert(p)?),
@@ -543,6 +494,69 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
             bail!("receipt verification FAILED: {e}")
         }
     };
+    report_receipt(cli, &rep)
+}
+
+/// The digest the receipt must cover: `--digest HEX`, or SHA-256 of `--document FILE` (hashed
+/// as it is read: a document may be large).
+fn expected_digest(digest: Option<&str>, document: Option<&Path>) -> Result<Option<[u8; 32]>> {
+    use sha2::Digest;
+    use std::io::Read;
+    if let Some(h) = digest {
+        let d = h
+            .trim()
+            .parse::<signet::domain::Sha256Digest>()
+            .map_err(|e| anyhow!("--digest: {e}"))?;
+        return Ok(Some(d.0));
+    }
+    let Some(p) = document else {
+        return Ok(None);
+    };
+    let mut f = std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", p.display()))?;
+        if n == 0 {
+            return Ok(Some(h.finalize().into()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// A `tlog-proof` file (the text, or the JSON of `GET /v1/audit/entries/{index}`), and the
+/// canonical entry when the JSON carries it.
+fn read_proof(path: &Path) -> Result<(TlogProof, Option<Vec<u8>>)> {
+    let text = read_small_text(path)?;
+    let (text, entry) = match serde_json::from_str::<Value>(&text) {
+        Ok(v) => {
+            let p = v["proof"]
+                .as_str()
+                .ok_or_else(|| anyhow!("{}: JSON without a `proof` field", path.display()))?
+                .to_owned();
+            let entry = v
+                .get("entry")
+                .filter(|e| e.is_object())
+                .map(serde_json_canonicalizer::to_vec)
+                .transpose()?;
+            (p, entry)
+        }
+        Err(_) => (text, None),
+    };
+    // A proof saved with `jq -r` carries one newline more than the proof: harmless, since
+    // everything in it is checked against the signed checkpoint.
+    let text = match text.strip_suffix("\n\n") {
+        Some(p) => format!("{p}\n"),
+        None => text,
+    };
+    let parsed = TlogProof::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok((parsed, entry))
+}
+
+/// Print a receipt's verification and end as its verdict says.
+fn report_receipt(cli: &Cli, rep: &signet::audit::verify::ReceiptReport) -> Result<()> {
     let mut unverified = Vec::new();
     if !rep.signature_checked {
         unverified.push(
