@@ -569,6 +569,468 @@ mod raw {
     }
 
     /// A dotted OID, normalised.
+    /// `[server]` checked: the typed configuration, or the first problem, naming its key.
+    fn check_server(
+        raw: &Server,
+        path: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<ServerConfig, ConfigError> {
+        let s = raw;
+        let client_ca = match &s.client_ca {
+            OneOrMany::One(p) => vec![path(p)],
+            OneOrMany::Many(v) => v.iter().map(|p| path(p)).collect(),
+        };
+        if client_ca.is_empty() {
+            return Err(ConfigError::new(
+                "server.client_ca",
+                "at least one CA file is required",
+            ));
+        }
+        let server = ServerConfig {
+            listen: addr("server.listen", &s.listen)?,
+            cert: path(&s.cert),
+            key: path(&s.key),
+            client_ca,
+            metrics_listen: addr("server.metrics_listen", &s.metrics_listen)?,
+            max_body_bytes: in_range(
+                "server.max_body_bytes",
+                s.max_body_bytes.unwrap_or(1 << 20),
+                1024,
+                64 << 20,
+            )?,
+            max_header_bytes: in_range(
+                "server.max_header_bytes",
+                s.max_header_bytes.unwrap_or(16 << 10),
+                8192,
+                1 << 20,
+            )?,
+            max_batch_items: in_range(
+                "server.max_batch_items",
+                s.max_batch_items.unwrap_or(256),
+                1,
+                10_000,
+            )?,
+            max_connections: in_range(
+                "server.max_connections",
+                s.max_connections.unwrap_or(4096),
+                1,
+                1 << 20,
+            )?,
+            max_handshakes: in_range(
+                "server.max_handshakes",
+                s.max_handshakes.unwrap_or(256),
+                1,
+                1 << 16,
+            )?,
+            max_handshakes_per_ip: in_range(
+                "server.max_handshakes_per_ip",
+                s.max_handshakes_per_ip.unwrap_or(32),
+                1,
+                1 << 16,
+            )?,
+            max_streams_per_connection: in_range(
+                "server.max_streams_per_connection",
+                s.max_streams_per_connection.unwrap_or(64) as usize,
+                1,
+                1024,
+            )? as u32,
+            max_buffered_body_bytes: in_range(
+                "server.max_buffered_body_bytes",
+                s.max_buffered_body_bytes.unwrap_or(64 << 20),
+                1 << 20,
+                4 << 30,
+            )?,
+            metrics_max_connections: in_range(
+                "server.metrics_max_connections",
+                s.metrics_max_connections.unwrap_or(64),
+                1,
+                1 << 16,
+            )?,
+            handshake_timeout: dur("server.handshake_timeout", &s.handshake_timeout, "10s")?,
+            request_timeout: dur("server.request_timeout", &s.request_timeout, "10s")?,
+            idle_timeout: dur("server.idle_timeout", &s.idle_timeout, "120s")?,
+            shutdown_timeout: dur("server.shutdown_timeout", &s.shutdown_timeout, "30s")?,
+        };
+        if server.listen == server.metrics_listen && server.listen.port() != 0 {
+            return Err(ConfigError::new(
+                "server.metrics_listen",
+                "must differ from server.listen",
+            ));
+        }
+        Ok(server)
+    }
+
+    /// `[hsm]` checked: the typed configuration, or the first problem, naming its key.
+    fn check_hsm(raw: &Hsm, path: &dyn Fn(&Path) -> PathBuf) -> Result<HsmConfig, ConfigError> {
+        let h = raw;
+        if h.pin.is_some() {
+            return Err(ConfigError::new(
+                "hsm.pin",
+                "PINs are never written in the configuration; use hsm.pin_env or hsm.pin_file",
+            ));
+        }
+        let pin = match (&h.pin_env, &h.pin_file) {
+            (Some(v), None) if !v.is_empty() => PinSource::Env(v.clone()),
+            (None, Some(p)) => PinSource::File(path(p)),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "hsm.pin_env",
+                    "set either hsm.pin_env or hsm.pin_file, not both",
+                ));
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    "hsm.pin_file",
+                    "one of hsm.pin_env or hsm.pin_file is required",
+                ));
+            }
+        };
+        let token_label = h.token_label.trim().to_owned();
+        if token_label.is_empty() || token_label.len() > 32 {
+            return Err(ConfigError::new(
+                "hsm.token_label",
+                "must be 1-32 characters",
+            ));
+        }
+        let environment = h
+            .environment
+            .iter()
+            .map(|(k, v)| {
+                // Paths for the module (SOFTHSM2_CONF...) are relative to the config file too.
+                let v = if v.starts_with("./") || v.starts_with("../") {
+                    path(Path::new(v)).display().to_string()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        let hsm = HsmConfig {
+            module: path(&h.module),
+            token_label,
+            pin,
+            sessions: in_range("hsm.sessions", h.sessions.unwrap_or(2), 1, 64)?,
+            queue_depth: in_range("hsm.queue_depth", h.queue_depth.unwrap_or(1024), 1, 1 << 20)?,
+            call_timeout: dur("hsm.call_timeout", &h.call_timeout, "5s")?,
+            health_interval: dur("hsm.health_interval", &h.health_interval, "2s")?,
+            environment,
+        };
+        if hsm.call_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "hsm.call_timeout",
+                "must be greater than zero",
+            ));
+        }
+        Ok(hsm)
+    }
+
+    /// `[audit]` checked: the typed configuration, or the first problem, naming its key.
+    fn check_audit(
+        raw: &Audit,
+        path: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<AuditConfig, ConfigError> {
+        let a = raw;
+        let origin = a
+            .origin
+            .clone()
+            .unwrap_or_else(|| "signet.local/evidence".to_owned());
+        if origin.is_empty()
+            || origin
+                .chars()
+                .any(|c| c.is_whitespace() || c == '+' || c.is_control())
+        {
+            return Err(ConfigError::new(
+                "audit.origin",
+                "must be non-empty, without spaces or '+' (e.g. signet.example.com/evidence)",
+            ));
+        }
+        let audit = AuditConfig {
+            dir: path(&a.dir),
+            origin,
+            checkpoint_interval: dur("audit.checkpoint_interval", &a.checkpoint_interval, "10s")?,
+            fsync: match a.fsync {
+                None | Some(FsyncSetting::Bool(true)) => FsyncPolicy::Always,
+                Some(FsyncSetting::Bool(false)) => FsyncPolicy::Never,
+                Some(FsyncSetting::Policy(p)) => p,
+            },
+            idempotency_retention: dur(
+                "audit.idempotency_retention",
+                &a.idempotency_retention,
+                "24h",
+            )?,
+            idempotency_max_records: in_range(
+                "audit.idempotency_max_records",
+                a.idempotency_max_records.unwrap_or(1_000_000),
+                1000,
+                100_000_000,
+            )? as u64,
+            max_group_entries: in_range(
+                "audit.max_group_entries",
+                a.max_group_entries.unwrap_or(4096),
+                1,
+                1 << 20,
+            )?,
+            timestamping: match &a.timestamping {
+                None => None,
+                Some(t) => Some(TimestampingConfig {
+                    tsa_url: {
+                        let ok = t.tsa_url.strip_prefix("http://").is_some_and(|r| {
+                            !r.is_empty() && t.tsa_url.parse::<hyper::Uri>().is_ok()
+                        });
+                        if !ok {
+                            return Err(ConfigError::new(
+                                "audit.timestamping.tsa_url",
+                                "must be an http:// URL (RFC 3161 answers are signed)",
+                            ));
+                        }
+                        t.tsa_url.clone()
+                    },
+                    anchors: crate::audit::timestamp::TsaAnchors::load(&path(&t.ca_file)).map_err(
+                        |e| ConfigError::new("audit.timestamping.ca_file", e.to_string()),
+                    )?,
+                    ca_file: path(&t.ca_file),
+                    policy: oid("audit.timestamping.policy", &t.policy)?,
+                    timeout: dur("audit.timestamping.timeout", &t.timeout, "10s")?,
+                    retry_max_interval: dur(
+                        "audit.timestamping.retry_max_interval",
+                        &t.retry_max_interval,
+                        "5m",
+                    )?,
+                }),
+            },
+        };
+        if audit
+            .timestamping
+            .as_ref()
+            .is_some_and(|t| t.retry_max_interval < Duration::from_millis(100))
+        {
+            return Err(ConfigError::new(
+                "audit.timestamping.retry_max_interval",
+                "must be at least 100ms",
+            ));
+        }
+        if audit.checkpoint_interval < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "audit.checkpoint_interval",
+                "must be at least 100ms",
+            ));
+        }
+        Ok(audit)
+    }
+
+    /// `[clients]` checked: the typed configuration, or the first problem, naming its key.
+    fn check_clients(
+        raw: &[Client],
+        path: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<Vec<ClientConfig>, ConfigError> {
+        let mut clients = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, c) in raw.iter().enumerate() {
+            let key = |k: &str| format!("clients[{i}].{k}");
+            if c.identity.trim().is_empty() {
+                return Err(ConfigError::new(key("identity"), "must not be empty"));
+            }
+            if !seen.insert(c.identity.clone()) {
+                return Err(ConfigError::new(
+                    key("identity"),
+                    format!("`{}` is listed twice", c.identity),
+                ));
+            }
+            let tenants = c
+                .tenants
+                .iter()
+                .map(|t| {
+                    t.parse::<TenantId>()
+                        .map_err(|e| ConfigError::new(key("tenants"), format!("`{t}`: {e}")))
+                })
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            let mut roles = BTreeSet::new();
+            for r in &c.roles {
+                let role = match r.as_str() {
+                    "sign" => Role::Sign,
+                    "admin" => Role::Admin,
+                    "audit" => Role::Audit,
+                    other => {
+                        return Err(ConfigError::new(
+                            key("roles"),
+                            format!("unknown role `{other}` (expected sign, admin or audit)"),
+                        ));
+                    }
+                };
+                roles.insert(role);
+            }
+            if roles.is_empty() {
+                return Err(ConfigError::new(
+                    key("roles"),
+                    "at least one role is required",
+                ));
+            }
+            if roles.contains(&Role::Sign) && tenants.is_empty() {
+                return Err(ConfigError::new(
+                    key("tenants"),
+                    "a client with the sign role needs at least one tenant",
+                ));
+            }
+            let ca =
+                c.ca.as_deref()
+                    .map(|p| certificate_file(&key("ca"), path(p)))
+                    .transpose()?;
+            check_rate(c.rate_limit, &key("rate_limit"))?;
+            clients.push(ClientConfig {
+                identity: c.identity.clone(),
+                tenants,
+                roles,
+                ca,
+                rate_limit: c.rate_limit,
+            });
+        }
+        Ok(clients)
+    }
+
+    /// `[policies]` checked: the typed configuration, or the first problem, naming its key.
+    fn check_policies(raw: &[Policy]) -> Result<Vec<PolicyConfig>, ConfigError> {
+        let mut policies = Vec::new();
+        let mut ids = BTreeSet::new();
+        for (i, p) in raw.iter().enumerate() {
+            let key = |k: &str| format!("policies[{i}].{k}");
+            let id: PolicyId =
+                p.id.parse()
+                    .map_err(|e| ConfigError::new(key("id"), format!("`{}`: {e}", p.id)))?;
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::new(
+                    key("id"),
+                    format!("`{id}` is defined twice"),
+                ));
+            }
+            let tenant: TenantId = p
+                .tenant
+                .parse()
+                .map_err(|e| ConfigError::new(key("tenant"), format!("`{}`: {e}", p.tenant)))?;
+            let mut algs = Vec::new();
+            for a in p.digest_algorithms.as_slice() {
+                let alg = a.parse::<DigestAlgorithm>().map_err(|_| {
+                    ConfigError::new(
+                        key("digest_algorithms"),
+                        format!("unknown digest algorithm `{a}` (supported: sha256)"),
+                    )
+                })?;
+                if !algs.contains(&alg) {
+                    algs.push(alg);
+                }
+            }
+            if algs.is_empty() {
+                return Err(ConfigError::new(
+                    key("digest_algorithms"),
+                    "at least one algorithm is required",
+                ));
+            }
+            if p.legal_standard.trim().is_empty() {
+                return Err(ConfigError::new(
+                    key("legal_standard"),
+                    "must describe the legal standard (free text)",
+                ));
+            }
+            check_rate(p.rate_limit, &key("rate_limit"))?;
+            policies.push(PolicyConfig {
+                id,
+                tenant,
+                digest_algorithms: algs,
+                legal_standard: p.legal_standard.clone(),
+                require_idempotency_key: p.require_idempotency_key,
+                rate_limit: p.rate_limit,
+            });
+        }
+        Ok(policies)
+    }
+
+    /// `[limits]` checked: the typed configuration, or the first problem, naming its key.
+    fn check_limits(raw: &Limits) -> Result<LimitsConfig, ConfigError> {
+        check_rate(raw.per_client, "limits.per_client")?;
+        check_rate(raw.per_tenant, "limits.per_tenant")?;
+        let mut tenant_limits = BTreeMap::new();
+        for (t, r) in &raw.tenants {
+            let k = format!("limits.tenants.{t}");
+            let tenant = t
+                .parse::<TenantId>()
+                .map_err(|e| ConfigError::new(k.clone(), e.to_string()))?;
+            check_rate(Some(*r), &k)?;
+            tenant_limits.insert(tenant, *r);
+        }
+        let limits = LimitsConfig {
+            per_client: raw.per_client,
+            per_tenant: raw.per_tenant,
+            tenants: tenant_limits,
+        };
+        Ok(limits)
+    }
+
+    /// `[rotation]` checked: the typed configuration, or the first problem, naming its key.
+    fn check_rotation(
+        raw: &Rotation,
+        path: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<RotationConfig, ConfigError> {
+        let r = raw;
+        let rotation = RotationConfig {
+            validity: dur("rotation.validity", &r.validity, "90d")?,
+            renew_before: dur("rotation.renew_before", &r.renew_before, "30d")?,
+            grace: dur("rotation.grace", &r.grace, "7d")?,
+            issuer: r.issuer.unwrap_or(Issuer::HsmCa),
+            check_interval: dur("rotation.check_interval", &r.check_interval, "1h")?,
+            min_remaining_validity: dur(
+                "rotation.min_remaining_validity",
+                &r.min_remaining_validity,
+                "1d",
+            )?,
+            overdue_after: dur("rotation.overdue_after", &r.overdue_after, "3d")?,
+            retry_initial: dur("rotation.retry_initial", &r.retry_initial, "30s")?,
+            retry_max: dur("rotation.retry_max", &r.retry_max, "1h")?,
+            ca_certificate: path(
+                r.ca_certificate
+                    .as_deref()
+                    .unwrap_or(Path::new("hsm-ca.pem")),
+            ),
+            subject_organization: r
+                .subject_organization
+                .clone()
+                .unwrap_or_else(|| "Signet".to_owned()),
+            required_extended_key_usage: oid(
+                "rotation.required_extended_key_usage",
+                &r.required_extended_key_usage,
+            )?
+            .map(|o| o.to_string()),
+        };
+        if rotation.renew_before >= rotation.validity {
+            return Err(ConfigError::new(
+                "rotation.renew_before",
+                "must be shorter than rotation.validity",
+            ));
+        }
+        if rotation.min_remaining_validity >= rotation.renew_before {
+            return Err(ConfigError::new(
+                "rotation.min_remaining_validity",
+                "must be shorter than rotation.renew_before, or keys stop signing before they are renewed",
+            ));
+        }
+        if rotation.check_interval < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "rotation.check_interval",
+                "must be at least 1s",
+            ));
+        }
+        if rotation.retry_initial.is_zero() || rotation.retry_max < rotation.retry_initial {
+            return Err(ConfigError::new(
+                "rotation.retry_max",
+                "must be at least rotation.retry_initial, which must be above zero",
+            ));
+        }
+        if rotation.subject_organization.trim().is_empty() {
+            return Err(ConfigError::new(
+                "rotation.subject_organization",
+                "must not be empty",
+            ));
+        }
+        Ok(rotation)
+    }
+
     fn oid(
         key: &str,
         value: &Option<String>,
@@ -800,448 +1262,15 @@ mod raw {
                 }
             };
 
-            // [server]
-            let s = &self.server;
-            let client_ca = match &s.client_ca {
-                OneOrMany::One(p) => vec![path(p)],
-                OneOrMany::Many(v) => v.iter().map(|p| path(p)).collect(),
-            };
-            if client_ca.is_empty() {
-                return Err(ConfigError::new(
-                    "server.client_ca",
-                    "at least one CA file is required",
-                ));
-            }
-            let server = ServerConfig {
-                listen: addr("server.listen", &s.listen)?,
-                cert: path(&s.cert),
-                key: path(&s.key),
-                client_ca,
-                metrics_listen: addr("server.metrics_listen", &s.metrics_listen)?,
-                max_body_bytes: in_range(
-                    "server.max_body_bytes",
-                    s.max_body_bytes.unwrap_or(1 << 20),
-                    1024,
-                    64 << 20,
-                )?,
-                max_header_bytes: in_range(
-                    "server.max_header_bytes",
-                    s.max_header_bytes.unwrap_or(16 << 10),
-                    8192,
-                    1 << 20,
-                )?,
-                max_batch_items: in_range(
-                    "server.max_batch_items",
-                    s.max_batch_items.unwrap_or(256),
-                    1,
-                    10_000,
-                )?,
-                max_connections: in_range(
-                    "server.max_connections",
-                    s.max_connections.unwrap_or(4096),
-                    1,
-                    1 << 20,
-                )?,
-                max_handshakes: in_range(
-                    "server.max_handshakes",
-                    s.max_handshakes.unwrap_or(256),
-                    1,
-                    1 << 16,
-                )?,
-                max_handshakes_per_ip: in_range(
-                    "server.max_handshakes_per_ip",
-                    s.max_handshakes_per_ip.unwrap_or(32),
-                    1,
-                    1 << 16,
-                )?,
-                max_streams_per_connection: in_range(
-                    "server.max_streams_per_connection",
-                    s.max_streams_per_connection.unwrap_or(64) as usize,
-                    1,
-                    1024,
-                )? as u32,
-                max_buffered_body_bytes: in_range(
-                    "server.max_buffered_body_bytes",
-                    s.max_buffered_body_bytes.unwrap_or(64 << 20),
-                    1 << 20,
-                    4 << 30,
-                )?,
-                metrics_max_connections: in_range(
-                    "server.metrics_max_connections",
-                    s.metrics_max_connections.unwrap_or(64),
-                    1,
-                    1 << 16,
-                )?,
-                handshake_timeout: dur("server.handshake_timeout", &s.handshake_timeout, "10s")?,
-                request_timeout: dur("server.request_timeout", &s.request_timeout, "10s")?,
-                idle_timeout: dur("server.idle_timeout", &s.idle_timeout, "120s")?,
-                shutdown_timeout: dur("server.shutdown_timeout", &s.shutdown_timeout, "30s")?,
-            };
-            if server.listen == server.metrics_listen && server.listen.port() != 0 {
-                return Err(ConfigError::new(
-                    "server.metrics_listen",
-                    "must differ from server.listen",
-                ));
-            }
-
-            // [hsm]
-            let h = &self.hsm;
-            if h.pin.is_some() {
-                return Err(ConfigError::new(
-                    "hsm.pin",
-                    "PINs are never written in the configuration; use hsm.pin_env or hsm.pin_file",
-                ));
-            }
-            let pin = match (&h.pin_env, &h.pin_file) {
-                (Some(v), None) if !v.is_empty() => PinSource::Env(v.clone()),
-                (None, Some(p)) => PinSource::File(path(p)),
-                (Some(_), Some(_)) => {
-                    return Err(ConfigError::new(
-                        "hsm.pin_env",
-                        "set either hsm.pin_env or hsm.pin_file, not both",
-                    ));
-                }
-                _ => {
-                    return Err(ConfigError::new(
-                        "hsm.pin_file",
-                        "one of hsm.pin_env or hsm.pin_file is required",
-                    ));
-                }
-            };
-            let token_label = h.token_label.trim().to_owned();
-            if token_label.is_empty() || token_label.len() > 32 {
-                return Err(ConfigError::new(
-                    "hsm.token_label",
-                    "must be 1-32 characters",
-                ));
-            }
-            let environment = h
-                .environment
-                .iter()
-                .map(|(k, v)| {
-                    // Paths for the module (SOFTHSM2_CONF...) are relative to the config file too.
-                    let v = if v.starts_with("./") || v.starts_with("../") {
-                        path(Path::new(v)).display().to_string()
-                    } else {
-                        v.clone()
-                    };
-                    (k.clone(), v)
-                })
-                .collect();
-            let hsm = HsmConfig {
-                module: path(&h.module),
-                token_label,
-                pin,
-                sessions: in_range("hsm.sessions", h.sessions.unwrap_or(2), 1, 64)?,
-                queue_depth: in_range(
-                    "hsm.queue_depth",
-                    h.queue_depth.unwrap_or(1024),
-                    1,
-                    1 << 20,
-                )?,
-                call_timeout: dur("hsm.call_timeout", &h.call_timeout, "5s")?,
-                health_interval: dur("hsm.health_interval", &h.health_interval, "2s")?,
-                environment,
-            };
-            if hsm.call_timeout.is_zero() {
-                return Err(ConfigError::new(
-                    "hsm.call_timeout",
-                    "must be greater than zero",
-                ));
-            }
-
-            // [audit]
-            let a = &self.audit;
-            let origin = a
-                .origin
-                .clone()
-                .unwrap_or_else(|| "signet.local/evidence".to_owned());
-            if origin.is_empty()
-                || origin
-                    .chars()
-                    .any(|c| c.is_whitespace() || c == '+' || c.is_control())
-            {
-                return Err(ConfigError::new(
-                    "audit.origin",
-                    "must be non-empty, without spaces or '+' (e.g. signet.example.com/evidence)",
-                ));
-            }
-            let audit = AuditConfig {
-                dir: path(&a.dir),
-                origin,
-                checkpoint_interval: dur(
-                    "audit.checkpoint_interval",
-                    &a.checkpoint_interval,
-                    "10s",
-                )?,
-                fsync: match a.fsync {
-                    None | Some(FsyncSetting::Bool(true)) => FsyncPolicy::Always,
-                    Some(FsyncSetting::Bool(false)) => FsyncPolicy::Never,
-                    Some(FsyncSetting::Policy(p)) => p,
-                },
-                idempotency_retention: dur(
-                    "audit.idempotency_retention",
-                    &a.idempotency_retention,
-                    "24h",
-                )?,
-                idempotency_max_records: in_range(
-                    "audit.idempotency_max_records",
-                    a.idempotency_max_records.unwrap_or(1_000_000),
-                    1000,
-                    100_000_000,
-                )? as u64,
-                max_group_entries: in_range(
-                    "audit.max_group_entries",
-                    a.max_group_entries.unwrap_or(4096),
-                    1,
-                    1 << 20,
-                )?,
-                timestamping: match &a.timestamping {
-                    None => None,
-                    Some(t) => Some(TimestampingConfig {
-                        tsa_url: {
-                            let ok = t.tsa_url.strip_prefix("http://").is_some_and(|r| {
-                                !r.is_empty() && t.tsa_url.parse::<hyper::Uri>().is_ok()
-                            });
-                            if !ok {
-                                return Err(ConfigError::new(
-                                    "audit.timestamping.tsa_url",
-                                    "must be an http:// URL (RFC 3161 answers are signed)",
-                                ));
-                            }
-                            t.tsa_url.clone()
-                        },
-                        anchors: crate::audit::timestamp::TsaAnchors::load(&path(&t.ca_file))
-                            .map_err(|e| {
-                                ConfigError::new("audit.timestamping.ca_file", e.to_string())
-                            })?,
-                        ca_file: path(&t.ca_file),
-                        policy: oid("audit.timestamping.policy", &t.policy)?,
-                        timeout: dur("audit.timestamping.timeout", &t.timeout, "10s")?,
-                        retry_max_interval: dur(
-                            "audit.timestamping.retry_max_interval",
-                            &t.retry_max_interval,
-                            "5m",
-                        )?,
-                    }),
-                },
-            };
-            if audit
-                .timestamping
-                .as_ref()
-                .is_some_and(|t| t.retry_max_interval < Duration::from_millis(100))
-            {
-                return Err(ConfigError::new(
-                    "audit.timestamping.retry_max_interval",
-                    "must be at least 100ms",
-                ));
-            }
-            if audit.checkpoint_interval < Duration::from_millis(100) {
-                return Err(ConfigError::new(
-                    "audit.checkpoint_interval",
-                    "must be at least 100ms",
-                ));
-            }
-
+            let server = check_server(&self.server, &path)?;
+            let hsm = check_hsm(&self.hsm, &path)?;
+            let audit = check_audit(&self.audit, &path)?;
             let state_dir = path(self.state.dir.as_deref().unwrap_or(Path::new("state")));
             let storage = check_storage(&self.storage, &path)?;
-
-            // [[clients]]
-            let mut clients = Vec::new();
-            let mut seen = BTreeSet::new();
-            for (i, c) in self.clients.iter().enumerate() {
-                let key = |k: &str| format!("clients[{i}].{k}");
-                if c.identity.trim().is_empty() {
-                    return Err(ConfigError::new(key("identity"), "must not be empty"));
-                }
-                if !seen.insert(c.identity.clone()) {
-                    return Err(ConfigError::new(
-                        key("identity"),
-                        format!("`{}` is listed twice", c.identity),
-                    ));
-                }
-                let tenants = c
-                    .tenants
-                    .iter()
-                    .map(|t| {
-                        t.parse::<TenantId>()
-                            .map_err(|e| ConfigError::new(key("tenants"), format!("`{t}`: {e}")))
-                    })
-                    .collect::<Result<BTreeSet<_>, _>>()?;
-                let mut roles = BTreeSet::new();
-                for r in &c.roles {
-                    let role = match r.as_str() {
-                        "sign" => Role::Sign,
-                        "admin" => Role::Admin,
-                        "audit" => Role::Audit,
-                        other => {
-                            return Err(ConfigError::new(
-                                key("roles"),
-                                format!("unknown role `{other}` (expected sign, admin or audit)"),
-                            ));
-                        }
-                    };
-                    roles.insert(role);
-                }
-                if roles.is_empty() {
-                    return Err(ConfigError::new(
-                        key("roles"),
-                        "at least one role is required",
-                    ));
-                }
-                if roles.contains(&Role::Sign) && tenants.is_empty() {
-                    return Err(ConfigError::new(
-                        key("tenants"),
-                        "a client with the sign role needs at least one tenant",
-                    ));
-                }
-                let ca =
-                    c.ca.as_deref()
-                        .map(|p| certificate_file(&key("ca"), path(p)))
-                        .transpose()?;
-                check_rate(c.rate_limit, &key("rate_limit"))?;
-                clients.push(ClientConfig {
-                    identity: c.identity.clone(),
-                    tenants,
-                    roles,
-                    ca,
-                    rate_limit: c.rate_limit,
-                });
-            }
-
-            // [[policies]]
-            let mut policies = Vec::new();
-            let mut ids = BTreeSet::new();
-            for (i, p) in self.policies.iter().enumerate() {
-                let key = |k: &str| format!("policies[{i}].{k}");
-                let id: PolicyId =
-                    p.id.parse()
-                        .map_err(|e| ConfigError::new(key("id"), format!("`{}`: {e}", p.id)))?;
-                if !ids.insert(id.clone()) {
-                    return Err(ConfigError::new(
-                        key("id"),
-                        format!("`{id}` is defined twice"),
-                    ));
-                }
-                let tenant: TenantId = p
-                    .tenant
-                    .parse()
-                    .map_err(|e| ConfigError::new(key("tenant"), format!("`{}`: {e}", p.tenant)))?;
-                let mut algs = Vec::new();
-                for a in p.digest_algorithms.as_slice() {
-                    let alg = a.parse::<DigestAlgorithm>().map_err(|_| {
-                        ConfigError::new(
-                            key("digest_algorithms"),
-                            format!("unknown digest algorithm `{a}` (supported: sha256)"),
-                        )
-                    })?;
-                    if !algs.contains(&alg) {
-                        algs.push(alg);
-                    }
-                }
-                if algs.is_empty() {
-                    return Err(ConfigError::new(
-                        key("digest_algorithms"),
-                        "at least one algorithm is required",
-                    ));
-                }
-                if p.legal_standard.trim().is_empty() {
-                    return Err(ConfigError::new(
-                        key("legal_standard"),
-                        "must describe the legal standard (free text)",
-                    ));
-                }
-                check_rate(p.rate_limit, &key("rate_limit"))?;
-                policies.push(PolicyConfig {
-                    id,
-                    tenant,
-                    digest_algorithms: algs,
-                    legal_standard: p.legal_standard.clone(),
-                    require_idempotency_key: p.require_idempotency_key,
-                    rate_limit: p.rate_limit,
-                });
-            }
-
-            // [limits]
-            check_rate(self.limits.per_client, "limits.per_client")?;
-            check_rate(self.limits.per_tenant, "limits.per_tenant")?;
-            let mut tenant_limits = BTreeMap::new();
-            for (t, r) in &self.limits.tenants {
-                let k = format!("limits.tenants.{t}");
-                let tenant = t
-                    .parse::<TenantId>()
-                    .map_err(|e| ConfigError::new(k.clone(), e.to_string()))?;
-                check_rate(Some(*r), &k)?;
-                tenant_limits.insert(tenant, *r);
-            }
-            let limits = LimitsConfig {
-                per_client: self.limits.per_client,
-                per_tenant: self.limits.per_tenant,
-                tenants: tenant_limits,
-            };
-
-            // [rotation]
-            let r = &self.rotation;
-            let rotation = RotationConfig {
-                validity: dur("rotation.validity", &r.validity, "90d")?,
-                renew_before: dur("rotation.renew_before", &r.renew_before, "30d")?,
-                grace: dur("rotation.grace", &r.grace, "7d")?,
-                issuer: r.issuer.unwrap_or(Issuer::HsmCa),
-                check_interval: dur("rotation.check_interval", &r.check_interval, "1h")?,
-                min_remaining_validity: dur(
-                    "rotation.min_remaining_validity",
-                    &r.min_remaining_validity,
-                    "1d",
-                )?,
-                overdue_after: dur("rotation.overdue_after", &r.overdue_after, "3d")?,
-                retry_initial: dur("rotation.retry_initial", &r.retry_initial, "30s")?,
-                retry_max: dur("rotation.retry_max", &r.retry_max, "1h")?,
-                ca_certificate: path(
-                    r.ca_certificate
-                        .as_deref()
-                        .unwrap_or(Path::new("hsm-ca.pem")),
-                ),
-                subject_organization: r
-                    .subject_organization
-                    .clone()
-                    .unwrap_or_else(|| "Signet".to_owned()),
-                required_extended_key_usage: oid(
-                    "rotation.required_extended_key_usage",
-                    &r.required_extended_key_usage,
-                )?
-                .map(|o| o.to_string()),
-            };
-            if rotation.renew_before >= rotation.validity {
-                return Err(ConfigError::new(
-                    "rotation.renew_before",
-                    "must be shorter than rotation.validity",
-                ));
-            }
-            if rotation.min_remaining_validity >= rotation.renew_before {
-                return Err(ConfigError::new(
-                    "rotation.min_remaining_validity",
-                    "must be shorter than rotation.renew_before, or keys stop signing before they are renewed",
-                ));
-            }
-            if rotation.check_interval < Duration::from_secs(1) {
-                return Err(ConfigError::new(
-                    "rotation.check_interval",
-                    "must be at least 1s",
-                ));
-            }
-            if rotation.retry_initial.is_zero() || rotation.retry_max < rotation.retry_initial {
-                return Err(ConfigError::new(
-                    "rotation.retry_max",
-                    "must be at least rotation.retry_initial, which must be above zero",
-                ));
-            }
-            if rotation.subject_organization.trim().is_empty() {
-                return Err(ConfigError::new(
-                    "rotation.subject_organization",
-                    "must not be empty",
-                ));
-            }
-
+            let clients = check_clients(&self.clients, &path)?;
+            let policies = check_policies(&self.policies)?;
+            let limits = check_limits(&self.limits)?;
+            let rotation = check_rotation(&self.rotation, &path)?;
             let cli = self.cli.map(|c| CliConfig {
                 url: c.url,
                 cert: path(&c.cert),
