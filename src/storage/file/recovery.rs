@@ -20,22 +20,7 @@ impl FileLog {
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
         let dir = opts.dir.clone();
-        crate::fsutil::create_private_dir(&dir).map_err(io_err(&dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = crate::fsutil::open_durable(
-            &lock_path,
-            OpenOptions::new().create(true).truncate(false).write(true),
-        )
-        .map_err(io_err(&lock_path))?;
-        if lock.try_lock().is_err() {
-            return Err(Error::Locked(dir.display().to_string()));
-        }
-        let key_path = dir.join(LOG_KEY_FILE);
-        let key_pem = crate::pki::public_key_pem(&signer.public_key());
-        if std::fs::read_to_string(&key_path).ok().as_deref() != Some(key_pem.as_str()) {
-            crate::fsutil::write_atomic_mode(&key_path, key_pem.as_bytes(), 0o644)
-                .map_err(io_err(&key_path))?;
-        }
+        let lock = lock_dir(&dir, &signer.public_key())?;
 
         let started = Instant::now();
         let log_path = dir.join(ENTRIES_FILE);
@@ -52,14 +37,7 @@ impl FileLog {
         let latest = read_latest_checkpoint(&dir.join(CHECKPOINTS_FILE))?.map(Arc::new);
         let signed_size = latest.as_ref().map_or(0, |c| c.tree_size);
         let anchors = Anchors::load(&dir, &opts.origin, token.as_ref(), opts.accept_restore)?;
-        let (index, indexed_through) = index::Index::open(&dir).map_err(io_err(&dir))?;
-        let store = Store {
-            reader: File::open(&log_path).map_err(io_err(&log_path))?,
-            offsets: Offsets::open(&dir).map_err(io_err(&dir))?,
-            tiles: TileFiles::open(&dir).map_err(io_err(&dir))?,
-            index,
-            dir: dir.clone(),
-        };
+        let (store, indexed_through) = Store::open(&dir, &log_path)?;
         let signed = match &latest {
             Some(cp) => Some(
                 note::verify_checkpoint(&cp.note, &opts.origin, &signer.public_key()).map_err(
@@ -85,73 +63,23 @@ impl FileLog {
             None => recovery.full(&mut log)?,
         };
         let size = recovered.edge.size();
-        if let Some(parsed) = &signed {
-            if parsed.size > size {
-                return Err(Error::Inconsistent(format!(
-                    "the signed checkpoint covers {} entries but only {size} are on disk",
-                    parsed.size
-                )));
-            }
-            if recovered.root(&store, parsed.size)? != parsed.root {
-                return Err(Error::Inconsistent(format!(
-                    "root hash at size {} differs from the signed one",
-                    parsed.size
-                )));
-            }
-        }
-        let mut restore_findings =
-            anchors.check(size, signed_size, |s| recovered.root(&store, s).ok());
-        if let Some(a) = anchors
-            .anchor
-            .as_ref()
-            .filter(|_| !restore_findings.is_empty())
-        {
-            restore_findings.push(format!(
-                "the token's anchor before the restore: size {}, root {}",
-                a.size, a.root
-            ));
-        }
-        if !restore_findings.is_empty() && !opts.accept_restore {
-            return Err(Error::AnchorMismatch(restore_findings.join("; ")));
-        }
-        // What was rebuilt is durable before anything is served from it.
-        store.offsets.sync().map_err(io_err(store.offsets.path()))?;
-        store.index.sync(size).map_err(io_err(&dir))?;
-        write_active(
-            &dir,
-            &opts.origin,
+        let restore_findings = check_recovered(
+            &recovered,
+            &store,
+            signed.as_ref(),
+            &anchors,
+            signed_size,
+            opts.accept_restore,
+        )?;
+        let tail = make_durable(
+            &opts,
+            &store,
+            &recovered,
+            &anchors,
+            signed_size,
             token.as_ref(),
-            &SavedActive {
-                through: size,
-                active: recovered.active.clone(),
-            },
         )?;
         let fsync = opts.fsync;
-        let mut tail = TailWriter::open(
-            &dir,
-            &opts.origin,
-            anchors.tail,
-            fsync == FsyncPolicy::Always,
-        )?;
-        if anchors.tail.is_none_or(|t| t.head.size != size) {
-            let head = TreeHead {
-                size,
-                root: recovered.edge.root(),
-            };
-            tail.write(head, token.as_ref())?;
-        }
-        // A log without an anchor yet (new, or written by a version without anchors) is
-        // anchored at its verified checkpoint; written after the tail head, so an anchor
-        // always has a tail head beside it.
-        if anchors.anchor.is_none() || opts.accept_restore {
-            let head = TreeHead {
-                size: signed_size,
-                root: recovered.root(&store, signed_size)?,
-            };
-            token
-                .store(&Anchor::new(&opts.origin, head).encode())
-                .map_err(|e| Error::Token(e.to_string()))?;
-        }
         let file_len = log.metadata().map_err(io_err(&log_path))?.len();
         tracing::info!(
             entries = size,
@@ -202,6 +130,121 @@ impl FileLog {
             queue,
         })
     }
+}
+
+/// Create the directory, take its `LOCK` (one writer), and write `log-key.pem`.
+fn lock_dir(dir: &Path, key: &VerifyingKey) -> Result<File, Error> {
+    crate::fsutil::create_private_dir(dir).map_err(io_err(dir))?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = crate::fsutil::open_durable(
+        &lock_path,
+        OpenOptions::new().create(true).truncate(false).write(true),
+    )
+    .map_err(io_err(&lock_path))?;
+    if lock.try_lock().is_err() {
+        return Err(Error::Locked(dir.display().to_string()));
+    }
+    let key_path = dir.join(LOG_KEY_FILE);
+    let key_pem = crate::pki::public_key_pem(key);
+    if std::fs::read_to_string(&key_path).ok().as_deref() != Some(key_pem.as_str()) {
+        crate::fsutil::write_atomic_mode(&key_path, key_pem.as_bytes(), 0o644)
+            .map_err(io_err(&key_path))?;
+    }
+    Ok(lock)
+}
+
+/// The recovered log matches its last signed checkpoint and its anchors; what differs from the
+/// anchors (refused unless a restore is being accepted).
+fn check_recovered(
+    recovered: &Recovered,
+    store: &Store,
+    signed: Option<&Checkpoint>,
+    anchors: &Anchors,
+    signed_size: u64,
+    accept_restore: bool,
+) -> Result<Vec<String>, Error> {
+    let size = recovered.edge.size();
+    if let Some(parsed) = signed {
+        if parsed.size > size {
+            return Err(Error::Inconsistent(format!(
+                "the signed checkpoint covers {} entries but only {size} are on disk",
+                parsed.size
+            )));
+        }
+        if recovered.root(store, parsed.size)? != parsed.root {
+            return Err(Error::Inconsistent(format!(
+                "root hash at size {} differs from the signed one",
+                parsed.size
+            )));
+        }
+    }
+    let mut restore_findings = anchors.check(size, signed_size, |s| recovered.root(store, s).ok());
+    if let Some(a) = anchors
+        .anchor
+        .as_ref()
+        .filter(|_| !restore_findings.is_empty())
+    {
+        restore_findings.push(format!(
+            "the token's anchor before the restore: size {}, root {}",
+            a.size, a.root
+        ));
+    }
+    if !restore_findings.is_empty() && !accept_restore {
+        return Err(Error::AnchorMismatch(restore_findings.join("; ")));
+    }
+    Ok(restore_findings)
+}
+
+/// Make what was rebuilt durable, write the tail head for the recovered size, and anchor a log
+/// that has no anchor yet (or a restore being accepted) at its verified checkpoint.
+fn make_durable(
+    opts: &Options,
+    store: &Store,
+    recovered: &Recovered,
+    anchors: &Anchors,
+    signed_size: u64,
+    token: &dyn TokenAnchor,
+) -> Result<TailWriter, Error> {
+    let dir = &opts.dir;
+    let size = recovered.edge.size();
+    // What was rebuilt is durable before anything is served from it.
+    store.offsets.sync().map_err(io_err(store.offsets.path()))?;
+    store.index.sync(size).map_err(io_err(dir))?;
+    write_active(
+        dir,
+        &opts.origin,
+        token,
+        &SavedActive {
+            through: size,
+            active: recovered.active.clone(),
+        },
+    )?;
+    let mut tail = TailWriter::open(
+        dir,
+        &opts.origin,
+        anchors.tail,
+        opts.fsync == FsyncPolicy::Always,
+    )?;
+    if anchors.tail.is_none_or(|t| t.head.size != size) {
+        let head = TreeHead {
+            size,
+            root: recovered.edge.root(),
+        };
+        tail.write(head, token)?;
+    }
+    // A log without an anchor yet (new, or written by a version without anchors) is
+    // anchored at its verified checkpoint; written after the tail head, so an anchor
+    // always has a tail head beside it.
+    if anchors.anchor.is_none() || opts.accept_restore {
+        let head = TreeHead {
+            size: signed_size,
+            root: recovered.root(store, signed_size)?,
+        };
+        token
+            .store(&Anchor::new(&opts.origin, head).encode())
+            .map_err(|e| Error::Token(e.to_string()))?;
+    }
+    Ok(tail)
 }
 
 /// The fields the lookup indexes need, read without parsing a whole entry.
@@ -564,5 +607,21 @@ impl Anchors {
             }
         }
         out
+    }
+}
+
+impl Store {
+    /// The readers of the log in `dir` and its derived files; with the size the lookup indexes
+    /// are durable for.
+    fn open(dir: &Path, log_path: &Path) -> Result<(Self, u64), Error> {
+        let (index, indexed_through) = index::Index::open(dir).map_err(io_err(dir))?;
+        let store = Store {
+            reader: File::open(log_path).map_err(io_err(log_path))?,
+            offsets: Offsets::open(dir).map_err(io_err(dir))?,
+            tiles: TileFiles::open(dir).map_err(io_err(dir))?,
+            index,
+            dir: dir.to_path_buf(),
+        };
+        Ok((store, indexed_through))
     }
 }
