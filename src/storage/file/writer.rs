@@ -67,9 +67,7 @@ pub(super) type Group = Vec<(
 /// made with a replaced version (the order rule), write, fsync, publish, answer.
 pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec<u8>) {
     buf.clear();
-    // The order state as of this group; becomes `active` only once the group is durable.
-    let mut staged: Option<order::ActiveVersions> = None;
-    let (edge, base_len, mut previous, active) = {
+    let (edge, base_len, previous, active) = {
         let st = read(&inner.state);
         (
             Arc::clone(&st.edge),
@@ -79,69 +77,32 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
         )
     };
     let base_index = edge.size();
-    let mut next = base_index;
-    let mut leaves = Vec::new();
-    let mut ends = Vec::new();
+    let mut batch = Batch {
+        buf,
+        base_len,
+        next: base_index,
+        previous,
+        leaves: Vec::new(),
+        ends: Vec::new(),
+        events: Vec::new(),
+        lookups: Vec::new(),
+        staged: None,
+    };
     let mut receipts: Vec<Result<Vec<Receipt>, Error>> = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
-    let mut events: Vec<String> = Vec::new();
-    let mut lookups: Vec<(u64, index::Indexed)> = Vec::new();
     for (entries, reply) in group {
         replies.push(reply);
-        let mut out = Vec::with_capacity(entries.len());
-        let mark = (buf.len(), next, leaves.len(), previous);
-        let mut failed = None;
-        let staged_before = staged.clone();
-        for mut e in entries {
-            e.index = next;
-            e.previous_leaf_hash = previous.map(|h| B64.encode(h));
-            let order = staged.as_ref().unwrap_or(&active);
-            if let Err(v) = order.check(&e) {
-                failed = Some(Error::Superseded(v));
-                break;
-            }
-            if order::activation(&e).is_some() {
-                staged.get_or_insert_with(|| (*active).clone()).record(&e);
-            }
-            match e.canonical() {
-                Ok(bytes) => {
-                    let leaf = merkle::leaf_hash(&bytes);
-                    previous = Some(leaf);
-                    buf.extend_from_slice(&bytes);
-                    buf.push(b'\n');
-                    ends.push(base_len + buf.len() as u64);
-                    leaves.push(leaf);
-                    out.push(Receipt {
-                        log_origin: inner.origin.clone(),
-                        index: next,
-                        leaf_hash: B64.encode(leaf),
-                    });
-                    lookups.push((next, indexed(&e.time, e.tenant, e.transaction_id)));
-                    events.push(e.event);
-                    next += 1;
-                }
-                Err(err) => {
-                    failed = Some(Error::Serialize(err.to_string()));
-                    break;
-                }
-            }
-        }
-        match failed {
-            None => receipts.push(Ok(out)),
-            Some(err) => {
-                // Drop this request's entries only; the others in the group go ahead.
-                buf.truncate(mark.0);
-                ends.truncate(mark.2);
-                leaves.truncate(mark.2);
-                events.truncate(events.len() - (next - mark.1) as usize);
-                lookups.retain(|(i, _)| *i < mark.1);
-                next = mark.1;
-                previous = mark.3;
-                staged = staged_before;
-                receipts.push(Err(err));
-            }
-        }
+        receipts.push(batch.add(&inner.origin, entries, &active));
     }
+    let Batch {
+        buf,
+        leaves,
+        ends,
+        events,
+        lookups,
+        staged,
+        ..
+    } = batch;
 
     // Commit point 1: after write_all + fdatasync the entries in `buf` are durable; their end
     // offsets follow in `entries.idx`.
@@ -154,55 +115,18 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
     for l in &leaves {
         completed.extend(grown.push(*l));
     }
-    let result = (|| -> Result<(), Error> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let entries = || io_err(Path::new(ENTRIES_FILE));
-        sink.log.write_all(buf).map_err(entries())?;
-        if sink.fsync == FsyncPolicy::Always {
-            let t = Instant::now();
-            sink.log.sync_data().map_err(entries())?;
-            inner
-                .metrics
-                .audit_fsync_duration
-                .observe(t.elapsed().as_secs_f64());
-        }
-        inner
-            .store
-            .offsets
-            .append(&ends)
-            .map_err(io_err(Path::new(OFFSETS_FILE)))?;
-        let head = TreeHead {
-            size: grown.size(),
-            root: grown.root(),
+    let head = TreeHead {
+        size: grown.size(),
+        root: grown.root(),
+    };
+    if let Err(e) = write_durably(inner, sink, buf, &ends, head) {
+        let previous = TreeHead {
+            size: base_index,
+            root: edge.root(),
         };
-        Ok(sink.tail.write(head, inner.token.as_ref())?)
-    })();
-
-    if let Err(msg) = result {
-        inner.metrics.audit_write_errors.inc();
-        inner.writable.store(false, Ordering::Release);
-        inner.metrics.audit_writable.set(0);
-        tracing::error!(error = %msg, "evidence log append failed; signing is refused until it is writable again");
-        if let Err(t) = sink.log.set_len(base_len) {
-            tracing::error!(error = %t, "cannot cut the failed append back off the evidence log");
-        }
-        if let Err(t) = inner.store.offsets.truncate(base_index) {
-            tracing::error!(error = %t, "cannot cut the failed append back off {OFFSETS_FILE}");
-        }
-        // The tail head may now claim the cut entries: put the previous head back.
-        if let Err(e) = sink.tail.write(
-            TreeHead {
-                size: base_index,
-                root: edge.root(),
-            },
-            inner.token.as_ref(),
-        ) {
-            tracing::error!(error = %e, "cannot restore the tail head after a failed append");
-        }
+        undo_append(inner, sink, base_len, previous, &e);
         for reply in replies {
-            let _ = reply.send(Err(Error::Unwritable(msg.to_string())));
+            let _ = reply.send(Err(Error::Unwritable(e.to_string())));
         }
         return;
     }
@@ -235,6 +159,146 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
     }
     for (reply, r) in replies.into_iter().zip(receipts) {
         let _ = reply.send(r);
+    }
+}
+
+/// A group being sequenced: the bytes to write and what each entry adds.
+struct Batch<'a> {
+    buf: &'a mut Vec<u8>,
+    /// The entries file's length before the group.
+    base_len: u64,
+    /// The next entry's index.
+    next: u64,
+    /// The last entry's leaf hash (the next entry's link).
+    previous: Option<Hash>,
+    leaves: Vec<Hash>,
+    /// Each entry's end offset in the entries file.
+    ends: Vec<u64>,
+    events: Vec<String>,
+    lookups: Vec<(u64, index::Indexed)>,
+    /// The order state as of this group; becomes `active` only once the group is durable.
+    staged: Option<order::ActiveVersions>,
+}
+
+impl Batch<'_> {
+    /// Add one request's entries (indexes, hash links, canonical bytes); all or none: on a
+    /// refusal (a signature made with a replaced version) this request's entries are dropped
+    /// and the others in the group go ahead.
+    fn add(
+        &mut self,
+        origin: &str,
+        entries: Vec<Entry>,
+        active: &order::ActiveVersions,
+    ) -> Result<Vec<Receipt>, Error> {
+        let mark = (
+            self.buf.len(),
+            self.next,
+            self.leaves.len(),
+            self.previous,
+            self.staged.clone(),
+        );
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            match self.push(origin, e, active) {
+                Ok(r) => out.push(r),
+                Err(err) => {
+                    self.buf.truncate(mark.0);
+                    self.ends.truncate(mark.2);
+                    self.leaves.truncate(mark.2);
+                    self.events
+                        .truncate(self.events.len() - (self.next - mark.1) as usize);
+                    self.lookups.retain(|(i, _)| *i < mark.1);
+                    self.next = mark.1;
+                    self.previous = mark.3;
+                    self.staged = mark.4;
+                    return Err(err);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn push(
+        &mut self,
+        origin: &str,
+        mut e: Entry,
+        active: &order::ActiveVersions,
+    ) -> Result<Receipt, Error> {
+        e.index = self.next;
+        e.previous_leaf_hash = self.previous.map(|h| B64.encode(h));
+        let order = self.staged.as_ref().unwrap_or(active);
+        order.check(&e).map_err(Error::Superseded)?;
+        if order::activation(&e).is_some() {
+            self.staged.get_or_insert_with(|| active.clone()).record(&e);
+        }
+        let bytes = e
+            .canonical()
+            .map_err(|err| Error::Serialize(err.to_string()))?;
+        let leaf = merkle::leaf_hash(&bytes);
+        self.previous = Some(leaf);
+        self.buf.extend_from_slice(&bytes);
+        self.buf.push(b'\n');
+        self.ends.push(self.base_len + self.buf.len() as u64);
+        self.leaves.push(leaf);
+        self.lookups
+            .push((self.next, indexed(&e.time, e.tenant, e.transaction_id)));
+        self.events.push(e.event);
+        let receipt = Receipt {
+            log_origin: origin.to_owned(),
+            index: self.next,
+            leaf_hash: B64.encode(leaf),
+        };
+        self.next += 1;
+        Ok(receipt)
+    }
+}
+
+/// Commit points 1 and 2 for the group in `buf`: the entries written and made durable, their
+/// end offsets appended, then the tail head for the new size written (MACed in the token).
+fn write_durably(
+    inner: &Inner,
+    sink: &mut Sink,
+    buf: &[u8],
+    ends: &[u64],
+    head: TreeHead,
+) -> Result<(), Error> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let entries = || io_err(Path::new(ENTRIES_FILE));
+    sink.log.write_all(buf).map_err(entries())?;
+    if sink.fsync == FsyncPolicy::Always {
+        let t = Instant::now();
+        sink.log.sync_data().map_err(entries())?;
+        inner
+            .metrics
+            .audit_fsync_duration
+            .observe(t.elapsed().as_secs_f64());
+    }
+    inner
+        .store
+        .offsets
+        .append(ends)
+        .map_err(io_err(Path::new(OFFSETS_FILE)))?;
+    Ok(sink.tail.write(head, inner.token.as_ref())?)
+}
+
+/// A group that could not be made durable: the log is marked unwritable, and the entries file,
+/// the offsets and the tail head are put back to `previous` (the head before the group).
+fn undo_append(inner: &Inner, sink: &mut Sink, base_len: u64, previous: TreeHead, e: &Error) {
+    inner.metrics.audit_write_errors.inc();
+    inner.writable.store(false, Ordering::Release);
+    inner.metrics.audit_writable.set(0);
+    tracing::error!(error = %e, "evidence log append failed; signing is refused until it is writable again");
+    if let Err(t) = sink.log.set_len(base_len) {
+        tracing::error!(error = %t, "cannot cut the failed append back off the evidence log");
+    }
+    if let Err(t) = inner.store.offsets.truncate(previous.size) {
+        tracing::error!(error = %t, "cannot cut the failed append back off {OFFSETS_FILE}");
+    }
+    // The tail head may now claim the cut entries: put the previous head back.
+    if let Err(e) = sink.tail.write(previous, inner.token.as_ref()) {
+        tracing::error!(error = %e, "cannot restore the tail head after a failed append");
     }
 }
 
