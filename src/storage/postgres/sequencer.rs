@@ -113,35 +113,75 @@ impl PgLog {
             .await
             .map_err(|e| before(db.failed(e)))?;
         let base = row.get::<_, i64>(0) as u64;
-        let mut previous: Option<Hash> = row
+        let previous: Option<Hash> = row
             .get::<_, Option<Vec<u8>>>(1)
             .and_then(|b| Hash::try_from(b.as_slice()).ok());
-        let mut active: order::ActiveVersions = serde_json::from_value(row.get::<_, Value>(2))
+        let active: order::ActiveVersions = serde_json::from_value(row.get::<_, Value>(2))
             .map_err(|e| before(Error::Invalid(format!("signet_log.active: {e}"))))?;
 
         // Idempotency claims this group relies on, locked until COMMIT.
-        let claimed: Vec<(String, Vec<u8>)> =
-            requests.iter().flatten().filter_map(claim_key).collect();
-        let mut holders: ClaimHolders = HashMap::new();
-        if !claimed.is_empty() {
-            let (clients, keys): (Vec<String>, Vec<Vec<u8>>) = claimed.iter().cloned().unzip();
-            let claims = tx
-                .prepare_cached(
-                    "SELECT client, key_hash, holder, entry_index FROM signet_idempotency
-                     WHERE (client, key_hash) IN (SELECT * FROM unnest($1::text[], $2::bytea[]))
-                     FOR UPDATE",
-                )
-                .await
-                .map_err(|e| before(db.failed(e)))?;
-            for r in tx
-                .query(&claims, &[&clients, &keys])
-                .await
-                .map_err(|e| before(db.failed(e)))?
-            {
-                holders.insert((r.get(0), r.get(1)), (r.get(2), r.get(3)));
-            }
+        let holders = lock_claims(&tx, &requests)
+            .await
+            .map_err(|e| before(db.failed(e)))?;
+        let Staged {
+            next,
+            previous,
+            mut rows,
+            leaves,
+            events,
+            results,
+            active,
+        } = self.stage(base, previous, active, &holders, requests);
+        let sequenced = Sequenced {
+            base,
+            leaves,
+            events,
+            results,
+        };
+        if sequenced.leaves.is_empty() {
+            let _ = tx.rollback().await;
+            return Ok(sequenced);
         }
+        let active_json = serde_json::to_value(&active)
+            .map_err(|e| before(Error::Invalid(format!("signet_log.active: {e}"))))?;
+        let last = previous.map(|h| h.to_vec());
+        insert_rows(&tx, &mut rows, batch)
+            .await
+            .map_err(|e| before(db.failed(e)))?;
+        // Advance the coordinator row and notify the other replicas (delivered at COMMIT).
+        let advance = tx
+            .prepare_cached(
+                "WITH advanced AS (
+                     UPDATE signet_log SET next_index = $1, last_leaf = $2, active = $3
+                     WHERE id = 1 RETURNING 1)
+                 SELECT pg_notify('signet_log', '') FROM advanced",
+            )
+            .await
+            .map_err(|e| before(db.failed(e)))?;
+        tx.query(&advance, &[&(next as i64), &last, &active_json])
+            .await
+            .map_err(|e| before(db.failed(e)))?;
+        crash_point("before-commit");
+        // Commit point: once this returns Ok, the entries are durable and acknowledged.
+        if let Err(e) = tx.commit().await {
+            return Err(Failure::Unknown(sequenced, db.failed(e).to_string()));
+        }
+        crash_point("after-commit");
+        Ok(sequenced)
+    }
 
+    /// Stage a group's requests after `base`: indexes, hash links, the signing order and the
+    /// idempotency claims checked per request (a request that fails is dropped whole; the rest
+    /// of the group goes ahead), the rows to insert.
+    fn stage(
+        &self,
+        base: u64,
+        mut previous: Option<Hash>,
+        mut active: order::ActiveVersions,
+        holders: &ClaimHolders,
+        requests: Vec<Vec<Entry>>,
+    ) -> Staged {
+        let db = &self.db;
         let mut next = base;
         let mut rows = Rows::default();
         let mut leaves = Vec::new();
@@ -217,42 +257,15 @@ impl PgLog {
                 }
             }
         }
-        let sequenced = Sequenced {
-            base,
+        Staged {
+            next,
+            previous,
+            rows,
             leaves,
             events,
             results,
-        };
-        if sequenced.leaves.is_empty() {
-            let _ = tx.rollback().await;
-            return Ok(sequenced);
+            active,
         }
-        let active_json = serde_json::to_value(&active)
-            .map_err(|e| before(Error::Invalid(format!("signet_log.active: {e}"))))?;
-        let last = previous.map(|h| h.to_vec());
-        insert_rows(&tx, &mut rows, batch)
-            .await
-            .map_err(|e| before(db.failed(e)))?;
-        // Advance the coordinator row and notify the other replicas (delivered at COMMIT).
-        let advance = tx
-            .prepare_cached(
-                "WITH advanced AS (
-                     UPDATE signet_log SET next_index = $1, last_leaf = $2, active = $3
-                     WHERE id = 1 RETURNING 1)
-                 SELECT pg_notify('signet_log', '') FROM advanced",
-            )
-            .await
-            .map_err(|e| before(db.failed(e)))?;
-        tx.query(&advance, &[&(next as i64), &last, &active_json])
-            .await
-            .map_err(|e| before(db.failed(e)))?;
-        crash_point("before-commit");
-        // Commit point: once this returns Ok, the entries are durable and acknowledged.
-        if let Err(e) = tx.commit().await {
-            return Err(Failure::Unknown(sequenced, db.failed(e).to_string()));
-        }
-        crash_point("after-commit");
-        Ok(sequenced)
     }
 
     /// Did batch `batch` commit? Asked under the coordinator row lock, so a commit still in
@@ -347,4 +360,38 @@ impl Rows {
 pub(super) fn claim_key(e: &Entry) -> Option<(String, Vec<u8>)> {
     let k = hex::decode(e.idempotency_key_sha256.as_deref()?).ok()?;
     Some((e.actor.identity.clone(), k))
+}
+
+/// What a group adds, before it is written.
+pub(super) struct Staged {
+    next: u64,
+    previous: Option<Hash>,
+    rows: Rows,
+    leaves: Vec<Hash>,
+    events: Vec<String>,
+    results: Vec<Result<Vec<Receipt>, audit::Error>>,
+    active: order::ActiveVersions,
+}
+
+/// Lock the idempotency claims the group's entries rely on (until COMMIT): who holds each.
+async fn lock_claims(
+    tx: &deadpool_postgres::Transaction<'_>,
+    requests: &[Vec<Entry>],
+) -> Result<ClaimHolders, tokio_postgres::Error> {
+    let claimed: Vec<(String, Vec<u8>)> = requests.iter().flatten().filter_map(claim_key).collect();
+    let mut holders: ClaimHolders = HashMap::new();
+    if !claimed.is_empty() {
+        let (clients, keys): (Vec<String>, Vec<Vec<u8>>) = claimed.iter().cloned().unzip();
+        let claims = tx
+            .prepare_cached(
+                "SELECT client, key_hash, holder, entry_index FROM signet_idempotency
+                 WHERE (client, key_hash) IN (SELECT * FROM unnest($1::text[], $2::bytea[]))
+                 FOR UPDATE",
+            )
+            .await?;
+        for r in tx.query(&claims, &[&clients, &keys]).await? {
+            holders.insert((r.get(0), r.get(1)), (r.get(2), r.get(3)));
+        }
+    }
+    Ok(holders)
 }
