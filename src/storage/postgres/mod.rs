@@ -44,7 +44,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::audit::anchor::{Anchor, TokenAnchor, TreeHead};
-use crate::audit::merkle::{self, Hash, Tree};
+use crate::audit::merkle::{self, Hash};
 use crate::audit::note::{self, Checkpoint};
 use crate::audit::tiled::{self, Edge, Missing, Tile, TileId, TileNodes};
 use crate::audit::timestamp::StoredTimestamp;

@@ -215,87 +215,22 @@ pub async fn migrate(
     origin: &str,
     log_key_pem: &str,
 ) -> Result<MigrateReport, Error> {
-    use std::io::BufRead;
     let mut c = db.client().await?;
     let tx = c.transaction().await.map_err(|e| db.failed(e))?;
-    let existing: Option<i64> = tx
-        .query_opt(
-            "SELECT next_index FROM signet_log WHERE id = 1 FOR UPDATE",
-            &[],
-        )
-        .await
-        .map_err(|e| db.failed(e))?
-        .map(|r| r.get(0));
-    let any: bool = tx
-        .query_one("SELECT EXISTS (SELECT 1 FROM signet_entries)", &[])
-        .await
-        .map_err(|e| db.failed(e))?
-        .get(0);
-    if existing.is_some_and(|n| n > 0) || any {
-        return Err(Error::Invalid(
+    refuse_a_used_database(&tx).await.map_err(|e| match e {
+        Refusal::Used => Error::Invalid(
             "the database already holds an evidence log; migrate only into an empty one".into(),
-        ));
-    }
-    let path = audit_dir.join(audit::ENTRIES_FILE);
-    let file = std::fs::File::open(&path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
+        ),
+        Refusal::Db(e) => db.failed(e),
     })?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let mut tree = Tree::new();
-    let mut edge = Edge::new();
-    let mut tiles: Vec<(TileId, Tile)> = Vec::new();
-    let mut active = order::ActiveVersions::default();
-    let mut rows = Rows::default();
-    let mut line = Vec::new();
-    let batch = format!("migrated-{}", uuid::Uuid::new_v4());
-    loop {
-        line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|source| Error::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-        if n == 0 || line.last() != Some(&b'\n') {
-            break;
-        }
-        line.pop();
-        let index = tree.len();
-        let e: Entry = serde_json::from_slice(&line)
-            .map_err(|err| Error::Invalid(format!("entry {index}: {err}")))?;
-        active.record(&e);
-        let leaf = merkle::leaf_hash(&line);
-        rows.push(index, leaf, line.clone(), &e);
-        if let Some((client, key)) = claim_key(&e) {
-            rows.claims.push((
-                client,
-                key,
-                e.request_sha256.clone().unwrap_or_default(),
-                index as i64,
-            ));
-        }
-        tree.push(leaf);
-        tiles.extend(edge.push(leaf));
-        if rows.len() >= 2000 {
-            insert_rows(&tx, &mut rows, &batch)
-                .await
-                .map_err(|e| db.failed(e))?;
-            insert_tiles(&*tx, &mut tiles)
-                .await
-                .map_err(|e| db.failed(e))?;
-        }
-    }
-    insert_rows(&tx, &mut rows, &batch)
-        .await
-        .map_err(|e| db.failed(e))?;
-    insert_tiles(&*tx, &mut tiles)
-        .await
-        .map_err(|e| db.failed(e))?;
-    let size = tree.len();
     let checkpoints =
         crate::storage::file::read_checkpoints(&audit_dir.join(audit::CHECKPOINTS_FILE))
             .map_err(|e| Error::Invalid(e.to_string()))?;
+    let head = checkpoints.last().map_or(0, |c| c.tree_size);
+    let imported = import_entries(db, &tx, audit_dir, head).await?;
+    let head_root = imported.head_root.ok_or_else(|| {
+        Error::Invalid(format!("the log is shorter than its checkpoint at {head}"))
+    })?;
     for cp in &checkpoints {
         tx.execute(
             "INSERT INTO signet_checkpoints (tree_size, signed_at, note) VALUES ($1, $2, $3)",
@@ -304,21 +239,21 @@ pub async fn migrate(
         .await
         .map_err(|e| db.failed(e))?;
     }
-    let head = checkpoints.last().map_or(0, |c| c.tree_size);
-    let head_root = tree
-        .root(head)
-        .map_err(|e| Error::Invalid(format!("checkpoint at {head}: {e}")))?;
-    let active_json = serde_json::to_value(&active).map_err(|e| Error::Invalid(e.to_string()))?;
-    let last = size
-        .checked_sub(1)
-        .and_then(|i| tree.leaf(i))
-        .map(|h| h.to_vec());
+    let active_json =
+        serde_json::to_value(&imported.active).map_err(|e| Error::Invalid(e.to_string()))?;
+    let last = imported.last_leaf.map(|h| h.to_vec());
     tx.execute(
         "INSERT INTO signet_log (id, origin, next_index, last_leaf, active, log_key)
          VALUES (1, $1, $2, $3, $4, $5)
          ON CONFLICT (id) DO UPDATE SET origin = $1, next_index = $2, last_leaf = $3,
              active = $4, log_key = $5",
-        &[&origin, &(size as i64), &last, &active_json, &log_key_pem],
+        &[
+            &origin,
+            &(imported.size as i64),
+            &last,
+            &active_json,
+            &log_key_pem,
+        ],
     )
     .await
     .map_err(|e| db.failed(e))?;
@@ -329,7 +264,133 @@ pub async fn migrate(
     )
     .await
     .map_err(|e| db.failed(e))?;
+    let (key_states, rotations) = import_state(db, &tx, state_dir).await?;
+    bump_state(&tx).await.map_err(|e| db.failed(e))?;
+    tx.commit().await.map_err(|e| db.failed(e))?;
+    Ok(MigrateReport {
+        entries: imported.size,
+        checkpoints: checkpoints.len() as u64,
+        key_states,
+        rotations,
+        root: B64.encode(head_root),
+        tree_size: head,
+    })
+}
 
+enum Refusal {
+    Used,
+    Db(tokio_postgres::Error),
+}
+
+/// Only an empty database receives a log.
+async fn refuse_a_used_database(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), Refusal> {
+    let existing: Option<i64> = tx
+        .query_opt(
+            "SELECT next_index FROM signet_log WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(Refusal::Db)?
+        .map(|r| r.get(0));
+    let any: bool = tx
+        .query_one("SELECT EXISTS (SELECT 1 FROM signet_entries)", &[])
+        .await
+        .map_err(Refusal::Db)?
+        .get(0);
+    if existing.is_some_and(|n| n > 0) || any {
+        return Err(Refusal::Used);
+    }
+    Ok(())
+}
+
+/// What importing the entries gave: the log's size and last leaf, the root at the last
+/// checkpoint's size, the active versions.
+struct Imported {
+    size: u64,
+    last_leaf: Option<Hash>,
+    head_root: Option<Hash>,
+    active: order::ActiveVersions,
+}
+
+/// Insert every entry (byte for byte, with their idempotency records) and the tree's full
+/// tiles, streaming: memory holds the tree's right edge only.
+async fn import_entries(
+    db: &Db,
+    tx: &deadpool_postgres::Transaction<'_>,
+    audit_dir: &std::path::Path,
+    head: u64,
+) -> Result<Imported, Error> {
+    use std::io::BufRead;
+    let path = audit_dir.join(audit::ENTRIES_FILE);
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(&path).map_err(io)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut edge = Edge::new();
+    let mut tiles: Vec<(TileId, Tile)> = Vec::new();
+    let mut imported = Imported {
+        size: 0,
+        last_leaf: None,
+        head_root: (head == 0).then(merkle::empty_root),
+        active: order::ActiveVersions::default(),
+    };
+    let mut rows = Rows::default();
+    let mut line = Vec::new();
+    let batch = format!("migrated-{}", uuid::Uuid::new_v4());
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).map_err(io)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        line.pop();
+        let index = edge.size();
+        let e: Entry = serde_json::from_slice(&line)
+            .map_err(|err| Error::Invalid(format!("entry {index}: {err}")))?;
+        imported.active.record(&e);
+        let leaf = merkle::leaf_hash(&line);
+        rows.push(index, leaf, line.clone(), &e);
+        if let Some((client, key)) = claim_key(&e) {
+            rows.claims.push((
+                client,
+                key,
+                e.request_sha256.clone().unwrap_or_default(),
+                index as i64,
+            ));
+        }
+        tiles.extend(edge.push(leaf));
+        imported.last_leaf = Some(leaf);
+        if edge.size() == head {
+            imported.head_root = Some(edge.root());
+        }
+        if rows.len() >= 2000 {
+            insert_rows(tx, &mut rows, &batch)
+                .await
+                .map_err(|e| db.failed(e))?;
+            insert_tiles(&**tx, &mut tiles)
+                .await
+                .map_err(|e| db.failed(e))?;
+        }
+    }
+    insert_rows(tx, &mut rows, &batch)
+        .await
+        .map_err(|e| db.failed(e))?;
+    insert_tiles(&**tx, &mut tiles)
+        .await
+        .map_err(|e| db.failed(e))?;
+    imported.size = edge.size();
+    Ok(imported)
+}
+
+/// Copy the key states and the rotation journal from the file backend's `[state].dir`: how
+/// many key states and rotations.
+async fn import_state(
+    db: &Db,
+    tx: &deadpool_postgres::Transaction<'_>,
+    state_dir: &std::path::Path,
+) -> Result<(u64, u64), Error> {
     let state = crate::storage::file::state::FileState::new(state_dir);
     let keys = KeyStateStore::load(&state).await?;
     for (id, record) in &keys {
@@ -359,16 +420,10 @@ pub async fn migrate(
         .await
         .map_err(|e| db.failed(e))?;
     }
-    bump_state(&tx).await.map_err(|e| db.failed(e))?;
-    tx.commit().await.map_err(|e| db.failed(e))?;
-    Ok(MigrateReport {
-        entries: size,
-        checkpoints: checkpoints.len() as u64,
-        key_states: keys.len() as u64,
-        rotations: (journal.active.len() + journal.history.len()) as u64,
-        root: B64.encode(head_root),
-        tree_size: head,
-    })
+    Ok((
+        keys.len() as u64,
+        (journal.active.len() + journal.history.len()) as u64,
+    ))
 }
 
 /// Store full tiles (deterministic: a tile already there is the same).
