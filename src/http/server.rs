@@ -468,35 +468,9 @@ impl Conn {
             count("limited");
             return;
         };
-        let chain: Vec<rustls::pki_types::CertificateDer<'static>> = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
-            .unwrap_or_default();
-        let identity = {
-            let policies = self.app.policies.load();
-            chain
-                .first()
-                .ok_or(tls::IdentityError::NoIdentity)
-                .and_then(|c| {
-                    ClientIdentity::from_certificate(c.as_ref(), |i| policies.is_known(i))
-                })
+        let Some((chain, identity, expires)) = self.client_identity(&stream) else {
+            return;
         };
-        let identity = match identity {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(%peer, reason = %e, "connection without a usable client identity; closing");
-                return;
-            }
-        };
-        // The earliest notAfter in the chain the client presented.
-        let expires = chain
-            .iter()
-            .filter_map(|c| crate::pki::CertInfo::parse(c.as_ref()).ok())
-            .map(|c| c.not_after)
-            .min()
-            .unwrap_or(0);
         let activity = Arc::new(Activity {
             started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
@@ -515,19 +489,7 @@ impl Conn {
                 resp
             }
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.cfg.request_timeout)
-            .max_buf_size(self.cfg.max_header_bytes.max(8192));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(self.cfg.max_header_bytes as u32)
-            .max_concurrent_streams(self.cfg.max_streams_per_connection)
-            .keep_alive_interval(Some(self.cfg.idle_timeout))
-            .keep_alive_timeout(Duration::from_secs(20));
+        let builder = self.http_builder();
         let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let serving = watcher.watch(conn.into_owned());
         tokio::pin!(serving);
@@ -583,6 +545,67 @@ impl Conn {
         // Dropping the connection future closes it.
         tracing::info!(%peer, reason, "closing connection");
         count(&format!("closed_{reason}"));
+    }
+
+    /// HTTP/1.1 and HTTP/2 for one connection, with the configured limits and timeouts.
+    fn http_builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.request_timeout)
+            .max_buf_size(self.cfg.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(self.cfg.max_header_bytes as u32)
+            .max_concurrent_streams(self.cfg.max_streams_per_connection)
+            .keep_alive_interval(Some(self.cfg.idle_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
+        builder
+    }
+
+    /// The client's certificate chain, its identity (known to `[[clients]]`), and the earliest
+    /// notAfter in the chain; `None` (logged) for a connection without a usable identity.
+    fn client_identity(
+        &self,
+        stream: &tokio_rustls::server::TlsStream<TcpStream>,
+    ) -> Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        ClientIdentity,
+        u64,
+    )> {
+        let peer = self.peer;
+        let chain: Vec<rustls::pki_types::CertificateDer<'static>> = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let identity = {
+            let policies = self.app.policies.load();
+            chain
+                .first()
+                .ok_or(tls::IdentityError::NoIdentity)
+                .and_then(|c| {
+                    ClientIdentity::from_certificate(c.as_ref(), |i| policies.is_known(i))
+                })
+        };
+        let identity = match identity {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(%peer, reason = %e, "connection without a usable client identity; closing");
+                return None;
+            }
+        };
+        // The earliest notAfter in the chain the client presented.
+        let expires = chain
+            .iter()
+            .filter_map(|c| crate::pki::CertInfo::parse(c.as_ref()).ok())
+            .map(|c| c.not_after)
+            .min()
+            .unwrap_or(0);
+        Some((chain, identity, expires))
     }
 
     /// Does the current TLS configuration (after a reload) still accept this client chain?
