@@ -8,41 +8,122 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-pub struct Metrics {
+/// What each collector kind is.
+macro_rules! collector_type {
+    (counter) => {
+        IntCounter
+    };
+    (counter_vec) => {
+        IntCounterVec
+    };
+    (gauge) => {
+        IntGauge
+    };
+    (gauge_vec) => {
+        IntGaugeVec
+    };
+    (histogram) => {
+        Histogram
+    };
+}
+
+/// Declare the collectors: `field: kind(name, help[, labels or buckets]);`.
+macro_rules! collectors {
+    ($($field:ident: $kind:ident($($arg:expr),+);)+) => {
+        pub struct Metrics {
+            registry: Registry,
+            $(pub $field: collector_type!($kind),)+
+        }
+
+        impl Metrics {
+            fn register_all(f: &Factory) -> Self {
+                Self {
+                    registry: f.registry.clone(),
+                    $($field: f.$kind($($arg),+),)+
+                }
+            }
+        }
+    };
+}
+
+/// Creates collectors on one registry. Names, labels and buckets are static and valid, and
+/// each name is registered once (the table above): creation and registration cannot fail.
+struct Factory {
     registry: Registry,
-    pub sign_requests: IntCounterVec,
-    pub sign_duration: Histogram,
-    pub http_requests: IntCounterVec,
-    pub hsm_sessions_in_use: IntGauge,
-    pub hsm_sessions: IntGauge,
-    pub hsm_errors: IntCounterVec,
-    pub hsm_ready: IntGauge,
-    pub hsm_recoveries: IntCounterVec,
-    pub hsm_queue_rejections: IntCounter,
-    pub audit_entries: IntCounterVec,
-    pub audit_fsync_duration: Histogram,
-    pub audit_group_size: Histogram,
-    pub audit_tree_size: IntGauge,
-    pub audit_checkpoint_size: IntGauge,
-    pub audit_last_checkpoint: IntGauge,
-    pub audit_write_errors: IntCounter,
-    pub audit_writable: IntGauge,
-    pub storage_up: IntGauge,
-    pub storage_commit_duration: Histogram,
-    pub storage_leader: IntGauge,
-    pub certificate_not_after: IntGaugeVec,
-    pub certificate_not_before: IntGaugeVec,
-    pub certificate_renewal_due: IntGaugeVec,
-    pub certificate_unusable: IntGaugeVec,
-    pub rotation_state: IntGaugeVec,
-    pub rotations: IntCounterVec,
-    pub config_reloads: IntCounterVec,
-    pub idempotency_evictions: IntCounter,
-    pub tsa_requests: IntCounterVec,
-    pub tsa_rejections: IntCounterVec,
-    pub audit_timestamps_pending: IntGauge,
-    pub config_last_reload_success: IntGauge,
-    pub ready: IntGauge,
+}
+
+#[allow(clippy::expect_used)] // static, valid, unique names, labels and buckets
+impl Factory {
+    fn register<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        self.registry
+            .register(Box::new(c.clone()))
+            .expect("metric names are unique");
+        c
+    }
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.register(IntCounter::new(name, help).expect("valid metric"))
+    }
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::new(name, help).expect("valid metric"))
+    }
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+    fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+        self.register(
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric"),
+        )
+    }
+}
+
+/// Latency buckets, seconds.
+fn latency() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0,
+    ]
+}
+
+// Every collector: its field, kind, name and help (and labels or buckets). Expands to the
+// struct and its registration.
+collectors! {
+    sign_requests: counter_vec("signet_sign_requests_total", "Signing requests by tenant, policy and outcome.", &["tenant", "policy", "outcome"]);
+    sign_duration: histogram("signet_sign_duration_seconds", "Time to answer one signing request or batch item, evidence included.", latency());
+    http_requests: counter_vec("signet_http_requests_total", "API responses by matched route and status code.", &["route", "status"]);
+    hsm_sessions_in_use: gauge("signet_hsm_sessions_in_use", "PKCS#11 sessions executing a call now.");
+    hsm_sessions: gauge("signet_hsm_sessions", "PKCS#11 worker sessions configured.");
+    hsm_errors: counter_vec("signet_hsm_errors_total", "PKCS#11 failures by kind.", &["kind"]);
+    hsm_ready: gauge("signet_hsm_ready", "1 when the token is logged in and answering.");
+    hsm_recoveries: counter_vec("signet_hsm_recoveries_total", "Token recoveries by method (relogin, reinitialize) and outcome.", &["method", "outcome"]);
+    tsa_requests: counter_vec("signet_tsa_requests_total", "RFC 3161 timestamp requests for checkpoints, by outcome: ok (verified and stored), error (no usable answer: unreachable, HTTP error, timeout), rejected (an answer that failed verification; never stored).", &["outcome"]);
+    tsa_rejections: counter_vec("signet_tsa_rejections_total", "TSA answers refused by verification, by reason (untrusted, bad_signature, wrong_imprint, wrong_nonce, too_large, malformed, ...).", &["reason"]);
+    audit_timestamps_pending: gauge("signet_audit_timestamps_pending", "Signed checkpoints still waiting for their RFC 3161 timestamp.");
+    idempotency_evictions: counter("signet_idempotency_evictions_total", "Idempotency records forgotten before their retention ended because audit.idempotency_max_records was reached.");
+    hsm_queue_rejections: counter("signet_hsm_queue_rejections_total", "Calls refused because the queue in front of the session pool was full.");
+    audit_entries: counter_vec("signet_audit_entries_total", "Evidence entries made durable, by event type.", &["event"]);
+    audit_fsync_duration: histogram("signet_audit_fsync_duration_seconds", "Duration of each evidence log fdatasync (one per group commit).", latency());
+    audit_group_size: histogram("signet_audit_group_commit_entries", "Entries made durable by one group commit.", vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]);
+    audit_tree_size: gauge("signet_audit_tree_size", "Entries in the evidence log.");
+    audit_checkpoint_size: gauge("signet_audit_checkpoint_tree_size", "Tree size of the latest signed checkpoint.");
+    audit_last_checkpoint: gauge("signet_audit_last_checkpoint_timestamp_seconds", "Unix time of the latest signed checkpoint.");
+    audit_write_errors: counter("signet_audit_write_errors_total", "Failed evidence log appends (write or fsync).");
+    audit_writable: gauge("signet_audit_writable", "1 when the evidence log accepts appends.");
+    storage_up: gauge("signet_storage_up", "1 when the storage backend answers (always 1 for the file backend).");
+    storage_commit_duration: histogram("signet_storage_commit_duration_seconds", "Duration of each sequencing commit of evidence entries (one per group).", latency());
+    storage_leader: gauge("signet_storage_checkpoint_leader", "1 on the replica that currently signs checkpoints (always 1 with the file backend).");
+    certificate_not_after: gauge_vec("signet_certificate_not_after_timestamp_seconds", "notAfter of each key version's certificate (Unix time).", &["tenant", "key_id", "state"]);
+    certificate_not_before: gauge_vec("signet_certificate_not_before_timestamp_seconds", "notBefore of each key version's certificate (Unix time).", &["tenant", "key_id", "state"]);
+    certificate_renewal_due: gauge_vec("signet_certificate_renewal_due", "1 when the active certificate is within rotation.renew_before of notAfter.", &["tenant", "key_id", "state"]);
+    certificate_unusable: gauge_vec("signet_certificate_unusable", "1 when the active certificate may not sign (outside validity or below min_remaining_validity).", &["tenant", "key_id", "state"]);
+    rotation_state: gauge_vec("signet_rotation_state", "Rotation workflow state per tenant: 1 for the current state, 0 for the others.", &["tenant", "state"]);
+    rotations: counter_vec("signet_rotations_total", "Rotation outcomes: started, completed, failed_attempt, rolled_back, retired.", &["outcome"]);
+    config_reloads: counter_vec("signet_config_reloads_total", "Configuration reloads by outcome.", &["outcome"]);
+    config_last_reload_success: gauge("signet_config_last_reload_successful", "1 if the last configuration reload succeeded (or none was tried).");
+    ready: gauge("signet_ready", "1 when /readyz answers 200.");
 }
 
 /// Every value `signet_rotation_state{state}` can take; exactly one is 1 per tenant.
@@ -56,185 +137,17 @@ pub const ROTATION_STATES: &[&str] = &[
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        macro_rules! reg {
-            ($c:expr) => {{
-                let c = $c;
-                // Registration fails only on duplicate names, which are fixed in this file.
-                #[allow(clippy::expect_used)]
-                registry
-                    .register(Box::new(c.clone()))
-                    .expect("metric names are unique");
-                c
-            }};
-        }
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            #[allow(clippy::expect_used)] // static, valid names and labels
-            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        let f = Factory {
+            registry: Registry::new(),
         };
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            #[allow(clippy::expect_used)] // static, valid names and labels
-            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
-        };
-        #[allow(clippy::expect_used)] // static, valid names
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        #[allow(clippy::expect_used)] // static, valid names
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
-        #[allow(clippy::expect_used)] // static, valid names and buckets
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("valid metric")
-        };
-        let latency = vec![
-            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            2.5, 5.0,
-        ];
-
-        let build_info = reg!(gauge_vec(
+        f.gauge_vec(
             "signet_build_info",
             "Build information; always 1.",
-            &["version"]
-        ));
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-
-        Self {
-            sign_requests: reg!(counter_vec(
-                "signet_sign_requests_total",
-                "Signing requests by tenant, policy and outcome.",
-                &["tenant", "policy", "outcome"]
-            )),
-            sign_duration: reg!(histogram(
-                "signet_sign_duration_seconds",
-                "Time to answer one signing request or batch item, evidence included.",
-                latency.clone()
-            )),
-            http_requests: reg!(counter_vec(
-                "signet_http_requests_total",
-                "API responses by matched route and status code.",
-                &["route", "status"]
-            )),
-            hsm_sessions_in_use: reg!(gauge("signet_hsm_sessions_in_use", "PKCS#11 sessions executing a call now.")),
-            hsm_sessions: reg!(gauge("signet_hsm_sessions", "PKCS#11 worker sessions configured.")),
-            hsm_errors: reg!(counter_vec(
-                "signet_hsm_errors_total",
-                "PKCS#11 failures by kind.",
-                &["kind"]
-            )),
-            hsm_ready: reg!(gauge("signet_hsm_ready", "1 when the token is logged in and answering.")),
-            hsm_recoveries: reg!(counter_vec(
-                "signet_hsm_recoveries_total",
-                "Token recoveries by method (relogin, reinitialize) and outcome.",
-                &["method", "outcome"]
-            )),
-            tsa_requests: reg!(counter_vec(
-                "signet_tsa_requests_total",
-                "RFC 3161 timestamp requests for checkpoints, by outcome: ok (verified and stored), error (no usable answer: unreachable, HTTP error, timeout), rejected (an answer that failed verification; never stored).",
-                &["outcome"]
-            )),
-            tsa_rejections: reg!(counter_vec(
-                "signet_tsa_rejections_total",
-                "TSA answers refused by verification, by reason (untrusted, bad_signature, wrong_imprint, wrong_nonce, too_large, malformed, ...).",
-                &["reason"]
-            )),
-            audit_timestamps_pending: reg!(gauge(
-                "signet_audit_timestamps_pending",
-                "Signed checkpoints still waiting for their RFC 3161 timestamp."
-            )),
-            idempotency_evictions: reg!(counter(
-                "signet_idempotency_evictions_total",
-                "Idempotency records forgotten before their retention ended because audit.idempotency_max_records was reached."
-            )),
-            hsm_queue_rejections: reg!(counter(
-                "signet_hsm_queue_rejections_total",
-                "Calls refused because the queue in front of the session pool was full."
-            )),
-            audit_entries: reg!(counter_vec(
-                "signet_audit_entries_total",
-                "Evidence entries made durable, by event type.",
-                &["event"]
-            )),
-            audit_fsync_duration: reg!(histogram(
-                "signet_audit_fsync_duration_seconds",
-                "Duration of each evidence log fdatasync (one per group commit).",
-                latency.clone()
-            )),
-            audit_group_size: reg!(histogram(
-                "signet_audit_group_commit_entries",
-                "Entries made durable by one group commit.",
-                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]
-            )),
-            audit_tree_size: reg!(gauge("signet_audit_tree_size", "Entries in the evidence log.")),
-            audit_checkpoint_size: reg!(gauge(
-                "signet_audit_checkpoint_tree_size",
-                "Tree size of the latest signed checkpoint."
-            )),
-            audit_last_checkpoint: reg!(gauge(
-                "signet_audit_last_checkpoint_timestamp_seconds",
-                "Unix time of the latest signed checkpoint."
-            )),
-            audit_write_errors: reg!(counter(
-                "signet_audit_write_errors_total",
-                "Failed evidence log appends (write or fsync)."
-            )),
-            audit_writable: reg!(gauge("signet_audit_writable", "1 when the evidence log accepts appends.")),
-            storage_up: reg!(gauge(
-                "signet_storage_up",
-                "1 when the storage backend answers (always 1 for the file backend)."
-            )),
-            storage_commit_duration: reg!(histogram(
-                "signet_storage_commit_duration_seconds",
-                "Duration of each sequencing commit of evidence entries (one per group).",
-                latency.clone()
-            )),
-            storage_leader: reg!(gauge(
-                "signet_storage_checkpoint_leader",
-                "1 on the replica that currently signs checkpoints (always 1 with the file backend)."
-            )),
-            certificate_not_after: reg!(gauge_vec(
-                "signet_certificate_not_after_timestamp_seconds",
-                "notAfter of each key version's certificate (Unix time).",
-                &["tenant", "key_id", "state"]
-            )),
-            certificate_not_before: reg!(gauge_vec(
-                "signet_certificate_not_before_timestamp_seconds",
-                "notBefore of each key version's certificate (Unix time).",
-                &["tenant", "key_id", "state"]
-            )),
-            certificate_renewal_due: reg!(gauge_vec(
-                "signet_certificate_renewal_due",
-                "1 when the active certificate is within rotation.renew_before of notAfter.",
-                &["tenant", "key_id", "state"]
-            )),
-            certificate_unusable: reg!(gauge_vec(
-                "signet_certificate_unusable",
-                "1 when the active certificate may not sign (outside validity or below min_remaining_validity).",
-                &["tenant", "key_id", "state"]
-            )),
-            rotation_state: reg!(gauge_vec(
-                "signet_rotation_state",
-                "Rotation workflow state per tenant: 1 for the current state, 0 for the others.",
-                &["tenant", "state"]
-            )),
-            rotations: reg!(counter_vec(
-                "signet_rotations_total",
-                "Rotation outcomes: started, completed, failed_attempt, rolled_back, retired.",
-                &["outcome"]
-            )),
-            config_reloads: reg!(counter_vec(
-                "signet_config_reloads_total",
-                "Configuration reloads by outcome.",
-                &["outcome"]
-            )),
-            config_last_reload_success: reg!(gauge(
-                "signet_config_last_reload_successful",
-                "1 if the last configuration reload succeeded (or none was tried)."
-            )),
-            ready: reg!(gauge("signet_ready", "1 when /readyz answers 200.")),
-            registry,
-        }
-        .initialise()
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        Self::register_all(&f).initialise()
     }
 
     /// Create the series with known label values at 0, so dashboards and alerts see them
