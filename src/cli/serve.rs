@@ -147,9 +147,7 @@ async fn create_demo_keys(app: &App) -> Result<()> {
     let caller = local_caller();
     for t in dev::TENANTS {
         let tenant = t.parse()?;
-        if !app.keys.snapshot().tenant(&tenant).is_empty()
-            || app.rotation.in_progress(&tenant).is_some()
-        {
+        if app.tenant_has_keys_or_rotation(&tenant) {
             continue;
         }
         let r = app

@@ -16,15 +16,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use problem::Problem;
 
-use crate::audit::note;
-use crate::policy::Policies;
 use crate::service::{
     AdminRequest, App, BatchRequest, Caller, Error, ImportRequest, SignRequest, VerifyRequest,
 };
@@ -50,7 +46,7 @@ pub struct ApiState {
 
 /// The mTLS API router.
 pub fn router(state: ApiState) -> Router {
-    let max_body = state.app.config.server.max_body_bytes;
+    let max_body = state.app.config().server.max_body_bytes;
     let router = Router::new()
         .route("/v1/sign", post(sign))
         .route("/v1/sign/batch", post(sign_batch))
@@ -107,7 +103,7 @@ async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Res
     let resp = next.run(req).await;
     state
         .app
-        .metrics
+        .metrics()
         .http_requests
         .with_label_values(&[&route, resp.status().as_str()])
         .inc();
@@ -138,7 +134,7 @@ impl FromRequestParts<ApiState> for Ctx {
                 &request_id,
             ));
         };
-        let policies = state.app.policies.load();
+        let policies = state.app.policies().load();
         let Some(client) = policies.client(&identity.identity).cloned() else {
             return Err(Problem::new(
                 StatusCode::FORBIDDEN,
@@ -203,7 +199,7 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for JsonBody<T> {
                 ));
             }
         }
-        let cfg = &state.app.config.server;
+        let cfg = &state.app.config().server;
         let too_large = || {
             Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -343,7 +339,7 @@ async fn sign_batch(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<BatchRequest>,
 ) -> Response {
-    let max = s.app.config.server.max_batch_items;
+    let max = s.app.config().server.max_batch_items;
     if req.items.is_empty() || req.items.len() > max {
         return fail(
             Error::invalid(
@@ -398,34 +394,7 @@ async fn verify(
 }
 
 async fn checkpoint(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
-    let Some(cp) = s.app.log.latest_checkpoint() else {
-        return Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no-checkpoint-yet",
-            "No checkpoint yet",
-            "the first checkpoint is being signed",
-            &caller.request_id,
-        )
-        .retry_after(2)
-        .into_response();
-    };
-    let root = note::SignedNote::parse(&cp.note)
-        .ok()
-        .and_then(|n| note::Checkpoint::parse_body(&n.text).ok());
-    let public = s.app.log.public_key();
-    ok(
-        StatusCode::OK,
-        &serde_json::json!({
-            "origin": s.app.log.origin(),
-            "tree_size": cp.tree_size,
-            "root_hash": root.map(|c| B64.encode(c.root)),
-            "signed_at": crate::pki::rfc3339(cp.signed_at),
-            "checkpoint": cp.note,
-            "log_public_key": crate::pki::public_key_pem(&public),
-            "log_key_id": format!("{:08x}", note::key_id(&public)),
-            "timestamp": s.app.timestamps.get(cp.tree_size).map(|t| t.to_string()),
-        }),
-    )
+    respond(StatusCode::OK, s.app.checkpoint_view(), &caller.request_id)
 }
 
 async fn entry(State(s): State<ApiState>, Ctx(caller): Ctx, Path(index): Path<String>) -> Response {
@@ -435,38 +404,10 @@ async fn entry(State(s): State<ApiState>, Ctx(caller): Ctx, Path(index): Path<St
             &caller.request_id,
         );
     };
-    let proof = match s.app.log.prove(index).await {
-        Ok(p) => p,
-        Err(e) => return fail(e.into(), &caller.request_id),
-    };
-    let entry: serde_json::Value =
-        serde_json::from_slice(&proof.entry).unwrap_or(serde_json::Value::Null);
-    if !Policies::may_read_all_evidence(&caller.client) {
-        let tenant = entry
-            .get("tenant")
-            .and_then(|t| t.as_str())
-            .and_then(|t| t.parse().ok());
-        if !tenant.is_some_and(|t| caller.client.tenants.contains(&t)) {
-            return fail(
-                Error::Forbidden(format!(
-                    "entry {index} belongs to a tenant client `{}` may not read",
-                    caller.identity.identity
-                )),
-                &caller.request_id,
-            );
-        }
-    }
-    ok(
+    respond(
         StatusCode::OK,
-        &serde_json::json!({
-            "index": index,
-            "entry": entry,
-            "leaf_hash": B64.encode(proof.leaf_hash),
-            "tree_size": proof.checkpoint.tree_size,
-            "inclusion_proof": proof.proof.hashes.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
-            "checkpoint": proof.checkpoint.note,
-            "proof": proof.proof.render(),
-        }),
+        s.app.entry_view(&caller, index).await,
+        &caller.request_id,
     )
 }
 
@@ -516,16 +457,9 @@ async fn entries(
 
 /// C2SP tlog-tiles: the latest checkpoint as a signed note.
 async fn tlog_checkpoint(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
-    match s.app.log.latest_checkpoint() {
-        Some(cp) => tlog_body(
-            "text/plain; charset=utf-8",
-            cp.note.clone().into_bytes(),
-            false,
-        ),
-        None => fail(
-            Error::NotFound("no checkpoint has been signed yet".into()),
-            &caller.request_id,
-        ),
+    match s.app.tlog_checkpoint() {
+        Ok(note) => tlog_body("text/plain; charset=utf-8", note.into_bytes(), false),
+        Err(e) => fail(e, &caller.request_id),
     }
 }
 
@@ -536,7 +470,6 @@ async fn tlog_tile(
     Ctx(caller): Ctx,
     Path(path): Path<String>,
 ) -> Response {
-    use crate::audit::tiles::{self, TileRef};
     let not_found = || {
         fail(
             Error::NotFound(format!(
@@ -546,33 +479,13 @@ async fn tlog_tile(
             &caller.request_id,
         )
     };
-    let Some(tile) = tiles::parse(&path) else {
+    let Some(tile) = crate::audit::tiles::parse(&path) else {
         return not_found();
     };
-    let body = match tile {
-        TileRef::Hashes { level, n, width } => match s.app.log.hash_tile(level, n, width).await {
-            Ok(b) => b,
-            Err(e) => return fail(e.into(), &caller.request_id),
-        },
-        TileRef::Entries { n, width } => {
-            if !Policies::may_read_all_evidence(&caller.client) {
-                return fail(
-                    Error::Forbidden(format!(
-                        "entry bundles hold every tenant's evidence: client `{}` needs the admin or audit role",
-                        caller.identity.identity
-                    )),
-                    &caller.request_id,
-                );
-            }
-            match s.app.log.entry_bundle(n, width).await {
-                Ok(b) => b,
-                Err(e) => return fail(e.into(), &caller.request_id),
-            }
-        }
-    };
-    match body {
-        Some(b) => tlog_body("application/octet-stream", b, true),
-        None => not_found(),
+    match s.app.tlog_tile(&caller, tile).await {
+        Ok(Some(b)) => tlog_body("application/octet-stream", b, true),
+        Ok(None) => not_found(),
+        Err(e) => fail(e, &caller.request_id),
     }
 }
 
@@ -615,20 +528,11 @@ async fn consistency(
         (Ok(f), Ok(t)) => (f, t),
         (Err(e), _) | (_, Err(e)) => return fail(e, &caller.request_id),
     };
-    match s.app.log.consistency(from, to).await {
-        Ok(proof) => ok(
-            StatusCode::OK,
-            &serde_json::json!({
-                "from": from,
-                "to": to,
-                "root_from": s.app.log.root(from).await.ok().map(|h| B64.encode(h)),
-                "root_to": s.app.log.root(to).await.ok().map(|h| B64.encode(h)),
-                "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
-                "checkpoint": s.app.log.latest_checkpoint().map(|c| c.note.clone()),
-            }),
-        ),
-        Err(e) => fail(e.into(), &caller.request_id),
-    }
+    respond(
+        StatusCode::OK,
+        s.app.consistency_view(from, to).await,
+        &caller.request_id,
+    )
 }
 
 async fn admin_keys(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
@@ -758,45 +662,13 @@ async fn insecure_test_fault(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<serde_json::Value>,
 ) -> Response {
-    if let Err(e) = caller.require(crate::config::Role::Admin) {
-        return fail(e, &caller.request_id);
-    }
-    match req["fault"].as_str() {
-        Some("stall_next_call") => {
-            let ms = req["millis"].as_u64().unwrap_or(5000);
-            s.app
-                .hsm
-                .insecure_test_stall_next_call(std::time::Duration::from_millis(ms));
-        }
-        Some("finalize_library") => s.app.hsm.insecure_test_finalize_library(),
-        Some("plant_stale_handle") => {
-            let (id, other) = (
-                req["key_id"].as_str().unwrap_or_default().to_owned(),
-                req["other"].as_str().unwrap_or_default().to_owned(),
-            );
-            let hsm = s.app.hsm.clone();
-            let planted = tokio::task::spawn_blocking(move || {
-                hsm.insecure_test_plant_stale_handle(&id, &other)
-            })
-            .await;
-            if let Ok(Err(e)) = planted {
-                return fail(Error::Hsm(e), &caller.request_id);
-            }
-        }
-        _ => {
-            return fail(
-                Error::invalid(
-                    "fault",
-                    "stall_next_call, finalize_library or plant_stale_handle",
-                ),
-                &caller.request_id,
-            );
-        }
-    }
-    tracing::warn!(fault = ?req["fault"], "insecure test hook: fault injected");
-    ok(
+    respond(
         StatusCode::OK,
-        &serde_json::json!({"injected": req["fault"]}),
+        s.app
+            .insecure_test_fault(&caller, &req)
+            .await
+            .map(|()| serde_json::json!({"injected": req["fault"]})),
+        &caller.request_id,
     )
 }
 
@@ -842,8 +714,7 @@ pub fn metrics_router(app: Arc<App>) -> Router {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    app.is_ready();
-    let mut resp = app.metrics.render().into_response();
+    let mut resp = app.render_metrics().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -852,7 +723,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
-    if app.hsm.is_healthy() {
+    if app.is_healthy() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
         (
@@ -864,19 +735,13 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    let ready = app.is_ready();
-    let body = serde_json::json!({
-        "ready": ready,
-        "token": app.hsm.is_ready(),
-        "evidence_log": app.log.is_writable(),
-        "shutting_down": app.is_shutting_down(),
-    });
-    let status = if ready {
+    let r = app.readiness();
+    let status = if r.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    (status, Json(r)).into_response()
 }
 
 #[cfg(test)]

@@ -50,11 +50,11 @@ pub struct Bound {
 
 /// Serve until SIGTERM or SIGINT, then shut down gracefully.
 pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), ServeError> {
-    let cfg = app.config.server.clone();
+    let cfg = app.config().server.clone();
     let tls = Arc::new(ArcSwap::from_pointee(tls::server_config(
         &cfg,
-        &app.dynamic.load().clients,
-        Arc::clone(&app.policies),
+        &app.dynamic().load().clients,
+        app.policies(),
     )?));
     let api = TcpListener::bind(cfg.listen)
         .await
@@ -167,7 +167,8 @@ pub enum ReloadError {
     Tls(#[from] tls::Error),
 }
 
-/// Reload clients, policies, rotation settings and TLS material; all or nothing.
+/// Reload clients, policies, rotation settings and TLS material; all or nothing. The service
+/// reads and applies the configuration; this only stages and swaps the TLS material with it.
 fn reloader(
     app: Arc<App>,
     tls_cfg: Arc<ArcSwap<TlsState>>,
@@ -175,65 +176,20 @@ fn reloader(
 ) -> Arc<dyn Fn() -> Result<String, ReloadError> + Send + Sync> {
     Arc::new(move || {
         let result = (|| {
-            let new = app.config.reload_dynamic()?;
+            let new = app.reread_configuration()?;
             // Validate the TLS material against the new clients before swapping anything in.
             let staged = Arc::new(ArcSwap::from_pointee(crate::policy::Policies::new(
                 &new.dynamic,
             )));
             tls::server_config(&new.server, &new.dynamic.clients, staged)?;
-            let fresh_tls =
-                tls::server_config(&new.server, &new.dynamic.clients, Arc::clone(&app.policies))?;
-            for (changed, key) in [
-                (
-                    new.server.listen != app.config.server.listen,
-                    "server.listen",
-                ),
-                (
-                    new.server.metrics_listen != app.config.server.metrics_listen,
-                    "server.metrics_listen",
-                ),
-                (
-                    new.hsm.module != app.config.hsm.module
-                        || new.hsm.token_label != app.config.hsm.token_label,
-                    "hsm",
-                ),
-                (
-                    new.audit.dir != app.config.audit.dir
-                        || new.audit.origin != app.config.audit.origin,
-                    "audit",
-                ),
-            ] {
-                if changed {
-                    tracing::warn!(
-                        key,
-                        "changed in the configuration file; takes effect only after a restart"
-                    );
-                }
-            }
-            let summary = format!(
-                "{} clients, {} policies",
-                new.dynamic.clients.len(),
-                new.dynamic.policies.len()
-            );
-            app.apply_dynamic(new.dynamic);
+            let fresh_tls = tls::server_config(&new.server, &new.dynamic.clients, app.policies())?;
+            let summary = app.apply_reload(new);
             tls_cfg.store(Arc::new(fresh_tls));
             // Established connections re-check their client certificate.
             reloaded.send_modify(|g| *g += 1);
             Ok::<_, ReloadError>(summary)
         })();
-        match &result {
-            Ok(_) => {
-                app.metrics.config_reloads.with_label_values(&["ok"]).inc();
-                app.metrics.config_last_reload_success.set(1);
-            }
-            Err(_) => {
-                app.metrics
-                    .config_reloads
-                    .with_label_values(&["rejected"])
-                    .inc();
-                app.metrics.config_last_reload_success.set(0);
-            }
-        }
+        app.count_reload(result.is_ok());
         result
     })
 }
@@ -323,7 +279,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     reloaded: watch::Receiver<u64>,
 ) -> GracefulShutdown {
-    let cfg = state.app.config.server.clone();
+    let cfg = state.app.config().server.clone();
     let gate = Arc::new(Gate {
         handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
         per_ip: Arc::new(PerIp::default()),
@@ -347,7 +303,7 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let refused = |app: &App, why: &str| {
-            app.metrics
+            app.metrics()
                 .http_requests
                 .with_label_values(&["tls_handshake", why])
                 .inc();
@@ -445,7 +401,7 @@ impl Conn {
         drop(handshake);
         let count = |outcome: &str| {
             self.app
-                .metrics
+                .metrics()
                 .http_requests
                 .with_label_values(&["tls_handshake", outcome])
                 .inc();
@@ -583,7 +539,7 @@ impl Conn {
             .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
             .unwrap_or_default();
         let identity = {
-            let policies = self.app.policies.load();
+            let policies = self.app.policies().load();
             chain
                 .first()
                 .ok_or(tls::IdentityError::NoIdentity)

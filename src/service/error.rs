@@ -37,6 +37,8 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    #[error("the first checkpoint is being signed")]
+    NoCheckpointYet,
     /// An error shared by concurrent callers (idempotent requests coalesced into one).
     #[error(transparent)]
     Shared(Arc<Error>),
@@ -162,6 +164,9 @@ impl Error {
                 public(C::Forbidden, "forbidden", "Forbidden").outcome("forbidden")
             }
             Error::Conflict(_) => public(C::Conflict, "conflict", "Conflict"),
+            Error::NoCheckpointYet => {
+                public(C::Unavailable, "no-checkpoint-yet", "No checkpoint yet").retry(2)
+            }
             Error::Shared(inner) => inner.classify(),
         }
     }

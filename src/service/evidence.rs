@@ -309,7 +309,7 @@ impl App {
     }
 
     /// Its own tenants' entries; everything for the admin and audit roles.
-    fn may_read_entry(&self, caller: &Caller, entry: &serde_json::Value) -> bool {
+    pub(super) fn may_read_entry(&self, caller: &Caller, entry: &serde_json::Value) -> bool {
         if Policies::may_read_all_evidence(&caller.client) {
             return true;
         }

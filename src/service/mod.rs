@@ -10,6 +10,7 @@ mod evidence;
 pub mod idempotency;
 mod sign;
 pub mod timestamping;
+mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub use admin::{AdminRequest, ImportRequest, KeyView, TenantStatus, VersionView}
 pub use error::{Class, Classified, Error};
 pub use evidence::{EntriesPage, EntriesQuery, IndexedEntry, ProvedEntry, TransactionView};
 pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};
+pub use views::{CheckpointView, ConsistencyView, EntryView, Readiness};
 
 use crate::audit::{self, CheckpointSigner};
 use crate::clock::{Clock, SystemClock};
@@ -63,32 +65,29 @@ impl Caller {
 
 /// Application state shared by every request and background task.
 pub struct App {
-    pub config: Config,
-    pub dynamic: Arc<ArcSwap<DynamicConfig>>,
-    pub policies: Arc<ArcSwap<Policies>>,
+    config: Config,
+    dynamic: Arc<ArcSwap<DynamicConfig>>,
+    policies: Arc<ArcSwap<Policies>>,
     /// Rate limiter state, kept across reloads.
     limiters: policy::Limiters,
-    pub hsm: Hsm,
-    pub keys: Arc<Registry>,
-    pub log: Arc<storage::Log>,
-    /// Cross-replica locks (rotations); local no-ops with the file backend.
-    pub leases: Arc<dyn storage::Leases>,
-    /// The PostgreSQL backend, when configured: idempotency claims, state changes.
+    hsm: Hsm,
+    keys: Arc<Registry>,
+    log: Arc<storage::Log>,
     /// Idempotency claims across replicas (the file backend owns every key).
-    pub claims: Arc<dyn storage::Claims>,
+    claims: Arc<dyn storage::Claims>,
     /// The other replicas sharing the storage, if any.
-    pub replicas: Arc<dyn storage::Replicas>,
-    pub metrics: Arc<Metrics>,
-    pub idempotency: Idempotency<SignResponse, Error>,
-    pub clock: Arc<dyn Clock>,
+    replicas: Arc<dyn storage::Replicas>,
+    metrics: Arc<Metrics>,
+    idempotency: Idempotency<SignResponse, Error>,
+    clock: Arc<dyn Clock>,
     /// The rotation workflow; it shares `dynamic`, `ca`, the registry, the log and the token.
-    pub rotation: Arc<Engine>,
+    rotation: Arc<Engine>,
     /// RFC 3161 timestamps of checkpoints (stored, and pending with `[audit.timestamping]`).
-    pub timestamps: timestamping::Timestamps,
+    timestamps: timestamping::Timestamps,
     /// Where they are stored (beside the file log, or in the database).
-    pub timestamp_store: Arc<dyn storage::TimestampStore>,
+    timestamp_store: Arc<dyn storage::TimestampStore>,
     /// The CA tenant certificates must chain to (internal for hsm-ca, a file for manual).
-    pub ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
+    ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -277,7 +276,7 @@ impl App {
                     clock: Arc::clone(&clock),
                     dynamic: Arc::clone(&dynamic),
                     ca: Arc::clone(&ca),
-                    leases: Arc::clone(&leases),
+                    leases,
                     shared: replicas.shared(),
                 },
             )
@@ -295,7 +294,6 @@ impl App {
             hsm,
             keys,
             log,
-            leases,
             claims,
             replicas,
             metrics,
@@ -408,6 +406,76 @@ impl App {
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         let hsm = self.hsm.clone();
         let _ = tokio::task::spawn_blocking(move || hsm.shutdown()).await;
+    }
+
+    /// The configuration the service started with (the reloadable part is [`Self::dynamic`]).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The reloadable part of the configuration, as it is now.
+    pub fn dynamic(&self) -> &Arc<ArcSwap<DynamicConfig>> {
+        &self.dynamic
+    }
+
+    /// The policies and clients in force (shared with the TLS client verifier).
+    pub fn policies(&self) -> Arc<ArcSwap<Policies>> {
+        Arc::clone(&self.policies)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Read and check the configuration file again. Keys that only take effect after a
+    /// restart are reported in the log when they changed.
+    pub fn reread_configuration(&self) -> Result<Config, crate::config::ConfigError> {
+        let new = self.config.reload_dynamic()?;
+        let old = &self.config;
+        for (changed, key) in [
+            (new.server.listen != old.server.listen, "server.listen"),
+            (
+                new.server.metrics_listen != old.server.metrics_listen,
+                "server.metrics_listen",
+            ),
+            (
+                new.hsm.module != old.hsm.module || new.hsm.token_label != old.hsm.token_label,
+                "hsm",
+            ),
+            (
+                new.audit.dir != old.audit.dir || new.audit.origin != old.audit.origin,
+                "audit",
+            ),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "changed in the configuration file; takes effect only after a restart"
+                );
+            }
+        }
+        Ok(new)
+    }
+
+    /// Swap in a checked configuration's reloadable part; a summary for the log.
+    pub fn apply_reload(&self, new: Config) -> String {
+        let summary = format!(
+            "{} clients, {} policies",
+            new.dynamic.clients.len(),
+            new.dynamic.policies.len()
+        );
+        self.apply_dynamic(new.dynamic);
+        summary
+    }
+
+    /// Count a reload by outcome.
+    pub fn count_reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "rejected" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[outcome])
+            .inc();
+        self.metrics.config_last_reload_success.set(i64::from(ok));
     }
 
     /// Swap in a new configuration's reloadable part (clients, policies, rotation).
@@ -575,6 +643,13 @@ impl App {
     /// Export expiry and rotation metrics from the registry and the journal.
     pub fn refresh_metrics(&self) {
         self.rotation.refresh_metrics();
+    }
+
+    /// Whether the tenant has a key version or a rotation under way (a first key would be a
+    /// second one).
+    pub fn tenant_has_keys_or_rotation(&self, tenant: &TenantId) -> bool {
+        !self.keys.snapshot().tenant(tenant).is_empty()
+            || self.rotation.in_progress(tenant).is_some()
     }
 
     /// The tenant's configured existence: named by a policy or a client, or holding keys.
