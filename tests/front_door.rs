@@ -119,11 +119,11 @@ async fn identities_come_only_from_uri_or_dns_sans_unambiguously_and_from_the_pi
     pem.push_str(&std::fs::read_to_string(d.join("pin-ca.pem")).unwrap());
     std::fs::write(&both, pem).unwrap();
     s.edit_config(|c| {
-        c.replace(
+        c.swap(
             "client_ca = [\"tls/ca.pem\"]",
             "client_ca = [\"tls/both-cas.pem\"]",
         )
-        .replace(
+        .swap(
             "identity = \"spiffe://signet.dev/payroll-app\"",
             "identity = \"spiffe://signet.dev/payroll-app\"\nca = \"tls/pin-ca.pem\"",
         )
@@ -211,7 +211,7 @@ async fn connections_close_when_their_ca_is_removed_or_their_certificate_expires
     let other_ca = s.dir.join("tls/other-ca.pem");
     openssl_ca(&s.dir.join("tls"), "other-ca", "/CN=Another CA");
     s.edit_config(|c| {
-        c.replace(
+        c.swap(
             "client_ca = [\"tls/ca.pem\"]",
             &format!("client_ca = [\"{}\"]", other_ca.display()),
         )
@@ -253,7 +253,7 @@ async fn tls_from(
 async fn slow_and_idle_peers_are_cut_and_cannot_exhaust_the_server() {
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c| {
-            c.replace(
+            c.swap(
                 "metrics_listen",
                 "request_timeout = \"1s\"\nhandshake_timeout = \"5s\"\nmax_handshakes_per_ip = 8\n\
                  max_streams_per_connection = 4\nmax_buffered_body_bytes = 1048576\n\

@@ -431,7 +431,7 @@ async fn failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
         primary.port, standby.port
     );
     let single = primary.url("failover");
-    a.edit_config(|c| c.replace(&single, &url));
+    a.edit_config(|c| c.swap(&single, &url));
     a.start();
     let mut b = a.replica("b");
     b.start();
@@ -776,7 +776,7 @@ async fn replicas_reach_the_database_over_tls_verified_against_ca_file() {
     let plain = pg.url("tls");
     let named = format!("postgresql://postgres@localhost:{}/tls", pg.port);
     a.edit_config(|c| {
-        c.replace(&plain, &named).replace(
+        c.swap(&plain, &named).swap(
             "backend = \"postgres\"",
             &format!("backend = \"postgres\"\nca_file = \"{}\"", ca.display()),
         )
@@ -799,7 +799,7 @@ async fn replicas_reach_the_database_over_tls_verified_against_ca_file() {
     std::fs::create_dir_all(&other).unwrap();
     openssl_ca(&other, "ca", "/CN=not the database CA");
     a.edit_config(|c| {
-        c.replace(
+        c.swap(
             &ca.display().to_string(),
             &other.join("ca.pem").display().to_string(),
         )
@@ -816,10 +816,10 @@ async fn replicas_reach_the_database_over_tls_verified_against_ca_file() {
             if line.starts_with("ca_file = ") && line.contains("other-ca") {
                 continue;
             }
-            out.push_str(&line.replace(&named, &format!("{named}?sslmode=require")));
+            out.push_str(line);
             out.push('\n');
         }
-        out
+        out.swap(&named, &format!("{named}?sslmode=require"))
     });
     let err = a.start_refused();
     assert!(err.contains("storage.ca_file"), "{err}");

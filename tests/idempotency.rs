@@ -142,7 +142,7 @@ async fn a_request_whose_connection_is_reset_in_flight_is_signed_once_and_replay
     // flight than the per-address default allows; that limit is not what this test is about.
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c: String| {
-            c.replace(
+            c.swap(
                 "metrics_listen",
                 "max_handshakes_per_ip = 1024\nmetrics_listen",
             )

@@ -178,7 +178,7 @@ async fn a_corrupted_checkpoint_line_is_refused_not_cut() {
 async fn an_edited_unsigned_tail_after_kill_9_is_refused() {
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c: String| {
-            c.replace(
+            c.swap(
                 "checkpoint_interval = \"300ms\"",
                 "checkpoint_interval = \"1h\"",
             )

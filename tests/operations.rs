@@ -95,7 +95,7 @@ async fn an_invalid_reload_is_rejected_and_the_old_configuration_keeps_serving()
     let mut s = Signet::init(Init::default());
     s.start();
     let good = std::fs::read_to_string(s.config()).unwrap();
-    s.edit_config(|c| c.replace("roles = [\"sign\"]", "roles = [\"sign\", \"superuser\"]"));
+    s.edit_config(|c| c.swap("roles = [\"sign\"]", "roles = [\"sign\", \"superuser\"]"));
     hup(&s);
     s.eventually(
         "the rejected reload to be counted",
@@ -131,7 +131,8 @@ async fn an_invalid_reload_is_rejected_and_the_old_configuration_keeps_serving()
     // A TLS file that does not load is rejected too, before anything is swapped.
     std::fs::write(
         s.config(),
-        good.replace("cert = \"tls/server.pem\"", "cert = \"tls/missing.pem\""),
+        good.clone()
+            .swap("cert = \"tls/server.pem\"", "cert = \"tls/missing.pem\""),
     )
     .unwrap();
     let (st, _, p) = s
@@ -366,7 +367,7 @@ async fn a_reloaded_client_ca_bundle_admits_a_new_client() {
         "refused before the reload"
     );
     s.edit_config(|c| {
-        c.replace("client_ca = [\"tls/ca.pem\"]", "client_ca = [\"tls/ca.pem\", \"partner/ca.pem\"]")
+        c.swap("client_ca = [\"tls/ca.pem\"]", "client_ca = [\"tls/ca.pem\", \"partner/ca.pem\"]")
             + "\n[[clients]]\nidentity = \"spiffe://partner.example/app\"\ntenants = [\"payroll\"]\nroles = [\"sign\"]\n"
     });
     hup(&s);
@@ -390,7 +391,7 @@ async fn sigterm_under_load_loses_no_signature_and_leaves_a_final_checkpoint() {
     let mut s = Signet::init(Init::default());
     // A long interval: only the shutdown checkpoint can cover the last entries.
     s.edit_config(|c| {
-        c.replace(
+        c.swap(
             "checkpoint_interval = \"300ms\"",
             "checkpoint_interval = \"1h\"",
         )
@@ -439,7 +440,7 @@ async fn sigterm_under_load_loses_no_signature_and_leaves_a_final_checkpoint() {
 async fn a_policy_rate_limit_answers_429_with_retry_after() {
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c| {
-            c.replace(
+            c.swap(
                 "id = \"payroll-esign\"\ntenant = \"payroll\"\n",
                 "id = \"payroll-esign\"\ntenant = \"payroll\"\nrate_limit = { per_second = 1, burst = 3 }\n",
             )
@@ -495,7 +496,7 @@ async fn a_policy_rate_limit_answers_429_with_retry_after() {
 async fn a_full_queue_in_front_of_the_token_answers_503_with_retry_after() {
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c| {
-            c.replace("sessions = 2", "sessions = 1\nqueue_depth = 1")
+            c.swap("sessions = 2", "sessions = 1\nqueue_depth = 1")
         })),
         ..Default::default()
     });
@@ -538,7 +539,7 @@ async fn a_full_queue_in_front_of_the_token_answers_503_with_retry_after() {
 async fn oversized_headers_slow_handshakes_and_idle_connections_are_cut() {
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c| {
-            c.replace(
+            c.swap(
                 "metrics_listen",
                 "handshake_timeout = \"1s\"\nidle_timeout = \"1s\"\nmetrics_listen",
             )
@@ -660,7 +661,7 @@ async fn a_broken_configuration_is_named_before_any_state_is_opened() {
     let audit = s.audit_dir();
     std::fs::remove_dir_all(&audit).unwrap();
     std::fs::create_dir(&audit).unwrap();
-    s.edit_config(|c| c.replace("cert = \"tls/server.pem\"", "cert = \"tls/missing.pem\""));
+    s.edit_config(|c| c.swap("cert = \"tls/server.pem\"", "cert = \"tls/missing.pem\""));
     let err = s.start_refused();
     assert!(err.contains("server.cert"), "{err}");
     assert!(!err.contains("anchor"), "{err}");

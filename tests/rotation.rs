@@ -36,14 +36,14 @@ fn rotation_config(
         grace.to_owned(),
     );
     move |c: String| {
-        c.replace("validity = \"90d\"", &format!("validity = \"{v}\""))
-            .replace("renew_before = \"30d\"", &format!("renew_before = \"{r}\""))
-            .replace(
+        c.swap("validity = \"90d\"", &format!("validity = \"{v}\""))
+            .swap("renew_before = \"30d\"", &format!("renew_before = \"{r}\""))
+            .swap(
                 "min_remaining_validity = \"1d\"",
                 &format!("min_remaining_validity = \"{m}\""),
             )
-            .replace("grace = \"7d\"", &format!("grace = \"{g}\""))
-            .replace(
+            .swap("grace = \"7d\"", &format!("grace = \"{g}\""))
+            .swap(
                 "check_interval = \"1h\"",
                 "check_interval = \"1s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"",
             )
@@ -89,8 +89,8 @@ async fn scheduled_rotation_renews_before_expiry_retires_after_grace_and_never_p
     ]);
     // Later certificates are long-lived, so exactly one scheduled renewal happens (v1 is due now).
     s.edit_config(|c| {
-        c.replace("validity = \"20s\"", "validity = \"2h\"")
-            .replace("renew_before = \"15s\"", "renew_before = \"1h\"")
+        c.swap("validity = \"20s\"", "validity = \"2h\"")
+            .swap("renew_before = \"15s\"", "renew_before = \"1h\"")
     });
     s.start();
     let load = s.load(3);
@@ -535,11 +535,11 @@ async fn manual_issuance_accepts_the_right_certificate_and_refuses_each_wrong_on
     external_ca(&work, "corp-ca");
     external_ca(&work, "other-ca");
     s.edit_config(|c| {
-        c.replace(
+        c.swap(
             "ca_certificate = \"hsm-ca.pem\"",
             "ca_certificate = \"ca/corp-ca.pem\"",
         )
-        .replace(
+        .swap(
             "min_remaining_validity = \"1d\"",
             "min_remaining_validity = \"2d\"",
         )
@@ -814,7 +814,7 @@ async fn signing_stops_below_min_remaining_validity_with_a_metric() {
     std::fs::create_dir_all(&work).unwrap();
     external_ca(&work, "corp-ca");
     s.edit_config(|c| {
-        c.replace(
+        c.swap(
             "ca_certificate = \"hsm-ca.pem\"",
             "ca_certificate = \"ca/corp-ca.pem\"",
         )
@@ -846,9 +846,9 @@ async fn signing_stops_below_min_remaining_validity_with_a_metric() {
         200
     );
     s.edit_config(|c| {
-        c.replace("validity = \"1h\"", "validity = \"30d\"")
-            .replace("renew_before = \"50m\"", "renew_before = \"3d\"")
-            .replace(
+        c.swap("validity = \"1h\"", "validity = \"30d\"")
+            .swap("renew_before = \"50m\"", "renew_before = \"3d\"")
+            .swap(
                 "min_remaining_validity = \"40m\"",
                 "min_remaining_validity = \"2d\"",
             )

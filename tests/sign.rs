@@ -240,7 +240,7 @@ async fn unknown_untrusted_and_missing_client_certificates_are_refused_in_the_ha
 async fn bad_input_gets_a_precise_problem_and_changes_nothing() {
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c| {
-            c.replace("metrics_listen", "max_body_bytes = 65536\nmetrics_listen")
+            c.swap("metrics_listen", "max_body_bytes = 65536\nmetrics_listen")
         })),
         ..Default::default()
     });

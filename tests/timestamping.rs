@@ -111,7 +111,7 @@ fn start_with_tsa(port: u16, tsa: &Path, extra: &str) -> Signet {
         tsa.join("tsa-ca.pem").display()
     );
     let mut s = Signet::init(Init {
-        edit: Some(Box::new(move |c: String| c.replace("[state]", &section))),
+        edit: Some(Box::new(move |c: String| c.swap("[state]", &section))),
         ..Init::default()
     });
     s.start();
@@ -606,7 +606,7 @@ async fn with_replicas_on_postgres_the_leader_timestamps_and_every_replica_serve
         "[audit.timestamping]\ntsa_url = \"http://127.0.0.1:{port}/tsa\"\nca_file = \"{}\"\n\n[state]",
         tsa.join("tsa-ca.pem").display()
     );
-    a.edit_config(|c| c.replace("[state]", &section));
+    a.edit_config(|c| c.swap("[state]", &section));
     a.start();
     let mut b = a.replica("b");
     b.start();

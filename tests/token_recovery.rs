@@ -196,7 +196,7 @@ async fn a_pin_from_the_environment_does_not_stay_in_the_process_environment() {
     let pin = std::fs::read_to_string(s.dir.join("secrets/user.pin")).unwrap();
     let pin = pin.trim().to_owned();
     s.edit_config(|c| {
-        c.replace(
+        c.swap(
             "pin_file = \"secrets/user.pin\"",
             "pin_env = \"SIGNET_TEST_PIN\"",
         )

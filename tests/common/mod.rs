@@ -27,6 +27,23 @@ use signet::client::{ClientTls, Connection};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_signet");
 
+/// Edits of the configuration text that fail loudly: a template change must break a test that
+/// edits what is no longer there, not make the edit silently do nothing.
+pub trait ConfigEdit {
+    /// Replace every occurrence of `from` (which must occur) by `to`.
+    fn swap(self, from: &str, to: &str) -> String;
+}
+
+impl ConfigEdit for String {
+    fn swap(self, from: &str, to: &str) -> String {
+        assert!(
+            self.contains(from),
+            "the configuration holds no `{from}` to edit:\n{self}"
+        );
+        self.replace(from, to)
+    }
+}
+
 /// One isolated Signet installation.
 pub struct Signet {
     pub tmp: tempfile::TempDir,
@@ -98,11 +115,11 @@ impl Signet {
         };
         // Tests run faster with short intervals.
         s.edit_config(|c| {
-            c.replace(
+            c.swap(
                 "checkpoint_interval = \"5s\"",
                 "checkpoint_interval = \"300ms\"",
             )
-            .replace(
+            .swap(
                 "sessions = 2",
                 "sessions = 2\nhealth_interval = \"200ms\"\ncall_timeout = \"2s\"",
             )
