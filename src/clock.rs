@@ -43,6 +43,11 @@ impl Clock for SystemClock {
     }
 }
 
+/// RFC 3339 UTC to the second, for Unix seconds: `2026-11-22T10:00:00Z`.
+pub fn rfc3339(unix: u64) -> String {
+    rfc3339_micros(UNIX_EPOCH + Duration::from_secs(unix)).replace(".000000Z", "Z")
+}
+
 /// RFC 3339 UTC with microseconds: `2026-11-22T10:00:00.123456Z`.
 pub fn rfc3339_micros(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -663,10 +663,10 @@ fn within_validity(cert: &Certificate, at: u64) -> Result<(), crate::pki::Error>
     let nb = v.not_before.to_unix_duration().as_secs();
     let na = v.not_after.to_unix_duration().as_secs();
     if at < nb {
-        return Err(crate::pki::Error::NotYetValid(crate::pki::rfc3339(nb)));
+        return Err(crate::pki::Error::NotYetValid(crate::clock::rfc3339(nb)));
     }
     if at > na {
-        return Err(crate::pki::Error::Expired(crate::pki::rfc3339(na)));
+        return Err(crate::pki::Error::Expired(crate::clock::rfc3339(na)));
     }
     Ok(())
 }

@@ -21,6 +21,8 @@ use spki::{
     SubjectPublicKeyInfoRef,
 };
 use x509_cert::Certificate;
+
+use crate::clock::rfc3339;
 use x509_cert::builder::{Builder, CertificateBuilder, RequestBuilder, profile::BuilderProfile};
 use x509_cert::certificate::TbsCertificate;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -33,8 +35,6 @@ use x509_cert::name::Name;
 use x509_cert::request::CertReq;
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
-
-pub use crate::hsm::TokenSigner;
 
 /// id-kp-documentSigning (RFC 9336): what tenant certificates are for.
 pub const ID_KP_DOCUMENT_SIGNING: ObjectIdentifier =
@@ -440,16 +440,10 @@ pub fn name_der(name: &Name) -> Vec<u8> {
     name.to_der().unwrap_or_default()
 }
 
-pub fn der_to_pem(der: &[u8], label: &str) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+pub fn der_to_pem(der: &[u8], label: &'static str) -> String {
+    // Encoding fails only for a malformed label; the callers pass fixed, valid ones.
+    #[allow(clippy::expect_used)]
+    der::pem::encode_string(label, der::pem::LineEnding::LF, der).expect("a valid PEM label")
 }
 
 /// The CSR in PEM.
@@ -461,14 +455,6 @@ pub fn csr_pem(der: &[u8]) -> String {
 pub fn public_key_pem(key: &VerifyingKey) -> String {
     key.to_public_key_der()
         .map(|d| der_to_pem(d.as_bytes(), "PUBLIC KEY"))
-        .unwrap_or_default()
-}
-
-/// Unix seconds as RFC 3339 UTC (`2026-11-22T10:00:00Z`).
-pub fn rfc3339(unix: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 

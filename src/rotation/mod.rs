@@ -608,7 +608,7 @@ impl Engine {
         e.certificate_serial = Some(info.serial_hex.clone());
         e.details = Some(serde_json::json!({
             "rotation_id": r.id, "issuer": "hsm-ca",
-            "not_before": pki::rfc3339(info.not_before), "not_after": pki::rfc3339(info.not_after),
+            "not_before": crate::clock::rfc3339(info.not_before), "not_after": crate::clock::rfc3339(info.not_after),
         }));
         self.record(e).await?;
         r.certificate_pem = Some(info.to_pem());
@@ -707,7 +707,7 @@ impl Engine {
         e.details = Some(serde_json::json!({
             "rotation_id": r.id,
             "previous_key_id": old.as_ref().map(|k| k.to_string()),
-            "previous_retiring_until": old.as_ref().map(|_| pki::rfc3339(until)),
+            "previous_retiring_until": old.as_ref().map(|_| crate::clock::rfc3339(until)),
         }));
         self.record(e).await?;
         self.keys.set_states(&changes).await?;
@@ -745,7 +745,7 @@ impl Engine {
         e.reason = reason;
         e.details = Some(serde_json::json!({
             "rotation_id": r.id, "issuer": info.issuer,
-            "not_before": pki::rfc3339(info.not_before), "not_after": pki::rfc3339(info.not_after),
+            "not_before": crate::clock::rfc3339(info.not_before), "not_after": crate::clock::rfc3339(info.not_after),
         }));
         self.record(e).await.map_err(|e| Error::Step {
             step: "certificate_received",
@@ -1050,7 +1050,7 @@ impl Engine {
                     reason: format!(
                         "certificate of {} expires {}; renewal window reached",
                         active.key_id,
-                        pki::rfc3339(cert.not_after)
+                        crate::clock::rfc3339(cert.not_after)
                     ),
                     request_id: None,
                     due_at: Some(due_at),

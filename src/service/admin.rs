@@ -104,8 +104,14 @@ fn key_view(v: &KeyVersion) -> KeyView {
         state: v.state.as_str().to_owned(),
         public_key: pki::public_key_pem(&v.public_key),
         certificate: v.certificate_pem.as_deref().map(str::to_owned),
-        not_before: v.certificate.as_ref().map(|c| pki::rfc3339(c.not_before)),
-        not_after: v.certificate.as_ref().map(|c| pki::rfc3339(c.not_after)),
+        not_before: v
+            .certificate
+            .as_ref()
+            .map(|c| crate::clock::rfc3339(c.not_before)),
+        not_after: v
+            .certificate
+            .as_ref()
+            .map(|c| crate::clock::rfc3339(c.not_after)),
         certificate_serial: v.certificate.as_ref().map(|c| c.serial_hex.clone()),
     }
 }
@@ -266,8 +272,8 @@ impl App {
                         VersionView {
                             key_id: v.key_id.to_string(),
                             state: v.state.as_str().to_owned(),
-                            not_before: c.map(|c| pki::rfc3339(c.not_before)),
-                            not_after: c.map(|c| pki::rfc3339(c.not_after)),
+                            not_before: c.map(|c| crate::clock::rfc3339(c.not_before)),
+                            not_after: c.map(|c| crate::clock::rfc3339(c.not_after)),
                             not_after_unix: c.map(|c| c.not_after),
                             certificate_serial: c.map(|c| c.serial_hex.clone()),
                             renewal_due: active
@@ -279,7 +285,7 @@ impl App {
                                     c.check_usable(now, cfg.min_remaining_validity).is_ok()
                                 })
                             }),
-                            retiring_until: v.retiring_until.map(pki::rfc3339),
+                            retiring_until: v.retiring_until.map(crate::clock::rfc3339),
                         }
                     })
                     .collect();

@@ -71,7 +71,7 @@ impl App {
             origin: self.log.origin().to_owned(),
             tree_size: cp.tree_size,
             root_hash: root.map(|c| B64.encode(c.root)),
-            signed_at: crate::pki::rfc3339(cp.signed_at),
+            signed_at: crate::clock::rfc3339(cp.signed_at),
             checkpoint: cp.note.clone(),
             log_public_key: crate::pki::public_key_pem(&public),
             log_key_id: format!("{:08x}", note::key_id(&public)),
