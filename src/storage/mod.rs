@@ -2,15 +2,18 @@
 //! journal and leadership live.
 //!
 //! Two backends:
-//! - `file` (the default, one process): the evidence log of [`crate::audit::EvidenceLog`] in
+//! - `file` ([`file`], the default, one process): the evidence log ([`file::FileLog`]) in
 //!   `[audit].dir`, `keys.json` and `rotations.json` in `[state].dir`. Idempotency is decided in
 //!   memory (the log entry carries the key's hash), and there is no one else to lead.
 //! - `postgres` ([`postgres`]): any number of replicas against one database. The database
 //!   sequences entries (one transaction per group, under a row lock), holds idempotency claims,
 //!   key states and the rotation journal, and fences the checkpoint signer.
 //!
-//! The seam is a few small traits ([`KeyStateStore`], [`JournalStore`], [`Leases`]) plus
-//! [`Log`], the evidence log whichever backend holds it. Must not name axum or cryptoki.
+//! [`open`] chooses the backend from the configuration and returns the seams ([`Storage`]): a
+//! few small traits ([`KeyStateStore`], [`JournalStore`], [`TimestampStore`], [`Leases`],
+//! [`Claims`], [`Replicas`]; the file backend implements the last three trivially) plus [`Log`],
+//! the evidence log whichever backend holds it. No code above this module names a backend;
+//! [`transfer`] moves whole logs between them. Must not name axum or cryptoki.
 
 pub mod file;
 pub mod postgres;

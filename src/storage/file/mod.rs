@@ -137,7 +137,7 @@ pub struct Options {
     pub fsync: FsyncPolicy,
     pub max_group_entries: usize,
     /// Open a log that differs from its anchors (a deliberate restore from backup) instead of
-    /// refusing; what differed is in [`EvidenceLog::restore_findings`]. The operator command
+    /// refusing; what differed is in [`FileLog::restore_findings`]. The operator command
     /// records it as evidence and re-anchors.
     pub accept_restore: bool,
 }

@@ -1,9 +1,9 @@
 //! The PostgreSQL backend: N replicas, one evidence log.
 //!
-//! Modules: [`db`] (pool, TLS, health, notifications), [`schema`], [`sequencer`] (group commit),
-//! [`follower`] (following the log, leadership, checkpoints), [`claims`] (idempotency),
-//! [`reads`] (entries, proofs, tiles), [`state`] (key states, journal, timestamps, leases),
-//! [`transfer`] (export, migrate, the verifier's source).
+//! Modules: `db` (pool, TLS, health, notifications), `schema`, `sequencer` (group commit),
+//! `follower` (following the log, leadership, checkpoints), `claims` (idempotency),
+//! `reads` (entries, proofs, tiles), `state` (key states, journal, timestamps, leases),
+//! `transfer` (export, migrate, the verifier's source).
 //!
 //! Commit points:
 //! - **Sequencing** ([`PgLog::append`]): each replica's sequencer takes every append waiting
