@@ -21,7 +21,14 @@ use signet::tls::ClientIdentity;
 const INNER: &str = "SIGNET_ROUTER_CONFIG";
 
 /// (client, method, path, body, expected status, expected problem slug)
-type Case<'a> = (Option<&'a str>, Method, &'a str, Option<Value>, u16, &'a str);
+type Case<'a> = (
+    Option<&'a str>,
+    Method,
+    &'a str,
+    Option<Value>,
+    u16,
+    &'a str,
+);
 
 /// The token library reads `SOFTHSM2_CONF` from the process environment when it starts: the
 /// body runs in a child process of this test binary with it set (no environment changes here).

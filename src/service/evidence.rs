@@ -170,7 +170,13 @@ impl App {
             .unwrap_or(DEFAULT_PAGE);
         let page = self
             .log
-            .tenant_entries(tenant.as_str(), since, until, after, limit)
+            .tenant_entries(crate::storage::TenantQuery {
+                tenant: tenant.as_str(),
+                since_us: since,
+                until_us: until,
+                after,
+                limit,
+            })
             .await?;
         let mut entries = Vec::with_capacity(page.indexes.len());
         for index in page.indexes {

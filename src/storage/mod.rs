@@ -103,6 +103,17 @@ pub trait TimestampStore: Send + Sync {
     fn unstamped(&self) -> BoxFuture<'_, Result<Vec<(u64, String)>, Error>>;
 }
 
+/// Which of a tenant's entries to list: a time window (µs since the epoch, `since` inclusive,
+/// `until` exclusive), after a cursor (an entry index, exclusive), at most `limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantQuery<'a> {
+    pub tenant: &'a str,
+    pub since_us: i64,
+    pub until_us: i64,
+    pub after: Option<u64>,
+    pub limit: usize,
+}
+
 /// One page of a tenant's entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -439,20 +450,10 @@ impl Log {
     }
 
     /// A page of `tenant`'s entries in a time window (µs since the epoch), after a cursor.
-    pub async fn tenant_entries(
-        &self,
-        tenant: &str,
-        since_us: i64,
-        until_us: i64,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Page, audit::Error> {
+    pub async fn tenant_entries(&self, q: TenantQuery<'_>) -> Result<Page, audit::Error> {
         match self {
-            Log::File(l) => l.tenant_entries(tenant, since_us, until_us, after, limit),
-            Log::Postgres(l) => {
-                l.tenant_entries(tenant, since_us, until_us, after, limit)
-                    .await
-            }
+            Log::File(l) => l.tenant_entries(q),
+            Log::Postgres(l) => l.tenant_entries(q).await,
         }
     }
 

@@ -46,7 +46,7 @@ pub struct Indexed {
     pub time_us: i64,
 }
 
-pub use crate::storage::Page;
+pub use crate::storage::{Page, TenantQuery};
 
 pub struct Index {
     dir: PathBuf,
@@ -242,15 +242,14 @@ impl Index {
     /// Up to `limit` entries of `tenant` with `since_us <= time < until_us`, after entry
     /// `after` (exclusive) and below `size`, in log order. Stable while the log grows: a
     /// cursor is an index.
-    pub fn tenant_page(
-        &self,
-        tenant: &str,
-        since_us: i64,
-        until_us: i64,
-        after: Option<u64>,
-        limit: usize,
-        size: u64,
-    ) -> io::Result<Page> {
+    pub fn tenant_page(&self, q: TenantQuery<'_>, size: u64) -> io::Result<Page> {
+        let TenantQuery {
+            tenant,
+            since_us,
+            until_us,
+            after,
+            limit,
+        } = q;
         let mut page = Paging {
             page: Page {
                 indexes: Vec::new(),
@@ -458,8 +457,17 @@ mod tests {
     }
 
     fn page(ix: &Index, since: i64, until: i64, after: Option<u64>, limit: usize) -> Page {
-        ix.tenant_page("a", since, until, after, limit, u64::MAX)
-            .unwrap()
+        ix.tenant_page(
+            TenantQuery {
+                tenant: "a",
+                since_us: since,
+                until_us: until,
+                after: after,
+                limit: limit,
+            },
+            u64::MAX,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -492,16 +500,34 @@ mod tests {
         assert_eq!((p3.indexes, p3.next_cursor), (vec![5, 6], Some(6)));
         assert!(page(&ix, i64::MIN, i64::MAX, Some(6), 2).indexes.is_empty());
         assert!(
-            ix.tenant_page("c", 0, 100, None, 2, u64::MAX)
-                .unwrap()
-                .indexes
-                .is_empty()
+            ix.tenant_page(
+                TenantQuery {
+                    tenant: "c",
+                    since_us: 0,
+                    until_us: 100,
+                    after: None,
+                    limit: 2
+                },
+                u64::MAX
+            )
+            .unwrap()
+            .indexes
+            .is_empty()
         );
         // Entries past the log's size are not served.
         assert_eq!(
-            ix.tenant_page("a", i64::MIN, i64::MAX, None, 10, 4)
-                .unwrap()
-                .indexes,
+            ix.tenant_page(
+                TenantQuery {
+                    tenant: "a",
+                    since_us: i64::MIN,
+                    until_us: i64::MAX,
+                    after: None,
+                    limit: 10
+                },
+                4
+            )
+            .unwrap()
+            .indexes,
             vec![0, 2, 3]
         );
 

@@ -171,18 +171,11 @@ impl FileLog {
     }
 
     /// A page of `tenant`'s entries in a time window (µs since the epoch), after a cursor.
-    pub fn tenant_entries(
-        &self,
-        tenant: &str,
-        since_us: i64,
-        until_us: i64,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<index::Page, Error> {
+    pub fn tenant_entries(&self, q: crate::storage::TenantQuery<'_>) -> Result<index::Page, Error> {
         let store = &self.inner.store;
         store
             .index
-            .tenant_page(tenant, since_us, until_us, after, limit, self.tree_size())
+            .tenant_page(q, self.tree_size())
             .map_err(store.io())
     }
 

@@ -241,12 +241,15 @@ impl PgLog {
 
     pub async fn tenant_entries(
         &self,
-        tenant: &str,
-        since_us: i64,
-        until_us: i64,
-        after: Option<u64>,
-        limit: usize,
+        q: crate::storage::TenantQuery<'_>,
     ) -> Result<crate::storage::Page, audit::Error> {
+        let crate::storage::TenantQuery {
+            tenant,
+            since_us,
+            until_us,
+            after,
+            limit,
+        } = q;
         let c = self.db.client().await?;
         let after = after.map_or(-1, |a| a as i64);
         let rows = c
