@@ -462,8 +462,8 @@ mod tests {
                 tenant: "a",
                 since_us: since,
                 until_us: until,
-                after: after,
-                limit: limit,
+                after,
+                limit,
             },
             u64::MAX,
         )
