@@ -3,15 +3,13 @@
 //!
 //! Built from the reloadable configuration; a reload builds a new `Policies` and swaps it in.
 //! Rate limiters live in [`Limiters`], outside `Policies`, so a reload keeps the state of every
-//! limiter whose rate did not change. Pure logic apart from the rate-limiter clock.
+//! limiter whose rate did not change. A request takes its tokens from every limit that applies
+//! (policy, tenant, client) or from none: a refusal by one limit leaves the others untouched.
+//! Pure logic apart from the rate-limiter clock.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::time::{Duration, Instant};
 
 use crate::config::{ClientConfig, DynamicConfig, PolicyConfig, RateLimit, Role};
 use crate::domain::{DigestAlgorithm, PolicyId, TenantId};
@@ -62,12 +60,15 @@ impl Scope {
     }
 }
 
-/// One rate limiter and what it limits.
+/// One rate limiter and what it limits: a token bucket of `burst` tokens refilled at
+/// `per_second`.
 pub struct Limiter {
     scope: Scope,
     name: String,
     rate: RateLimit,
-    bucket: DefaultDirectRateLimiter,
+    /// (tokens available, when they were counted); guarded by its mutex, held only to check
+    /// and take.
+    bucket: Mutex<(f64, Instant)>,
 }
 
 /// Every rate limiter, kept across reloads: [`Policies::with_limiters`] reuses a limiter (and
@@ -85,14 +86,11 @@ impl Limiters {
         if let Some(l) = map.get(&key).filter(|l| l.rate == rate) {
             return Arc::clone(l);
         }
-        let per_second = NonZeroU32::new(rate.per_second).unwrap_or(NonZeroU32::MIN);
-        let burst =
-            NonZeroU32::new(rate.burst.unwrap_or(rate.per_second)).unwrap_or(NonZeroU32::MIN);
         let l = Arc::new(Limiter {
             scope,
             name: name.to_owned(),
             rate,
-            bucket: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            bucket: Mutex::new((f64::from(rate.burst()), Instant::now())),
         });
         map.insert(key, Arc::clone(&l));
         l
@@ -106,24 +104,45 @@ impl Limiters {
 }
 
 impl Limiter {
-    /// Take `n` tokens at once (a batch). More than the burst is refused whole.
-    fn take(&self, n: u32) -> Result<(), Error> {
-        let Some(n) = NonZeroU32::new(n) else {
-            return Ok(());
-        };
-        let refused = |retry_after| Error::RateLimited {
+    fn refused(&self, retry_after: Duration) -> Error {
+        Error::RateLimited {
             scope: self.scope.as_str(),
             name: self.name.clone(),
             retry_after,
-        };
-        match self.bucket.check_n(n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(refused(
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )),
-            Err(_) => Err(refused(Duration::from_secs(1))),
         }
     }
+}
+
+/// Take `n` tokens (a batch) from every bucket in `limiters`, or from none: a request refused
+/// by one limit leaves the others untouched. More than a bucket's burst is refused whole. The
+/// buckets are locked in the order given; callers always give policy, tenant, client, so two
+/// requests never wait for each other in opposite orders.
+fn take_all(limiters: &[&Limiter], n: u32, now: Instant) -> Result<(), Error> {
+    if n == 0 {
+        return Ok(());
+    }
+    let want = f64::from(n);
+    let mut guards: Vec<_> = limiters
+        .iter()
+        .map(|l| l.bucket.lock().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    for (l, g) in limiters.iter().zip(guards.iter_mut()) {
+        let (tokens, at) = &mut **g;
+        let rate = f64::from(l.rate.per_second.max(1));
+        let burst = f64::from(l.rate.burst());
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if want > burst {
+            return Err(l.refused(Duration::from_secs(1)));
+        }
+        if *tokens < want {
+            return Err(l.refused(Duration::from_secs_f64((want - *tokens) / rate)));
+        }
+    }
+    for g in &mut guards {
+        g.0 -= want;
+    }
+    Ok(())
 }
 
 /// A policy with what is derived from it once per configuration.
@@ -205,17 +224,19 @@ impl Policies {
 
     /// Take `n` signatures from every limit that applies to `client` signing under `policy`:
     /// the policy's, its tenant's and the client's.
+    /// Take `n` tokens from the policy's, the tenant's and the client's limits, all or none.
     pub fn check_rate(&self, client: &ClientConfig, policy: &Policy, n: u32) -> Result<(), Error> {
-        if let Some(l) = &policy.limiter {
-            l.take(n)?;
-        }
-        if let Some(l) = self.tenant_limiters.get(&policy.config.tenant) {
-            l.take(n)?;
-        }
-        if let Some(l) = self.client_limiters.get(&client.identity) {
-            l.take(n)?;
-        }
-        Ok(())
+        let limiters: Vec<&Limiter> = [
+            policy.limiter.as_deref(),
+            self.tenant_limiters
+                .get(&policy.config.tenant)
+                .map(|l| &**l),
+            self.client_limiters.get(&client.identity).map(|l| &**l),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        take_all(&limiters, n, Instant::now())
     }
 
     /// The policy `policy_id`, if configured.
@@ -425,6 +446,39 @@ legal_standard = "x"
         // A batch above the burst is refused whole.
         let (p, _) = policies(per_policy);
         assert_eq!(take(&p, "payroll-app", "limited", 5), Some("policy"));
+    }
+
+    #[test]
+    fn a_refusal_by_one_limit_takes_nothing_from_the_others() {
+        // A client limited to 1/s floods; the tenant allows 10/s. Its refused requests must not
+        // drain the tenant's bucket: another client of the same tenant still signs.
+        let (p, _) = policies(
+            "[[clients]]\nidentity = \"payroll-2\"\ntenants = [\"payroll\"]\nroles = [\"sign\"]\n\
+             [limits]\nper_client = { per_second = 1, burst = 1 }\n\
+             per_tenant = { per_second = 10, burst = 10 }\n",
+        );
+        let refused: Vec<_> = (0..150)
+            .map(|_| take(&p, "payroll-app", "payroll-esign", 1))
+            .collect();
+        assert_eq!(refused[0], None);
+        assert!(
+            refused[1..].iter().all(|r| *r == Some("client")),
+            "{refused:?}"
+        );
+        assert_eq!(take(&p, "payroll-2", "payroll-esign", 1), None);
+        // And a batch refused by the tenant's limit takes nothing from the clients'.
+        assert_eq!(take(&p, "payroll-2", "payroll-esign", 11), Some("tenant"));
+        let (p, _) = policies(
+            "[[clients]]\nidentity = \"payroll-2\"\ntenants = [\"payroll\"]\nroles = [\"sign\"]\n\
+             [limits]\nper_client = { per_second = 1, burst = 5 }\n\
+             per_tenant = { per_second = 1, burst = 3 }\n",
+        );
+        assert_eq!(take(&p, "payroll-app", "payroll-esign", 4), Some("tenant"));
+        assert_eq!(
+            take(&p, "payroll-app", "payroll-esign", 3),
+            None,
+            "the client's 5 untouched"
+        );
     }
 
     #[test]

@@ -268,6 +268,13 @@ pub struct RateLimit {
     pub burst: Option<u32>,
 }
 
+impl RateLimit {
+    /// The bucket's size: `burst`, else `per_second` (at least 1).
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.per_second).max(1)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RotationConfig {
     pub validity: Duration,
