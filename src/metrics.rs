@@ -96,6 +96,7 @@ collectors! {
     http_requests: counter_vec("signet_http_requests_total", "API responses by matched route and status code.", &["route", "status"]);
     hsm_sessions_in_use: gauge("signet_hsm_sessions_in_use", "PKCS#11 sessions executing a call now.");
     hsm_sessions: gauge("signet_hsm_sessions", "PKCS#11 worker sessions configured.");
+    client_refusals: counter_vec("signet_client_refusals_total", "Requests and connections of a client refused by one of its shares (connections, requests in flight, body bytes, signing queue), by client and limit.", &["client", "limit"]);
     hsm_errors: counter_vec("signet_hsm_errors_total", "PKCS#11 failures by kind.", &["kind"]);
     hsm_ready: gauge("signet_hsm_ready", "1 when the token is logged in and answering.");
     hsm_recoveries: counter_vec("signet_hsm_recoveries_total", "Token recoveries by method (relogin, reinitialize) and outcome.", &["method", "outcome"]);

@@ -276,7 +276,8 @@ async fn slow_and_idle_peers_are_cut_and_cannot_exhaust_the_server() {
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
 
     // A stalled body holding the whole body budget: 408 after request_timeout; meanwhile
-    // another request with a body is refused with 503 server-busy, not buffered.
+    // another request with a body of the same client is refused with 429 client-body-limit
+    // (its share is used), and one of another client with 503 server-busy; none is buffered.
     let mut stalled = tls_from(&s, "127.0.0.1".parse().unwrap()).await.unwrap();
     stalled
         .write_all(
@@ -293,6 +294,18 @@ async fn slow_and_idle_peers_are_cut_and_cannot_exhaust_the_server() {
             Method::POST,
             "/v1/sign",
             Some(sign_body("payroll-esign", b"while the budget is held")),
+            &[],
+        )
+        .await;
+    assert_eq!(st, 429, "{p}");
+    assert_eq!(p["type"], "urn:signet:problem:client-body-limit");
+    assert!(h.contains_key("retry-after"));
+    let (st, h, p) = s
+        .call(
+            "procurement-app",
+            Method::POST,
+            "/v1/sign",
+            Some(sign_body("procurement-esign", b"while the budget is held")),
             &[],
         )
         .await;
@@ -348,14 +361,15 @@ async fn slow_and_idle_peers_are_cut_and_cannot_exhaust_the_server() {
     drop(send);
     conn_task.abort();
 
-    // Unauthenticated peers: 40 TCP connections from one address that never handshake take at
-    // most 8 handshake slots; a client from another address still gets through.
+    // Unauthenticated peers: 40 TCP connections from one network (127.0.0.0/24, the default
+    // server.ipv4_prefix) that never handshake take at most 8 handshake slots; a client from
+    // another network still gets through.
     let mut idle = Vec::new();
     for _ in 0..40 {
         idle.push(tokio::net::TcpStream::connect(s.api).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut ok = tls_from(&s, "127.0.0.2".parse().unwrap()).await.unwrap();
+    let mut ok = tls_from(&s, "127.0.1.2".parse().unwrap()).await.unwrap();
     ok.write_all(b"GET /v1/keys/payroll HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();

@@ -72,6 +72,7 @@ async fn in_process(config: std::path::PathBuf) {
             ))
         }),
         body_budget: Arc::new(tokio::sync::Semaphore::new(1 << 20)),
+        client_bodies: Arc::default(),
     };
     let identity = |client: &str| {
         let der = signet::pki::parse_pem_or_der(

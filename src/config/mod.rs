@@ -103,8 +103,21 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// TLS handshakes in progress at once (unauthenticated peers), apart from connections.
     pub max_handshakes: usize,
-    /// TLS handshakes in progress at once from one source address.
+    /// TLS handshakes in progress at once from one source network (see `ipv4_prefix`).
     pub max_handshakes_per_ip: usize,
+    /// Connections at once from one source network, counted before the client is known.
+    pub max_connections_per_ip: usize,
+    /// Source addresses are grouped into networks of this prefix length for the per-address
+    /// limits (IPv4, and IPv6).
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// Connections at once of one client (certificate identity).
+    pub max_connections_per_client: usize,
+    /// Requests (HTTP/1.1 requests and HTTP/2 streams) in flight at once for one client, over
+    /// all its connections.
+    pub max_requests_per_client: usize,
+    /// Request bodies of one client being read at once, in bytes.
+    pub max_buffered_body_bytes_per_client: usize,
     /// Concurrent HTTP/2 streams on one connection.
     pub max_streams_per_connection: u32,
     /// Request bodies being read at once, in bytes, over all connections.
@@ -483,6 +496,12 @@ mod raw {
         max_connections: Option<usize>,
         max_handshakes: Option<usize>,
         max_handshakes_per_ip: Option<usize>,
+        max_connections_per_ip: Option<usize>,
+        ipv4_prefix: Option<u8>,
+        ipv6_prefix: Option<u8>,
+        max_connections_per_client: Option<usize>,
+        max_requests_per_client: Option<usize>,
+        max_buffered_body_bytes_per_client: Option<usize>,
         max_streams_per_connection: Option<u32>,
         max_buffered_body_bytes: Option<usize>,
         metrics_max_connections: Option<usize>,
@@ -592,7 +611,7 @@ mod raw {
                 "at least one CA file is required",
             ));
         }
-        let server = ServerConfig {
+        let mut server = ServerConfig {
             listen: addr("server.listen", &s.listen)?,
             cert: path(&s.cert),
             key: path(&s.key),
@@ -646,6 +665,23 @@ mod raw {
                 1 << 20,
                 4 << 30,
             )?,
+            max_connections_per_ip: 0,
+            // In range, so they fit a u8.
+            ipv4_prefix: in_range(
+                "server.ipv4_prefix",
+                usize::from(s.ipv4_prefix.unwrap_or(24)),
+                8,
+                32,
+            )? as u8,
+            ipv6_prefix: in_range(
+                "server.ipv6_prefix",
+                usize::from(s.ipv6_prefix.unwrap_or(64)),
+                16,
+                128,
+            )? as u8,
+            max_connections_per_client: 0,
+            max_requests_per_client: 0,
+            max_buffered_body_bytes_per_client: 0,
             metrics_max_connections: in_range(
                 "server.metrics_max_connections",
                 s.metrics_max_connections.unwrap_or(64),
@@ -657,6 +693,7 @@ mod raw {
             idle_timeout: dur("server.idle_timeout", &s.idle_timeout, "120s")?,
             shutdown_timeout: dur("server.shutdown_timeout", &s.shutdown_timeout, "30s")?,
         };
+        check_client_shares(&mut server, raw)?;
         if server.listen == server.metrics_listen && server.listen.port() != 0 {
             return Err(ConfigError::new(
                 "server.metrics_listen",
@@ -822,6 +859,52 @@ mod raw {
             ));
         }
         Ok(audit)
+    }
+
+    /// The per-address and per-client shares of the global budgets: by default a quarter of
+    /// each (an eighth of the connections per source network), never more than the whole.
+    fn check_client_shares(server: &mut ServerConfig, raw: &Server) -> Result<(), ConfigError> {
+        let share = |key: &str, v: Option<usize>, whole: usize, default: usize| {
+            let v = v.unwrap_or(default.max(1));
+            if v == 0 || v > whole {
+                return Err(ConfigError::new(
+                    key.to_owned(),
+                    format!("must be 1..={whole} (the global budget)"),
+                ));
+            }
+            Ok(v)
+        };
+        server.max_connections_per_ip = share(
+            "server.max_connections_per_ip",
+            raw.max_connections_per_ip,
+            server.max_connections,
+            server.max_connections / 8,
+        )?;
+        server.max_connections_per_client = share(
+            "server.max_connections_per_client",
+            raw.max_connections_per_client,
+            server.max_connections,
+            server.max_connections / 4,
+        )?;
+        server.max_requests_per_client = share(
+            "server.max_requests_per_client",
+            raw.max_requests_per_client,
+            server.max_connections * server.max_streams_per_connection as usize,
+            256,
+        )?;
+        server.max_buffered_body_bytes_per_client = share(
+            "server.max_buffered_body_bytes_per_client",
+            raw.max_buffered_body_bytes_per_client,
+            server.max_buffered_body_bytes,
+            (server.max_buffered_body_bytes / 4).max(server.max_body_bytes),
+        )?;
+        if server.max_buffered_body_bytes_per_client < server.max_body_bytes {
+            return Err(ConfigError::new(
+                "server.max_buffered_body_bytes_per_client",
+                "must be at least server.max_body_bytes (one body of the largest size)",
+            ));
+        }
+        Ok(())
     }
 
     /// `[clients]` checked: the typed configuration, or the first problem, naming its key.

@@ -5,6 +5,7 @@
 
 pub mod problem;
 pub mod server;
+pub mod slots;
 
 use std::sync::Arc;
 
@@ -42,6 +43,8 @@ pub struct ApiState {
     pub reload: Arc<dyn Fn() -> Result<String, server::ReloadError> + Send + Sync>,
     /// Bytes of request bodies that may be buffered at once (`server.max_buffered_body_bytes`).
     pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// The same per client (`server.max_buffered_body_bytes_per_client`).
+    pub client_bodies: Arc<slots::Slots<String>>,
 }
 
 /// The mTLS API router.
@@ -217,11 +220,37 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for JsonBody<T> {
         if declared.is_some_and(|n| n > cfg.max_body_bytes) {
             return Err(too_large());
         }
-        // Reserve the body's size (or the most it may be) from the global budget first, so
-        // many slow bodies cannot hold unbounded memory.
+        // Reserve the body's size (or the most it may be) from the client's share, then from the
+        // global budget, so many slow bodies cannot hold unbounded memory, and one client
+        // cannot hold all of it.
         let reserve = declared
             .unwrap_or(cfg.max_body_bytes)
             .clamp(1, cfg.max_body_bytes);
+        let client = req
+            .extensions()
+            .get::<PeerIdentity>()
+            .map(|p| p.0.identity.clone())
+            .unwrap_or_default();
+        let Some(_share) =
+            state
+                .client_bodies
+                .try_take(&client, reserve, cfg.max_buffered_body_bytes_per_client)
+        else {
+            state
+                .app
+                .metrics()
+                .client_refusals
+                .with_label_values(&[client.as_str(), "body_bytes"])
+                .inc();
+            return Err(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "client-body-limit",
+                "Too many request bodies in flight for this client",
+                "server.max_buffered_body_bytes_per_client is in use by this client; retry",
+                &request_id,
+            )
+            .retry_after(1));
+        };
         let _budget = Arc::clone(&state.body_budget)
             .try_acquire_many_owned(u32::try_from(reserve).unwrap_or(u32::MAX))
             .map_err(|_| {

@@ -7,7 +7,6 @@
 //! connection is closed when its client certificate expires, when a reload stops trusting it,
 //! or after `idle_timeout` without a request; refusals are logged at most every few seconds.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +20,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
+
+use axum::response::IntoResponse;
 use tower::Service;
+
+use super::slots::{self, Slot, Slots};
 
 use super::{ApiState, PeerIdentity, metrics_router, router};
 use crate::service::App;
@@ -89,6 +92,7 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
         app: Arc::clone(&app),
         reload: Arc::clone(&reload),
         body_budget: Arc::new(Semaphore::new(cfg.max_buffered_body_bytes)),
+        client_bodies: Arc::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -221,53 +225,22 @@ impl QuietWarn {
     }
 }
 
-/// Handshakes in progress per source address; a slot is given back when its guard drops.
-#[derive(Default)]
-struct PerIp {
-    /// Guarded by its mutex; never held across an `.await`.
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-struct PerIpSlot {
-    table: Arc<PerIp>,
-    ip: IpAddr,
-}
-
-impl PerIp {
-    fn try_take(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<PerIpSlot> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(ip).or_default();
-        if *n >= limit {
-            return None;
-        }
-        *n += 1;
-        Some(PerIpSlot {
-            table: Arc::clone(self),
-            ip,
-        })
-    }
-}
-
-impl Drop for PerIpSlot {
-    fn drop(&mut self) {
-        let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// The limits shared by every connection of the API listener.
 struct Gate {
     handshakes: Arc<Semaphore>,
-    per_ip: Arc<PerIp>,
+    /// Handshakes in progress per source network.
+    handshakes_per_net: Arc<Slots<IpAddr>>,
     connections: Arc<Semaphore>,
+    /// Connections per source network (counted before the client is known).
+    connections_per_net: Arc<Slots<IpAddr>>,
+    /// Connections per client identity.
+    connections_per_client: Arc<Slots<String>>,
+    /// Requests in flight per client identity, over all its connections.
+    requests_per_client: Arc<Slots<String>>,
     handshake_limit: QuietWarn,
     per_ip_limit: QuietWarn,
     connection_limit: QuietWarn,
+    per_net_connection_limit: QuietWarn,
 }
 
 async fn accept_loop(
@@ -282,13 +255,19 @@ async fn accept_loop(
     let cfg = state.app.config().server.clone();
     let gate = Arc::new(Gate {
         handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
-        per_ip: Arc::new(PerIp::default()),
+        handshakes_per_net: Arc::default(),
         connections: Arc::new(Semaphore::new(cfg.max_connections)),
+        connections_per_net: Arc::default(),
+        connections_per_client: Arc::default(),
+        requests_per_client: Arc::default(),
         handshake_limit: QuietWarn::new("TLS handshake limit (server.max_handshakes) reached"),
         per_ip_limit: QuietWarn::new(
             "TLS handshakes from one address (server.max_handshakes_per_ip) at the limit",
         ),
         connection_limit: QuietWarn::new("connection limit (server.max_connections) reached"),
+        per_net_connection_limit: QuietWarn::new(
+            "connections from one source network (server.max_connections_per_ip) at the limit",
+        ),
     });
     loop {
         let (tcp, peer) = tokio::select! {
@@ -313,7 +292,11 @@ async fn accept_loop(
             refused(&state.app, "limited");
             continue;
         };
-        let Some(ip_slot) = gate.per_ip.try_take(peer.ip(), cfg.max_handshakes_per_ip) else {
+        let net = slots::network(peer.ip(), cfg.ipv4_prefix, cfg.ipv6_prefix);
+        let Some(ip_slot) = gate
+            .handshakes_per_net
+            .try_take(&net, 1, cfg.max_handshakes_per_ip)
+        else {
             gate.per_ip_limit.warn(cfg.max_handshakes_per_ip);
             refused(&state.app, "limited_per_ip");
             continue;
@@ -391,7 +374,7 @@ impl Conn {
     async fn serve(
         self,
         tcp: TcpStream,
-        handshake: (tokio::sync::OwnedSemaphorePermit, PerIpSlot),
+        handshake: (tokio::sync::OwnedSemaphorePermit, Slot<IpAddr>),
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let peer = self.peer;
@@ -424,7 +407,34 @@ impl Conn {
             count("limited");
             return;
         };
+        let net = slots::network(peer.ip(), self.cfg.ipv4_prefix, self.cfg.ipv6_prefix);
+        let Some(_net_slot) =
+            self.gate
+                .connections_per_net
+                .try_take(&net, 1, self.cfg.max_connections_per_ip)
+        else {
+            self.gate
+                .per_net_connection_limit
+                .warn(self.cfg.max_connections_per_ip);
+            count("limited_connections_per_ip");
+            return;
+        };
         let Some((chain, identity, expires)) = self.client_identity(&stream) else {
+            return;
+        };
+        let client = identity.identity.clone();
+        let Some(_client_slot) = self.gate.connections_per_client.try_take(
+            &client,
+            1,
+            self.cfg.max_connections_per_client,
+        ) else {
+            tracing::info!(%peer, client = %client, "client at its connection share; closing");
+            self.app
+                .metrics()
+                .client_refusals
+                .with_label_values(&[client.as_str(), "connections"])
+                .inc();
+            count("limited_per_client");
             return;
         };
         let activity = Arc::new(Activity {
@@ -435,13 +445,25 @@ impl Conn {
         });
         let peer_identity = PeerIdentity(Arc::new(identity));
         let (router, act) = (self.router.clone(), Arc::clone(&activity));
+        let (requests, share, app) = (
+            Arc::clone(&self.gate.requests_per_client),
+            self.cfg.max_requests_per_client,
+            Arc::clone(&self.app),
+        );
         let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(peer_identity.clone());
+            let slot = requests.try_take(&peer_identity.0.identity, 1, share);
+            let refusal = slot
+                .is_none()
+                .then(|| client_share_refused(&app, &peer_identity.0.identity));
             let mut r = router.clone();
             let busy = InFlight::new(&act);
             async move {
-                let resp = r.call(req).await;
-                drop(busy);
+                let resp = match refusal {
+                    Some(refused) => Ok(refused),
+                    None => r.call(req).await,
+                };
+                drop((busy, slot));
                 resp
             }
         });
@@ -619,4 +641,27 @@ async fn metrics_loop(
             let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
         });
     }
+}
+
+/// The answer to a request beyond its client's share of requests in flight (counted). It
+/// never reached the router: it gets its request ID here.
+fn client_share_refused(app: &App, client: &str) -> axum::response::Response {
+    app.metrics()
+        .client_refusals
+        .with_label_values(&[client, "requests"])
+        .inc();
+    let id = format!("{:032x}", rand::random::<u128>());
+    let mut resp = crate::http::Problem::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        "client-request-limit",
+        "Too many requests in flight for this client",
+        "server.max_requests_per_client requests of this client are in flight; retry when one ends",
+        &id,
+    )
+    .retry_after(1)
+    .into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }
