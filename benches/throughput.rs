@@ -82,6 +82,10 @@ fn main() {
         instructions(&dir);
         return;
     }
+    if args.iter().any(|a| a == "--fairness") {
+        fairness(&dir, if quick { 3 } else { 10 });
+        return;
+    }
     if args.iter().any(|a| a == "--startup-only") {
         startup(&dir, if quick { 200_000 } else { 1_000_000 });
         return;
@@ -703,6 +707,109 @@ fn postgres_replicas(dir: &Path, secs: u64, raw_rate: f64, file_single: f64, fil
     }
 }
 
+/// Fairness: a victim (`procurement-app`, 50 signatures/s on one connection) alone, then while
+/// an attacker floods with 64 connections at full speed, first a client of another tenant
+/// (`payroll-app`), then another client of the victim's own tenant (`procurement-bulk`). The
+/// server on CPU 0; the victim and the attacker (at the lowest CPU priority, so the victim's
+/// own client is not what waits) on CPU 1. Default limits.
+fn fairness(dir: &Path, secs: u64) {
+    signet::dev::issue_client_from_dir(dir, "procurement-bulk").unwrap();
+    let config = dir.join("signet.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text + "\n[[clients]]\nidentity = \"spiffe://signet.dev/procurement-bulk\"\n\
+                tenants = [\"procurement\"]\nroles = [\"sign\"]\n",
+    )
+    .unwrap();
+    let mut server = start(dir);
+    let ready: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).unwrap()).unwrap();
+    let api = ready["api"].as_str().unwrap().to_owned();
+    let victim = || {
+        load_run_extra(
+            dir,
+            &api,
+            1,
+            0,
+            secs,
+            0,
+            &[
+                "rate:50",
+                "client:procurement-app",
+                "policy:procurement-esign",
+            ],
+        )
+    };
+    let flood_child = |client: &str, policy: &str| {
+        let exe = std::env::current_exe().unwrap();
+        Command::new("taskset")
+            .args(["-c", "1", "nice", "-n", "19"])
+            .arg(exe)
+            .args(["--load", &dir.display().to_string(), &api, "64", "0"])
+            .arg((secs + 3).to_string())
+            .args([
+                "0",
+                &format!("client:{client}"),
+                &format!("policy:{policy}"),
+                "flood",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Warm-up, then the victim alone.
+    let _ = load_run_extra(
+        dir,
+        &api,
+        1,
+        0,
+        1,
+        0,
+        &[
+            "rate:50",
+            "client:procurement-app",
+            "policy:procurement-esign",
+        ],
+    );
+    let alone = victim();
+    println!(
+        "{:<44} {:>8} {:>8} {:>14} {:>9}",
+        "victim (procurement-app, 50/s)", "p50 ms", "p99 ms", "p99 vs alone", "attacker/s"
+    );
+    let row = |name: &str, v: &RunResult, attacker: Option<f64>| {
+        println!(
+            "{:<44} {:>8.2} {:>8.2} {:>13.1}x {:>9}",
+            name,
+            v.p50,
+            v.p99,
+            v.p99 / alone.p99.max(1e-6),
+            attacker.map_or("-".to_owned(), |a| format!("{a:.0}"))
+        );
+    };
+    row("alone", &alone, None);
+    for (name, client, policy) in [
+        (
+            "flood by another tenant (payroll-app, 64 conn)",
+            "payroll-app",
+            "payroll-esign",
+        ),
+        (
+            "flood by its own tenant (procurement-bulk, 64)",
+            "procurement-bulk",
+            "procurement-esign",
+        ),
+    ] {
+        let attacker = flood_child(client, policy);
+        std::thread::sleep(Duration::from_millis(1500));
+        let v = victim();
+        let out = attacker.wait_with_output().unwrap();
+        let a: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        row(name, &v, a["rate"].as_f64());
+    }
+    stop(&mut server);
+}
+
 fn start(dir: &Path) -> Child {
     start_with(&dir.join("signet.toml"), &dir.join("ready.json"))
 }
@@ -831,6 +938,19 @@ fn load(args: &[String]) {
         .iter()
         .find_map(|a| a.strip_prefix("openbao:"))
         .map(str::to_owned);
+    // `client:NAME` and `policy:ID`: sign as another client, under another policy.
+    let client = args
+        .iter()
+        .find_map(|a| a.strip_prefix("client:"))
+        .unwrap_or("payroll-app")
+        .to_owned();
+    let policy = args
+        .iter()
+        .find_map(|a| a.strip_prefix("policy:"))
+        .unwrap_or("payroll-esign")
+        .to_owned();
+    // `flood`: count refusals instead of failing on them (an attacker in the fairness run).
+    let flood = args.iter().any(|a| a == "flood");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -839,10 +959,11 @@ fn load(args: &[String]) {
     rt.block_on(async move {
         let tls = signet::client::ClientTls::new(
             &dir.join("tls/ca.pem"),
-            Some(&dir.join("tls/clients/payroll-app.pem")),
-            Some(&dir.join("tls/clients/payroll-app.key")),
+            Some(&dir.join(format!("tls/clients/{client}.pem"))),
+            Some(&dir.join(format!("tls/clients/{client}.key"))),
         )
         .unwrap();
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         let mut clients = Vec::new();
@@ -859,6 +980,7 @@ fn load(args: &[String]) {
         for (w, mut c) in clients.into_iter().enumerate() {
             let stop = Arc::clone(&stop);
             let bao_token = bao_token.clone();
+            let (policy, refused) = (policy.clone(), Arc::clone(&refused));
             // Each of the `workers` connections sends one request per `interval` when paced.
             let workers = conc.max(1) * streams.max(1);
             let interval = rate.map(|r| Duration::from_secs_f64(workers as f64 / r.max(1.0)));
@@ -879,10 +1001,10 @@ fn load(args: &[String]) {
                         use base64::Engine;
                         json!({"input": base64::engine::general_purpose::STANDARD.encode(digest), "prehashed": true, "hash_algorithm": "sha2-256"})
                     } else if batch == 0 {
-                        json!({"policy_id": "payroll-esign", "digest_algorithm": "sha256", "digest": hex::encode(digest)})
+                        json!({"policy_id": policy, "digest_algorithm": "sha256", "digest": hex::encode(digest)})
                     } else {
                         let items: Vec<Value> = (0..batch)
-                            .map(|k| json!({"policy_id": "payroll-esign", "digest_algorithm": "sha256", "digest": hex::encode(Sha256::digest(format!("{w}-{i}-{k}")))}))
+                            .map(|k| json!({"policy_id": policy, "digest_algorithm": "sha256", "digest": hex::encode(Sha256::digest(format!("{w}-{i}-{k}")))}))
                             .collect();
                         json!({ "items": items })
                     };
@@ -897,6 +1019,11 @@ fn load(args: &[String]) {
                         .unwrap_or_default();
                     let t = Instant::now();
                     let (st, _, _) = c.request(Method::POST, path, &headers, Some(body.to_string().into_bytes())).await.unwrap();
+                    if flood && st.as_u16() != 200 {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                        continue;
+                    }
                     assert_eq!(st.as_u16(), 200);
                     done.push((Instant::now(), t.elapsed().as_secs_f64() * 1e3, batch.max(1) as u64));
                     i += 1;
@@ -931,7 +1058,7 @@ fn load(args: &[String]) {
         let elapsed = (to - from).as_secs_f64();
         lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
-        println!("{}", json!({"rate": total as f64 / elapsed, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99)}));
+        println!("{}", json!({"rate": total as f64 / elapsed, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "refused": refused.load(Ordering::Relaxed)}));
     });
 }
 

@@ -114,7 +114,18 @@ impl Connection {
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<Self, Error> {
-        Self::open(&tls.config, addr, server_name, false).await
+        Self::open(&tls.config, addr, None, server_name, false).await
+    }
+
+    /// [`Connection::connect`] from the local address `source` (a host with several
+    /// addresses: the server's per-network limits count the source network).
+    pub async fn connect_from(
+        tls: &ClientTls,
+        addr: SocketAddr,
+        source: std::net::IpAddr,
+        server_name: &str,
+    ) -> Result<Self, Error> {
+        Self::open(&tls.config, addr, Some(source), server_name, false).await
     }
 
     /// Connect with ALPN `h2`; [`Connection::share`] gives more streams on it.
@@ -125,16 +136,17 @@ impl Connection {
     ) -> Result<Self, Error> {
         let mut config = (*tls.config).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Self::open(&Arc::new(config), addr, server_name, true).await
+        Self::open(&Arc::new(config), addr, None, server_name, true).await
     }
 
     async fn open(
         config: &Arc<rustls::ClientConfig>,
         addr: SocketAddr,
+        source: Option<std::net::IpAddr>,
         server_name: &str,
         h2: bool,
     ) -> Result<Self, Error> {
-        let io = TokioIo::new(tls_connect(config, addr, server_name).await?);
+        let io = TokioIo::new(tls_connect(config, addr, source, server_name).await?);
         let failed = |e: hyper::Error| Error::Connect {
             addr: addr.to_string(),
             reason: e.to_string(),
@@ -217,15 +229,28 @@ impl Connection {
 async fn tls_connect(
     config: &Arc<rustls::ClientConfig>,
     addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
     server_name: &str,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Error> {
     let connect_err = |e: &dyn std::fmt::Display| Error::Connect {
         addr: addr.to_string(),
         reason: e.to_string(),
     };
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| connect_err(&e))?;
+    let tcp = match source {
+        None => tokio::net::TcpStream::connect(addr).await,
+        Some(ip) => {
+            let sock = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(|e| connect_err(&e))?;
+            sock.bind(SocketAddr::new(ip, 0))
+                .map_err(|e| connect_err(&e))?;
+            sock.connect(addr).await
+        }
+    }
+    .map_err(|e| connect_err(&e))?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(server_name.to_owned()).map_err(|e| connect_err(&e))?;
     tokio_rustls::TlsConnector::from(Arc::clone(config))

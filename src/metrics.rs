@@ -1,11 +1,12 @@
 //! Every Prometheus collector Signet exports, in one struct, on one registry.
 //!
 //! Labels come from configuration or fixed enums, never from request content: no digests,
-//! signer details, client identities or idempotency keys here.
+//! signer details or idempotency keys here; a `client` label is a configured `[[clients]]`
+//! identity, never one a caller made up.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// What each collector kind is.
@@ -24,6 +25,9 @@ macro_rules! collector_type {
     };
     (histogram) => {
         Histogram
+    };
+    (histogram_vec) => {
+        HistogramVec
     };
 }
 
@@ -72,6 +76,18 @@ impl Factory {
     fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
         self.register(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
     }
+    fn histogram_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: Vec<f64>,
+    ) -> HistogramVec {
+        self.register(
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric"),
+        )
+    }
     fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
         self.register(
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
@@ -97,6 +113,9 @@ collectors! {
     hsm_sessions_in_use: gauge("signet_hsm_sessions_in_use", "PKCS#11 sessions executing a call now.");
     hsm_sessions: gauge("signet_hsm_sessions", "PKCS#11 worker sessions configured.");
     client_refusals: counter_vec("signet_client_refusals_total", "Requests and connections of a client refused by one of its shares (connections, requests in flight, body bytes, signing queue), by client and limit.", &["client", "limit"]);
+    tenant_refusals: counter_vec("signet_tenant_refusals_total", "Signing requests of a tenant refused by one of its limits, by tenant and limit (tenant_queue, client_queue: its share of the token's queue; rate_policy, rate_tenant, rate_client: a rate limit).", &["tenant", "limit"]);
+    token_queue_wait: histogram_vec("signet_token_queue_wait_seconds", "Time signing requests waited for their turn at the token (fair queue), by tenant.", &["tenant"], latency());
+    token_queue_depth: gauge_vec("signet_token_queue_depth", "Signing requests waiting for their turn at the token now, by tenant.", &["tenant"]);
     hsm_errors: counter_vec("signet_hsm_errors_total", "PKCS#11 failures by kind.", &["kind"]);
     hsm_ready: gauge("signet_hsm_ready", "1 when the token is logged in and answering.");
     hsm_recoveries: counter_vec("signet_hsm_recoveries_total", "Token recoveries by method (relogin, reinitialize) and outcome.", &["method", "outcome"]);

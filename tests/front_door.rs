@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -235,20 +234,6 @@ async fn connections_close_when_their_ca_is_removed_or_their_certificate_expires
     assert!(s.log().contains("no_longer_trusted"), "{}", s.log());
 }
 
-/// TLS-connect from `source` (a loopback address) with the payroll-app certificate.
-async fn tls_from(
-    s: &Signet,
-    source: IpAddr,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(source, 0))?;
-    let tcp = sock.connect(s.api).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(s.tls("payroll-app").rustls_config())
-        .connect(name, tcp)
-        .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_peers_are_cut_and_cannot_exhaust_the_server() {
     let mut s = Signet::init(Init {
@@ -265,7 +250,10 @@ async fn slow_and_idle_peers_are_cut_and_cannot_exhaust_the_server() {
     s.start();
 
     // A TLS connection that never sends a request is closed after request_timeout.
-    let mut silent = tls_from(&s, "127.0.0.1".parse().unwrap()).await.unwrap();
+    let mut silent = s
+        .tls_from("payroll-app", "127.0.0.1".parse().unwrap())
+        .await
+        .unwrap();
     let t = Instant::now();
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
@@ -278,7 +266,10 @@ async fn slow_and_idle_peers_are_cut_and_cannot_exhaust_the_server() {
     // A stalled body holding the whole body budget: 408 after request_timeout; meanwhile
     // another request with a body of the same client is refused with 429 client-body-limit
     // (its share is used), and one of another client with 503 server-busy; none is buffered.
-    let mut stalled = tls_from(&s, "127.0.0.1".parse().unwrap()).await.unwrap();
+    let mut stalled = s
+        .tls_from("payroll-app", "127.0.0.1".parse().unwrap())
+        .await
+        .unwrap();
     stalled
         .write_all(
             b"POST /v1/sign HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
@@ -369,7 +360,10 @@ async fn slow_and_idle_peers_are_cut_and_cannot_exhaust_the_server() {
         idle.push(tokio::net::TcpStream::connect(s.api).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut ok = tls_from(&s, "127.0.1.2".parse().unwrap()).await.unwrap();
+    let mut ok = s
+        .tls_from("payroll-app", "127.0.1.2".parse().unwrap())
+        .await
+        .unwrap();
     ok.write_all(b"GET /v1/keys/payroll HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();

@@ -139,6 +139,9 @@ pub struct HsmConfig {
     pub pin: PinSource,
     pub sessions: usize,
     pub queue_depth: usize,
+    /// Signatures handed to the token at once (executing, or queued in front of the
+    /// sessions); further signing requests wait their tenant's turn in the fair queue.
+    pub max_in_flight: usize,
     pub call_timeout: Duration,
     pub health_interval: Duration,
     /// Environment variables the PKCS#11 module reads (e.g. `SOFTHSM2_CONF`).
@@ -246,7 +249,7 @@ pub struct ClientConfig {
 }
 
 /// `[limits]`: signing rates per client and per tenant, on top of each policy's own.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsConfig {
     /// Every client's rate unless its `[[clients]]` entry sets `rate_limit`.
     pub per_client: Option<RateLimit>,
@@ -254,6 +257,26 @@ pub struct LimitsConfig {
     pub per_tenant: Option<RateLimit>,
     /// Per-tenant overrides.
     pub tenants: BTreeMap<TenantId, RateLimit>,
+    /// Each tenant's share of the token when it is contended (weighted fair queuing); 1 unless
+    /// `tenants.NAME.weight` says otherwise.
+    pub weights: BTreeMap<TenantId, u32>,
+    /// Signing requests of one tenant waiting for the token at once; beyond, 429 at once.
+    pub max_queued_per_tenant: usize,
+    /// The same for one client (within its tenant's queue).
+    pub max_queued_per_client: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_client: None,
+            per_tenant: None,
+            tenants: BTreeMap::new(),
+            weights: BTreeMap::new(),
+            max_queued_per_tenant: 256,
+            max_queued_per_client: 128,
+        }
+    }
 }
 
 impl LimitsConfig {
@@ -528,6 +551,7 @@ mod raw {
         pin: Option<toml::Value>,
         sessions: Option<usize>,
         queue_depth: Option<usize>,
+        max_in_flight: Option<usize>,
         call_timeout: Option<String>,
         health_interval: Option<String>,
         #[serde(default)]
@@ -591,7 +615,18 @@ mod raw {
         per_client: Option<RateLimit>,
         per_tenant: Option<RateLimit>,
         #[serde(default)]
-        tenants: BTreeMap<String, RateLimit>,
+        tenants: BTreeMap<String, TenantLimits>,
+        max_queued_per_tenant: Option<usize>,
+        max_queued_per_client: Option<usize>,
+    }
+
+    /// `[limits] tenants.NAME`: a rate (`per_second`, `burst`) and/or a `weight`.
+    #[derive(Deserialize, Clone, Copy)]
+    #[serde(deny_unknown_fields)]
+    struct TenantLimits {
+        per_second: Option<u32>,
+        burst: Option<u32>,
+        weight: Option<u32>,
     }
 
     /// A dotted OID, normalised.
@@ -748,12 +783,20 @@ mod raw {
                 (k.clone(), v)
             })
             .collect();
+        let sessions = in_range("hsm.sessions", h.sessions.unwrap_or(2), 1, 64)?;
+        let queue_depth = in_range("hsm.queue_depth", h.queue_depth.unwrap_or(1024), 1, 1 << 20)?;
         let hsm = HsmConfig {
             module: path(&h.module),
             token_label,
             pin,
-            sessions: in_range("hsm.sessions", h.sessions.unwrap_or(2), 1, 64)?,
-            queue_depth: in_range("hsm.queue_depth", h.queue_depth.unwrap_or(1024), 1, 1 << 20)?,
+            sessions,
+            queue_depth,
+            max_in_flight: in_range(
+                "hsm.max_in_flight",
+                h.max_in_flight.unwrap_or(4 * sessions).min(queue_depth),
+                1,
+                queue_depth,
+            )?,
             call_timeout: dur("hsm.call_timeout", &h.call_timeout, "5s")?,
             health_interval: dur("hsm.health_interval", &h.health_interval, "2s")?,
             environment,
@@ -1037,20 +1080,50 @@ mod raw {
         check_rate(raw.per_client, "limits.per_client")?;
         check_rate(raw.per_tenant, "limits.per_tenant")?;
         let mut tenant_limits = BTreeMap::new();
-        for (t, r) in &raw.tenants {
+        let mut weights = BTreeMap::new();
+        for (t, e) in &raw.tenants {
             let k = format!("limits.tenants.{t}");
             let tenant = t
                 .parse::<TenantId>()
-                .map_err(|e| ConfigError::new(k.clone(), e.to_string()))?;
-            check_rate(Some(*r), &k)?;
-            tenant_limits.insert(tenant, *r);
+                .map_err(|err| ConfigError::new(k.clone(), err.to_string()))?;
+            match (e.per_second, e.burst) {
+                (Some(per_second), burst) => {
+                    let r = RateLimit { per_second, burst };
+                    check_rate(Some(r), &k)?;
+                    tenant_limits.insert(tenant.clone(), r);
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(k, "burst needs per_second"));
+                }
+                (None, None) => {}
+            }
+            if let Some(w) = e.weight {
+                weights.insert(
+                    tenant,
+                    in_range(&format!("{k}.weight"), w as usize, 1, 1000)? as u32,
+                );
+            }
         }
-        let limits = LimitsConfig {
+        let max_queued_per_tenant = in_range(
+            "limits.max_queued_per_tenant",
+            raw.max_queued_per_tenant.unwrap_or(256),
+            1,
+            1 << 20,
+        )?;
+        let max_queued_per_client = in_range(
+            "limits.max_queued_per_client",
+            raw.max_queued_per_client.unwrap_or(128),
+            1,
+            max_queued_per_tenant,
+        )?;
+        Ok(LimitsConfig {
             per_client: raw.per_client,
             per_tenant: raw.per_tenant,
             tenants: tenant_limits,
-        };
-        Ok(limits)
+            weights,
+            max_queued_per_tenant,
+            max_queued_per_client,
+        })
     }
 
     /// `[rotation]` checked: the typed configuration, or the first problem, naming its key.
@@ -1427,6 +1500,7 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             PinSource::File("/etc/signet/secrets/user.pin".into())
         );
         assert_eq!(c.hsm.sessions, 2);
+        assert_eq!(c.hsm.max_in_flight, 8, "4 per session");
         assert_eq!(c.audit.fsync, FsyncPolicy::Always);
         assert_eq!(c.dynamic.rotation.issuer, Issuer::HsmCa);
         assert_eq!(
@@ -1448,6 +1522,7 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             ("bogus = 1", "[hsm]\n", "hsm.bogus"),
             ("fsync = \"sometimes\"", "[audit]\n", "audit.fsync"),
             ("sessions = \"two\"", "[hsm]\n", "hsm.sessions"),
+            ("max_in_flight = 0", "[hsm]\n", "hsm.max_in_flight"),
             (
                 "checkpoint_interval = \"soon\"",
                 "[audit]\n",
@@ -1499,6 +1574,53 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             PinSource::File("/run/credentials/signet.service/hsm-pin".into())
         );
         assert!(c.cli.is_some());
+    }
+
+    #[test]
+    fn tenant_limits_carry_rates_and_weights() {
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}\n[limits]\nmax_queued_per_tenant = 64\nmax_queued_per_client = 16\n\
+                 tenants.payroll = {{ per_second = 50, burst = 100, weight = 3 }}\n\
+                 tenants.hr = {{ weight = 2 }}\n"
+            ),
+            Path::new("/x"),
+        )
+        .unwrap();
+        let l = &c.dynamic.limits;
+        let payroll: TenantId = "payroll".parse().unwrap();
+        let hr: TenantId = "hr".parse().unwrap();
+        assert_eq!(
+            l.tenant(&payroll),
+            Some(RateLimit {
+                per_second: 50,
+                burst: Some(100)
+            })
+        );
+        assert_eq!(l.tenant(&hr), None, "a weight alone sets no rate");
+        assert_eq!(l.weights.get(&payroll), Some(&3));
+        assert_eq!(l.weights.get(&hr), Some(&2));
+        assert_eq!((l.max_queued_per_tenant, l.max_queued_per_client), (64, 16));
+        let d = Config::parse(MINIMAL, Path::new("/x"))
+            .unwrap()
+            .dynamic
+            .limits;
+        assert_eq!(
+            (d.max_queued_per_tenant, d.max_queued_per_client),
+            (256, 128)
+        );
+        for (line, key) in [
+            ("tenants.hr = { weight = 0 }", "limits.tenants.hr.weight"),
+            ("tenants.hr = { burst = 5 }", "limits.tenants.hr"),
+            ("tenants.hr = { speed = 5 }", "limits"),
+            (
+                "max_queued_per_tenant = 8\nmax_queued_per_client = 9",
+                "limits.max_queued_per_client",
+            ),
+        ] {
+            let e = err(&format!("{MINIMAL}\n[limits]\n{line}\n"));
+            assert!(e.key.starts_with(key), "{line}: {e}");
+        }
     }
 
     #[test]

@@ -127,6 +127,13 @@ mod tests {
             ),
             (Error::IdempotencyConflict, 409),
             (
+                Error::QueueFull(crate::service::fair::Refused::TenantQueueFull {
+                    tenant: "t".into(),
+                    limit: 256,
+                }),
+                429,
+            ),
+            (
                 Error::Keys(keys::Error::NoActiveKey("t".parse().unwrap())),
                 503,
             ),

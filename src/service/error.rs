@@ -39,6 +39,9 @@ pub enum Error {
     Internal(String),
     #[error("the first checkpoint is being signed")]
     NoCheckpointYet,
+    /// The tenant's or the client's share of the token's queue is full.
+    #[error(transparent)]
+    QueueFull(#[from] super::fair::Refused),
     /// An error shared by concurrent callers (idempotent requests coalesced into one).
     #[error(transparent)]
     Shared(Arc<Error>),
@@ -167,6 +170,21 @@ impl Error {
             Error::NoCheckpointYet => {
                 public(C::Unavailable, "no-checkpoint-yet", "No checkpoint yet").retry(2)
             }
+            Error::QueueFull(r) => {
+                let (slug, title) = match r {
+                    super::fair::Refused::TenantQueueFull { .. } => (
+                        "tenant-queue-full",
+                        "Too many signing requests waiting for this tenant",
+                    ),
+                    super::fair::Refused::ClientQueueFull { .. } => (
+                        "client-queue-full",
+                        "Too many signing requests waiting for this client",
+                    ),
+                };
+                public(C::RateLimited, slug, title)
+                    .retry(1)
+                    .outcome("queue_full")
+            }
             Error::Shared(inner) => inner.classify(),
         }
     }
@@ -174,6 +192,21 @@ impl Error {
     /// Bounded label for `signet_sign_requests_total{outcome}`.
     pub fn outcome(&self) -> &'static str {
         self.classify().outcome
+    }
+
+    /// If a tenant's limit refused the request: which one, for
+    /// `signet_tenant_refusals_total{limit}`.
+    pub fn tenant_limit(&self) -> Option<&'static str> {
+        match self {
+            Error::QueueFull(r) => Some(r.limit()),
+            Error::Policy(policy::Error::RateLimited { scope, .. }) => Some(match *scope {
+                "policy" => "rate_policy",
+                "tenant" => "rate_tenant",
+                _ => "rate_client",
+            }),
+            Error::Shared(inner) => inner.tenant_limit(),
+            _ => None,
+        }
     }
 }
 

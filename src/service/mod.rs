@@ -7,6 +7,7 @@
 mod admin;
 mod error;
 mod evidence;
+pub mod fair;
 pub mod idempotency;
 mod sign;
 pub mod timestamping;
@@ -70,6 +71,8 @@ pub struct App {
     policies: Arc<ArcSwap<Policies>>,
     /// Rate limiter state, kept across reloads.
     limiters: policy::Limiters,
+    /// Turns at the token: weighted fair between tenants, and between clients within one.
+    fair: Arc<fair::Fair>,
     hsm: Hsm,
     keys: Arc<Registry>,
     log: Arc<storage::Log>,
@@ -90,6 +93,19 @@ pub struct App {
     ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// The fair queue's bounds and weights from `[limits]`.
+fn fair_shares(limits: &crate::config::LimitsConfig) -> fair::Shares {
+    fair::Shares {
+        max_queued_per_tenant: limits.max_queued_per_tenant,
+        max_queued_per_client: limits.max_queued_per_client,
+        weights: limits
+            .weights
+            .iter()
+            .map(|(t, w)| (t.to_string(), *w))
+            .collect(),
+    }
 }
 
 /// The evidence log's keys in the token: the checkpoint key, the tail MAC key and the anchor.
@@ -263,6 +279,12 @@ impl App {
             move || evictions.inc(),
         );
         let limiters = policy::Limiters::default();
+        // Enough signatures with the token to keep its sessions busy, no more: the rest wait
+        // their tenant's turn.
+        let fair = fair::Fair::new(
+            config.hsm.max_in_flight,
+            fair_shares(&config.dynamic.limits),
+        );
         let dynamic = Arc::new(ArcSwap::from_pointee(config.dynamic.clone()));
         let ca = Arc::new(ArcSwap::from_pointee(ca));
         let rotation = Arc::new(
@@ -290,6 +312,7 @@ impl App {
                 &limiters,
             ))),
             limiters,
+            fair,
             config,
             hsm,
             keys,
@@ -483,6 +506,7 @@ impl App {
         let manual = dynamic.rotation.issuer == Issuer::Manual;
         self.policies
             .store(Arc::new(Policies::with_limiters(&dynamic, &self.limiters)));
+        self.fair.set_shares(fair_shares(&dynamic.limits));
         self.dynamic.store(Arc::new(dynamic));
         if manual {
             self.reload_manual_ca();

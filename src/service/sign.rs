@@ -19,6 +19,7 @@ use super::idempotency::{self, Begin, Fresh, Record};
 use super::{App, Caller, Error};
 use crate::audit::entry::{self, DigestEvidence, Entry, PolicyEvidence, event};
 use crate::audit::{Receipt, merkle};
+use crate::domain::TenantId;
 use crate::domain::{DigestAlgorithm, KeyId, PolicyId, SIGNATURE_ALGORITHM, Sha256Digest};
 use crate::keys::KeyVersion;
 use crate::policy::{Policies, Policy};
@@ -282,11 +283,26 @@ impl App {
         let keyed_futures = keyed
             .into_iter()
             .map(|(i, r)| async move { (i, self.sign_ready(caller, r).await) });
+        // One token call and one append per tenant: each takes its own tenant's turn.
+        let mut per_tenant: std::collections::BTreeMap<TenantId, Vec<(usize, Ready)>> =
+            std::collections::BTreeMap::new();
+        for (i, r) in plain {
+            per_tenant
+                .entry(r.policy.config.tenant.clone())
+                .or_default()
+                .push((i, r));
+        }
+        let plain_futures = per_tenant
+            .into_iter()
+            .map(|(tenant, items)| async move { self.sign_many(caller, &tenant, items).await });
         let (keyed_results, plain_results) = tokio::join!(
             futures::future::join_all(keyed_futures),
-            self.sign_many(caller, plain)
+            futures::future::join_all(plain_futures)
         );
-        for (i, r) in keyed_results.into_iter().chain(plain_results) {
+        for (i, r) in keyed_results
+            .into_iter()
+            .chain(plain_results.into_iter().flatten())
+        {
             results[i] = Some(r);
         }
         let out: Vec<Result<SignResponse, Error>> = results
@@ -487,11 +503,15 @@ impl App {
         let mut key = Arc::clone(&ready.key);
         let mut attempt = 0;
         loop {
+            let turn = self
+                .token_turn(caller, &ready.policy.config.tenant, 1)
+                .await?;
             // Checked in the token worker with the version's public key before it goes on.
             let der = self
                 .hsm
                 .sign(key.token_id(), ready.valid.digest.0, key.public_key)
                 .await?;
+            drop(turn);
             let entry = self.signature_entry(caller, ready, &key, &der);
             let mut response = response(&entry, certificate_pem(&key), Receipt::default());
             // Evidence seam: nothing is returned to the client before this append is durable.
@@ -510,6 +530,35 @@ impl App {
                     key = self.superseding_key(&v).await?;
                 }
                 Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Wait for this request's turn at the token (see [`super::fair`]): `cost` signatures of
+    /// `caller` in `tenant`. Refused at once when the tenant's or the client's queue is full.
+    async fn token_turn(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        cost: usize,
+    ) -> Result<super::fair::Turn, Error> {
+        let client = caller.identity.identity.as_str();
+        match self.fair.turn(tenant.as_str(), client, cost).await {
+            Ok(turn) => {
+                self.metrics
+                    .token_queue_wait
+                    .with_label_values(&[tenant.as_str()])
+                    .observe(turn.waited.as_secs_f64());
+                Ok(turn)
+            }
+            Err(refused) => {
+                tracing::info!(request_id = %caller.request_id, %tenant, limit = refused.limit(),
+                    "signing request refused: its share of the token queue is full");
+                self.metrics
+                    .client_refusals
+                    .with_label_values(&[client, refused.limit()])
+                    .inc();
+                Err(refused.into())
             }
         }
     }
@@ -541,10 +590,12 @@ impl App {
         }
     }
 
-    /// Sign several prepared items in one token call and record them in one append.
+    /// Sign several prepared items of one tenant in one token call and record them in one
+    /// append.
     async fn sign_many(
         &self,
         caller: &Caller,
+        tenant: &TenantId,
         items: Vec<(usize, Ready)>,
     ) -> Vec<(usize, Result<SignResponse, Error>)> {
         if items.is_empty() {
@@ -566,6 +617,10 @@ impl App {
                 .zip(&keys)
                 .map(|((_, r), k)| (k.token_id(), r.valid.digest.0, k.public_key))
                 .collect();
+            let turn = match self.token_turn(caller, tenant, jobs.len()).await {
+                Ok(t) => t,
+                Err(e) => return fail_all(items, e),
+            };
             let signed = self
                 .hsm
                 .call(move |s| {
@@ -574,6 +629,7 @@ impl App {
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .await;
+            drop(turn);
             let sigs = match signed {
                 Ok(s) => s,
                 Err(e) => return fail_all(items, Error::Hsm(e)),
@@ -676,7 +732,15 @@ impl App {
                     .observe(started.elapsed().as_secs_f64());
                 "ok"
             }
-            Err(e) => e.outcome(),
+            Err(e) => {
+                if let Some(limit) = e.tenant_limit() {
+                    self.metrics
+                        .tenant_refusals
+                        .with_label_values(&[&tenant, limit])
+                        .inc();
+                }
+                e.outcome()
+            }
         };
         self.metrics
             .sign_requests

@@ -162,6 +162,18 @@ impl App {
     /// Every metric in the Prometheus text format (readiness refreshed first).
     pub fn render_metrics(&self) -> String {
         self.is_ready();
+        // Every configured tenant's queue, at 0 when nothing waits.
+        let depths: std::collections::HashMap<String, usize> =
+            self.fair.depths().into_iter().collect();
+        let dynamic = self.dynamic.load();
+        for p in &dynamic.policies {
+            let t = p.tenant.as_str();
+            let depth = depths.get(t).copied().unwrap_or(0);
+            self.metrics
+                .token_queue_depth
+                .with_label_values(&[t])
+                .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        }
         self.metrics.render()
     }
 }

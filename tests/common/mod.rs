@@ -337,6 +337,36 @@ impl Signet {
         .expect("client tls")
     }
 
+    /// Add a client `name` (identity `spiffe://signet.dev/NAME`, role `sign`, these tenants):
+    /// its certificate from the development CA beside the others, and its `[[clients]]` entry.
+    /// Before [`Signet::start`], or followed by a reload.
+    pub fn add_client(&self, name: &str, tenants: &[&str]) {
+        signet::dev::issue_client_from_dir(&self.dir, name).expect("issue a client certificate");
+        let tenants: Vec<String> = tenants.iter().map(|t| format!("\"{t}\"")).collect();
+        self.edit_config(|c| {
+            format!(
+                "{c}\n[[clients]]\nidentity = \"spiffe://signet.dev/{name}\"\ntenants = [{}]\nroles = [\"sign\"]\n",
+                tenants.join(", ")
+            )
+        });
+    }
+
+    /// A raw TLS connection as `client` from `source` (a loopback address such as 127.0.1.2,
+    /// for the per-network limits).
+    pub async fn tls_from(
+        &self,
+        client: &str,
+        source: std::net::IpAddr,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(source, 0))?;
+        let tcp = sock.connect(self.api).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(self.tls(client).rustls_config())
+            .connect(name, tcp)
+            .await
+    }
+
     pub async fn connect(&self, client: &str) -> Connection {
         Connection::connect(&self.tls(client), self.api, "localhost")
             .await
