@@ -217,6 +217,9 @@ const SLOW_HEAD: &[u8] =
     b"POST /v1/sign HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
 content-length: 786432\r\n\r\n{\"policy_id\":";
 
+/// The tests of this file measure latency or flood the server: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const VICTIM_REQUESTS: usize = 120;
 const VICTIM_PERIOD: Duration = Duration::from_millis(30);
 
@@ -232,6 +235,7 @@ fn report(name: &str, v: &Victim) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_client_leaves_other_tenants_and_other_clients_of_its_tenant_served() {
+    let _serial = SERIAL.lock().await;
     // Small shares so the attacker reaches every one of them with a few dozen connections.
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c| {
@@ -365,19 +369,22 @@ async fn a_flooding_client_leaves_other_tenants_and_other_clients_of_its_tenant_
         ) >= (3 * VICTIM_REQUESTS) as f64
     );
     assert!(m.contains("signet_token_queue_depth{tenant=\"payroll\"}"));
-    // Latency: the bar (3x) is measured by the benchmark; here a generous margin, so a noisy
-    // machine does not fail the suite, that still fails if the victim queued behind the flood.
-    let base = quiet.quantile(0.99).max(Duration::from_millis(5));
+    // Latency: the bar (p99 within 3x) is measured by the benchmark, in a release build on
+    // pinned CPUs. Here, in a debug build sharing two CPUs with the attacker's own client, a
+    // generous margin on the p90 (a single stall of the machine does not fail the suite),
+    // that still fails if the victim queued behind the flood.
+    let base = quiet.quantile(0.9).max(Duration::from_millis(5));
     for v in [&other_tenant, &same_tenant] {
         assert!(
-            v.quantile(0.99) < base * 15,
-            "victim p99 within 15x of its quiet p99: {figures}"
+            v.quantile(0.9) < base * 10,
+            "victim p90 within 10x of its quiet p90: {figures}"
         );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_by_one_rate_limit_takes_nothing_from_the_others() {
+    let _serial = SERIAL.lock().await;
     let mut s = Signet::init(Init {
         edit: Some(Box::new(|c| {
             c + "\n[limits]\nper_client = { per_second = 1 }\nper_tenant = { per_second = 10 }\n"
@@ -429,6 +436,7 @@ async fn a_refusal_by_one_rate_limit_takes_nothing_from_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_flood_from_many_addresses_of_one_network_leaves_other_networks_served() {
+    let _serial = SERIAL.lock().await;
     let mut s = Signet::init(Init::default());
     s.start();
     // 400 sockets that never handshake, spread over 20 addresses of 127.0.0.0/24, 20 each
