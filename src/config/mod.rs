@@ -139,9 +139,6 @@ pub struct HsmConfig {
     pub pin: PinSource,
     pub sessions: usize,
     pub queue_depth: usize,
-    /// Signatures handed to the token at once (executing, or queued in front of the
-    /// sessions); further signing requests wait their tenant's turn in the fair queue.
-    pub max_in_flight: usize,
     pub call_timeout: Duration,
     pub health_interval: Duration,
     /// Environment variables the PKCS#11 module reads (e.g. `SOFTHSM2_CONF`).
@@ -551,7 +548,6 @@ mod raw {
         pin: Option<toml::Value>,
         sessions: Option<usize>,
         queue_depth: Option<usize>,
-        max_in_flight: Option<usize>,
         call_timeout: Option<String>,
         health_interval: Option<String>,
         #[serde(default)]
@@ -791,12 +787,6 @@ mod raw {
             pin,
             sessions,
             queue_depth,
-            max_in_flight: in_range(
-                "hsm.max_in_flight",
-                h.max_in_flight.unwrap_or(4 * sessions).min(queue_depth),
-                1,
-                queue_depth,
-            )?,
             call_timeout: dur("hsm.call_timeout", &h.call_timeout, "5s")?,
             health_interval: dur("hsm.health_interval", &h.health_interval, "2s")?,
             environment,
@@ -1500,7 +1490,6 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             PinSource::File("/etc/signet/secrets/user.pin".into())
         );
         assert_eq!(c.hsm.sessions, 2);
-        assert_eq!(c.hsm.max_in_flight, 8, "4 per session");
         assert_eq!(c.audit.fsync, FsyncPolicy::Always);
         assert_eq!(c.dynamic.rotation.issuer, Issuer::HsmCa);
         assert_eq!(
@@ -1522,7 +1511,6 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             ("bogus = 1", "[hsm]\n", "hsm.bogus"),
             ("fsync = \"sometimes\"", "[audit]\n", "audit.fsync"),
             ("sessions = \"two\"", "[hsm]\n", "hsm.sessions"),
-            ("max_in_flight = 0", "[hsm]\n", "hsm.max_in_flight"),
             (
                 "checkpoint_interval = \"soon\"",
                 "[audit]\n",

@@ -8,6 +8,7 @@
 //!
 //! Must not touch HTTP, the evidence log or the key registry.
 
+pub mod fair;
 mod pool;
 mod session;
 mod signer;
@@ -48,6 +49,9 @@ pub enum Error {
     Unavailable,
     #[error("the token call queue is full")]
     Busy,
+    /// The tenant's or the client's share of the token's queue is full.
+    #[error(transparent)]
+    Refused(#[from] fair::Refused),
     #[error("a token call exceeded its deadline of {0:?}")]
     Timeout(Duration),
     #[error("{op} failed: {source}")]
@@ -91,6 +95,7 @@ impl Error {
             Error::Pin { .. } => "pin",
             Error::Unavailable => "unavailable",
             Error::Busy => "busy",
+            Error::Refused(_) => "refused",
             Error::Timeout(_) => "timeout",
             Error::Pkcs11 { source, .. } => match classify(source) {
                 FailureClass::Session => "session",

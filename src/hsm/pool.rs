@@ -1,10 +1,10 @@
 //! Session pool, deadlines and the recovery supervisor.
 //!
 //! Threads: `sessions` workers, each owning one `Session` (a session is `Send`, not `Sync`),
-//! pull jobs from one bounded queue; a supervisor thread owns the keeper session that holds
-//! the login (SoftHSM logs the token out when the last session closes) and probes it every
-//! `health_interval`. Nothing here blocks the async runtime: async callers wait on a oneshot
-//! with a deadline.
+//! pull jobs from one bounded queue, fair between tenants ([`super::fair`]); a supervisor
+//! thread owns the keeper session that holds the login (SoftHSM logs the token out when the
+//! last session closes) and probes it every `health_interval`. Nothing here blocks the async
+//! runtime: async callers wait on a oneshot with a deadline.
 //!
 //! Recovery ladder, run by the supervisor when a probe or a call reports trouble:
 //! 1. open a new keeper session and log in again, bump the session generation (workers reopen
@@ -20,7 +20,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
 use cryptoki::object::ObjectHandle;
@@ -29,6 +28,7 @@ use cryptoki::slot::Slot;
 use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
 
+use super::fair::{FairQueue, Full, Share, Shares};
 use super::session::TokenSession;
 use super::{Error, FailureClass, classify};
 use crate::config::{HsmConfig, PinSource};
@@ -57,8 +57,7 @@ struct Inner {
     pin: SecretString,
     call_timeout: Duration,
     health_interval: Duration,
-    queue: Sender<Job>,
-    jobs: Receiver<Job>,
+    queue: FairQueue<Job>,
     /// The loaded library; replaced only by the supervisor.
     library: Mutex<Option<Library>>,
     /// Bumped whenever every worker session must be reopened.
@@ -300,15 +299,13 @@ impl Hsm {
             .map_err(Error::pkcs11("C_OpenSession"))?;
         login(&keeper, &pin)?;
 
-        let (queue, jobs) = crossbeam_channel::bounded(config.queue_depth);
         let inner = Arc::new(Inner {
             module: config.module.clone(),
             token_label: config.token_label.clone(),
             pin,
             call_timeout: config.call_timeout,
             health_interval: config.health_interval,
-            queue,
-            jobs,
+            queue: FairQueue::new(config.queue_depth),
             library: Mutex::new(Some(library)),
             generation: AtomicU64::new(1),
             ready: AtomicBool::new(true),
@@ -340,13 +337,33 @@ impl Hsm {
 
     /// Run `op` on a pooled session, with the configured deadline. The operation may run
     /// twice if the first session turns out to be dead; every operation here is idempotent.
+    /// Signet's own calls go ahead of the signing calls of tenants.
     pub async fn call<T, F>(&self, op: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnMut(&TokenSession<'_>) -> Result<T, Error> + Send + 'static,
     {
+        self.call_queued(None, op).await
+    }
+
+    /// [`Hsm::call`] for a signing call of a tenant's client: it waits its tenant's turn
+    /// ([`super::fair`]), and is refused at once ([`Error::Refused`]) when the tenant's or the
+    /// client's share of the queue is full.
+    pub async fn call_as<T, F>(&self, share: &Share, op: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnMut(&TokenSession<'_>) -> Result<T, Error> + Send + 'static,
+    {
+        self.call_queued(Some(share), op).await
+    }
+
+    async fn call_queued<T, F>(&self, share: Option<&Share>, op: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnMut(&TokenSession<'_>) -> Result<T, Error> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(Box::new(op), move |r| {
+        self.submit(share, Box::new(op), move |r| {
             let _ = tx.send(r);
         })?;
         match tokio::time::timeout(self.inner.call_timeout, rx).await {
@@ -368,7 +385,7 @@ impl Hsm {
         F: FnMut(&TokenSession<'_>) -> Result<T, Error> + Send + 'static,
     {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.submit(Box::new(op), move |r| {
+        self.submit(None, Box::new(op), move |r| {
             let _ = tx.send(r);
         })?;
         match rx.recv_timeout(self.inner.call_timeout) {
@@ -382,17 +399,29 @@ impl Hsm {
         }
     }
 
-    /// Sign a SHA-256 digest with the private key `id`; DER signature out.
     /// Sign `digest` with `id`'s private key and check the signature with `expected`
-    /// ([`TokenSession::sign_prehashed_checked`]).
-    pub async fn sign(
+    /// ([`TokenSession::sign_prehashed_checked`]), in `share`'s turn; DER signature out.
+    pub async fn sign_as(
         &self,
+        share: &Share,
         id: String,
         digest: [u8; 32],
         expected: p256::ecdsa::VerifyingKey,
     ) -> Result<Vec<u8>, Error> {
-        self.call(move |s| s.sign_prehashed_checked(&id, &digest, &expected))
-            .await
+        self.call_as(share, move |s| {
+            s.sign_prehashed_checked(&id, &digest, &expected)
+        })
+        .await
+    }
+
+    /// New bounds and weights of the fair queue (`[limits]`, on start and on reload).
+    pub fn set_shares(&self, shares: Shares) {
+        self.inner.queue.set_shares(shares);
+    }
+
+    /// Signing calls waiting for the token, per tenant.
+    pub fn queue_depths(&self) -> Vec<(String, usize)> {
+        self.inner.queue.depths()
     }
 
     /// Make the health probe also check that private key `id` is present in the token.
@@ -423,6 +452,7 @@ impl Hsm {
         if self.inner.shutting_down.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.inner.queue.close();
         self.inner.request_probe();
         let workers: Vec<_> = lock(&self.inner.workers).drain(..).collect();
         for mut w in workers {
@@ -442,6 +472,7 @@ impl Hsm {
 
     fn submit<T: Send + 'static>(
         &self,
+        share: Option<&Share>,
         op: Op<T>,
         reply: impl FnOnce(Result<T, Error>) + Send + 'static,
     ) -> Result<(), Error> {
@@ -463,13 +494,23 @@ impl Hsm {
                 }
             }),
         };
-        match self.inner.queue.try_send(job) {
+        match self.inner.queue.push(share, job) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
+            Err(Full::Busy) => {
                 self.inner.metrics.hsm_queue_rejections.inc();
                 Err(Error::Busy)
             }
-            Err(TrySendError::Disconnected(_)) => Err(Error::ShuttingDown),
+            Err(Full::Closed) => Err(Error::ShuttingDown),
+            Err(Full::Refused(r)) => {
+                if let Some(s) = share {
+                    self.inner
+                        .metrics
+                        .client_refusals
+                        .with_label_values(&[s.client.as_str(), r.limit()])
+                        .inc();
+                }
+                Err(Error::Refused(r))
+            }
         }
     }
 
@@ -626,16 +667,20 @@ fn worker_main(inner: Arc<Inner>, busy_since: Arc<AtomicU64>, abandoned: Arc<Ato
         if abandoned.load(Ordering::Acquire) {
             break;
         }
-        let job = match inner.jobs.recv_timeout(Duration::from_millis(200)) {
-            Ok(job) => job,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if inner.shutting_down.load(Ordering::Acquire) {
-                    break;
-                }
-                continue;
+        let Some(queued) = inner.queue.pop_timeout(Duration::from_millis(200)) else {
+            if inner.shutting_down.load(Ordering::Acquire) {
+                break;
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            continue;
         };
+        if let Some(tenant) = &queued.tenant {
+            inner
+                .metrics
+                .token_queue_wait
+                .with_label_values(&[tenant.as_str()])
+                .observe(queued.since.elapsed().as_secs_f64());
+        }
+        let job = queued.item;
         let expired = Instant::now() >= job.deadline;
         busy_since.store(inner.now_ms(), Ordering::Release);
         inner.metrics.hsm_sessions_in_use.inc();

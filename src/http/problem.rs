@@ -127,10 +127,10 @@ mod tests {
             ),
             (Error::IdempotencyConflict, 409),
             (
-                Error::QueueFull(crate::service::fair::Refused::TenantQueueFull {
+                Error::Hsm(hsm::Error::Refused(hsm::fair::Refused::TenantQueueFull {
                     tenant: "t".into(),
                     limit: 256,
-                }),
+                })),
                 429,
             ),
             (

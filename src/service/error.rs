@@ -39,9 +39,6 @@ pub enum Error {
     Internal(String),
     #[error("the first checkpoint is being signed")]
     NoCheckpointYet,
-    /// The tenant's or the client's share of the token's queue is full.
-    #[error(transparent)]
-    QueueFull(#[from] super::fair::Refused),
     /// An error shared by concurrent callers (idempotent requests coalesced into one).
     #[error(transparent)]
     Shared(Arc<Error>),
@@ -170,21 +167,6 @@ impl Error {
             Error::NoCheckpointYet => {
                 public(C::Unavailable, "no-checkpoint-yet", "No checkpoint yet").retry(2)
             }
-            Error::QueueFull(r) => {
-                let (slug, title) = match r {
-                    super::fair::Refused::TenantQueueFull { .. } => (
-                        "tenant-queue-full",
-                        "Too many signing requests waiting for this tenant",
-                    ),
-                    super::fair::Refused::ClientQueueFull { .. } => (
-                        "client-queue-full",
-                        "Too many signing requests waiting for this client",
-                    ),
-                };
-                public(C::RateLimited, slug, title)
-                    .retry(1)
-                    .outcome("queue_full")
-            }
             Error::Shared(inner) => inner.classify(),
         }
     }
@@ -198,7 +180,7 @@ impl Error {
     /// `signet_tenant_refusals_total{limit}`.
     pub fn tenant_limit(&self) -> Option<&'static str> {
         match self {
-            Error::QueueFull(r) => Some(r.limit()),
+            Error::Hsm(hsm::Error::Refused(r)) => Some(r.limit()),
             Error::Policy(policy::Error::RateLimited { scope, .. }) => Some(match *scope {
                 "policy" => "rate_policy",
                 "tenant" => "rate_tenant",
@@ -274,6 +256,21 @@ fn keys_class(e: &keys::Error) -> Classified {
 }
 
 fn hsm_class(e: &hsm::Error) -> Classified {
+    if let hsm::Error::Refused(r) = e {
+        let (slug, title) = match r {
+            hsm::fair::Refused::TenantQueueFull { .. } => (
+                "tenant-queue-full",
+                "Too many signing requests waiting for this tenant",
+            ),
+            hsm::fair::Refused::ClientQueueFull { .. } => (
+                "client-queue-full",
+                "Too many signing requests waiting for this client",
+            ),
+        };
+        return public(Class::RateLimited, slug, title)
+            .retry(1)
+            .outcome("queue_full");
+    }
     let (slug, title) = match e {
         hsm::Error::Busy => ("token-busy", "Signing capacity exhausted"),
         hsm::Error::Timeout(_) => ("token-timeout", "The token did not answer in time"),

@@ -7,7 +7,6 @@
 mod admin;
 mod error;
 mod evidence;
-pub mod fair;
 pub mod idempotency;
 mod sign;
 pub mod timestamping;
@@ -71,8 +70,6 @@ pub struct App {
     policies: Arc<ArcSwap<Policies>>,
     /// Rate limiter state, kept across reloads.
     limiters: policy::Limiters,
-    /// Turns at the token: weighted fair between tenants, and between clients within one.
-    fair: Arc<fair::Fair>,
     hsm: Hsm,
     keys: Arc<Registry>,
     log: Arc<storage::Log>,
@@ -96,8 +93,8 @@ pub struct App {
 }
 
 /// The fair queue's bounds and weights from `[limits]`.
-fn fair_shares(limits: &crate::config::LimitsConfig) -> fair::Shares {
-    fair::Shares {
+fn fair_shares(limits: &crate::config::LimitsConfig) -> hsm::fair::Shares {
+    hsm::fair::Shares {
         max_queued_per_tenant: limits.max_queued_per_tenant,
         max_queued_per_client: limits.max_queued_per_client,
         weights: limits
@@ -227,6 +224,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let hsm = Hsm::start(&config.hsm, Arc::clone(&metrics))?;
+        hsm.set_shares(fair_shares(&config.dynamic.limits));
 
         let log_public = hsm
             .call(|s| s.ensure_p256_key_pair(LOG_KEY_ID, "signet evidence log key"))
@@ -279,12 +277,6 @@ impl App {
             move || evictions.inc(),
         );
         let limiters = policy::Limiters::default();
-        // Enough signatures with the token to keep its sessions busy, no more: the rest wait
-        // their tenant's turn.
-        let fair = fair::Fair::new(
-            config.hsm.max_in_flight,
-            fair_shares(&config.dynamic.limits),
-        );
         let dynamic = Arc::new(ArcSwap::from_pointee(config.dynamic.clone()));
         let ca = Arc::new(ArcSwap::from_pointee(ca));
         let rotation = Arc::new(
@@ -312,7 +304,6 @@ impl App {
                 &limiters,
             ))),
             limiters,
-            fair,
             config,
             hsm,
             keys,
@@ -506,7 +497,7 @@ impl App {
         let manual = dynamic.rotation.issuer == Issuer::Manual;
         self.policies
             .store(Arc::new(Policies::with_limiters(&dynamic, &self.limiters)));
-        self.fair.set_shares(fair_shares(&dynamic.limits));
+        self.hsm.set_shares(fair_shares(&dynamic.limits));
         self.dynamic.store(Arc::new(dynamic));
         if manual {
             self.reload_manual_ca();

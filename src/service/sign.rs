@@ -21,6 +21,7 @@ use crate::audit::entry::{self, DigestEvidence, Entry, PolicyEvidence, event};
 use crate::audit::{Receipt, merkle};
 use crate::domain::TenantId;
 use crate::domain::{DigestAlgorithm, KeyId, PolicyId, SIGNATURE_ALGORITHM, Sha256Digest};
+use crate::hsm::fair::Share;
 use crate::keys::KeyVersion;
 use crate::policy::{Policies, Policy};
 use crate::storage::Claim;
@@ -503,15 +504,12 @@ impl App {
         let mut key = Arc::clone(&ready.key);
         let mut attempt = 0;
         loop {
-            let turn = self
-                .token_turn(caller, &ready.policy.config.tenant, 1)
-                .await?;
+            let share = Self::share(caller, &ready.policy.config.tenant, 1);
             // Checked in the token worker with the version's public key before it goes on.
             let der = self
                 .hsm
-                .sign(key.token_id(), ready.valid.digest.0, key.public_key)
+                .sign_as(&share, key.token_id(), ready.valid.digest.0, key.public_key)
                 .await?;
-            drop(turn);
             let entry = self.signature_entry(caller, ready, &key, &der);
             let mut response = response(&entry, certificate_pem(&key), Receipt::default());
             // Evidence seam: nothing is returned to the client before this append is durable.
@@ -534,32 +532,13 @@ impl App {
         }
     }
 
-    /// Wait for this request's turn at the token (see [`super::fair`]): `cost` signatures of
-    /// `caller` in `tenant`. Refused at once when the tenant's or the client's queue is full.
-    async fn token_turn(
-        &self,
-        caller: &Caller,
-        tenant: &TenantId,
-        cost: usize,
-    ) -> Result<super::fair::Turn, Error> {
-        let client = caller.identity.identity.as_str();
-        match self.fair.turn(tenant.as_str(), client, cost).await {
-            Ok(turn) => {
-                self.metrics
-                    .token_queue_wait
-                    .with_label_values(&[tenant.as_str()])
-                    .observe(turn.waited.as_secs_f64());
-                Ok(turn)
-            }
-            Err(refused) => {
-                tracing::info!(request_id = %caller.request_id, %tenant, limit = refused.limit(),
-                    "signing request refused: its share of the token queue is full");
-                self.metrics
-                    .client_refusals
-                    .with_label_values(&[client, refused.limit()])
-                    .inc();
-                Err(refused.into())
-            }
+    /// Whose turn a signing call of `caller` in `tenant` waits for at the token
+    /// ([`crate::hsm::fair`]), for `cost` signatures.
+    fn share(caller: &Caller, tenant: &TenantId, cost: usize) -> Share {
+        Share {
+            tenant: tenant.to_string(),
+            client: caller.identity.identity.clone(),
+            cost,
         }
     }
 
@@ -617,19 +596,15 @@ impl App {
                 .zip(&keys)
                 .map(|((_, r), k)| (k.token_id(), r.valid.digest.0, k.public_key))
                 .collect();
-            let turn = match self.token_turn(caller, tenant, jobs.len()).await {
-                Ok(t) => t,
-                Err(e) => return fail_all(items, e),
-            };
+            let share = Self::share(caller, tenant, jobs.len());
             let signed = self
                 .hsm
-                .call(move |s| {
+                .call_as(&share, move |s| {
                     jobs.iter()
                         .map(|(id, d, pk)| s.sign_prehashed_checked(id, d, pk))
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .await;
-            drop(turn);
             let sigs = match signed {
                 Ok(s) => s,
                 Err(e) => return fail_all(items, Error::Hsm(e)),

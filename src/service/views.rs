@@ -164,7 +164,7 @@ impl App {
         self.is_ready();
         // Every configured tenant's queue, at 0 when nothing waits.
         let depths: std::collections::HashMap<String, usize> =
-            self.fair.depths().into_iter().collect();
+            self.hsm.queue_depths().into_iter().collect();
         let dynamic = self.dynamic.load();
         for p in &dynamic.policies {
             let t = p.tenant.as_str();
