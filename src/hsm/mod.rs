@@ -30,6 +30,9 @@ pub const LOG_KEY_ID: &str = "_signet/evidence-log/v1";
 pub const LOG_MAC_KEY_ID: &str = "_signet/evidence-log/mac/v1";
 /// `CKA_LABEL` of the data object holding the evidence log's anchor (latest signed tree head).
 pub const LOG_ANCHOR_LABEL: &str = "signet evidence log anchor";
+/// `CKA_ID` of the health probe's key pair: the supervisor signs a random digest with it and
+/// verifies the signature, so a token that answers but cannot sign is seen.
+pub const PROBE_KEY_ID: &str = "_signet/health-probe/v1";
 /// `CKA_ID` of the internal CA key (`issuer = "hsm-ca"`).
 pub const CA_KEY_ID: &str = "_signet/ca/v1";
 
@@ -71,6 +74,19 @@ pub enum Error {
     /// signature is discarded, never returned.
     #[error("the token's signature does not verify with the public key of {0}")]
     WrongKey(String),
+    /// A key the token generated does not hold what Signet requires of it; it was removed.
+    #[error("the token generated a key that is not safe to use ({0}); it was destroyed")]
+    UnsafeKey(&'static str),
+    /// The token cannot make a key Signet needs: it has to be provisioned out of band.
+    #[error(
+        "the token does not offer {mechanism}, needed to generate {what}: provision it out of \
+         band with CKA_ID \"{id}\" (see the README, \"Tokens other than SoftHSM\")"
+    )]
+    MissingMechanism {
+        mechanism: &'static str,
+        what: &'static str,
+        id: String,
+    },
 }
 
 /// How a failed PKCS#11 call should be handled.
@@ -107,6 +123,8 @@ impl Error {
             Error::Malformed(_) => "malformed",
             Error::ShuttingDown => "shutdown",
             Error::WrongKey(_) => "wrong_key",
+            Error::UnsafeKey(_) => "unsafe_key",
+            Error::MissingMechanism { .. } => "missing_mechanism",
         }
     }
 

@@ -78,8 +78,13 @@ struct Inner {
     /// A private key that must always be present (`CKA_ID`); the health probe looks it up, so
     /// a token that lost its objects (files gone, device swapped) is detected and recovered.
     probe_key: Mutex<Option<String>>,
+    /// The key pair of the probe's round trip, and its public key.
+    probe_signer: Mutex<Option<(String, p256::ecdsa::VerifyingKey)>>,
     #[cfg(feature = "insecure-test-hooks")]
     stall_next: Mutex<Option<Duration>>,
+    /// Test hook: data object stores still to refuse.
+    #[cfg(feature = "insecure-test-hooks")]
+    refuse_stores: AtomicU64,
 }
 
 struct WorkerSlot {
@@ -318,8 +323,11 @@ impl Hsm {
             workers: Mutex::new(Vec::new()),
             supervisor: Mutex::new(None),
             probe_key: Mutex::new(None),
+            probe_signer: Mutex::new(None),
             #[cfg(feature = "insecure-test-hooks")]
             stall_next: Mutex::new(None),
+            #[cfg(feature = "insecure-test-hooks")]
+            refuse_stores: AtomicU64::new(0),
         });
         inner.metrics.hsm_ready.set(1);
         inner.metrics.hsm_sessions.set(config.sessions as i64);
@@ -430,6 +438,14 @@ impl Hsm {
         self.inner.request_probe();
     }
 
+    /// Make the health probe a cryptographic round trip: sign a random digest with private
+    /// key `id` (`CKM_ECDSA`) and verify the signature with `public`. A token that answers
+    /// session queries from host-side state while its device is gone fails this.
+    pub fn set_probe_signer(&self, id: &str, public: p256::ecdsa::VerifyingKey) {
+        *lock(&self.inner.probe_signer) = Some((id.to_owned(), public));
+        self.inner.request_probe();
+    }
+
     /// True when the token is logged in and the last probe succeeded.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)
@@ -512,6 +528,30 @@ impl Hsm {
                 Err(Error::Refused(r))
             }
         }
+    }
+
+    /// Test hook: refuse the next `n` stores of the log's anchor (`CKR_DEVICE_MEMORY`), as a
+    /// token whose object store is gone while it still signs would.
+    #[cfg(feature = "insecure-test-hooks")]
+    pub fn insecure_test_refuse_stores(&self, n: u64) {
+        self.inner.refuse_stores.store(n, Ordering::Release);
+    }
+
+    /// Test hook: whether this store is to be refused (see
+    /// [`Hsm::insecure_test_refuse_stores`]).
+    #[cfg(feature = "insecure-test-hooks")]
+    pub fn insecure_test_take_refused_store(&self) -> Option<Error> {
+        self.inner
+            .refuse_stores
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .ok()
+            .map(|_| Error::Pkcs11 {
+                op: "C_CreateObject",
+                source: cryptoki::error::Error::Pkcs11(
+                    RvError::DeviceMemory,
+                    cryptoki::context::Function::CreateObject,
+                ),
+            })
     }
 
     /// Test hook: make the next token call hang for `d` (to exercise deadlines).
@@ -738,7 +778,8 @@ fn supervisor_main(inner: Arc<Inner>, keeper: Session) {
     drop(keeper);
 }
 
-/// Is the session logged in, and is the probe key (if any) still in the token?
+/// Is the session logged in, is the watched key (if any) still in the token, and does the
+/// token sign a random digest with the probe key so that the signature verifies?
 fn probe(inner: &Inner, session: &Session) -> bool {
     // The probe uses no cached handle: instance 0 belongs to no library.
     let t = TokenSession {
@@ -749,9 +790,21 @@ fn probe(inner: &Inner, session: &Session) -> bool {
     if t.ping().is_err() {
         return false;
     }
-    match lock(&inner.probe_key).clone() {
-        Some(id) => matches!(t.has_private_key(&id), Ok(true)),
-        None => true,
+    if let Some(id) = lock(&inner.probe_key).clone()
+        && !matches!(t.has_private_key(&id), Ok(true))
+    {
+        return false;
+    }
+    let Some((id, public)) = lock(&inner.probe_signer).clone() else {
+        return true;
+    };
+    let digest: [u8; 32] = rand::random();
+    match t.sign_prehashed_checked(&id, &digest, &public) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "health probe: the token did not sign and verify a random digest");
+            false
+        }
     }
 }
 

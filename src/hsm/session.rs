@@ -107,36 +107,114 @@ impl TokenSession<'_> {
         }
         let id_bytes = id.as_bytes().to_vec();
         let label = label.as_bytes().to_vec();
+        // Sign-only: the private key may sign, nothing else. The strict template also says
+        // so explicitly (decrypt, unwrap, derive false); some tokens tie attributes together
+        // and refuse it (tpm2-pkcs11 maps CKA_VERIFY and CKA_DECRYPT to one TPM flag, and
+        // answers CKR_GENERAL_ERROR), so a refused strict template is retried with only what
+        // must be set. Either way, what must hold is checked on the generated key below.
         let public = [
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::Verify(true),
-            Attribute::Encrypt(false),
-            Attribute::Wrap(false),
-            Attribute::Derive(false),
             Attribute::KeyType(KeyType::EC),
             Attribute::EcParams(P256_EC_PARAMS.to_vec()),
             Attribute::Id(id_bytes.clone()),
             Attribute::Label(label.clone()),
         ];
-        let private = [
+        let required = vec![
             Attribute::Token(true),
             Attribute::Private(true),
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Sign(true),
-            Attribute::Decrypt(false),
-            Attribute::Unwrap(false),
-            Attribute::Derive(false),
             Attribute::KeyType(KeyType::EC),
             Attribute::Id(id_bytes),
             Attribute::Label(label),
         ];
-        let (pub_h, _priv_h) = self
-            .session
-            .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
-            .map_err(Error::pkcs11("C_GenerateKeyPair"))?;
+        let mut strict = required.clone();
+        strict.extend([
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+        ]);
+        let generate = |private: &[Attribute]| {
+            self.session
+                .generate_key_pair(&Mechanism::EccKeyPairGen, &public, private)
+        };
+        use cryptoki::error::{Error as Ck, RvError as Rv};
+        let generated = match generate(&strict) {
+            Err(Ck::Pkcs11(
+                Rv::TemplateInconsistent
+                | Rv::AttributeValueInvalid
+                | Rv::AttributeTypeInvalid
+                | Rv::GeneralError,
+                _,
+            )) => {
+                tracing::info!(key_id = %id, "the token refused the strict key template; generating with the required attributes only");
+                generate(&required)
+            }
+            other => other,
+        };
+        let (pub_h, priv_h) = match generated {
+            Ok(pair) => pair,
+            Err(Ck::Pkcs11(Rv::MechanismInvalid | Rv::FunctionNotSupported, _)) => {
+                return Err(Error::MissingMechanism {
+                    mechanism: "CKM_EC_KEY_PAIR_GEN (P-256)",
+                    what: "a P-256 key pair",
+                    id: id.to_owned(),
+                });
+            }
+            Err(e) => return Err(Error::pkcs11("C_GenerateKeyPair")(e)),
+        };
+        if let Err(e) = self.check_private_key(priv_h) {
+            // A key that could leave the token or derive secrets is never used: remove it.
+            let _ = self.session.destroy_object(priv_h);
+            let _ = self.session.destroy_object(pub_h);
+            return Err(e);
+        }
         self.read_public_key(pub_h)
+    }
+
+    /// What must hold for a generated private or secret key, as far as the token reports it: sensitive,
+    /// never extractable, and no key derivation (ECDH would let a caller of the token compute
+    /// secrets with it). `CKA_DECRYPT`/`CKA_UNWRAP` are inert on an EC key (PKCS#11 has no EC
+    /// decryption or unwrapping mechanism) and are only logged. An attribute the token does
+    /// not report is not held against it.
+    fn check_private_key(&self, h: ObjectHandle) -> Result<(), Error> {
+        let attrs = self
+            .session
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Derive,
+                    AttributeType::Decrypt,
+                    AttributeType::Unwrap,
+                ],
+            )
+            .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(false) => {
+                    return Err(Error::UnsafeKey("CKA_SENSITIVE is false"));
+                }
+                Attribute::Extractable(true) => {
+                    return Err(Error::UnsafeKey("CKA_EXTRACTABLE is true"));
+                }
+                Attribute::Derive(true) => {
+                    return Err(Error::UnsafeKey("CKA_DERIVE is true"));
+                }
+                Attribute::Decrypt(true) | Attribute::Unwrap(true) => {
+                    tracing::info!(
+                        "the token reports CKA_DECRYPT or CKA_UNWRAP on a new EC private key; \
+                         inert for EC keys (no such mechanism), key accepted"
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The public key with this `CKA_ID`, if any.
@@ -252,12 +330,15 @@ impl TokenSession<'_> {
     }
 
     /// Make sure a 256-bit HMAC key with this `CKA_ID` exists in the token (generated there:
-    /// sensitive, never extractable, a token object that can only MAC). Idempotent.
+    /// sensitive, never extractable, a token object that can MAC). Idempotent. A key
+    /// provisioned out of band with this `CKA_ID` (any secret key type the token accepts for
+    /// `CKM_SHA256_HMAC`, e.g. tpm2-pkcs11's `hmac:sha256`) is used as it is. A token without
+    /// `CKM_GENERIC_SECRET_KEY_GEN` gets [`Error::MissingMechanism`], naming what to provision.
     pub fn ensure_hmac_key(&self, id: &str, label: &str) -> Result<(), Error> {
         if self.find_one(ObjectClass::SECRET_KEY, id)?.is_some() {
             return Ok(());
         }
-        let template = [
+        let required = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::GENERIC_SECRET),
             Attribute::ValueLen(32.into()),
@@ -267,18 +348,47 @@ impl TokenSession<'_> {
             Attribute::Extractable(false),
             Attribute::Sign(true),
             Attribute::Verify(true),
+            Attribute::Id(id.as_bytes().to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        // As for key pairs: the strict template first, only what must be set if refused.
+        let mut strict = required.clone();
+        strict.extend([
             Attribute::Encrypt(false),
             Attribute::Decrypt(false),
             Attribute::Wrap(false),
             Attribute::Unwrap(false),
             Attribute::Derive(false),
-            Attribute::Id(id.as_bytes().to_vec()),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ];
-        self.session
-            .generate_key(&Mechanism::GenericSecretKeyGen, &template)
-            .map_err(Error::pkcs11("C_GenerateKey"))?;
-        Ok(())
+        ]);
+        let generate = |t: &[Attribute]| {
+            self.session
+                .generate_key(&Mechanism::GenericSecretKeyGen, t)
+        };
+        use cryptoki::error::{Error as Ck, RvError as Rv};
+        let generated = match generate(&strict) {
+            Err(Ck::Pkcs11(
+                Rv::TemplateInconsistent
+                | Rv::AttributeValueInvalid
+                | Rv::AttributeTypeInvalid
+                | Rv::GeneralError,
+                _,
+            )) => generate(&required),
+            other => other,
+        };
+        match generated {
+            Ok(h) => self.check_private_key(h).inspect_err(|_| {
+                let _ = self.session.destroy_object(h);
+            }),
+            Err(Ck::Pkcs11(
+                Rv::MechanismInvalid | Rv::MechanismParamInvalid | Rv::FunctionNotSupported,
+                _,
+            )) => Err(Error::MissingMechanism {
+                mechanism: "CKM_GENERIC_SECRET_KEY_GEN",
+                what: "the evidence log's 256-bit HMAC key",
+                id: id.to_owned(),
+            }),
+            Err(e) => Err(Error::pkcs11("C_GenerateKey")(e)),
+        }
     }
 
     /// HMAC-SHA256 of `data` with the secret key `id`, computed inside the token.

@@ -124,6 +124,10 @@ impl audit::anchor::TokenAnchor for TokenLogKeys {
             .call_blocking(|s| s.data_objects(LOG_ANCHOR_LABEL))?)
     }
     fn store(&self, value: &[u8]) -> Result<(), audit::anchor::TokenFailure> {
+        #[cfg(feature = "insecure-test-hooks")]
+        if let Some(e) = self.hsm.insecure_test_take_refused_store() {
+            return Err(e.into());
+        }
         let value = value.to_vec();
         Ok(self
             .hsm
@@ -230,6 +234,10 @@ impl App {
             .call(|s| s.ensure_p256_key_pair(LOG_KEY_ID, "signet evidence log key"))
             .await?;
         hsm.set_probe_key(LOG_KEY_ID);
+        let probe_public = hsm
+            .call(|s| s.ensure_p256_key_pair(hsm::PROBE_KEY_ID, "signet health probe key"))
+            .await?;
+        hsm.set_probe_signer(hsm::PROBE_KEY_ID, probe_public);
         hsm.call(|s| s.ensure_hmac_key(LOG_MAC_KEY_ID, "signet evidence log MAC key"))
             .await?;
         let log_keys = Arc::new(TokenLogKeys {

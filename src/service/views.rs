@@ -181,8 +181,8 @@ impl App {
 #[cfg(feature = "insecure-test-hooks")]
 impl App {
     /// Test hook (feature `insecure-test-hooks` only): inject a token fault into the running
-    /// service (`stall_next_call` with `millis`, `finalize_library`, `plant_stale_handle` with
-    /// `key_id` and `other`). Admin role.
+    /// service (`stall_next_call` with `millis`, `finalize_library`, `refuse_anchor_stores` with
+    /// `count`, `plant_stale_handle` with `key_id` and `other`). Admin role.
     pub async fn insecure_test_fault(
         &self,
         caller: &Caller,
@@ -196,6 +196,9 @@ impl App {
                     .insecure_test_stall_next_call(std::time::Duration::from_millis(ms));
             }
             Some("finalize_library") => self.hsm.insecure_test_finalize_library(),
+            Some("refuse_anchor_stores") => self
+                .hsm
+                .insecure_test_refuse_stores(req["count"].as_u64().unwrap_or(1)),
             Some("plant_stale_handle") => {
                 let (id, other) = (
                     req["key_id"].as_str().unwrap_or_default().to_owned(),
@@ -210,7 +213,7 @@ impl App {
             _ => {
                 return Err(Error::invalid(
                     "fault",
-                    "stall_next_call, finalize_library or plant_stale_handle",
+                    "stall_next_call, finalize_library, refuse_anchor_stores or plant_stale_handle",
                 ));
             }
         }

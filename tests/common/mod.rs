@@ -91,6 +91,10 @@ impl Signet {
         if opts.manual_issuer {
             args.push("--manual-issuer".into());
         }
+        if let Some(module) = token_module() {
+            args.push("--module".into());
+            args.push(module.display().to_string());
+        }
         if !opts.keys {
             args.push("--no-keys".into());
         }
@@ -104,6 +108,12 @@ impl Signet {
             "dev init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if on_kryoptic() {
+            assert!(
+                dir.join("tokens/kryoptic.sql").exists(),
+                "SIGNET_TEST_TOKEN=kryoptic, but the token is not kryoptic's"
+            );
+        }
         let s = Self {
             tmp,
             dir,
@@ -834,20 +844,48 @@ pub fn outcome(out: Output) -> (bool, String) {
     )
 }
 
+/// The token the tests run against, chosen by one switch: `SIGNET_TEST_TOKEN=kryoptic` runs
+/// them on kryoptic (built by `softhsm/kryoptic.sh` into `target/kryoptic/`; another path in
+/// `SIGNET_TEST_MODULE`), anything else or nothing on SoftHSM. None: SoftHSM, the default.
+pub fn token_module() -> Option<PathBuf> {
+    match std::env::var("SIGNET_TEST_TOKEN").ok().as_deref() {
+        Some("kryoptic") => Some(std::env::var_os("SIGNET_TEST_MODULE").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kryoptic/libkryoptic_pkcs11.so"),
+            PathBuf::from,
+        )),
+        _ => None,
+    }
+}
+
+/// True when the tests run on kryoptic (see [`token_module`]).
+pub fn on_kryoptic() -> bool {
+    token_module().is_some()
+}
+
 impl Signet {
+    /// The PKCS#11 module and its environment variable for this installation's token.
+    pub fn module_env(&self) -> (PathBuf, &'static str, PathBuf) {
+        match token_module() {
+            Some(m) => (m, "KRYOPTIC_CONF", self.dir.join("tokens/kryoptic.sql")),
+            None => (
+                PathBuf::from(signet::dev::SOFTHSM_MODULE),
+                "SOFTHSM2_CONF",
+                self.dir.join("softhsm2.conf"),
+            ),
+        }
+    }
+
     /// Run pkcs11-tool (OpenSC) logged in to this installation's token; returns stdout.
     pub fn pkcs11_tool(&self, args: &[&str]) -> String {
         let pin = std::fs::read_to_string(self.dir.join("secrets/user.pin")).unwrap();
+        let (module, var, value) = self.module_env();
         let out = Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                signet::dev::SOFTHSM_MODULE,
-                "--token-label",
-                signet::dev::TOKEN_LABEL,
-            ])
+            .arg("--module")
+            .arg(&module)
+            .args(["--token-label", signet::dev::TOKEN_LABEL])
             .args(["--login", "--pin", pin.trim()])
             .args(args)
-            .env("SOFTHSM2_CONF", self.dir.join("softhsm2.conf"))
+            .env(var, value)
             .output()
             .expect("pkcs11-tool (Debian package opensc)");
         assert!(

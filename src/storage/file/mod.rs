@@ -163,8 +163,10 @@ struct Inner {
     store: Store,
     writable: AtomicBool,
     latest: RwLock<Option<Arc<StoredCheckpoint>>>,
-    /// Serialises checkpoint signing.
-    checkpointing: Mutex<()>,
+    /// Held while a checkpoint is signed; holds the tree head whose checkpoint line is durable
+    /// but whose token anchor could not be stored yet (retried before anything else, so a
+    /// failing anchor never makes a second line for the same checkpoint).
+    checkpointing: Mutex<Option<TreeHead>>,
     _lock: File,
 }
 
@@ -307,7 +309,7 @@ impl FileLog {
         &self,
         now_unix: u64,
     ) -> Result<Option<Arc<StoredCheckpoint>>, Error> {
-        let _guard = self
+        let mut pending_anchor = self
             .inner
             .checkpointing
             .lock()
@@ -321,8 +323,15 @@ impl FileLog {
         if let Some(latest) = self.latest_checkpoint()
             && latest.tree_size == size
         {
+            // Nothing new to sign; an anchor the token refused last time is stored now.
+            if let Some(head) = *pending_anchor {
+                self.store_anchor(head)?;
+                *pending_anchor = None;
+            }
             return Ok(None);
         }
+        // A new checkpoint's anchor supersedes one still pending.
+        *pending_anchor = None;
         // What start-up trusts below a checkpoint is durable before the checkpoint is.
         let store = &self.inner.store;
         store.offsets.sync().map_err(io_err(store.offsets.path()))?;
@@ -362,12 +371,7 @@ impl FileLog {
         f.write_all(format!("{line}\n").as_bytes())
             .map_err(io_err(&path))?;
         f.sync_data().map_err(io_err(&path))?;
-        // The anchor follows the durable checkpoint line, so it never covers more than the
-        // checkpoint file holds.
-        self.inner
-            .token
-            .store(&Anchor::new(&self.inner.origin, TreeHead { size, root }).encode())
-            .map_err(|e| Error::Token(e.to_string()))?;
+        // The line is durable: it is the latest checkpoint whatever happens to the anchor.
         let stored = Arc::new(stored);
         *write(&self.inner.latest) = Some(Arc::clone(&stored));
         self.inner.metrics.audit_checkpoint_size.set(size as i64);
@@ -375,7 +379,25 @@ impl FileLog {
             .metrics
             .audit_last_checkpoint
             .set(now_unix as i64);
+        // The anchor follows the durable checkpoint line, so it never covers more than the
+        // checkpoint file holds. If the token refuses it, it is retried first next time.
+        if let Err(e) = self.store_anchor(TreeHead { size, root }) {
+            *pending_anchor = Some(TreeHead { size, root });
+            return Err(e);
+        }
         Ok(Some(stored))
+    }
+
+    /// Store the token's anchor for `head` (see [`Anchor`]).
+    fn store_anchor(&self, head: TreeHead) -> Result<(), Error> {
+        self.inner
+            .token
+            .store(&Anchor::new(&self.inner.origin, head).encode())
+            .map_err(|e| {
+                tracing::warn!(tree_size = head.size, error = %e,
+                    "checkpoint written, but the token refused its anchor; retried at the next checkpoint");
+                Error::Token(e.to_string())
+            })
     }
 
     /// Stop the writer after the queued appends are durable, and write out the tiles it

@@ -109,7 +109,7 @@ impl FileLog {
             store,
             writable: AtomicBool::new(true),
             latest: RwLock::new(latest),
-            checkpointing: Mutex::new(()),
+            checkpointing: Mutex::new(None),
             _lock: lock,
         });
         let (queue, rx) = crossbeam_channel::unbounded();

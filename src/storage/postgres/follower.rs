@@ -164,7 +164,7 @@ impl PgLog {
         if !force && !self.is_leader() {
             return Ok(None);
         }
-        let _g = self.checkpointing.lock().await;
+        let mut pending_anchor = self.checkpointing.lock().await;
         let c = self.db.client().await?;
         let head = c
             .query_one("SELECT size FROM signet_tree_head WHERE id = 1", &[])
@@ -174,8 +174,19 @@ impl PgLog {
         let edge = self.edge();
         let size = edge.size();
         if size <= published {
+            // Nothing new to sign; an anchor the token refused last time is stored now, unless
+            // a newer checkpoint (another replica's) has superseded it.
+            if let Some(head) = pending_anchor.take()
+                && head.size == published
+                && let Err(e) = self.store_anchor(head).await
+            {
+                *pending_anchor = Some(head);
+                return Err(e);
+            }
             return Ok(None);
         }
+        // A new checkpoint's anchor supersedes one still pending.
+        *pending_anchor = None;
         let root = edge.root();
         let cp = Checkpoint {
             origin: self.origin.clone(),
@@ -230,15 +241,29 @@ impl PgLog {
             .await
             .map_err(|e| self.db.failed(e))?;
         tx.commit().await.map_err(|e| self.db.failed(e))?;
+        let stored = Arc::new(stored);
+        self.publish(Arc::clone(&stored));
         // The anchor follows the published head, so it never covers more than the database.
+        // If the token refuses it, it is retried first at the next checkpoint.
+        let head = TreeHead { size, root };
+        if let Err(e) = self.store_anchor(head).await {
+            *pending_anchor = Some(head);
+            return Err(e);
+        }
+        Ok(Some(stored))
+    }
+
+    /// Store the token's anchor for `head`.
+    async fn store_anchor(&self, head: TreeHead) -> Result<(), audit::Error> {
         let token = Arc::clone(&self.token);
-        let anchor = Anchor::new(&self.origin, TreeHead { size, root }).encode();
+        let anchor = Anchor::new(&self.origin, head).encode();
         tokio::task::spawn_blocking(move || token.store(&anchor))
             .await
             .map_err(|e| audit::Error::Token(e.to_string()))?
-            .map_err(|e| audit::Error::Token(e.to_string()))?;
-        let stored = Arc::new(stored);
-        self.publish(Arc::clone(&stored));
-        Ok(Some(stored))
+            .map_err(|e| {
+                tracing::warn!(tree_size = head.size, error = %e,
+                    "checkpoint published, but the token refused its anchor; retried at the next checkpoint");
+                audit::Error::Token(e.to_string())
+            })
     }
 }

@@ -170,7 +170,9 @@ pub struct PgLog {
     /// Serialises catching up with the database.
     following: tokio::sync::Mutex<()>,
     /// Serialises this replica's checkpoint signing.
-    checkpointing: tokio::sync::Mutex<()>,
+    /// Held while a checkpoint is signed; holds a published tree head whose token anchor
+    /// could not be stored yet (retried at the next checkpoint).
+    checkpointing: tokio::sync::Mutex<Option<TreeHead>>,
     stop: watch::Sender<bool>,
 }
 
@@ -253,7 +255,7 @@ impl PgLog {
             max_group: opts.max_group_entries,
             leader: AtomicBool::new(false),
             following: tokio::sync::Mutex::new(()),
-            checkpointing: tokio::sync::Mutex::new(()),
+            checkpointing: tokio::sync::Mutex::new(None),
             stop,
         });
         let edge = log.load_edge().await?;
