@@ -37,6 +37,30 @@ pub enum ObjectKind {
     Other,
 }
 
+/// Generate with the `strict` template; if the token refuses it as inconsistent (some tie
+/// attributes together), with the `required` one.
+fn strict_or_required<T>(
+    id: &str,
+    strict: &[Attribute],
+    required: &[Attribute],
+    generate: impl Fn(&[Attribute]) -> cryptoki::error::Result<T>,
+) -> cryptoki::error::Result<T> {
+    use cryptoki::error::{Error as Ck, RvError as Rv};
+    match generate(strict) {
+        Err(Ck::Pkcs11(
+            Rv::TemplateInconsistent
+            | Rv::AttributeValueInvalid
+            | Rv::AttributeTypeInvalid
+            | Rv::GeneralError,
+            _,
+        )) => {
+            tracing::info!(key_id = %id, "the token refused the strict key template; generating with the required attributes only");
+            generate(required)
+        }
+        other => other,
+    }
+}
+
 impl TokenSession<'_> {
     /// Sign a 32-byte digest with `CKM_ECDSA` and return the DER `ECDSA-Sig-Value`.
     pub fn sign_prehashed(&self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>, Error> {
@@ -142,19 +166,7 @@ impl TokenSession<'_> {
                 .generate_key_pair(&Mechanism::EccKeyPairGen, &public, private)
         };
         use cryptoki::error::{Error as Ck, RvError as Rv};
-        let generated = match generate(&strict) {
-            Err(Ck::Pkcs11(
-                Rv::TemplateInconsistent
-                | Rv::AttributeValueInvalid
-                | Rv::AttributeTypeInvalid
-                | Rv::GeneralError,
-                _,
-            )) => {
-                tracing::info!(key_id = %id, "the token refused the strict key template; generating with the required attributes only");
-                generate(&required)
-            }
-            other => other,
-        };
+        let generated = strict_or_required(id, &strict, &required, generate);
         let (pub_h, priv_h) = match generated {
             Ok(pair) => pair,
             Err(Ck::Pkcs11(Rv::MechanismInvalid | Rv::FunctionNotSupported, _)) => {
@@ -365,16 +377,7 @@ impl TokenSession<'_> {
                 .generate_key(&Mechanism::GenericSecretKeyGen, t)
         };
         use cryptoki::error::{Error as Ck, RvError as Rv};
-        let generated = match generate(&strict) {
-            Err(Ck::Pkcs11(
-                Rv::TemplateInconsistent
-                | Rv::AttributeValueInvalid
-                | Rv::AttributeTypeInvalid
-                | Rv::GeneralError,
-                _,
-            )) => generate(&required),
-            other => other,
-        };
+        let generated = strict_or_required(id, &strict, &required, generate);
         match generated {
             Ok(h) => self.check_private_key(h).inspect_err(|_| {
                 let _ = self.session.destroy_object(h);
