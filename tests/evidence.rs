@@ -657,3 +657,112 @@ async fn a_log_that_cannot_grow_refuses_signing_and_recovers() {
     assert!(s.stop().success());
     s.audit_verify(None);
 }
+
+/// The signatures a key version made, for the documents to sign again after a compromise:
+/// `GET /v1/audit/entries?key_id=` and `signet audit affected` list exactly that version's
+/// signature entries in the window, nothing of the next version or of other events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_affected_signatures_of_a_key_version_are_exactly_its_own() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    let mut v1_digests = Vec::new();
+    for i in 0..3 {
+        let data = format!("v1 document {i}");
+        let mut body = sign_body("payroll-esign", data.as_bytes());
+        body["transaction_id"] = json!(format!("tx-v1-{i}"));
+        let (status, r) = s.sign("payroll-app", body).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["key_id"], "payroll/v1");
+        v1_digests.push(digest_hex(data.as_bytes()));
+        if i == 0 {
+            // The window below starts after the first signature.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let since = s
+        .entries()
+        .iter()
+        .filter(|e| e["event"] == "signature")
+        .nth(1)
+        .map(|e| e["time"].as_str().unwrap().to_owned())
+        .unwrap();
+    s.cli_ok(&["rotate", "start", "--tenant", "payroll", "--reason", "test"]);
+    let (status, r) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"v2 document"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(r["key_id"], "payroll/v2");
+
+    // The API, as the auditor, every page.
+    let (status, page) = s
+        .get("auditor", "/v1/audit/entries?key_id=payroll/v1&limit=2")
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let mut seen: Vec<Value> = page["entries"].as_array().unwrap().clone();
+    let mut cursor = page["next_cursor"].as_str().map(str::to_owned);
+    while let Some(c) = cursor {
+        let (_, p) = s
+            .get(
+                "auditor",
+                &format!("/v1/audit/entries?key_id=payroll/v1&limit=2&cursor={c}"),
+            )
+            .await;
+        seen.extend(p["entries"].as_array().unwrap().iter().cloned());
+        let next = p["next_cursor"].as_str().map(str::to_owned);
+        cursor = next.filter(|n| *n != c);
+    }
+    let digests: Vec<&str> = seen
+        .iter()
+        .map(|i| i["entry"]["digest"]["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        digests,
+        v1_digests.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(
+        seen.iter()
+            .all(|i| i["entry"]["key_id"] == "payroll/v1" && i["entry"]["event"] == "signature")
+    );
+    // Precise refusals.
+    let (status, p) = s
+        .get(
+            "auditor",
+            "/v1/audit/entries?key_id=payroll/v1&tenant=procurement",
+        )
+        .await;
+    assert_eq!(status, 400, "{p}");
+    let (status, _) = s.get("auditor", "/v1/audit/entries?key_id=payroll").await;
+    assert_eq!(status, 400);
+
+    // The CLI, with a window that leaves out the first signature.
+    let out = s.dir.join("affected.jsonl");
+    s.cli_ok(&[
+        "audit",
+        "affected",
+        "--key-id",
+        "payroll/v1",
+        "--since",
+        &since,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let txs: Vec<&str> = lines
+        .iter()
+        .map(|l| l["transaction_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(txs, ["tx-v1-1", "tx-v1-2"]);
+    for l in &lines {
+        assert_eq!(l["policy"], "payroll-esign");
+        assert!(
+            l["client"].as_str().unwrap().ends_with("payroll-app"),
+            "{l}"
+        );
+        assert!(l["index"].is_u64() && l["signed_at"].is_string());
+        assert!(v1_digests.contains(&l["digest"]["value"].as_str().unwrap().to_owned()));
+    }
+}

@@ -72,6 +72,23 @@ pub enum AuditCommand {
         #[arg(long, requires = "transaction")]
         out: Option<PathBuf>,
     },
+    /// List the signatures a key version made (after a compromise: the documents to sign
+    /// again), from the running service (`[cli]` client certificate, admin or audit role), as
+    /// JSON lines: index, transaction_id, digest, policy, signed_at, client.
+    Affected {
+        /// The key version, `TENANT/vN`.
+        #[arg(long)]
+        key_id: String,
+        /// Only signatures at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only signatures before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Where to write the JSON lines (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Accept a log that differs from its integrity anchors because it was deliberately
     /// restored from backup: records a `log_restored` evidence entry (who, why, what differed)
     /// and re-anchors the log in the token. Run with the service stopped.
@@ -149,6 +166,12 @@ pub fn audit(cli: &Cli, cmd: &AuditCommand) -> Result<()> {
             remote,
         } => (dir, key, anchor, *remote),
         AuditCommand::AcceptRestore { reason } => return accept_restore(cli, reason),
+        AuditCommand::Affected {
+            key_id,
+            since,
+            until,
+            out,
+        } => return affected(cli, key_id, since.as_deref(), until.as_deref(), out),
         AuditCommand::Export {
             dir,
             transaction,
@@ -264,6 +287,75 @@ fn verify_remote(
     let trust = LogTrust::new(key, key_source).kept(kept_checkpoint);
     let result = verify_log(&mut src, &trust);
     report_verification(cli, result, "the service's answer")
+}
+
+/// `signet audit affected`: every signature entry of `key_id` in the window, page by page from
+/// `GET /v1/audit/entries?key_id=`, one JSON line each.
+fn affected(
+    cli: &Cli,
+    key_id: &str,
+    since: Option<&str>,
+    until: Option<&str>,
+    out: &Path,
+) -> Result<()> {
+    let key: signet::domain::KeyId = key_id
+        .parse()
+        .map_err(|e| anyhow!("--key-id {key_id}: {e}"))?;
+    let config = load_config(cli)?;
+    let cli_cfg = config.cli.as_ref().ok_or_else(|| {
+        anyhow!("audit affected needs a [cli] section (url, cert, key, ca) with an admin or audit client certificate")
+    })?;
+    let tls = signet::client::ClientTls::new(&cli_cfg.ca, Some(&cli_cfg.cert), Some(&cli_cfg.key))?;
+    let rt = runtime()?;
+    let conn = rt.block_on(signet::client::Connection::connect_url(&tls, &cli_cfg.url))?;
+    let mut src = TlogSource {
+        rt: rt.handle().clone(),
+        conn,
+        size: 0,
+        next: 0,
+        entries: Default::default(),
+        checkpoint: None,
+    };
+    let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+    let mut query = format!("key_id={}&limit=1000", enc(&key.to_string()));
+    for (name, value) in [("since", since), ("until", until)] {
+        if let Some(v) = value {
+            query.push_str(&format!("&{name}={}", enc(v)));
+        }
+    }
+    let mut lines = String::new();
+    let mut count = 0usize;
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/audit/entries?{query}&cursor={}", enc(c)),
+            None => format!("/v1/audit/entries?{query}"),
+        };
+        let page: Value =
+            serde_json::from_slice(&src.get(&path)?).context("GET /v1/audit/entries")?;
+        for item in page["entries"].as_array().into_iter().flatten() {
+            let e = &item["entry"];
+            let line = serde_json::json!({
+                "index": item["index"],
+                "transaction_id": e["transaction_id"],
+                "digest": e["digest"],
+                "policy": e["policy"]["id"],
+                "signed_at": e["time"],
+                "client": e["actor"]["identity"],
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+            count += 1;
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) if cursor.as_deref() != Some(c) => cursor = Some(c.to_owned()),
+            _ => break,
+        }
+    }
+    signet::fsutil::write_atomic_mode(out, lines.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("{count} signatures by {key} written to {}", out.display());
+    Ok(())
 }
 
 /// A served log as a [`LogSource`]: entry bundles up to the latest checkpoint's size.

@@ -44,6 +44,9 @@ pub struct TransactionView {
 #[derive(Debug, Default, Deserialize)]
 pub struct EntriesQuery {
     pub tenant: Option<String>,
+    /// Only the signatures made with this key version (`TENANT/vN`; the tenant may be left
+    /// out): the signatures a revoked or compromised key touched.
+    pub key_id: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
     pub cursor: Option<String>,
@@ -128,13 +131,29 @@ impl App {
         caller: &Caller,
         q: &EntriesQuery,
     ) -> Result<EntriesPage, Error> {
-        let raw = q
-            .tenant
+        let key_id = q
+            .key_id
             .as_deref()
-            .ok_or_else(|| Error::invalid("tenant", "is required"))?;
-        let tenant: crate::domain::TenantId = raw
-            .parse()
-            .map_err(|e: crate::domain::ParseError| Error::invalid("tenant", e.to_string()))?;
+            .map(|k| {
+                k.parse::<crate::domain::KeyId>()
+                    .map_err(|e| Error::invalid("key_id", e.to_string()))
+            })
+            .transpose()?;
+        let tenant: crate::domain::TenantId = match (q.tenant.as_deref(), &key_id) {
+            (Some(raw), _) => raw
+                .parse()
+                .map_err(|e: crate::domain::ParseError| Error::invalid("tenant", e.to_string()))?,
+            (None, Some(k)) => k.tenant().clone(),
+            (None, None) => return Err(Error::invalid("tenant", "is required (or key_id)")),
+        };
+        if let Some(k) = &key_id
+            && *k.tenant() != tenant
+        {
+            return Err(Error::invalid(
+                "key_id",
+                format!("`{k}` is not a key of tenant `{tenant}`"),
+            ));
+        }
         if !Policies::may_read_tenant(&caller.client, &tenant) {
             return Err(Error::Forbidden(format!(
                 "client `{}` may not read the evidence of tenant `{tenant}`",
@@ -179,10 +198,18 @@ impl App {
             })
             .await?;
         let mut entries = Vec::with_capacity(page.indexes.len());
+        let wanted = key_id.map(|k| k.to_string());
         for index in page.indexes {
             let bytes = self.log.entry(index).await?;
-            let entry =
+            let entry: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| Error::Internal(e.to_string()))?;
+            // With key_id: the page is the tenant's, filtered (it may come out short, or
+            // empty with a next_cursor; follow next_cursor until there is none).
+            if let Some(k) = &wanted
+                && (entry["event"] != "signature" || entry["key_id"] != k.as_str())
+            {
+                continue;
+            }
             entries.push(IndexedEntry { index, entry });
         }
         Ok(EntriesPage {
