@@ -243,21 +243,7 @@ fn verify_remote(
     given: Option<VerifyingKey>,
     kept_checkpoint: Option<String>,
 ) -> Result<()> {
-    let config = load_config(cli)?;
-    let cli_cfg = config.cli.as_ref().ok_or_else(|| {
-        anyhow!("--remote needs a [cli] section (url, cert, key, ca) with an admin or audit client certificate")
-    })?;
-    let tls = signet::client::ClientTls::new(&cli_cfg.ca, Some(&cli_cfg.cert), Some(&cli_cfg.key))?;
-    let rt = runtime()?;
-    let conn = rt.block_on(signet::client::Connection::connect_url(&tls, &cli_cfg.url))?;
-    let mut src = TlogSource {
-        rt: rt.handle().clone(),
-        conn,
-        size: 0,
-        next: 0,
-        entries: Default::default(),
-        checkpoint: None,
-    };
+    let (_rt, mut src) = TlogSource::connect(cli, "--remote")?;
     let note = src.get_text("/v1/audit/tlog/checkpoint")?;
     let (key, key_source) = match given {
         Some(k) => (k, KeySource::Given),
@@ -301,21 +287,7 @@ fn affected(
     let key: signet::domain::KeyId = key_id
         .parse()
         .map_err(|e| anyhow!("--key-id {key_id}: {e}"))?;
-    let config = load_config(cli)?;
-    let cli_cfg = config.cli.as_ref().ok_or_else(|| {
-        anyhow!("audit affected needs a [cli] section (url, cert, key, ca) with an admin or audit client certificate")
-    })?;
-    let tls = signet::client::ClientTls::new(&cli_cfg.ca, Some(&cli_cfg.cert), Some(&cli_cfg.key))?;
-    let rt = runtime()?;
-    let conn = rt.block_on(signet::client::Connection::connect_url(&tls, &cli_cfg.url))?;
-    let mut src = TlogSource {
-        rt: rt.handle().clone(),
-        conn,
-        size: 0,
-        next: 0,
-        entries: Default::default(),
-        checkpoint: None,
-    };
+    let (_rt, mut src) = TlogSource::connect(cli, "audit affected")?;
     let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
     let mut query = format!("key_id={}&limit=1000", enc(&key.to_string()));
     for (name, value) in [("since", since), ("until", until)] {
@@ -369,6 +341,28 @@ struct TlogSource {
 }
 
 impl TlogSource {
+    /// Connect to the running service through the `[cli]` section (for `what`, in errors).
+    /// The runtime must outlive the source.
+    fn connect(cli: &Cli, what: &str) -> Result<(tokio::runtime::Runtime, Self)> {
+        let config = load_config(cli)?;
+        let cli_cfg = config.cli.as_ref().ok_or_else(|| {
+            anyhow!("{what} needs a [cli] section (url, cert, key, ca) with an admin or audit client certificate")
+        })?;
+        let tls =
+            signet::client::ClientTls::new(&cli_cfg.ca, Some(&cli_cfg.cert), Some(&cli_cfg.key))?;
+        let rt = runtime()?;
+        let conn = rt.block_on(signet::client::Connection::connect_url(&tls, &cli_cfg.url))?;
+        let src = TlogSource {
+            rt: rt.handle().clone(),
+            conn,
+            size: 0,
+            next: 0,
+            entries: Default::default(),
+            checkpoint: None,
+        };
+        Ok((rt, src))
+    }
+
     fn get(&mut self, path: &str) -> Result<Vec<u8>> {
         let (status, _, body) =
             self.rt
