@@ -222,18 +222,10 @@ async fn checkpoints_get_rfc3161_timestamps_and_a_tsa_outage_never_blocks_signin
     let cp = stamped(&s, n).await.unwrap();
     assert!(openssl_verifies(&tsa, &cp).contains("Verification: OK"));
     // Every checkpoint got exactly one token, in order.
-    let sizes = |file: &str| -> Vec<u64> {
-        std::fs::read_to_string(s.audit_dir().join(file))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["tree_size"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect()
-    };
-    assert_eq!(sizes("timestamps.jsonl"), sizes("checkpoints.jsonl"));
+    assert_eq!(
+        s.tree_sizes("timestamps.jsonl"),
+        s.tree_sizes("checkpoints.jsonl")
+    );
     // Served with transaction trails too.
     let (_, v) = s
         .get("auditor", "/v1/audit/transactions/nothing-here")

@@ -263,6 +263,17 @@ pub struct LimitsConfig {
     pub max_queued_per_client: usize,
 }
 
+impl LimitsConfig {
+    /// Default of `limits.max_queued_per_tenant`.
+    pub const DEFAULT_MAX_QUEUED_PER_TENANT: usize = 256;
+    /// Default of `limits.max_queued_per_client`.
+    pub const DEFAULT_MAX_QUEUED_PER_CLIENT: usize = 128;
+
+    pub fn tenant(&self, tenant: &TenantId) -> Option<RateLimit> {
+        self.tenants.get(tenant).copied().or(self.per_tenant)
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -270,15 +281,9 @@ impl Default for LimitsConfig {
             per_tenant: None,
             tenants: BTreeMap::new(),
             weights: BTreeMap::new(),
-            max_queued_per_tenant: 256,
-            max_queued_per_client: 128,
+            max_queued_per_tenant: Self::DEFAULT_MAX_QUEUED_PER_TENANT,
+            max_queued_per_client: Self::DEFAULT_MAX_QUEUED_PER_CLIENT,
         }
-    }
-}
-
-impl LimitsConfig {
-    pub fn tenant(&self, tenant: &TenantId) -> Option<RateLimit> {
-        self.tenants.get(tenant).copied().or(self.per_tenant)
     }
 }
 
@@ -779,14 +784,12 @@ mod raw {
                 (k.clone(), v)
             })
             .collect();
-        let sessions = in_range("hsm.sessions", h.sessions.unwrap_or(2), 1, 64)?;
-        let queue_depth = in_range("hsm.queue_depth", h.queue_depth.unwrap_or(1024), 1, 1 << 20)?;
         let hsm = HsmConfig {
             module: path(&h.module),
             token_label,
             pin,
-            sessions,
-            queue_depth,
+            sessions: in_range("hsm.sessions", h.sessions.unwrap_or(2), 1, 64)?,
+            queue_depth: in_range("hsm.queue_depth", h.queue_depth.unwrap_or(1024), 1, 1 << 20)?,
             call_timeout: dur("hsm.call_timeout", &h.call_timeout, "5s")?,
             health_interval: dur("hsm.health_interval", &h.health_interval, "2s")?,
             environment,
@@ -1096,13 +1099,15 @@ mod raw {
         }
         let max_queued_per_tenant = in_range(
             "limits.max_queued_per_tenant",
-            raw.max_queued_per_tenant.unwrap_or(256),
+            raw.max_queued_per_tenant
+                .unwrap_or(LimitsConfig::DEFAULT_MAX_QUEUED_PER_TENANT),
             1,
             1 << 20,
         )?;
         let max_queued_per_client = in_range(
             "limits.max_queued_per_client",
-            raw.max_queued_per_client.unwrap_or(128),
+            raw.max_queued_per_client
+                .unwrap_or(LimitsConfig::DEFAULT_MAX_QUEUED_PER_CLIENT),
             1,
             max_queued_per_tenant,
         )?;

@@ -178,7 +178,7 @@ impl TokenSession<'_> {
             }
             Err(e) => return Err(Error::pkcs11("C_GenerateKeyPair")(e)),
         };
-        if let Err(e) = self.check_private_key(priv_h) {
+        if let Err(e) = self.check_generated_key(priv_h) {
             // A key that could leave the token or derive secrets is never used: remove it.
             let _ = self.session.destroy_object(priv_h);
             let _ = self.session.destroy_object(pub_h);
@@ -192,7 +192,7 @@ impl TokenSession<'_> {
     /// secrets with it). `CKA_DECRYPT`/`CKA_UNWRAP` are inert on an EC key (PKCS#11 has no EC
     /// decryption or unwrapping mechanism) and are only logged. An attribute the token does
     /// not report is not held against it.
-    fn check_private_key(&self, h: ObjectHandle) -> Result<(), Error> {
+    fn check_generated_key(&self, h: ObjectHandle) -> Result<(), Error> {
         let attrs = self
             .session
             .get_attributes(
@@ -379,7 +379,7 @@ impl TokenSession<'_> {
         use cryptoki::error::{Error as Ck, RvError as Rv};
         let generated = strict_or_required(id, &strict, &required, generate);
         match generated {
-            Ok(h) => self.check_private_key(h).inspect_err(|_| {
+            Ok(h) => self.check_generated_key(h).inspect_err(|_| {
                 let _ = self.session.destroy_object(h);
             }),
             Err(Ck::Pkcs11(

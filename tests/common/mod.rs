@@ -409,6 +409,36 @@ impl Signet {
         (s, v)
     }
 
+    /// Sign `data` as `client` under `policy`; asserts 200 and that the signature verifies with
+    /// the returned certificate. The response.
+    pub async fn signs(&self, client: &str, policy: &str, data: &[u8]) -> Value {
+        let (status, v) = self.sign(client, sign_body(policy, data)).await;
+        assert_eq!(status, 200, "{v}");
+        assert!(
+            verifies(
+                v["certificate"].as_str().unwrap(),
+                data,
+                v["signature"].as_str().unwrap()
+            ),
+            "the signature verifies with the returned certificate"
+        );
+        v
+    }
+
+    /// The `tree_size` of every line of the audit directory's `file` (`checkpoints.jsonl`,
+    /// `timestamps.jsonl`), in order.
+    pub fn tree_sizes(&self, file: &str) -> Vec<u64> {
+        std::fs::read_to_string(self.audit_dir().join(file))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["tree_size"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
     /// GET /metrics as text.
     pub async fn metrics_text(&self) -> String {
         http_get(self.metrics, "/metrics").await.1
