@@ -140,6 +140,13 @@ collectors! {
     certificate_renewal_due: gauge_vec("signet_certificate_renewal_due", "1 when the active certificate is within rotation.renew_before of notAfter.", &["tenant", "key_id", "state"]);
     certificate_unusable: gauge_vec("signet_certificate_unusable", "1 when the active certificate may not sign (outside validity or below min_remaining_validity).", &["tenant", "key_id", "state"]);
     rotation_state: gauge_vec("signet_rotation_state", "Rotation workflow state per tenant: 1 for the current state, 0 for the others.", &["tenant", "state"]);
+    revocations: counter_vec("signet_key_revocations_total", "Key versions revoked (signet keys revoke), by reason.", &["reason"]);
+    revoked_versions: gauge_vec("signet_revoked_key_versions", "Key versions in state revoked, by tenant.", &["tenant"]);
+    crl_this_update: gauge("signet_crl_this_update_timestamp_seconds", "thisUpdate of the CRL the internal CA serves now (Unix time; 0 before the first).");
+    crl_next_update: gauge("signet_crl_next_update_timestamp_seconds", "nextUpdate of the CRL the internal CA serves now (Unix time; 0 before the first). Re-signed at half its validity and after every revocation.");
+    crl_entries: gauge("signet_crl_revoked_certificates", "Certificates listed on the CRL the internal CA serves now.");
+    crl_sign_errors: counter("signet_crl_sign_errors_total", "Failed attempts to sign the CRL (retried every few seconds).");
+    ocsp_responses: counter_vec("signet_ocsp_responses_total", "OCSP answers of the internal CA, by status: good, revoked, unknown (signed); unauthorized, malformed, unavailable (unsigned errors).", &["status"]);
     rotations: counter_vec("signet_rotations_total", "Rotation outcomes: started, completed, failed_attempt, rolled_back, retired.", &["outcome"]);
     config_reloads: counter_vec("signet_config_reloads_total", "Configuration reloads by outcome.", &["outcome"]);
     config_last_reload_success: gauge("signet_config_last_reload_successful", "1 if the last configuration reload succeeded (or none was tried).");
@@ -198,6 +205,19 @@ impl Metrics {
             "retired",
         ] {
             self.rotations.with_label_values(&[outcome]);
+        }
+        for reason in crate::keys::RevocationReason::ALL {
+            self.revocations.with_label_values(&[reason.as_str()]);
+        }
+        for status in [
+            "good",
+            "revoked",
+            "unknown",
+            "unauthorized",
+            "malformed",
+            "unavailable",
+        ] {
+            self.ocsp_responses.with_label_values(&[status]);
         }
         for outcome in ["ok", "rejected"] {
             self.config_reloads.with_label_values(&[outcome]);

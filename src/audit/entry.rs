@@ -15,6 +15,7 @@ pub mod event {
     pub const ROTATION_STARTED: &str = "rotation_started";
     pub const KEY_ACTIVATED: &str = "key_activated";
     pub const KEY_RETIRED: &str = "key_retired";
+    pub const KEY_REVOKED: &str = "key_revoked";
     pub const ROTATION_ROLLED_BACK: &str = "rotation_rolled_back";
     pub const CONFIGURATION_RELOADED: &str = "configuration_reloaded";
     /// An operator accepted a log that differs from its integrity anchors (a restore from

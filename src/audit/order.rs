@@ -6,6 +6,9 @@
 //! active one), and `signet audit verify` applies the same rule offline, so an auditor can
 //! check that a retiring or retired version never signed after it was replaced.
 //!
+//! A `key_revoked` entry ends a version for good: no `signature` entry made with it may follow,
+//! whatever the activations say.
+//!
 //! Pure: no I/O. Activations are `key_activated` (rotation) and `rotation_rolled_back` when it
 //! restores a previous version (`details.restored_key_id`).
 
@@ -18,6 +21,9 @@ use super::entry::{Entry, event};
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ActiveVersions {
     by_tenant: HashMap<String, Activation>,
+    /// Revoked versions and the index of their `key_revoked` entry.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    revoked: HashMap<String, u64>,
 }
 
 /// The entry that made `key_id` the active version of its tenant.
@@ -27,16 +33,33 @@ pub struct Activation {
     pub index: u64,
 }
 
-/// A signature entry made with a version after another one was made active.
+/// A signature entry made with a version after another one was made active, or after the
+/// version was revoked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "a signature with {key_id} follows entry {} that made {} the active version of tenant {tenant}",
-    active.index, active.key_id
-)]
-pub struct Violation {
-    pub tenant: String,
-    pub key_id: String,
-    pub active: Activation,
+pub enum Violation {
+    #[error(
+        "a signature with {key_id} follows entry {} that made {} the active version of tenant {tenant}",
+        active.index, active.key_id
+    )]
+    Superseded {
+        tenant: String,
+        key_id: String,
+        active: Activation,
+    },
+    #[error("a signature with {key_id} follows entry {revoked_at} that revoked it")]
+    Revoked {
+        tenant: String,
+        key_id: String,
+        revoked_at: u64,
+    },
+}
+
+impl Violation {
+    pub fn tenant(&self) -> &str {
+        match self {
+            Violation::Superseded { tenant, .. } | Violation::Revoked { tenant, .. } => tenant,
+        }
+    }
 }
 
 impl ActiveVersions {
@@ -52,8 +75,19 @@ impl ActiveVersions {
         Ok(())
     }
 
-    /// If `entry` is an activation, remember it (no check: for entries already in the log).
+    /// The index of the entry that revoked `key_id`, if one did.
+    pub fn revoked(&self, key_id: &str) -> Option<u64> {
+        self.revoked.get(key_id).copied()
+    }
+
+    /// If `entry` is an activation or a revocation, remember it (no check: for entries already
+    /// in the log).
     pub fn record(&mut self, entry: &Entry) {
+        if entry.event == event::KEY_REVOKED
+            && let Some(key_id) = &entry.key_id
+        {
+            self.revoked.insert(key_id.clone(), entry.index);
+        }
         if let Some((tenant, key_id)) = activation(entry) {
             self.by_tenant.insert(
                 tenant.to_owned(),
@@ -73,8 +107,15 @@ impl ActiveVersions {
         let (Some(tenant), Some(key_id)) = (&entry.tenant, &entry.key_id) else {
             return Ok(());
         };
+        if let Some(&revoked_at) = self.revoked.get(key_id) {
+            return Err(Violation::Revoked {
+                tenant: tenant.clone(),
+                key_id: key_id.clone(),
+                revoked_at,
+            });
+        }
         match self.by_tenant.get(tenant) {
-            Some(active) if active.key_id != *key_id => Err(Violation {
+            Some(active) if active.key_id != *key_id => Err(Violation::Superseded {
                 tenant: tenant.clone(),
                 key_id: key_id.clone(),
                 active: active.clone(),
@@ -82,6 +123,11 @@ impl ActiveVersions {
             _ => Ok(()),
         }
     }
+}
+
+/// Does `entry` change what may sign (an activation or a revocation)?
+pub fn changes_order(entry: &Entry) -> bool {
+    entry.event == event::KEY_REVOKED || activation(entry).is_some()
 }
 
 /// `(tenant, key_id)` if `entry` makes a version active.
@@ -97,13 +143,14 @@ pub fn activation(entry: &Entry) -> Option<(&str, &str)> {
     }
 }
 
-/// Could the canonical line `bytes` be an activation? A cheap pre-filter for start-up, so only
-/// the rare activation entries are parsed. (Inside a JSON string a quote is escaped, so these
-/// patterns only match the top-level `event` member.)
+/// Could the canonical line `bytes` be an activation or a revocation? A cheap pre-filter for
+/// start-up, so only these rare entries are parsed. (Inside a JSON string a quote is escaped,
+/// so these patterns only match the top-level `event` member.)
 pub fn may_be_activation(bytes: &[u8]) -> bool {
-    const PATTERNS: [&[u8]; 2] = [
+    const PATTERNS: [&[u8]; 3] = [
         b"\"event\":\"key_activated\"",
         b"\"event\":\"rotation_rolled_back\"",
+        b"\"event\":\"key_revoked\"",
     ];
     PATTERNS
         .iter()
@@ -163,6 +210,24 @@ mod tests {
             (
                 vec![entry(0, ACT, "b", "b/v2"), entry(1, SIG, "a", "a/v1")],
                 None,
+            ),
+            // A revoked version never signs again, even while no other version is active.
+            (
+                vec![
+                    entry(0, SIG, "a", "a/v1"),
+                    entry(1, event::KEY_REVOKED, "a", "a/v1"),
+                    entry(2, SIG, "a", "a/v1"),
+                ],
+                Some(2),
+            ),
+            // ... nor after a later activation names it again.
+            (
+                vec![
+                    entry(0, event::KEY_REVOKED, "a", "a/v1"),
+                    rollback(1, "a", "a/v1"),
+                    entry(2, SIG, "a", "a/v1"),
+                ],
+                Some(2),
             ),
             // A rollback restores the previous version: the newer one may no longer sign.
             (

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use signet::client::{ClientTls, Connection};
 use signet::config::Config;
-use signet::service::{AdminRequest, ImportRequest};
+use signet::service::{AdminRequest, ImportRequest, RevocationRequest};
 
 use super::{
     Cli, ensure_module_environment, load_config, local_caller, runtime, start_offline, table,
@@ -30,6 +30,24 @@ pub enum KeysCommand {
     List {
         #[arg(long)]
         tenant: Option<String>,
+    },
+    /// Revoke a key version for good: it never signs again, its certificate goes on the
+    /// internal CA's CRL and OCSP answers `revoked`, and a `key_revoked` entry records it.
+    Revoke {
+        /// TENANT/vN
+        #[arg(long)]
+        key_id: String,
+        /// key-compromise, superseded, cessation-of-operation or affiliation-changed.
+        #[arg(long)]
+        reason: String,
+        /// RFC 3339 time the key is known or suspected to have been compromised since
+        /// (the CRL's invalidity date; verifiers refuse signatures made after it).
+        #[arg(long)]
+        compromised_at: Option<String>,
+        /// Start an emergency rotation to a new version at once (recommended when revoking
+        /// the active version: without it the tenant cannot sign until a rotation completes).
+        #[arg(long)]
+        rotate: bool,
     },
 }
 
@@ -97,6 +115,7 @@ pub(super) enum Op {
     Status,
     Rotate(AdminRequest),
     Rollback(AdminRequest),
+    Revoke(RevocationRequest),
     Csr(AdminRequest),
     Import(ImportRequest),
 }
@@ -113,6 +132,52 @@ pub fn keys(cli: &Cli, cmd: &KeysCommand) -> Result<()> {
                 }),
             )?;
             print_rotation(cli, &v, "key creation")
+        }
+        KeysCommand::Revoke {
+            key_id,
+            reason,
+            compromised_at,
+            rotate,
+        } => {
+            let v = exec(
+                cli,
+                Op::Revoke(RevocationRequest {
+                    key_id: key_id.clone(),
+                    reason: reason.clone(),
+                    compromised_at: compromised_at.clone(),
+                    rotate: *rotate,
+                }),
+            )?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let r = &v["revocation"];
+                println!(
+                    "revoked: {} (was {}), reason {}, at {}, certificate serial {}, evidence entry {}",
+                    s(&v["key_id"]),
+                    s(&v["previous_state"]),
+                    s(&r["reason"]),
+                    s(&r["revoked_at"]),
+                    s(&r["certificate_serial"]),
+                    s(&r["log_index"])
+                );
+                if let Some(t) = r["compromised_at"].as_str() {
+                    println!("compromised since: {t}");
+                }
+                if v["rotation"].is_object() {
+                    print_rotation(cli, &v["rotation"], "rotation")?;
+                }
+                if let Some(e) = v["rotation_error"].as_str() {
+                    println!("{e}");
+                }
+                if v["tenant_can_sign"] == false {
+                    println!(
+                        "the tenant has no active version and cannot sign: start a rotation with `signet rotate start --tenant {} --reason ...`",
+                        key_id.split('/').next().unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
         }
         KeysCommand::List { tenant } => {
             let v = exec(cli, Op::ListKeys)?;
@@ -413,6 +478,7 @@ fn online(config: &Config, op: Op) -> Result<Value> {
             Op::Status => (Method::GET, "/v1/admin/rotations", None),
             Op::Rotate(r) => (Method::POST, "/v1/admin/rotations", Some(admin_body(r))),
             Op::Rollback(r) => (Method::POST, "/v1/admin/rollback", Some(admin_body(r))),
+            Op::Revoke(r) => (Method::POST, "/v1/admin/revocations", Some(serde_json::to_value(r)?)),
             Op::Csr(r) => (Method::POST, "/v1/admin/csr", Some(admin_body(r))),
             Op::Import(r) => (Method::POST, "/v1/admin/certificates", Some(serde_json::json!({"tenant": r.tenant, "certificate": r.certificate, "reason": r.reason}))),
         };
@@ -462,6 +528,7 @@ fn offline(config: Config, op: Op) -> Result<Value> {
                 Op::Status => serde_json::json!({"tenants": app.status(&caller)?}),
                 Op::Rotate(r) => serde_json::to_value(app.admin_rotate(&caller, r).await?)?,
                 Op::Rollback(r) => serde_json::to_value(app.admin_rollback(&caller, r).await?)?,
+                Op::Revoke(r) => serde_json::to_value(app.admin_revoke(&caller, r).await?)?,
                 Op::Csr(r) => serde_json::json!({"csr": app.admin_csr(&caller, r).await?}),
                 Op::Import(r) => serde_json::to_value(app.admin_import(&caller, r).await?)?,
             })

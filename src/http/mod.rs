@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use problem::Problem;
 
 use crate::service::{
-    AdminRequest, App, BatchRequest, Caller, Error, ImportRequest, SignRequest, VerifyRequest,
+    AdminRequest, RevocationRequest, App, BatchRequest, Caller, Error, ImportRequest, SignRequest, VerifyRequest,
 };
 use crate::tls::ClientIdentity;
 
@@ -69,6 +69,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/admin/keys", get(admin_keys).post(admin_create_key))
         .route("/v1/admin/rotations", get(admin_status).post(admin_rotate))
         .route("/v1/admin/rollback", post(admin_rollback))
+        .route("/v1/admin/revocations", post(admin_revoke))
         .route("/v1/admin/csr", post(admin_csr))
         .route("/v1/admin/certificates", post(admin_import))
         .route("/v1/admin/reload", post(admin_reload))
@@ -602,6 +603,18 @@ async fn admin_rotate(
     respond(
         StatusCode::ACCEPTED,
         s.app.admin_rotate(&caller, req).await,
+        &caller.request_id,
+    )
+}
+
+async fn admin_revoke(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<RevocationRequest>,
+) -> Response {
+    respond(
+        StatusCode::OK,
+        s.app.admin_revoke(&caller, req).await,
         &caller.request_id,
     )
 }

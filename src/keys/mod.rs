@@ -1,7 +1,7 @@
 //! The key registry: every tenant key version, its state and certificate.
 //!
 //! The token holds the keys and certificates (`CKA_ID` = `TENANT/vN`); the state of each
-//! version (staged, active, retiring, retired) lives in the key-state store: `keys.json` in
+//! version (staged, active, retiring, retired, revoked) lives in the key-state store: `keys.json` in
 //! `state_dir` for the file backend (written atomically: temp file, fsync, rename, fsync dir),
 //! the `signet_key_states` table for PostgreSQL. If the states are lost, the token alone
 //! rebuilds the registry with a conservative rule (see [`derive_states`]).
@@ -35,6 +35,9 @@ pub enum KeyState {
     Retiring,
     /// Private key destroyed; certificate kept for verification.
     Retired,
+    /// Withdrawn by an operator (`signet keys revoke`): never signs again, whatever the log or
+    /// the token say; its certificate is on the internal CA's CRL. Carries a [`Revocation`].
+    Revoked,
 }
 
 impl KeyState {
@@ -44,6 +47,7 @@ impl KeyState {
             KeyState::Active => "active",
             KeyState::Retiring => "retiring",
             KeyState::Retired => "retired",
+            KeyState::Revoked => "revoked",
         }
     }
 }
@@ -56,6 +60,8 @@ pub enum Error {
     CertificateNotUsable { key_id: KeyId, reason: pki::Error },
     #[error("key {0} not found")]
     UnknownKey(KeyId),
+    #[error("key {0} is revoked and never signs again")]
+    Revoked(KeyId),
     #[error("cannot persist key states: {0}")]
     Persist(storage::Error),
     #[error("cannot read key states: {0}")]
@@ -70,6 +76,7 @@ impl Error {
             Error::NoActiveKey(_) => "no_active_key",
             Error::CertificateNotUsable { .. } => "certificate_not_usable",
             Error::UnknownKey(_) => "unknown_key",
+            Error::Revoked(_) => "revoked",
             Error::Persist(_) => "persist",
             Error::Load(_) => "load",
             Error::Hsm(e) => e.kind(),
@@ -88,6 +95,68 @@ pub struct KeyVersion {
     /// Unix time when a retiring version becomes retired.
     pub retiring_until: Option<u64>,
     pub certificate_pem: Option<Arc<str>>,
+    /// Set exactly when `state` is [`KeyState::Revoked`].
+    pub revocation: Option<Arc<Revocation>>,
+}
+
+/// Why and when a version was revoked (RFC 5280 reason codes Signet offers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevocationReason {
+    KeyCompromise,
+    Superseded,
+    CessationOfOperation,
+    AffiliationChanged,
+}
+
+impl RevocationReason {
+    pub const ALL: [RevocationReason; 4] = [
+        RevocationReason::KeyCompromise,
+        RevocationReason::Superseded,
+        RevocationReason::CessationOfOperation,
+        RevocationReason::AffiliationChanged,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RevocationReason::KeyCompromise => "key-compromise",
+            RevocationReason::Superseded => "superseded",
+            RevocationReason::CessationOfOperation => "cessation-of-operation",
+            RevocationReason::AffiliationChanged => "affiliation-changed",
+        }
+    }
+}
+
+impl std::str::FromStr for RevocationReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown revocation reason {s:?}; one of {}",
+                    Self::ALL.map(|r| r.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// The revocation of one version, as recorded with its state and in its `key_revoked` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub reason: RevocationReason,
+    /// Unix time of the revocation (the CRL's revocationDate).
+    pub revoked_at: u64,
+    /// When the key is known or suspected to have been compromised (the CRL's
+    /// invalidityDate); signatures after it are refused by the verifiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compromised_at: Option<u64>,
+    /// The revoked certificate's serial (hex), if the version had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
+    /// Index of the `key_revoked` entry in the evidence log.
+    pub log_index: u64,
 }
 
 impl KeyVersion {
@@ -145,6 +214,18 @@ struct VersionRecord {
     state: KeyState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retiring_until: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revocation: Option<Revocation>,
+}
+
+impl VersionRecord {
+    fn of(state: KeyState, retiring_until: Option<u64>) -> Self {
+        Self {
+            state,
+            retiring_until,
+            revocation: None,
+        }
+    }
 }
 
 /// A version may sign: it holds its private key and a certificate usable now.
@@ -154,6 +235,9 @@ fn usable_for_signing(
     min_remaining: Duration,
 ) -> Result<Arc<KeyVersion>, Error> {
     let tenant = v.key_id.tenant();
+    if v.state == KeyState::Revoked {
+        return Err(Error::Revoked(v.key_id.clone()));
+    }
     let cert = v
         .certificate
         .as_ref()
@@ -279,8 +363,13 @@ impl Registry {
         changes: &[(KeyId, KeyState, Option<u64>)],
     ) -> Result<(), Error> {
         for (id, _, _) in changes {
-            if self.snapshot.load().version(id).is_none() {
-                return Err(Error::UnknownKey(id.clone()));
+            match self.snapshot.load().version(id) {
+                None => return Err(Error::UnknownKey(id.clone())),
+                // Revocation is final: nothing brings a revoked version back.
+                Some(v) if v.state == KeyState::Revoked => {
+                    return Err(Error::Revoked(id.clone()));
+                }
+                Some(_) => {}
             }
         }
         self.mutate(|tenants| {
@@ -303,6 +392,32 @@ impl Registry {
         .await
     }
 
+    /// Revoke `key_id` (one atomic write): it never signs again. The caller has recorded the
+    /// `key_revoked` entry first.
+    pub async fn revoke(&self, key_id: &KeyId, revocation: Revocation) -> Result<(), Error> {
+        self.replace(key_id, |v| {
+            v.state = KeyState::Revoked;
+            v.retiring_until = None;
+            v.revocation = Some(Arc::new(revocation));
+        })
+        .await
+    }
+
+    /// The token no longer holds `key_id`'s private key (destroyed after retirement or
+    /// revocation).
+    pub async fn private_key_destroyed(&self, key_id: &KeyId) -> Result<(), Error> {
+        self.replace(key_id, |v| v.has_private_key = false).await
+    }
+
+    async fn replace(&self, key_id: &KeyId, f: impl FnOnce(&mut KeyVersion)) -> Result<(), Error> {
+        let Some(current) = self.snapshot.load().version(key_id).cloned() else {
+            return Err(Error::UnknownKey(key_id.clone()));
+        };
+        let mut changed = (*current).clone();
+        f(&mut changed);
+        self.upsert(changed).await
+    }
+
     async fn mutate(
         &self,
         f: impl FnOnce(&mut BTreeMap<TenantId, Vec<Arc<KeyVersion>>>),
@@ -319,6 +434,7 @@ impl Registry {
                     VersionRecord {
                         state: v.state,
                         retiring_until: v.retiring_until,
+                        revocation: v.revocation.as_deref().cloned(),
                     },
                 )
             })
@@ -434,12 +550,9 @@ fn reconcile(
         let mut list = Vec::new();
         for ((f, cert), rec) in versions.into_iter().zip(certs).zip(derived) {
             let mut rec = rec;
-            if !f.has_private_key && rec.state != KeyState::Retired {
+            if !f.has_private_key && !matches!(rec.state, KeyState::Retired | KeyState::Revoked) {
                 tracing::warn!(key_id = %f.key_id, state = rec.state.as_str(), "private key missing from token; marking retired");
-                rec = VersionRecord {
-                    state: KeyState::Retired,
-                    retiring_until: None,
-                };
+                rec = VersionRecord::of(KeyState::Retired, None);
             }
             out_records.insert(f.key_id.to_string(), rec.clone());
             let certificate_pem = cert.as_ref().map(|c| Arc::from(c.to_pem()));
@@ -451,6 +564,7 @@ fn reconcile(
                 has_private_key: f.has_private_key,
                 retiring_until: rec.retiring_until,
                 certificate_pem,
+                revocation: rec.revocation.clone().map(Arc::new),
             }));
         }
         tenants.insert(tenant, list);
@@ -483,34 +597,19 @@ fn derive_states(
         .iter()
         .any(|r| matches!(r, Some(r) if r.state == KeyState::Active));
     let mut out: Vec<VersionRecord> = vec![
-        VersionRecord {
-            state: KeyState::Staged,
-            retiring_until: None
-        };
+        VersionRecord::of(KeyState::Staged, None);
         versions.len()
     ];
     for i in (0..versions.len()).rev() {
         out[i] = match recorded[i] {
             Some(r) => r.clone(),
-            None if !versions[i].has_private_key => VersionRecord {
-                state: KeyState::Retired,
-                retiring_until: None,
-            },
-            None if certs[i].is_none() => VersionRecord {
-                state: KeyState::Staged,
-                retiring_until: None,
-            },
+            None if !versions[i].has_private_key => VersionRecord::of(KeyState::Retired, None),
+            None if certs[i].is_none() => VersionRecord::of(KeyState::Staged, None),
             None if !has_active => {
                 has_active = true;
-                VersionRecord {
-                    state: KeyState::Active,
-                    retiring_until: None,
-                }
+                VersionRecord::of(KeyState::Active, None)
             }
-            None => VersionRecord {
-                state: KeyState::Retiring,
-                retiring_until: Some(now + grace.as_secs()),
-            },
+            None => VersionRecord::of(KeyState::Retiring, Some(now + grace.as_secs())),
         };
     }
     // Two recorded actives (a corrupted file): keep the highest, make the others retiring.
@@ -521,10 +620,7 @@ fn derive_states(
                 tracing::error!(
                     "more than one active version recorded; demoting the older to retiring"
                 );
-                *r = VersionRecord {
-                    state: KeyState::Retiring,
-                    retiring_until: Some(now + grace.as_secs()),
-                };
+                *r = VersionRecord::of(KeyState::Retiring, Some(now + grace.as_secs()));
             }
             seen_active = true;
         }
@@ -572,10 +668,7 @@ mod tests {
             .map(|(v, s)| {
                 (
                     format!("payroll/v{v}"),
-                    VersionRecord {
-                        state: *s,
-                        retiring_until: None,
-                    },
+                    VersionRecord::of(*s, None),
                 )
             })
             .collect();

@@ -40,6 +40,9 @@ use crate::pki::{self, CertInfo};
 use crate::storage::{self, JournalData, JournalStore, Leases};
 use arc_swap::ArcSwap;
 
+mod revoke;
+pub use revoke::{Revoke, Revoked};
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
@@ -670,6 +673,7 @@ impl Engine {
                 certificate: Some(Arc::new(info)),
                 has_private_key: true,
                 retiring_until: None,
+                revocation: None,
             })
             .await?;
         Ok(Done::Step)
@@ -936,12 +940,19 @@ impl Engine {
         self.refresh_metrics();
     }
 
-    /// Retire versions whose grace ended; make sure retired versions hold no private key.
+    /// Retire versions whose grace ended; make sure retired and revoked versions hold no
+    /// private key.
     async fn retire_due(&self) {
         let _op = self.op.lock().await;
         let now = self.clock.unix();
         let actor = scheduler_actor();
         for v in self.keys.snapshot().all() {
+            if v.state == KeyState::Revoked {
+                if v.has_private_key {
+                    self.destroy_revoked_key(&v.key_id).await;
+                }
+                continue;
+            }
             let due = v.state == KeyState::Retiring && v.retiring_until.is_some_and(|t| t <= now);
             if !(due || (v.state == KeyState::Retired && v.has_private_key)) {
                 continue;
@@ -1118,6 +1129,12 @@ impl Engine {
                     .with_label_values(&labels)
                     .set(i64::from(unusable));
             }
+        }
+        m.revoked_versions.reset();
+        for v in snap.all().filter(|v| v.state == KeyState::Revoked) {
+            m.revoked_versions
+                .with_label_values(&[v.key_id.tenant().as_str()])
+                .inc();
         }
         m.rotation_state.reset();
         let tenants: std::collections::BTreeSet<TenantId> =

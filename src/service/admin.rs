@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use super::{App, Caller, Error};
 use crate::config::Role;
 use crate::domain::TenantId;
-use crate::keys::KeyVersion;
+use crate::keys::{KeyState, KeyVersion, Revocation, RevocationReason};
 use crate::pki;
 use crate::policy::Policies;
-use crate::rotation::{Rotation, Start, Trigger};
+use crate::rotation::{Revoke, Rotation, Start, Trigger};
 
 const MAX_REASON: usize = 1024;
 
@@ -37,6 +37,61 @@ pub struct ImportRequest {
     pub reason: Option<String>,
 }
 
+/// Body of `POST /v1/admin/revocations`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationRequest {
+    pub key_id: String,
+    /// key-compromise, superseded, cessation-of-operation or affiliation-changed.
+    pub reason: String,
+    /// RFC 3339: when the key is known or suspected to have been compromised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compromised_at: Option<String>,
+    /// Start an emergency rotation to a new version at once (revoking the active version).
+    #[serde(default)]
+    pub rotate: bool,
+}
+
+/// A version's revocation, as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevocationView {
+    pub reason: String,
+    pub revoked_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compromised_at: Option<String>,
+    pub certificate_serial: Option<String>,
+    /// Index of the `key_revoked` entry in the evidence log.
+    pub log_index: u64,
+}
+
+impl From<&Revocation> for RevocationView {
+    fn from(r: &Revocation) -> Self {
+        Self {
+            reason: r.reason.as_str().to_owned(),
+            revoked_at: crate::clock::rfc3339(r.revoked_at),
+            compromised_at: r.compromised_at.map(crate::clock::rfc3339),
+            certificate_serial: r.certificate_serial.clone(),
+            log_index: r.log_index,
+        }
+    }
+}
+
+/// The answer of `POST /v1/admin/revocations`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RevocationAnswer {
+    pub key_id: String,
+    pub state: &'static str,
+    pub previous_state: &'static str,
+    pub revocation: RevocationView,
+    /// The rotation that gives the tenant a new version, if one runs.
+    pub rotation: Option<Rotation>,
+    /// Why `rotate` started none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_error: Option<String>,
+    /// Whether the tenant has an active version now.
+    pub tenant_can_sign: bool,
+}
+
 /// One key version, as `GET /v1/keys/{tenant}` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyView {
@@ -47,6 +102,8 @@ pub struct KeyView {
     pub not_before: Option<String>,
     pub not_after: Option<String>,
     pub certificate_serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<RevocationView>,
 }
 
 /// One version in the status table.
@@ -62,6 +119,8 @@ pub struct VersionView {
     /// For the active version: may it sign now (validity and min_remaining_validity)?
     pub usable: Option<bool>,
     pub retiring_until: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<RevocationView>,
 }
 
 /// A tenant's versions and rotation workflow.
@@ -113,6 +172,7 @@ fn key_view(v: &KeyVersion) -> KeyView {
             .as_ref()
             .map(|c| crate::clock::rfc3339(c.not_after)),
         certificate_serial: v.certificate.as_ref().map(|c| c.serial_hex.clone()),
+        revocation: v.revocation.as_deref().map(RevocationView::from),
     }
 }
 
@@ -189,6 +249,64 @@ impl App {
             emergency: req.emergency && trigger == Trigger::Manual,
         };
         Ok(self.rotation.rotation_start(start).await?)
+    }
+
+    /// Revoke a key version (`POST /v1/admin/revocations`).
+    pub async fn admin_revoke(
+        &self,
+        caller: &Caller,
+        req: RevocationRequest,
+    ) -> Result<RevocationAnswer, Error> {
+        caller.require(Role::Admin)?;
+        let key_id: crate::domain::KeyId = req
+            .key_id
+            .parse()
+            .map_err(|e: crate::domain::ParseError| Error::invalid("key_id", e.to_string()))?;
+        let reason: RevocationReason = req
+            .reason
+            .parse()
+            .map_err(|e: String| Error::invalid("reason", e))?;
+        let now = self.clock.unix();
+        let compromised_at = req
+            .compromised_at
+            .as_deref()
+            .map(|t| {
+                let at = crate::clock::parse_rfc3339(t).ok_or_else(|| {
+                    Error::invalid("compromised_at", "must be an RFC 3339 time")
+                })?;
+                if at > now + 60 {
+                    return Err(Error::invalid(
+                        "compromised_at",
+                        "is in the future; a compromise is reported after it happened",
+                    ));
+                }
+                Ok(at)
+            })
+            .transpose()?;
+        if self.keys.snapshot().version(&key_id).is_none() {
+            return Err(Error::NotFound(format!("key {key_id} not found")));
+        }
+        let done = self
+            .rotation
+            .revoke(Revoke {
+                key_id,
+                reason,
+                compromised_at,
+                actor: caller.actor(),
+                request_id: Some(caller.request_id.clone()),
+                rotate: req.rotate,
+            })
+            .await?;
+        let tenant_can_sign = self.keys.snapshot().active(done.key_id.tenant()).is_some();
+        Ok(RevocationAnswer {
+            key_id: done.key_id.to_string(),
+            state: KeyState::Revoked.as_str(),
+            previous_state: done.previous_state.as_str(),
+            revocation: RevocationView::from(&done.revocation),
+            rotation: done.rotation,
+            rotation_error: done.rotation_error,
+            tenant_can_sign,
+        })
     }
 
     pub async fn admin_rollback(
@@ -286,6 +404,7 @@ impl App {
                                 })
                             }),
                             retiring_until: v.retiring_until.map(crate::clock::rfc3339),
+                            revocation: v.revocation.as_deref().map(RevocationView::from),
                         }
                     })
                     .collect();

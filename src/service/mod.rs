@@ -19,7 +19,10 @@ use arc_swap::ArcSwap;
 use p256::ecdsa::VerifyingKey;
 use sha2::{Digest, Sha256};
 
-pub use admin::{AdminRequest, ImportRequest, KeyView, TenantStatus, VersionView};
+pub use admin::{
+    AdminRequest, ImportRequest, KeyView, RevocationAnswer, RevocationRequest, RevocationView,
+    TenantStatus, VersionView,
+};
 pub use error::{Class, Classified, Error};
 pub use evidence::{EntriesPage, EntriesQuery, IndexedEntry, ProvedEntry, TransactionView};
 pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};

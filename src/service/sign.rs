@@ -542,30 +542,54 @@ impl App {
         }
     }
 
-    /// The version the log made active, to sign again with after a `Superseded` refusal.
+    /// The version to sign again with after the log refused a signature: the version the log
+    /// made active meanwhile, or, if the version was revoked, the tenant's active version now
+    /// (none until a rotation completes: `no-active-key`).
     async fn superseding_key(
         &self,
         v: &crate::audit::order::Violation,
     ) -> Result<Arc<KeyVersion>, Error> {
-        tracing::info!(key_id = %v.key_id, active = %v.active.key_id, "signature made with a replaced version; signing again");
-        let key_id: KeyId = v
-            .active
-            .key_id
-            .parse()
-            .map_err(|e: crate::domain::ParseError| Error::Internal(e.to_string()))?;
+        use crate::audit::order::Violation;
         let min = self.dynamic.load().rotation.min_remaining_validity;
-        match self.keys.signing_version(&key_id, self.clock.unix(), min) {
-            Err(crate::keys::Error::UnknownKey(_) | crate::keys::Error::NoActiveKey(_))
-                if self.replicas.shared() =>
-            {
-                // Another replica activated a version this one has not loaded (or not loaded
-                // with its certificate) yet.
-                self.reload_shared_state()
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                Ok(self.keys.signing_version(&key_id, self.clock.unix(), min)?)
+        match v {
+            Violation::Superseded { key_id, active, .. } => {
+                tracing::info!(%key_id, active = %active.key_id, "signature made with a replaced version; signing again");
+                let key_id: KeyId = active
+                    .key_id
+                    .parse()
+                    .map_err(|e: crate::domain::ParseError| Error::Internal(e.to_string()))?;
+                match self.keys.signing_version(&key_id, self.clock.unix(), min) {
+                    Err(crate::keys::Error::UnknownKey(_) | crate::keys::Error::NoActiveKey(_))
+                        if self.replicas.shared() =>
+                    {
+                        // Another replica activated a version this one has not loaded (or not
+                        // loaded with its certificate) yet.
+                        self.reload_shared_state()
+                            .await
+                            .map_err(|e| Error::Internal(e.to_string()))?;
+                        Ok(self.keys.signing_version(&key_id, self.clock.unix(), min)?)
+                    }
+                    other => Ok(other?),
+                }
             }
-            other => Ok(other?),
+            Violation::Revoked { tenant, key_id, .. } => {
+                tracing::warn!(%key_id, "signature made with a version revoked meanwhile; not returned");
+                if self.replicas.shared() {
+                    // Another replica revoked it: learn the revocation (and any new version).
+                    self.reload_shared_state()
+                        .await
+                        .map_err(|e| Error::Internal(e.to_string()))?;
+                }
+                let tenant: TenantId = tenant
+                    .parse()
+                    .map_err(|e: crate::domain::ParseError| Error::Internal(e.to_string()))?;
+                let key = self.keys.signing_key(&tenant, self.clock.unix(), min)?;
+                if key.key_id.to_string() == *key_id {
+                    // This replica still holds it active: the shared state lags the log.
+                    return Err(crate::keys::Error::Revoked(key.key_id.clone()).into());
+                }
+                Ok(key)
+            }
         }
     }
 
@@ -642,7 +666,7 @@ impl App {
                     };
                     for k in keys
                         .iter_mut()
-                        .filter(|k| k.key_id.tenant().as_str() == v.tenant)
+                        .filter(|k| k.key_id.tenant().as_str() == v.tenant())
                     {
                         *k = Arc::clone(&active);
                     }

@@ -941,11 +941,8 @@ mod tests {
             .unwrap();
         // A late v1 signature is refused, naming the version to sign with instead.
         match log.append(vec![keyed(SIGNATURE, "payroll/v1")]).await {
-            Err(Error::Superseded(v)) => {
-                assert_eq!(
-                    (v.active.key_id.as_str(), v.active.index),
-                    ("payroll/v2", 1)
-                )
+            Err(Error::Superseded(order::Violation::Superseded { active, .. })) => {
+                assert_eq!((active.key_id.as_str(), active.index), ("payroll/v2", 1))
             }
             other => panic!("expected Superseded, got {other:?}"),
         }

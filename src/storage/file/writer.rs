@@ -228,7 +228,7 @@ impl Batch<'_> {
         e.previous_leaf_hash = self.previous.map(|h| B64.encode(h));
         let order = self.staged.as_ref().unwrap_or(active);
         order.check(&e).map_err(Error::Superseded)?;
-        if order::activation(&e).is_some() {
+        if order::changes_order(&e) {
             self.staged.get_or_insert_with(|| active.clone()).record(&e);
         }
         let bytes = e
