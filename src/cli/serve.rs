@@ -90,7 +90,7 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         let ready_file = args.ready_file.clone();
         signet::http::server::run(app, move |bound| {
             if let Some(f) = &ready_file {
-                let body = serde_json::json!({"api": bound.api.to_string(), "metrics": bound.metrics.to_string()});
+                let body = serde_json::json!({"api": bound.api.to_string(), "metrics": bound.metrics.to_string(), "pki": bound.pki.map(|a| a.to_string())});
                 if let Err(e) = signet::fsutil::write_atomic_mode(f, body.to_string().as_bytes(), 0o644) {
                     tracing::error!(error = %e, "cannot write the ready file");
                 }

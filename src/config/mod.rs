@@ -88,6 +88,25 @@ pub struct Config {
     /// The part that SIGHUP reloads.
     pub dynamic: DynamicConfig,
     pub cli: Option<CliConfig>,
+    /// Where the internal CA publishes revocation data.
+    pub pki: PkiConfig,
+}
+
+/// `[pki]`: the internal CA's public revocation service (plain HTTP: CRLs and OCSP answers are
+/// signed objects, and relying parties fetch them without TLS, RFC 5280 §4.2.1.13).
+#[derive(Debug, Clone, Default)]
+pub struct PkiConfig {
+    /// Address of the plain-HTTP listener serving `/crl`, `/ocsp` and `/ca`; off if unset.
+    pub listen: Option<SocketAddr>,
+    /// Public URL of that listener as relying parties reach it; written into every certificate
+    /// the internal CA issues (CRL distribution point and authority information access).
+    pub base_url: Option<String>,
+    /// Validity of a CRL (nextUpdate − thisUpdate); it is re-signed at half of it and after
+    /// every revocation.
+    pub crl_validity: Duration,
+    /// Validity of an OCSP answer (nextUpdate − thisUpdate); answers are cached for half of it
+    /// and dropped at once when a revocation changes the status.
+    pub ocsp_validity: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -505,6 +524,79 @@ mod raw {
         #[serde(default)]
         rotation: Rotation,
         cli: Option<Cli>,
+        #[serde(default)]
+        pki: Pki,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Pki {
+        listen: Option<String>,
+        base_url: Option<String>,
+        crl_validity: Option<String>,
+        ocsp_validity: Option<String>,
+    }
+
+    fn check_pki(raw: &Pki, server: &ServerConfig) -> Result<PkiConfig, ConfigError> {
+        let listen = raw
+            .listen
+            .as_deref()
+            .map(|l| addr("pki.listen", l))
+            .transpose()?;
+        if let Some(l) = listen
+            && l.port() != 0
+            && (l == server.listen || l == server.metrics_listen)
+        {
+            return Err(ConfigError::new(
+                "pki.listen",
+                "must differ from server.listen and server.metrics_listen",
+            ));
+        }
+        let base_url = match raw.base_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(u) => {
+                let rest = u.strip_prefix("http://").ok_or_else(|| {
+                    ConfigError::new(
+                        "pki.base_url",
+                        "must start with http:// (relying parties fetch CRLs and OCSP answers over plain HTTP; they are signed)",
+                    )
+                })?;
+                if rest.is_empty()
+                    || u.contains(['?', '#'])
+                    || !u.is_ascii()
+                    || u.chars()
+                        .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+                {
+                    return Err(ConfigError::new(
+                        "pki.base_url",
+                        "must be an http:// URL without query, fragment or spaces, e.g. http://pki.example.internal:8090",
+                    ));
+                }
+                Some(u.trim_end_matches('/').to_owned())
+            }
+        };
+        if base_url.is_some() && listen.is_none() {
+            return Err(ConfigError::new(
+                "pki.listen",
+                "is needed with pki.base_url: certificates would point at URLs nothing serves",
+            ));
+        }
+        let crl_validity = dur("pki.crl_validity", &raw.crl_validity, "24h")?;
+        let ocsp_validity = dur("pki.ocsp_validity", &raw.ocsp_validity, "4h")?;
+        for (key, d) in [
+            ("pki.crl_validity", crl_validity),
+            ("pki.ocsp_validity", ocsp_validity),
+        ] {
+            if d < Duration::from_secs(60) || d > Duration::from_secs(31 * 86400) {
+                return Err(ConfigError::new(key, "must be between 1m and 31d"));
+            }
+        }
+        Ok(PkiConfig {
+            listen,
+            base_url,
+            crl_validity,
+            ocsp_validity,
+        })
     }
 
     #[derive(Deserialize)]
@@ -1429,6 +1521,7 @@ mod raw {
             let policies = check_policies(&self.policies)?;
             let limits = check_limits(&self.limits)?;
             let rotation = check_rotation(&self.rotation, &path)?;
+            let pki = check_pki(&self.pki, &server)?;
             let cli = self.cli.map(|c| CliConfig {
                 url: c.url,
                 cert: path(&c.cert),
@@ -1450,6 +1543,7 @@ mod raw {
                     rotation,
                 },
                 cli,
+                pki,
             })
         }
     }

@@ -3,6 +3,7 @@
 //! Handlers turn requests into `service` calls and errors into problem documents. No PKCS#11
 //! and no evidence-log internals here: only `service` and `metrics`.
 
+pub mod pki;
 pub mod problem;
 pub mod server;
 pub mod slots;
@@ -23,7 +24,8 @@ use serde::{Deserialize, Serialize};
 pub use problem::Problem;
 
 use crate::service::{
-    AdminRequest, RevocationRequest, App, BatchRequest, Caller, Error, ImportRequest, SignRequest, VerifyRequest,
+    AdminRequest, App, BatchRequest, Caller, Error, ImportRequest, RevocationRequest, SignRequest,
+    VerifyRequest,
 };
 use crate::tls::ClientIdentity;
 

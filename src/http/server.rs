@@ -49,6 +49,8 @@ pub enum ServeError {
 pub struct Bound {
     pub api: SocketAddr,
     pub metrics: SocketAddr,
+    /// The internal CA's revocation listener (`[pki] listen`), if configured.
+    pub pki: Option<SocketAddr>,
 }
 
 /// Serve until SIGTERM or SIGINT, then shut down gracefully.
@@ -73,7 +75,20 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
             addr: cfg.metrics_listen,
             source,
         })?;
+    let pki = match app.config().pki.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    key: "pki.listen",
+                    addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let bound = Bound {
+        pki: pki.as_ref().and_then(|l| l.local_addr().ok()),
         api: api.local_addr().map_err(|source| ServeError::Bind {
             key: "server.listen",
             addr: cfg.listen,
@@ -102,12 +117,22 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
     // A file size limit hit by the evidence log must fail the write, not kill the process.
     let mut xfsz = signal(SignalKind::from_raw(libc::SIGXFSZ)).map_err(ServeError::Signal)?;
 
-    let metrics_task = tokio::spawn(metrics_loop(
+    let metrics_task = tokio::spawn(plain_http_loop(
         metrics,
         metrics_router(Arc::clone(&app)),
         cfg.clone(),
+        "metrics connection limit (server.metrics_max_connections) reached",
         stop_rx.clone(),
     ));
+    let pki_task = pki.map(|listener| {
+        tokio::spawn(plain_http_loop(
+            listener,
+            crate::http::pki::router(Arc::clone(&app)),
+            cfg.clone(),
+            "revocation listener connection limit (server.metrics_max_connections) reached",
+            stop_rx.clone(),
+        ))
+    });
     let graceful = GracefulShutdown::new();
     let accept_task = tokio::spawn(accept_loop(
         api,
@@ -158,6 +183,9 @@ pub async fn run(app: Arc<App>, on_ready: impl FnOnce(Bound)) -> Result<(), Serv
     }
     app.shutdown().await;
     let _ = metrics_task.await;
+    if let Some(t) = pki_task {
+        let _ = t.await;
+    }
     tracing::info!("signet stopped");
     Ok(())
 }
@@ -599,18 +627,18 @@ impl Conn {
     }
 }
 
-/// The metrics listener: plain HTTP/1.1, a bound on connections, a header timeout, and at most
-/// a minute per connection.
-async fn metrics_loop(
+/// A plain-HTTP listener (metrics, the CA's revocation service): HTTP/1.1, at most
+/// `server.metrics_max_connections` connections, a header timeout, and at most a minute per
+/// connection.
+async fn plain_http_loop(
     listener: TcpListener,
     router: axum::Router,
     cfg: crate::config::ServerConfig,
+    limit_reached: &'static str,
     mut stop: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(cfg.metrics_max_connections));
-    let limit = Arc::new(QuietWarn::new(
-        "metrics connection limit (server.metrics_max_connections) reached",
-    ));
+    let limit = Arc::new(QuietWarn::new(limit_reached));
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {

@@ -596,10 +596,8 @@ fn derive_states(
     let mut has_active = recorded
         .iter()
         .any(|r| matches!(r, Some(r) if r.state == KeyState::Active));
-    let mut out: Vec<VersionRecord> = vec![
-        VersionRecord::of(KeyState::Staged, None);
-        versions.len()
-    ];
+    let mut out: Vec<VersionRecord> =
+        vec![VersionRecord::of(KeyState::Staged, None); versions.len()];
     for i in (0..versions.len()).rev() {
         out[i] = match recorded[i] {
             Some(r) => r.clone(),
@@ -665,12 +663,7 @@ mod tests {
         let (fs, cs): (Vec<_>, Vec<_>) = spec.iter().map(|(v, p, c)| found(*v, *p, *c)).unzip();
         let records = recorded
             .iter()
-            .map(|(v, s)| {
-                (
-                    format!("payroll/v{v}"),
-                    VersionRecord::of(*s, None),
-                )
-            })
+            .map(|(v, s)| (format!("payroll/v{v}"), VersionRecord::of(*s, None)))
             .collect();
         derive_states(&fs, &cs, &records, Duration::from_secs(60), 1000)
             .into_iter()

@@ -4,6 +4,7 @@
 //!
 //! Pure: no files, no token, no clock (callers pass `now`), so the CLI can use it offline.
 
+pub mod revocation;
 pub mod verify;
 
 use std::str::FromStr;
@@ -41,6 +42,8 @@ pub const ID_KP_DOCUMENT_SIGNING: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.36");
 pub const ID_KP_SERVER_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.1");
 pub const ID_KP_CLIENT_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.2");
+const ID_AD_OCSP: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.48.1");
+const ID_AD_CA_ISSUERS: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.48.2");
 const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 
 #[derive(Debug, thiserror::Error)]
@@ -335,8 +338,13 @@ pub fn parse_pem_or_der(input: &[u8]) -> Result<Vec<u8>, Error> {
 pub enum Profile {
     /// A self-signed CA (the `hsm-ca` signing CA, or the development TLS CA).
     Ca { subject: Name },
-    /// A tenant key version's document-signing certificate.
-    DocumentSigning { subject: Name, issuer: Name },
+    /// A tenant key version's document-signing certificate, with where relying parties find
+    /// its revocation status (`[pki] base_url`), if published.
+    DocumentSigning {
+        subject: Name,
+        issuer: Name,
+        urls: Option<RevocationUrls>,
+    },
     /// A TLS server certificate (development).
     TlsServer {
         subject: Name,
@@ -350,6 +358,27 @@ pub enum Profile {
         issuer: Name,
         uri: Option<String>,
     },
+}
+
+/// Where the internal CA publishes revocation data: written into the certificates it issues
+/// (CRL distribution point; authority information access: OCSP and the CA certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationUrls {
+    pub crl: String,
+    pub ocsp: String,
+    pub ca_issuers: String,
+}
+
+impl RevocationUrls {
+    /// The URLs under `base` (no trailing slash): `/crl`, `/ocsp`, `/ca`.
+    pub fn under(base: &str) -> Self {
+        let base = base.trim_end_matches('/');
+        Self {
+            crl: format!("{base}/crl"),
+            ocsp: format!("{base}/ocsp"),
+            ca_issuers: format!("{base}/ca"),
+        }
+    }
 }
 
 /// Build and sign a certificate for `subject_key`, valid from `not_before` for `validity`.
@@ -587,6 +616,40 @@ impl BuilderProfile for Profile {
         if !names.is_empty() {
             ext.push(SubjectAltName(names).to_extension(subject, &ext)?);
         }
+        if let Profile::DocumentSigning {
+            urls: Some(urls), ..
+        } = self
+        {
+            use x509_cert::ext::pkix::crl::dp::DistributionPoint;
+            use x509_cert::ext::pkix::name::DistributionPointName;
+            use x509_cert::ext::pkix::{
+                AccessDescription, AuthorityInfoAccessSyntax, CrlDistributionPoints,
+            };
+            let uri = |u: &str| Ia5String::new(u).map(GeneralName::UniformResourceIdentifier);
+            ext.push(
+                CrlDistributionPoints(vec![DistributionPoint {
+                    distribution_point: Some(DistributionPointName::FullName(vec![
+                        uri(&urls.crl)?,
+                    ])),
+                    reasons: None,
+                    crl_issuer: None,
+                }])
+                .to_extension(subject, &ext)?,
+            );
+            ext.push(
+                AuthorityInfoAccessSyntax(vec![
+                    AccessDescription {
+                        access_method: ID_AD_OCSP,
+                        access_location: uri(&urls.ocsp)?,
+                    },
+                    AccessDescription {
+                        access_method: ID_AD_CA_ISSUERS,
+                        access_location: uri(&urls.ca_issuers)?,
+                    },
+                ])
+                .to_extension(subject, &ext)?,
+            );
+        }
         Ok(ext)
     }
 }
@@ -656,6 +719,7 @@ mod tests {
             Profile::DocumentSigning {
                 subject: name("payroll v1", "Signet").unwrap(),
                 issuer,
+                urls: None,
             },
             key,
             SystemTime::now() - Duration::from_secs(1),
@@ -780,5 +844,39 @@ mod tests {
             check_issued(&leaf_der, k.verifying_key(), &ca, now, &want),
             Err(Error::WrongExtendedKeyUsage { .. })
         ));
+    }
+
+    #[test]
+    fn the_crl_lists_revoked_serials_with_reason_and_invalidity_date_and_verifies() {
+        use revocation::{Reason, Revoked};
+        use x509_cert::crl::CertificateList;
+        let (ca_key, ca) = make_ca();
+        let revoked = vec![Revoked {
+            serial_hex: "4a0b".into(),
+            revoked_at: 1_800_000_000,
+            reason: Reason::KeyCompromise,
+            invalid_since: Some(1_790_000_000),
+        }];
+        let der =
+            revocation::crl(&ca.der, 7, 1_800_000_001, 1_800_086_401, &revoked, &ca_key).unwrap();
+        let crl = CertificateList::<x509_cert::certificate::Rfc5280>::from_der(&der).unwrap();
+        let tbs = &crl.tbs_cert_list;
+        assert_eq!(tbs.issuer.to_string(), ca.subject);
+        let entries = tbs.revoked_certificates.as_ref().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].serial_number.as_bytes(), [0x4a, 0x0b]);
+        let ext = entries[0].crl_entry_extensions.as_ref().unwrap();
+        let oids: Vec<String> = ext.iter().map(|e| e.extn_id.to_string()).collect();
+        assert_eq!(oids, ["2.5.29.21", "2.5.29.24"]);
+        // Signed by the CA key over the TBS.
+        let sig = DerSignature::from_bytes(crl.signature.raw_bytes()).unwrap();
+        let tbs_der = tbs.to_der().unwrap();
+        assert!(ca.public_key.unwrap().verify(&tbs_der, &sig).is_ok());
+        // Not an OCSP request: malformed, never signed.
+        let issuer = revocation::OcspIssuer::new(&ca.der).unwrap();
+        assert_eq!(
+            revocation::ocsp_question(b"junk", &issuer).err(),
+            Some(revocation::OcspRefusal::Malformed)
+        );
     }
 }

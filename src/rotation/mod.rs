@@ -181,6 +181,9 @@ pub struct Deps {
     pub leases: Arc<dyn Leases>,
     /// Several replicas share the state (PostgreSQL): reload it before acting.
     pub shared: bool,
+    /// Where the internal CA publishes revocation data (`[pki] base_url`), for the
+    /// certificates it issues.
+    pub revocation_urls: Option<pki::RevocationUrls>,
 }
 
 pub struct Engine {
@@ -193,6 +196,7 @@ pub struct Engine {
     ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
     leases: Arc<dyn Leases>,
     shared: bool,
+    revocation_urls: Option<pki::RevocationUrls>,
     store: Arc<dyn JournalStore>,
     /// Guarded by `op` for writers; readers take a clone.
     journal: Mutex<Journal>,
@@ -214,6 +218,7 @@ impl Engine {
             ca,
             leases,
             shared,
+            revocation_urls,
         } = deps;
         let engine = Self {
             hsm,
@@ -225,6 +230,7 @@ impl Engine {
             ca,
             leases,
             shared,
+            revocation_urls,
             store,
             journal: Mutex::new(Journal::default()),
             op: tokio::sync::Mutex::new(()),
@@ -590,6 +596,7 @@ impl Engine {
             .public_key
             .ok_or(StepError::Missing("the internal CA key is not P-256"))?;
         let ca_signer = TokenSigner::new(self.hsm.clone(), CA_KEY_ID, ca_public);
+        let urls = self.revocation_urls.clone();
         // Backdate a little for clock skew between Signet and relying parties; notAfter stays
         // `validity` from now.
         let skew = Duration::from_secs(60);
@@ -597,7 +604,11 @@ impl Engine {
         let validity = cfg.validity + skew;
         let der = tokio::task::spawn_blocking(move || {
             pki::issue(
-                pki::Profile::DocumentSigning { subject, issuer },
+                pki::Profile::DocumentSigning {
+                    subject,
+                    issuer,
+                    urls,
+                },
                 &public,
                 not_before,
                 validity,

@@ -102,7 +102,10 @@ impl Engine {
                 .revoke(&req.key_id, revocation.clone())
                 .await
                 .map_err(|e| Error::SharedState(e.to_string()))?;
-            self.metrics.revocations.with_label_values(&[req.reason.as_str()]).inc();
+            self.metrics
+                .revocations
+                .with_label_values(&[req.reason.as_str()])
+                .inc();
             tracing::warn!(key_id = %req.key_id, reason = req.reason.as_str(), index = log_index, "key version revoked");
             self.destroy_revoked_key(&req.key_id).await;
             (revocation, v.state)

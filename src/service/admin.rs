@@ -271,9 +271,8 @@ impl App {
             .compromised_at
             .as_deref()
             .map(|t| {
-                let at = crate::clock::parse_rfc3339(t).ok_or_else(|| {
-                    Error::invalid("compromised_at", "must be an RFC 3339 time")
-                })?;
+                let at = crate::clock::parse_rfc3339(t)
+                    .ok_or_else(|| Error::invalid("compromised_at", "must be an RFC 3339 time"))?;
                 if at > now + 60 {
                     return Err(Error::invalid(
                         "compromised_at",
@@ -297,6 +296,7 @@ impl App {
                 rotate: req.rotate,
             })
             .await?;
+        self.pki.wake();
         let tenant_can_sign = self.keys.snapshot().active(done.key_id.tenant()).is_some();
         Ok(RevocationAnswer {
             key_id: done.key_id.to_string(),

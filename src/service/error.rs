@@ -251,11 +251,9 @@ fn keys_class(e: &keys::Error) -> Classified {
                 .outcome("certificate_unusable")
         }
         keys::Error::UnknownKey(_) => public(C::NotFound, "unknown-key", "Unknown key"),
-        keys::Error::Revoked(_) => {
-            public(C::Unavailable, "no-active-key", "No active signing key")
-                .retry(60)
-                .outcome("no_active_key")
-        }
+        keys::Error::Revoked(_) => public(C::Unavailable, "no-active-key", "No active signing key")
+            .retry(60)
+            .outcome("no_active_key"),
         _ => internal(),
     }
 }
@@ -302,13 +300,11 @@ fn audit_class(e: &audit::Error) -> Classified {
             "Not yet covered by a checkpoint",
         )
         .retry(10),
-        audit::Error::Superseded(audit::order::Violation::Revoked { .. }) => public(
-            C::Unavailable,
-            "no-active-key",
-            "No active signing key",
-        )
-        .retry(60)
-        .outcome("no_active_key"),
+        audit::Error::Superseded(audit::order::Violation::Revoked { .. }) => {
+            public(C::Unavailable, "no-active-key", "No active signing key")
+                .retry(60)
+                .outcome("no_active_key")
+        }
         audit::Error::Superseded(_) => public(
             C::Unavailable,
             "key-rotating",

@@ -8,6 +8,7 @@ mod admin;
 mod error;
 mod evidence;
 pub mod idempotency;
+mod revocation;
 mod sign;
 pub mod timestamping;
 mod views;
@@ -25,6 +26,7 @@ pub use admin::{
 };
 pub use error::{Class, Classified, Error};
 pub use evidence::{EntriesPage, EntriesQuery, IndexedEntry, ProvedEntry, TransactionView};
+pub use revocation::{OcspAnswer, PublishedCrl};
 pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};
 pub use views::{CheckpointView, ConsistencyView, EntryView, Readiness};
 
@@ -91,6 +93,8 @@ pub struct App {
     timestamp_store: Arc<dyn storage::TimestampStore>,
     /// The CA tenant certificates must chain to (internal for hsm-ca, a file for manual).
     ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
+    /// The internal CA's CRL and OCSP answers (`[pki]`).
+    pki: revocation::Publisher,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -303,11 +307,17 @@ impl App {
                     ca: Arc::clone(&ca),
                     leases,
                     shared: replicas.shared(),
+                    revocation_urls: config
+                        .pki
+                        .base_url
+                        .as_deref()
+                        .map(pki::RevocationUrls::under),
                 },
             )
             .await?,
         );
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let config_pki_ocsp_validity = config.pki.ocsp_validity;
         let app = Arc::new(Self {
             dynamic,
             policies: Arc::new(ArcSwap::from_pointee(Policies::with_limiters(
@@ -328,6 +338,7 @@ impl App {
             timestamps: timestamping::Timestamps::default(),
             timestamp_store,
             ca,
+            pki: revocation::Publisher::new(config_pki_ocsp_validity),
             shutdown,
             tasks: std::sync::Mutex::new(Vec::new()),
         });
@@ -372,6 +383,9 @@ impl App {
         tasks.push(tokio::spawn(async move {
             rotation::monitor(Arc::clone(&app.rotation), stop).await
         }));
+        let app = Arc::clone(self);
+        let stop = self.shutdown.subscribe();
+        tasks.push(tokio::spawn(async move { app.keep_crl_signed(stop).await }));
         if let Some(cfg) = self.config.audit.timestamping.clone() {
             let app = Arc::clone(self);
             let stop = self.shutdown.subscribe();

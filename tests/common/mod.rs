@@ -51,6 +51,8 @@ pub struct Signet {
     child: Option<Child>,
     pub api: SocketAddr,
     pub metrics: SocketAddr,
+    /// The CA's revocation listener (`[pki] listen`), once started with one.
+    pub pki: Option<SocketAddr>,
     pub env: Vec<(String, String)>,
     /// Suffix of this process's ready file and log (replicas share one installation).
     pub name: String,
@@ -120,6 +122,7 @@ impl Signet {
             child: None,
             api: "127.0.0.1:0".parse().unwrap(),
             metrics: "127.0.0.1:0".parse().unwrap(),
+            pki: None,
             env: Vec::new(),
             name: String::new(),
         };
@@ -149,6 +152,7 @@ impl Signet {
             child: None,
             api: "127.0.0.1:0".parse().unwrap(),
             metrics: "127.0.0.1:0".parse().unwrap(),
+            pki: None,
             env: self.env.clone(),
             name: format!("-{name}"),
         }
@@ -196,6 +200,7 @@ impl Signet {
             {
                 self.api = v["api"].as_str().unwrap().parse().unwrap();
                 self.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
+                self.pki = v["pki"].as_str().map(|a| a.parse().unwrap());
                 break;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -555,6 +560,51 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, dechunk(&body))
+}
+
+/// One plain-HTTP request (`method path`, optional body); status, headers and raw body bytes.
+pub async fn http_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some((ct, b)) = body {
+        req.push_str(&format!(
+            "Content-Type: {ct}\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    if let Some((_, b)) = body {
+        bytes.extend_from_slice(b);
+    }
+    s.write_all(&bytes).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head, buf[split + 4..].to_vec())
+}
+
+/// A port free on the loopback now (for settings that must name it before the start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 fn dechunk(body: &str) -> String {

@@ -1,0 +1,344 @@
+//! Key revocation: `signet keys revoke`, `POST /v1/admin/revocations`, the internal CA's CRL
+//! and OCSP answers as openssl sees them, and the log's refusal of a revoked version.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use hyper::Method;
+use serde_json::{Value, json};
+
+/// An installation whose internal CA publishes on `[pki]` (keys created after, so their
+/// certificates carry the URLs).
+fn with_pki() -> (Signet, u16) {
+    let port = free_port();
+    let mut s = Signet::init(Init {
+        keys: false,
+        edit: Some(Box::new(move |c| {
+            format!(
+                "{c}\n[pki]\nlisten = \"127.0.0.1:{port}\"\nbase_url = \"http://127.0.0.1:{port}\"\ncrl_validity = \"1h\"\n"
+            )
+        })),
+        ..Default::default()
+    });
+    s.start();
+    assert_eq!(s.pki.map(|a| a.port()), Some(port));
+    s.cli_ok(&["keys", "create", "--tenant", "payroll"]);
+    (s, port)
+}
+
+/// openssl's stdout and stderr together (it reports `verify OK` on stderr); asserts success.
+fn openssl_all(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+async fn fetch(s: &Signet, path: &str) -> Vec<u8> {
+    let (status, head, body) = http_bytes(s.pki.unwrap(), "GET", path, None).await;
+    assert_eq!(status, 200, "{path}: {head}");
+    body
+}
+
+/// `openssl ocsp` against Signet's responder for `cert.pem`; its whole output.
+fn ocsp(dir: &Path, port: u16) -> String {
+    openssl_all(
+        dir,
+        &[
+            "ocsp",
+            "-issuer",
+            "ca.pem",
+            "-cert",
+            "cert.pem",
+            "-CAfile",
+            "ca.pem",
+            "-url",
+            &format!("http://127.0.0.1:{port}/ocsp"),
+            "-resp_text",
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_on_the_crl_and_ocsp_answers_revoked() {
+    let (s, port) = with_pki();
+    let dir = s.tmp.path();
+    let signed = s.signs("payroll-app", "payroll-esign", b"before").await;
+    assert_eq!(signed["key_id"], "payroll/v1");
+    std::fs::write(
+        dir.join("cert.pem"),
+        signed["certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("ca.der"), fetch(&s, "/ca").await).unwrap();
+    openssl_all(
+        dir,
+        &["x509", "-inform", "DER", "-in", "ca.der", "-out", "ca.pem"],
+    );
+
+    // The certificate says where its revocation status is.
+    let ext = openssl_all(dir, &["x509", "-in", "cert.pem", "-noout", "-text"]);
+    for want in [
+        format!("URI:http://127.0.0.1:{port}/crl"),
+        format!("OCSP - URI:http://127.0.0.1:{port}/ocsp"),
+        format!("CA Issuers - URI:http://127.0.0.1:{port}/ca"),
+    ] {
+        assert!(ext.contains(&want), "no {want} in\n{ext}");
+    }
+    let serial = openssl_all(dir, &["x509", "-in", "cert.pem", "-noout", "-serial"])
+        .trim()
+        .trim_start_matches("serial=")
+        .to_owned();
+
+    // Before: a valid CRL without it, OCSP good, signed by the CA.
+    std::fs::write(dir.join("crl.der"), fetch(&s, "/crl").await).unwrap();
+    let crl = openssl_all(
+        dir,
+        &[
+            "crl", "-inform", "DER", "-in", "crl.der", "-CAfile", "ca.pem", "-noout", "-text",
+            "-verify",
+        ],
+    );
+    assert!(crl.contains("verify OK"), "{crl}");
+    assert!(crl.contains("No Revoked Certificates"), "{crl}");
+    assert!(crl.contains("Next Update:"), "{crl}");
+    let before = ocsp(dir, port);
+    assert!(before.contains("Response verify OK"), "{before}");
+    assert!(before.contains("cert.pem: good"), "{before}");
+
+    // Revoke with a compromise time, rotating at once.
+    let out = s.cli_ok(&[
+        "--json",
+        "keys",
+        "revoke",
+        "--key-id",
+        "payroll/v1",
+        "--reason",
+        "key-compromise",
+        "--compromised-at",
+        "2026-01-02T03:04:05Z",
+        "--rotate",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "revoked");
+    assert_eq!(v["previous_state"], "active");
+    assert_eq!(v["revocation"]["reason"], "key-compromise");
+    assert_eq!(v["revocation"]["compromised_at"], "2026-01-02T03:04:05Z");
+    assert_eq!(v["rotation"]["step"], "completed", "{v}");
+    assert_eq!(v["tenant_can_sign"], true);
+
+    // After: OCSP revoked with reason and time; the CRL lists the serial with both dates.
+    let after = ocsp(dir, port);
+    assert!(after.contains("Response verify OK"), "{after}");
+    assert!(after.contains("cert.pem: revoked"), "{after}");
+    assert!(after.contains("Reason: keyCompromise"), "{after}");
+    assert!(after.contains("Revocation Time:"), "{after}");
+    s.eventually(
+        "the CRL lists the serial",
+        Duration::from_secs(10),
+        || async {
+            std::fs::write(dir.join("crl.der"), fetch(&s, "/crl").await).unwrap();
+            let crl = openssl_all(
+                dir,
+                &[
+                    "crl", "-inform", "DER", "-in", "crl.der", "-CAfile", "ca.pem", "-noout",
+                    "-text", "-verify",
+                ],
+            );
+            crl.contains("verify OK")
+                && crl.contains(&format!("Serial Number: {serial}"))
+                && crl.contains("Key Compromise")
+                && crl.contains("Invalidity Date:")
+                && crl.contains("Jan  2 03:04:05 2026 GMT")
+        },
+    )
+    .await;
+    let crl = openssl_all(
+        dir,
+        &["crl", "-inform", "DER", "-in", "crl.der", "-noout", "-text"],
+    );
+    assert!(crl.contains("X509v3 CRL Number"), "{crl}");
+
+    // The tenant signs with the new version; the token no longer holds v1's private key.
+    let after_sig = s.signs("payroll-app", "payroll-esign", b"after").await;
+    assert_eq!(after_sig["key_id"], "payroll/v2");
+    let privkeys = s.pkcs11_tool(&["--list-objects", "--type", "privkey"]);
+    assert!(!privkeys.contains("label:      payroll/v1"), "{privkeys}");
+    assert!(privkeys.contains("label:      payroll/v2"), "{privkeys}");
+
+    // The evidence: one key_revoked entry with serial and reason; no v1 signature after it.
+    let entries = s.entries();
+    let revoked: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["event"] == "key_revoked")
+        .collect();
+    assert_eq!(revoked.len(), 1);
+    let r = revoked[0];
+    assert_eq!(r["key_id"], "payroll/v1");
+    assert_eq!(r["reason"], "key-compromise");
+    assert_eq!(
+        r["certificate_serial"].as_str().unwrap().to_uppercase(),
+        serial.to_uppercase()
+    );
+    assert_eq!(r["actor"]["identity"], "spiffe://signet.dev/admin");
+    let at = r["index"].as_u64().unwrap();
+    assert!(entries.iter().all(|e| !(e["event"] == "signature"
+        && e["key_id"] == "payroll/v1"
+        && e["index"].as_u64().unwrap() > at)));
+    let report = s.audit_verify(None);
+    assert_eq!(report["ok"], true, "{report}");
+
+    // The key list shows it; metrics count it.
+    let (_, keys) = s.get("admin", "/v1/keys/payroll").await;
+    let v1 = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == "payroll/v1")
+        .cloned()
+        .unwrap();
+    assert_eq!(v1["state"], "revoked", "{keys}");
+    assert_eq!(v1["revocation"]["log_index"], at);
+    let m = s.metrics_text().await;
+    assert_eq!(
+        metric_value(&m, "signet_revoked_key_versions{tenant=\"payroll\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "signet_key_revocations_total{reason=\"key-compromise\"}"
+        ),
+        1.0
+    );
+    assert!(metric_value(&m, "signet_ocsp_responses_total{status=\"revoked\"}") >= 1.0);
+    assert!(metric_value(&m, "signet_ocsp_responses_total{status=\"good\"}") >= 1.0);
+    assert_eq!(metric_value(&m, "signet_crl_revoked_certificates"), 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert!(metric_value(&m, "signet_crl_next_update_timestamp_seconds") > now + 1800.0);
+
+    // Foreign or malformed questions get unsigned refusals, never a token signature.
+    let (status, _, body) = http_bytes(
+        s.pki.unwrap(),
+        "POST",
+        "/ocsp",
+        Some(("application/ocsp-request", b"junk")),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, [0x30, 0x03, 0x0a, 0x01, 0x01], "malformedRequest");
+    let m = s.metrics_text().await;
+    assert!(metric_value(&m, "signet_ocsp_responses_total{status=\"malformed\"}") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_active_version_stops_the_tenant_until_a_rotation() {
+    let mut s = Signet::init(Init::default());
+    s.start();
+    s.signs("payroll-app", "payroll-esign", b"before").await;
+    let revoke = |body: Value| {
+        let s = &s;
+        async move {
+            s.call(
+                "admin",
+                Method::POST,
+                "/v1/admin/revocations",
+                Some(body),
+                &[],
+            )
+            .await
+        }
+    };
+    // Refused, changing nothing: bad reason, bad or future time, unknown key, not admin.
+    for (body, want) in [
+        (json!({"key_id": "payroll/v1", "reason": "lost"}), 400),
+        (
+            json!({"key_id": "payroll/v1", "reason": "superseded", "compromised_at": "yesterday"}),
+            400,
+        ),
+        (
+            json!({"key_id": "payroll/v1", "reason": "superseded", "compromised_at": "2999-01-01T00:00:00Z"}),
+            400,
+        ),
+        (json!({"key_id": "payroll/v9", "reason": "superseded"}), 404),
+        (json!({"key_id": "payroll", "reason": "superseded"}), 400),
+    ] {
+        let (status, _, v) = revoke(body.clone()).await;
+        assert_eq!(status, want, "{body}: {v}");
+    }
+    let (status, _, _) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/admin/revocations",
+            Some(json!({"key_id": "payroll/v1", "reason": "superseded"})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 403);
+    s.signs("payroll-app", "payroll-esign", b"still active")
+        .await;
+
+    let (status, _, v) = revoke(json!({"key_id": "payroll/v1", "reason": "superseded"})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["tenant_can_sign"], false);
+    assert!(v["rotation"].is_null());
+    let (status, _, again) = revoke(json!({"key_id": "payroll/v1", "reason": "superseded"})).await;
+    assert_eq!(status, 409, "{again}");
+
+    // No active key: 503 no-active-key, and no signature entry.
+    let before = s.entries().len();
+    let (status, v) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"refused"))
+        .await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["type"], "urn:signet:problem:no-active-key");
+    assert_eq!(s.entries().len(), before);
+    // The other tenant is untouched.
+    s.signs("procurement-app", "procurement-esign", b"other tenant")
+        .await;
+
+    // Revocation survives a restart and is final: the version never signs again.
+    s.stop();
+    s.start();
+    let (status, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"after restart"))
+        .await;
+    assert_eq!(status, 503);
+    let (_, keys) = s.get("admin", "/v1/keys/payroll").await;
+    assert_eq!(keys["keys"][0]["state"], "revoked", "{keys}");
+
+    // A rotation recovers the tenant with a new version.
+    s.cli_ok(&[
+        "rotate",
+        "start",
+        "--tenant",
+        "payroll",
+        "--reason",
+        "after revocation",
+    ]);
+    let v = s.signs("payroll-app", "payroll-esign", b"recovered").await;
+    assert_eq!(v["key_id"], "payroll/v2");
+    let report = s.audit_verify(None);
+    assert_eq!(report["ok"], true, "{report}");
+}
