@@ -57,6 +57,43 @@ async fn fetch(s: &Signet, path: &str) -> Vec<u8> {
     body
 }
 
+/// `signet --json receipt verify` of the sign response `signed`, anchored in `ca.pem` of `dir`
+/// and checked against the CRL file `crl`: (exit success, output).
+async fn receipt_verify(s: &Signet, signed: &Value, dir: &Path, crl: &str) -> (bool, String) {
+    let index = signed["receipt"]["index"].as_u64().unwrap();
+    let cp = s.checkpoint_covering(index + 1).await;
+    let (_, e) = s.get("admin", &format!("/v1/audit/entries/{index}")).await;
+    std::fs::write(dir.join("response.json"), signed.to_string()).unwrap();
+    std::fs::write(dir.join("entry.tlog-proof"), e["proof"].as_str().unwrap()).unwrap();
+    std::fs::write(
+        dir.join("log-key.pem"),
+        cp["log_public_key"].as_str().unwrap(),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--json",
+            "receipt",
+            "verify",
+            "--receipt",
+            "response.json",
+            "--proof",
+        ])
+        .args([
+            "entry.tlog-proof",
+            "--log-key",
+            "log-key.pem",
+            "--ca",
+            "ca.pem",
+            "--crl",
+            crl,
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    outcome(out)
+}
+
 /// `openssl ocsp` against Signet's responder for `cert.pem`; its whole output.
 fn ocsp(dir: &Path, port: u16) -> String {
     openssl_all(
@@ -253,9 +290,18 @@ async fn a_revoked_certificate_is_on_the_crl_and_ocsp_answers_revoked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_active_version_stops_the_tenant_until_a_rotation() {
-    let mut s = Signet::init(Init::default());
+    let port = free_port();
+    let mut s = Signet::init(Init {
+        edit: Some(Box::new(move |c| {
+            format!("{c}\n[pki]\nlisten = \"127.0.0.1:{port}\"\n")
+        })),
+        ..Default::default()
+    });
     s.start();
-    s.signs("payroll-app", "payroll-esign", b"before").await;
+    let mut body = sign_body("payroll-esign", b"contract");
+    body["transaction_id"] = json!("tx-before-revocation");
+    let (status, before) = s.sign("payroll-app", body).await;
+    assert_eq!(status, 200, "{before}");
     let revoke = |body: Value| {
         let s = &s;
         async move {
@@ -303,6 +349,67 @@ async fn revoking_the_active_version_stops_the_tenant_until_a_rotation() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["tenant_can_sign"], false);
     assert!(v["rotation"].is_null());
+    assert!(v["revocation"].get("compromised_at").is_none(), "{v}");
+
+    // A signature made before the revocation still verifies, and the verifiers say the
+    // certificate was revoked after it (no compromise time given).
+    let dir = s.tmp.path();
+    std::fs::write(dir.join("ca.der"), fetch(&s, "/ca").await).unwrap();
+    openssl_all(
+        dir,
+        &["x509", "-inform", "DER", "-in", "ca.der", "-out", "ca.pem"],
+    );
+    s.eventually("the CRL lists v1", Duration::from_secs(10), || async {
+        std::fs::write(dir.join("crl.der"), fetch(&s, "/crl").await).unwrap();
+        openssl_all(
+            dir,
+            &["crl", "-inform", "DER", "-in", "crl.der", "-noout", "-text"],
+        )
+        .contains("Superseded")
+    })
+    .await;
+    let (ok, out) = receipt_verify(&s, &before, dir, "crl.der").await;
+    assert!(ok, "{out}");
+    assert!(out.contains("\"verdict\":\"verified\""), "{out}");
+    assert!(
+        out.contains("this signature was made before the revocation"),
+        "{out}"
+    );
+    let bundle = dir.join("tx.bundle.json");
+    s.cli_ok(&[
+        "audit",
+        "export",
+        "--transaction",
+        "tx-before-revocation",
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    let text = s.cli_ok(&[
+        "bundle",
+        "verify",
+        bundle.to_str().unwrap(),
+        "--ca",
+        dir.join("ca.pem").to_str().unwrap(),
+        "--log-key",
+        dir.join("log-key.pem").to_str().unwrap(),
+        "--crl",
+        dir.join("crl.der").to_str().unwrap(),
+    ]);
+    assert!(text.contains("VERIFIED"), "{text}");
+    assert!(
+        text.contains("REVOKED: the certificate was revoked on"),
+        "{text}"
+    );
+    assert!(text.contains("(superseded)"), "{text}");
+    // A CRL is only read against the CA: without --ca it is refused.
+    let out = s.cli(&[
+        "bundle",
+        "verify",
+        bundle.to_str().unwrap(),
+        "--crl",
+        "crl.der",
+    ]);
+    assert!(!out.status.success());
     let (status, _, again) = revoke(json!({"key_id": "payroll/v1", "reason": "superseded"})).await;
     assert_eq!(status, 409, "{again}");
 

@@ -139,6 +139,8 @@ pub struct Trust {
     pub log_key: Option<VerifyingKey>,
     pub cas: Vec<CertInfo>,
     pub tsa_ca: Option<TsaAnchors>,
+    /// The issuing CA's CRL, already checked against one of `cas`.
+    pub crl: Option<crate::pki::revocation::CrlView>,
 }
 
 /// The checked account of a bundle.
@@ -179,6 +181,9 @@ pub struct EntryAccount {
     pub signature_verified: bool,
     pub signer: Option<serde_json::Value>,
     pub reason: Option<String>,
+    /// The signing certificate is on the CRL given: where this signature stands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<super::verify::RevocationStanding>,
 }
 
 /// Read a bundle file, within [`MAX_BUNDLE_BYTES`].
@@ -248,7 +253,20 @@ pub fn verify(bundle: &Bundle, trust: &Trust) -> Result<Account, Refused> {
         .collect::<Result<_, _>>()?;
     let mut entries = Vec::new();
     for be in &bundle.entries {
-        let account = verify_entry(be, bundle, &cp, &cas, &certificates)?;
+        let mut account = verify_entry(be, bundle, &cp, &cas, &certificates)?;
+        if let (Some(crl), Some(fp)) = (&trust.crl, &account.certificate_sha256)
+            && account.signature_verified
+            && let Some(cert) = certificates.get(fp)
+        {
+            // A timestamp counts as proof of time only with its TSA checked.
+            let anchor = timestamp
+                .as_ref()
+                .filter(|t| t.chain_checked)
+                .map(|t| t.time_unix);
+            account.revocation =
+                super::verify::revocation_standing(crl, cert, &account.time, anchor)
+                    .map_err(|e| format!("entry {}: {e}", account.index))?;
+        }
         if let Some(st) = &completeness
             && !st.covers(account.tenant.as_deref())
         {
@@ -482,6 +500,7 @@ fn verify_entry(
         signature_verified,
         signer: e.signer.clone(),
         reason: e.reason.clone(),
+        revocation: None,
     })
 }
 
@@ -633,6 +652,9 @@ fn explain_entry(a: &Account, e: &EntryAccount, out: &mut String) {
              this file (NOT one you supplied: pass --ca).\n"
         });
     }
+    if let Some(r) = &e.revocation {
+        out.push_str(&format!("  REVOKED: {}.\n", r.statement));
+    }
     if let Some(s) = &e.signer {
         out.push_str(&format!("  Signer evidence recorded: {s}.\n"));
     }
@@ -716,6 +738,7 @@ mod tests {
                 signature_verified: false,
                 signer: Some(serde_json::json!({"name": "<script>alert('x')</script>"})),
                 reason: None,
+                revocation: None,
             }],
         };
         let html = explain_html(&account);

@@ -607,6 +607,85 @@ pub struct ReceiptInputs {
     pub expected_digest: Option<[u8; 32]>,
     /// The base64 signature the client received, to bind it to the entry.
     pub signature: Option<String>,
+    /// The CA's CRL (checked against `ca`): a revoked signing certificate is reported, and a
+    /// signature made after its compromise refused.
+    pub crl: Option<crate::pki::revocation::CrlView>,
+}
+
+/// A signature made with a revoked certificate, as the verifiers report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RevocationStanding {
+    pub revoked_at: String,
+    pub reason: Option<String>,
+    /// The invalidity date: since when the key is known or suspected to be compromised.
+    pub compromised_at: Option<String>,
+    /// In words: when the signature was made relative to the revocation, and on what evidence.
+    pub statement: String,
+}
+
+/// Where a signature made at the entry's `time` with `cert` stands against `crl`: `None` if
+/// the certificate is not revoked; refused if the signature was made after the key was
+/// reported compromised (or after the revocation itself). `anchor` is an RFC 3161 time that
+/// proves the entry existed by then (a bundle's checkpoint timestamp), if any.
+pub fn revocation_standing(
+    crl: &crate::pki::revocation::CrlView,
+    cert: &CertInfo,
+    entry_time: &str,
+    anchor: Option<u64>,
+) -> Result<Option<RevocationStanding>, Refused> {
+    let Some(r) = crl.entries.get(&cert.serial_hex) else {
+        return Ok(None);
+    };
+    let at = crate::clock::parse_rfc3339(entry_time)
+        .ok_or_else(|| format!("the entry's time `{entry_time}` is not RFC 3339"))?;
+    let fmt = crate::clock::rfc3339;
+    let reason = r.reason.clone().unwrap_or_else(|| "no reason given".into());
+    if let Some(c) = r.invalid_since
+        && at >= c
+    {
+        return Err(format!(
+            "signed after the key was reported compromised: the entry's time {entry_time} is not before {} (certificate {} revoked {}, {reason})",
+            fmt(c),
+            cert.serial_hex,
+            fmt(r.revoked_at)
+        )
+        .into());
+    }
+    // CRL times are whole seconds: a signature in the very second of the revocation is
+    // ordered by the log itself, which refuses any signature after its `key_revoked` entry.
+    if at > r.revoked_at {
+        return Err(format!(
+            "signed after the certificate was revoked: the entry's time {entry_time} is after {} (certificate {}, {reason})",
+            fmt(r.revoked_at),
+            cert.serial_hex
+        )
+        .into());
+    }
+    let limit = r.invalid_since.unwrap_or(r.revoked_at);
+    let what = if r.invalid_since.is_some() {
+        "the reported compromise"
+    } else {
+        "the revocation"
+    };
+    let evidence = match anchor {
+        Some(t) if t < limit => format!(
+            "proven by the checkpoint's RFC 3161 timestamp ({}), which already covers the entry",
+            fmt(t)
+        ),
+        _ => format!(
+            "by the log's own time {entry_time} only (no RFC 3161 timestamp before {} covers the entry)",
+            fmt(limit)
+        ),
+    };
+    Ok(Some(RevocationStanding {
+        revoked_at: fmt(r.revoked_at),
+        reason: r.reason.clone(),
+        compromised_at: r.invalid_since.map(fmt),
+        statement: format!(
+            "the certificate was revoked on {} ({reason}); this signature was made before {what}, {evidence}",
+            fmt(r.revoked_at)
+        ),
+    }))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -626,6 +705,10 @@ pub struct ReceiptReport {
     pub certificate_sha256: Option<String>,
     pub chain_checked: bool,
     pub digest_checked: bool,
+    /// The signing certificate is on the CRL given: when and why, and where this signature
+    /// stands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<RevocationStanding>,
 }
 
 /// Verify a receipt offline: the entry matches the receipt, the proof includes it in a
@@ -693,9 +776,13 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, Refused> {
             }
         }
     };
+    let mut revocation = None;
     let (signature_checked, chain_checked) = match &input.certificate {
         Some(cert) => {
             check_signature_and_certificate(&entry, cert, input.ca.as_ref())?;
+            if let Some(crl) = &input.crl {
+                revocation = revocation_standing(crl, cert, &entry.time, None)?;
+            }
             (true, input.ca.is_some())
         }
         None if input.allow_no_certificate => (false, false),
@@ -717,6 +804,7 @@ pub fn verify_receipt(input: &ReceiptInputs) -> Result<ReceiptReport, Refused> {
         certificate_sha256: entry.certificate_sha256.clone(),
         chain_checked,
         digest_checked,
+        revocation,
     })
 }
 

@@ -116,6 +116,11 @@ pub enum BundleCommand {
         /// Without it a bundle with a timestamp is at best UNVERIFIED.
         #[arg(long)]
         tsa_ca: Option<PathBuf>,
+        /// The issuing CA's CRL (DER or PEM, e.g. fetched from `[pki] base_url`/crl), checked
+        /// against --ca: revoked signing certificates are reported, and a signature made after
+        /// the reported compromise (invalidity date) or the revocation is refused.
+        #[arg(long, requires = "ca")]
+        crl: Option<PathBuf>,
         /// Also write the account as a standalone HTML page.
         #[arg(long)]
         html: Option<PathBuf>,
@@ -144,6 +149,11 @@ pub enum ReceiptCommand {
         /// best UNVERIFIED.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// The issuing CA's CRL (DER or PEM), checked against --ca: a revoked signing
+        /// certificate is reported, and a signature made after the reported compromise
+        /// (invalidity date) or the revocation is refused.
+        #[arg(long, requires = "ca")]
+        crl: Option<PathBuf>,
         /// The SHA-256 digest (hex) you expect the receipt to cover.
         #[arg(long, conflicts_with = "document")]
         digest: Option<String>,
@@ -533,12 +543,17 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
         log_key,
         certificate,
         ca,
+        crl,
         digest,
         document,
         no_certificate,
     } = cmd;
     let expected_digest = expected_digest(digest.as_deref(), document.as_deref())?;
     let ca = ca.as_deref().map(read_cert).transpose()?;
+    let crl = match (crl, &ca) {
+        (Some(p), Some(ca)) => Some(read_crl(p, std::slice::from_ref(ca))?),
+        _ => None,
+    };
     let receipt_json: Value = read_json(receipt)?;
     let r: Receipt = serde_json::from_value(
         receipt_json
@@ -566,6 +581,7 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
         ca,
         expected_digest,
         signature: receipt_json["signature"].as_str().map(str::to_owned),
+        crl,
     };
     let result = verify_receipt(&inputs);
     let rep = match result {
@@ -702,6 +718,9 @@ fn report_receipt(cli: &Cli, rep: &signet::audit::verify::ReceiptReport) -> Resu
                 rep.time
             );
         }
+        if let Some(r) = &rep.revocation {
+            println!("  REVOKED: {}", r.statement);
+        }
     }
     match unverified.is_empty() {
         true => Ok(()),
@@ -746,6 +765,7 @@ pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
         ca,
         log_key,
         tsa_ca,
+        crl,
         html,
     } = cmd;
     let cas = match ca {
@@ -759,8 +779,10 @@ pub fn bundle(cli: &Cli, cmd: &BundleCommand) -> Result<()> {
         }
         None => Vec::new(),
     };
+    let crl = crl.as_deref().map(|p| read_crl(p, &cas)).transpose()?;
     let trust = Trust {
         log_key: log_key.as_deref().map(read_public_key).transpose()?,
+        crl,
         cas,
         tsa_ca: tsa_ca
             .as_deref()
@@ -905,6 +927,25 @@ fn read_public_key(p: &Path) -> Result<VerifyingKey> {
     };
     VerifyingKey::from_public_key_pem(pem.trim())
         .map_err(|e| anyhow!("{}: not a P-256 public key in PEM: {e}", p.display()))
+}
+
+/// A CRL file, checked against one of `cas` (its issuer and signature).
+fn read_crl(p: &Path, cas: &[CertInfo]) -> Result<signet::pki::revocation::CrlView> {
+    let bytes = read_small(p)?;
+    let mut last = None;
+    for ca in cas {
+        match signet::pki::revocation::read_crl(&bytes, ca) {
+            Ok(v) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => anyhow!("--crl {}: {e}", p.display()),
+        None => anyhow!(
+            "--crl {}: no CA to check it against (pass --ca)",
+            p.display()
+        ),
+    })
 }
 
 fn read_cert(p: &Path) -> Result<CertInfo> {

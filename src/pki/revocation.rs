@@ -9,6 +9,7 @@
 //! an anonymous client cannot make the token sign for arbitrary input. Answers carry no nonce
 //! (RFC 8954 allows it): they are signed once per certificate and served from a cache.
 
+use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use der::{Decode, Encode};
@@ -296,4 +297,96 @@ pub fn ocsp_signed(tbs: OcspTbs, signature: &[u8]) -> Result<Vec<u8>, Error> {
     x509_ocsp::OcspResponse::successful(basic)
         .and_then(|r| r.to_der())
         .map_err(build)
+}
+
+/// A CRL as a verifier reads it, after checking it is the CA's and signed by its key.
+#[derive(Debug, Clone)]
+pub struct CrlView {
+    pub this_update: u64,
+    pub next_update: Option<u64>,
+    /// Revoked certificates by serial (hex, as [`super::CertInfo::serial_hex`]).
+    pub entries: HashMap<String, CrlEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlEntry {
+    pub revoked_at: u64,
+    /// The reason code's RFC 5280 name (`keyCompromise`, ...), if the entry carries one.
+    pub reason: Option<String>,
+    pub invalid_since: Option<u64>,
+}
+
+/// Read a CRL (PEM or DER) issued by `ca`: its issuer is the CA's subject and its signature
+/// verifies with the CA's key; anything else is an error.
+pub fn read_crl(input: &[u8], ca: &super::CertInfo) -> Result<CrlView, Error> {
+    use der::DecodePem;
+    use signature::Verifier;
+    use x509_cert::crl::CertificateList;
+    let parse = |e: der::Error| Error::Parse(format!("not a CRL: {e}"));
+    let crl = if input.starts_with(b"-----BEGIN") {
+        CertificateList::<x509_cert::certificate::Rfc5280>::from_pem(input).map_err(parse)?
+    } else {
+        CertificateList::<x509_cert::certificate::Rfc5280>::from_der(input).map_err(parse)?
+    };
+    let tbs = &crl.tbs_cert_list;
+    if tbs.issuer.to_string() != ca.subject {
+        return Err(Error::Parse(format!(
+            "the CRL is issued by `{}`, not by the CA given (`{}`)",
+            tbs.issuer, ca.subject
+        )));
+    }
+    let key = ca
+        .public_key
+        .ok_or_else(|| Error::Parse("the CA key is not P-256".into()))?;
+    let signed = tbs.to_der().map_err(parse)?;
+    let sig = crl
+        .signature
+        .as_bytes()
+        .and_then(|b| DerSignature::from_bytes(b).ok())
+        .ok_or_else(|| Error::Parse("the CRL's signature is not DER ECDSA".into()))?;
+    key.verify(&signed, &sig).map_err(|_| {
+        Error::Parse("the CRL's signature does not verify with the CA's key".into())
+    })?;
+    let unix = |t: &Time| t.to_unix_duration().as_secs();
+    let mut entries = HashMap::new();
+    for r in tbs.revoked_certificates.iter().flatten() {
+        let mut entry = CrlEntry {
+            revoked_at: unix(&r.revocation_date),
+            reason: None,
+            invalid_since: None,
+        };
+        for ext in r.crl_entry_extensions.iter().flatten() {
+            if ext.extn_id == <CrlReason as der::oid::AssociatedOid>::OID {
+                entry.reason = CrlReason::from_der(ext.extn_value.as_bytes())
+                    .ok()
+                    .map(|r| reason_name(r).to_owned());
+            } else if ext.extn_id == ID_CE_INVALIDITY_DATE {
+                entry.invalid_since =
+                    der::asn1::GeneralizedTime::from_der(ext.extn_value.as_bytes())
+                        .ok()
+                        .map(|t| t.to_unix_duration().as_secs());
+            }
+        }
+        entries.insert(hex::encode(r.serial_number.as_bytes()), entry);
+    }
+    Ok(CrlView {
+        this_update: unix(&tbs.this_update),
+        next_update: tbs.next_update.as_ref().map(unix),
+        entries,
+    })
+}
+
+fn reason_name(r: CrlReason) -> &'static str {
+    match r {
+        CrlReason::Unspecified => "unspecified",
+        CrlReason::KeyCompromise => "keyCompromise",
+        CrlReason::CaCompromise => "cACompromise",
+        CrlReason::AffiliationChanged => "affiliationChanged",
+        CrlReason::Superseded => "superseded",
+        CrlReason::CessationOfOperation => "cessationOfOperation",
+        CrlReason::CertificateHold => "certificateHold",
+        CrlReason::RemoveFromCRL => "removeFromCRL",
+        CrlReason::PrivilegeWithdrawn => "privilegeWithdrawn",
+        CrlReason::AaCompromise => "aACompromise",
+    }
 }
