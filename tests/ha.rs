@@ -527,6 +527,97 @@ async fn a_rotation_started_on_one_replica_switches_every_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_on_one_replica_stops_the_version_on_every_replica() {
+    let pg = Postgres::start();
+    let (a, b, c) = three_replicas(&pg, "revocation");
+    for s in [&a, &b, &c] {
+        s.signs("payroll-app", "payroll-esign", b"v1 everywhere")
+            .await;
+    }
+    // Revoked on a, without a rotation: nobody may sign for payroll any more.
+    let (st, _, v) = a
+        .call(
+            "admin",
+            Method::POST,
+            "/v1/admin/revocations",
+            Some(serde_json::json!({"key_id": "payroll/v1", "reason": "key-compromise"})),
+            &[],
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let revoked = std::time::Instant::now();
+    // At once on every replica: the shared log refuses a v1 signature even before a replica's
+    // registry has caught up, so no answer is ever signed with v1.
+    for s in [&a, &b, &c] {
+        let (st, v) = s
+            .sign("payroll-app", sign_body("payroll-esign", b"right after"))
+            .await;
+        assert_eq!(st, 503, "{} signed: {v}", s.name);
+        assert_eq!(v["type"], "urn:signet:problem:no-active-key", "{v}");
+    }
+    // Within seconds every replica's registry says revoked.
+    for s in [&b, &c] {
+        s.eventually(
+            "the replica knows the revocation",
+            Duration::from_secs(5),
+            || async {
+                let (_, keys) = s.get("admin", "/v1/keys/payroll").await;
+                keys["keys"][0]["state"] == "revoked"
+            },
+        )
+        .await;
+    }
+    eprintln!(
+        "replicas learned the revocation within {:?}",
+        revoked.elapsed()
+    );
+    // A rotation started on b gives every replica the new version.
+    cli_json(
+        &b,
+        &[
+            "rotate",
+            "start",
+            "--tenant",
+            "payroll",
+            "--reason",
+            "after compromise",
+        ],
+    );
+    for s in [&a, &b, &c] {
+        s.eventually(
+            "the replica signs with v2",
+            Duration::from_secs(10),
+            || async {
+                let (st, v) = s
+                    .sign("payroll-app", sign_body("payroll-esign", b"after"))
+                    .await;
+                st == 200 && v["key_id"] == "payroll/v2"
+            },
+        )
+        .await;
+    }
+    let entries = exported_entries(&a, &a.dir.join("export-revocation"));
+    let at = entries
+        .iter()
+        .position(|e| e["event"] == "key_revoked" && e["key_id"] == "payroll/v1")
+        .expect("key_revoked entry");
+    assert!(
+        entries[at..]
+            .iter()
+            .all(|e| !(e["event"] == "signature" && e["key_id"] == "payroll/v1")),
+        "a revoked version signed after its key_revoked entry"
+    );
+    assert_eq!(
+        entries[..at]
+            .iter()
+            .filter(|e| e["event"] == "signature" && e["key_id"] == "payroll/v1")
+            .count(),
+        3
+    );
+    assert_eq!(cli_json(&a, &["audit", "verify"])["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn storage_migrate_keeps_the_roots_receipts_and_idempotency_of_a_file_log() {
     // A file-backend installation with history.
     let mut s = Signet::init(Init::default());
