@@ -434,6 +434,20 @@ async fn revoking_the_active_version_stops_the_tenant_until_a_rotation() {
     assert_eq!(status, 503);
     let (_, keys) = s.get("admin", "/v1/keys/payroll").await;
     assert_eq!(keys["keys"][0]["state"], "revoked", "{keys}");
+    // Even with the key states lost, the log's key_revoked entry revokes it again at start.
+    s.stop();
+    std::fs::remove_file(s.dir.join("state/keys.json")).unwrap();
+    s.start();
+    let (status, _) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"states lost"))
+        .await;
+    assert_eq!(status, 503);
+    let (_, keys) = s.get("admin", "/v1/keys/payroll").await;
+    assert_eq!(keys["keys"][0]["state"], "revoked", "{keys}");
+    assert_eq!(
+        keys["keys"][0]["revocation"]["reason"], "superseded",
+        "{keys}"
+    );
 
     // A rotation recovers the tenant with a new version.
     s.cli_ok(&[

@@ -75,6 +75,11 @@ impl ActiveVersions {
         Ok(())
     }
 
+    /// Every revoked version and the index of its `key_revoked` entry.
+    pub fn all_revoked(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.revoked.iter().map(|(k, i)| (k.as_str(), *i))
+    }
+
     /// The index of the entry that revoked `key_id`, if one did.
     pub fn revoked(&self, key_id: &str) -> Option<u64> {
         self.revoked.get(key_id).copied()

@@ -152,6 +152,57 @@ impl Engine {
         Ok(out)
     }
 
+    /// Make the registry agree with the log: a version the log revoked (a `key_revoked` entry)
+    /// whose recorded state says otherwise (key states lost or restored from an older backup)
+    /// is revoked again from that entry. Revocation is final: the log wins.
+    pub async fn restore_revocations(&self) -> Result<usize, Error> {
+        let revoked = self.log.revoked_versions().await?;
+        let mut restored = 0;
+        for (key_id, index) in revoked {
+            let Ok(id) = key_id.parse::<KeyId>() else {
+                tracing::error!(%key_id, index, "key_revoked entry with a malformed key ID");
+                continue;
+            };
+            let snap = self.keys.snapshot();
+            let Some(v) = snap.version(&id) else { continue };
+            if v.state == KeyState::Revoked {
+                continue;
+            }
+            let bytes = self.log.entry(index).await?;
+            let e: Entry = serde_json::from_slice(&bytes).map_err(|err| {
+                Error::Audit(crate::audit::Error::Inconsistent(format!(
+                    "entry {index}: {err}"
+                )))
+            })?;
+            let reason = e
+                .reason
+                .as_deref()
+                .and_then(|r| r.parse::<RevocationReason>().ok())
+                .unwrap_or(RevocationReason::KeyCompromise);
+            let compromised_at = e
+                .details
+                .as_ref()
+                .and_then(|d| d.get("compromised_at"))
+                .and_then(|t| t.as_str())
+                .and_then(crate::clock::parse_rfc3339);
+            let revocation = Revocation {
+                reason,
+                revoked_at: crate::clock::parse_rfc3339(&e.time)
+                    .unwrap_or_else(|| self.clock.unix()),
+                compromised_at,
+                certificate_serial: e.certificate_serial.clone(),
+                log_index: index,
+            };
+            tracing::error!(%key_id, index, state = v.state.as_str(), "the key states disagree with the log's key_revoked entry; revoking the version again");
+            self.keys
+                .revoke(&id, revocation)
+                .await
+                .map_err(|e| Error::SharedState(e.to_string()))?;
+            restored += 1;
+        }
+        Ok(restored)
+    }
+
     /// Destroy a revoked version's private key; on failure the monitor tries again.
     pub(super) async fn destroy_revoked_key(&self, key_id: &KeyId) {
         let id = key_id.to_string();

@@ -316,6 +316,7 @@ impl App {
             )
             .await?,
         );
+        rotation.restore_revocations().await?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let config_pki_ocsp_validity = config.pki.ocsp_validity;
         let app = Arc::new(Self {

@@ -228,6 +228,14 @@ impl Log {
         }
     }
 
+    /// Versions the log has revoked, with the index of their `key_revoked` entry.
+    pub async fn revoked_versions(&self) -> Result<Vec<(String, u64)>, audit::Error> {
+        match self {
+            Log::File(l) => Ok(l.revoked_versions()),
+            Log::Postgres(l) => l.revoked_versions().await,
+        }
+    }
+
     pub fn origin(&self) -> &str {
         match self {
             Log::File(l) => l.origin(),

@@ -290,6 +290,15 @@ impl FileLog {
         self.edge().size()
     }
 
+    /// Versions the log has revoked, with the index of their `key_revoked` entry.
+    pub fn revoked_versions(&self) -> Vec<(String, u64)> {
+        let active = Arc::clone(&read(&self.inner.state).active);
+        active
+            .all_revoked()
+            .map(|(k, i)| (k.to_owned(), i))
+            .collect()
+    }
+
     /// The right edge of the committed tree.
     pub fn edge(&self) -> Arc<Edge> {
         Arc::clone(&read(&self.inner.state).edge)

@@ -122,6 +122,22 @@ impl PgLog {
         }
     }
 
+    /// Versions the log has revoked, with the index of their `key_revoked` entry (from the
+    /// sequencer's state).
+    pub async fn revoked_versions(&self) -> Result<Vec<(String, u64)>, audit::Error> {
+        let c = self.db.client().await?;
+        let row = c
+            .query_one("SELECT active FROM signet_log WHERE id = 1", &[])
+            .await
+            .map_err(|e| self.db.failed(e))?;
+        let active: order::ActiveVersions = serde_json::from_value(row.get::<_, Value>(0))
+            .map_err(|e| audit::Error::Inconsistent(format!("signet_log.active: {e}")))?;
+        Ok(active
+            .all_revoked()
+            .map(|(k, i)| (k.to_owned(), i))
+            .collect())
+    }
+
     /// The right edge of the committed log, from O(log n) rows and tiles.
     pub(super) async fn load_edge(&self) -> Result<Edge, audit::Error> {
         let c = self.db.client().await?;
