@@ -280,8 +280,8 @@ fn kubernetes_manifests_validate_against_the_schemas_and_pass_checkov() {
         .filter(|l| l.contains(" passed for resource "))
         .count();
     assert_eq!(
-        passed, 8,
-        "namespace, configmap, deployment + serviceaccount + pvc, service, networkpolicy, pdb: {out}"
+        passed, 9,
+        "namespace, configmap, deployment + serviceaccount + pvc, services (api, pki), networkpolicy, pdb: {out}"
     );
     for line in out.lines().filter(|l| l.starts_with("WARN")) {
         // Only the prometheus-operator CRDs have no built-in schema; they are checked below.
