@@ -56,4 +56,12 @@ if [ "${1:-}" = "--test" ]; then
     python3 -m venv "$api"
     "$api/bin/pip" install --quiet --disable-pip-version-check "schemathesis==4.32.5"
   fi
+  # pyHanko, a real PAdES client, signs PDFs through Signet and checks revocation at the
+  # internal CA's CRL/OCSP URLs (tests/revocation.rs, tests/pdf/pades.py).
+  pdf="$(cd "$(dirname "$0")/.." && pwd)/target/pdf-tools"
+  if [ ! -x "$pdf/bin/python" ] || ! "$pdf/bin/python" -c 'import pyhanko' 2>/dev/null; then
+    echo "installing pyHanko into $pdf" >&2
+    python3 -m venv "$pdf"
+    "$pdf/bin/pip" install --quiet --disable-pip-version-check "pyHanko==0.38.0" "pyhanko-certvalidator==0.33.0"
+  fi
 fi

@@ -463,3 +463,105 @@ async fn revoking_the_active_version_stops_the_tenant_until_a_rotation() {
     let report = s.audit_verify(None);
     assert_eq!(report["ok"], true, "{report}");
 }
+
+/// The Python of the PDF tools venv (softhsm/setup.sh --test installs pyHanko there).
+fn pdf_python() -> std::path::PathBuf {
+    let p = std::env::var_os("SIGNET_PDF_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pdf-tools/bin/python")
+        });
+    assert!(
+        p.exists(),
+        "{} missing: run softhsm/setup.sh --test (it installs pyHanko)",
+        p.display()
+    );
+    p
+}
+
+fn pades(args: &[&str]) -> String {
+    let out = Command::new(pdf_python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pdf/pades.py"))
+        .args(args)
+        .output()
+        .expect("run pyHanko");
+    assert!(
+        out.status.success(),
+        "pades.py {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pyhanko_checks_a_pades_signature_for_revocation_at_signets_urls() {
+    let (s, _) = with_pki();
+    let dir = s.tmp.path();
+    let signed = s
+        .signs("payroll-app", "payroll-esign", b"certificate")
+        .await;
+    std::fs::write(
+        dir.join("cert.pem"),
+        signed["certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("ca.der"), fetch(&s, "/ca").await).unwrap();
+    openssl_all(
+        dir,
+        &["x509", "-inform", "DER", "-in", "ca.der", "-out", "ca.pem"],
+    );
+    let (pdf, ca) = (dir.join("signed.pdf"), dir.join("ca.pem"));
+    let tls = s.dir.join("tls");
+    pades(&[
+        "sign",
+        pdf.to_str().unwrap(),
+        "--api",
+        &s.api.to_string(),
+        "--tls-dir",
+        tls.to_str().unwrap(),
+        "--client",
+        "payroll-app",
+        "--policy",
+        "payroll-esign",
+        "--cert",
+        dir.join("cert.pem").to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    let validate = || -> Value {
+        serde_json::from_str(&pades(&[
+            "validate",
+            pdf.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+        ]))
+        .unwrap()
+    };
+    // Revocation checking on, hard-fail: the status comes from Signet's CRL/OCSP URLs.
+    let before = validate();
+    assert_eq!(before["intact"], true, "{before}");
+    assert_eq!(before["trusted"], true, "{before}");
+    assert_eq!(before["revoked"], false, "{before}");
+    assert_eq!(before["bottom_line"], true, "{before}");
+    let m = s.metrics_text().await;
+    assert!(
+        metric_value(&m, "signet_ocsp_responses_total{status=\"good\"}") >= 1.0,
+        "pyHanko fetched no OCSP answer"
+    );
+
+    s.cli_ok(&[
+        "keys",
+        "revoke",
+        "--key-id",
+        "payroll/v1",
+        "--reason",
+        "key-compromise",
+        "--rotate",
+    ]);
+    let after = validate();
+    assert_eq!(after["intact"], true, "{after}");
+    assert_eq!(after["revoked"], true, "{after}");
+    assert_eq!(after["bottom_line"], false, "{after}");
+    eprintln!("pyHanko before: {}\npyHanko after: {}", before["summary"], after["summary"]);
+}
