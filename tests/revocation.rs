@@ -410,6 +410,20 @@ async fn revoking_the_active_version_stops_the_tenant_until_a_rotation() {
         "crl.der",
     ]);
     assert!(!out.status.success());
+    // Its earlier signatures still verify; the answer says it is revoked.
+    let (status, _, v) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/verify",
+            Some(json!({"key_id": "payroll/v1", "digest": digest_hex(b"contract"), "signature": before["signature"]})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["key_state"], "revoked", "{v}");
+    assert_eq!(v["revocation"]["reason"], "superseded", "{v}");
     let (status, _, again) = revoke(json!({"key_id": "payroll/v1", "reason": "superseded"})).await;
     assert_eq!(status, 409, "{again}");
 
@@ -563,5 +577,8 @@ async fn pyhanko_checks_a_pades_signature_for_revocation_at_signets_urls() {
     assert_eq!(after["intact"], true, "{after}");
     assert_eq!(after["revoked"], true, "{after}");
     assert_eq!(after["bottom_line"], false, "{after}");
-    eprintln!("pyHanko before: {}\npyHanko after: {}", before["summary"], after["summary"]);
+    eprintln!(
+        "pyHanko before: {}\npyHanko after: {}",
+        before["summary"], after["summary"]
+    );
 }

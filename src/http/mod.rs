@@ -417,10 +417,9 @@ async fn verify(
     Ctx(caller): Ctx,
     JsonBody(req): JsonBody<VerifyRequest>,
 ) -> Response {
-    let valid = s.app.verify(&caller, req);
     respond(
         StatusCode::OK,
-        valid.map(|v| serde_json::json!({ "valid": v })),
+        s.app.verify(&caller, req),
         &caller.request_id,
     )
 }

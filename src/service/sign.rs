@@ -84,6 +84,17 @@ fn default_algorithm() -> String {
     "sha256".to_owned()
 }
 
+/// The answer of `POST /v1/verify`: whether the signature verifies with the version's key,
+/// and the version's state (a revoked version's earlier signatures still verify; the answer
+/// says it was revoked, when and why).
+#[derive(Debug, Serialize)]
+pub struct VerifyAnswer {
+    pub valid: bool,
+    pub key_state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<super::RevocationView>,
+}
+
 /// A request that passed the shape checks.
 struct Valid {
     policy_id: PolicyId,
@@ -317,7 +328,7 @@ impl App {
     }
 
     /// `POST /v1/verify`: does `signature` verify over `digest` with `key_id`'s public key?
-    pub fn verify(&self, caller: &Caller, req: VerifyRequest) -> Result<bool, Error> {
+    pub fn verify(&self, caller: &Caller, req: VerifyRequest) -> Result<VerifyAnswer, Error> {
         let key_id: KeyId = req
             .key_id
             .parse()
@@ -348,10 +359,16 @@ impl App {
         let version = snap
             .version(&key_id)
             .ok_or_else(|| Error::NotFound(format!("key {key_id} not found")))?;
-        let Ok(sig) = DerSignature::from_bytes(&der) else {
-            return Ok(false);
-        };
-        Ok(version.public_key.verify_prehash(&digest.0, &sig).is_ok())
+        let valid = DerSignature::from_bytes(&der)
+            .is_ok_and(|sig| version.public_key.verify_prehash(&digest.0, &sig).is_ok());
+        Ok(VerifyAnswer {
+            valid,
+            key_state: version.state.as_str(),
+            revocation: version
+                .revocation
+                .as_deref()
+                .map(super::RevocationView::from),
+        })
     }
 
     /// Validate, authorise and choose the key. `labels` is set (from configuration) as soon
