@@ -582,3 +582,43 @@ async fn pyhanko_checks_a_pades_signature_for_revocation_at_signets_urls() {
         before["summary"], after["summary"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_manual_issuer_signet_records_the_revocation_and_stops_signing() {
+    let port = free_port();
+    let mut s = Signet::init(Init {
+        edit: Some(Box::new(move |c| {
+            format!("{c}\n[pki]\nlisten = \"127.0.0.1:{port}\"\n")
+        })),
+        ..Default::default()
+    });
+    // Keys certified first, then an external CA takes over (the same CA file is trusted).
+    s.edit_config(|c| c.swap("issuer = \"hsm-ca\"", "issuer = \"manual\""));
+    s.start();
+    s.signs("payroll-app", "payroll-esign", b"before").await;
+    let out = s.cli_ok(&[
+        "keys",
+        "revoke",
+        "--key-id",
+        "payroll/v1",
+        "--reason",
+        "cessation-of-operation",
+    ]);
+    assert!(out.contains("revoked: payroll/v1 (was active)"), "{out}");
+    assert!(out.contains("cannot sign"), "{out}");
+    let (status, v) = s
+        .sign("payroll-app", sign_body("payroll-esign", b"after"))
+        .await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["type"], "urn:signet:problem:no-active-key");
+    let r = s
+        .entries()
+        .into_iter()
+        .find(|e| e["event"] == "key_revoked")
+        .unwrap();
+    assert_eq!(r["reason"], "cessation-of-operation");
+    // The external CA publishes revocation: Signet's CA endpoints say so instead.
+    let (status, _, body) = http_bytes(s.pki.unwrap(), "GET", "/crl", None).await;
+    assert_eq!(status, 404);
+    assert!(String::from_utf8_lossy(&body).contains("external CA"));
+}
