@@ -94,6 +94,15 @@ async fn receipt_verify(s: &Signet, signed: &Value, dir: &Path, crl: &str) -> (b
     outcome(out)
 }
 
+/// The CA certificate as served at `/ca`, written to `ca.pem` in `dir`.
+async fn write_ca_pem(s: &Signet, dir: &Path) {
+    std::fs::write(dir.join("ca.der"), fetch(s, "/ca").await).unwrap();
+    openssl_all(
+        dir,
+        &["x509", "-inform", "DER", "-in", "ca.der", "-out", "ca.pem"],
+    );
+}
+
 /// `openssl ocsp` against Signet's responder for `cert.pem`; its whole output.
 fn ocsp(dir: &Path, port: u16) -> String {
     openssl_all(
@@ -124,11 +133,7 @@ async fn a_revoked_certificate_is_on_the_crl_and_ocsp_answers_revoked() {
         signed["certificate"].as_str().unwrap(),
     )
     .unwrap();
-    std::fs::write(dir.join("ca.der"), fetch(&s, "/ca").await).unwrap();
-    openssl_all(
-        dir,
-        &["x509", "-inform", "DER", "-in", "ca.der", "-out", "ca.pem"],
-    );
+    write_ca_pem(&s, dir).await;
 
     // The certificate says where its revocation status is.
     let ext = openssl_all(dir, &["x509", "-in", "cert.pem", "-noout", "-text"]);
@@ -354,11 +359,7 @@ async fn revoking_the_active_version_stops_the_tenant_until_a_rotation() {
     // A signature made before the revocation still verifies, and the verifiers say the
     // certificate was revoked after it (no compromise time given).
     let dir = s.tmp.path();
-    std::fs::write(dir.join("ca.der"), fetch(&s, "/ca").await).unwrap();
-    openssl_all(
-        dir,
-        &["x509", "-inform", "DER", "-in", "ca.der", "-out", "ca.pem"],
-    );
+    write_ca_pem(&s, dir).await;
     s.eventually("the CRL lists v1", Duration::from_secs(10), || async {
         std::fs::write(dir.join("crl.der"), fetch(&s, "/crl").await).unwrap();
         openssl_all(
@@ -520,11 +521,7 @@ async fn pyhanko_checks_a_pades_signature_for_revocation_at_signets_urls() {
         signed["certificate"].as_str().unwrap(),
     )
     .unwrap();
-    std::fs::write(dir.join("ca.der"), fetch(&s, "/ca").await).unwrap();
-    openssl_all(
-        dir,
-        &["x509", "-inform", "DER", "-in", "ca.der", "-out", "ca.pem"],
-    );
+    write_ca_pem(&s, dir).await;
     let (pdf, ca) = (dir.join("signed.pdf"), dir.join("ca.pem"));
     let tls = s.dir.join("tls");
     pades(&[

@@ -61,6 +61,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Audit(#[from] crate::audit::Error),
+    #[error("key registry: {0}")]
+    Keys(#[from] crate::keys::Error),
     /// The shared state (other replicas' changes) could not be read before acting.
     #[error("cannot read the shared key states and rotation journal: {0}")]
     SharedState(String),

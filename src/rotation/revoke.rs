@@ -45,6 +45,9 @@ impl Engine {
         let (revocation, previous_state) = {
             let _op = self.op.lock().await;
             let _lease = self.tenant_lease(&tenant).await?;
+            // A revocation whose entry is in the log but whose state was not stored (the store
+            // failed after the append) is completed first: revoking again is then refused.
+            self.restore_revocations().await?;
             let snap = self.keys.snapshot();
             let v = snap.version(&req.key_id).cloned().ok_or_else(|| {
                 Error::Conflict(format!("key {} is not in the registry", req.key_id))
@@ -98,10 +101,7 @@ impl Engine {
                 certificate_serial: serial,
                 log_index,
             };
-            self.keys
-                .revoke(&req.key_id, revocation.clone())
-                .await
-                .map_err(|e| Error::SharedState(e.to_string()))?;
+            self.keys.revoke(&req.key_id, revocation.clone()).await?;
             self.metrics
                 .revocations
                 .with_label_values(&[req.reason.as_str()])
@@ -194,10 +194,7 @@ impl Engine {
                 log_index: index,
             };
             tracing::error!(%key_id, index, state = v.state.as_str(), "the key states disagree with the log's key_revoked entry; revoking the version again");
-            self.keys
-                .revoke(&id, revocation)
-                .await
-                .map_err(|e| Error::SharedState(e.to_string()))?;
+            self.keys.revoke(&id, revocation).await?;
             restored += 1;
         }
         Ok(restored)
