@@ -1550,7 +1550,7 @@ mod raw {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const MINIMAL: &str = r#"

@@ -9,12 +9,14 @@
 //! Must not touch HTTP, the evidence log or the key registry.
 
 pub mod fair;
+mod keys;
 mod pool;
 mod session;
 mod signer;
 
 use std::time::Duration;
 
+pub use keys::{KeyToken, TokenKey};
 pub use pool::{Hsm, Library, PIN_FD_ENV, provision_token, read_pin};
 pub use session::{ObjectSummary, TokenSession};
 pub use signer::{ECDSA_WITH_SHA256, TokenSigner};

@@ -1,23 +1,25 @@
 //! A `signature::Signer` backed by a token key, so x509-cert's builders (certificates, CSRs)
 //! sign inside the token. Synchronous: use it from blocking code only.
 
+use std::sync::Arc;
+
 use p256::ecdsa::{DerSignature, VerifyingKey};
 use sha2::{Digest, Sha256};
 use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier};
 
-use super::Hsm;
+use super::KeyToken;
 
 pub struct TokenSigner {
-    hsm: Hsm,
+    token: Arc<dyn KeyToken>,
     id: String,
     public: VerifyingKey,
 }
 
 impl TokenSigner {
     /// `public` must be the public half of the token key `id` (read it from the token).
-    pub fn new(hsm: Hsm, id: impl Into<String>, public: VerifyingKey) -> Self {
+    pub fn new(token: Arc<dyn KeyToken>, id: impl Into<String>, public: VerifyingKey) -> Self {
         Self {
-            hsm,
+            token,
             id: id.into(),
             public,
         }
@@ -34,11 +36,10 @@ impl signature::Keypair for TokenSigner {
 impl signature::Signer<DerSignature> for TokenSigner {
     fn try_sign(&self, msg: &[u8]) -> Result<DerSignature, signature::Error> {
         let digest: [u8; 32] = Sha256::digest(msg).into();
-        let (id, public) = (self.id.clone(), self.public);
         // Checked like every token signature: never a certificate or CSR signed by another key.
         let der = self
-            .hsm
-            .call_blocking(move |s| s.sign_prehashed_checked(&id, &digest, &public))
+            .token
+            .sign_blocking(&self.id, digest, self.public)
             .map_err(signature::Error::from_source)?;
         DerSignature::from_bytes(&der).map_err(|_| signature::Error::new())
     }

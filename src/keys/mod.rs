@@ -19,7 +19,8 @@ use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{KeyId, TenantId};
-use crate::hsm::{self, Hsm};
+use crate::hsm::{self, KeyToken, TokenKey};
+
 use crate::pki::{self, CertInfo};
 use crate::storage::{self, KeyStateStore};
 
@@ -267,7 +268,7 @@ pub struct Registry {
 impl Registry {
     /// Rebuild the registry from the token and the stored states.
     pub async fn load(
-        hsm: &Hsm,
+        token: &dyn KeyToken,
         store: Arc<dyn KeyStateStore>,
         shared: bool,
         grace: Duration,
@@ -279,27 +280,37 @@ impl Registry {
             write: tokio::sync::Mutex::new(BTreeMap::new()),
             persist_derived: !shared,
         };
-        registry.reload(hsm, grace, now).await?;
+        registry.reload(token, grace, now).await?;
         Ok(registry)
     }
 
     /// Read the token again if the stored states changed since this registry last read or
     /// wrote them (another replica rotated). The token is not scanned otherwise: a scan while
     /// another process is creating a key pair can catch its objects half made (SoftHSM).
-    pub async fn refresh(&self, hsm: &Hsm, grace: Duration, now: u64) -> Result<(), Error> {
+    pub async fn refresh(
+        &self,
+        token: &dyn KeyToken,
+        grace: Duration,
+        now: u64,
+    ) -> Result<(), Error> {
         let stored = read_records(self.store.as_ref()).await?;
         if *self.write.lock().await == stored {
             return Ok(());
         }
-        self.reload(hsm, grace, now).await
+        self.reload(token, grace, now).await
     }
 
     /// Read the token and the stored states again (another replica changed them). With one
     /// process, persists states derived for versions that have none yet.
-    pub async fn reload(&self, hsm: &Hsm, grace: Duration, now: u64) -> Result<(), Error> {
+    pub async fn reload(
+        &self,
+        token: &dyn KeyToken,
+        grace: Duration,
+        now: u64,
+    ) -> Result<(), Error> {
         let mut persisted = self.write.lock().await;
         let stored = read_records(self.store.as_ref()).await?;
-        let found = hsm.call(scan_token).await?;
+        let found = token.scan().await?;
         let (snapshot, records) = reconcile(found, &stored, grace, now);
         if self.persist_derived && records != stored {
             self.persist(&records, &stored).await?;
@@ -472,40 +483,6 @@ impl Registry {
     }
 }
 
-/// What the token holds for one tenant key version.
-#[derive(Debug, Clone)]
-pub struct Found {
-    pub key_id: KeyId,
-    pub public_key: VerifyingKey,
-    pub has_private_key: bool,
-    pub certificate: Option<Vec<u8>>,
-}
-
-/// List every tenant key version in the token (skips Signet's internal keys).
-pub fn scan_token(s: &hsm::TokenSession<'_>) -> Result<Vec<Found>, hsm::Error> {
-    use std::collections::BTreeSet;
-    let objects = s.list_objects()?;
-    let ids: BTreeSet<KeyId> = objects
-        .iter()
-        .filter_map(|o| o.id.parse::<KeyId>().ok())
-        .collect();
-    let mut out = Vec::new();
-    for key_id in ids {
-        let id = key_id.to_string();
-        let Some(public_key) = s.public_key(&id)? else {
-            tracing::warn!(%key_id, "token object without a public key; ignored");
-            continue;
-        };
-        out.push(Found {
-            has_private_key: s.has_private_key(&id)?,
-            certificate: s.certificate(&id)?,
-            public_key,
-            key_id,
-        });
-    }
-    Ok(out)
-}
-
 async fn read_records(store: &dyn KeyStateStore) -> Result<BTreeMap<String, VersionRecord>, Error> {
     store
         .load()
@@ -522,12 +499,12 @@ async fn read_records(store: &dyn KeyStateStore) -> Result<BTreeMap<String, Vers
 
 /// Combine what the token holds with the recorded states.
 fn reconcile(
-    found: Vec<Found>,
+    found: Vec<TokenKey>,
     records: &BTreeMap<String, VersionRecord>,
     grace: Duration,
     now: u64,
 ) -> (Snapshot, BTreeMap<String, VersionRecord>) {
-    let mut by_tenant: BTreeMap<TenantId, Vec<Found>> = BTreeMap::new();
+    let mut by_tenant: BTreeMap<TenantId, Vec<TokenKey>> = BTreeMap::new();
     for f in found {
         by_tenant
             .entry(f.key_id.tenant().clone())
@@ -583,7 +560,7 @@ fn reconcile(
 /// certificate become retiring for one grace period; versions without a certificate are
 /// staged; versions without a private key are retired. At most one version is active.
 fn derive_states(
-    versions: &[Found],
+    versions: &[TokenKey],
     certs: &[Option<CertInfo>],
     records: &BTreeMap<String, VersionRecord>,
     grace: Duration,
@@ -631,9 +608,9 @@ mod tests {
     use super::*;
     use p256::elliptic_curve::Generate;
 
-    fn found(v: u32, private: bool, cert: bool) -> (Found, Option<CertInfo>) {
+    fn found(v: u32, private: bool, cert: bool) -> (TokenKey, Option<CertInfo>) {
         let key = *p256::ecdsa::SigningKey::generate().verifying_key();
-        let f = Found {
+        let f = TokenKey {
             key_id: KeyId::new("payroll".parse().unwrap(), v),
             public_key: key,
             has_private_key: private,

@@ -202,8 +202,7 @@ impl Engine {
 
     /// Destroy a revoked version's private key; on failure the monitor tries again.
     pub(super) async fn destroy_revoked_key(&self, key_id: &KeyId) {
-        let id = key_id.to_string();
-        match self.hsm.call(move |s| s.destroy_private_key(&id)).await {
+        match self.token.destroy_private_key(&key_id.to_string()).await {
             Ok(_) => {
                 if let Err(e) = self.keys.private_key_destroyed(key_id).await {
                     tracing::error!(%key_id, error = %e, "cannot record the destroyed private key of a revoked version");

@@ -298,7 +298,7 @@ impl App {
             Engine::load(
                 journal,
                 rotation::Deps {
-                    hsm: hsm.clone(),
+                    token: Arc::new(hsm.clone()),
                     keys: Arc::clone(&keys),
                     log: Arc::clone(&log),
                     metrics: Arc::clone(&metrics),
@@ -726,7 +726,7 @@ async fn ensure_internal_ca(
             let subject = pki::name("Signet internal signing CA", &org)
                 .map_err(|e| StartError::Ca(e.to_string()))?;
             let subject_der = pki::name_der(&subject);
-            let signer = TokenSigner::new(hsm.clone(), CA_KEY_ID, public);
+            let signer = TokenSigner::new(Arc::new(hsm.clone()), CA_KEY_ID, public);
             let not_before = clock.now() - Duration::from_secs(300);
             let der = tokio::task::spawn_blocking(move || {
                 pki::issue(

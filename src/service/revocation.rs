@@ -122,7 +122,7 @@ impl App {
             .map_or(now, |c| now.max(c.number + 1));
         let next_update = now + self.config.pki.crl_validity.as_secs();
         let public = ca.public_key.ok_or("the internal CA key is not P-256")?;
-        let signer = TokenSigner::new(self.hsm.clone(), CA_KEY_ID, public);
+        let signer = TokenSigner::new(Arc::new(self.hsm.clone()), CA_KEY_ID, public);
         let (ca_der, list) = (ca.der.clone(), revoked.clone());
         let der = tokio::task::spawn_blocking(move || {
             rev::crl(&ca_der, number, now, next_update, &list, &signer)

@@ -567,7 +567,7 @@ pub fn read_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use p256::ecdsa::SigningKey;
     use p256::elliptic_curve::Generate;
@@ -578,7 +578,7 @@ mod tests {
     /// A software log key and anchor: these tests are about the log's files, not the token.
     pub(crate) struct SoftSigner(pub SigningKey, pub Arc<SoftAnchor>);
 
-    fn soft_token() -> Arc<SoftSigner> {
+    pub(crate) fn soft_token() -> Arc<SoftSigner> {
         Arc::new(SoftSigner(
             SigningKey::generate(),
             Arc::new(SoftAnchor::new()),
