@@ -166,7 +166,11 @@ async fn create_demo_keys(app: &App) -> Result<()> {
             )
             .await
             .with_context(|| format!("cannot create the key of tenant {t}"))?;
-        eprintln!("created key {t}/v{} ({})", r.to_version, r.step.as_str());
+        eprintln!(
+            "created key {t}/v{} ({})",
+            r.to_version,
+            r.state.step().as_str()
+        );
     }
     Ok(())
 }

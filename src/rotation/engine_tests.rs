@@ -315,7 +315,7 @@ async fn create_first_key(h: &Harness) {
         })
         .await
         .unwrap();
-    assert_eq!(r.step, Step::Completed, "{r:?}");
+    assert_eq!(r.state, RotationState::Completed, "{r:?}");
     assert_eq!(state(h, 1), Some(KeyState::Active));
 }
 
@@ -370,7 +370,7 @@ async fn a_failing_step_waits_for_its_backoff_then_resumes() {
         })
         .await
         .unwrap();
-    assert_eq!(r.step, Step::Planned);
+    assert_eq!(r.state, RotationState::Planned);
     assert_eq!(r.attempts, 1);
     let first_retry = r.next_attempt_at.unwrap();
     assert_eq!(first_retry, h.clock.unix() + 60, "retry_initial = 1m");
@@ -411,7 +411,7 @@ async fn a_revoked_key_the_token_would_not_destroy_is_destroyed_by_the_monitor()
         .unwrap();
     assert_eq!(done.previous_state, KeyState::Active);
     assert_eq!(
-        done.rotation.as_ref().map(|r| r.step),
+        done.rotation.as_ref().map(|r| r.state.step()),
         Some(Step::Completed)
     );
     assert_eq!(state(&h, 1), Some(KeyState::Revoked));

@@ -110,8 +110,61 @@ impl Step {
     }
 }
 
-/// One rotation, as journaled.
+/// Where a rotation is, with what its next action needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotationState {
+    Planned,
+    KeyGenerated,
+    /// Manual issuer: the CSR is out; a certificate is awaited (`signet certs import`).
+    AwaitingCertificate {
+        csr_pem: String,
+    },
+    /// A certificate to check and stage (issued by the internal CA, or imported).
+    CertificateReceived {
+        csr_pem: String,
+        certificate_pem: String,
+    },
+    Staged,
+    Completed,
+    RolledBack,
+    Aborted,
+}
+
+impl RotationState {
+    /// The step's name (journal, API, metrics, logs).
+    pub fn step(&self) -> Step {
+        match self {
+            RotationState::Planned => Step::Planned,
+            RotationState::KeyGenerated => Step::KeyGenerated,
+            RotationState::AwaitingCertificate { .. } => Step::AwaitingCertificate,
+            RotationState::CertificateReceived { .. } => Step::CertificateReceived,
+            RotationState::Staged => Step::Staged,
+            RotationState::Completed => Step::Completed,
+            RotationState::RolledBack => Step::RolledBack,
+            RotationState::Aborted => Step::Aborted,
+        }
+    }
+
+    /// The CSR of the new version, while the rotation holds one.
+    pub fn csr_pem(&self) -> Option<&str> {
+        match self {
+            RotationState::AwaitingCertificate { csr_pem }
+            | RotationState::CertificateReceived { csr_pem, .. } => Some(csr_pem),
+            _ => None,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self,
+            RotationState::Completed | RotationState::RolledBack | RotationState::Aborted
+        )
+    }
+}
+
+/// One rotation, as journaled (flat, as [`RotationRecord`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RotationRecord", into = "RotationRecord")]
 pub struct Rotation {
     pub id: String,
     pub tenant: TenantId,
@@ -120,24 +173,125 @@ pub struct Rotation {
     pub trigger: Trigger,
     pub reason: String,
     pub actor: String,
-    pub step: Step,
+    pub state: RotationState,
     pub started_at: u64,
     pub updated_at: u64,
     /// When the renewal became due; `overdue` is measured from here.
     pub due_at: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub csr_pem: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub certificate_pem: Option<String>,
-    #[serde(default)]
     pub attempts: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<u64>,
     /// No grace for the previous version (suspected key compromise).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub emergency: bool,
+}
+
+/// A rotation in the journal (`rotations.json`, `signet_rotations`) and the API: the step by
+/// name, with the CSR and certificate beside it.
+#[derive(Serialize, Deserialize)]
+struct RotationRecord {
+    id: String,
+    tenant: TenantId,
+    from_version: Option<u32>,
+    to_version: u32,
+    trigger: Trigger,
+    reason: String,
+    actor: String,
+    step: Step,
+    started_at: u64,
+    updated_at: u64,
+    due_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    csr_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certificate_pem: Option<String>,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_attempt_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    emergency: bool,
+}
+
+impl TryFrom<RotationRecord> for Rotation {
+    type Error = String;
+    fn try_from(r: RotationRecord) -> Result<Self, String> {
+        let missing = |what: &str| {
+            format!(
+                "rotation {} at step {} has no {what}",
+                r.id,
+                r.step.as_str()
+            )
+        };
+        let state = match r.step {
+            Step::Planned => RotationState::Planned,
+            Step::KeyGenerated => RotationState::KeyGenerated,
+            Step::AwaitingCertificate => RotationState::AwaitingCertificate {
+                csr_pem: r.csr_pem.clone().ok_or_else(|| missing("CSR"))?,
+            },
+            Step::CertificateReceived => RotationState::CertificateReceived {
+                csr_pem: r.csr_pem.clone().ok_or_else(|| missing("CSR"))?,
+                certificate_pem: r
+                    .certificate_pem
+                    .clone()
+                    .ok_or_else(|| missing("certificate"))?,
+            },
+            Step::Staged => RotationState::Staged,
+            Step::Completed => RotationState::Completed,
+            Step::RolledBack => RotationState::RolledBack,
+            Step::Aborted => RotationState::Aborted,
+        };
+        Ok(Rotation {
+            id: r.id,
+            tenant: r.tenant,
+            from_version: r.from_version,
+            to_version: r.to_version,
+            trigger: r.trigger,
+            reason: r.reason,
+            actor: r.actor,
+            state,
+            started_at: r.started_at,
+            updated_at: r.updated_at,
+            due_at: r.due_at,
+            attempts: r.attempts,
+            last_error: r.last_error,
+            next_attempt_at: r.next_attempt_at,
+            emergency: r.emergency,
+        })
+    }
+}
+
+impl From<Rotation> for RotationRecord {
+    fn from(r: Rotation) -> Self {
+        let (csr_pem, certificate_pem) = match &r.state {
+            RotationState::AwaitingCertificate { csr_pem } => (Some(csr_pem.clone()), None),
+            RotationState::CertificateReceived {
+                csr_pem,
+                certificate_pem,
+            } => (Some(csr_pem.clone()), Some(certificate_pem.clone())),
+            _ => (None, None),
+        };
+        RotationRecord {
+            step: r.state.step(),
+            id: r.id,
+            tenant: r.tenant,
+            from_version: r.from_version,
+            to_version: r.to_version,
+            trigger: r.trigger,
+            reason: r.reason,
+            actor: r.actor,
+            started_at: r.started_at,
+            updated_at: r.updated_at,
+            due_at: r.due_at,
+            csr_pem,
+            certificate_pem,
+            attempts: r.attempts,
+            last_error: r.last_error,
+            next_attempt_at: r.next_attempt_at,
+            emergency: r.emergency,
+        }
+    }
 }
 
 impl Rotation {
@@ -149,7 +303,7 @@ impl Rotation {
     pub fn state_label(&self, now: u64, overdue_after: Duration) -> &'static str {
         if now > self.due_at + overdue_after.as_secs() {
             "overdue"
-        } else if self.step == Step::AwaitingCertificate {
+        } else if self.state.step() == Step::AwaitingCertificate {
             "awaiting_certificate"
         } else if self.last_error.is_some() {
             "retrying"
@@ -303,12 +457,9 @@ impl Engine {
 
     /// Persist `rotation` as the tenant's in-progress record (or move it to history when
     /// finished). Commit point: after this returns, a restart (of any replica) resumes from
-    /// `rotation.step`.
+    /// its step.
     async fn save(&self, rotation: &Rotation) -> Result<(), Error> {
-        let finished = matches!(
-            rotation.step,
-            Step::Completed | Step::RolledBack | Step::Aborted
-        );
+        let finished = rotation.state.is_finished();
         let (whole, value) = {
             let mut j = self.journal();
             if finished {
@@ -338,7 +489,7 @@ impl Engine {
             .save(&whole, rotation.tenant.as_str(), &value, finished)
             .await
             .map_err(Error::Persist)?;
-        crash_point(rotation.step.as_str());
+        crash_point(rotation.state.step().as_str());
         Ok(())
     }
 }
@@ -388,7 +539,7 @@ impl Engine {
                 "a rotation of tenant {} is already in progress (to v{}, step {})",
                 start.tenant,
                 r.to_version,
-                r.step.as_str()
+                r.state.step().as_str()
             )));
         }
         let from = snap.active(&start.tenant).map(|v| v.key_id.version());
@@ -431,12 +582,10 @@ impl Engine {
             trigger: start.trigger,
             reason: start.reason.clone(),
             actor: start.actor.identity.clone(),
-            step: Step::Planned,
+            state: RotationState::Planned,
             started_at: now,
             updated_at: now,
             due_at: start.due_at.unwrap_or(now),
-            csr_pem: None,
-            certificate_pem: None,
             attempts: 0,
             last_error: None,
             next_attempt_at: None,
@@ -477,14 +626,14 @@ impl Engine {
         // after that it waits for its backoff.
         let mut retried_now = false;
         loop {
-            let step = rotation.step;
+            let step = rotation.state.step();
             let mut outcome = match step {
                 Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => {
                     return Ok(rotation);
                 }
                 _ => self.run_step(&mut rotation, actor).await,
             };
-            if outcome.is_err() && !retried_now && rotation.step == step {
+            if outcome.is_err() && !retried_now && rotation.state.step() == step {
                 retried_now = true;
                 tracing::warn!(tenant = %rotation.tenant, step = step.as_str(), error = ?outcome, "rotation step failed; trying once more now");
                 outcome = self.run_step(&mut rotation, actor).await;
@@ -496,7 +645,7 @@ impl Engine {
                     rotation.last_error = None;
                     rotation.next_attempt_at = None;
                     self.save(&rotation).await?;
-                    if rotation.step == Step::Completed {
+                    if rotation.state == RotationState::Completed {
                         self.metrics
                             .rotations
                             .with_label_values(&["completed"])
@@ -535,16 +684,20 @@ impl Engine {
     /// persists it.
     async fn run_step(&self, r: &mut Rotation, actor: &Actor) -> Result<(), StepError> {
         let cfg = self.dynamic.load().rotation.clone();
-        let done = match r.step {
-            Step::Planned => self.generate_key(r, actor).await?,
-            Step::KeyGenerated => self.request_certificate(r, actor, &cfg).await?,
-            Step::CertificateReceived => self.stage(r, &cfg).await?,
-            Step::Staged => self.activate(r, actor, &cfg).await?,
-            Step::AwaitingCertificate | Step::Completed | Step::RolledBack | Step::Aborted => {
-                Done::Nothing
-            }
+        let done = match &r.state {
+            RotationState::Planned => self.generate_key(r, actor).await?,
+            RotationState::KeyGenerated => self.request_certificate(r, actor, &cfg).await?,
+            RotationState::CertificateReceived {
+                csr_pem,
+                certificate_pem,
+            } => self.stage(r, csr_pem, certificate_pem, &cfg).await?,
+            RotationState::Staged => self.activate(r, actor, &cfg).await?,
+            RotationState::AwaitingCertificate { .. }
+            | RotationState::Completed
+            | RotationState::RolledBack
+            | RotationState::Aborted => Done::Nothing,
         };
-        r.step = next(r.step, cfg.issuer, done);
+        r.state = next(&r.state, done);
         Ok(())
     }
 
@@ -567,7 +720,7 @@ impl Engine {
     /// (`certificate_issued`).
     async fn request_certificate(
         &self,
-        r: &mut Rotation,
+        r: &Rotation,
         actor: &Actor,
         cfg: &crate::config::RotationConfig,
     ) -> Result<Done, StepError> {
@@ -580,12 +733,12 @@ impl Engine {
         let signer = TokenSigner::new(Arc::clone(&self.token), id.clone(), public);
         let subj = subject.clone();
         let csr = tokio::task::spawn_blocking(move || pki::csr(subj, &signer)).await??;
-        r.csr_pem = Some(pki::csr_pem(&csr));
+        let csr_pem = pki::csr_pem(&csr);
         if cfg.issuer == Issuer::Manual {
             let mut e = self.rotation_entry(event::CSR_CREATED, actor, r, None);
             e.key_id = Some(id);
             self.record(e).await?;
-            return Ok(Done::Step);
+            return Ok(Done::Requested { csr_pem });
         }
         let ca = self.ca.load_full();
         let ca = ca
@@ -626,8 +779,10 @@ impl Engine {
             "not_before": crate::clock::rfc3339(info.not_before), "not_after": crate::clock::rfc3339(info.not_after),
         }));
         self.record(e).await?;
-        r.certificate_pem = Some(info.to_pem());
-        Ok(Done::Step)
+        Ok(Done::Issued {
+            csr_pem,
+            certificate_pem: info.to_pem(),
+        })
     }
 
     /// `certificate_received`: check the certificate (key, chain, validity), a test signature
@@ -636,21 +791,19 @@ impl Engine {
     /// dropped: another one is awaited.
     async fn stage(
         &self,
-        r: &mut Rotation,
+        r: &Rotation,
+        csr_pem: &str,
+        certificate_pem: &str,
         cfg: &crate::config::RotationConfig,
     ) -> Result<Done, StepError> {
         let key_id = r.new_key_id();
         let id = key_id.to_string();
-        let pem = r.certificate_pem.clone().ok_or(StepError::Missing(
-            "no certificate recorded for this rotation",
-        ))?;
-        let der = pki::parse_pem_or_der(pem.as_bytes())?;
+        let der = pki::parse_pem_or_der(certificate_pem.as_bytes())?;
         let public = self.token_public_key(&id).await?;
-        let info = match self.check_certificate(&der, &public, r) {
+        let info = match self.check_certificate(&der, &public, Some(csr_pem)) {
             Ok(info) => info,
             Err(Error::Rejected(reason)) if cfg.issuer == Issuer::Manual => {
                 tracing::error!(tenant = %r.tenant, %reason, "imported certificate refused; awaiting another");
-                r.certificate_pem = None;
                 return Ok(Done::CertificateRefused);
             }
             Err(Error::Rejected(reason)) => return Err(reason.into()),
@@ -741,7 +894,7 @@ impl Engine {
         if self.dynamic.load().rotation.issuer != Issuer::Manual {
             return Err(Error::Conflict("rotation.issuer is \"hsm-ca\": certificates are issued by the internal CA, not imported".into()));
         }
-        let mut r = self.in_progress(tenant).filter(|r| r.step == Step::AwaitingCertificate).ok_or_else(|| {
+        let mut r = self.in_progress(tenant).filter(|r| r.state.step() == Step::AwaitingCertificate).ok_or_else(|| {
             Error::Conflict(format!("no rotation of tenant {tenant} is awaiting a certificate; run `signet certs csr --tenant {tenant}` first"))
         })?;
         let der = pki::parse_pem_or_der(pem).map_err(Error::Rejected)?;
@@ -750,7 +903,8 @@ impl Engine {
             step: "certificate_received",
             source: e,
         })?;
-        let info = self.check_certificate(&der, &public, &r)?;
+        let csr_pem = r.state.csr_pem().unwrap_or_default().to_owned();
+        let info = self.check_certificate(&der, &public, Some(&csr_pem))?;
         let mut e = self.rotation_entry(event::CERTIFICATE_IMPORTED, actor, &r, request_id);
         e.key_id = Some(id);
         e.certificate_serial = Some(info.serial_hex.clone());
@@ -763,8 +917,10 @@ impl Engine {
             step: "certificate_received",
             source: e.into(),
         })?;
-        r.certificate_pem = Some(info.to_pem());
-        r.step = Step::CertificateReceived;
+        r.state = RotationState::CertificateReceived {
+            csr_pem,
+            certificate_pem: info.to_pem(),
+        };
         r.updated_at = self.clock.unix();
         self.save(&r).await?;
         let result = self.advance(r, actor).await;
@@ -782,10 +938,10 @@ impl Engine {
         request_id: Option<String>,
     ) -> Result<String, Error> {
         if let Some(r) = self.in_progress(tenant) {
-            return r.csr_pem.ok_or_else(|| {
+            return r.state.csr_pem().map(str::to_owned).ok_or_else(|| {
                 Error::Conflict(format!(
                     "the rotation of tenant {tenant} has no CSR yet (step {})",
-                    r.step.as_str()
+                    r.state.step().as_str()
                 ))
             });
         }
@@ -810,7 +966,7 @@ impl Engine {
                 emergency: false,
             })
             .await?;
-        r.csr_pem.ok_or_else(|| {
+        r.state.csr_pem().map(str::to_owned).ok_or_else(|| {
             Error::Conflict(format!(
                 "the rotation of tenant {tenant} could not create a CSR: {}",
                 r.last_error.unwrap_or_default()
@@ -843,8 +999,9 @@ impl Engine {
             let mut e = self.rotation_entry(event::ROTATION_ROLLED_BACK, actor, &r, request_id);
             e.key_id = Some(id);
             e.reason = Some(reason);
-            e.details =
-                Some(serde_json::json!({"rotation_id": r.id, "aborted_at_step": r.step.as_str()}));
+            e.details = Some(
+                serde_json::json!({"rotation_id": r.id, "aborted_at_step": r.state.step().as_str()}),
+            );
             self.record(e).await.map_err(|e| Error::Step {
                 step: "abort",
                 source: e.into(),
@@ -858,7 +1015,7 @@ impl Engine {
                         source: e.into(),
                     })?;
             }
-            r.step = Step::Aborted;
+            r.state = RotationState::Aborted;
             r.updated_at = now;
             self.save(&r).await?;
             self.metrics.rotations.with_label_values(&["aborted"]).inc();
@@ -889,12 +1046,10 @@ impl Engine {
             trigger: Trigger::Manual,
             reason: reason.clone(),
             actor: actor.identity.clone(),
-            step: Step::RolledBack,
+            state: RotationState::RolledBack,
             started_at: now,
             updated_at: now,
             due_at: now,
-            csr_pem: None,
-            certificate_pem: None,
             attempts: 0,
             last_error: None,
             next_attempt_at: None,
@@ -1084,7 +1239,9 @@ impl Engine {
         let _op = self.op.lock().await;
         let now = self.clock.unix();
         for r in self.all_in_progress() {
-            if r.step == Step::AwaitingCertificate || r.next_attempt_at.is_some_and(|t| t > now) {
+            if r.state.step() == Step::AwaitingCertificate
+                || r.next_attempt_at.is_some_and(|t| t > now)
+            {
                 continue;
             }
             // Another replica may be running it: look again under the tenant's lease.
@@ -1094,7 +1251,9 @@ impl Engine {
             let Some(r) = self.in_progress(&r.tenant) else {
                 continue;
             };
-            if r.step == Step::AwaitingCertificate || r.next_attempt_at.is_some_and(|t| t > now) {
+            if r.state.step() == Step::AwaitingCertificate
+                || r.next_attempt_at.is_some_and(|t| t > now)
+            {
                 continue;
             }
             if let Err(e) = self.advance(r, &scheduler_actor()).await {
@@ -1164,7 +1323,7 @@ impl Engine {
         &self,
         der: &[u8],
         public: &p256::ecdsa::VerifyingKey,
-        r: &Rotation,
+        csr_pem: Option<&str>,
     ) -> Result<CertInfo, Error> {
         let mut ca = self.ca.load_full();
         if ca.is_none() && self.dynamic.load().rotation.issuer == Issuer::Manual {
@@ -1180,9 +1339,7 @@ impl Engine {
         })?;
         let now = self.clock.unix();
         // The subject the CSR asked for: a certificate for another subject is refused.
-        let subject = r
-            .csr_pem
-            .as_deref()
+        let subject = csr_pem
             .and_then(|pem| pki::parse_csr_pem(pem).ok())
             .map(|name| name.to_string());
         let dynamic = self.dynamic.load();
@@ -1253,32 +1410,50 @@ fn subject_of(cert: &x509_cert::Certificate) -> x509_cert::name::Name {
     cert.tbs_certificate().subject().clone()
 }
 
-/// What a step's action ended with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a step's action ended with, and what it produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Done {
     /// The step's action is done: move on.
     Step,
+    /// Manual issuer: the CSR is out; a certificate is awaited.
+    Requested { csr_pem: String },
+    /// The internal CA issued the certificate for the CSR.
+    Issued {
+        csr_pem: String,
+        certificate_pem: String,
+    },
     /// An imported certificate was refused: await another one.
     CertificateRefused,
     /// A waiting or finished rotation: nothing to do.
     Nothing,
 }
 
-/// The step after `step` once its action ended with `done`, with `issuer`: the rotation's
-/// state machine, pure.
-fn next(step: Step, issuer: Issuer, done: Done) -> Step {
-    match (step, done) {
-        (_, Done::Nothing) => step,
-        (Step::Planned, Done::Step) => Step::KeyGenerated,
-        (Step::KeyGenerated, Done::Step) => match issuer {
-            Issuer::Manual => Step::AwaitingCertificate,
-            Issuer::HsmCa => Step::CertificateReceived,
+/// The state after `state` once its action ended with `done`: the rotation's state machine,
+/// pure. A result that does not fit the step changes nothing.
+fn next(state: &RotationState, done: Done) -> RotationState {
+    use RotationState as S;
+    match (state, done) {
+        (S::Planned, Done::Step) => S::KeyGenerated,
+        (S::KeyGenerated, Done::Requested { csr_pem }) => S::AwaitingCertificate { csr_pem },
+        (
+            S::KeyGenerated,
+            Done::Issued {
+                csr_pem,
+                certificate_pem,
+            },
+        ) => S::CertificateReceived {
+            csr_pem,
+            certificate_pem,
         },
-        (Step::CertificateReceived, Done::Step) => Step::Staged,
-        (Step::CertificateReceived, Done::CertificateRefused) => Step::AwaitingCertificate,
-        (Step::Staged, Done::Step) => Step::Completed,
+        (S::CertificateReceived { .. }, Done::Step) => S::Staged,
+        (S::CertificateReceived { csr_pem, .. }, Done::CertificateRefused) => {
+            S::AwaitingCertificate {
+                csr_pem: csr_pem.clone(),
+            }
+        }
+        (S::Staged, Done::Step) => S::Completed,
         // Nothing else moves: waiting and finished rotations stay where they are.
-        (other, _) => other,
+        (other, _) => other.clone(),
     }
 }
 
@@ -1324,32 +1499,64 @@ mod tests {
 
     #[test]
     fn the_step_machine_moves_one_step_per_action_and_waits_where_it_must() {
-        use Done::{CertificateRefused as Refused, Nothing, Step as Did};
-        use Issuer::{HsmCa, Manual};
-        use Step::*;
+        use RotationState as S;
+        let csr = || "CSR".to_owned();
+        let cert = || "CERT".to_owned();
+        let received = || S::CertificateReceived {
+            csr_pem: csr(),
+            certificate_pem: cert(),
+        };
+        let awaiting = || S::AwaitingCertificate { csr_pem: csr() };
+        let issued = || Done::Issued {
+            csr_pem: csr(),
+            certificate_pem: cert(),
+        };
         let table = [
-            (Planned, HsmCa, Did, KeyGenerated),
-            (Planned, Manual, Did, KeyGenerated),
-            (KeyGenerated, HsmCa, Did, CertificateReceived),
-            (KeyGenerated, Manual, Did, AwaitingCertificate),
-            (CertificateReceived, HsmCa, Did, Staged),
-            (CertificateReceived, Manual, Did, Staged),
-            (CertificateReceived, Manual, Refused, AwaitingCertificate),
-            (Staged, HsmCa, Did, Completed),
-            (Staged, Manual, Did, Completed),
+            (S::Planned, Done::Step, S::KeyGenerated),
+            // The internal CA issues at once; the manual issuer waits with the CSR.
+            (S::KeyGenerated, issued(), received()),
+            (
+                S::KeyGenerated,
+                Done::Requested { csr_pem: csr() },
+                awaiting(),
+            ),
+            (received(), Done::Step, S::Staged),
+            // A refused import waits for another certificate, keeping the CSR.
+            (received(), Done::CertificateRefused, awaiting()),
+            (S::Staged, Done::Step, S::Completed),
             // Waiting and finished rotations never move by themselves.
-            (AwaitingCertificate, Manual, Nothing, AwaitingCertificate),
-            (Completed, HsmCa, Nothing, Completed),
-            (RolledBack, HsmCa, Nothing, RolledBack),
-            (Aborted, Manual, Nothing, Aborted),
-            (Planned, HsmCa, Nothing, Planned),
+            (awaiting(), Done::Nothing, awaiting()),
+            (S::Completed, Done::Nothing, S::Completed),
+            (S::RolledBack, Done::Nothing, S::RolledBack),
+            (S::Aborted, Done::Nothing, S::Aborted),
+            (S::Planned, Done::Nothing, S::Planned),
+            // A result that does not fit the step changes nothing.
+            (S::Planned, issued(), S::Planned),
+            (S::Staged, Done::CertificateRefused, S::Staged),
         ];
-        for (step, issuer, done, want) in table {
-            assert_eq!(
-                next(step, issuer, done),
-                want,
-                "{step:?} {issuer:?} {done:?}"
-            );
+        for (state, done, want) in table {
+            let label = format!("{state:?} {done:?}");
+            assert_eq!(next(&state, done), want, "{label}");
         }
+    }
+
+    #[test]
+    fn the_journal_format_is_unchanged_and_a_state_without_its_data_is_refused() {
+        let flat = serde_json::json!({
+            "id": "r1", "tenant": "payroll", "from_version": 1, "to_version": 2,
+            "trigger": "manual", "reason": "x", "actor": "a", "step": "awaiting_certificate",
+            "started_at": 1, "updated_at": 2, "due_at": 1, "csr_pem": "CSR", "attempts": 0,
+        });
+        let r: Rotation = serde_json::from_value(flat.clone()).unwrap();
+        assert_eq!(
+            r.state,
+            RotationState::AwaitingCertificate {
+                csr_pem: "CSR".into()
+            }
+        );
+        assert_eq!(serde_json::to_value(&r).unwrap(), flat);
+        let mut broken = flat;
+        broken.as_object_mut().unwrap().remove("csr_pem");
+        assert!(serde_json::from_value::<Rotation>(broken).is_err());
     }
 }

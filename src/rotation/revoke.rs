@@ -67,7 +67,7 @@ impl Engine {
                 return Err(Error::Conflict(format!(
                     "key {} is the target of the rotation in progress (step {}); roll it back with `signet rotate rollback --tenant {tenant}` instead",
                     req.key_id,
-                    r.step.as_str()
+                    r.state.step().as_str()
                 )));
             }
             let now = self.clock.unix();
