@@ -13,6 +13,18 @@ use common::*;
 use hyper::Method;
 use serde_json::{Value, json};
 
+/// The development installation (keys created) with the CA's revocation listener on, without
+/// URLs in certificates; not started.
+fn with_pki_listener() -> Signet {
+    let port = free_port();
+    Signet::init(Init {
+        edit: Some(Box::new(move |c| {
+            format!("{c}\n[pki]\nlisten = \"127.0.0.1:{port}\"\n")
+        })),
+        ..Default::default()
+    })
+}
+
 /// An installation whose internal CA publishes on `[pki]` (keys created after, so their
 /// certificates carry the URLs).
 fn with_pki() -> (Signet, u16) {
@@ -295,13 +307,7 @@ async fn a_revoked_certificate_is_on_the_crl_and_ocsp_answers_revoked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_active_version_stops_the_tenant_until_a_rotation() {
-    let port = free_port();
-    let mut s = Signet::init(Init {
-        edit: Some(Box::new(move |c| {
-            format!("{c}\n[pki]\nlisten = \"127.0.0.1:{port}\"\n")
-        })),
-        ..Default::default()
-    });
+    let mut s = with_pki_listener();
     s.start();
     let mut body = sign_body("payroll-esign", b"contract");
     body["transaction_id"] = json!("tx-before-revocation");
@@ -582,13 +588,7 @@ async fn pyhanko_checks_a_pades_signature_for_revocation_at_signets_urls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_manual_issuer_signet_records_the_revocation_and_stops_signing() {
-    let port = free_port();
-    let mut s = Signet::init(Init {
-        edit: Some(Box::new(move |c| {
-            format!("{c}\n[pki]\nlisten = \"127.0.0.1:{port}\"\n")
-        })),
-        ..Default::default()
-    });
+    let mut s = with_pki_listener();
     // Keys certified first, then an external CA takes over (the same CA file is trusted).
     s.edit_config(|c| c.swap("issuer = \"hsm-ca\"", "issuer = \"manual\""));
     s.start();
