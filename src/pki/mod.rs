@@ -872,6 +872,22 @@ mod tests {
         let sig = DerSignature::from_bytes(crl.signature.raw_bytes()).unwrap();
         let tbs_der = tbs.to_der().unwrap();
         assert!(ca.public_key.unwrap().verify(&tbs_der, &sig).is_ok());
+        // A verifier reads it back against the CA: serial, reason name, invalidity date.
+        let view = revocation::read_crl(&der, &ca).unwrap();
+        let e = &view.entries["4a0b"];
+        assert_eq!(
+            (e.revoked_at, e.reason.as_deref(), e.invalid_since),
+            (1_800_000_000, Some("keyCompromise"), Some(1_790_000_000))
+        );
+        assert_eq!(view.next_update, Some(1_800_086_401));
+        // Forged: the same issuer name under another key is refused, as is another CA.
+        let (_, impostor) = make_ca();
+        assert_eq!(impostor.subject, ca.subject);
+        assert!(revocation::read_crl(&der, &impostor).is_err());
+        let mut tampered = der.clone();
+        let at = tampered.len() / 2;
+        tampered[at] ^= 1;
+        assert!(revocation::read_crl(&tampered, &ca).is_err());
         // Not an OCSP request: malformed, never signed.
         let issuer = revocation::OcspIssuer::new(&ca.der).unwrap();
         assert_eq!(
