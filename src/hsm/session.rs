@@ -205,7 +205,9 @@ impl TokenSession<'_> {
                     AttributeType::Unwrap,
                 ],
             )
-            .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+            .map_err(Error::pkcs11(
+                "C_GetAttributeValue (key usage and protection)",
+            ))?;
         for a in attrs {
             match a {
                 Attribute::Sensitive(false) => {
@@ -274,7 +276,7 @@ impl TokenSession<'_> {
         let attrs = self
             .session
             .get_attributes(h, &[AttributeType::Value])
-            .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+            .map_err(Error::pkcs11("C_GetAttributeValue (certificate CKA_VALUE)"))?;
         for a in attrs {
             if let Attribute::Value(v) = a {
                 return Ok(Some(v));
@@ -313,7 +315,9 @@ impl TokenSession<'_> {
                 let attrs = self
                     .session
                     .get_attributes(h, &[AttributeType::Id, AttributeType::Label])
-                    .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+                    .map_err(Error::pkcs11(
+                        "C_GetAttributeValue (CKA_ID, CKA_LABEL of a listed object)",
+                    ))?;
                 let (mut id, mut label) = (String::new(), String::new());
                 for a in attrs {
                     match a {
@@ -422,7 +426,7 @@ impl TokenSession<'_> {
             let attrs = self
                 .session
                 .get_attributes(h, &[AttributeType::Value])
-                .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+                .map_err(Error::pkcs11("C_GetAttributeValue (data object CKA_VALUE)"))?;
             let value = attrs.into_iter().find_map(|a| match a {
                 Attribute::Value(v) => Some(v),
                 _ => None,
@@ -491,7 +495,7 @@ impl TokenSession<'_> {
         let attrs = self
             .session
             .get_attributes(h, &[AttributeType::EcPoint])
-            .map_err(Error::pkcs11("C_GetAttributeValue"))?;
+            .map_err(Error::pkcs11("C_GetAttributeValue (CKA_EC_POINT)"))?;
         for a in attrs {
             if let Attribute::EcPoint(p) = a {
                 return ec_point_to_key(&p);
