@@ -151,7 +151,7 @@ pub fn activation(entry: &Entry) -> Option<(&str, &str)> {
 /// Could the canonical line `bytes` be an activation or a revocation? A cheap pre-filter for
 /// start-up, so only these rare entries are parsed. (Inside a JSON string a quote is escaped,
 /// so these patterns only match the top-level `event` member.)
-pub fn may_be_activation(bytes: &[u8]) -> bool {
+pub fn may_change_order(bytes: &[u8]) -> bool {
     const PATTERNS: [&[u8]; 3] = [
         b"\"event\":\"key_activated\"",
         b"\"event\":\"rotation_rolled_back\"",
@@ -255,13 +255,17 @@ mod tests {
     }
 
     #[test]
-    fn prefilter_finds_activations_only_in_the_event_member() {
+    fn prefilter_finds_activations_and_revocations_only_in_the_event_member() {
         let act = entry(0, event::KEY_ACTIVATED, "a", "a/v2")
             .canonical()
             .unwrap();
-        assert!(may_be_activation(&act));
+        assert!(may_change_order(&act));
+        let revoked = entry(0, event::KEY_REVOKED, "a", "a/v2")
+            .canonical()
+            .unwrap();
+        assert!(may_change_order(&revoked));
         let mut sig = entry(1, event::SIGNATURE, "a", "a/v1");
         sig.signer = Some(serde_json::json!({"note": "\"event\":\"key_activated\""}));
-        assert!(!may_be_activation(&sig.canonical().unwrap()));
+        assert!(!may_change_order(&sig.canonical().unwrap()));
     }
 }

@@ -240,7 +240,7 @@ impl LogCheck {
     /// Add an entry below a signed checkpoint whose root the caller checks (start-up): only its
     /// leaf and, if it is one, its activation.
     pub fn covered(&mut self, line: &[u8]) -> Vec<(TileId, Tile)> {
-        if order::may_be_activation(line)
+        if order::may_change_order(line)
             && let Ok(e) = serde_json::from_slice::<Entry>(line)
         {
             self.active.record(&e);

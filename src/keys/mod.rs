@@ -100,48 +100,8 @@ pub struct KeyVersion {
     pub revocation: Option<Arc<Revocation>>,
 }
 
-/// Why and when a version was revoked (RFC 5280 reason codes Signet offers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RevocationReason {
-    KeyCompromise,
-    Superseded,
-    CessationOfOperation,
-    AffiliationChanged,
-}
-
-impl RevocationReason {
-    pub const ALL: [RevocationReason; 4] = [
-        RevocationReason::KeyCompromise,
-        RevocationReason::Superseded,
-        RevocationReason::CessationOfOperation,
-        RevocationReason::AffiliationChanged,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RevocationReason::KeyCompromise => "key-compromise",
-            RevocationReason::Superseded => "superseded",
-            RevocationReason::CessationOfOperation => "cessation-of-operation",
-            RevocationReason::AffiliationChanged => "affiliation-changed",
-        }
-    }
-}
-
-impl std::str::FromStr for RevocationReason {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown revocation reason {s:?}; one of {}",
-                    Self::ALL.map(|r| r.as_str()).join(", ")
-                )
-            })
-    }
-}
+/// Why a version was revoked: the RFC 5280 reason codes Signet offers (one type with the CRL's).
+pub use crate::pki::revocation::Reason as RevocationReason;
 
 /// The revocation of one version, as recorded with its state and in its `key_revoked` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -38,16 +38,34 @@ const ID_SHA256: der07::oid::ObjectIdentifier =
 const ID_ECDSA_WITH_SHA256: der07::oid::ObjectIdentifier =
     der07::oid::ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 
-/// The RFC 5280 reason codes Signet uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The RFC 5280 reason codes Signet uses (`keys revoke --reason`, stored with the key state
+/// in kebab case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Reason {
     KeyCompromise,
-    AffiliationChanged,
     Superseded,
     CessationOfOperation,
+    AffiliationChanged,
 }
 
 impl Reason {
+    pub const ALL: [Reason; 4] = [
+        Reason::KeyCompromise,
+        Reason::Superseded,
+        Reason::CessationOfOperation,
+        Reason::AffiliationChanged,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::KeyCompromise => "key-compromise",
+            Reason::Superseded => "superseded",
+            Reason::CessationOfOperation => "cessation-of-operation",
+            Reason::AffiliationChanged => "affiliation-changed",
+        }
+    }
+
     fn crl(self) -> CrlReason {
         match self {
             Reason::KeyCompromise => CrlReason::KeyCompromise,
@@ -65,6 +83,21 @@ impl Reason {
             Reason::Superseded => R::Superseded,
             Reason::CessationOfOperation => R::CessationOfOperation,
         }
+    }
+}
+
+impl std::str::FromStr for Reason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown revocation reason {s:?}; one of {}",
+                    Self::ALL.map(|r| r.as_str()).join(", ")
+                )
+            })
     }
 }
 
@@ -174,13 +207,8 @@ impl OcspIssuer {
 pub struct OcspQuestion {
     pub serial_hex: String,
     cert_id: x509_ocsp::CertId,
-}
-
-impl OcspQuestion {
-    /// A key for caching the signed answer: the client's `CertID`, DER.
-    pub fn cache_key(&self) -> Vec<u8> {
-        self.cert_id.to_der().unwrap_or_default()
-    }
+    /// The client's `CertID`, DER: the key under which the signed answer is cached.
+    pub cert_id_der: Vec<u8>,
 }
 
 /// Why an OCSP request gets an unsigned error answer.
@@ -212,6 +240,7 @@ pub fn ocsp_question(der: &[u8], issuer: &OcspIssuer) -> Result<OcspQuestion, Oc
     let first = serial.iter().position(|b| *b != 0).unwrap_or(serial.len());
     Ok(OcspQuestion {
         serial_hex: hex::encode(&serial[first..]),
+        cert_id_der: id.to_der().map_err(|_| OcspRefusal::Malformed)?,
         cert_id: id.clone(),
     })
 }

@@ -301,18 +301,40 @@ async fn events(h: &Harness) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// An operator's (scheduler's) start of a rotation of the tenant.
+fn start(trigger: Trigger) -> Start {
+    Start {
+        tenant: tenant(),
+        trigger,
+        actor: scheduler_actor(),
+        reason: "test".into(),
+        request_id: None,
+        due_at: None,
+        emergency: false,
+    }
+}
+
+/// A revocation of `payroll/v{v}`.
+fn revocation(
+    v: u32,
+    reason: RevocationReason,
+    compromised_at: Option<u64>,
+    rotate: bool,
+) -> Revoke {
+    Revoke {
+        key_id: id(v),
+        reason,
+        compromised_at,
+        actor: scheduler_actor(),
+        request_id: None,
+        rotate,
+    }
+}
+
 async fn create_first_key(h: &Harness) {
     let r = h
         .engine
-        .rotation_start(Start {
-            tenant: tenant(),
-            trigger: Trigger::Initial,
-            actor: scheduler_actor(),
-            reason: "onboarding".into(),
-            request_id: None,
-            due_at: None,
-            emergency: false,
-        })
+        .rotation_start(start(Trigger::Initial))
         .await
         .unwrap();
     assert_eq!(r.state, RotationState::Completed, "{r:?}");
@@ -359,15 +381,7 @@ async fn a_failing_step_waits_for_its_backoff_then_resumes() {
     h.token.fail_next("generate", 4);
     let r = h
         .engine
-        .rotation_start(Start {
-            tenant: tenant(),
-            trigger: Trigger::Manual,
-            actor: scheduler_actor(),
-            reason: "test".into(),
-            request_id: None,
-            due_at: None,
-            emergency: false,
-        })
+        .rotation_start(start(Trigger::Manual))
         .await
         .unwrap();
     assert_eq!(r.state, RotationState::Planned);
@@ -399,14 +413,12 @@ async fn a_revoked_key_the_token_would_not_destroy_is_destroyed_by_the_monitor()
     h.token.fail_next("destroy", 1);
     let done = h
         .engine
-        .revoke(Revoke {
-            key_id: id(1),
-            reason: RevocationReason::KeyCompromise,
-            compromised_at: Some(h.clock.unix() - 3600),
-            actor: scheduler_actor(),
-            request_id: None,
-            rotate: true,
-        })
+        .revoke(revocation(
+            1,
+            RevocationReason::KeyCompromise,
+            Some(h.clock.unix() - 3600),
+            true,
+        ))
         .await
         .unwrap();
     assert_eq!(done.previous_state, KeyState::Active);
@@ -449,14 +461,7 @@ async fn a_revoked_key_the_token_would_not_destroy_is_destroyed_by_the_monitor()
     // Revoking again is refused; the version stays revoked.
     let again = h
         .engine
-        .revoke(Revoke {
-            key_id: id(1),
-            reason: RevocationReason::Superseded,
-            compromised_at: None,
-            actor: scheduler_actor(),
-            request_id: None,
-            rotate: false,
-        })
+        .revoke(revocation(1, RevocationReason::Superseded, None, false))
         .await;
     assert!(matches!(again, Err(Error::Conflict(_))), "{again:?}");
 }

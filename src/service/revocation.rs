@@ -18,9 +18,8 @@ use sha2::{Digest, Sha256};
 use super::App;
 use crate::config::Issuer;
 use crate::hsm::{CA_KEY_ID, TokenSigner};
-use crate::keys::RevocationReason;
 use crate::pki::CertInfo;
-use crate::pki::revocation::{self as rev, OcspRefusal, Reason, Revoked, Status};
+use crate::pki::revocation::{self as rev, OcspRefusal, Revoked, Status};
 
 /// How often the revoked set is compared with the CRL's.
 const POLL: Duration = Duration::from_secs(2);
@@ -40,6 +39,9 @@ pub struct Publisher {
     crl: ArcSwap<Option<Arc<PublishedCrl>>>,
     /// Signed OCSP answers by (client `CertID`, status).
     ocsp: moka::future::Cache<(Vec<u8>, Status), Arc<Vec<u8>>>,
+    /// The CA's OCSP identity (name and key hashes), by the CA certificate's fingerprint: the
+    /// CA changes only when it is re-issued.
+    issuer: std::sync::Mutex<Option<(String, Arc<rev::OcspIssuer>)>>,
     wake: tokio::sync::Notify,
 }
 
@@ -51,8 +53,22 @@ impl Publisher {
                 .max_capacity(10_000)
                 .time_to_live(ocsp_validity / 2)
                 .build(),
+            issuer: std::sync::Mutex::new(None),
             wake: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The OCSP identity of `ca`, computed once per CA certificate.
+    fn issuer(&self, ca: &CertInfo) -> Result<Arc<rev::OcspIssuer>, crate::pki::Error> {
+        let mut cached = self.issuer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((fp, issuer)) = cached.as_ref()
+            && *fp == ca.fingerprint_sha256
+        {
+            return Ok(Arc::clone(issuer));
+        }
+        let issuer = Arc::new(rev::OcspIssuer::new(&ca.der)?);
+        *cached = Some((ca.fingerprint_sha256.clone(), Arc::clone(&issuer)));
+        Ok(issuer)
     }
 
     /// Re-sign the CRL now (after a revocation).
@@ -65,15 +81,6 @@ impl Publisher {
 pub struct OcspAnswer {
     pub der: Vec<u8>,
     pub status: &'static str,
-}
-
-fn reason(r: RevocationReason) -> Reason {
-    match r {
-        RevocationReason::KeyCompromise => Reason::KeyCompromise,
-        RevocationReason::Superseded => Reason::Superseded,
-        RevocationReason::CessationOfOperation => Reason::CessationOfOperation,
-        RevocationReason::AffiliationChanged => Reason::AffiliationChanged,
-    }
 }
 
 impl App {
@@ -103,7 +110,7 @@ impl App {
                 Some(Revoked {
                     serial_hex: c.serial_hex.clone(),
                     revoked_at: r.revoked_at,
-                    reason: reason(r.reason),
+                    reason: r.reason,
                     invalid_since: r.compromised_at,
                 })
             })
@@ -183,7 +190,7 @@ impl App {
         Some(match &v.revocation {
             Some(r) => Status::Revoked {
                 at: r.revoked_at,
-                reason: reason(r.reason),
+                reason: r.reason,
             },
             None => Status::Good,
         })
@@ -210,7 +217,7 @@ impl App {
         let Some(ca) = self.internal_ca() else {
             return refused(OcspRefusal::Unauthorized);
         };
-        let issuer = match rev::OcspIssuer::new(&ca.der) {
+        let issuer = match self.pki.issuer(&ca) {
             Ok(i) => i,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the internal CA certificate");
@@ -228,7 +235,7 @@ impl App {
             Status::Good => "good",
             Status::Revoked { .. } => "revoked",
         };
-        let key = (question.cache_key(), status);
+        let key = (question.cert_id_der.clone(), status);
         let signed = self
             .pki
             .ocsp

@@ -970,10 +970,25 @@ pub(crate) mod tests {
             log.append(vec![keyed(SIGNATURE, "payroll/v1")]).await,
             Err(Error::Superseded(_))
         ));
+        // A revocation ends the active version itself, also after a restart.
+        log.append(vec![keyed(entry::event::KEY_REVOKED, "payroll/v2")])
+            .await
+            .unwrap();
+        log.close();
+        drop(log);
+        let log = open(dir.path(), &key).unwrap();
+        assert_eq!(log.revoked_versions(), [("payroll/v2".to_owned(), 3)]);
+        assert!(matches!(
+            log.append(vec![keyed(SIGNATURE, "payroll/v2")]).await,
+            Err(Error::Superseded(order::Violation::Revoked {
+                revoked_at: 3,
+                ..
+            }))
+        ));
         log.close();
         drop(log);
         let report = verify::verify_dir(dir.path(), &key.public_key()).unwrap();
-        assert_eq!(report.entries, 3);
+        assert_eq!(report.entries, 4);
     }
 
     #[test]

@@ -427,7 +427,7 @@ impl Recovery<'_> {
             pos += n as u64;
             if index < checked_from {
                 // Already in the tree: index it and note its activation.
-                if order::may_be_activation(&line)
+                if order::may_change_order(&line)
                     && let Ok(e) = serde_json::from_slice::<Entry>(&line)
                 {
                     check.record_activation(&e);
