@@ -177,11 +177,17 @@ pub fn raw_to_der(raw: &[u8]) -> Result<Vec<u8>, Error> {
 
 /// Parse `CKA_EC_POINT` (a DER OCTET STRING around the SEC1 point, or a bare point).
 pub fn ec_point_to_key(ec_point: &[u8]) -> Result<p256::ecdsa::VerifyingKey, Error> {
-    let sec1 = match ec_point {
-        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
-        other => other,
-    };
-    p256::ecdsa::VerifyingKey::from_sec1_bytes(sec1)
+    // A bare uncompressed point also starts with 0x04, and its second byte (the first byte
+    // of X) can equal the length of what follows it: the wrapped reading is taken only when
+    // it yields a point, otherwise the bytes are read as a bare point.
+    if let [0x04, len, rest @ ..] = ec_point {
+        if usize::from(*len) == rest.len() {
+            if let Ok(key) = p256::ecdsa::VerifyingKey::from_sec1_bytes(rest) {
+                return Ok(key);
+            }
+        }
+    }
+    p256::ecdsa::VerifyingKey::from_sec1_bytes(ec_point)
         .map_err(|_| Error::Malformed("EC public point"))
 }
 
@@ -225,6 +231,13 @@ mod tests {
         assert_eq!(ec_point_to_key(&bare).unwrap(), *sk.verifying_key());
         assert_eq!(ec_point_to_key(&wrapped).unwrap(), *sk.verifying_key());
         assert!(ec_point_to_key(&[0x04, 0x02, 1, 2]).is_err());
+        // A bare point whose X starts with 0x3f looks like a wrapped one of 63 bytes (one
+        // key in 256); it must still be read as the bare point it is.
+        let sk = std::iter::repeat_with(p256::ecdsa::SigningKey::generate)
+            .find(|k| k.verifying_key().to_sec1_point(false).as_bytes()[1] == 63)
+            .expect("one key in 256 has such an X; the search is unbounded");
+        let bare = sk.verifying_key().to_sec1_point(false).as_bytes().to_vec();
+        assert_eq!(ec_point_to_key(&bare).unwrap(), *sk.verifying_key());
     }
 
     #[test]
