@@ -180,12 +180,11 @@ pub fn ec_point_to_key(ec_point: &[u8]) -> Result<p256::ecdsa::VerifyingKey, Err
     // A bare uncompressed point also starts with 0x04, and its second byte (the first byte
     // of X) can equal the length of what follows it: the wrapped reading is taken only when
     // it yields a point, otherwise the bytes are read as a bare point.
-    if let [0x04, len, rest @ ..] = ec_point {
-        if usize::from(*len) == rest.len() {
-            if let Ok(key) = p256::ecdsa::VerifyingKey::from_sec1_bytes(rest) {
-                return Ok(key);
-            }
-        }
+    if let [0x04, len, rest @ ..] = ec_point
+        && usize::from(*len) == rest.len()
+        && let Ok(key) = p256::ecdsa::VerifyingKey::from_sec1_bytes(rest)
+    {
+        return Ok(key);
     }
     p256::ecdsa::VerifyingKey::from_sec1_bytes(ec_point)
         .map_err(|_| Error::Malformed("EC public point"))
