@@ -65,6 +65,18 @@ pub fn rfc3339_micros(t: SystemTime) -> String {
     )
 }
 
+/// Microseconds since the epoch (0 before it).
+pub fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC to the second for microseconds since the epoch (negative: the epoch).
+pub fn rfc3339_from_micros(us: i64) -> String {
+    rfc3339(u64::try_from(us / 1_000_000).unwrap_or(0))
+}
+
 /// Parse what [`rfc3339_micros`] (or any RFC 3339 writer) produced, to Unix seconds.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;

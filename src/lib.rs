@@ -20,3 +20,4 @@ pub mod rotation;
 pub mod service;
 pub mod storage;
 pub mod tls;
+pub mod vault;

@@ -147,6 +147,14 @@ collectors! {
     crl_entries: gauge("signet_crl_revoked_certificates", "Certificates listed on the CRL the internal CA serves now.");
     crl_sign_errors: counter("signet_crl_sign_errors_total", "Failed attempts to sign the CRL (retried every few seconds).");
     ocsp_responses: counter_vec("signet_ocsp_responses_total", "OCSP answers of the internal CA, by status: good, revoked, unknown (signed); unauthorized, malformed, unavailable (unsigned errors).", &["status"]);
+    evidence_erased: counter_vec("signet_evidence_erased_total", "Signer-evidence records erased, by cause: retention (the sweep) or subject (signet evidence erase).", &["cause"]);
+    retention_sweep_lag: gauge("signet_retention_sweep_lag_seconds", "How long the oldest record past its retention (and not on legal hold) has waited to be erased, as of the last sweep; 0 when none waits.");
+    retention_last_sweep: gauge("signet_retention_last_sweep_timestamp_seconds", "When the retention sweep last completed (Unix time; 0 before the first). Only the leader sweeps.");
+    retention_sweep_errors: counter("signet_retention_sweep_errors_total", "Retention sweeps that failed (retried at the next interval).");
+    legal_holds: gauge("signet_legal_holds", "Legal holds in force.");
+    vault_records: gauge_vec("signet_vault_records", "Signer-evidence records in the vault, by state: sealed or erased.", &["state"]);
+    vault_key_generation: gauge("signet_vault_key_generation", "The generation of the vault's key-encryption key new records are sealed under.");
+    vault_key_rotated: gauge("signet_vault_key_rotated_timestamp_seconds", "When the vault's key-encryption key was last rotated (or created), Unix time.");
     rotations: counter_vec("signet_rotations_total", "Rotation outcomes: started, completed, failed_attempt, rolled_back, retired.", &["outcome"]);
     config_reloads: counter_vec("signet_config_reloads_total", "Configuration reloads by outcome.", &["outcome"]);
     config_last_reload_success: gauge("signet_config_last_reload_successful", "1 if the last configuration reload succeeded (or none was tried).");

@@ -60,7 +60,11 @@ async fn sign_returns_a_signature_that_verifies_with_the_returned_certificate() 
     assert_eq!(e["digest"]["value"], digest_hex(data));
     assert_eq!(e["signature"], sig);
     assert_eq!(e["transaction_id"], "wf-2026-0001");
-    assert_eq!(e["signer"]["email"], "ada@example.com");
+    // Format 2: the signer evidence is kept apart (the vault); the leaf commits to it.
+    assert_eq!(e["format"], 2);
+    assert!(e.get("signer").is_none(), "{e}");
+    assert_eq!(e["signer_commitment"].as_str().unwrap().len(), 64);
+    assert_eq!(e["retention_class"], "default");
     assert_eq!(e["actor"]["identity"], "spiffe://signet.dev/payroll-app");
     assert_eq!(
         e["policy"]["legal_standard"],

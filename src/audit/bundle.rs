@@ -90,6 +90,10 @@ pub struct BundleEntry {
     pub index: u64,
     /// `tlog-proof@v1`; its `extra` line is the canonical entry.
     pub proof: String,
+    /// The signer evidence a format-2 entry commits to (with the commitment's salt, so the
+    /// verifier recomputes the commitment), or when and why it was erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_evidence: Option<crate::vault::SignerEvidence>,
 }
 
 /// What the log key signs about a transaction as of a checkpoint.
@@ -179,7 +183,16 @@ pub struct EntryAccount {
     pub certificate_serial: Option<String>,
     pub certificate_sha256: Option<String>,
     pub signature_verified: bool,
+    /// The signer evidence: checked against the entry's commitment (format 2), or as the
+    /// entry holds it (format 1).
     pub signer: Option<serde_json::Value>,
+    /// For format-2 entries: what became of the signer evidence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer_evidence: Option<crate::vault::SignerEvidence>,
+    /// A format-1 entry that holds the signer evidence in clear (cannot be erased).
+    pub signer_in_clear: bool,
+    pub retention_class: Option<String>,
+    pub retain_until: Option<String>,
     pub reason: Option<String>,
     /// The signing certificate is on the CRL given: where this signature stands.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -460,6 +473,28 @@ fn verify_entry(
         )
         .into());
     }
+    // Signer evidence: in clear in a format-1 entry; for format 2, what the bundle carries
+    // must match the entry's commitment (or say it was erased).
+    let (signer, signer_evidence) = match (&e.signer_commitment, &be.signer_evidence) {
+        (Some(c), Some(ev)) => {
+            ev.check(c).map_err(|err| {
+                format!("entry {i}: the bundle's signer evidence does not match the entry: {err}")
+            })?;
+            let signer = match ev {
+                crate::vault::SignerEvidence::Present { signer, .. } => Some(signer.clone()),
+                _ => None,
+            };
+            (signer, Some(ev.clone()))
+        }
+        (None, Some(_)) => {
+            return Err(format!(
+                "entry {i}: the bundle carries signer evidence for an entry that commits to none"
+            )
+            .into());
+        }
+        (Some(_), None) => (None, Some(crate::vault::SignerEvidence::Missing)),
+        (None, None) => (e.signer.clone(), None),
+    };
     let mut cert_view = None;
     let mut signature_verified = false;
     if e.event == entry::event::SIGNATURE {
@@ -498,7 +533,11 @@ fn verify_entry(
         certificate_serial: e.certificate_serial.clone(),
         certificate_sha256: e.certificate_sha256.clone(),
         signature_verified,
-        signer: e.signer.clone(),
+        signer,
+        signer_evidence,
+        signer_in_clear: e.format() < 2 && e.signer.is_some(),
+        retention_class: e.retention_class.clone(),
+        retain_until: e.retain_until.clone(),
         reason: e.reason.clone(),
         revocation: None,
     })
@@ -655,8 +694,34 @@ fn explain_entry(a: &Account, e: &EntryAccount, out: &mut String) {
     if let Some(r) = &e.revocation {
         out.push_str(&format!("  REVOKED: {}.\n", r.statement));
     }
-    if let Some(s) = &e.signer {
-        out.push_str(&format!("  Signer evidence recorded: {s}.\n"));
+    use crate::vault::SignerEvidence as Ev;
+    match (&e.signer_evidence, &e.signer) {
+        (Some(Ev::Present { .. }), Some(s)) => out.push_str(&format!(
+            "  Signer evidence: {s} (it matches the salted commitment in the signed entry).\n"
+        )),
+        (Some(Ev::Erased { erased_at, reason, cause, erasure_entry }), _) => out.push_str(&format!(
+            "  Signer evidence erased on {} ({reason}; {}, recorded in entry {erasure_entry}). \
+             The entry still commits to it, so the signature and its place in the log stand.\n",
+            erased_at.get(..10).unwrap_or(erased_at),
+            if cause == "retention" { "its retention period ended" } else { "a data subject's erasure request" }
+        )),
+        (Some(Ev::Unreadable { detail }), _) => {
+            out.push_str(&format!("  Signer evidence is not readable: {detail}.\n"));
+        }
+        (Some(Ev::Missing), _) => out.push_str(
+            "  The entry commits to signer evidence this file does not carry.\n",
+        ),
+        (_, Some(s)) if e.signer_in_clear => out.push_str(&format!(
+            "  Signer evidence recorded in clear in the entry (an entry of the first format, \
+             before signer evidence was kept apart): {s}.\n"
+        )),
+        _ => {}
+    }
+    if let Some(u) = &e.retain_until {
+        out.push_str(&format!(
+            "  Retention: class {}, signer evidence kept until {u}.\n",
+            e.retention_class.as_deref().unwrap_or("-")
+        ));
     }
     if let Some(r) = &e.reason {
         out.push_str(&format!("  Reason given: {r}.\n"));
@@ -737,6 +802,10 @@ mod tests {
                 certificate_sha256: None,
                 signature_verified: false,
                 signer: Some(serde_json::json!({"name": "<script>alert('x')</script>"})),
+                signer_evidence: None,
+                signer_in_clear: true,
+                retention_class: None,
+                retain_until: None,
                 reason: None,
                 revocation: None,
             }],

@@ -21,7 +21,18 @@ pub mod event {
     /// An operator accepted a log that differs from its integrity anchors (a restore from
     /// backup): `signet audit accept-restore`.
     pub const LOG_RESTORED: &str = "log_restored";
+    /// Signer evidence was erased (retention sweep or a data subject's request).
+    pub const EVIDENCE_ERASED: &str = "evidence_erased";
+    pub const LEGAL_HOLD_PLACED: &str = "legal_hold_placed";
+    pub const LEGAL_HOLD_RELEASED: &str = "legal_hold_released";
+    /// The signer-evidence vault's key-encryption key was replaced and the old one destroyed.
+    pub const VAULT_KEY_ROTATED: &str = "vault_key_rotated";
 }
+
+/// The entry format this version writes. Format 1 (no `format` field) held the `signer`
+/// object in clear; format 2 holds only `signer_commitment` (the evidence itself is in the
+/// vault, encrypted) plus the retention the entry was written under.
+pub const FORMAT: u32 = 2;
 
 /// Who acted: the client certificate (or the local operator for offline CLI use).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +117,23 @@ pub struct Entry {
     /// Event-specific details (admin events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
+    /// The entry format ([`FORMAT`]); absent in format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<u32>,
+    /// Hex SHA-256 salted commitment to the signer evidence kept in the vault
+    /// ([`crate::vault::commitment`]); format 2 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_commitment: Option<String>,
+    /// The retention rule the entry was written under (the policy's `retention_class`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_class: Option<String>,
+    /// RFC 3339 UTC: when its signer evidence may be erased (absent: kept without limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_until: Option<String>,
+    /// Not part of the entry: the sealed signer evidence that the storage writes to the
+    /// vault in the same commit as the entry (under the entry's index).
+    #[serde(skip)]
+    pub sealed: Option<Box<crate::vault::Row>>,
 }
 
 impl Entry {
@@ -132,7 +160,17 @@ impl Entry {
             request_sha256: None,
             reason: None,
             details: None,
+            format: Some(FORMAT),
+            signer_commitment: None,
+            retention_class: None,
+            retain_until: None,
+            sealed: None,
         }
+    }
+
+    /// The format this entry was written in (1 when the field is absent).
+    pub fn format(&self) -> u32 {
+        self.format.unwrap_or(1)
     }
 
     /// RFC 8785 canonical bytes (no trailing newline).
@@ -166,6 +204,12 @@ impl Entry {
             request_sha256,
             reason,
             details,
+            format,
+            signer_commitment,
+            retention_class,
+            retain_until,
+            // Not serialised: it goes to the vault, not into the leaf.
+            sealed: _,
         } = self;
         let Actor {
             identity,
@@ -188,6 +232,7 @@ impl Entry {
                 value: &d.value,
             }),
             event,
+            format: *format,
             idempotency_key_sha256: idempotency_key_sha256.as_deref(),
             index: *index,
             key_id: key_id.as_deref(),
@@ -200,9 +245,12 @@ impl Entry {
             reason: reason.as_deref(),
             request_id: request_id.as_deref(),
             request_sha256: request_sha256.as_deref(),
+            retain_until: retain_until.as_deref(),
+            retention_class: retention_class.as_deref(),
             signature: signature.as_deref(),
             signature_algorithm: signature_algorithm.as_deref(),
             signer: jcs(signer)?,
+            signer_commitment: signer_commitment.as_deref(),
             tenant: tenant.as_deref(),
             time,
             transaction_id: transaction_id.as_deref(),
@@ -230,6 +278,8 @@ struct SortedEntry<'a> {
     digest: Option<SortedDigest<'a>>,
     event: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     idempotency_key_sha256: Option<&'a str>,
     index: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -245,11 +295,17 @@ struct SortedEntry<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     request_sha256: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    retain_until: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention_class: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     signature: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     signature_algorithm: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     signer: Option<Box<serde_json::value::RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signer_commitment: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tenant: Option<&'a str>,
     time: &'a str,
@@ -292,6 +348,8 @@ pub enum EntryError {
     WrongIndex { expected: u64, found: u64 },
     #[error("its previous_leaf_hash does not match the entry before it")]
     BrokenChain,
+    #[error("format {0} entries never hold signer evidence in clear, but this one does")]
+    SignerInClear(u32),
 }
 
 /// Parse a stored line (without its newline) and check it is canonical and at `expected`.
@@ -303,6 +361,9 @@ pub fn parse_stored(bytes: &[u8], expected: u64) -> Result<Entry, EntryError> {
         .map_err(|e| EntryError::Json(e.to_string()))?;
     if again != bytes {
         return Err(EntryError::NotCanonical);
+    }
+    if entry.format() >= 2 && entry.signer.is_some() {
+        return Err(EntryError::SignerInClear(entry.format()));
     }
     if entry.index != expected {
         return Err(EntryError::WrongIndex {
@@ -357,6 +418,8 @@ mod tests {
             },
         );
         e.index = 3;
+        // Format 1: the signer in clear (entries written before the vault).
+        e.format = None;
         e.signer =
             Some(serde_json::json!({"name": "Zoë", "email": "z@example.com", "ip": "192.0.2.1"}));
         e.transaction_id = Some("tx-1".into());
@@ -388,6 +451,14 @@ mod tests {
             parse_stored(b"{\"index\":0,\"extra\":1}", 0),
             Err(EntryError::Json(_))
         ));
+        // A format-2 entry holding the signer in clear is refused, canonical or not.
+        let mut clear = e.clone();
+        clear.format = Some(FORMAT);
+        let bytes = clear.canonical().unwrap();
+        assert_eq!(
+            parse_stored(&bytes, 3),
+            Err(EntryError::SignerInClear(FORMAT))
+        );
     }
 
     #[test]
@@ -436,6 +507,13 @@ mod tests {
                 value: pick(next()),
             });
             e.transaction_id = (round % 7 != 0).then(|| pick(next()));
+            if round % 2 == 0 {
+                e.format = Some(FORMAT);
+                e.signer = None;
+                e.signer_commitment = Some(pick(next()));
+                e.retention_class = Some(pick(next()));
+                e.retain_until = (round % 3 == 0).then(|| pick(next()));
+            }
             assert_eq!(
                 e.canonical().unwrap(),
                 e.canonical_reference().unwrap(),

@@ -118,6 +118,12 @@ pub(super) enum Op {
     Revoke(RevocationRequest),
     Csr(AdminRequest),
     Import(ImportRequest),
+    Erase(signet::service::ErasureRequest),
+    Sweep,
+    HoldAdd(signet::service::HoldRequest),
+    HoldList,
+    HoldRelease(String, signet::service::ReleaseRequest),
+    VaultRotate(signet::service::VaultRotationRequest),
 }
 
 pub fn keys(cli: &Cli, cmd: &KeysCommand) -> Result<()> {
@@ -461,7 +467,17 @@ fn online(config: &Config, op: Op) -> Result<Value> {
     rt.block_on(async move {
         let mut conn = Connection::connect_url(&tls, &cli_cfg.url).await?;
         let bundle_path;
+        let release_path;
         let (method, path, body) = match &op {
+            Op::Erase(r) => (Method::POST, "/v1/admin/erasures", Some(serde_json::to_value(r)?)),
+            Op::Sweep => (Method::POST, "/v1/admin/evidence/sweep", None),
+            Op::HoldAdd(r) => (Method::POST, "/v1/admin/holds", Some(serde_json::to_value(r)?)),
+            Op::HoldList => (Method::GET, "/v1/admin/holds", None),
+            Op::HoldRelease(id, r) => {
+                release_path = format!("/v1/admin/holds/{}/release", percent_encode(id));
+                (Method::POST, release_path.as_str(), Some(serde_json::to_value(r)?))
+            }
+            Op::VaultRotate(r) => (Method::POST, "/v1/admin/vault/rotations", Some(serde_json::to_value(r)?)),
             Op::Bundle { transaction, tenant } => {
                 bundle_path = format!(
                     "/v1/audit/transactions/{}/bundle{}",
@@ -531,6 +547,16 @@ fn offline(config: Config, op: Op) -> Result<Value> {
                 Op::Revoke(r) => serde_json::to_value(app.admin_revoke(&caller, r).await?)?,
                 Op::Csr(r) => serde_json::json!({"csr": app.admin_csr(&caller, r).await?}),
                 Op::Import(r) => serde_json::to_value(app.admin_import(&caller, r).await?)?,
+                Op::Erase(r) => serde_json::to_value(app.admin_erase(&caller, r).await?)?,
+                Op::Sweep => serde_json::to_value(app.admin_sweep(&caller).await?)?,
+                Op::HoldAdd(r) => serde_json::to_value(app.admin_hold(&caller, r).await?)?,
+                Op::HoldList => serde_json::json!({"holds": app.holds(&caller).await?}),
+                Op::HoldRelease(id, r) => {
+                    serde_json::to_value(app.admin_release_hold(&caller, &id, r).await?)?
+                }
+                Op::VaultRotate(r) => {
+                    serde_json::to_value(app.admin_rotate_vault_key(&caller, r).await?)?
+                }
             })
         }
         .await;

@@ -7,6 +7,7 @@
 
 mod admin;
 mod audit;
+mod retention;
 mod serve;
 mod storage;
 
@@ -65,6 +66,12 @@ pub enum Command {
     /// Offline verification of an evidence bundle (`signet audit export --transaction`).
     #[command(subcommand)]
     Bundle(audit::BundleCommand),
+    /// Signer evidence: erase a data subject's, run the retention sweep, rotate the vault key.
+    #[command(subcommand)]
+    Evidence(retention::EvidenceCommand),
+    /// Legal holds: records they cover are never erased.
+    #[command(subcommand)]
+    Holds(retention::HoldsCommand),
     /// Storage backends: migrate a file log into PostgreSQL.
     #[command(subcommand)]
     Storage(storage::StorageCommand),
@@ -97,6 +104,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Receipt(c) => audit::receipt(&cli, c),
         Command::Bundle(c) => audit::bundle(&cli, c),
         Command::Storage(c) => storage::storage(&cli, c),
+        Command::Evidence(c) => retention::evidence(&cli, c),
+        Command::Holds(c) => retention::holds(&cli, c),
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli)?;
             preflight(&config)?;

@@ -90,6 +90,32 @@ pub struct Config {
     pub cli: Option<CliConfig>,
     /// Where the internal CA publishes revocation data.
     pub pki: PkiConfig,
+    /// The retention sweep and the signer-evidence vault's key schedule.
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: when signer evidence past its retention is erased, and how often the vault's
+/// key-encryption key in the token is replaced (which makes erased records unreadable in
+/// backups too). Retention periods themselves are per policy (`[[policies]] retention`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// How often the sweep looks for records past `retain_until`.
+    pub sweep_interval: Duration,
+    /// How often the vault's key-encryption key is rotated (the old one destroyed).
+    pub key_rotation_interval: Duration,
+    /// The `signer` fields that identify a data subject (`signet evidence erase --subject`):
+    /// their values are indexed by a keyed hash, never in clear.
+    pub subject_fields: Vec<String>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            sweep_interval: Duration::from_secs(3600),
+            key_rotation_interval: Duration::from_secs(30 * 86400),
+            subject_fields: vec!["email".into(), "id".into()],
+        }
+    }
 }
 
 /// `[pki]`: the internal CA's public revocation service (plain HTTP: CRLs and OCSP answers are
@@ -314,6 +340,16 @@ pub struct PolicyConfig {
     pub legal_standard: String,
     pub require_idempotency_key: bool,
     pub rate_limit: Option<RateLimit>,
+    /// How long the signer evidence of signatures under this policy is kept; `None`: without
+    /// limit (until a subject erasure with `--override-retention`).
+    pub retention: Option<Duration>,
+    /// A label for the retention rule (recorded in every entry), e.g. `contracts-7y`.
+    pub retention_class: String,
+}
+
+impl PolicyConfig {
+    /// The class recorded when a policy names none.
+    pub const DEFAULT_RETENTION_CLASS: &str = "default";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -417,6 +453,15 @@ impl PolicyConfig {
                 "per_second": r.per_second, "burst": r.burst.unwrap_or(r.per_second)
             })),
         });
+        // Retention joins the hash only when configured, so a policy without it keeps the
+        // hash it had before retention existed.
+        let mut value = value;
+        if let Some(r) = self.retention {
+            value["retention_seconds"] = r.as_secs().into();
+        }
+        if self.retention_class != Self::DEFAULT_RETENTION_CLASS {
+            value["retention_class"] = self.retention_class.clone().into();
+        }
         // Serialising a json! value of strings, bools and integers cannot fail.
         let bytes = serde_json_canonicalizer::to_vec(&value).unwrap_or_default();
         hex::encode(Sha256::digest(bytes))
@@ -526,6 +571,56 @@ mod raw {
         cli: Option<Cli>,
         #[serde(default)]
         pki: Pki,
+        #[serde(default)]
+        retention: Retention,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Retention {
+        sweep_interval: Option<String>,
+        key_rotation_interval: Option<String>,
+        subject_fields: Option<Vec<String>>,
+    }
+
+    fn check_retention(raw: &Retention) -> Result<RetentionConfig, ConfigError> {
+        let sweep_interval = dur("retention.sweep_interval", &raw.sweep_interval, "1h")?;
+        if sweep_interval < Duration::from_secs(1) || sweep_interval > Duration::from_secs(7 * 86400) {
+            return Err(ConfigError::new(
+                "retention.sweep_interval",
+                "must be between 1s and 7d",
+            ));
+        }
+        let key_rotation_interval = dur(
+            "retention.key_rotation_interval",
+            &raw.key_rotation_interval,
+            "30d",
+        )?;
+        if key_rotation_interval < Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "retention.key_rotation_interval",
+                "must be at least 1h (`signet evidence rotate-key` rotates at once)",
+            ));
+        }
+        let subject_fields = raw
+            .subject_fields
+            .clone()
+            .unwrap_or_else(|| RetentionConfig::default().subject_fields);
+        if subject_fields.is_empty()
+            || subject_fields
+                .iter()
+                .any(|f| f.is_empty() || f.len() > 64 || f.chars().any(char::is_control))
+        {
+            return Err(ConfigError::new(
+                "retention.subject_fields",
+                "must list 1 or more `signer` field names (1-64 characters each)",
+            ));
+        }
+        Ok(RetentionConfig {
+            sweep_interval,
+            key_rotation_interval,
+            subject_fields,
+        })
     }
 
     #[derive(Deserialize, Default)]
@@ -1148,6 +1243,33 @@ mod raw {
                 ));
             }
             check_rate(p.rate_limit, &key("rate_limit"))?;
+            let retention = p
+                .retention
+                .as_deref()
+                .map(|r| parse_duration(&key("retention"), r))
+                .transpose()?;
+            if retention.is_some_and(|r| r.is_zero()) {
+                return Err(ConfigError::new(
+                    key("retention"),
+                    "must be longer than zero (leave it out to keep signer evidence without limit)",
+                ));
+            }
+            let retention_class = match p.retention_class.as_deref() {
+                None => PolicyConfig::DEFAULT_RETENTION_CLASS.to_owned(),
+                Some(c)
+                    if !c.is_empty()
+                        && c.len() <= 64
+                        && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+                {
+                    c.to_owned()
+                }
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        key("retention_class"),
+                        "must be 1-64 characters of letters, digits, `-`, `_` or `.`",
+                    ));
+                }
+            };
             policies.push(PolicyConfig {
                 id,
                 tenant,
@@ -1155,6 +1277,8 @@ mod raw {
                 legal_standard: p.legal_standard.clone(),
                 require_idempotency_key: p.require_idempotency_key,
                 rate_limit: p.rate_limit,
+                retention,
+                retention_class,
             });
         }
         Ok(policies)
@@ -1359,6 +1483,9 @@ mod raw {
         #[serde(default, alias = "idempotency_key_required")]
         require_idempotency_key: bool,
         rate_limit: Option<RateLimit>,
+        /// e.g. "7y", "90d", "30s".
+        retention: Option<String>,
+        retention_class: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -1522,6 +1649,7 @@ mod raw {
             let limits = check_limits(&self.limits)?;
             let rotation = check_rotation(&self.rotation, &path)?;
             let pki = check_pki(&self.pki, &server)?;
+            let retention = check_retention(&self.retention)?;
             let cli = self.cli.map(|c| CliConfig {
                 url: c.url,
                 cert: path(&c.cert),
@@ -1544,6 +1672,7 @@ mod raw {
                 },
                 cli,
                 pki,
+                retention,
             })
         }
     }

@@ -128,3 +128,80 @@ fn scan_token(s: &TokenSession<'_>) -> Result<Vec<TokenKey>, Error> {
     }
     Ok(out)
 }
+
+/// The `CKA_ID` of the signer-evidence vault's key-encryption key of `generation`.
+pub fn kek_id(generation: u32) -> String {
+    format!("signet-vault-kek-{generation}")
+}
+
+/// The signer-evidence vault's key-encryption keys in the token, by generation: AES-256,
+/// generated in the token, never extractable. Data keys are encrypted under them inside the
+/// token; destroying a generation makes everything wrapped under it unreadable for good.
+pub trait VaultKeys: Send + Sync {
+    /// Make sure generation `generation` exists (generated if not).
+    fn ensure_kek(&self, generation: u32) -> BoxFuture<'_, Result<(), Error>>;
+    fn has_kek(&self, generation: u32) -> BoxFuture<'_, Result<bool, Error>>;
+    /// `key` encrypted in the token under `generation` (AES-GCM, bound to `aad`).
+    fn wrap(
+        &self,
+        generation: u32,
+        key: Zeroizing<[u8; 32]>,
+        aad: Vec<u8>,
+    ) -> BoxFuture<'_, Result<Vec<u8>, Error>>;
+    /// The inverse of [`VaultKeys::wrap`].
+    fn unwrap(
+        &self,
+        generation: u32,
+        wrapped: Vec<u8>,
+        aad: Vec<u8>,
+    ) -> BoxFuture<'_, Result<Zeroizing<[u8; 32]>, Error>>;
+    /// Destroy `generation` in the token; whether it was there.
+    fn destroy_kek(&self, generation: u32) -> BoxFuture<'_, Result<bool, Error>>;
+}
+
+use zeroize::Zeroizing;
+
+impl VaultKeys for Hsm {
+    fn ensure_kek(&self, generation: u32) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(self.call(move |s| {
+            s.ensure_aes_key(
+                &kek_id(generation),
+                &format!("signet vault key-encryption key {generation}"),
+            )
+        }))
+    }
+
+    fn has_kek(&self, generation: u32) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(self.call(move |s| s.has_secret_key(&kek_id(generation))))
+    }
+
+    fn wrap(
+        &self,
+        generation: u32,
+        key: Zeroizing<[u8; 32]>,
+        aad: Vec<u8>,
+    ) -> BoxFuture<'_, Result<Vec<u8>, Error>> {
+        Box::pin(self.call(move |s| s.aes_gcm_encrypt(&kek_id(generation), key.as_slice(), &aad)))
+    }
+
+    fn unwrap(
+        &self,
+        generation: u32,
+        wrapped: Vec<u8>,
+        aad: Vec<u8>,
+    ) -> BoxFuture<'_, Result<Zeroizing<[u8; 32]>, Error>> {
+        Box::pin(self.call(move |s| {
+            let plain = s.aes_gcm_decrypt(&kek_id(generation), &wrapped, &aad)?;
+            let mut key = Zeroizing::new([0u8; 32]);
+            if plain.len() != 32 {
+                return Err(Error::Malformed("wrapped data key"));
+            }
+            key.copy_from_slice(&plain);
+            Ok(key)
+        }))
+    }
+
+    fn destroy_kek(&self, generation: u32) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(self.call(move |s| s.destroy_secret_key(&kek_id(generation))))
+    }
+}

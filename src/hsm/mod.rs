@@ -16,7 +16,7 @@ mod signer;
 
 use std::time::Duration;
 
-pub use keys::{KeyToken, TokenKey};
+pub use keys::{KeyToken, TokenKey, VaultKeys, kek_id};
 pub use pool::{Hsm, Library, PIN_FD_ENV, provision_token, read_pin};
 pub use session::{ObjectSummary, TokenSession};
 pub use signer::{ECDSA_WITH_SHA256, TokenSigner};

@@ -418,6 +418,146 @@ impl TokenSession<'_> {
         <[u8; 32]>::try_from(mac.as_slice()).map_err(|_| Error::Malformed("HMAC-SHA256 value"))
     }
 
+    /// Make sure an AES-256 key-encryption key with this `CKA_ID` exists in the token
+    /// (generated there: sensitive, never extractable, a private token object that can only
+    /// encrypt and decrypt). Idempotent. A token without `CKM_AES_KEY_GEN` gets
+    /// [`Error::MissingMechanism`].
+    pub fn ensure_aes_key(&self, id: &str, label: &str) -> Result<(), Error> {
+        if self.find_one(ObjectClass::SECRET_KEY, id)?.is_some() {
+            return Ok(());
+        }
+        let required = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Id(id.as_bytes().to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        let mut strict = required.clone();
+        strict.extend([
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+        ]);
+        let generate = |t: &[Attribute]| self.session.generate_key(&Mechanism::AesKeyGen, t);
+        use cryptoki::error::{Error as Ck, RvError as Rv};
+        match strict_or_required(id, &strict, &required, generate) {
+            Ok(h) => self.check_secret_key(h).inspect_err(|_| {
+                let _ = self.session.destroy_object(h);
+            }),
+            Err(Ck::Pkcs11(
+                Rv::MechanismInvalid | Rv::MechanismParamInvalid | Rv::FunctionNotSupported,
+                _,
+            )) => Err(Error::MissingMechanism {
+                mechanism: "CKM_AES_KEY_GEN",
+                what: "the signer-evidence vault's key-encryption key",
+                id: id.to_owned(),
+            }),
+            Err(e) => Err(Error::pkcs11("C_GenerateKey")(e)),
+        }
+    }
+
+    /// Whether a secret key with this `CKA_ID` exists.
+    pub fn has_secret_key(&self, id: &str) -> Result<bool, Error> {
+        Ok(self.find_one(ObjectClass::SECRET_KEY, id)?.is_some())
+    }
+
+    /// Destroy the secret key(s) with this `CKA_ID`; whether there was one.
+    pub fn destroy_secret_key(&self, id: &str) -> Result<bool, Error> {
+        self.handles
+            .invalidate(&(self.instance, format!("secret:{id}")));
+        let mut destroyed = false;
+        for h in self.find_all(ObjectClass::SECRET_KEY, id)? {
+            self.session
+                .destroy_object(h)
+                .map_err(Error::pkcs11("C_DestroyObject"))?;
+            destroyed = true;
+        }
+        Ok(destroyed)
+    }
+
+    /// AES-GCM encryption inside the token with the secret key `id`: a random 96-bit IV, a
+    /// 128-bit tag; returns IV ‖ ciphertext ‖ tag.
+    pub fn aes_gcm_encrypt(&self, id: &str, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>, Error> {
+        let key = self.secret_key(id)?;
+        let mut iv = [0u8; 12];
+        aws_lc_rs::rand::fill(&mut iv).map_err(|_| Error::Malformed("random IV"))?;
+        let mut iv_param = iv;
+        let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv_param, aad, 128.into())
+            .map_err(Error::pkcs11("CK_GCM_PARAMS"))?;
+        let sealed = self
+            .session
+            .encrypt(&Mechanism::AesGcm(params), key, plain)
+            .map_err(Error::pkcs11("C_Encrypt (CKM_AES_GCM)"))?;
+        let mut out = iv.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// The inverse of [`TokenSession::aes_gcm_encrypt`]; a wrong key, IV, tag or AAD is an error.
+    pub fn aes_gcm_decrypt(
+        &self,
+        id: &str,
+        sealed: &[u8],
+        aad: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+        if sealed.len() < 12 + 16 {
+            return Err(Error::Malformed("AES-GCM ciphertext"));
+        }
+        let key = self.secret_key(id)?;
+        let mut iv = [0u8; 12];
+        iv.copy_from_slice(&sealed[..12]);
+        let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into())
+            .map_err(Error::pkcs11("CK_GCM_PARAMS"))?;
+        let plain = self
+            .session
+            .decrypt(&Mechanism::AesGcm(params), key, &sealed[12..])
+            .map_err(Error::pkcs11("C_Decrypt (CKM_AES_GCM)"))?;
+        Ok(zeroize::Zeroizing::new(plain))
+    }
+
+    fn secret_key(&self, id: &str) -> Result<ObjectHandle, Error> {
+        let cache_key = (self.instance, format!("secret:{id}"));
+        if let Some(h) = self.handles.get(&cache_key) {
+            return Ok(h);
+        }
+        let h = self
+            .find_one(ObjectClass::SECRET_KEY, id)?
+            .ok_or_else(|| Error::NotFound(format!("secret key {id}")))?;
+        self.handles.insert(cache_key, h);
+        Ok(h)
+    }
+
+    /// A generated secret key must be sensitive and not extractable.
+    fn check_secret_key(&self, h: ObjectHandle) -> Result<(), Error> {
+        let attrs = self
+            .session
+            .get_attributes(h, &[AttributeType::Sensitive, AttributeType::Extractable])
+            .map_err(Error::pkcs11(
+                "C_GetAttributeValue (secret key protection)",
+            ))?;
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(false) => {
+                    return Err(Error::UnsafeKey("CKA_SENSITIVE is false"));
+                }
+                Attribute::Extractable(true) => {
+                    return Err(Error::UnsafeKey("CKA_EXTRACTABLE is true"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The values of the private data objects labelled `label` (normally one; two if the
     /// process died inside [`TokenSession::store_data_object`]).
     pub fn data_objects(&self, label: &str) -> Result<Vec<Vec<u8>>, Error> {

@@ -72,6 +72,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/admin/rotations", get(admin_status).post(admin_rotate))
         .route("/v1/admin/rollback", post(admin_rollback))
         .route("/v1/admin/revocations", post(admin_revoke))
+        .route("/v1/admin/erasures", post(admin_erase))
+        .route("/v1/admin/evidence/sweep", post(admin_sweep))
+        .route("/v1/admin/holds", get(admin_holds).post(admin_hold))
+        .route("/v1/admin/holds/{id}/release", post(admin_release_hold))
+        .route("/v1/admin/vault/rotations", post(admin_rotate_vault_key))
         .route("/v1/admin/csr", post(admin_csr))
         .route("/v1/admin/certificates", post(admin_import))
         .route("/v1/admin/reload", post(admin_reload))
@@ -618,6 +623,80 @@ async fn admin_revoke(
         s.app.admin_revoke(&caller, req).await,
         &caller.request_id,
     )
+}
+
+async fn admin_erase(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<crate::service::ErasureRequest>,
+) -> Response {
+    respond(
+        StatusCode::OK,
+        s.app.admin_erase(&caller, req).await,
+        &caller.request_id,
+    )
+}
+
+async fn admin_sweep(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
+    respond(
+        StatusCode::OK,
+        s.app.admin_sweep(&caller).await,
+        &caller.request_id,
+    )
+}
+
+async fn admin_holds(State(s): State<ApiState>, Ctx(caller): Ctx) -> Response {
+    respond(
+        StatusCode::OK,
+        s.app
+            .holds(&caller)
+            .await
+            .map(|h| serde_json::json!({ "holds": h })),
+        &caller.request_id,
+    )
+}
+
+async fn admin_hold(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    JsonBody(req): JsonBody<crate::service::HoldRequest>,
+) -> Response {
+    respond(
+        StatusCode::CREATED,
+        s.app.admin_hold(&caller, req).await,
+        &caller.request_id,
+    )
+}
+
+async fn admin_release_hold(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<crate::service::ReleaseRequest>,
+) -> Response {
+    respond(
+        StatusCode::OK,
+        s.app.admin_release_hold(&caller, &id, req).await,
+        &caller.request_id,
+    )
+}
+
+async fn admin_rotate_vault_key(
+    State(s): State<ApiState>,
+    Ctx(caller): Ctx,
+    body: axum::body::Bytes,
+) -> Response {
+    let req = if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(crate::service::VaultRotationRequest::default())
+    } else {
+        serde_json::from_slice::<crate::service::VaultRotationRequest>(&body)
+            .map_err(|e| crate::service::Error::invalid("body", e.to_string()))
+    };
+    let result = match req {
+        Ok(r) => s.app.admin_rotate_vault_key(&caller, r).await,
+        Err(e) => Err(e),
+    };
+    respond(StatusCode::OK, result, &caller.request_id)
 }
 
 async fn admin_rollback(

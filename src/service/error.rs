@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::{audit, hsm, keys, policy, rotation};
+use crate::{audit, hsm, keys, policy, rotation, vault};
 
 /// Everything a use case can fail with. `http::problem` maps these to status codes.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,14 @@ pub enum Error {
     Internal(String),
     #[error("the first checkpoint is being signed")]
     NoCheckpointYet,
+    #[error(transparent)]
+    Vault(#[from] vault::Error),
+    /// An erasure refused because the records' retention has not ended.
+    #[error("{0}")]
+    RetentionInForce(String),
+    /// An erasure refused because the records are on legal hold.
+    #[error("{0}")]
+    LegalHold(String),
     /// An error shared by concurrent callers (idempotent requests coalesced into one).
     #[error(transparent)]
     Shared(Arc<Error>),
@@ -167,6 +175,17 @@ impl Error {
             Error::NoCheckpointYet => {
                 public(C::Unavailable, "no-checkpoint-yet", "No checkpoint yet").retry(2)
             }
+            Error::Vault(vault::Error::Token(he)) => hsm_class(he),
+            Error::Vault(vault::Error::Storage(crate::storage::Error::Unavailable(_))) => {
+                audit_class(&audit::Error::Storage(String::new()))
+            }
+            Error::Vault(_) => internal(),
+            Error::RetentionInForce(_) => public(
+                C::Conflict,
+                "retention-in-force",
+                "The records are still within their retention period",
+            ),
+            Error::LegalHold(_) => public(C::Conflict, "legal-hold", "The records are on legal hold"),
             Error::Shared(inner) => inner.classify(),
         }
     }

@@ -24,6 +24,9 @@ pub struct ProvedEntry {
     pub inclusion_proof: Vec<String>,
     /// The C2SP `tlog-proof@v1` (its `extra` line is the canonical entry).
     pub proof: String,
+    /// The signer evidence the entry commits to (format 2), from the vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_evidence: Option<crate::vault::SignerEvidence>,
 }
 
 /// `GET /v1/audit/transactions/{transaction_id}`.
@@ -104,8 +107,10 @@ impl App {
             if !self.may_read_entry(caller, &entry) {
                 continue;
             }
+            let signer_evidence = self.signer_evidence(&entry).await;
             match proof {
                 Some(p) => entries.push(ProvedEntry {
+                    signer_evidence,
                     index,
                     entry,
                     leaf_hash: B64.encode(p.leaf_hash),
@@ -332,6 +337,7 @@ impl App {
                 .map(|e| BundleEntry {
                     index: e.index,
                     proof: e.proof.clone(),
+                    signer_evidence: e.signer_evidence.clone(),
                 })
                 .collect(),
             completeness: Some(Completeness {

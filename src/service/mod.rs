@@ -8,6 +8,7 @@ mod admin;
 mod error;
 mod evidence;
 pub mod idempotency;
+mod retention;
 mod revocation;
 mod sign;
 pub mod timestamping;
@@ -26,6 +27,10 @@ pub use admin::{
 };
 pub use error::{Class, Classified, Error};
 pub use evidence::{EntriesPage, EntriesQuery, IndexedEntry, ProvedEntry, TransactionView};
+pub use retention::{
+    ErasureAnswer, ErasureRequest, HoldRequest, ReleaseRequest, SweepAnswer, VaultRotationAnswer,
+    VaultRotationRequest,
+};
 pub use revocation::{OcspAnswer, PublishedCrl};
 pub use sign::{BatchRequest, SignRequest, SignResponse, VerifyRequest};
 pub use views::{CheckpointView, ConsistencyView, EntryView, Readiness};
@@ -95,6 +100,10 @@ pub struct App {
     ca: Arc<ArcSwap<Option<Arc<CertInfo>>>>,
     /// The internal CA's CRL and OCSP answers (`[pki]`).
     pki: revocation::Publisher,
+    /// The signer-evidence vault and legal holds.
+    vault: Arc<crate::vault::Vault>,
+    /// Locks held across replicas (the vault key rotation).
+    leases: Arc<dyn storage::Leases>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -198,6 +207,8 @@ pub enum StartError {
     Ca(String),
     #[error("rotation journal: {0}")]
     Rotation(#[from] rotation::Error),
+    #[error("signer-evidence vault: {0}")]
+    Vault(crate::vault::Error),
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("storage: {0}")]
@@ -260,6 +271,8 @@ impl App {
             timestamps: timestamp_store,
             claims,
             replicas,
+            vault: vault_store,
+            holds,
         } = storage::open(
             &config,
             Arc::clone(&log_keys) as _,
@@ -305,7 +318,7 @@ impl App {
                     clock: Arc::clone(&clock),
                     dynamic: Arc::clone(&dynamic),
                     ca: Arc::clone(&ca),
-                    leases,
+                    leases: Arc::clone(&leases),
                     shared: replicas.shared(),
                     revocation_urls: config
                         .pki
@@ -317,6 +330,18 @@ impl App {
             .await?,
         );
         rotation.restore_revocations().await?;
+        let vault = Arc::new(
+            crate::vault::Vault::open(
+                Arc::new(hsm.clone()),
+                vault_store,
+                holds,
+                config.retention.subject_fields.clone(),
+                replicas.shared(),
+                &crate::clock::rfc3339(clock.unix()),
+            )
+            .await
+            .map_err(StartError::Vault)?,
+        );
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let config_pki_ocsp_validity = config.pki.ocsp_validity;
         let app = Arc::new(Self {
@@ -340,6 +365,8 @@ impl App {
             timestamp_store,
             ca,
             pki: revocation::Publisher::new(config_pki_ocsp_validity),
+            vault,
+            leases,
             shutdown,
             tasks: std::sync::Mutex::new(Vec::new()),
         });
@@ -387,6 +414,9 @@ impl App {
         let app = Arc::clone(self);
         let stop = self.shutdown.subscribe();
         tasks.push(tokio::spawn(async move { app.keep_crl_signed(stop).await }));
+        let app = Arc::clone(self);
+        let stop = self.shutdown.subscribe();
+        tasks.push(tokio::spawn(async move { app.retention_loop(stop).await }));
         if let Some(cfg) = self.config.audit.timestamping.clone() {
             let app = Arc::clone(self);
             let stop = self.shutdown.subscribe();

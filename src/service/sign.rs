@@ -25,6 +25,7 @@ use crate::hsm::fair::Share;
 use crate::keys::KeyVersion;
 use crate::policy::{Policies, Policy};
 use crate::storage::Claim;
+use crate::vault::Row;
 
 const MAX_TRANSACTION_ID: usize = 256;
 const MAX_SIGNER_BYTES: usize = 8 * 1024;
@@ -105,14 +106,15 @@ struct Valid {
 }
 
 impl Valid {
-    /// SHA-256 of the canonical request: same request ⇔ same hash.
-    fn request_sha256(&self) -> String {
+    /// SHA-256 of the canonical request: same request ⇔ same hash. The signer enters as its
+    /// keyed hash (`signer_hash`), so the recorded hash cannot test guesses of the signer.
+    fn request_sha256(&self, signer_hash: Option<String>) -> String {
         let v = serde_json::json!({
             "policy_id": self.policy_id.as_str(),
             "digest_algorithm": self.algorithm.as_str(),
             "digest": self.digest.to_hex(),
             "transaction_id": self.transaction_id,
-            "signer": self.signer,
+            "signer_hmac": signer_hash,
         });
         hex::encode(Sha256::digest(
             serde_json_canonicalizer::to_vec(&v).unwrap_or_default(),
@@ -400,9 +402,14 @@ impl App {
         let idempotency = match &idempotency_key {
             Some(k) => {
                 validate_idempotency_key(k)?;
+                let signer_hash = valid
+                    .signer
+                    .as_ref()
+                    .map(|s| self.vault.request_signer_hash(s))
+                    .transpose()?;
                 Some(Idempotent {
                     key_sha256: idempotency::key_sha256(k),
-                    request_sha256: valid.request_sha256(),
+                    request_sha256: valid.request_sha256(signer_hash),
                 })
             }
             None if policy.config.require_idempotency_key => {
@@ -520,6 +527,7 @@ impl App {
     async fn sign_and_record(&self, caller: &Caller, ready: &Ready) -> Result<SignResponse, Error> {
         let mut key = Arc::clone(&ready.key);
         let mut attempt = 0;
+        let sealed = self.seal_ready(ready).await?;
         loop {
             let share = Self::share(caller, &ready.policy.config.tenant, 1);
             // Checked in the token worker with the version's public key before it goes on.
@@ -527,7 +535,7 @@ impl App {
                 .hsm
                 .sign_as(&share, key.token_id(), ready.valid.digest.0, key.public_key)
                 .await?;
-            let entry = self.signature_entry(caller, ready, &key, &der);
+            let entry = self.signature_entry(caller, ready, &key, &der, sealed.as_ref());
             let mut response = response(&entry, certificate_pem(&key), Receipt::default());
             // Evidence seam: nothing is returned to the client before this append is durable.
             match self.log.append(vec![entry]).await {
@@ -630,6 +638,13 @@ impl App {
         };
         let mut keys: Vec<Arc<KeyVersion>> =
             items.iter().map(|(_, r)| Arc::clone(&r.key)).collect();
+        let mut sealed = Vec::with_capacity(items.len());
+        for (_, r) in &items {
+            match self.seal_ready(r).await {
+                Ok(s) => sealed.push(s),
+                Err(e) => return fail_all(items, e),
+            }
+        }
         let mut attempt = 0;
         loop {
             let jobs: Vec<(String, [u8; 32], p256::ecdsa::VerifyingKey)> = items
@@ -655,7 +670,8 @@ impl App {
                 .iter()
                 .zip(&keys)
                 .zip(&sigs)
-                .map(|(((_, r), k), der)| self.signature_entry(caller, r, k, der))
+                .zip(&sealed)
+                .map(|((((_, r), k), der), s)| self.signature_entry(caller, r, k, der, s.as_ref()))
                 .collect();
             let responses: Vec<SignResponse> = entries
                 .iter()
@@ -693,12 +709,30 @@ impl App {
         }
     }
 
+    /// The request's signer evidence sealed for the vault (commitment and record), if it
+    /// has any.
+    async fn seal_ready(&self, ready: &Ready) -> Result<Option<(String, Box<Row>)>, Error> {
+        let Some(signer) = &ready.valid.signer else {
+            return Ok(None);
+        };
+        let now_us = crate::clock::micros(self.clock.now());
+        self.seal_signer(
+            signer,
+            &ready.policy.config,
+            ready.valid.transaction_id.clone(),
+            now_us,
+        )
+        .await
+        .map(Some)
+    }
+
     fn signature_entry(
         &self,
         caller: &Caller,
         ready: &Ready,
         key: &KeyVersion,
         der: &[u8],
+        sealed: Option<&(String, Box<Row>)>,
     ) -> Entry {
         let now = self.clock.now();
         let mut e = Entry::new(
@@ -726,7 +760,20 @@ impl App {
         e.signature = Some(B64.encode(der));
         e.signature_algorithm = Some(SIGNATURE_ALGORITHM.to_owned());
         e.transaction_id = ready.valid.transaction_id.clone();
-        e.signer = ready.valid.signer.clone();
+        // Format 2: the signer evidence goes to the vault; the leaf holds its commitment and
+        // the retention it is kept under.
+        e.retention_class = Some(p.retention_class.clone());
+        let retain_until = match sealed {
+            Some((commitment, row)) => {
+                e.signer_commitment = Some(commitment.clone());
+                e.sealed = Some(row.clone());
+                row.retain_until_us
+            }
+            None => p
+                .retention
+                .map(|r| crate::clock::micros(now + r)),
+        };
+        e.retain_until = retain_until.map(crate::clock::rfc3339_from_micros);
         if let Some(idem) = &ready.idempotency {
             e.idempotency_key_sha256 = Some(hex::encode(idem.key_sha256));
             e.request_sha256 = Some(idem.request_sha256.clone());

@@ -37,6 +37,10 @@ pub struct EntryView {
     pub checkpoint: String,
     /// The C2SP `tlog-proof@v1` (its `extra` line is the canonical entry).
     pub proof: String,
+    /// The signer evidence a format-2 entry commits to, from the vault (checked against the
+    /// commitment), or what became of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_evidence: Option<crate::vault::SignerEvidence>,
 }
 
 /// `GET /v1/audit/consistency`.
@@ -91,7 +95,9 @@ impl App {
                 caller.identity.identity
             )));
         }
+        let signer_evidence = self.signer_evidence(&entry).await;
         Ok(EntryView {
+            signer_evidence,
             index,
             entry,
             leaf_hash: B64.encode(proof.leaf_hash),

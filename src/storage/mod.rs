@@ -28,6 +28,7 @@ use serde_json::Value;
 
 use crate::audit::timestamp::StoredTimestamp;
 use crate::audit::{self, EntryProof, Receipt, StoredCheckpoint, merkle::Hash, tiled};
+use crate::vault;
 
 /// A storage failure, with what failed.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +172,60 @@ pub trait Replicas: Send + Sync {
     fn state_version(&self) -> BoxFuture<'_, Result<i64, Error>>;
 }
 
+/// The signer-evidence vault's records ([`crate::vault`]): written by the log's writer in the
+/// same commit as their entries (from [`audit::Entry::sealed`]), erased and re-wrapped here.
+pub trait VaultStore: Send + Sync {
+    /// The vault's key state; `None` before the first start.
+    fn meta(&self) -> BoxFuture<'_, Result<Option<vault::Meta>, Error>>;
+    /// Store the first key state unless one exists (another replica's won).
+    fn init_meta<'a>(&'a self, m: &'a vault::Meta) -> BoxFuture<'a, Result<(), Error>>;
+    fn set_meta<'a>(&'a self, m: &'a vault::Meta) -> BoxFuture<'a, Result<(), Error>>;
+    /// The record of entry `index`.
+    fn get(&self, index: u64) -> BoxFuture<'_, Result<Option<vault::Row>, Error>>;
+    /// The sealed (not erased) records carrying subject tag `tag`.
+    fn by_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<Vec<vault::Row>, Error>>;
+    /// Sealed records whose retention ended at or before `now_us`, after index `after`, in
+    /// index order, at most `limit`.
+    fn due(
+        &self,
+        now_us: i64,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<vault::Row>, Error>>;
+    /// Sealed records wrapped under another KEK generation than `current`, after `after`.
+    fn stale(
+        &self,
+        current: u32,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<vault::Row>, Error>>;
+    /// Replace record `index`'s wrapped data key if it is still `old`; whether it was.
+    fn rewrap<'a>(
+        &'a self,
+        index: u64,
+        old: &'a str,
+        kek: u32,
+        wrapped: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Error>>;
+    /// Erase the sealed records among `indexes` (their data key, ciphertext and tags go;
+    /// `erasure` stays). Durable when this returns; how many were erased.
+    fn erase<'a>(
+        &'a self,
+        indexes: &'a [u64],
+        erasure: &'a vault::Erasure,
+    ) -> BoxFuture<'a, Result<u64, Error>>;
+    /// (sealed, erased) record counts.
+    fn counts(&self) -> BoxFuture<'_, Result<(u64, u64), Error>>;
+}
+
+/// Legal holds ([`crate::vault::Hold`]).
+pub trait HoldStore: Send + Sync {
+    /// Every hold, active or released, oldest first.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<vault::Hold>, Error>>;
+    /// Store a new hold or its release (by `id`). Durable when this returns.
+    fn put<'a>(&'a self, h: &'a vault::Hold) -> BoxFuture<'a, Result<(), Error>>;
+}
+
 /// The storage of one running service: one seam per concern, whichever backend holds it.
 pub struct Storage {
     pub log: Arc<Log>,
@@ -180,6 +235,8 @@ pub struct Storage {
     pub timestamps: Arc<dyn TimestampStore>,
     pub claims: Arc<dyn Claims>,
     pub replicas: Arc<dyn Replicas>,
+    pub vault: Arc<dyn VaultStore>,
+    pub holds: Arc<dyn HoldStore>,
 }
 
 /// Why the storage could not be opened.

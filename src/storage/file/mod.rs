@@ -26,6 +26,7 @@ pub mod offsets;
 pub mod state;
 pub mod tail;
 pub mod tilefiles;
+pub mod vault;
 
 mod reader;
 mod recovery;
@@ -86,6 +87,8 @@ pub(super) async fn open(
     // The one process signs every checkpoint.
     metrics.storage_leader.set(1);
     let state = Arc::new(state::FileState::new(&config.state_dir));
+    let file_vault = Arc::new(vault::FileVault::new(&config.audit.dir));
+    log.attach_vault(Arc::clone(&file_vault))?;
     Ok(super::Storage {
         log: Arc::new(super::Log::File(Arc::new(log))),
         keys: Arc::clone(&state) as _,
@@ -94,6 +97,8 @@ pub(super) async fn open(
         timestamps: Arc::new(state::FileTimestamps::new(&config.audit.dir)),
         claims: Arc::new(state::ProcessLeases),
         replicas: Arc::new(state::OneProcess::default()),
+        vault: file_vault,
+        holds: Arc::new(vault::FileHolds::new(&config.state_dir)),
     })
 }
 
@@ -167,6 +172,8 @@ struct Inner {
     /// but whose token anchor could not be stored yet (retried before anything else, so a
     /// failing anchor never makes a second line for the same checkpoint).
     checkpointing: Mutex<Option<TreeHead>>,
+    /// The signer-evidence vault the writer appends sealed records to (set once at start).
+    vault: std::sync::OnceLock<Arc<vault::FileVault>>,
     _lock: File,
 }
 
@@ -258,6 +265,15 @@ fn read_active(dir: &Path, origin: &str, token: &dyn TokenAnchor) -> Option<Save
 }
 
 impl FileLog {
+    /// Give the writer the vault for sealed records, after cutting the vault's records of
+    /// entries the log does not have (never acknowledged).
+    pub fn attach_vault(&self, v: Arc<vault::FileVault>) -> Result<(), Error> {
+        v.cut(self.tree_size())
+            .map_err(|e| Error::Storage(format!("the signer-evidence vault: {e}")))?;
+        let _ = self.inner.vault.set(v);
+        Ok(())
+    }
+
     /// What differed from the anchors when opened with `accept_restore`.
     pub fn restore_findings(&self) -> &[String] {
         &self.restore_findings

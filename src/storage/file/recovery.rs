@@ -110,6 +110,7 @@ impl FileLog {
             writable: AtomicBool::new(true),
             latest: RwLock::new(latest),
             checkpointing: Mutex::new(None),
+            vault: std::sync::OnceLock::new(),
             _lock: lock,
         });
         let (queue, rx) = crossbeam_channel::unbounded();

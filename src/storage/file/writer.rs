@@ -87,6 +87,7 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
         events: Vec::new(),
         lookups: Vec::new(),
         staged: None,
+        sealed: Vec::new(),
     };
     let mut receipts: Vec<Result<Vec<Receipt>, Error>> = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
@@ -101,6 +102,7 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
         events,
         lookups,
         staged,
+        sealed,
         ..
     } = batch;
 
@@ -119,7 +121,21 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
         size: grown.size(),
         root: grown.root(),
     };
-    if let Err(e) = write_durably(inner, sink, buf, &ends, head) {
+    // Commit point 0: the group's sealed signer evidence is durable in the vault before its
+    // entries are written (a record without its entry is cut at the next start).
+    let vault_before = match (sealed.is_empty(), inner.vault.get()) {
+        (true, _) => Ok(Vec::new()),
+        (false, Some(v)) => v.append(&sealed).map_err(|e| Error::Unwritable(e.to_string())),
+        (false, None) => Err(Error::Storage("no signer-evidence vault is attached".into())),
+    };
+    let written = vault_before.and_then(|before| {
+        write_durably(inner, sink, buf, &ends, head).inspect_err(|_| {
+            if let Some(v) = inner.vault.get() {
+                v.undo(&before);
+            }
+        })
+    });
+    if let Err(e) = written {
         let previous = TreeHead {
             size: base_index,
             root: edge.root(),
@@ -178,6 +194,8 @@ struct Batch<'a> {
     lookups: Vec<(u64, index::Indexed)>,
     /// The order state as of this group; becomes `active` only once the group is durable.
     staged: Option<order::ActiveVersions>,
+    /// The vault records of the group's entries (with their indexes).
+    sealed: Vec<crate::vault::Row>,
 }
 
 impl Batch<'_> {
@@ -208,6 +226,7 @@ impl Batch<'_> {
                     self.events
                         .truncate(self.events.len() - (self.next - mark.1) as usize);
                     self.lookups.retain(|(i, _)| *i < mark.1);
+                    self.sealed.retain(|r| r.index < mark.1);
                     self.next = mark.1;
                     self.previous = mark.3;
                     self.staged = mark.4;
@@ -228,6 +247,10 @@ impl Batch<'_> {
         e.previous_leaf_hash = self.previous.map(|h| B64.encode(h));
         let order = self.staged.as_ref().unwrap_or(active);
         order.check(&e).map_err(Error::Superseded)?;
+        if let Some(mut row) = e.sealed.take() {
+            row.index = self.next;
+            self.sealed.push(*row);
+        }
         if order::changes_order(&e) {
             self.staged.get_or_insert_with(|| active.clone()).record(&e);
         }

@@ -64,6 +64,7 @@ mod schema;
 mod sequencer;
 mod state;
 mod transfer;
+mod vault;
 
 use claims::PgClaims;
 pub use db::Db;
@@ -105,6 +106,12 @@ pub(super) async fn open(
         claims: Arc::new(PgClaims {
             log: Arc::clone(&log),
             lease: pg.claim_lease,
+        }),
+        vault: Arc::new(vault::PgVault {
+            db: Arc::clone(&db),
+        }),
+        holds: Arc::new(vault::PgVault {
+            db: Arc::clone(&db),
         }),
         replicas: Arc::new(PgReplicas { db, log }),
     })

@@ -73,6 +73,26 @@ CREATE TABLE IF NOT EXISTS signet_state_version (
     version bigint NOT NULL
 );
 INSERT INTO signet_state_version VALUES (1, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS signet_vault (
+    idx bigint PRIMARY KEY,
+    row jsonb NOT NULL,
+    sealed boolean NOT NULL,
+    retain_until_us bigint,
+    kek integer
+);
+CREATE INDEX IF NOT EXISTS signet_vault_due ON signet_vault (retain_until_us, idx) WHERE sealed;
+CREATE INDEX IF NOT EXISTS signet_vault_kek ON signet_vault (kek, idx) WHERE sealed;
+CREATE INDEX IF NOT EXISTS signet_vault_tags ON signet_vault
+    USING gin ((row->'content'->'sealed'->'tags'));
+CREATE TABLE IF NOT EXISTS signet_vault_meta (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    meta jsonb NOT NULL
+);
+CREATE TABLE IF NOT EXISTS signet_holds (
+    id text PRIMARY KEY,
+    seq bigserial,
+    body jsonb NOT NULL
+);
 CREATE OR REPLACE FUNCTION signet_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'signet evidence is append-only: % on % refused', TG_OP, TG_TABLE_NAME;

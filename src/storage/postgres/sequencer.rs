@@ -224,7 +224,7 @@ impl PgLog {
                     }
                 };
                 let leaf = merkle::leaf_hash(&bytes);
-                rows.push(next, leaf, bytes, &e);
+                rows.push(next, leaf, bytes, &mut e);
                 if let Some((client, key)) = claim_key(&e) {
                     rows.claims.push((
                         client,
@@ -330,10 +330,16 @@ pub(super) struct Rows {
     pub(super) transaction: Vec<Option<String>>,
     pub(super) time_us: Vec<i64>,
     pub(super) claims: Vec<(String, Vec<u8>, String, i64)>,
+    /// Vault records of the entries (written in the same transaction).
+    pub(super) vault: Vec<crate::vault::Row>,
 }
 
 impl Rows {
-    pub(super) fn push(&mut self, index: u64, leaf: Hash, body: Vec<u8>, e: &Entry) {
+    pub(super) fn push(&mut self, index: u64, leaf: Hash, body: Vec<u8>, e: &mut Entry) {
+        if let Some(mut row) = e.sealed.take() {
+            row.index = index;
+            self.vault.push(*row);
+        }
         self.idx.push(index as i64);
         self.leaf.push(leaf.to_vec());
         self.body.push(body);
@@ -353,6 +359,11 @@ impl Rows {
         self.transaction.truncate(n);
         self.time_us.truncate(n);
         self.claims.truncate(claims);
+        if let Some(&first) = self.idx.last() {
+            self.vault.retain(|r| r.index as i64 <= first);
+        } else {
+            self.vault.clear();
+        }
     }
 }
 

@@ -347,11 +347,11 @@ async fn import_entries(
         }
         line.pop();
         let index = edge.size();
-        let e: Entry = serde_json::from_slice(&line)
+        let mut e: Entry = serde_json::from_slice(&line)
             .map_err(|err| Error::Invalid(format!("entry {index}: {err}")))?;
         imported.active.record(&e);
         let leaf = merkle::leaf_hash(&line);
-        rows.push(index, leaf, line.clone(), &e);
+        rows.push(index, leaf, line.clone(), &mut e);
         if let Some((client, key)) = claim_key(&e) {
             rows.claims.push((
                 client,
@@ -497,6 +497,7 @@ pub(super) async fn insert_rows(
             .await?;
         tx.execute(&record, &[&c, &k, &h, &i]).await?;
     }
+    super::vault::insert_records(tx, &rows.vault).await?;
     *rows = Rows::default();
     Ok(())
 }
