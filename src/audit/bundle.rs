@@ -699,18 +699,30 @@ fn explain_entry(a: &Account, e: &EntryAccount, out: &mut String) {
         (Some(Ev::Present { .. }), Some(s)) => out.push_str(&format!(
             "  Signer evidence: {s} (it matches the salted commitment in the signed entry).\n"
         )),
-        (Some(Ev::Erased { erased_at, reason, cause, erasure_entry }), _) => out.push_str(&format!(
+        (
+            Some(Ev::Erased {
+                erased_at,
+                reason,
+                cause,
+                erasure_entry,
+            }),
+            _,
+        ) => out.push_str(&format!(
             "  Signer evidence erased on {} ({reason}; {}, recorded in entry {erasure_entry}). \
              The entry still commits to it, so the signature and its place in the log stand.\n",
             erased_at.get(..10).unwrap_or(erased_at),
-            if cause == "retention" { "its retention period ended" } else { "a data subject's erasure request" }
+            if cause == "retention" {
+                "its retention period ended"
+            } else {
+                "a data subject's erasure request"
+            }
         )),
         (Some(Ev::Unreadable { detail }), _) => {
             out.push_str(&format!("  Signer evidence is not readable: {detail}.\n"));
         }
-        (Some(Ev::Missing), _) => out.push_str(
-            "  The entry commits to signer evidence this file does not carry.\n",
-        ),
+        (Some(Ev::Missing), _) => {
+            out.push_str("  The entry commits to signer evidence this file does not carry.\n")
+        }
         (_, Some(s)) if e.signer_in_clear => out.push_str(&format!(
             "  Signer evidence recorded in clear in the entry (an entry of the first format, \
              before signer evidence was kept apart): {s}.\n"

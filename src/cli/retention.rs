@@ -231,8 +231,12 @@ fn scope(h: &Hold) -> String {
         (Some(t), _) => format!("transaction {t}"),
         (None, Some(t)) => format!(
             "tenant {t}{}{}",
-            h.since.as_ref().map_or(String::new(), |s| format!(" from {s}")),
-            h.until.as_ref().map_or(String::new(), |u| format!(" until {u}"))
+            h.since
+                .as_ref()
+                .map_or(String::new(), |s| format!(" from {s}")),
+            h.until
+                .as_ref()
+                .map_or(String::new(), |u| format!(" until {u}"))
         ),
         (None, None) => "-".into(),
     }

@@ -585,7 +585,9 @@ mod raw {
 
     fn check_retention(raw: &Retention) -> Result<RetentionConfig, ConfigError> {
         let sweep_interval = dur("retention.sweep_interval", &raw.sweep_interval, "1h")?;
-        if sweep_interval < Duration::from_secs(1) || sweep_interval > Duration::from_secs(7 * 86400) {
+        if sweep_interval < Duration::from_secs(1)
+            || sweep_interval > Duration::from_secs(7 * 86400)
+        {
             return Err(ConfigError::new(
                 "retention.sweep_interval",
                 "must be between 1s and 7d",
@@ -1259,7 +1261,8 @@ mod raw {
                 Some(c)
                     if !c.is_empty()
                         && c.len() <= 64
-                        && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+                        && c.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
                 {
                     c.to_owned()
                 }

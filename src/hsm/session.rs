@@ -541,9 +541,7 @@ impl TokenSession<'_> {
         let attrs = self
             .session
             .get_attributes(h, &[AttributeType::Sensitive, AttributeType::Extractable])
-            .map_err(Error::pkcs11(
-                "C_GetAttributeValue (secret key protection)",
-            ))?;
+            .map_err(Error::pkcs11("C_GetAttributeValue (secret key protection)"))?;
         for a in attrs {
             match a {
                 Attribute::Sensitive(false) => {

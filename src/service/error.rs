@@ -185,7 +185,9 @@ impl Error {
                 "retention-in-force",
                 "The records are still within their retention period",
             ),
-            Error::LegalHold(_) => public(C::Conflict, "legal-hold", "The records are on legal hold"),
+            Error::LegalHold(_) => {
+                public(C::Conflict, "legal-hold", "The records are on legal hold")
+            }
             Error::Shared(inner) => inner.classify(),
         }
     }

@@ -159,7 +159,10 @@ impl App {
 
     /// The signer evidence of a format-2 entry that commits to some, read from the vault
     /// and checked against the commitment; `None` for entries without.
-    pub(super) async fn signer_evidence(&self, entry: &serde_json::Value) -> Option<SignerEvidence> {
+    pub(super) async fn signer_evidence(
+        &self,
+        entry: &serde_json::Value,
+    ) -> Option<SignerEvidence> {
         let commitment = entry["signer_commitment"].as_str()?;
         let index = entry["index"].as_u64()?;
         Some(match self.vault.read(index, commitment).await {
@@ -247,7 +250,13 @@ impl App {
             req.reason.trim().to_owned()
         };
         let (erased, entry) = self
-            .erase_records(caller.actor(), Some(&caller.request_id), &eligible, cause, &reason)
+            .erase_records(
+                caller.actor(),
+                Some(&caller.request_id),
+                &eligible,
+                cause,
+                &reason,
+            )
             .await?;
         tracing::info!(request_id = %caller.request_id, erased, entry, "signer evidence of a data subject erased");
         Ok(ErasureAnswer {
@@ -404,9 +413,10 @@ impl App {
                 }
             }
             (None, Some(t)) => {
-                let tenant: crate::domain::TenantId = t
-                    .parse()
-                    .map_err(|e: crate::domain::ParseError| Error::invalid("tenant", e.to_string()))?;
+                let tenant: crate::domain::TenantId =
+                    t.parse().map_err(|e: crate::domain::ParseError| {
+                        Error::invalid("tenant", e.to_string())
+                    })?;
                 if self.keys.snapshot().tenant(&tenant).is_empty()
                     && !self
                         .dynamic
@@ -418,7 +428,8 @@ impl App {
                     return Err(Error::NotFound(format!("tenant {tenant} is not known")));
                 }
                 if let (Some(s), Some(u)) = (&since, &until)
-                    && crate::clock::parse_rfc3339_micros(s) >= crate::clock::parse_rfc3339_micros(u)
+                    && crate::clock::parse_rfc3339_micros(s)
+                        >= crate::clock::parse_rfc3339_micros(u)
                 {
                     return Err(Error::invalid("until", "must be after since"));
                 }
@@ -553,9 +564,7 @@ impl App {
         request_id: Option<&str>,
         reason: &str,
     ) -> Result<VaultRotationAnswer, Error> {
-        let _lease = self
-            .rotation_lease("vault-key")
-            .await?;
+        let _lease = self.rotation_lease("vault-key").await?;
         let now = crate::clock::rfc3339(self.clock.unix());
         let (from, to) = self.vault.begin_rotation(&now).await?;
         tokio::time::sleep(if self.replicas.shared() {
@@ -602,7 +611,12 @@ impl App {
             "destroyed_generations": destroyed,
             "rewrapped": rewrapped,
         }));
-        tracing::info!(from, to, rewrapped, "vault key-encryption key rotated; old generation destroyed");
+        tracing::info!(
+            from,
+            to,
+            rewrapped,
+            "vault key-encryption key rotated; old generation destroyed"
+        );
         self.append_one(e).await
     }
 
@@ -734,6 +748,9 @@ mod tests {
     #[test]
     fn indexes_fold_into_inclusive_ranges() {
         assert_eq!(ranges(&[]), Vec::<[u64; 2]>::new());
-        assert_eq!(ranges(&[5, 3, 4, 9, 11, 10, 1]), vec![[1, 1], [3, 5], [9, 11]]);
+        assert_eq!(
+            ranges(&[5, 3, 4, 9, 11, 10, 1]),
+            vec![[1, 1], [3, 5], [9, 11]]
+        );
     }
 }

@@ -769,9 +769,7 @@ impl App {
                 e.sealed = Some(row.clone());
                 row.retain_until_us
             }
-            None => p
-                .retention
-                .map(|r| crate::clock::micros(now + r)),
+            None => p.retention.map(|r| crate::clock::micros(now + r)),
         };
         e.retain_until = retain_until.map(crate::clock::rfc3339_from_micros);
         if let Some(idem) = &ready.idempotency {

@@ -231,7 +231,7 @@ pub fn decrypt(
     let mut buf = Zeroizing::new(sealed.to_vec());
     let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| FormatError::Decrypt)?;
     let plain = key
-        .open_in_place(nonce, Aad::from(commitment.as_bytes()), &mut *buf)
+        .open_in_place(nonce, Aad::from(commitment.as_bytes()), &mut buf)
         .map_err(|_| FormatError::Decrypt)?;
     let evidence: Evidence =
         serde_json::from_slice(plain).map_err(|e| FormatError::Content(e.to_string()))?;
@@ -334,13 +334,17 @@ mod tests {
     #[test]
     fn subject_tags_are_keyed_normalised_and_only_for_subject_fields() {
         let k = random_key();
-        let signer = serde_json::json!({"email": " Ann@Example.com", "id": 42, "name": "Ann", "ua": "x"});
+        let signer =
+            serde_json::json!({"email": " Ann@Example.com", "id": 42, "name": "Ann", "ua": "x"});
         let fields = vec!["email".to_owned(), "id".to_owned()];
         let tags = subject_tags(&k, &signer, &fields);
         assert_eq!(tags.len(), 2);
         assert!(tags.contains(&subject_tag(&k, "ann@example.com")));
         assert!(tags.contains(&subject_tag(&k, "42")));
-        assert!(!tags.contains(&subject_tag(&k, "Ann")), "name is not a subject field");
+        assert!(
+            !tags.contains(&subject_tag(&k, "Ann")),
+            "name is not a subject field"
+        );
         assert_ne!(
             subject_tag(&random_key(), "ann@example.com"),
             subject_tag(&k, "ann@example.com"),

@@ -216,7 +216,11 @@ impl FileVault {
     }
 
     /// Rewrite the segment holding `index`'s records with `change` applied to each record.
-    fn update(&self, indexes: &[u64], mut change: impl FnMut(&mut Row) -> bool) -> Result<u64, Error> {
+    fn update(
+        &self,
+        indexes: &[u64],
+        mut change: impl FnMut(&mut Row) -> bool,
+    ) -> Result<u64, Error> {
         let mut by_segment: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         for i in indexes {
             by_segment.entry(i / SEGMENT).or_default().push(*i);

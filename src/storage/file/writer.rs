@@ -125,8 +125,12 @@ pub(super) fn commit(inner: &Inner, sink: &mut Sink, group: Group, buf: &mut Vec
     // entries are written (a record without its entry is cut at the next start).
     let vault_before = match (sealed.is_empty(), inner.vault.get()) {
         (true, _) => Ok(Vec::new()),
-        (false, Some(v)) => v.append(&sealed).map_err(|e| Error::Unwritable(e.to_string())),
-        (false, None) => Err(Error::Storage("no signer-evidence vault is attached".into())),
+        (false, Some(v)) => v
+            .append(&sealed)
+            .map_err(|e| Error::Unwritable(e.to_string())),
+        (false, None) => Err(Error::Storage(
+            "no signer-evidence vault is attached".into(),
+        )),
     };
     let written = vault_before.and_then(|before| {
         write_durably(inner, sink, buf, &ends, head).inspect_err(|_| {

@@ -65,7 +65,11 @@ pub(super) async fn insert_records(
 }
 
 impl PgVault {
-    async fn rows(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<Row>, Error> {
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
         let c = self.db.client().await?;
         let rows = c.query(sql, params).await.map_err(|e| self.db.failed(e))?;
         rows.into_iter().map(|r| row_of(r.get(0))).collect()
@@ -117,7 +121,10 @@ impl VaultStore for PgVault {
     fn get(&self, index: u64) -> BoxFuture<'_, Result<Option<Row>, Error>> {
         Box::pin(async move {
             Ok(self
-                .rows("SELECT row FROM signet_vault WHERE idx = $1", &[&(index as i64)])
+                .rows(
+                    "SELECT row FROM signet_vault WHERE idx = $1",
+                    &[&(index as i64)],
+                )
                 .await?
                 .pop())
         })
@@ -199,7 +206,8 @@ impl VaultStore for PgVault {
         Box::pin(async move {
             let c = self.db.client().await?;
             let idx: Vec<i64> = indexes.iter().map(|i| *i as i64).collect();
-            let content = serde_json::to_value(Content::Erased(erasure.clone())).map_err(invalid)?;
+            let content =
+                serde_json::to_value(Content::Erased(erasure.clone())).map_err(invalid)?;
             c.execute(
                 "UPDATE signet_vault SET sealed = false, kek = NULL,
                      row = jsonb_set(row, '{content}', $2)
