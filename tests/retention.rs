@@ -519,3 +519,40 @@ async fn on_postgresql_no_dump_holds_the_signer_and_the_sweep_erases_on_every_re
     s.audit_verify(None);
     let _ = Method::GET;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_migrate_moves_the_vault_and_the_holds_into_postgresql() {
+    let pg = pg::Postgres::start();
+    let mut s = with_retention("1h", "1h");
+    s.start();
+    let max = email("max");
+    let i = sign_for(&s, "payroll-esign", b"max's contract", &max, "max-1").await;
+    s.cli_ok(&["holds", "add", "--tenant", "payroll", "--reason", "audit 2026"]);
+    s.checkpoint_covering(i + 1).await;
+    s.stop();
+    let url = pg.database("migrated");
+    s.edit_config(|c| pg::with_postgres(c, &url));
+    let out = s.cli_ok(&["storage", "migrate", "--from", s.audit_dir().to_str().unwrap()]);
+    assert!(
+        out.contains("1 signer-evidence records and 1 legal holds"),
+        "{out}"
+    );
+    s.start();
+    let v = evidence_of(&s, i).await;
+    assert_eq!(v["signer_evidence"]["state"], "present", "{v}");
+    assert_eq!(v["signer_evidence"]["signer"]["email"], max.as_str());
+    let holds: Value =
+        serde_json::from_str(&s.cli_ok(&["--json", "holds", "list"])).unwrap();
+    assert_eq!(holds.as_array().unwrap().len(), 1);
+    // The tenant hold protects it on PostgreSQL too.
+    let (ok, text) = outcome(s.cli(&[
+        "evidence",
+        "erase",
+        "--subject",
+        &max,
+        "--reason",
+        "request 3",
+        "--override-retention",
+    ]));
+    assert!(!ok && text.contains("legal hold"), "{text}");
+}

@@ -135,6 +135,9 @@ pub struct DirReport {
     pub unsigned_tail: u64,
     pub origin: Option<String>,
     pub events: BTreeMap<String, u64>,
+    /// Entries of the first format that hold a `signer` object in clear (written before
+    /// signer evidence was kept apart; they cannot be erased without breaking the tree).
+    pub signer_in_clear: u64,
 }
 
 /// Why a log did not verify, naming the first bad entry where one can be named.
@@ -168,6 +171,7 @@ pub struct LogCheck {
     last_leaf: Option<Hash>,
     active: ActiveVersions,
     events: BTreeMap<String, u64>,
+    signer_in_clear: u64,
 }
 
 impl LogCheck {
@@ -183,6 +187,7 @@ impl LogCheck {
             last_leaf,
             active,
             events: BTreeMap::new(),
+            signer_in_clear: 0,
         }
     }
 
@@ -233,6 +238,9 @@ impl LogCheck {
             )
         })?;
         *self.events.entry(e.event.clone()).or_default() += 1;
+        if e.format() < 2 && e.signer.is_some() {
+            self.signer_in_clear += 1;
+        }
         let tiles = self.push_leaf(line);
         Ok((e, tiles))
     }
@@ -357,6 +365,7 @@ pub fn verify_log(src: &mut dyn LogSource, trust: &LogTrust) -> Result<DirReport
         latest_checkpoint_size: last_good,
         unsigned_tail: len - last_good,
         origin,
+        signer_in_clear: check.signer_in_clear,
         events: check.events,
     })
 }

@@ -515,6 +515,12 @@ fn report_verification(
                 for (ev, n) in &r.events {
                     println!("  {ev}: {n}");
                 }
+                if r.signer_in_clear > 0 {
+                    println!(
+                        "  {} entries of the first format hold signer evidence in clear; it cannot be erased without breaking the tree (runbooks/retention-and-erasure.md)",
+                        r.signer_in_clear
+                    );
+                }
             }
             match unverified {
                 Some(u) => Err(Unverified(u).into()),

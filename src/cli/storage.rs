@@ -71,11 +71,13 @@ pub fn storage(cli: &Cli, cmd: &StorageCommand) -> Result<()> {
         println!("{}", serde_json::json!({"ok": true, "report": report}));
     } else {
         println!(
-            "migrated {} entries, {} checkpoints, {} key states and {} rotations into PostgreSQL; the root at size {} is {} (as in {})",
+            "migrated {} entries, {} checkpoints, {} key states, {} rotations, {} signer-evidence records and {} legal holds into PostgreSQL; the root at size {} is {} (as in {})",
             report.entries,
             report.checkpoints,
             report.key_states,
             report.rotations,
+            report.vault_records,
+            report.holds,
             report.tree_size,
             report.root,
             from.display()

@@ -1796,6 +1796,52 @@ legal_standard = "ESIGN/UETA simple electronic signature"
     }
 
     #[test]
+    fn retention_per_policy_and_the_sweep_settings_are_checked() {
+        let policy = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[[policies]]\nid = \"p\"\ntenant = \"payroll\"\nlegal_standard = \"x\"\n{extra}"
+            )
+        };
+        let c = Config::parse(
+            &policy("retention = \"7y\"\nretention_class = \"contracts-7y\"\n"),
+            Path::new("/x"),
+        )
+        .unwrap();
+        let p = &c.dynamic.policies[1];
+        assert_eq!(p.retention, Some(Duration::from_secs(7 * 31_557_600)));
+        assert_eq!(p.retention_class, "contracts-7y");
+        let plain = Config::parse(&policy(""), Path::new("/x")).unwrap();
+        let q = &plain.dynamic.policies[1];
+        assert_eq!((q.retention, q.retention_class.as_str()), (None, "default"));
+        assert_ne!(p.hash_hex(), q.hash_hex(), "retention is part of the policy");
+        assert_eq!(plain.retention, RetentionConfig::default());
+        for (extra, key) in [
+            ("retention = \"0s\"\n", "retention"),
+            ("retention = \"soon\"\n", "retention"),
+            ("retention_class = \"a b\"\n", "retention_class"),
+        ] {
+            let e = Config::parse(&policy(extra), Path::new("/x")).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        let e = Config::parse(
+            &format!("{MINIMAL}\n[retention]\nkey_rotation_interval = \"5m\"\n"),
+            Path::new("/x"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("retention.key_rotation_interval"), "{e}");
+        let r = Config::parse(
+            &format!(
+                "{MINIMAL}\n[retention]\nsweep_interval = \"10s\"\nsubject_fields = [\"email\", \"customer_id\"]\n"
+            ),
+            Path::new("/x"),
+        )
+        .unwrap()
+        .retention;
+        assert_eq!(r.sweep_interval, Duration::from_secs(10));
+        assert_eq!(r.subject_fields, ["email", "customer_id"]);
+    }
+
+    #[test]
     fn tenant_limits_carry_rates_and_weights() {
         let c = Config::parse(
             &format!(

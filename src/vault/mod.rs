@@ -471,3 +471,6 @@ impl From<Reading> for SignerEvidence {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -200,6 +200,9 @@ pub struct MigrateReport {
     pub checkpoints: u64,
     pub key_states: u64,
     pub rotations: u64,
+    /// Signer-evidence records (sealed or erased) and legal holds moved with the log.
+    pub vault_records: u64,
+    pub holds: u64,
     /// Base64 root hash at the latest checkpoint's size (the same as the file log's).
     pub root: String,
     pub tree_size: u64,
@@ -265,6 +268,7 @@ pub async fn migrate(
     .await
     .map_err(|e| db.failed(e))?;
     let (key_states, rotations) = import_state(db, &tx, state_dir).await?;
+    let (vault_records, holds) = import_vault(db, &tx, audit_dir, state_dir, imported.size).await?;
     bump_state(&tx).await.map_err(|e| db.failed(e))?;
     tx.commit().await.map_err(|e| db.failed(e))?;
     Ok(MigrateReport {
@@ -272,9 +276,58 @@ pub async fn migrate(
         checkpoints: checkpoints.len() as u64,
         key_states,
         rotations,
+        vault_records,
+        holds,
         root: B64.encode(head_root),
         tree_size: head,
     })
+}
+
+/// The file backend's vault (records and key state) and legal holds, into the database.
+async fn import_vault(
+    db: &Db,
+    tx: &deadpool_postgres::Transaction<'_>,
+    audit_dir: &std::path::Path,
+    state_dir: &std::path::Path,
+    size: u64,
+) -> Result<(u64, u64), Error> {
+    use crate::storage::{HoldStore, VaultStore};
+    let vault = crate::storage::file::vault::FileVault::new(audit_dir);
+    let rows = vault.all()?;
+    if let Some(r) = rows.iter().find(|r| r.index >= size) {
+        return Err(Error::Invalid(format!(
+            "the vault holds a record of entry {} beyond the log's {size} entries",
+            r.index
+        )));
+    }
+    for chunk in rows.chunks(1000) {
+        super::vault::insert_records(tx, chunk)
+            .await
+            .map_err(|e| db.failed(e))?;
+    }
+    if let Some(meta) = vault.meta().await? {
+        let v = serde_json::to_value(&meta).map_err(|e| Error::Invalid(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO signet_vault_meta (id, meta) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET meta = EXCLUDED.meta",
+            &[&v],
+        )
+        .await
+        .map_err(|e| db.failed(e))?;
+    }
+    let holds = crate::storage::file::vault::FileHolds::new(state_dir)
+        .list()
+        .await?;
+    for h in &holds {
+        let v = serde_json::to_value(h).map_err(|e| Error::Invalid(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO signet_holds (id, body) VALUES ($1, $2)",
+            &[&h.id, &v],
+        )
+        .await
+        .map_err(|e| db.failed(e))?;
+    }
+    Ok((rows.len() as u64, holds.len() as u64))
 }
 
 enum Refusal {
