@@ -527,12 +527,24 @@ async fn storage_migrate_moves_the_vault_and_the_holds_into_postgresql() {
     s.start();
     let max = email("max");
     let i = sign_for(&s, "payroll-esign", b"max's contract", &max, "max-1").await;
-    s.cli_ok(&["holds", "add", "--tenant", "payroll", "--reason", "audit 2026"]);
+    s.cli_ok(&[
+        "holds",
+        "add",
+        "--tenant",
+        "payroll",
+        "--reason",
+        "audit 2026",
+    ]);
     s.checkpoint_covering(i + 1).await;
     s.stop();
     let url = pg.database("migrated");
     s.edit_config(|c| pg::with_postgres(c, &url));
-    let out = s.cli_ok(&["storage", "migrate", "--from", s.audit_dir().to_str().unwrap()]);
+    let out = s.cli_ok(&[
+        "storage",
+        "migrate",
+        "--from",
+        s.audit_dir().to_str().unwrap(),
+    ]);
     assert!(
         out.contains("1 signer-evidence records and 1 legal holds"),
         "{out}"
@@ -541,8 +553,7 @@ async fn storage_migrate_moves_the_vault_and_the_holds_into_postgresql() {
     let v = evidence_of(&s, i).await;
     assert_eq!(v["signer_evidence"]["state"], "present", "{v}");
     assert_eq!(v["signer_evidence"]["signer"]["email"], max.as_str());
-    let holds: Value =
-        serde_json::from_str(&s.cli_ok(&["--json", "holds", "list"])).unwrap();
+    let holds: Value = serde_json::from_str(&s.cli_ok(&["--json", "holds", "list"])).unwrap();
     assert_eq!(holds.as_array().unwrap().len(), 1);
     // The tenant hold protects it on PostgreSQL too.
     let (ok, text) = outcome(s.cli(&[

@@ -1813,7 +1813,11 @@ legal_standard = "ESIGN/UETA simple electronic signature"
         let plain = Config::parse(&policy(""), Path::new("/x")).unwrap();
         let q = &plain.dynamic.policies[1];
         assert_eq!((q.retention, q.retention_class.as_str()), (None, "default"));
-        assert_ne!(p.hash_hex(), q.hash_hex(), "retention is part of the policy");
+        assert_ne!(
+            p.hash_hex(),
+            q.hash_hex(),
+            "retention is part of the policy"
+        );
         assert_eq!(plain.retention, RetentionConfig::default());
         for (extra, key) in [
             ("retention = \"0s\"\n", "retention"),
@@ -1828,7 +1832,10 @@ legal_standard = "ESIGN/UETA simple electronic signature"
             Path::new("/x"),
         )
         .unwrap_err();
-        assert!(e.to_string().contains("retention.key_rotation_interval"), "{e}");
+        assert!(
+            e.to_string().contains("retention.key_rotation_interval"),
+            "{e}"
+        );
         let r = Config::parse(
             &format!(
                 "{MINIMAL}\n[retention]\nsweep_interval = \"10s\"\nsubject_fields = [\"email\", \"customer_id\"]\n"

@@ -330,6 +330,13 @@ impl App {
             .await?,
         );
         rotation.restore_revocations().await?;
+        // One replica at a time creates the vault's first key (a token object per generation);
+        // later starts need no lock (a rotation may hold it for long).
+        let vault_error = |e| StartError::Vault(crate::vault::Error::Storage(e));
+        let vault_lease = match vault_store.meta().await.map_err(vault_error)? {
+            None => Some(leases.lock("vault-key").await.map_err(vault_error)?),
+            Some(_) => None,
+        };
         let vault = Arc::new(
             crate::vault::Vault::open(
                 Arc::new(hsm.clone()),
@@ -342,6 +349,7 @@ impl App {
             .await
             .map_err(StartError::Vault)?,
         );
+        drop(vault_lease);
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let config_pki_ocsp_validity = config.pki.ocsp_validity;
         let app = Arc::new(Self {

@@ -567,13 +567,12 @@ impl App {
         let _lease = self.rotation_lease("vault-key").await?;
         let now = crate::clock::rfc3339(self.clock.unix());
         let (from, to) = self.vault.begin_rotation(&now).await?;
-        tokio::time::sleep(if self.replicas.shared() {
-            vault::SETTLE
-        } else {
-            Duration::from_millis(200)
-        })
-        .await;
-        let (destroyed, rewrapped) = self.vault.finish_rotation().await?.unwrap_or_default();
+        tokio::time::sleep(vault::SETTLE).await;
+        let (destroyed, rewrapped) = self
+            .vault
+            .finish_rotation(vault::SETTLE)
+            .await?
+            .unwrap_or_default();
         let entry = self
             .record_vault_rotation(actor, request_id, reason, from, to, &destroyed, rewrapped)
             .await?;
@@ -701,7 +700,7 @@ impl App {
         if !meta.retiring.is_empty() {
             let _lease = self.rotation_lease("vault-key").await?;
             let meta = self.vault.meta().await?;
-            if let Some((destroyed, rewrapped)) = self.vault.finish_rotation().await? {
+            if let Some((destroyed, rewrapped)) = self.vault.finish_rotation(vault::SETTLE).await? {
                 let from = meta.retiring.iter().copied().max().unwrap_or(0);
                 self.record_vault_rotation(
                     crate::rotation::scheduler_actor(),

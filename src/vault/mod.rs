@@ -136,9 +136,9 @@ struct Unlocked {
 
 /// With several replicas, how long a replica seals under the generation it last read.
 const SHARED_REFRESH: Duration = Duration::from_secs(1);
-/// How long a rotation waits after switching generations before re-wrapping, so that records
-/// sealed under the old generation just before the switch are written (and other replicas
-/// have read the new generation) by then.
+/// How long a rotation waits after switching generations before re-wrapping, and between its
+/// last two passes, so that records sealed under the old generation just before the switch
+/// are written (and other replicas have read the new generation) by then.
 pub const SETTLE: Duration = Duration::from_secs(3);
 
 /// The vault: seals, opens, finds and erases signer evidence; rotates its KEK.
@@ -385,15 +385,20 @@ impl Vault {
     /// Re-wrap every live data key still under a retiring generation, then destroy those
     /// generations in the token. Returns the destroyed generations and how many keys were
     /// re-wrapped; `None` if no rotation was in progress.
-    pub async fn finish_rotation(&self) -> Result<Option<(Vec<u32>, u64)>, Error> {
+    pub async fn finish_rotation(
+        &self,
+        settle: Duration,
+    ) -> Result<Option<(Vec<u32>, u64)>, Error> {
         let meta = self.meta().await?;
         if meta.retiring.is_empty() {
             return Ok(None);
         }
         let current = meta.generation;
         let mut rewrapped = 0u64;
-        // Passes until one finds nothing: a record sealed under a retiring generation just
-        // before the switch is caught by the next pass.
+        // Passes until two in a row, `settle` apart, find nothing: a record sealed under a
+        // retiring generation before the switch but written late (its signature waited for
+        // the token) is caught by a later pass, before the generation is destroyed.
+        let mut confirmed = false;
         loop {
             let mut after = None;
             let mut found = 0u64;
@@ -432,8 +437,13 @@ impl Vault {
                     }
                 }
             }
-            if found == 0 {
-                break;
+            match (found, confirmed) {
+                (0, true) => break,
+                (0, false) => {
+                    confirmed = true;
+                    tokio::time::sleep(settle).await;
+                }
+                _ => confirmed = false,
             }
         }
         let mut destroyed = Vec::new();

@@ -68,7 +68,11 @@ impl VaultKeys for FakeKeys {
         let out = self.kek(g).and_then(|k| {
             let mut buf = wrapped;
             let plain = k
-                .open_in_place(Nonce::assume_unique_for_key([7; 12]), Aad::from(&aad), &mut buf)
+                .open_in_place(
+                    Nonce::assume_unique_for_key([7; 12]),
+                    Aad::from(&aad),
+                    &mut buf,
+                )
                 .map_err(|_| crate::hsm::Error::Malformed("wrapped key"))?;
             let mut key = Zeroizing::new([0u8; 32]);
             key.copy_from_slice(plain);
@@ -147,7 +151,10 @@ async fn sealed_evidence_reads_back_checked_is_found_by_subject_and_erased_for_g
         f.vault.read(3, &"0".repeat(64)).await.unwrap(),
         Reading::Unreadable(_)
     ));
-    assert_eq!(f.vault.read(9, &row.commitment).await.unwrap(), Reading::Missing);
+    assert_eq!(
+        f.vault.read(9, &row.commitment).await.unwrap(),
+        Reading::Missing
+    );
     let found = f.vault.subject_rows(" ann@example.com").await.unwrap();
     assert_eq!(found.iter().map(|r| r.index).collect::<Vec<_>>(), vec![3]);
     assert_eq!(f.store.due(2_000_000, None, 10).await.unwrap().len(), 2);
@@ -165,7 +172,13 @@ async fn sealed_evidence_reads_back_checked_is_found_by_subject_and_erased_for_g
         f.vault.read(3, &row.commitment).await.unwrap(),
         Reading::Erased(erasure)
     );
-    assert!(f.vault.subject_rows("ann@example.com").await.unwrap().is_empty());
+    assert!(
+        f.vault
+            .subject_rows("ann@example.com")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(f.store.counts().await.unwrap(), (1, 1));
 }
 
@@ -177,7 +190,11 @@ async fn a_key_rotation_rewraps_live_keys_destroys_the_old_generation_and_strand
         .vault
         .request_signer_hash(&serde_json::json!({"email": "a@example.com"}))
         .unwrap();
-    let (from, to) = f.vault.begin_rotation("2026-12-06T00:00:00Z").await.unwrap();
+    let (from, to) = f
+        .vault
+        .begin_rotation("2026-12-06T00:00:00Z")
+        .await
+        .unwrap();
     assert_eq!((from, to), (1, 2));
     // Sealed under generation 1 just before the switch, written just after: caught too.
     let late = {
@@ -189,17 +206,34 @@ async fn a_key_rotation_rewraps_live_keys_destroys_the_old_generation_and_strand
     let after = stored(&f, 5, "c@example.com").await;
     assert!(matches!(&after.content, Content::Sealed(s) if s.kek == 2));
 
-    let (destroyed, rewrapped) = f.vault.finish_rotation().await.unwrap().unwrap();
+    let (destroyed, rewrapped) = f
+        .vault
+        .finish_rotation(Duration::from_millis(10))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((destroyed, rewrapped), (vec![1], 2));
     assert!(!f.keys.keks.lock().unwrap().contains_key(&1));
     assert_eq!(f.vault.meta().await.unwrap().retiring, Vec::<u32>::new());
-    assert!(f.vault.finish_rotation().await.unwrap().is_none());
+    assert!(
+        f.vault
+            .finish_rotation(Duration::ZERO)
+            .await
+            .unwrap()
+            .is_none()
+    );
     for i in [1, 2, 5] {
         let row = f.store.get(i).await.unwrap().unwrap();
-        assert!(matches!(f.vault.open_row(&row).await, Reading::Present(_)), "{i}");
+        assert!(
+            matches!(f.vault.open_row(&row).await, Reading::Present(_)),
+            "{i}"
+        );
     }
     // The subject index key survives rotations: tags and request hashes stay the same.
-    assert_eq!(f.vault.subject_rows("a@example.com").await.unwrap().len(), 2);
+    assert_eq!(
+        f.vault.subject_rows("a@example.com").await.unwrap().len(),
+        2
+    );
     assert_eq!(
         f.vault
             .request_signer_hash(&serde_json::json!({"email": "a@example.com"}))
@@ -230,30 +264,59 @@ fn holds_cover_their_transaction_or_their_tenant_window_until_released() {
             entry: 0,
         }),
     };
-    let hold = |tx: Option<&str>, tenant: Option<&str>, since: Option<&str>, until: Option<&str>| Hold {
-        id: "h".into(),
-        transaction_id: tx.map(str::to_owned),
-        tenant: tenant.map(str::to_owned),
-        since: since.map(str::to_owned),
-        until: until.map(str::to_owned),
-        reason: "r".into(),
-        placed_by: "p".into(),
-        placed_at: "t".into(),
-        placed_entry: 0,
-        released: None,
-    };
+    let hold =
+        |tx: Option<&str>, tenant: Option<&str>, since: Option<&str>, until: Option<&str>| Hold {
+            id: "h".into(),
+            transaction_id: tx.map(str::to_owned),
+            tenant: tenant.map(str::to_owned),
+            since: since.map(str::to_owned),
+            until: until.map(str::to_owned),
+            reason: "r".into(),
+            placed_by: "p".into(),
+            placed_at: "t".into(),
+            placed_entry: 0,
+            released: None,
+        };
     let t0 = crate::clock::parse_rfc3339_micros("2026-01-01T00:00:00Z").unwrap();
     let t1 = crate::clock::parse_rfc3339_micros("2026-02-01T00:00:00Z").unwrap();
     let cases = [
-        (hold(Some("tx"), None, None, None), row("a", Some("tx"), t0), true),
-        (hold(Some("tx"), None, None, None), row("a", Some("other"), t0), false),
-        (hold(Some("tx"), None, None, None), row("a", None, t0), false),
+        (
+            hold(Some("tx"), None, None, None),
+            row("a", Some("tx"), t0),
+            true,
+        ),
+        (
+            hold(Some("tx"), None, None, None),
+            row("a", Some("other"), t0),
+            false,
+        ),
+        (
+            hold(Some("tx"), None, None, None),
+            row("a", None, t0),
+            false,
+        ),
         (hold(None, Some("a"), None, None), row("a", None, t0), true),
         (hold(None, Some("a"), None, None), row("b", None, t0), false),
-        (hold(None, Some("a"), Some("2026-01-15T00:00:00Z"), None), row("a", None, t0), false),
-        (hold(None, Some("a"), Some("2026-01-15T00:00:00Z"), None), row("a", None, t1), true),
-        (hold(None, Some("a"), None, Some("2026-02-01T00:00:00Z")), row("a", None, t1), false),
-        (hold(None, Some("a"), None, Some("2026-02-01T00:00:00Z")), row("a", None, t0), true),
+        (
+            hold(None, Some("a"), Some("2026-01-15T00:00:00Z"), None),
+            row("a", None, t0),
+            false,
+        ),
+        (
+            hold(None, Some("a"), Some("2026-01-15T00:00:00Z"), None),
+            row("a", None, t1),
+            true,
+        ),
+        (
+            hold(None, Some("a"), None, Some("2026-02-01T00:00:00Z")),
+            row("a", None, t1),
+            false,
+        ),
+        (
+            hold(None, Some("a"), None, Some("2026-02-01T00:00:00Z")),
+            row("a", None, t0),
+            true,
+        ),
         (hold(None, None, None, None), row("a", None, t0), false),
     ];
     for (i, (h, r, want)) in cases.iter().enumerate() {
