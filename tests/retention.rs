@@ -44,6 +44,19 @@ fn email(what: &str) -> String {
 
 /// Sign `data` for `subject` in `transaction`; the receipt's index.
 async fn sign_for(s: &Signet, policy: &str, data: &[u8], subject: &str, transaction: &str) -> u64 {
+    signed_for(s, policy, data, subject, transaction).await["receipt"]["index"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Sign `data` for `subject` in `transaction`; the response.
+async fn signed_for(
+    s: &Signet,
+    policy: &str,
+    data: &[u8],
+    subject: &str,
+    transaction: &str,
+) -> Value {
     let client = if policy.starts_with("payroll") {
         "payroll-app"
     } else {
@@ -54,7 +67,7 @@ async fn sign_for(s: &Signet, policy: &str, data: &[u8], subject: &str, transact
     body["signer"] = json!({"email": subject, "name": "Data Subject", "ip": "192.0.2.77"});
     let (st, r) = s.sign(client, body).await;
     assert_eq!(st, 200, "{r}");
-    r["receipt"]["index"].as_u64().unwrap()
+    r
 }
 
 /// Every file under `dir` (recursively) whose bytes contain `needle`.
@@ -106,7 +119,8 @@ async fn signer_evidence_is_kept_apart_readable_then_erased_by_the_sweep_with_pr
     s.start();
     let gone = email("gone");
     let kept = email("kept");
-    let i = sign_for(&s, "payroll-esign", b"short contract", &gone, "ret-1").await;
+    let response = signed_for(&s, "payroll-esign", b"short contract", &gone, "ret-1").await;
+    let i = response["receipt"]["index"].as_u64().unwrap();
     let j = sign_for(&s, "procurement-esign", b"long contract", &kept, "ret-2").await;
 
     // The entry commits to the evidence; the API shows it, and it matches the commitment.
@@ -194,6 +208,33 @@ async fn signer_evidence_is_kept_apart_readable_then_erased_by_the_sweep_with_pr
     assert!(text.contains("Signer evidence erased on"), "{text}");
     assert!(text.contains("retention period ended"), "{text}");
     assert!(!text.contains(&gone));
+    // The receipt the client kept still verifies offline.
+    let work = s.dir.join("receipt");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("response.json"), response.to_string()).unwrap();
+    let proof = evidence_of(&s, i).await["proof"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(work.join("entry.tlog-proof"), proof).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["receipt", "verify", "--receipt"])
+        .arg(work.join("response.json"))
+        .arg("--proof")
+        .arg(work.join("entry.tlog-proof"))
+        .arg("--log-key")
+        .arg(s.audit_dir().join("log-key.pem"))
+        .arg("--ca")
+        .arg(s.dir.join("hsm-ca.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("VERIFIED"), "{text}");
     s.stop();
     s.audit_verify(None);
 }

@@ -146,7 +146,7 @@ impl App {
         policy: &crate::config::PolicyConfig,
         transaction_id: Option<String>,
         now_us: i64,
-    ) -> Result<(String, Box<Row>), Error> {
+    ) -> Result<(String, Box<Row>, vault::InFlight), Error> {
         let ctx = vault::Context {
             tenant: policy.tenant.to_string(),
             transaction_id,
@@ -567,12 +567,7 @@ impl App {
         let _lease = self.rotation_lease("vault-key").await?;
         let now = crate::clock::rfc3339(self.clock.unix());
         let (from, to) = self.vault.begin_rotation(&now).await?;
-        tokio::time::sleep(vault::SETTLE).await;
-        let (destroyed, rewrapped) = self
-            .vault
-            .finish_rotation(vault::SETTLE)
-            .await?
-            .unwrap_or_default();
+        let (destroyed, rewrapped) = self.finish_vault_rotation().await?.unwrap_or_default();
         let entry = self
             .record_vault_rotation(actor, request_id, reason, from, to, &destroyed, rewrapped)
             .await?;
@@ -584,6 +579,21 @@ impl App {
             destroyed,
             entry,
         })
+    }
+
+    /// Re-wrap and destroy, once the records sealed under the old generation are written:
+    /// this process's are counted; other replicas' are given [`vault::SETTLE`] to read the new
+    /// generation and write what they sealed before.
+    async fn finish_vault_rotation(&self) -> Result<Option<(Vec<u32>, u64)>, Error> {
+        let settle = if self.replicas.shared() {
+            tokio::time::sleep(vault::SETTLE).await;
+            vault::SETTLE
+        } else {
+            Duration::ZERO
+        };
+        let current = self.vault.meta().await?.generation;
+        self.vault.quiesce(current, Duration::from_secs(60)).await;
+        Ok(self.vault.finish_rotation(settle).await?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -700,7 +710,7 @@ impl App {
         if !meta.retiring.is_empty() {
             let _lease = self.rotation_lease("vault-key").await?;
             let meta = self.vault.meta().await?;
-            if let Some((destroyed, rewrapped)) = self.vault.finish_rotation(vault::SETTLE).await? {
+            if let Some((destroyed, rewrapped)) = self.finish_vault_rotation().await? {
                 let from = meta.retiring.iter().copied().max().unwrap_or(0);
                 self.record_vault_rotation(
                     crate::rotation::scheduler_actor(),

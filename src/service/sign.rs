@@ -711,7 +711,10 @@ impl App {
 
     /// The request's signer evidence sealed for the vault (commitment and record), if it
     /// has any.
-    async fn seal_ready(&self, ready: &Ready) -> Result<Option<(String, Box<Row>)>, Error> {
+    async fn seal_ready(
+        &self,
+        ready: &Ready,
+    ) -> Result<Option<(String, Box<Row>, crate::vault::InFlight)>, Error> {
         let Some(signer) = &ready.valid.signer else {
             return Ok(None);
         };
@@ -732,7 +735,7 @@ impl App {
         ready: &Ready,
         key: &KeyVersion,
         der: &[u8],
-        sealed: Option<&(String, Box<Row>)>,
+        sealed: Option<&(String, Box<Row>, crate::vault::InFlight)>,
     ) -> Entry {
         let now = self.clock.now();
         let mut e = Entry::new(
@@ -764,7 +767,7 @@ impl App {
         // the retention it is kept under.
         e.retention_class = Some(p.retention_class.clone());
         let retain_until = match sealed {
-            Some((commitment, row)) => {
+            Some((commitment, row, _)) => {
                 e.signer_commitment = Some(commitment.clone());
                 e.sealed = Some(row.clone());
                 row.retain_until_us

@@ -150,6 +150,29 @@ pub struct Vault {
     /// Whether other replicas share the store (their rotations must be read back).
     shared: bool,
     unlocked: RwLock<Option<Arc<Unlocked>>>,
+    /// Records sealed in this process and not yet written (or given up), by KEK generation:
+    /// a rotation waits until none of the retiring generations is left before it re-wraps.
+    in_flight: InFlightCounts,
+}
+
+type InFlightCounts = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, usize>>>;
+
+/// A sealed record not yet written: held by the caller until its append returned.
+pub struct InFlight {
+    counts: InFlightCounts,
+    generation: u32,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.generation) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.generation);
+            }
+        }
+    }
 }
 
 impl Vault {
@@ -169,6 +192,7 @@ impl Vault {
             subject_fields,
             shared,
             unlocked: RwLock::new(None),
+            in_flight: InFlightCounts::default(),
         };
         if vault.store.meta().await?.is_none() {
             let generation = 1;
@@ -252,13 +276,23 @@ impl Vault {
     }
 
     /// Seal `signer` for an entry: its commitment (for the entry) and the sealed record (for
-    /// the storage, written with the entry).
+    /// the storage, written with the entry). Hold the [`InFlight`] until the append returned.
     pub async fn seal(
         &self,
         signer: &serde_json::Value,
         ctx: &Context,
-    ) -> Result<(String, Box<Row>), Error> {
+    ) -> Result<(String, Box<Row>, InFlight), Error> {
         let u = self.current().await?;
+        *self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(u.generation)
+            .or_default() += 1;
+        let guard = InFlight {
+            counts: Arc::clone(&self.in_flight),
+            generation: u.generation,
+        };
         let evidence = Evidence::new(signer.clone());
         let commitment = evidence.commitment()?;
         let data_key = format::random_key();
@@ -282,7 +316,23 @@ impl Vault {
                 ciphertext,
             }),
         };
-        Ok((commitment, Box::new(row)))
+        Ok((commitment, Box::new(row), guard))
+    }
+
+    /// Wait until every record this process sealed under a generation older than `current`
+    /// is written (at most `limit`).
+    pub async fn quiesce(&self, current: u32, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let older_in_flight = || {
+            self.in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .range(..current)
+                .any(|(_, n)| *n > 0)
+        };
+        while older_in_flight() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// What stands for `signer` in a request hash: a keyed hash (see

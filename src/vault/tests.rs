@@ -127,7 +127,7 @@ fn ctx() -> Context {
 
 /// Seal `email`'s evidence as entry `index` and store it, as the writer would.
 async fn stored(f: &Fixture, index: u64, email: &str) -> Row {
-    let (commitment, mut row) = f
+    let (commitment, mut row, _written) = f
         .vault
         .seal(&serde_json::json!({"email": email}), &ctx())
         .await
@@ -190,12 +190,28 @@ async fn a_key_rotation_rewraps_live_keys_destroys_the_old_generation_and_strand
         .vault
         .request_signer_hash(&serde_json::json!({"email": "a@example.com"}))
         .unwrap();
+    // A record sealed under generation 1 and not written yet holds the rotation back.
+    let (_, _, pending) = f
+        .vault
+        .seal(&serde_json::json!({"email": "p@example.com"}), &ctx())
+        .await
+        .unwrap();
     let (from, to) = f
         .vault
         .begin_rotation("2026-12-06T00:00:00Z")
         .await
         .unwrap();
     assert_eq!((from, to), (1, 2));
+    let t = std::time::Instant::now();
+    f.vault.quiesce(2, Duration::from_millis(60)).await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(60),
+        "waited for the pending record"
+    );
+    drop(pending);
+    let t = std::time::Instant::now();
+    f.vault.quiesce(2, Duration::from_secs(5)).await;
+    assert!(t.elapsed() < Duration::from_secs(1), "none pending");
     // Sealed under generation 1 just before the switch, written just after: caught too.
     let late = {
         let mut r = before.clone();
