@@ -21,6 +21,18 @@ pub struct TokenSession<'a> {
     pub(super) instance: u64,
 }
 
+/// What kind of secret key [`TokenSession::ensure_secret_key`] generates.
+struct SecretKind {
+    key_type: KeyType,
+    mechanism: Mechanism<'static>,
+    mechanism_name: &'static str,
+    what: &'static str,
+    /// What the key is for.
+    usage: [Attribute; 2],
+    /// What it is not for (the strict template; dropped if the token refuses it).
+    refused: [Attribute; 5],
+}
+
 /// One object as listed by [`TokenSession::list_objects`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectSummary {
@@ -351,66 +363,29 @@ impl TokenSession<'_> {
     /// `CKM_SHA256_HMAC`, e.g. tpm2-pkcs11's `hmac:sha256`) is used as it is. A token without
     /// `CKM_GENERIC_SECRET_KEY_GEN` gets [`Error::MissingMechanism`], naming what to provision.
     pub fn ensure_hmac_key(&self, id: &str, label: &str) -> Result<(), Error> {
-        if self.find_one(ObjectClass::SECRET_KEY, id)?.is_some() {
-            return Ok(());
-        }
-        let required = vec![
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            Attribute::Verify(true),
-            Attribute::Id(id.as_bytes().to_vec()),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ];
-        // As for key pairs: the strict template first, only what must be set if refused.
-        let mut strict = required.clone();
-        strict.extend([
-            Attribute::Encrypt(false),
-            Attribute::Decrypt(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Derive(false),
-        ]);
-        let generate = |t: &[Attribute]| {
-            self.session
-                .generate_key(&Mechanism::GenericSecretKeyGen, t)
-        };
-        use cryptoki::error::{Error as Ck, RvError as Rv};
-        let generated = strict_or_required(id, &strict, &required, generate);
-        match generated {
-            Ok(h) => self.check_generated_key(h).inspect_err(|_| {
-                let _ = self.session.destroy_object(h);
-            }),
-            Err(Ck::Pkcs11(
-                Rv::MechanismInvalid | Rv::MechanismParamInvalid | Rv::FunctionNotSupported,
-                _,
-            )) => Err(Error::MissingMechanism {
-                mechanism: "CKM_GENERIC_SECRET_KEY_GEN",
+        self.ensure_secret_key(
+            id,
+            label,
+            SecretKind {
+                key_type: KeyType::GENERIC_SECRET,
+                mechanism: Mechanism::GenericSecretKeyGen,
+                mechanism_name: "CKM_GENERIC_SECRET_KEY_GEN",
                 what: "the evidence log's 256-bit HMAC key",
-                id: id.to_owned(),
-            }),
-            Err(e) => Err(Error::pkcs11("C_GenerateKey")(e)),
-        }
+                usage: [Attribute::Sign(true), Attribute::Verify(true)],
+                refused: [
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Derive(false),
+                ],
+            },
+        )
     }
 
     /// HMAC-SHA256 of `data` with the secret key `id`, computed inside the token.
     pub fn hmac_sha256(&self, id: &str, data: &[u8]) -> Result<[u8; 32], Error> {
-        let cache_key = (self.instance, format!("secret:{id}"));
-        let key = match self.handles.get(&cache_key) {
-            Some(h) => h,
-            None => {
-                let h = self
-                    .find_one(ObjectClass::SECRET_KEY, id)?
-                    .ok_or_else(|| Error::NotFound(format!("secret key {id}")))?;
-                self.handles.insert(cache_key, h);
-                h
-            }
-        };
+        let key = self.secret_key(id)?;
         let mac = self
             .session
             .sign(&Mechanism::Sha256Hmac, key, data)
@@ -423,31 +398,48 @@ impl TokenSession<'_> {
     /// encrypt and decrypt). Idempotent. A token without `CKM_AES_KEY_GEN` gets
     /// [`Error::MissingMechanism`].
     pub fn ensure_aes_key(&self, id: &str, label: &str) -> Result<(), Error> {
+        self.ensure_secret_key(
+            id,
+            label,
+            SecretKind {
+                key_type: KeyType::AES,
+                mechanism: Mechanism::AesKeyGen,
+                mechanism_name: "CKM_AES_KEY_GEN",
+                what: "the signer-evidence vault's key-encryption key",
+                usage: [Attribute::Encrypt(true), Attribute::Decrypt(true)],
+                refused: [
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Derive(false),
+                ],
+            },
+        )
+    }
+
+    /// Generate a 256-bit secret key of `kind` with this `CKA_ID` unless one exists: the
+    /// strict template first (usage refused beyond `kind.usage`), only what must be set if the
+    /// token refuses it; then checked sensitive and not extractable.
+    fn ensure_secret_key(&self, id: &str, label: &str, kind: SecretKind) -> Result<(), Error> {
         if self.find_one(ObjectClass::SECRET_KEY, id)?.is_some() {
             return Ok(());
         }
-        let required = vec![
+        let mut required = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
+            Attribute::KeyType(kind.key_type),
             Attribute::ValueLen(32.into()),
             Attribute::Token(true),
             Attribute::Private(true),
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
             Attribute::Id(id.as_bytes().to_vec()),
             Attribute::Label(label.as_bytes().to_vec()),
         ];
+        required.extend(kind.usage);
         let mut strict = required.clone();
-        strict.extend([
-            Attribute::Sign(false),
-            Attribute::Verify(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Derive(false),
-        ]);
-        let generate = |t: &[Attribute]| self.session.generate_key(&Mechanism::AesKeyGen, t);
+        strict.extend(kind.refused);
+        let generate = |t: &[Attribute]| self.session.generate_key(&kind.mechanism, t);
         use cryptoki::error::{Error as Ck, RvError as Rv};
         match strict_or_required(id, &strict, &required, generate) {
             Ok(h) => self.check_secret_key(h).inspect_err(|_| {
@@ -457,8 +449,8 @@ impl TokenSession<'_> {
                 Rv::MechanismInvalid | Rv::MechanismParamInvalid | Rv::FunctionNotSupported,
                 _,
             )) => Err(Error::MissingMechanism {
-                mechanism: "CKM_AES_KEY_GEN",
-                what: "the signer-evidence vault's key-encryption key",
+                mechanism: kind.mechanism_name,
+                what: kind.what,
                 id: id.to_owned(),
             }),
             Err(e) => Err(Error::pkcs11("C_GenerateKey")(e)),
@@ -540,7 +532,14 @@ impl TokenSession<'_> {
     fn check_secret_key(&self, h: ObjectHandle) -> Result<(), Error> {
         let attrs = self
             .session
-            .get_attributes(h, &[AttributeType::Sensitive, AttributeType::Extractable])
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Derive,
+                ],
+            )
             .map_err(Error::pkcs11("C_GetAttributeValue (secret key protection)"))?;
         for a in attrs {
             match a {
@@ -549,6 +548,9 @@ impl TokenSession<'_> {
                 }
                 Attribute::Extractable(true) => {
                     return Err(Error::UnsafeKey("CKA_EXTRACTABLE is true"));
+                }
+                Attribute::Derive(true) => {
+                    return Err(Error::UnsafeKey("CKA_DERIVE is true"));
                 }
                 _ => {}
             }
