@@ -21,6 +21,30 @@ pub struct TokenSession<'a> {
     pub(super) instance: u64,
 }
 
+/// A failed key generation: a token that lacks the mechanism gets
+/// [`Error::MissingMechanism`], naming what to provision out of band; anything else is the
+/// PKCS#11 error of `op`.
+fn generation_failed(
+    e: cryptoki::error::Error,
+    op: &'static str,
+    mechanism: &'static str,
+    what: &'static str,
+    id: &str,
+) -> Error {
+    use cryptoki::error::{Error as Ck, RvError as Rv};
+    match e {
+        Ck::Pkcs11(
+            Rv::MechanismInvalid | Rv::MechanismParamInvalid | Rv::FunctionNotSupported,
+            _,
+        ) => Error::MissingMechanism {
+            mechanism,
+            what,
+            id: id.to_owned(),
+        },
+        other => Error::pkcs11(op)(other),
+    }
+}
+
 /// What kind of secret key [`TokenSession::ensure_secret_key`] generates.
 struct SecretKind {
     key_type: KeyType,
@@ -177,19 +201,16 @@ impl TokenSession<'_> {
             self.session
                 .generate_key_pair(&Mechanism::EccKeyPairGen, &public, private)
         };
-        use cryptoki::error::{Error as Ck, RvError as Rv};
-        let generated = strict_or_required(id, &strict, &required, generate);
-        let (pub_h, priv_h) = match generated {
-            Ok(pair) => pair,
-            Err(Ck::Pkcs11(Rv::MechanismInvalid | Rv::FunctionNotSupported, _)) => {
-                return Err(Error::MissingMechanism {
-                    mechanism: "CKM_EC_KEY_PAIR_GEN (P-256)",
-                    what: "a P-256 key pair",
-                    id: id.to_owned(),
-                });
-            }
-            Err(e) => return Err(Error::pkcs11("C_GenerateKeyPair")(e)),
-        };
+        let (pub_h, priv_h) =
+            strict_or_required(id, &strict, &required, generate).map_err(|e| {
+                generation_failed(
+                    e,
+                    "C_GenerateKeyPair",
+                    "CKM_EC_KEY_PAIR_GEN (P-256)",
+                    "a P-256 key pair",
+                    id,
+                )
+            })?;
         if let Err(e) = self.check_generated_key(priv_h) {
             // A key that could leave the token or derive secrets is never used: remove it.
             let _ = self.session.destroy_object(priv_h);
@@ -440,21 +461,12 @@ impl TokenSession<'_> {
         let mut strict = required.clone();
         strict.extend(kind.refused);
         let generate = |t: &[Attribute]| self.session.generate_key(&kind.mechanism, t);
-        use cryptoki::error::{Error as Ck, RvError as Rv};
-        match strict_or_required(id, &strict, &required, generate) {
-            Ok(h) => self.check_secret_key(h).inspect_err(|_| {
-                let _ = self.session.destroy_object(h);
-            }),
-            Err(Ck::Pkcs11(
-                Rv::MechanismInvalid | Rv::MechanismParamInvalid | Rv::FunctionNotSupported,
-                _,
-            )) => Err(Error::MissingMechanism {
-                mechanism: kind.mechanism_name,
-                what: kind.what,
-                id: id.to_owned(),
-            }),
-            Err(e) => Err(Error::pkcs11("C_GenerateKey")(e)),
-        }
+        let h = strict_or_required(id, &strict, &required, generate).map_err(|e| {
+            generation_failed(e, "C_GenerateKey", kind.mechanism_name, kind.what, id)
+        })?;
+        self.check_secret_key(h).inspect_err(|_| {
+            let _ = self.session.destroy_object(h);
+        })
     }
 
     /// Whether a secret key with this `CKA_ID` exists.
@@ -655,5 +667,52 @@ impl TokenSession<'_> {
 
     fn find_one(&self, class: ObjectClass, id: &str) -> Result<Option<ObjectHandle>, Error> {
         Ok(self.find_all(class, id)?.into_iter().next())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki::context::Function;
+    use cryptoki::error::{Error as Ck, RvError as Rv};
+
+    #[test]
+    fn a_token_without_the_mechanism_is_told_what_to_provision() {
+        for rv in [
+            Rv::MechanismInvalid,
+            Rv::MechanismParamInvalid,
+            Rv::FunctionNotSupported,
+        ] {
+            let e = generation_failed(
+                Ck::Pkcs11(rv, Function::GenerateKey),
+                "C_GenerateKey",
+                "CKM_AES_KEY_GEN",
+                "the signer-evidence vault's key-encryption key",
+                "signet-vault-kek-1",
+            );
+            assert_eq!(e.kind(), "missing_mechanism", "{rv:?}");
+            let text = e.to_string();
+            assert!(
+                text.contains("CKM_AES_KEY_GEN") && text.contains("CKA_ID \"signet-vault-kek-1\""),
+                "{text}"
+            );
+        }
+        let other = generation_failed(
+            Ck::Pkcs11(Rv::DeviceError, Function::GenerateKeyPair),
+            "C_GenerateKeyPair",
+            "CKM_EC_KEY_PAIR_GEN (P-256)",
+            "a P-256 key pair",
+            "payroll/v1",
+        );
+        assert!(
+            matches!(
+                other,
+                Error::Pkcs11 {
+                    op: "C_GenerateKeyPair",
+                    ..
+                }
+            ),
+            "{other:?}"
+        );
     }
 }
