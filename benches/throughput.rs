@@ -16,12 +16,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/common/openssl.rs"]
-#[allow(dead_code)]
-mod openssl;
-#[path = "../tests/common/pg.rs"]
-#[allow(dead_code)]
-mod pg;
+// The test suite's harness: the installation (`signet dev init` in a temp dir), starting and
+// stopping `signet serve`, the test CA and PostgreSQL.
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use common::{Signet, openssl, pg};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,7 +34,20 @@ use hyper::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_signet");
+use common::BIN;
+
+/// The benchmark's installation: the development setup with one token session and the default
+/// intervals (not the test suite's fast ones), served on CPU 0.
+fn installation() -> Signet {
+    let mut s = Signet::init(common::Init {
+        fast: false,
+        edit: Some(Box::new(|c| c.replace("sessions = 2", "sessions = 1"))),
+        ..Default::default()
+    });
+    s.wrapper = vec!["taskset".into(), "-c".into(), "0".into()];
+    s.log_level = "warn";
+    s
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -51,23 +65,8 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let instructions_only = args.iter().any(|a| a == "--instructions");
     let secs = if quick { 2 } else { 5 };
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("signet");
-    let out = Command::new(BIN)
-        .args(["dev", "init", "--data-dir"])
-        .arg(&dir)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .env("SIGNET_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = dir.join("signet.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("sessions = 2", "sessions = 1")).unwrap();
+    let mut server = installation();
+    let dir = server.dir.clone();
 
     println!(
         "Signet throughput benchmark ({} s per phase, {} CPUs)",
@@ -83,11 +82,11 @@ fn main() {
         return;
     }
     if args.iter().any(|a| a == "--fairness") {
-        fairness(&dir, if quick { 3 } else { 10 });
+        fairness(&mut server, if quick { 3 } else { 10 });
         return;
     }
     if args.iter().any(|a| a == "--startup-only") {
-        startup(&dir, if quick { 200_000 } else { 1_000_000 });
+        startup(&mut server, if quick { 200_000 } else { 1_000_000 });
         return;
     }
 
@@ -103,10 +102,8 @@ fn main() {
     println!();
 
     // 2. Signet pinned to CPU 0, load from CPU 1.
-    let mut server = start(&dir);
-    let ready: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).unwrap()).unwrap();
-    let api = ready["api"].as_str().unwrap().to_owned();
+    server.start();
+    let api = server.api.to_string();
     println!(
         "{:<28} {:>12} {:>8} {:>9} {:>9} {:>9}",
         "scenario", "signatures/s", "of raw", "p50 ms", "p90 ms", "p99 ms"
@@ -146,8 +143,7 @@ fn main() {
         "disk fdatasync alone: p50 {sync_p50:.2} ms, p99 {sync_p99:.2} ms; Signet's p99 at half its best rate is {:.1}x that (bar: 1.5x)",
         paced.p99 / sync_p99.max(1e-6)
     );
-    let metrics = ready["metrics"].as_str().unwrap().to_owned();
-    let m = http_get(&metrics, "/metrics");
+    let m = http_get(&server.metrics.to_string(), "/metrics");
     let group = metric(&m, "signet_audit_group_commit_entries_sum")
         / metric(&m, "signet_audit_group_commit_entries_count").max(1.0);
     let fsync = metric(&m, "signet_audit_fsync_duration_seconds_sum")
@@ -168,7 +164,7 @@ fn main() {
         best_batch,
         100.0 * best_batch / raw_rate
     );
-    stop(&mut server);
+    server.stop();
 
     // 3. The peer: OpenBao Transit with a file audit device, same pinning, same load generator.
     if !args.iter().any(|a| a == "--no-openbao") {
@@ -188,13 +184,13 @@ fn main() {
     // 4. The same log in PostgreSQL, served by 1, 2 and 3 replicas.
     if !args.iter().any(|a| a == "--no-postgres") {
         println!();
-        postgres_replicas(&dir, secs, raw_rate, file_single16, file_batch64);
+        postgres_replicas(&server, secs, raw_rate, file_single16, file_batch64);
     }
 
     // 5. Start-up with a large log.
     let n: u64 = if quick { 200_000 } else { 1_000_000 };
     println!();
-    startup(&dir, n);
+    startup(&mut server, n);
 }
 
 struct RunResult {
@@ -638,7 +634,14 @@ async fn openbao_setup(dir: &Path, api: &str) -> Result<String, String> {
 
 /// Phase 4: a PostgreSQL cluster of the benchmark's own, the development log migrated into it,
 /// then 1, 2 and 3 replicas (CPU 0) under load from CPU 1, aggregate signatures/s.
-fn postgres_replicas(dir: &Path, secs: u64, raw_rate: f64, file_single: f64, file_batch: f64) {
+fn postgres_replicas(
+    installation: &Signet,
+    secs: u64,
+    raw_rate: f64,
+    file_single: f64,
+    file_batch: f64,
+) {
+    let dir = installation.dir.as_path();
     let db = pg::Postgres::start();
     let url = db.database("bench");
     let config = dir.join("signet-pg.toml");
@@ -668,13 +671,14 @@ fn postgres_replicas(dir: &Path, secs: u64, raw_rate: f64, file_single: f64, fil
         "scenario", "signatures/s", "of raw", "of file", "p99 ms"
     );
     for n in 1..=3usize {
-        let mut children = Vec::new();
+        let mut replicas = Vec::new();
         let mut apis = Vec::new();
         for i in 0..n {
-            let ready = dir.join(format!("ready-pg{i}.json"));
-            children.push(start_with(&config, &ready));
-            let r: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
-            apis.push(r["api"].as_str().unwrap().to_owned());
+            let mut r = installation.replica(&format!("pg{i}"));
+            r.config_name = "signet-pg.toml".into();
+            r.start();
+            apis.push(r.api.to_string());
+            replicas.push(r);
         }
         for (name, conc, batch, file) in [
             ("single, 16 connections", 16, 0, file_single),
@@ -701,8 +705,8 @@ fn postgres_replicas(dir: &Path, secs: u64, raw_rate: f64, file_single: f64, fil
                 p99
             );
         }
-        for mut c in children {
-            stop(&mut c);
+        for mut r in replicas {
+            r.stop();
         }
     }
 }
@@ -712,20 +716,12 @@ fn postgres_replicas(dir: &Path, secs: u64, raw_rate: f64, file_single: f64, fil
 /// (`payroll-app`), then another client of the victim's own tenant (`procurement-bulk`). The
 /// server on CPU 0; the victim and the attacker (at the lowest CPU priority, so the victim's
 /// own client is not what waits) on CPU 1. Default limits.
-fn fairness(dir: &Path, secs: u64) {
-    signet::dev::issue_client_from_dir(dir, "procurement-bulk").unwrap();
-    let config = dir.join("signet.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text + "\n[[clients]]\nidentity = \"spiffe://signet.dev/procurement-bulk\"\n\
-                tenants = [\"procurement\"]\nroles = [\"sign\"]\n",
-    )
-    .unwrap();
-    let mut server = start(dir);
-    let ready: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).unwrap()).unwrap();
-    let api = ready["api"].as_str().unwrap().to_owned();
+fn fairness(server: &mut Signet, secs: u64) {
+    server.add_client("procurement-bulk", &["procurement"]);
+    server.start();
+    let dir = server.dir.clone();
+    let dir = dir.as_path();
+    let api = server.api.to_string();
     let victim = || {
         load_run_extra(
             dir,
@@ -807,26 +803,7 @@ fn fairness(dir: &Path, secs: u64) {
         let a: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         row(name, &v, a["rate"].as_f64());
     }
-    stop(&mut server);
-}
-
-fn start(dir: &Path) -> Child {
-    start_with(&dir.join("signet.toml"), &dir.join("ready.json"))
-}
-
-fn start_with(config: &Path, ready: &Path) -> Child {
-    let ready = ready.to_path_buf();
-    let _ = std::fs::remove_file(&ready);
-    let mut child = Command::new("taskset");
-    child
-        .args(["-c", "0", BIN, "--config"])
-        .arg(config)
-        .args(["serve", "--ready-file"])
-        .arg(&ready)
-        .env("SIGNET_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    spawn_until_ready(&mut child, &ready)
+    server.stop();
 }
 
 /// Start `signet serve` and wait for its ready file.
@@ -1067,8 +1044,10 @@ fn load(args: &[String]) {
 /// checkpoint covers them, no tiles yet: they are written), then, after the shutdown
 /// checkpoint, the common case (the tree's edge from the tiles, entries since the checkpoint),
 /// and once more after a second of signing.
-fn startup(dir: &Path, n: u64) {
+fn startup(server: &mut Signet, n: u64) {
     use base64::Engine;
+    let dir = server.dir.clone();
+    let dir = dir.as_path();
     use signet::audit::entry::{Actor, Entry, event};
     let audit = dir.join("audit");
     let _ = std::fs::remove_file(audit.join("checkpoints.jsonl"));
@@ -1130,9 +1109,9 @@ fn startup(dir: &Path, n: u64) {
         "again, after one second of signing",
     ] {
         let t = Instant::now();
-        let mut child = start(dir);
+        server.start();
         let took = t.elapsed();
-        let rss_mb = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        let rss_mb = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
             .ok()
             .and_then(|st| {
                 st.lines()
@@ -1145,12 +1124,9 @@ fn startup(dir: &Path, n: u64) {
             took.as_secs_f64()
         );
         if label.starts_with("after") {
-            let ready: Value =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).unwrap())
-                    .unwrap();
-            load_run(dir, ready["api"].as_str().unwrap(), 4, 0, 1);
+            load_run(dir, &server.api.to_string(), 4, 0, 1);
         }
-        stop(&mut child);
+        server.stop();
     }
     // The auditor's check of the whole log with the token's key and anchor: one streaming pass,
     // memory independent of the log's size.

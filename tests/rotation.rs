@@ -809,6 +809,7 @@ async fn signing_stops_below_min_remaining_validity_with_a_metric() {
         manual_issuer: true,
         keys: false,
         edit: Some(Box::new(rotation_config("1h", "50m", "40m", "1h"))),
+        ..Default::default()
     });
     let work = s.dir.join("ca");
     std::fs::create_dir_all(&work).unwrap();

@@ -1,7 +1,7 @@
 //! The rotation monitor and the revocation workflow against an in-memory token (with faults)
 //! and a clock the test moves: renewal, retirement, retry backoff and revocation, without
-//! SoftHSM and without waiting. The evidence log, key states and journal are the real file
-//! backend in a temporary directory.
+//! SoftHSM and without waiting. Key states and the journal are in memory (with faults); the
+//! evidence log is the real file backend in a temporary directory.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -185,11 +185,78 @@ impl KeyToken for FakeToken {
     }
 }
 
-/// An engine on the fake token and clock, with the internal CA (a CA key in the fake token)
-/// and the file backend in `dir`.
+/// Key states and the rotation journal in memory; `fail_next("keys" | "journal", n)` makes
+/// the next `n` saves fail (the database or disk refusing a write).
+#[derive(Default)]
+struct MemoryState {
+    keys: Mutex<BTreeMap<String, serde_json::Value>>,
+    journal: Mutex<storage::JournalData>,
+    fail: Mutex<BTreeMap<&'static str, u32>>,
+}
+
+impl MemoryState {
+    fn fail_next(&self, what: &'static str, n: u32) {
+        self.fail.lock().unwrap().insert(what, n);
+    }
+
+    fn refuse(&self, what: &'static str) -> Result<(), storage::Error> {
+        let mut f = self.fail.lock().unwrap();
+        match f.get_mut(what) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                Err(storage::Error::Unavailable(format!(
+                    "injected: {what} save"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl storage::KeyStateStore for MemoryState {
+    fn load(&self) -> BoxFuture<'_, Result<BTreeMap<String, serde_json::Value>, storage::Error>> {
+        let all = self.keys.lock().unwrap().clone();
+        Box::pin(async move { Ok(all) })
+    }
+    fn save<'a>(
+        &'a self,
+        all: &'a BTreeMap<String, serde_json::Value>,
+        _changed: &'a [String],
+    ) -> BoxFuture<'a, Result<(), storage::Error>> {
+        Box::pin(async move {
+            self.refuse("keys")?;
+            *self.keys.lock().unwrap() = all.clone();
+            Ok(())
+        })
+    }
+}
+
+impl storage::JournalStore for MemoryState {
+    fn load(&self) -> BoxFuture<'_, Result<storage::JournalData, storage::Error>> {
+        let j = self.journal.lock().unwrap().clone();
+        Box::pin(async move { Ok(j) })
+    }
+    fn save<'a>(
+        &'a self,
+        whole: &'a storage::JournalData,
+        _tenant: &'a str,
+        _rotation: &'a serde_json::Value,
+        _finished: bool,
+    ) -> BoxFuture<'a, Result<(), storage::Error>> {
+        Box::pin(async move {
+            self.refuse("journal")?;
+            *self.journal.lock().unwrap() = whole.clone();
+            Ok(())
+        })
+    }
+}
+
+/// An engine on the fake token and clock, with the internal CA (a CA key in the fake token),
+/// key states and journal in memory and the file log in `dir`.
 struct Harness {
     _dir: tempfile::TempDir,
     token: Arc<FakeToken>,
+    state: Arc<MemoryState>,
     clock: Arc<FakeClock>,
     engine: Engine,
     keys: Arc<Registry>,
@@ -237,10 +304,11 @@ async fn harness() -> Harness {
     )
     .unwrap();
     let ca = Arc::new(CertInfo::parse(&ca_der).unwrap());
+    let state = Arc::new(MemoryState::default());
     let keys = Arc::new(
         Registry::load(
             token.as_ref(),
-            storage.keys,
+            Arc::clone(&state) as _,
             false,
             Duration::from_secs(86400),
             clock.unix(),
@@ -249,7 +317,7 @@ async fn harness() -> Harness {
         .unwrap(),
     );
     let engine = Engine::load(
-        storage.journal,
+        Arc::clone(&state) as _,
         Deps {
             token: Arc::clone(&token) as _,
             keys: Arc::clone(&keys),
@@ -268,6 +336,7 @@ async fn harness() -> Harness {
     Harness {
         _dir: dir,
         token,
+        state,
         clock,
         engine,
         keys,
@@ -404,6 +473,55 @@ async fn a_failing_step_waits_for_its_backoff_then_resumes() {
     assert!(h.engine.in_progress(&tenant()).is_none());
     assert_eq!(state(&h, 2), Some(KeyState::Active));
     assert_eq!(state(&h, 1), Some(KeyState::Retiring));
+}
+
+#[tokio::test]
+async fn a_journal_that_refuses_a_write_holds_the_rotation_until_it_can_record_it() {
+    let h = harness().await;
+    create_first_key(&h).await;
+    // The journal refuses its next writes: a step whose progress cannot be recorded is not
+    // taken as done, and nothing is activated behind the journal's back.
+    let finished_before = h.state.journal.lock().unwrap().history.len();
+    h.state.fail_next("journal", 3);
+    let started = h.engine.rotation_start(start(Trigger::Manual)).await;
+    let recorded = h.state.journal.lock().unwrap().clone();
+    match started {
+        Err(e) => assert!(e.to_string().contains("injected"), "{e}"),
+        Ok(r) => assert_ne!(r.state.step(), Step::Completed, "{r:?}"),
+    }
+    assert_eq!(state(&h, 1), Some(KeyState::Active));
+    assert_ne!(state(&h, 2), Some(KeyState::Active));
+    assert_eq!(
+        recorded.history.len(),
+        finished_before,
+        "no finished rotation was recorded: {recorded:?}"
+    );
+    // The journal works again: the monitor (after any backoff) completes the rotation, once.
+    for _ in 0..4 {
+        h.clock.advance(Duration::from_secs(3600));
+        h.engine.rotation_tick().await;
+        if state(&h, 2) == Some(KeyState::Active) {
+            break;
+        }
+        if h.engine.in_progress(&tenant()).is_none() && state(&h, 2).is_none() {
+            // The start itself was refused: start again now that the journal writes.
+            h.engine
+                .rotation_start(start(Trigger::Manual))
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(state(&h, 2), Some(KeyState::Active));
+    assert_eq!(state(&h, 1), Some(KeyState::Retiring));
+    let j = h.state.journal.lock().unwrap().clone();
+    assert!(j.active.is_empty(), "{j:?}");
+    assert_eq!(j.history.len(), finished_before + 1, "{j:?}");
+    let activations = events(&h)
+        .await
+        .into_iter()
+        .filter(|(e, k)| e == "key_activated" && k.as_deref() == Some("payroll/v2"))
+        .count();
+    assert_eq!(activations, 1);
 }
 
 #[tokio::test]

@@ -56,6 +56,12 @@ pub struct Signet {
     pub env: Vec<(String, String)>,
     /// Suffix of this process's ready file and log (replicas share one installation).
     pub name: String,
+    /// The configuration file's name in `dir` (`signet.toml`).
+    pub config_name: String,
+    /// A command `signet serve` runs under, e.g. `["taskset", "-c", "0"]` (the benchmark).
+    pub wrapper: Vec<String>,
+    /// `SIGNET_LOG` for `signet serve` (`info`).
+    pub log_level: &'static str,
 }
 
 pub struct Init {
@@ -63,6 +69,9 @@ pub struct Init {
     pub keys: bool,
     /// Lines appended to / replacing parts of signet.toml before the first start.
     pub edit: Option<Box<dyn Fn(String) -> String>>,
+    /// Shorter intervals and deadlines so tests run fast (checkpoints every 300 ms, token
+    /// health every 200 ms); off for the benchmark, which measures the defaults.
+    pub fast: bool,
 }
 
 impl Default for Init {
@@ -71,6 +80,7 @@ impl Default for Init {
             manual_issuer: false,
             keys: true,
             edit: None,
+            fast: true,
         }
     }
 }
@@ -125,18 +135,23 @@ impl Signet {
             pki: None,
             env: Vec::new(),
             name: String::new(),
+            config_name: "signet.toml".into(),
+            wrapper: Vec::new(),
+            log_level: "info",
         };
         // Tests run faster with short intervals.
-        s.edit_config(|c| {
-            c.swap(
-                "checkpoint_interval = \"5s\"",
-                "checkpoint_interval = \"300ms\"",
-            )
-            .swap(
-                "sessions = 2",
-                "sessions = 2\nhealth_interval = \"200ms\"\ncall_timeout = \"2s\"",
-            )
-        });
+        if opts.fast {
+            s.edit_config(|c| {
+                c.swap(
+                    "checkpoint_interval = \"5s\"",
+                    "checkpoint_interval = \"300ms\"",
+                )
+                .swap(
+                    "sessions = 2",
+                    "sessions = 2\nhealth_interval = \"200ms\"\ncall_timeout = \"2s\"",
+                )
+            });
+        }
         if let Some(edit) = &opts.edit {
             s.edit_config(edit);
         }
@@ -155,11 +170,14 @@ impl Signet {
             pki: None,
             env: self.env.clone(),
             name: format!("-{name}"),
+            config_name: self.config_name.clone(),
+            wrapper: self.wrapper.clone(),
+            log_level: self.log_level,
         }
     }
 
     pub fn config(&self) -> PathBuf {
-        self.dir.join("signet.toml")
+        self.dir.join(&self.config_name)
     }
 
     pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
@@ -177,7 +195,14 @@ impl Signet {
             .append(true)
             .open(self.dir.join(format!("serve{}.log", self.name)))
             .expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args([
             "--config",
             &self.config().display().to_string(),
@@ -185,7 +210,7 @@ impl Signet {
             "--ready-file",
             &ready.display().to_string(),
         ])
-        .env("SIGNET_LOG", "info")
+        .env("SIGNET_LOG", self.log_level)
         .stdout(Stdio::null())
         .stderr(log);
         for (k, v) in &self.env {
