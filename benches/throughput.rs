@@ -99,6 +99,23 @@ fn main() {
     let raw: Value = serde_json::from_str(raw.trim()).unwrap();
     let raw_rate = raw["signs_per_second"].as_f64().unwrap();
     println!("raw token (C_Sign CKM_ECDSA, 1 session, CPU 0): {raw_rate:>8.0} signatures/s");
+    // The checked limit: the same loop, each signature verified as Signet verifies it.
+    let checked = run_self(
+        &[
+            "--raw-token",
+            &dir.display().to_string(),
+            &secs.to_string(),
+            "--checked",
+        ],
+        "0",
+        &[("SOFTHSM2_CONF", dir.join("softhsm2.conf"))],
+    );
+    let checked: Value = serde_json::from_str(checked.trim()).unwrap();
+    let checked_rate = checked["signs_per_second"].as_f64().unwrap();
+    println!(
+        "checked limit (C_Sign + verification, CPU 0):  {checked_rate:>8.0} signatures/s = {:.2} of raw",
+        checked_rate / raw_rate
+    );
     println!();
 
     // 2. Signet pinned to CPU 0, load from CPU 1.
@@ -133,6 +150,14 @@ fn main() {
         }
         r.print(&format!("batch {batch}, {conc} connections"), raw_rate);
     }
+    // The scenarios the bars are set on (SPEC §12): HTTP/1.1 keep-alive, 32 connections with one
+    // request in flight each; batches of 16 items on 8 connections.
+    let single32 = load_run(&dir, &api, 32, 0, secs);
+    single32.print("single, 32 connections (bar)", raw_rate);
+    best_single = best_single.max(single32.rate);
+    let batch16 = load_run(&dir, &api, 8, 16, secs);
+    batch16.print("batch 16, 8 connections (bar)", raw_rate);
+    best_batch = best_batch.max(batch16.rate);
     // Latency below saturation: single requests paced to half the best rate, against the
     // disk's own fdatasync latency in the same run.
     let half = best_single / 2.0;
@@ -155,14 +180,21 @@ fn main() {
         fsync * 1e3
     );
     println!(
-        "best single-request rate: {:.0}/s = {:.0}% of raw (bar: 70%)",
-        best_single,
-        100.0 * best_single / raw_rate
+        "single requests, 32 connections: {:.0}/s = {:.2} of the checked limit (bar: 0.85)",
+        single32.rate,
+        single32.rate / checked_rate
     );
     println!(
-        "best batch rate:          {:.0}/s = {:.0}% of raw (bar: 90%)",
+        "batches of 16, 8 connections:    {:.0}/s = {:.2} of the checked limit (bar: 0.97)",
+        batch16.rate,
+        batch16.rate / checked_rate
+    );
+    println!(
+        "best single-request rate: {:.0}/s = {:.2} of the checked limit; best batch rate {:.0}/s = {:.2}",
+        best_single,
+        best_single / checked_rate,
         best_batch,
-        100.0 * best_batch / raw_rate
+        best_batch / checked_rate
     );
     server.stop();
 
@@ -173,8 +205,8 @@ fn main() {
             Ok(r) => {
                 r.print("OpenBao transit, 32 conn.", raw_rate);
                 println!(
-                    "Signet's best single-request rate is {:.1}x OpenBao's (bar: 5x)",
-                    best_single / r.rate.max(1.0)
+                    "Signet's single-request rate (32 connections) is {:.2}x OpenBao's (bar: 2.4x)",
+                    single32.rate / r.rate.max(1.0)
                 );
             }
             Err(why) => println!("OpenBao peer skipped: {why}"),
@@ -865,22 +897,47 @@ fn raw_token(args: &[String]) {
         ])
         .unwrap()[0];
     let digest: [u8; 32] = Sha256::digest(b"benchmark").into();
+    // `--checked`: every signature verified with the key's public half by the verifier Signet
+    // uses (`pki::verify::verifies_prehash`), on the same core: the checked limit.
+    let checked = args.iter().any(|a| a == "--checked");
+    let public = {
+        let h = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::Id(b"payroll/v1".to_vec()),
+            ])
+            .unwrap()[0];
+        let attrs = session
+            .get_attributes(h, &[cryptoki::object::AttributeType::EcPoint])
+            .unwrap();
+        let Some(Attribute::EcPoint(p)) = attrs.into_iter().next() else {
+            panic!("no CKA_EC_POINT")
+        };
+        signet::hsm::ec_point_to_key(&p).unwrap()
+    };
+    let sign = || {
+        let raw = session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
+        if checked {
+            let der = signet::hsm::raw_to_der(&raw).unwrap();
+            assert!(signet::pki::verify::verifies_prehash(&public, &digest, &der));
+        }
+    };
     if let Some(n) = count {
         for _ in 0..n {
-            session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
+            sign();
         }
         println!("{}", json!({ "signs": n }));
         return;
     }
     // Warm up, then measure.
     for _ in 0..200 {
-        session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
+        sign();
     }
     let t = Instant::now();
     let mut n = 0u64;
     while t.elapsed() < Duration::from_secs(secs) {
         for _ in 0..100 {
-            session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
+            sign();
         }
         n += 100;
     }
