@@ -919,7 +919,9 @@ fn raw_token(args: &[String]) {
         let raw = session.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
         if checked {
             let der = signet::hsm::raw_to_der(&raw).unwrap();
-            assert!(signet::pki::verify::verifies_prehash(&public, &digest, &der));
+            assert!(signet::pki::verify::verifies_prehash(
+                &public, &digest, &der
+            ));
         }
     };
     if let Some(n) = count {

@@ -131,7 +131,15 @@ impl PgLog {
             events,
             results,
             active,
-        } = self.stage(base, previous, active, &holders, requests);
+        } = stage(
+            &self.origin,
+            &self.db.replica,
+            base,
+            previous,
+            active,
+            &holders,
+            requests,
+        );
         let sequenced = Sequenced {
             base,
             leaves,
@@ -170,104 +178,6 @@ impl PgLog {
         Ok(sequenced)
     }
 
-    /// Stage a group's requests after `base`: indexes, hash links, the signing order and the
-    /// idempotency claims checked per request (a request that fails is dropped whole; the rest
-    /// of the group goes ahead), the rows to insert.
-    fn stage(
-        &self,
-        base: u64,
-        mut previous: Option<Hash>,
-        mut active: order::ActiveVersions,
-        holders: &ClaimHolders,
-        requests: Vec<Vec<Entry>>,
-    ) -> Staged {
-        let db = &self.db;
-        let mut next = base;
-        let mut rows = Rows::default();
-        let mut leaves = Vec::new();
-        let mut events = Vec::new();
-        let mut results = Vec::with_capacity(requests.len());
-        for entries in requests {
-            let mark = (
-                next,
-                previous,
-                leaves.len(),
-                events.len(),
-                rows.len(),
-                rows.claims.len(),
-            );
-            let active_before = active.clone();
-            let mut out = Vec::with_capacity(entries.len());
-            let mut failed = None;
-            for mut e in entries {
-                e.index = next;
-                e.previous_leaf_hash = previous.map(|h| B64.encode(h));
-                if let Some(k) = claim_key(&e) {
-                    match holders.get(&k) {
-                        Some((Some(h), None)) if *h == db.replica => {}
-                        None => {}
-                        _ => {
-                            failed = Some(audit::Error::ClaimLost);
-                            break;
-                        }
-                    }
-                }
-                if let Err(v) = active.observe(&e) {
-                    failed = Some(audit::Error::Superseded(v));
-                    break;
-                }
-                let bytes = match e.canonical() {
-                    Ok(b) => b,
-                    Err(err) => {
-                        failed = Some(audit::Error::Serialize(err.to_string()));
-                        break;
-                    }
-                };
-                let leaf = merkle::leaf_hash(&bytes);
-                rows.push(next, leaf, bytes, &mut e);
-                if let Some((client, key)) = claim_key(&e) {
-                    rows.claims.push((
-                        client,
-                        key,
-                        e.request_sha256.clone().unwrap_or_default(),
-                        next as i64,
-                    ));
-                }
-                out.push(Receipt {
-                    log_origin: self.origin.clone(),
-                    index: next,
-                    leaf_hash: B64.encode(leaf),
-                });
-                leaves.push(leaf);
-                events.push(e.event.clone());
-                previous = Some(leaf);
-                next += 1;
-            }
-            match failed {
-                None => results.push(Ok(out)),
-                Some(err) => {
-                    // Drop this request's entries only; the rest of the group goes ahead.
-                    next = mark.0;
-                    previous = mark.1;
-                    leaves.truncate(mark.2);
-                    events.truncate(mark.3);
-                    rows.truncate(mark.4, mark.5);
-                    active = active_before;
-                    results.push(Err(err));
-                }
-            }
-        }
-        Staged {
-            next,
-            previous,
-            rows,
-            leaves,
-            events,
-            results,
-            active,
-        }
-    }
-
     /// Did batch `batch` commit? Asked under the coordinator row lock, so a commit still in
     /// progress (e.g. waiting for a synchronous standby) has finished either way.
     pub(super) async fn resolve(&self, batch: &str) -> Result<bool, Error> {
@@ -299,6 +209,104 @@ impl PgLog {
                 Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
+    }
+}
+
+/// Stage a group's requests after `base`: indexes, hash links, the signing order and the
+/// idempotency claims checked per request (a request that fails is dropped whole; the rest
+/// of the group goes ahead), the rows to insert.
+fn stage(
+    origin: &str,
+    replica: &str,
+    base: u64,
+    mut previous: Option<Hash>,
+    mut active: order::ActiveVersions,
+    holders: &ClaimHolders,
+    requests: Vec<Vec<Entry>>,
+) -> Staged {
+    let mut next = base;
+    let mut rows = Rows::default();
+    let mut leaves = Vec::new();
+    let mut events = Vec::new();
+    let mut results = Vec::with_capacity(requests.len());
+    for entries in requests {
+        let mark = (
+            next,
+            previous,
+            leaves.len(),
+            events.len(),
+            rows.len(),
+            rows.claims.len(),
+        );
+        let active_before = active.clone();
+        let mut out = Vec::with_capacity(entries.len());
+        let mut failed = None;
+        for mut e in entries {
+            e.index = next;
+            e.previous_leaf_hash = previous.map(|h| B64.encode(h));
+            if let Some(k) = claim_key(&e) {
+                match holders.get(&k) {
+                    Some((Some(h), None)) if h == replica => {}
+                    None => {}
+                    _ => {
+                        failed = Some(audit::Error::ClaimLost);
+                        break;
+                    }
+                }
+            }
+            if let Err(v) = active.observe(&e) {
+                failed = Some(audit::Error::Superseded(v));
+                break;
+            }
+            let bytes = match e.canonical() {
+                Ok(b) => b,
+                Err(err) => {
+                    failed = Some(audit::Error::Serialize(err.to_string()));
+                    break;
+                }
+            };
+            let leaf = merkle::leaf_hash(&bytes);
+            rows.push(next, leaf, bytes, &mut e);
+            if let Some((client, key)) = claim_key(&e) {
+                rows.claims.push((
+                    client,
+                    key,
+                    e.request_sha256.clone().unwrap_or_default(),
+                    next as i64,
+                ));
+            }
+            out.push(Receipt {
+                log_origin: origin.to_owned(),
+                index: next,
+                leaf_hash: B64.encode(leaf),
+            });
+            leaves.push(leaf);
+            events.push(e.event.clone());
+            previous = Some(leaf);
+            next += 1;
+        }
+        match failed {
+            None => results.push(Ok(out)),
+            Some(err) => {
+                // Drop this request's entries only; the rest of the group goes ahead.
+                next = mark.0;
+                previous = mark.1;
+                leaves.truncate(mark.2);
+                events.truncate(mark.3);
+                rows.truncate(mark.4, mark.5);
+                active = active_before;
+                results.push(Err(err));
+            }
+        }
+    }
+    Staged {
+        next,
+        previous,
+        rows,
+        leaves,
+        events,
+        results,
+        active,
     }
 }
 
@@ -405,4 +413,105 @@ async fn lock_claims(
         }
     }
     Ok(holders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::entry::{Actor, event};
+
+    fn entry(ev: &str, key_id: &str, idem: Option<&str>, sealed: bool) -> Entry {
+        let mut e = Entry::new(
+            ev,
+            "2026-12-05T00:00:00.000000Z".into(),
+            Actor {
+                identity: "spiffe://x/app".into(),
+                subject: String::new(),
+                san: vec![],
+                fingerprint_sha256: String::new(),
+            },
+        );
+        e.tenant = Some("payroll".into());
+        e.key_id = Some(key_id.into());
+        e.idempotency_key_sha256 = idem.map(|k| hex::encode(k.as_bytes()));
+        if sealed {
+            e.signer_commitment = Some("c".repeat(64));
+            e.sealed = Some(Box::new(crate::vault::Row {
+                index: 0,
+                tenant: "payroll".into(),
+                transaction_id: None,
+                time_us: 0,
+                retain_until_us: None,
+                retention_class: "default".into(),
+                commitment: "c".repeat(64),
+                content: crate::vault::Content::Erased(crate::vault::Erasure {
+                    erased_at: String::new(),
+                    cause: String::new(),
+                    reason: String::new(),
+                    entry: 0,
+                }),
+            }));
+        }
+        e
+    }
+
+    /// One group: a request whose claim another replica holds and one signed with a version
+    /// the group itself replaced are dropped whole; the others get dense indexes, hash links,
+    /// rows, claims and vault records under their own indexes.
+    #[test]
+    fn a_group_drops_only_the_requests_that_fail_and_keeps_the_rest_dense() {
+        let mut holders: ClaimHolders = HashMap::new();
+        let key = |k: &str| ("spiffe://x/app".to_owned(), k.as_bytes().to_vec());
+        holders.insert(key("mine"), (Some("replica-a".into()), None));
+        holders.insert(key("theirs"), (Some("replica-b".into()), None));
+        let requests = vec![
+            vec![entry(event::SIGNATURE, "payroll/v1", Some("mine"), true)],
+            vec![entry(event::SIGNATURE, "payroll/v1", Some("theirs"), true)],
+            vec![entry(event::KEY_ACTIVATED, "payroll/v2", None, false)],
+            vec![entry(event::SIGNATURE, "payroll/v1", None, true)],
+            vec![
+                entry(event::SIGNATURE, "payroll/v2", None, false),
+                entry(event::SIGNATURE, "payroll/v2", None, true),
+            ],
+        ];
+        let s = stage(
+            "origin",
+            "replica-a",
+            10,
+            None,
+            order::ActiveVersions::default(),
+            &holders,
+            requests,
+        );
+        assert!(matches!(&s.results[0], Ok(r) if r[0].index == 10));
+        assert!(matches!(s.results[1], Err(audit::Error::ClaimLost)));
+        assert!(matches!(&s.results[2], Ok(r) if r[0].index == 11));
+        assert!(matches!(s.results[3], Err(audit::Error::Superseded(_))));
+        assert!(matches!(&s.results[4], Ok(r) if r.iter().map(|x| x.index).eq([12, 13])));
+        assert_eq!(s.next, 14);
+        assert_eq!(s.rows.idx, vec![10, 11, 12, 13]);
+        assert_eq!(s.leaves.len(), 4);
+        assert_eq!(s.previous, s.leaves.last().copied());
+        assert_eq!(s.rows.claims.len(), 1);
+        assert_eq!(s.rows.claims[0].3, 10);
+        assert_eq!(
+            s.rows.vault.iter().map(|r| r.index).collect::<Vec<_>>(),
+            vec![10, 13],
+            "vault records of dropped requests go with them"
+        );
+        let links: Vec<Option<String>> = s
+            .rows
+            .body
+            .iter()
+            .map(|b| {
+                serde_json::from_slice::<Entry>(b)
+                    .unwrap()
+                    .previous_leaf_hash
+            })
+            .collect();
+        assert_eq!(links[0], None);
+        for i in 1..4 {
+            assert_eq!(links[i], Some(B64.encode(s.leaves[i - 1])));
+        }
+    }
 }
