@@ -510,8 +510,8 @@ mod tests {
             })
             .collect();
         assert_eq!(links[0], None);
-        for i in 1..4 {
-            assert_eq!(links[i], Some(B64.encode(s.leaves[i - 1])));
+        for (link, leaf) in links[1..].iter().zip(&s.leaves) {
+            assert_eq!(*link, Some(B64.encode(leaf)));
         }
     }
 }
