@@ -740,7 +740,7 @@ impl App {
 }
 
 /// When the policy's retention ends for a signature at `now_us`.
-fn retain_until_us(policy: &crate::config::PolicyConfig, now_us: i64) -> Option<i64> {
+pub(super) fn retain_until_us(policy: &crate::config::PolicyConfig, now_us: i64) -> Option<i64> {
     policy
         .retention
         .map(|r| now_us.saturating_add(i64::try_from(r.as_micros()).unwrap_or(i64::MAX)))

@@ -772,7 +772,7 @@ impl App {
                 e.sealed = Some(row.clone());
                 row.retain_until_us
             }
-            None => p.retention.map(|r| crate::clock::micros(now + r)),
+            None => super::retention::retain_until_us(p, crate::clock::micros(now)),
         };
         e.retain_until = retain_until.map(crate::clock::rfc3339_from_micros);
         if let Some(idem) = &ready.idempotency {
