@@ -625,7 +625,24 @@ pub async fn http_bytes(
 }
 
 /// A port free on the loopback now (for settings that must name it before the start).
+/// A port free on 127.0.0.1 for a listener the test configures by number (`[pki] listen`,
+/// PostgreSQL). Chosen below the kernel's ephemeral range, where the port-0 listeners and the
+/// outgoing connections of the tests running in parallel take theirs: a port handed out by
+/// binding port 0 could be taken again by one of those before the server binds it.
 pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 11_000 {
+        let (from, to) = (10_000u32, u32::from(low) - 1);
+        for _ in 0..200 {
+            let port = (from + rand::random::<u32>() % (to - from)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

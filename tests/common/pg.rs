@@ -53,11 +53,7 @@ fn rustix_uid() -> u32 {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    super::free_port()
 }
 
 impl Postgres {
