@@ -473,6 +473,31 @@ async fn an_exported_bundle_verifies_offline_explains_itself_and_refuses_each_ta
             "the completeness statement is not signed by the log key",
         ),
         (
+            "signer evidence swapped",
+            Box::new(|b| {
+                // Another person named as the signer: the entry's commitment says otherwise.
+                b["entries"][0]["signer_evidence"]["signer"]["email"] =
+                    serde_json::json!("mallory@example.com");
+            }),
+            "the bundle's signer evidence does not match the entry",
+        ),
+        (
+            "signer salt forged",
+            Box::new(|b| {
+                b["entries"][0]["signer_evidence"]["salt"] =
+                    serde_json::json!(B64.encode([0u8; 32]));
+            }),
+            "the bundle's signer evidence does not match the entry",
+        ),
+        (
+            "signer evidence added",
+            Box::new(|b| {
+                // The procurement entry was signed without a signer: none may be slipped in.
+                b["entries"][3]["signer_evidence"] = b["entries"][0]["signer_evidence"].clone();
+            }),
+            "commits to none",
+        ),
+        (
             "no statement",
             Box::new(|b| {
                 b.as_object_mut().unwrap().remove("completeness");
