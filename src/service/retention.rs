@@ -290,13 +290,7 @@ impl App {
             "records": indexes.len(),
             "ranges": ranges(indexes),
         }));
-        let index = self
-            .log
-            .append(vec![e])
-            .await?
-            .pop()
-            .map(|r| r.index)
-            .ok_or_else(|| Error::Internal("no receipt".into()))?;
+        let index = self.append_one(e).await?;
         let erasure = Erasure {
             erased_at: crate::clock::rfc3339(self.clock.unix()),
             cause: cause.to_owned(),
