@@ -127,7 +127,12 @@ fn main() {
     );
     let mut best_single = 0.0f64;
     let mut file_single16 = 0.0f64;
-    for conc in [1, 4, 16, 64] {
+    // `--bars`: only the scenarios the bars are set on (a quicker loop while tuning).
+    let bars_only = args.iter().any(|a| a == "--bars");
+    let singles: &[usize] = if bars_only { &[] } else { &[1, 4, 16, 64] };
+    let h2: &[(usize, usize)] = if bars_only { &[] } else { &[(4, 16), (2, 64)] };
+    let batches: &[(usize, usize)] = if bars_only { &[] } else { &[(2, 64), (4, 128)] };
+    for &conc in singles {
         let r = load_run(&dir, &api, conc, 0, secs);
         best_single = best_single.max(r.rate);
         if conc == 16 {
@@ -135,14 +140,14 @@ fn main() {
         }
         r.print(&format!("single, {conc} connections"), raw_rate);
     }
-    for (conc, streams) in [(4, 16), (2, 64)] {
+    for &(conc, streams) in h2 {
         let r = load_run_h2(&dir, &api, conc, streams, secs);
         best_single = best_single.max(r.rate);
         r.print(&format!("single, h2 {conc}x{streams} streams"), raw_rate);
     }
     let mut best_batch = 0.0f64;
     let mut file_batch64 = 0.0f64;
-    for (conc, batch) in [(2, 64), (4, 128)] {
+    for &(conc, batch) in batches {
         let r = load_run(&dir, &api, conc, batch, secs);
         best_batch = best_batch.max(r.rate);
         if batch == 64 {
@@ -220,6 +225,9 @@ fn main() {
     }
 
     // 5. Start-up with a large log.
+    if bars_only {
+        return;
+    }
     let n: u64 = if quick { 200_000 } else { 1_000_000 };
     println!();
     startup(&mut server, n);
@@ -364,8 +372,8 @@ fn instructions(dir: &Path) {
             .unwrap_or_else(|| panic!("no totals in {}", file.display()))
     };
     let exe = std::env::current_exe().unwrap();
-    let raw = |n: u64| -> u64 {
-        let out = dir.join(format!("callgrind.raw.{n}"));
+    let raw = |n: u64, checked: bool| -> u64 {
+        let out = dir.join(format!("callgrind.raw.{n}.{checked}"));
         let st = Command::new("valgrind")
             .args(["--tool=callgrind", "--quiet"])
             .arg(format!("--callgrind-out-file={}", out.display()))
@@ -375,6 +383,7 @@ fn instructions(dir: &Path) {
                 &dir.display().to_string(),
                 &format!("count:{n}"),
             ])
+            .args(checked.then_some("--checked"))
             .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
             .stdout(Stdio::null())
             .status()
@@ -382,15 +391,18 @@ fn instructions(dir: &Path) {
         assert!(st.success());
         total(&out)
     };
-    let (a, b) = (raw(200), raw(1200));
-    let token = (b - a) as f64 / 1000.0;
+    let per_signature = |checked: bool| (raw(1200, checked) - raw(200, checked)) as f64 / 1000.0;
+    let token = per_signature(false);
+    // The check of each signature: the checked loop (C_Sign, DER conversion, verification)
+    // minus the bare one.
+    let verify = per_signature(true) - token;
 
     let ready = dir.join("ready.json");
     let _ = std::fs::remove_file(&ready);
     let out = dir.join("callgrind.signet");
     let mut server = Command::new("valgrind");
     server
-        .args(["--tool=callgrind", "--quiet"])
+        .args(["--tool=callgrind", "--quiet", "--compress-strings=no"])
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(BIN)
         .arg("--config")
@@ -408,14 +420,14 @@ fn instructions(dir: &Path) {
             .as_str()
             .unwrap()
             .to_owned();
-    let load = |n: u64| {
+    let load = |batch: usize, n: u64| {
         run_self(
             &[
                 "--load",
                 &dir.display().to_string(),
                 &api,
                 "1",
-                "0",
+                &batch.to_string(),
                 &format!("count:{n}"),
                 "0",
             ],
@@ -423,69 +435,84 @@ fn instructions(dir: &Path) {
             &[],
         )
     };
-    load(200);
+    load(0, 200);
+    load(16, 20);
     let pid = server.id().to_string();
     let control = |flag: &str| {
         assert!(
             Command::new("callgrind_control")
                 .args([flag, &pid])
                 .stdout(Stdio::null())
+                .stderr(Stdio::null())
                 .status()
                 .unwrap()
                 .success()
         );
     };
-    control("-z");
-    let n = 1000u64;
-    load(n);
-    control("-d");
-    // The dump is written when the server next runs valgrind's control poll.
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(60)
-        && !std::fs::read_dir(dir).unwrap().flatten().any(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|f| f.starts_with("callgrind.signet."))
-        })
-    {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    stop(&mut server);
-    let dump = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|f| f.to_str())
-                .is_some_and(|f| f.starts_with("callgrind.signet.") && !f.ends_with(".0"))
-        })
-        .min()
-        .unwrap_or_else(|| {
-            let files: Vec<_> = std::fs::read_dir(dir)
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name())
-                .collect();
-            panic!(
-                "no dump after the measured requests in {}: {files:?}",
-                dir.display()
-            )
+    let dumps = || -> Vec<PathBuf> {
+        let mut d: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|f| f.starts_with("callgrind.signet.") && !f.ends_with(".0"))
+            })
+            .collect();
+        d.sort_by_key(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .and_then(|e| e.parse::<u64>().ok())
         });
-    let per_request = total(&dump) as f64 / n as f64;
+        d
+    };
+    // Instructions of `n` requests of `batch` items (0: single) on one keep-alive connection,
+    // and the dump they are in.
+    let measure = |batch: usize, n: u64| -> (u64, PathBuf) {
+        let before = dumps().len();
+        control("-z");
+        load(batch, n);
+        control("-d");
+        // The dump is written when the server next runs valgrind's control poll.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(60) && dumps().len() == before {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let dump = dumps()
+            .pop()
+            .unwrap_or_else(|| panic!("no dump after the measured requests in {}", dir.display()));
+        (total(&dump), dump)
+    };
+    let n = 1000u64;
+    let (single, dump) = measure(0, n);
+    let per_request = single as f64 / n as f64;
     // Kept for `callgrind_annotate` (where the instructions go).
     let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/callgrind.signet.out");
     let _ = std::fs::copy(&dump, &kept);
+    let batches = 100u64;
+    let (batch, dump) = measure(16, batches);
+    let per_item = batch as f64 / (batches * 16) as f64;
+    let kept_batch = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/callgrind.batch.out");
+    let _ = std::fs::copy(&dump, &kept_batch);
+    stop(&mut server);
     println!("instructions (valgrind --tool=callgrind, Ir):");
     println!("  token C_Sign, per signature:           {token:>10.0}");
+    println!("  check of one signature (DER + verify): {verify:>10.0}");
     println!("  Signet /v1/sign, per request, all:     {per_request:>10.0}");
     println!(
-        "  Signet's own work, per request:        {:>10.0}  (all minus one C_Sign)",
-        per_request - token
+        "  Signet's own work, per request:        {:>10.0}  (all minus C_Sign and the check; bar 150000)",
+        per_request - token - verify
+    );
+    println!("  Signet /v1/sign/batch of 16, per item: {per_item:>10.0}");
+    println!(
+        "  Signet's own work, per batch item:     {:>10.0}  (all minus C_Sign and the check; bar 40000)",
+        per_item - token - verify
     );
     println!(
-        "  profile of the {n} requests: callgrind_annotate {}",
-        kept.display()
+        "  profiles: callgrind_annotate {} (single), {} (batch)",
+        kept.display(),
+        kept_batch.display()
     );
 }
 

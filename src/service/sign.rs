@@ -530,6 +530,8 @@ impl App {
         let sealed = self.seal_ready(ready).await?;
         loop {
             let share = Self::share(caller, &ready.policy.config.tenant, 1);
+            // The log's group commit may wait for this entry while it is being signed.
+            let expected = self.log.expect(1);
             // Checked in the token worker with the version's public key before it goes on.
             let der = self
                 .hsm
@@ -537,6 +539,7 @@ impl App {
                 .await?;
             let entry = self.signature_entry(caller, ready, &key, &der, sealed.as_ref());
             let mut response = response(&entry, certificate_pem(&key), Receipt::default());
+            drop(expected);
             // Evidence seam: nothing is returned to the client before this append is durable.
             match self.log.append(vec![entry]).await {
                 Ok(mut receipts) => {
@@ -653,6 +656,7 @@ impl App {
                 .map(|((_, r), k)| (k.token_id(), r.valid.digest.0, k.public_key))
                 .collect();
             let share = Self::share(caller, tenant, jobs.len());
+            let expected = self.log.expect(jobs.len());
             let signed = self
                 .hsm
                 .call_as(&share, move |s| {
@@ -678,6 +682,7 @@ impl App {
                 .zip(&keys)
                 .map(|(e, k)| response(e, certificate_pem(k), Receipt::default()))
                 .collect();
+            drop(expected);
             match self.log.append(entries).await {
                 Ok(receipts) => {
                     tracing::info!(request_id = %caller.request_id, items = receipts.len(), "signed batch");

@@ -269,6 +269,51 @@ pub async fn open(
     }
 }
 
+/// Signatures being made in the token now, whose entries are on their way to the log. The
+/// file backend's group commit waits briefly for them instead of committing a small group
+/// (each group costs two fdatasyncs and one token MAC, whatever its size); with none on the
+/// way it commits at once.
+#[derive(Debug, Default)]
+pub struct Inbound(std::sync::atomic::AtomicUsize);
+
+impl Inbound {
+    /// How many signatures are on their way now.
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Count `n` signatures on their way until the guard is dropped: drop it when their
+    /// entries are handed to the log, or when they failed.
+    pub fn expect(self: &Arc<Self>, n: usize) -> Expected {
+        self.0.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+        Expected {
+            inbound: Arc::clone(self),
+            n,
+        }
+    }
+}
+
+/// How long a group commit waits at most for the entries of signatures being made now
+/// ([`Inbound`]) before it commits what it has. A checked signature takes 0.1–0.2 ms on one
+/// core, so this bounds the wait when many are queued at the token; with none on the way the
+/// group commits at once.
+pub(crate) const COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Signatures counted in [`Inbound`] while this lives.
+#[derive(Debug)]
+pub struct Expected {
+    inbound: Arc<Inbound>,
+    n: usize,
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        self.inbound
+            .0
+            .fetch_sub(self.n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// The evidence log, whichever backend holds it. Entry formats, receipts, proofs and
 /// checkpoints are the same in both.
 pub enum Log {
@@ -282,6 +327,15 @@ impl Log {
         match self {
             Log::File(l) => l.append(entries).await,
             Log::Postgres(l) => l.append(entries).await,
+        }
+    }
+
+    /// Announce `n` signatures being made now, whose entries this log will be asked to append
+    /// ([`Inbound`]); drop the guard just before [`Log::append`].
+    pub fn expect(&self, n: usize) -> Expected {
+        match self {
+            Log::File(l) => l.inbound().expect(n),
+            Log::Postgres(l) => l.inbound().expect(n),
         }
     }
 

@@ -174,6 +174,8 @@ struct Inner {
     checkpointing: Mutex<Option<TreeHead>>,
     /// The signer-evidence vault the writer appends sealed records to (set once at start).
     vault: std::sync::OnceLock<Arc<vault::FileVault>>,
+    /// Signatures being made whose entries come next: the writer waits briefly for them.
+    inbound: Arc<super::Inbound>,
     _lock: File,
 }
 
@@ -296,6 +298,11 @@ impl FileLog {
 
     pub fn origin(&self) -> &str {
         &self.inner.origin
+    }
+
+    /// Signatures on their way to this log ([`super::Inbound`]).
+    pub fn inbound(&self) -> &Arc<super::Inbound> {
+        &self.inner.inbound
     }
 
     pub fn is_writable(&self) -> bool {

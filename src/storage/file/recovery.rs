@@ -111,6 +111,7 @@ impl FileLog {
             latest: RwLock::new(latest),
             checkpointing: Mutex::new(None),
             vault: std::sync::OnceLock::new(),
+            inbound: Arc::default(),
             _lock: lock,
         });
         let (queue, rx) = crossbeam_channel::unbounded();

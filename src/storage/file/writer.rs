@@ -3,6 +3,7 @@
 
 use super::recovery::indexed;
 use super::*;
+use crate::storage::Inbound;
 
 /// What the writer thread writes to: the entries file and the tail head.
 pub(super) struct Sink {
@@ -31,22 +32,9 @@ pub(super) fn writer_main(
             }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         };
-        // Take everything waiting right now: one write, one fsync for all of it.
-        let mut group = Vec::new();
-        let mut count = 0;
-        let mut next = Some(first);
-        while let Some(req) = next.take() {
-            match req {
-                Request::Stop => stopping = true,
-                Request::Append { entries, reply } => {
-                    count += entries.len();
-                    group.push((entries, reply));
-                }
-            }
-            if count < max_group && !stopping {
-                next = rx.try_recv().ok();
-            }
-        }
+        let deadline = Instant::now() + super::super::COMMIT_WINDOW;
+        let group;
+        (group, stopping) = take_group(first, &rx, max_group, &inner.inbound, deadline);
         if group.is_empty() {
             continue;
         }
@@ -56,6 +44,41 @@ pub(super) fn writer_main(
     while let Ok(Request::Append { reply, .. }) = rx.try_recv() {
         let _ = reply.send(Err(Error::Closed));
     }
+}
+
+/// The group that starts with `first`: everything waiting now, and, while signatures are on
+/// their way ([`Inbound`]), what arrives until `deadline` — one write, one fsync and one tail
+/// head for all of it, up to `max_group` entries. Also says whether a stop was asked.
+fn take_group(
+    first: Request,
+    rx: &crossbeam_channel::Receiver<Request>,
+    max_group: usize,
+    inbound: &Inbound,
+    deadline: Instant,
+) -> (Group, bool) {
+    let mut group = Vec::new();
+    let mut count = 0;
+    let mut next = Some(first);
+    while let Some(req) = next.take() {
+        match req {
+            Request::Stop => return (group, true),
+            Request::Append { entries, reply } => {
+                count += entries.len();
+                group.push((entries, reply));
+            }
+        }
+        if count >= max_group {
+            break;
+        }
+        next = match rx.try_recv() {
+            Ok(r) => Some(r),
+            Err(_) if inbound.count() > 0 => rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok(),
+            Err(_) => None,
+        };
+    }
+    (group, false)
 }
 
 pub(super) type Group = Vec<(
@@ -343,5 +366,72 @@ pub(super) fn probe_writable(inner: &Inner, log: &mut File) {
         inner.writable.store(true, Ordering::Release);
         inner.metrics.audit_writable.set(1);
         tracing::info!("evidence log writable again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        Request::Append {
+            entries: Vec::new(),
+            reply,
+        }
+    }
+
+    #[test]
+    fn a_group_waits_for_the_signatures_on_their_way_and_only_for_them() {
+        let inbound = Arc::new(Inbound::default());
+        let far = Instant::now() + Duration::from_secs(30);
+
+        // Nothing on the way: the group is what is waiting now, at once.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(request()).unwrap();
+        let t = Instant::now();
+        let (group, stop) = take_group(request(), &rx, 64, &inbound, far);
+        assert_eq!((group.len(), stop), (2, false));
+        assert!(t.elapsed() < Duration::from_secs(10), "it did not wait");
+
+        // Two signatures on their way: the group takes both as they arrive, and commits as
+        // soon as none is left on the way (long before the deadline).
+        let guards = [inbound.expect(1), inbound.expect(1)];
+        let sender = std::thread::spawn(move || {
+            for g in guards {
+                std::thread::sleep(Duration::from_millis(50));
+                tx.send(request()).unwrap();
+                drop(g);
+            }
+            tx
+        });
+        let t = Instant::now();
+        let (group, _) = take_group(request(), &rx, 64, &inbound, far);
+        assert_eq!(group.len(), 3, "the first and the two announced");
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "it waited past the last one"
+        );
+        assert_eq!(inbound.count(), 0);
+        let tx = sender.join().unwrap();
+
+        // One on the way that does not come: the group waits until the deadline only.
+        let _late = inbound.expect(1);
+        let t = Instant::now();
+        let (group, _) = take_group(
+            request(),
+            &rx,
+            64,
+            &inbound,
+            Instant::now() + Duration::from_millis(100),
+        );
+        assert_eq!(group.len(), 1);
+        assert!(t.elapsed() >= Duration::from_millis(100));
+
+        // A stop ends the group; what came before it is still committed.
+        tx.send(Request::Stop).unwrap();
+        let (group, stop) = take_group(request(), &rx, 64, &inbound, far);
+        assert_eq!((group.len(), stop), (1, true));
     }
 }

@@ -173,6 +173,8 @@ pub struct PgLog {
     restore_findings: Vec<String>,
     queue: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
     max_group: usize,
+    /// Signatures being made whose entries come next: the sequencer waits briefly for them.
+    inbound: Arc<crate::storage::Inbound>,
     leader: AtomicBool,
     /// Serialises catching up with the database.
     following: tokio::sync::Mutex<()>,
@@ -260,6 +262,7 @@ impl PgLog {
             restore_findings: Vec::new(),
             queue: Mutex::new(None),
             max_group: opts.max_group_entries,
+            inbound: Arc::default(),
             leader: AtomicBool::new(false),
             following: tokio::sync::Mutex::new(()),
             checkpointing: tokio::sync::Mutex::new(None),
@@ -350,6 +353,11 @@ impl PgLog {
 
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// Signatures on their way to this log ([`crate::storage::Inbound`]).
+    pub fn inbound(&self) -> &Arc<crate::storage::Inbound> {
+        &self.inbound
     }
 
     pub fn restore_findings(&self) -> &[String] {

@@ -25,16 +25,25 @@ impl PgLog {
     /// The sequencer: one transaction per group of waiting appends.
     pub(super) async fn sequencer(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Pending>) {
         while let Some(first) = rx.recv().await {
+            // Everything waiting now, and what the signatures being made now bring within the
+            // commit window: one transaction for all of it.
             let mut count = first.entries.len();
             let mut group = vec![first];
+            let deadline = tokio::time::Instant::now() + crate::storage::COMMIT_WINDOW;
             while count < self.max_group {
-                match rx.try_recv() {
-                    Ok(p) => {
-                        count += p.entries.len();
-                        group.push(p);
+                let next = match rx.try_recv() {
+                    Ok(p) => Some(p),
+                    Err(_) if self.inbound.count() > 0 => {
+                        tokio::time::timeout_at(deadline, rx.recv())
+                            .await
+                            .ok()
+                            .flatten()
                     }
-                    Err(_) => break,
-                }
+                    Err(_) => None,
+                };
+                let Some(p) = next else { break };
+                count += p.entries.len();
+                group.push(p);
             }
             self.commit(group).await;
         }
