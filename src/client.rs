@@ -45,7 +45,7 @@ impl ClientTls {
                 .add(c.map_err(|e| file_err(ca, &e))?)
                 .map_err(|e| file_err(ca, &e))?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Tls(e.to_string()))?

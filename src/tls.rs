@@ -149,7 +149,7 @@ pub fn server_config(
     clients: &[ClientConfig],
     policies: Arc<ArcSwap<Policies>>,
 ) -> Result<TlsState, Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let chain = read_certs("server.cert", &config.cert)?;
     let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| Error::File {
         key: "server.key",

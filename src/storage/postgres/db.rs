@@ -304,7 +304,7 @@ pub(super) fn tls_config(
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| Error::Config(format!("TLS to the database: {e}")))?
