@@ -13,7 +13,7 @@ use std::time::Instant;
 use common::*;
 use hyper::Method;
 #[cfg(feature = "insecure-test-hooks")]
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_storage_lost_and_restored_recovers_without_restart() {
@@ -180,6 +180,65 @@ async fn a_stale_key_handle_never_yields_a_signature_made_with_another_key() {
     );
     // The cache was emptied: the next request finds the right handle and verifies.
     s.signs("payroll-app", "payroll-esign", b"after").await;
+
+    // The same for a batch, whose signatures are checked off the token worker: every item of
+    // the token call is refused, none is recorded, and the next batch signs again.
+    let before = signatures(&s);
+    s.inject_fault(json!({
+        "fault": "plant_stale_handle",
+        "key_id": "payroll/v1",
+        "other": "_signet/evidence-log/v1"
+    }))
+    .await;
+    let batch = |tag: &str| {
+        let items: Vec<Value> = (0..3)
+            .map(|i| sign_body("payroll-esign", format!("{tag} {i}").as_bytes()))
+            .collect();
+        json!({ "items": items })
+    };
+    let (status, _, b) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign/batch",
+            Some(batch("batch with the wrong key?")),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    let items = b["results"].as_array().expect("results");
+    assert_eq!(items.len(), 3);
+    for item in items {
+        assert_eq!(item["status"], 503, "{item}");
+        assert_eq!(
+            item["problem"]["type"],
+            "urn:signet:problem:token-signature-mismatch"
+        );
+        assert!(item.get("result").is_none());
+    }
+    assert_eq!(signatures(&s), before, "no entry for a discarded batch");
+    assert_eq!(
+        s.metric("signet_hsm_errors_total{kind=\"wrong_key\"}")
+            .await,
+        2.0
+    );
+    let (status, _, b) = s
+        .call(
+            "payroll-app",
+            Method::POST,
+            "/v1/sign/batch",
+            Some(batch("batch after")),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    assert!(
+        b["results"]
+            .as_array()
+            .is_some_and(|i| i.iter().all(|i| i["status"] == 200)),
+        "{b}"
+    );
+    assert_eq!(signatures(&s), before + 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

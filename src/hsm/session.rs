@@ -108,24 +108,22 @@ impl TokenSession<'_> {
         raw_to_der(&raw)
     }
 
-    /// [`TokenSession::sign_prehashed`], then check the signature with `expected` (the public
-    /// key of the version asked for) before it goes anywhere: a stale object handle could
-    /// otherwise sign with another key of the token. On a mismatch every cached handle is
-    /// forgotten and the signature is discarded (`Error::WrongKey`). Runs on the worker thread,
-    /// not the async runtime.
+    /// [`TokenSession::sign_prehashed`], then [`check`] the signature with `expected` (the
+    /// public key of the version asked for) on the worker thread. For Signet's own rare calls;
+    /// the signing path checks off the worker ([`crate::hsm::Hsm::sign_as`]).
     pub fn sign_prehashed_checked(
         &self,
         id: &str,
         digest: &[u8; 32],
         expected: &VerifyingKey,
     ) -> Result<Vec<u8>, Error> {
-        let der = self.sign_prehashed(id, digest)?;
-        if !crate::pki::verify::verifies_prehash(expected, digest, &der) {
-            tracing::error!(key_id = %id, "the token signed with another key than asked for; signature discarded, handle cache emptied");
-            self.handles.invalidate_all();
-            return Err(Error::WrongKey(id.to_owned()));
-        }
-        Ok(der)
+        check(
+            self.handles,
+            id,
+            digest,
+            self.sign_prehashed(id, digest)?,
+            expected,
+        )
     }
 
     /// The handle of the private key with this `CKA_ID`, from the cache or one search.
@@ -668,6 +666,25 @@ impl TokenSession<'_> {
     fn find_one(&self, class: ObjectClass, id: &str) -> Result<Option<ObjectHandle>, Error> {
         Ok(self.find_all(class, id)?.into_iter().next())
     }
+}
+
+/// The check every token signature passes before it goes anywhere: `der` must verify over
+/// `digest` with `expected`, the public key of the version asked for (a stale object handle
+/// could otherwise have signed with another key of the token). On a mismatch every cached
+/// handle is forgotten and the signature is discarded (`Error::WrongKey`).
+pub(super) fn check(
+    handles: &Cache<(u64, String), ObjectHandle>,
+    id: &str,
+    digest: &[u8; 32],
+    der: Vec<u8>,
+    expected: &VerifyingKey,
+) -> Result<Vec<u8>, Error> {
+    if crate::pki::verify::verifies_prehash(expected, digest, &der) {
+        return Ok(der);
+    }
+    tracing::error!(key_id = %id, "the token signed with another key than asked for; signature discarded, handle cache emptied");
+    handles.invalidate_all();
+    Err(Error::WrongKey(id.to_owned()))
 }
 
 #[cfg(test)]

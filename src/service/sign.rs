@@ -657,14 +657,7 @@ impl App {
                 .collect();
             let share = Self::share(caller, tenant, jobs.len());
             let expected = self.log.expect(jobs.len());
-            let signed = self
-                .hsm
-                .call_as(&share, move |s| {
-                    jobs.iter()
-                        .map(|(id, d, pk)| s.sign_prehashed_checked(id, d, pk))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .await;
+            let signed = self.hsm.sign_many_as(&share, jobs).await;
             let sigs = match signed {
                 Ok(s) => s,
                 Err(e) => return fail_all(items, Error::Hsm(e)),
