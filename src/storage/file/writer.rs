@@ -46,9 +46,11 @@ pub(super) fn writer_main(
     }
 }
 
-/// The group that starts with `first`: everything waiting now, and, while signatures are on
-/// their way ([`Inbound`]), what arrives until `deadline` — one write, one fsync and one tail
-/// head for all of it, up to `max_group` entries. Also says whether a stop was asked.
+/// The group that starts with `first`: everything waiting now, and the appends of the
+/// signatures that were on their way ([`Inbound`]) when it started, as they arrive until
+/// `deadline` — one write, one fsync and one tail head for all of it, up to `max_group`
+/// entries. Signatures announced later do not extend the wait: under a steady trickle a group
+/// would otherwise always wait until the deadline. Also says whether a stop was asked.
 fn take_group(
     first: Request,
     rx: &crossbeam_channel::Receiver<Request>,
@@ -58,6 +60,7 @@ fn take_group(
 ) -> (Group, bool) {
     let mut group = Vec::new();
     let mut count = 0;
+    let mut owed = inbound.count();
     let mut next = Some(first);
     while let Some(req) = next.take() {
         match req {
@@ -72,11 +75,12 @@ fn take_group(
         }
         next = match rx.try_recv() {
             Ok(r) => Some(r),
-            Err(_) if inbound.count() > 0 => rx
+            Err(_) if owed > 0 && inbound.count() > 0 => rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .ok(),
             Err(_) => None,
         };
+        owed = owed.saturating_sub(usize::from(next.is_some()));
     }
     (group, false)
 }
@@ -415,6 +419,28 @@ mod tests {
         );
         assert_eq!(inbound.count(), 0);
         let tx = sender.join().unwrap();
+
+        // Signatures announced after the group started do not extend it.
+        let (tx2, rx2) = crossbeam_channel::unbounded();
+        let (first, guard) = (request(), inbound.expect(1));
+        let announcer = Arc::clone(&inbound);
+        let feeder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let later = announcer.expect(1);
+            tx2.send(request()).unwrap();
+            drop(guard);
+            std::thread::sleep(Duration::from_millis(50));
+            tx2.send(request()).unwrap();
+            drop(later);
+            tx2
+        });
+        let (group, _) = take_group(first, &rx2, 64, &inbound, far);
+        assert_eq!(
+            group.len(),
+            2,
+            "the first and the one on its way when it started"
+        );
+        drop(feeder.join().unwrap());
 
         // One on the way that does not come: the group waits until the deadline only.
         let _late = inbound.expect(1);

@@ -25,15 +25,17 @@ impl PgLog {
     /// The sequencer: one transaction per group of waiting appends.
     pub(super) async fn sequencer(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Pending>) {
         while let Some(first) = rx.recv().await {
-            // Everything waiting now, and what the signatures being made now bring within the
-            // commit window: one transaction for all of it.
+            // Everything waiting now, and the appends of the signatures that were on their way
+            // when the group started, as they arrive within the commit window (as the file
+            // writer's `take_group`): one transaction for all of it.
             let mut count = first.entries.len();
             let mut group = vec![first];
+            let mut owed = self.inbound.count();
             let deadline = tokio::time::Instant::now() + crate::storage::COMMIT_WINDOW;
             while count < self.max_group {
                 let next = match rx.try_recv() {
                     Ok(p) => Some(p),
-                    Err(_) if self.inbound.count() > 0 => {
+                    Err(_) if owed > 0 && self.inbound.count() > 0 => {
                         tokio::time::timeout_at(deadline, rx.recv())
                             .await
                             .ok()
@@ -42,6 +44,7 @@ impl PgLog {
                     Err(_) => None,
                 };
                 let Some(p) = next else { break };
+                owed = owed.saturating_sub(1);
                 count += p.entries.len();
                 group.push(p);
             }
