@@ -420,13 +420,14 @@ fn instructions(dir: &Path) {
             .as_str()
             .unwrap()
             .to_owned();
-    let load = |batch: usize, n: u64| {
+    // `n` requests of `batch` items (0: single) on each of `conns` keep-alive connections.
+    let load = |conns: usize, batch: usize, n: u64| {
         run_self(
             &[
                 "--load",
                 &dir.display().to_string(),
                 &api,
-                "1",
+                &conns.to_string(),
                 &batch.to_string(),
                 &format!("count:{n}"),
                 "0",
@@ -435,8 +436,8 @@ fn instructions(dir: &Path) {
             &[],
         )
     };
-    load(0, 200);
-    load(16, 20);
+    load(1, 0, 200);
+    load(1, 16, 20);
     let pid = server.id().to_string();
     let control = |flag: &str| {
         assert!(
@@ -469,10 +470,10 @@ fn instructions(dir: &Path) {
     };
     // Instructions of `n` requests of `batch` items (0: single) on one keep-alive connection,
     // and the dump they are in.
-    let measure = |batch: usize, n: u64| -> (u64, PathBuf) {
+    let measure = |conns: usize, batch: usize, n: u64| -> (u64, PathBuf) {
         let before = dumps().len();
         control("-z");
-        load(batch, n);
+        load(conns, batch, n);
         control("-d");
         // The dump is written when the server next runs valgrind's control poll.
         let t = Instant::now();
@@ -485,16 +486,19 @@ fn instructions(dir: &Path) {
         (total(&dump), dump)
     };
     let n = 1000u64;
-    let (single, dump) = measure(0, n);
+    let (single, dump) = measure(1, 0, n);
     let per_request = single as f64 / n as f64;
     // Kept for `callgrind_annotate` (where the instructions go).
     let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/callgrind.signet.out");
     let _ = std::fs::copy(&dump, &kept);
     let batches = 100u64;
-    let (batch, dump) = measure(16, batches);
+    let (batch, dump) = measure(1, 16, batches);
     let per_item = batch as f64 / (batches * 16) as f64;
     let kept_batch = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/callgrind.batch.out");
     let _ = std::fs::copy(&dump, &kept_batch);
+    // Under load: 32 connections at once share group commits (and their tail MACs).
+    let (busy, _) = measure(32, 0, 50);
+    let per_busy = busy as f64 / (32 * 50) as f64;
     stop(&mut server);
     println!("instructions (valgrind --tool=callgrind, Ir):");
     println!("  token C_Sign, per signature:           {token:>10.0}");
@@ -503,6 +507,11 @@ fn instructions(dir: &Path) {
     println!(
         "  Signet's own work, per request:        {:>10.0}  (all minus C_Sign and the check; bar 150000)",
         per_request - token - verify
+    );
+    println!("  the same, 32 connections at once:      {per_busy:>10.0}");
+    println!(
+        "  Signet's own work, per request then:   {:>10.0}  (group commits shared)",
+        per_busy - token - verify
     );
     println!("  Signet /v1/sign/batch of 16, per item: {per_item:>10.0}");
     println!(
