@@ -13,7 +13,7 @@ use std::time::Instant;
 use common::*;
 use hyper::Method;
 #[cfg(feature = "insecure-test-hooks")]
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_storage_lost_and_restored_recovers_without_restart() {
@@ -148,14 +148,7 @@ async fn a_stale_key_handle_never_yields_a_signature_made_with_another_key() {
             .count()
     };
     let before = signatures(&s);
-    // payroll/v1's cached handle now names the evidence-log key, as a handle kept from an
-    // earlier library instance can after SoftHSM reuses handle numbers.
-    s.inject_fault(json!({
-        "fault": "plant_stale_handle",
-        "key_id": "payroll/v1",
-        "other": "_signet/evidence-log/v1"
-    }))
-    .await;
+    plant_stale_handle(&s).await;
     let (status, _, p) = s
         .call(
             "payroll-app",
@@ -184,31 +177,10 @@ async fn a_stale_key_handle_never_yields_a_signature_made_with_another_key() {
     // The same for a batch, whose signatures are checked off the token worker: every item of
     // the token call is refused, none is recorded, and the next batch signs again.
     let before = signatures(&s);
-    s.inject_fault(json!({
-        "fault": "plant_stale_handle",
-        "key_id": "payroll/v1",
-        "other": "_signet/evidence-log/v1"
-    }))
-    .await;
-    let batch = |tag: &str| {
-        let items: Vec<Value> = (0..3)
-            .map(|i| sign_body("payroll-esign", format!("{tag} {i}").as_bytes()))
-            .collect();
-        json!({ "items": items })
-    };
-    let (status, _, b) = s
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign/batch",
-            Some(batch("batch with the wrong key?")),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{b}");
-    let items = b["results"].as_array().expect("results");
-    assert_eq!(items.len(), 3);
-    for item in items {
+    plant_stale_handle(&s).await;
+    let results = sign_batch(&s, "batch with the wrong key?").await;
+    assert_eq!(results.len(), 3);
+    for item in &results {
         assert_eq!(item["status"], 503, "{item}");
         assert_eq!(
             item["problem"]["type"],
@@ -222,23 +194,40 @@ async fn a_stale_key_handle_never_yields_a_signature_made_with_another_key() {
             .await,
         2.0
     );
+    let results = sign_batch(&s, "batch after").await;
+    assert!(results.iter().all(|i| i["status"] == 200), "{results:?}");
+    assert_eq!(signatures(&s), before + 3);
+}
+
+/// payroll/v1's cached handle now names the evidence-log key, as a handle kept from an earlier
+/// library instance can after SoftHSM reuses handle numbers.
+#[cfg(feature = "insecure-test-hooks")]
+async fn plant_stale_handle(s: &Signet) {
+    s.inject_fault(json!({
+        "fault": "plant_stale_handle",
+        "key_id": "payroll/v1",
+        "other": "_signet/evidence-log/v1"
+    }))
+    .await;
+}
+
+/// A batch of three items signed by payroll-app; the per-item results.
+#[cfg(feature = "insecure-test-hooks")]
+async fn sign_batch(s: &Signet, tag: &str) -> Vec<serde_json::Value> {
+    let items: Vec<serde_json::Value> = (0..3)
+        .map(|i| sign_body("payroll-esign", format!("{tag} {i}").as_bytes()))
+        .collect();
     let (status, _, b) = s
         .call(
             "payroll-app",
             Method::POST,
             "/v1/sign/batch",
-            Some(batch("batch after")),
+            Some(json!({ "items": items })),
             &[],
         )
         .await;
     assert_eq!(status, 200, "{b}");
-    assert!(
-        b["results"]
-            .as_array()
-            .is_some_and(|i| i.iter().all(|i| i["status"] == 200)),
-        "{b}"
-    );
-    assert_eq!(signatures(&s), before + 3);
+    b["results"].as_array().expect("results").clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
