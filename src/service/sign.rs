@@ -532,7 +532,7 @@ impl App {
             let share = Self::share(caller, &ready.policy.config.tenant, 1);
             // The log's group commit may wait for this entry while it is being signed.
             let expected = self.log.expect(1);
-            // Checked in the token worker with the version's public key before it goes on.
+            // Checked with the version's public key (off the token worker) before it goes on.
             let der = self
                 .hsm
                 .sign_as(&share, key.token_id(), ready.valid.digest.0, key.public_key)

@@ -617,7 +617,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn entry(i: usize) -> Entry {
+    pub(super) fn entry(i: usize) -> Entry {
         let mut e = Entry::new(
             entry::event::SIGNATURE,
             format!("2026-01-01T00:00:{:02}.000000Z", i % 60),

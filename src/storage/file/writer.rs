@@ -80,7 +80,9 @@ fn take_group(
                 .ok(),
             Err(_) => None,
         };
-        owed = owed.saturating_sub(usize::from(next.is_some()));
+        if let Some(Request::Append { entries, .. }) = &next {
+            owed = owed.saturating_sub(entries.len());
+        }
     }
     (group, false)
 }
@@ -377,10 +379,11 @@ pub(super) fn probe_writable(inner: &Inner, log: &mut File) {
 mod tests {
     use super::*;
 
+    /// An append of one entry.
     fn request() -> Request {
         let (reply, _) = tokio::sync::oneshot::channel();
         Request::Append {
-            entries: Vec::new(),
+            entries: vec![super::super::tests::entry(0)],
             reply,
         }
     }
@@ -454,6 +457,15 @@ mod tests {
         );
         assert_eq!(group.len(), 1);
         assert!(t.elapsed() >= Duration::from_millis(100));
+
+        // A group holds at most `max_group` entries, however many are waiting.
+        let (tx3, rx3) = crossbeam_channel::unbounded();
+        for _ in 0..3 {
+            tx3.send(request()).unwrap();
+        }
+        let (group, _) = take_group(request(), &rx3, 2, &inbound, far);
+        assert_eq!(group.len(), 2);
+        assert_eq!(rx3.len(), 2, "the rest wait for the next group");
 
         // A stop ends the group; what came before it is still committed.
         tx.send(Request::Stop).unwrap();

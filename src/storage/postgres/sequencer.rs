@@ -44,7 +44,7 @@ impl PgLog {
                     Err(_) => None,
                 };
                 let Some(p) = next else { break };
-                owed = owed.saturating_sub(1);
+                owed = owed.saturating_sub(p.entries.len());
                 count += p.entries.len();
                 group.push(p);
             }
