@@ -190,21 +190,16 @@ async fn signer_evidence_is_kept_apart_readable_then_erased_by_the_sweep_with_pr
         "--out",
         file.to_str().unwrap(),
     ]);
-    let out = std::process::Command::new(BIN)
-        .args(["bundle", "verify"])
-        .arg(&file)
-        .arg("--ca")
-        .arg(s.dir.join("hsm-ca.pem"))
-        .arg("--log-key")
-        .arg(s.audit_dir().join("log-key.pem"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new(BIN)
+            .args(["bundle", "verify"])
+            .arg(&file)
+            .arg("--ca")
+            .arg(s.dir.join("hsm-ca.pem"))
+            .arg("--log-key")
+            .arg(s.audit_dir().join("log-key.pem")),
     );
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Signer evidence erased on"), "{text}");
     assert!(text.contains("retention period ended"), "{text}");
     assert!(!text.contains(&gone));
@@ -217,23 +212,18 @@ async fn signer_evidence_is_kept_apart_readable_then_erased_by_the_sweep_with_pr
         .unwrap()
         .to_owned();
     std::fs::write(work.join("entry.tlog-proof"), proof).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["receipt", "verify", "--receipt"])
-        .arg(work.join("response.json"))
-        .arg("--proof")
-        .arg(work.join("entry.tlog-proof"))
-        .arg("--log-key")
-        .arg(s.audit_dir().join("log-key.pem"))
-        .arg("--ca")
-        .arg(s.dir.join("hsm-ca.pem"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new(BIN)
+            .args(["receipt", "verify", "--receipt"])
+            .arg(work.join("response.json"))
+            .arg("--proof")
+            .arg(work.join("entry.tlog-proof"))
+            .arg("--log-key")
+            .arg(s.audit_dir().join("log-key.pem"))
+            .arg("--ca")
+            .arg(s.dir.join("hsm-ca.pem")),
     );
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("VERIFIED"), "{text}");
     s.stop();
     s.audit_verify(None);
