@@ -279,14 +279,6 @@ fn stage(
             };
             let leaf = merkle::leaf_hash(&bytes);
             rows.push(next, leaf, bytes, &mut e);
-            if let Some((client, key)) = claim_key(&e) {
-                rows.claims.push((
-                    client,
-                    key,
-                    e.request_sha256.clone().unwrap_or_default(),
-                    next as i64,
-                ));
-            }
             out.push(Receipt {
                 log_origin: origin.to_owned(),
                 index: next,
@@ -355,6 +347,8 @@ pub(super) struct Rows {
 }
 
 impl Rows {
+    /// One entry's row at `index`, with its idempotency claim and its vault record if it has
+    /// them.
     pub(super) fn push(&mut self, index: u64, leaf: Hash, body: Vec<u8>, e: &mut Entry) {
         if let Some(mut row) = e.sealed.take() {
             row.index = index;
@@ -367,6 +361,14 @@ impl Rows {
         self.transaction.push(e.transaction_id.clone());
         self.time_us
             .push(crate::clock::parse_rfc3339_micros(&e.time).unwrap_or(0));
+        if let Some((client, key)) = claim_key(e) {
+            self.claims.push((
+                client,
+                key,
+                e.request_sha256.clone().unwrap_or_default(),
+                index as i64,
+            ));
+        }
     }
     pub(super) fn len(&self) -> usize {
         self.idx.len()

@@ -1,7 +1,7 @@
 //! The database's half of `storage::transfer`: export to the file format, migration from it,
 //! and the log as a source for the streaming verifier.
 
-use super::sequencer::{Rows, claim_key};
+use super::sequencer::Rows;
 use super::state::bump_state;
 use super::*;
 use crate::storage::transfer::ExportReport;
@@ -405,14 +405,6 @@ async fn import_entries(
         imported.active.record(&e);
         let leaf = merkle::leaf_hash(&line);
         rows.push(index, leaf, line.clone(), &mut e);
-        if let Some((client, key)) = claim_key(&e) {
-            rows.claims.push((
-                client,
-                key,
-                e.request_sha256.clone().unwrap_or_default(),
-                index as i64,
-            ));
-        }
         tiles.extend(edge.push(leaf));
         imported.last_leaf = Some(leaf);
         if edge.size() == head {
