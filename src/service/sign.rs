@@ -531,7 +531,7 @@ impl App {
         loop {
             let share = Self::share(caller, &ready.policy.config.tenant, 1);
             // The log's group commit may wait for this entry while it is being signed.
-            let expected = self.log.expect(1);
+            let announced = self.log.expect(1);
             // Checked with the version's public key (off the token worker) before it goes on.
             let der = self
                 .hsm
@@ -539,7 +539,7 @@ impl App {
                 .await?;
             let entry = self.signature_entry(caller, ready, &key, &der, sealed.as_ref());
             let mut response = response(&entry, certificate_pem(&key), Receipt::default());
-            drop(expected);
+            drop(announced);
             // Evidence seam: nothing is returned to the client before this append is durable.
             match self.log.append(vec![entry]).await {
                 Ok(mut receipts) => {
@@ -656,7 +656,7 @@ impl App {
                 .map(|((_, r), k)| (k.token_id(), r.valid.digest.0, k.public_key))
                 .collect();
             let share = Self::share(caller, tenant, jobs.len());
-            let expected = self.log.expect(jobs.len());
+            let announced = self.log.expect(jobs.len());
             let signed = self.hsm.sign_many_as(&share, jobs).await;
             let sigs = match signed {
                 Ok(s) => s,
@@ -675,7 +675,7 @@ impl App {
                 .zip(&keys)
                 .map(|(e, k)| response(e, certificate_pem(k), Receipt::default()))
                 .collect();
-            drop(expected);
+            drop(announced);
             match self.log.append(entries).await {
                 Ok(receipts) => {
                     tracing::info!(request_id = %caller.request_id, items = receipts.len(), "signed batch");
