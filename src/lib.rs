@@ -18,6 +18,7 @@ pub mod pki;
 pub mod policy;
 pub mod rotation;
 pub mod service;
+pub mod sha256;
 pub mod storage;
 pub mod tls;
 pub mod vault;

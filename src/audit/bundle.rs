@@ -29,7 +29,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
 use spki::DecodePublicKey;
 
 use super::entry::{self, Entry};
@@ -402,7 +401,7 @@ fn check_completeness(
     let message = st
         .signed_message()
         .map_err(|e| format!("the completeness statement: {e}"))?;
-    let digest: [u8; 32] = sha2::Sha256::digest(message).into();
+    let digest: [u8; 32] = crate::sha256::sha256(message);
     if !crate::pki::verify::verifies_prehash(log_key, &digest, &sig) {
         return Err("the completeness statement is not signed by the log key".into());
     }

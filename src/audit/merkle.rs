@@ -5,30 +5,23 @@
 //! aligned 2^k-leaf subtrees that are complete), about 2n hashes for n leaves, so any subtree
 //! hash is O(log n) and proofs are O(log² n) for any tree size up to the current one.
 
-use sha2::{Digest, Sha256};
+use crate::sha256::{Hasher, sha256};
 
-pub type Hash = [u8; 32];
+pub type Hash = crate::sha256::Hash;
 
 /// `SHA-256(0x00 || entry)`.
 pub fn leaf_hash(entry: &[u8]) -> Hash {
-    let mut h = Sha256::new();
-    h.update([0u8]);
-    h.update(entry);
-    h.finalize().into()
+    Hasher::new().chain([0u8]).chain(entry).finish()
 }
 
 /// `SHA-256(0x01 || left || right)`.
 pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    let mut h = Sha256::new();
-    h.update([1u8]);
-    h.update(left);
-    h.update(right);
-    h.finalize().into()
+    Hasher::new().chain([1u8]).chain(left).chain(right).finish()
 }
 
 /// The hash of an empty tree: `SHA-256()`.
 pub fn empty_root() -> Hash {
-    Sha256::digest([]).into()
+    sha256([])
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

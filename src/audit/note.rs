@@ -6,7 +6,6 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::{DerSignature, VerifyingKey};
-use sha2::{Digest, Sha256};
 use signature::Verifier;
 use spki::EncodePublicKey;
 
@@ -178,7 +177,7 @@ pub fn key_id(key: &VerifyingKey) -> u32 {
         .to_public_key_der()
         .map(|d| d.as_bytes().to_vec())
         .unwrap_or_default();
-    let h = Sha256::digest(der);
+    let h = crate::sha256::sha256(der);
     u32::from_be_bytes([h[0], h[1], h[2], h[3]])
 }
 

@@ -23,7 +23,6 @@ use cms::signed_data::{SignedData, SignerIdentifier, SignerInfo};
 use der::asn1::{Any, BitString, Int, ObjectIdentifier, OctetString};
 use der::{Decode, Encode, Sequence, Tag, Tagged};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use spki::AlgorithmIdentifierOwned;
 use x509_cert::Certificate;
 use x509_cert::ext::Extensions;
@@ -222,7 +221,7 @@ pub fn request(note: &[u8], nonce: u64, policy: Option<ObjectIdentifier>) -> Vec
                 parameters: Some(Any::null()),
             },
             // A 32-byte OCTET STRING cannot fail to build.
-            hashed_message: OctetString::new(Sha256::digest(note).to_vec())
+            hashed_message: OctetString::new(crate::sha256::sha256(note).to_vec())
                 .unwrap_or_else(|_| unreachable!("32 bytes fit an OCTET STRING")),
         },
         req_policy: policy,
@@ -429,7 +428,8 @@ fn check_tst_info(
         return Err(malformed(format!("TSTInfo version {}", tst.version)));
     }
     if tst.message_imprint.hash_algorithm.oid != ID_SHA256
-        || tst.message_imprint.hashed_message.as_bytes() != Sha256::digest(expected.note).as_slice()
+        || tst.message_imprint.hashed_message.as_bytes()
+            != crate::sha256::sha256(expected.note).as_slice()
     {
         return Err(TimestampError::WrongImprint);
     }
@@ -706,7 +706,7 @@ impl StoredTimestamp {
     pub fn new(tree_size: u64, note: &[u8], response: &[u8]) -> Self {
         Self {
             tree_size,
-            note_sha256: hex::encode(Sha256::digest(note)),
+            note_sha256: hex::encode(crate::sha256::sha256(note)),
             response: B64.encode(response),
         }
     }
@@ -724,7 +724,7 @@ mod tests {
         assert_eq!(req.version, 1);
         assert_eq!(
             req.message_imprint.hashed_message.as_bytes(),
-            Sha256::digest(b"note").as_slice()
+            crate::sha256::sha256(b"note").as_slice()
         );
         assert_eq!(req.message_imprint.hash_algorithm.oid, ID_SHA256);
         // The nonce 0x80 needs a leading zero to stay positive.
@@ -769,7 +769,7 @@ mod tests {
         );
         // Bytes that merely contain the digest are not a token.
         let mut blob = vec![0x30, 0x22, 0x04, 0x20];
-        blob.extend_from_slice(&Sha256::digest(b"note"));
+        blob.extend_from_slice(&crate::sha256::sha256(b"note"));
         assert_eq!(
             verify(&blob, &expected, None).unwrap_err().reason(),
             "malformed"

@@ -608,7 +608,6 @@ pub fn receipt(cli: &Cli, cmd: &ReceiptCommand) -> Result<()> {
 /// The digest the receipt must cover: `--digest HEX`, or SHA-256 of `--document FILE` (hashed
 /// as it is read: a document may be large).
 fn expected_digest(digest: Option<&str>, document: Option<&Path>) -> Result<Option<[u8; 32]>> {
-    use sha2::Digest;
     use std::io::Read;
     if let Some(h) = digest {
         let d = h
@@ -621,14 +620,14 @@ fn expected_digest(digest: Option<&str>, document: Option<&Path>) -> Result<Opti
         return Ok(None);
     };
     let mut f = std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
-    let mut h = sha2::Sha256::new();
+    let mut h = signet::sha256::Hasher::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = f
             .read(&mut buf)
             .with_context(|| format!("cannot read {}", p.display()))?;
         if n == 0 {
-            return Ok(Some(h.finalize().into()));
+            return Ok(Some(h.finish()));
         }
         h.update(&buf[..n]);
     }

@@ -442,7 +442,6 @@ impl PolicyConfig {
     /// SHA-256 over the canonical JSON of the policy as configured: recorded in every entry so
     /// an auditor can tell which version of a policy a signature was made under.
     pub fn hash_hex(&self) -> String {
-        use sha2::{Digest, Sha256};
         let value = serde_json::json!({
             "id": self.id.as_str(),
             "tenant": self.tenant.as_str(),
@@ -464,7 +463,7 @@ impl PolicyConfig {
         }
         // Serialising a json! value of strings, bools and integers cannot fail.
         let bytes = serde_json_canonicalizer::to_vec(&value).unwrap_or_default();
-        hex::encode(Sha256::digest(bytes))
+        hex::encode(crate::sha256::sha256(bytes))
     }
 }
 

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use p256::ecdsa::{DerSignature, VerifyingKey};
-use sha2::{Digest, Sha256};
 use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier};
 
 use super::KeyToken;
@@ -35,7 +34,7 @@ impl signature::Keypair for TokenSigner {
 
 impl signature::Signer<DerSignature> for TokenSigner {
     fn try_sign(&self, msg: &[u8]) -> Result<DerSignature, signature::Error> {
-        let digest: [u8; 32] = Sha256::digest(msg).into();
+        let digest: [u8; 32] = crate::sha256::sha256(msg);
         // Checked like every token signature: never a certificate or CSR signed by another key.
         let der = self
             .token

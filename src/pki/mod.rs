@@ -15,7 +15,6 @@ use der::oid::AssociatedOid;
 use der::referenced::OwnedToRef;
 use der::{Decode, Encode, EncodePem};
 use p256::ecdsa::{DerSignature, VerifyingKey};
-use sha2::{Digest, Sha256};
 use signature::Verifier;
 use spki::{
     DynSignatureAlgorithmIdentifier, EncodePublicKey, ObjectIdentifier, SubjectPublicKeyInfoOwned,
@@ -187,7 +186,7 @@ impl CertInfo {
             not_after: tbs.validity().not_after.to_unix_duration().as_secs(),
             public_key,
             is_ca,
-            fingerprint_sha256: hex::encode(Sha256::digest(der)),
+            fingerprint_sha256: hex::encode(crate::sha256::sha256(der)),
             san,
             common_name,
             has_san_extension,

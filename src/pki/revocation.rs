@@ -15,7 +15,6 @@ use std::time::{Duration, UNIX_EPOCH};
 use der::{Decode, Encode};
 use der07::{Decode as _, Encode as _};
 use p256::ecdsa::DerSignature;
-use sha2::{Digest, Sha256};
 use spki::{DynSignatureAlgorithmIdentifier, EncodePublicKey};
 use x509_cert::Certificate;
 use x509_cert::builder::{Builder, CrlBuilder};
@@ -193,7 +192,7 @@ impl OcspIssuer {
                 .as_ref()
                 .to_vec()
         };
-        let sha256 = |b: &[u8]| Sha256::digest(b).to_vec();
+        let sha256 = |b: &[u8]| crate::sha256::sha256(b).to_vec();
         Ok(Self {
             sha1: (sha1(&name), sha1(&key)),
             sha256: (sha256(&name), sha256(&key)),

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use signature::hazmat::PrehashVerifier;
 
 use der::Decode;
@@ -709,7 +708,7 @@ impl Engine {
         e.key_id = Some(id);
         e.details = Some(serde_json::json!({
             "rotation_id": r.id,
-            "public_key_sha256": hex::encode(Sha256::digest(pki::public_key_pem(&public))),
+            "public_key_sha256": hex::encode(crate::sha256::sha256(pki::public_key_pem(&public))),
         }));
         self.record(e).await?;
         Ok(Done::Step)
@@ -809,7 +808,7 @@ impl Engine {
             Err(Error::Rejected(reason)) => return Err(reason.into()),
             Err(e) => return Err(StepError::Rotation(Box::new(e))),
         };
-        let probe: [u8; 32] = Sha256::digest(format!("signet rotation self-test {}", r.id)).into();
+        let probe: [u8; 32] = crate::sha256::sha256(format!("signet rotation self-test {}", r.id));
         // Checked with the token's public key, then with the certificate's below.
         let der_sig = self.token.sign(&id, probe, public).await?;
         let verified = p256::ecdsa::DerSignature::from_bytes(&der_sig)

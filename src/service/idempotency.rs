@@ -21,7 +21,6 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use moka::Expiry;
 use moka::sync::Cache;
-use sha2::{Digest, Sha256};
 
 /// (client identity, SHA-256 of the Idempotency-Key).
 pub type CacheKey = (String, [u8; 32]);
@@ -176,7 +175,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// SHA-256 of the idempotency key: the cache key's second half, and (hex) what evidence records.
 pub fn key_sha256(idempotency_key: &str) -> [u8; 32] {
-    Sha256::digest(idempotency_key.as_bytes()).into()
+    crate::sha256::sha256(idempotency_key.as_bytes())
 }
 
 #[cfg(test)]

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use p256::ecdsa::VerifyingKey;
-use sha2::{Digest, Sha256};
 
 pub use admin::{
     AdminRequest, ImportRequest, KeyView, RevocationAnswer, RevocationRequest, RevocationView,
@@ -159,7 +158,7 @@ impl CheckpointSigner for TokenLogKeys {
     /// public key (a stale handle naming another key of the token) is a `wrong_key` token error
     /// and never becomes a checkpoint.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, audit::anchor::TokenFailure> {
-        let digest: [u8; 32] = Sha256::digest(message).into();
+        let digest: [u8; 32] = crate::sha256::sha256(message);
         let public = self.public;
         Ok(self
             .hsm
@@ -388,7 +387,7 @@ impl App {
     /// public key before it is used (statements the log makes besides checkpoints: the
     /// completeness of a bundle; callers domain-separate `message`).
     pub async fn sign_with_log_key(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
-        let digest: [u8; 32] = Sha256::digest(message).into();
+        let digest: [u8; 32] = crate::sha256::sha256(message);
         let public = self.log.public_key();
         Ok(self
             .hsm

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use sha2::{Digest, Sha256};
 
 use super::App;
 use crate::config::Issuer;
@@ -245,7 +244,7 @@ impl App {
                 let public = ca.public_key.ok_or("the internal CA key is not P-256")?;
                 let tbs = rev::ocsp_tbs(&question, &issuer, status, now, next)
                     .map_err(|e| e.to_string())?;
-                let digest: [u8; 32] = Sha256::digest(&tbs.der).into();
+                let digest: [u8; 32] = crate::sha256::sha256(&tbs.der);
                 let sig = self
                     .hsm
                     .call(move |s| s.sign_prehashed_checked(CA_KEY_ID, &digest, &public))

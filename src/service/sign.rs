@@ -12,7 +12,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::DerSignature;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use signature::hazmat::PrehashVerifier;
 
 use super::idempotency::{self, Begin, Fresh, Record};
@@ -116,7 +115,7 @@ impl Valid {
             "transaction_id": self.transaction_id,
             "signer_hmac": signer_hash,
         });
-        hex::encode(Sha256::digest(
+        hex::encode(crate::sha256::sha256(
             serde_json_canonicalizer::to_vec(&v).unwrap_or_default(),
         ))
     }

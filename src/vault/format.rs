@@ -5,7 +5,6 @@ use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKe
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 /// Domain separation of the commitment hash.
@@ -62,11 +61,13 @@ impl Evidence {
             .map_err(|_| FormatError::Base64("the salt"))?;
         let jcs = serde_json_canonicalizer::to_vec(&self.signer)
             .map_err(|e| FormatError::Content(e.to_string()))?;
-        let mut h = Sha256::new();
-        h.update(COMMITMENT_DOMAIN);
-        h.update(&salt);
-        h.update(&jcs);
-        Ok(hex::encode(h.finalize()))
+        Ok(hex::encode(
+            crate::sha256::Hasher::new()
+                .chain(COMMITMENT_DOMAIN)
+                .chain(&salt)
+                .chain(&jcs)
+                .finish(),
+        ))
     }
 
     /// Check the evidence against an entry's commitment.

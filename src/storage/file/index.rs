@@ -25,8 +25,6 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use sha2::{Digest, Sha256};
-
 pub const INDEX_DIR: &str = "index";
 const THROUGH_FILE: &str = "through";
 const TX_DIR: &str = "tx";
@@ -67,7 +65,7 @@ fn i64_at(b: &[u8], at: usize) -> i64 {
 }
 
 fn tx_hash(transaction_id: &str) -> [u8; 32] {
-    Sha256::digest(transaction_id.as_bytes()).into()
+    crate::sha256::sha256(transaction_id.as_bytes())
 }
 
 impl Index {
@@ -95,7 +93,7 @@ impl Index {
     }
 
     fn tenant_path(&self, tenant: &str) -> PathBuf {
-        let h = Sha256::digest(tenant.as_bytes());
+        let h = crate::sha256::sha256(tenant.as_bytes());
         self.dir.join(TENANT_DIR).join(hex::encode(&h[..16]))
     }
 
