@@ -216,6 +216,64 @@ impl FromStr for DigestAlgorithm {
 /// The only signature algorithm Signet produces.
 pub const SIGNATURE_ALGORITHM: &str = "ecdsa-p256-sha256";
 
+/// A text that many JSON answers carry unchanged (a key version's certificate PEM): shared,
+/// and encoded as a JSON string once, when made, rather than escaped again in every answer
+/// (a batch item's answer repeats its certificate, about 700 bytes with escaped newlines).
+#[derive(Clone)]
+pub struct JsonText {
+    text: std::sync::Arc<str>,
+    json: std::sync::Arc<serde_json::value::RawValue>,
+}
+
+impl JsonText {
+    pub fn new(text: impl Into<std::sync::Arc<str>>) -> Self {
+        let text = text.into();
+        // A string always serialises to JSON.
+        #[allow(clippy::expect_used)]
+        let json = serde_json::value::to_raw_value(&*text).expect("a string serialises");
+        Self {
+            text,
+            json: json.into(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.text, f)
+    }
+}
+
+impl PartialEq for JsonText {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for JsonText {}
+
+impl Default for JsonText {
+    fn default() -> Self {
+        Self::new("")
+    }
+}
+
+impl Serialize for JsonText {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::new)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +325,25 @@ mod tests {
         assert!("a-1_b".parse::<TenantId>().is_ok());
         for bad in ["", "-a", "A", "a b", "a/b", &"a".repeat(65)] {
             assert!(bad.parse::<TenantId>().is_err(), "{bad}");
+        }
+    }
+    #[test]
+    fn json_text_is_served_as_the_json_string_it_holds() {
+        for text in [
+            "",
+            "plain",
+            "-----BEGIN CERTIFICATE-----\nMIIB\\\"\u{1}\u{e9}\n",
+            "tab\there",
+        ] {
+            let t = JsonText::new(text);
+            assert_eq!(t.as_str(), text);
+            assert_eq!(
+                serde_json::to_string(&t).unwrap(),
+                serde_json::to_string(text).unwrap()
+            );
+            assert_eq!(serde_json::to_value(&t).unwrap(), serde_json::json!(text));
+            let back: JsonText = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+            assert_eq!(back, t);
         }
     }
 }

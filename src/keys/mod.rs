@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{KeyId, TenantId};
+use crate::domain::{JsonText, KeyId, TenantId};
 use crate::hsm::{self, KeyToken, TokenKey};
 
 use crate::pki::{self, CertInfo};
@@ -95,7 +95,8 @@ pub struct KeyVersion {
     pub has_private_key: bool,
     /// Unix time when a retiring version becomes retired.
     pub retiring_until: Option<u64>,
-    pub certificate_pem: Option<Arc<str>>,
+    /// The certificate's PEM, as the signing answers carry it.
+    pub certificate_pem: Option<JsonText>,
     /// Set exactly when `state` is [`KeyState::Revoked`].
     pub revocation: Option<Arc<Revocation>>,
 }
@@ -492,7 +493,7 @@ fn reconcile(
                 rec = VersionRecord::of(KeyState::Retired, None);
             }
             out_records.insert(f.key_id.to_string(), rec.clone());
-            let certificate_pem = cert.as_ref().map(|c| Arc::from(c.to_pem()));
+            let certificate_pem = cert.as_ref().map(|c| JsonText::new(c.to_pem()));
             list.push(Arc::new(KeyVersion {
                 key_id: f.key_id,
                 state: rec.state,

@@ -28,7 +28,7 @@ use crate::audit::entry::{Actor, Entry, event};
 use crate::clock::Clock;
 use crate::config::DynamicConfig;
 use crate::config::Issuer;
-use crate::domain::{KeyId, TenantId};
+use crate::domain::{JsonText, KeyId, TenantId};
 use crate::hsm::{CA_KEY_ID, KeyToken, TokenSigner};
 use crate::keys::Registry;
 use crate::keys::{KeyState, KeyVersion};
@@ -829,7 +829,7 @@ impl Engine {
                 key_id,
                 state: KeyState::Staged,
                 public_key: public,
-                certificate_pem: Some(Arc::from(info.to_pem())),
+                certificate_pem: Some(JsonText::new(info.to_pem())),
                 certificate: Some(Arc::new(info)),
                 has_private_key: true,
                 retiring_until: None,

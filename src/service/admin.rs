@@ -162,7 +162,7 @@ fn key_view(v: &KeyVersion) -> KeyView {
         key_id: v.key_id.to_string(),
         state: v.state.as_str().to_owned(),
         public_key: pki::public_key_pem(&v.public_key),
-        certificate: v.certificate_pem.as_deref().map(str::to_owned),
+        certificate: v.certificate_pem.as_ref().map(|p| p.as_str().to_owned()),
         not_before: v
             .certificate
             .as_ref()

@@ -19,7 +19,9 @@ use super::{App, Caller, Error};
 use crate::audit::entry::{self, DigestEvidence, Entry, PolicyEvidence, event};
 use crate::audit::{Receipt, merkle};
 use crate::domain::TenantId;
-use crate::domain::{DigestAlgorithm, KeyId, PolicyId, SIGNATURE_ALGORITHM, Sha256Digest};
+use crate::domain::{
+    DigestAlgorithm, JsonText, KeyId, PolicyId, SIGNATURE_ALGORITHM, Sha256Digest,
+};
 use crate::hsm::fair::Share;
 use crate::keys::KeyVersion;
 use crate::policy::{Policies, Policy};
@@ -64,7 +66,7 @@ pub struct SignResponse {
     pub algorithm: String,
     pub key_id: String,
     /// PEM of the signing certificate.
-    pub certificate: String,
+    pub certificate: JsonText,
     pub signed_at: String,
     pub receipt: Receipt,
 }
@@ -811,7 +813,7 @@ impl App {
 }
 
 /// The answer: the entry, its receipt and the PEM of the certificate that signed it.
-fn response(entry: &Entry, certificate: String, receipt: Receipt) -> SignResponse {
+fn response(entry: &Entry, certificate: JsonText, receipt: Receipt) -> SignResponse {
     SignResponse {
         signature: entry.signature.clone().unwrap_or_default(),
         algorithm: entry
@@ -825,9 +827,6 @@ fn response(entry: &Entry, certificate: String, receipt: Receipt) -> SignRespons
     }
 }
 
-fn certificate_pem(key: &Arc<KeyVersion>) -> String {
-    key.certificate_pem
-        .as_deref()
-        .unwrap_or_default()
-        .to_owned()
+fn certificate_pem(key: &Arc<KeyVersion>) -> JsonText {
+    key.certificate_pem.clone().unwrap_or_default()
 }
