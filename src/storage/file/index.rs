@@ -89,7 +89,12 @@ impl Index {
     }
 
     fn tx_path(&self, hash: &[u8; 32]) -> PathBuf {
-        self.dir.join(TX_DIR).join(format!("{:02x}", hash[0]))
+        self.tx_file(hash[0])
+    }
+
+    /// The transaction file of hashes starting with `first`.
+    fn tx_file(&self, first: u8) -> PathBuf {
+        self.dir.join(TX_DIR).join(format!("{first:02x}"))
     }
 
     fn tenant_path(&self, tenant: &str) -> PathBuf {
@@ -138,22 +143,30 @@ impl Index {
     pub fn flush(&self) -> io::Result<BTreeSet<PathBuf>> {
         let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
         let batch: Vec<(u64, Indexed)> = self.pending_records().clone();
-        let mut files: HashMap<PathBuf, Vec<Row>> = HashMap::new();
+        // Rows by file, each file's path made once (a tenant's path hashes its name).
+        let mut tx_rows: HashMap<u8, Vec<Row>> = HashMap::new();
+        let mut tenant_rows: HashMap<&str, Vec<Row>> = HashMap::new();
         for (index, f) in &batch {
             if let Some(t) = &f.transaction_id {
                 let h = tx_hash(t);
-                files
-                    .entry(self.tx_path(&h))
-                    .or_default()
-                    .push((*index, Some(h), 0));
+                tx_rows.entry(h[0]).or_default().push((*index, Some(h), 0));
             }
             if let Some(t) = &f.tenant {
-                files
-                    .entry(self.tenant_path(t))
+                tenant_rows
+                    .entry(t.as_str())
                     .or_default()
                     .push((*index, None, f.time_us));
             }
         }
+        let files: HashMap<PathBuf, Vec<Row>> = tx_rows
+            .into_iter()
+            .map(|(first, rows)| (self.tx_file(first), rows))
+            .chain(
+                tenant_rows
+                    .into_iter()
+                    .map(|(t, rows)| (self.tenant_path(t), rows)),
+            )
+            .collect();
         let mut created = false;
         for (path, records) in &files {
             let tenant = records.first().is_some_and(|r| r.1.is_none());
