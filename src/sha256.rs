@@ -9,14 +9,22 @@
 //! rounds, a cost every evidence entry pays. And one cryptographic library is one thing to
 //! keep current and the path to a FIPS build.
 
-use aws_lc_rs::digest::{Context, SHA256};
+use aws_lc_rs::digest::{Context, Digest, SHA256, digest};
 
 /// A SHA-256 digest.
 pub type Hash = [u8; 32];
 
-/// SHA-256 of `data`.
+/// SHA-256 of `data`. In one call to AWS-LC: a Merkle node's 65 bytes hash in about 100 ns,
+/// against about 170 ns through a [`Hasher`].
 pub fn sha256(data: impl AsRef<[u8]>) -> Hash {
-    Hasher::new().chain(data).finish()
+    hash(digest(&SHA256, data.as_ref()))
+}
+
+fn hash(digest: Digest) -> Hash {
+    let mut out = [0u8; 32];
+    // SHA-256's output is 32 bytes: the lengths always match.
+    out.copy_from_slice(digest.as_ref());
+    out
 }
 
 /// SHA-256 over data given in parts.
@@ -40,11 +48,7 @@ impl Hasher {
     }
 
     pub fn finish(self) -> Hash {
-        let digest = self.0.finish();
-        let mut out = [0u8; 32];
-        // SHA-256's output is 32 bytes: the lengths always match.
-        out.copy_from_slice(digest.as_ref());
-        out
+        hash(self.0.finish())
     }
 }
 

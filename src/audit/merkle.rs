@@ -16,7 +16,10 @@ pub fn leaf_hash(entry: &[u8]) -> Hash {
 
 /// `SHA-256(0x01 || left || right)`.
 pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    Hasher::new().chain([1u8]).chain(left).chain(right).finish()
+    let mut node = [1u8; 65];
+    node[1..33].copy_from_slice(left);
+    node[33..].copy_from_slice(right);
+    sha256(node)
 }
 
 /// The hash of an empty tree: `SHA-256()`.
