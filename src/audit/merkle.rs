@@ -5,13 +5,18 @@
 //! aligned 2^k-leaf subtrees that are complete), about 2n hashes for n leaves, so any subtree
 //! hash is O(log n) and proofs are O(log² n) for any tree size up to the current one.
 
-use crate::sha256::{Hasher, sha256};
+use crate::sha256::sha256;
 
 pub type Hash = crate::sha256::Hash;
 
 /// `SHA-256(0x00 || entry)`.
 pub fn leaf_hash(entry: &[u8]) -> Hash {
-    Hasher::new().chain([0u8]).chain(entry).finish()
+    // One call into AWS-LC over a copy is faster than a hasher fed in two parts (about 470
+    // against 515 ns for a 700-byte entry; `cargo bench --bench sha256`).
+    let mut leaf = Vec::with_capacity(entry.len() + 1);
+    leaf.push(0u8);
+    leaf.extend_from_slice(entry);
+    sha256(leaf)
 }
 
 /// `SHA-256(0x01 || left || right)`.
