@@ -264,15 +264,7 @@ async fn the_log_is_served_as_tlog_tiles_that_an_independent_implementation_veri
         let items: Vec<Value> = (0..150)
             .map(|i| sign_body("payroll-esign", format!("batch {b} item {i}").as_bytes()))
             .collect();
-        let (st, _, r) = s
-            .call(
-                "payroll-app",
-                Method::POST,
-                "/v1/sign/batch",
-                Some(json!({"items": items})),
-                &[],
-            )
-            .await;
+        let (st, r) = s.sign_batch("payroll-app", items).await;
         assert_eq!(st, 200, "{r}");
     }
     let n = s.entries().len() as u64;

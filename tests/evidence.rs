@@ -535,15 +535,7 @@ async fn batch_items_are_signed_and_recorded_one_by_one() {
     items[3]["idempotency_key"] = json!("batch-item-3");
     items
         .push(json!({"policy_id": "payroll-esign", "digest": "abc", "digest_algorithm": "sha256"}));
-    let (status, _, r) = s
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign/batch",
-            Some(json!({"items": items})),
-            &[],
-        )
-        .await;
+    let (status, r) = s.sign_batch("payroll-app", items).await;
     assert_eq!(status, 200, "{r}");
     let results = r["results"].as_array().unwrap();
     assert_eq!(results.len(), 6);
@@ -579,15 +571,7 @@ async fn batch_items_are_signed_and_recorded_one_by_one() {
     let many: Vec<Value> = (0..300)
         .map(|i| sign_body("payroll-esign", format!("{i}").as_bytes()))
         .collect();
-    let (status, _, _) = s
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign/batch",
-            Some(json!({"items": many})),
-            &[],
-        )
-        .await;
+    let (status, _) = s.sign_batch("payroll-app", many).await;
     assert_eq!(status, 400);
 }
 

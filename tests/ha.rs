@@ -751,15 +751,7 @@ async fn the_tree_lives_in_database_tiles_that_an_independent_implementation_ver
         let items: Vec<Value> = (0..100)
             .map(|i| sign_body("payroll-esign", format!("batch {b} item {i}").as_bytes()))
             .collect();
-        let (st, _, r) = a
-            .call(
-                "payroll-app",
-                Method::POST,
-                "/v1/sign/batch",
-                Some(serde_json::json!({"items": items})),
-                &[],
-            )
-            .await;
+        let (st, r) = a.sign_batch("payroll-app", items).await;
         assert_eq!(st, 200, "{r}");
     }
     let n: u64 = pg

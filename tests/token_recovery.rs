@@ -217,15 +217,7 @@ async fn sign_batch(s: &Signet, tag: &str) -> Vec<serde_json::Value> {
     let items: Vec<serde_json::Value> = (0..3)
         .map(|i| sign_body("payroll-esign", format!("{tag} {i}").as_bytes()))
         .collect();
-    let (status, _, b) = s
-        .call(
-            "payroll-app",
-            Method::POST,
-            "/v1/sign/batch",
-            Some(json!({ "items": items })),
-            &[],
-        )
-        .await;
+    let (status, b) = s.sign_batch("payroll-app", items).await;
     assert_eq!(status, 200, "{b}");
     b["results"].as_array().expect("results").clone()
 }

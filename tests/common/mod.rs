@@ -432,6 +432,15 @@ impl Signet {
         (st, v)
     }
 
+    /// `POST /v1/sign/batch` with `items` as `client`; status and JSON body.
+    pub async fn sign_batch(&self, client: &str, items: Vec<Value>) -> (u16, Value) {
+        let body = serde_json::json!({ "items": items });
+        let (s, _, v) = self
+            .call(client, Method::POST, "/v1/sign/batch", Some(body), &[])
+            .await;
+        (s, v)
+    }
+
     pub async fn sign(&self, client: &str, body: Value) -> (u16, Value) {
         let (s, _, v) = self
             .call(client, Method::POST, "/v1/sign", Some(body), &[])
