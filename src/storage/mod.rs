@@ -282,6 +282,14 @@ impl Inbound {
         self.0.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// What a group starting now owes ([`Owed`]).
+    pub(crate) fn owed(&self) -> Owed<'_> {
+        Owed {
+            inbound: self,
+            owed: self.count(),
+        }
+    }
+
     /// Count `n` signatures on their way until the guard is dropped: drop it when their
     /// entries are handed to the log, or when they failed.
     pub fn expect(self: &Arc<Self>, n: usize) -> Expected {
@@ -290,6 +298,29 @@ impl Inbound {
             inbound: Arc::clone(self),
             n,
         }
+    }
+}
+
+/// What a group commit owes the signatures that were on their way when it started
+/// ([`Inbound::owed`]): it waits for their entries, and only for theirs. Signatures announced
+/// later do not extend the wait: under a steady trickle a group would otherwise always wait
+/// until its deadline. The one rule of both backends' group commits.
+#[derive(Debug)]
+pub(crate) struct Owed<'a> {
+    inbound: &'a Inbound,
+    owed: usize,
+}
+
+impl Owed<'_> {
+    /// Whether the group should wait for the next append (until its deadline) rather than
+    /// commit what it has: entries it owes are still being signed.
+    pub(crate) fn worth_waiting(&self) -> bool {
+        self.owed > 0 && self.inbound.count() > 0
+    }
+
+    /// An append of `n` entries joined the group.
+    pub(crate) fn arrived(&mut self, n: usize) {
+        self.owed = self.owed.saturating_sub(n);
     }
 }
 

@@ -48,9 +48,8 @@ pub(super) fn writer_main(
 
 /// The group that starts with `first`: everything waiting now, and the appends of the
 /// signatures that were on their way ([`Inbound`]) when it started, as they arrive until
-/// `deadline` — one write, one fsync and one tail head for all of it, up to `max_group`
-/// entries. Signatures announced later do not extend the wait: under a steady trickle a group
-/// would otherwise always wait until the deadline. Also says whether a stop was asked.
+/// `deadline` ([`crate::storage::Owed`]) — one write, one fsync and one tail head for all of
+/// it, up to `max_group` entries. Also says whether a stop was asked.
 fn take_group(
     first: Request,
     rx: &crossbeam_channel::Receiver<Request>,
@@ -60,7 +59,7 @@ fn take_group(
 ) -> (Group, bool) {
     let mut group = Vec::new();
     let mut count = 0;
-    let mut owed = inbound.count();
+    let mut owed = inbound.owed();
     let mut next = Some(first);
     while let Some(req) = next.take() {
         match req {
@@ -75,13 +74,13 @@ fn take_group(
         }
         next = match rx.try_recv() {
             Ok(r) => Some(r),
-            Err(_) if owed > 0 && inbound.count() > 0 => rx
+            Err(_) if owed.worth_waiting() => rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .ok(),
             Err(_) => None,
         };
         if let Some(Request::Append { entries, .. }) = &next {
-            owed = owed.saturating_sub(entries.len());
+            owed.arrived(entries.len());
         }
     }
     (group, false)

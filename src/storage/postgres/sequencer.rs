@@ -26,25 +26,23 @@ impl PgLog {
     pub(super) async fn sequencer(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Pending>) {
         while let Some(first) = rx.recv().await {
             // Everything waiting now, and the appends of the signatures that were on their way
-            // when the group started, as they arrive within the commit window (as the file
-            // writer's `take_group`): one transaction for all of it.
+            // when the group started, as they arrive within the commit window
+            // (`storage::Owed`, as the file writer's groups): one transaction for all of it.
             let mut count = first.entries.len();
             let mut group = vec![first];
-            let mut owed = self.inbound.count();
+            let mut owed = self.inbound.owed();
             let deadline = tokio::time::Instant::now() + crate::storage::COMMIT_WINDOW;
             while count < self.max_group {
                 let next = match rx.try_recv() {
                     Ok(p) => Some(p),
-                    Err(_) if owed > 0 && self.inbound.count() > 0 => {
-                        tokio::time::timeout_at(deadline, rx.recv())
-                            .await
-                            .ok()
-                            .flatten()
-                    }
+                    Err(_) if owed.worth_waiting() => tokio::time::timeout_at(deadline, rx.recv())
+                        .await
+                        .ok()
+                        .flatten(),
                     Err(_) => None,
                 };
                 let Some(p) = next else { break };
-                owed = owed.saturating_sub(p.entries.len());
+                owed.arrived(p.entries.len());
                 count += p.entries.len();
                 group.push(p);
             }
