@@ -195,7 +195,18 @@ async fn a_stale_key_handle_never_yields_a_signature_made_with_another_key() {
         2.0
     );
     let results = sign_batch(&s, "batch after").await;
-    assert!(results.iter().all(|i| i["status"] == 200), "{results:?}");
+    for (i, item) in results.iter().enumerate() {
+        assert_eq!(item["status"], 200, "{item}");
+        let r = &item["result"];
+        assert!(
+            verifies(
+                r["certificate"].as_str().unwrap(),
+                format!("batch after {i}").as_bytes(),
+                r["signature"].as_str().unwrap()
+            ),
+            "item {i} verifies with its certificate"
+        );
+    }
     assert_eq!(signatures(&s), before + 3);
 }
 
